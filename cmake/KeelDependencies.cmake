@@ -1,0 +1,38 @@
+# Why: every dependency is found in one place so that the CPU build (Debian LibTorch 1.13) and the CUDA build
+# (the LibTorch inside a machine's PyTorch 2.x) differ only in CMAKE_PREFIX_PATH.
+find_package(Torch REQUIRED)
+find_package(HDF5 REQUIRED COMPONENTS C)
+find_package(spdlog REQUIRED)
+find_package(Boost 1.74 REQUIRED COMPONENTS program_options filesystem)
+find_package(nlohmann_json 3 REQUIRED)
+find_package(PkgConfig REQUIRED)
+pkg_check_modules(SENTENCEPIECE REQUIRED IMPORTED_TARGET sentencepiece)
+find_package(Threads REQUIRED)
+if(KEEL_BUILD_TESTS)
+  find_package(GTest REQUIRED)
+endif()
+
+# Torch's exported flags include -D_GLIBCXX_USE_CXX11_ABI; we keep them on an interface target.
+add_library(keel_torch INTERFACE)
+target_link_libraries(keel_torch INTERFACE ${TORCH_LIBRARIES})
+target_compile_options(keel_torch INTERFACE ${TORCH_CXX_FLAGS})
+# Debian's TorchConfig does not always put the c10d headers on the include path.
+foreach(dir ${TORCH_INCLUDE_DIRS})
+  if(EXISTS "${dir}/torch/csrc/api/include")
+    target_include_directories(keel_torch SYSTEM INTERFACE "${dir}/torch/csrc/api/include")
+  endif()
+endforeach()
+target_include_directories(keel_torch SYSTEM INTERFACE ${TORCH_INCLUDE_DIRS})
+
+if(KEEL_CUDA STREQUAL "AUTO")
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER AND TORCH_CUDA_LIBRARIES)
+    set(KEEL_WITH_CUDA ON)
+  else()
+    set(KEEL_WITH_CUDA OFF)
+  endif()
+else()
+  set(KEEL_WITH_CUDA ${KEEL_CUDA})
+endif()
+message(STATUS "Keel: Torch ${Torch_VERSION}, CUDA build: ${KEEL_WITH_CUDA}")

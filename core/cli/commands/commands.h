@@ -1,0 +1,18 @@
+// Why: each `keel` subcommand is one function taking its own argv tail; main.cpp only dispatches. Errors are
+// thrown (ConfigError, DataError, std::runtime_error) and turned into a message + non-zero exit by main.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace keel::cli {
+
+using Args = std::vector<std::string>;  // arguments after the subcommand name
+
+int cmd_train(const Args& args);
+int cmd_data(const Args& args);      // data prepare | data show-batch
+int cmd_inspect(const Args& args);
+int cmd_config(const Args& args);    // config keys | config show
+std::string usage();
+
+}  // namespace keel::cli

@@ -1,0 +1,32 @@
+// Why: the `keel` entry point. It only dispatches to a subcommand and turns any error into one clear line on
+// stderr and a non-zero exit status.
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "core/cli/commands/commands.h"
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
+    std::cout << keel::cli::usage();
+    return args.empty() ? 2 : 0;
+  }
+  if (args[0] == "--version" || args[0] == "version") {
+    std::cout << "keel " << KEEL_VERSION << "\n";
+    return 0;
+  }
+  const std::string command = args[0];
+  const std::vector<std::string> rest(args.begin() + 1, args.end());
+  try {
+    if (command == "train") return keel::cli::cmd_train(rest);
+    if (command == "data") return keel::cli::cmd_data(rest);
+    if (command == "inspect") return keel::cli::cmd_inspect(rest);
+    if (command == "config") return keel::cli::cmd_config(rest);
+    std::cerr << "keel: unknown command '" << command << "'\n\n" << keel::cli::usage();
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "keel " << command << ": error: " << e.what() << "\n";
+    return 1;
+  }
+}

@@ -1,0 +1,341 @@
+// Why: the single key table behind every configurable value. Parsing is strict on purpose: a typo in an
+// experiment config must stop the run before it starts, naming the file, line and key, rather than train for
+// hours with a default.
+#include "core/config/config.h"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <functional>
+#include <sstream>
+
+namespace keel {
+namespace {
+
+std::string trim(const std::string& s) {
+  const auto begin = s.find_first_not_of(" \t\r\n");
+  if (begin == std::string::npos) return "";
+  const auto end = s.find_last_not_of(" \t\r\n");
+  return s.substr(begin, end - begin + 1);
+}
+
+[[noreturn]] void bad_value(const std::string& origin, const std::string& key, const std::string& value,
+                            const std::string& expected) {
+  throw ConfigError(origin + ": " + key + ": expected " + expected + ", got '" + value + "'");
+}
+
+int64_t parse_int(const std::string& origin, const std::string& key, const std::string& value) {
+  try {
+    size_t used = 0;
+    const long long parsed = std::stoll(value, &used);
+    if (used != value.size()) bad_value(origin, key, value, "an integer");
+    return parsed;
+  } catch (const std::logic_error&) {
+    bad_value(origin, key, value, "an integer");
+  }
+}
+
+double parse_double(const std::string& origin, const std::string& key, const std::string& value) {
+  try {
+    size_t used = 0;
+    const double parsed = std::stod(value, &used);
+    if (used != value.size() || !std::isfinite(parsed)) bad_value(origin, key, value, "a finite number");
+    return parsed;
+  } catch (const std::logic_error&) {
+    bad_value(origin, key, value, "a number");
+  }
+}
+
+bool parse_bool(const std::string& origin, const std::string& key, const std::string& value) {
+  if (value == "true" || value == "1" || value == "yes" || value == "on") return true;
+  if (value == "false" || value == "0" || value == "no" || value == "off") return false;
+  bad_value(origin, key, value, "true or false");
+}
+
+std::string parse_choice(const std::string& origin, const std::string& key, const std::string& value,
+                         const std::vector<std::string>& choices) {
+  if (std::find(choices.begin(), choices.end(), value) != choices.end()) return value;
+  std::string joined;
+  for (const auto& c : choices) joined += (joined.empty() ? "" : " | ") + c;
+  bad_value(origin, key, value, "one of " + joined);
+}
+
+std::vector<std::string> split_list(const std::string& value) {
+  std::vector<std::string> out;
+  std::stringstream stream(value);
+  std::string item;
+  while (std::getline(stream, item, ',')) {
+    item = trim(item);
+    if (!item.empty()) out.push_back(item);
+  }
+  return out;
+}
+
+std::string format_double(double v) {
+  std::ostringstream out;
+  out.precision(17);
+  out << v;
+  return out.str();
+}
+
+std::string join(const std::vector<std::string>& items) {
+  std::string out;
+  for (const auto& item : items) out += (out.empty() ? "" : ",") + item;
+  return out;
+}
+
+struct KeyDef {
+  std::string name;
+  std::string doc;
+  std::function<void(Config&, const std::string& origin, const std::string& value)> set;
+  std::function<std::string(const Config&)> get;
+};
+
+#define KEEL_INT(KEY, FIELD, DOC)                                                                          \
+  KeyDef { KEY, DOC, [](Config& c, const std::string& o, const std::string& v) { c.FIELD = parse_int(o, KEY, v); }, \
+           [](const Config& c) { return std::to_string(c.FIELD); } }
+#define KEEL_DOUBLE(KEY, FIELD, DOC)                                                                       \
+  KeyDef { KEY, DOC, [](Config& c, const std::string& o, const std::string& v) { c.FIELD = parse_double(o, KEY, v); }, \
+           [](const Config& c) { return format_double(c.FIELD); } }
+#define KEEL_BOOL(KEY, FIELD, DOC)                                                                         \
+  KeyDef { KEY, DOC, [](Config& c, const std::string& o, const std::string& v) { c.FIELD = parse_bool(o, KEY, v); }, \
+           [](const Config& c) { return std::string(c.FIELD ? "true" : "false"); } }
+#define KEEL_STRING(KEY, FIELD, DOC)                                                                       \
+  KeyDef { KEY, DOC, [](Config& c, const std::string&, const std::string& v) { c.FIELD = v; },             \
+           [](const Config& c) { return c.FIELD; } }
+#define KEEL_CHOICE(KEY, FIELD, DOC, ...)                                                                  \
+  KeyDef { KEY, DOC, [](Config& c, const std::string& o, const std::string& v) {                           \
+             c.FIELD = parse_choice(o, KEY, v, {__VA_ARGS__}); },                                           \
+           [](const Config& c) { return c.FIELD; } }
+
+const std::vector<KeyDef>& key_table() {
+  static const std::vector<KeyDef> table = {
+      KEEL_INT("model.layers", model.layers, "number of decoder blocks (L)"),
+      KEEL_INT("model.d_model", model.d_model, "residual width (C)"),
+      KEEL_INT("model.heads", model.heads, "attention heads (H)"),
+      KEEL_INT("model.kv_heads", model.kv_heads, "key/value heads; fewer than heads = grouped-query attention"),
+      KEEL_INT("model.ffn_hidden", model.ffn_hidden, "SwiGLU hidden width"),
+      KEEL_INT("model.vocab", model.vocab, "vocabulary size (V); also the tokenizer's size"),
+      KEEL_INT("model.seq_len", model.seq_len, "sequence length (T)"),
+      KEEL_CHOICE("model.norm", model.norm, "normalisation layer", "rmsnorm", "layernorm"),
+      KEEL_DOUBLE("model.norm_eps", model.norm_eps, "epsilon of the norm layers"),
+      KEEL_DOUBLE("model.rotary_fraction", model.rotary_fraction,
+                  "share of head dims that get RoPE (1.0 LLaMA/K2, 0.25 CrystalCoder)"),
+      KEEL_DOUBLE("model.rope_theta", model.rope_theta, "RoPE base"),
+      KEEL_BOOL("model.tie_embeddings", model.tie_embeddings, "share input embedding and output head"),
+      KEEL_BOOL("model.qk_norm", model.qk_norm, "RMS-normalise queries and keys per head"),
+      KEEL_DOUBLE("model.z_loss", model.z_loss, "z-loss coefficient on (log Z)^2; 0 disables"),
+      KEEL_DOUBLE("model.init_std", model.init_std, "normal init std (output projections scaled by 1/sqrt(2L))"),
+
+      KEEL_INT("train.steps", train.steps, "total optimizer steps of the run"),
+      KEEL_INT("train.micro_batch", train.micro_batch, "sequences per micro-batch"),
+      KEEL_INT("train.grad_accum", train.grad_accum, "micro-batches accumulated per step"),
+      KeyDef{"train.seed", "seed of model init and other non-data randomness",
+             [](Config& c, const std::string& o, const std::string& v) {
+               c.train.seed = static_cast<uint64_t>(parse_int(o, "train.seed", v));
+             },
+             [](const Config& c) { return std::to_string(c.train.seed); }},
+      KEEL_CHOICE("train.precision", train.precision, "numeric precision", "fp32", "bf16-mixed"),
+      KEEL_INT("train.log_every", train.log_every, "console progress line every N steps"),
+      KEEL_CHOICE("train.device", train.device, "device to train on", "cpu", "cuda"),
+      KEEL_INT("train.threads", train.threads, "intra-op CPU threads; 0 = LibTorch default"),
+
+      KEEL_CHOICE("optim.name", optim.name, "optimizer", "adamw"),
+      KEEL_DOUBLE("optim.lr", optim.lr, "peak learning rate"),
+      KEEL_DOUBLE("optim.min_lr", optim.min_lr, "cosine floor"),
+      KEEL_INT("optim.warmup_steps", optim.warmup_steps, "linear warm-up steps"),
+      KEEL_INT("optim.decay_steps", optim.decay_steps, "warm-up + cosine length; 0 = train.steps"),
+      KEEL_DOUBLE("optim.beta1", optim.beta1, "AdamW beta1"),
+      KEEL_DOUBLE("optim.beta2", optim.beta2, "AdamW beta2"),
+      KEEL_DOUBLE("optim.eps", optim.eps, "AdamW epsilon"),
+      KEEL_DOUBLE("optim.weight_decay", optim.weight_decay, "decoupled weight decay (matrices only)"),
+      KEEL_DOUBLE("optim.grad_clip", optim.grad_clip, "global grad-norm clip; 0 disables"),
+
+      KEEL_STRING("data.dir", data.dir, "directory of the prepared tokenizer and shards"),
+      KeyDef{"data.seed", "seed of the data order (permutations, source picks)",
+             [](Config& c, const std::string& o, const std::string& v) {
+               c.data.seed = static_cast<uint64_t>(parse_int(o, "data.seed", v));
+             },
+             [](const Config& c) { return std::to_string(c.data.seed); }},
+      KEEL_STRING("data.mixture", data.mixture, "source weights, e.g. prose=0.7,code=0.3"),
+      KEEL_STRING("data.schedule", data.schedule, "stages, e.g. 0:prose=0.7,code=0.3;500:prose=0.3,code=0.7"),
+      KEEL_STRING("data.skip", data.skip, "skip list, e.g. prose:chunk:3;code:samples:100-200"),
+      KEEL_INT("data.chunks", data.chunks, "chunks per source epoch (LLM360: 360)"),
+      KEEL_INT("data.tokenizer_sample_mb", data.tokenizer_sample_mb, "MiB of raw text to train the tokenizer"),
+
+      KEEL_INT("metrics.flush_every", metrics.flush_every, "flush metrics.h5 every N steps"),
+      KEEL_BOOL("metrics.per_tensor", metrics.per_tensor, "log per-tensor grad and param norms"),
+
+      KEEL_INT("checkpoint.every", checkpoint.every, "save a checkpoint every N steps; 0 = only at the end"),
+      KEEL_INT("checkpoint.keep_last", checkpoint.keep_last, "checkpoints kept besides milestones"),
+      KEEL_INT("checkpoint.milestone_every", checkpoint.milestone_every, "keep every M-th step forever; 0 = none"),
+  };
+  return table;
+}
+
+// Keys of `[source.NAME]` sections: source.NAME.FIELD.
+const std::vector<std::pair<std::string, std::string>>& source_fields() {
+  static const std::vector<std::pair<std::string, std::string>> fields = {
+      {"inputs", "comma-separated files, directories or globs"},
+      {"include", "filename glob inside directories, e.g. *.py"},
+      {"split", "file (one document per file) | fortune ('%' lines separate documents)"},
+      {"max_mb", "stop reading raw text after this many MiB; 0 = all"},
+  };
+  return fields;
+}
+
+SourceConfig& source_named(Config& config, const std::string& name) {
+  for (auto& source : config.data.sources)
+    if (source.name == name) return source;
+  config.data.sources.push_back(SourceConfig{});
+  config.data.sources.back().name = name;
+  return config.data.sources.back();
+}
+
+bool set_source_key(Config& config, const std::string& key, const std::string& value, const std::string& origin) {
+  if (key.rfind("source.", 0) != 0) return false;
+  const std::string rest = key.substr(7);
+  const auto dot = rest.rfind('.');
+  if (dot == std::string::npos || dot == 0) throw ConfigError(origin + ": bad source key '" + key + "' (use [source.NAME])");
+  const std::string name = rest.substr(0, dot);
+  const std::string field = rest.substr(dot + 1);
+  for (char ch : name)
+    if (!(std::isalnum(static_cast<unsigned char>(ch)) || ch == '_' || ch == '-'))
+      throw ConfigError(origin + ": " + key + ": source names use letters, digits, '_' and '-'");
+  SourceConfig& source = source_named(config, name);
+  if (field == "inputs") source.inputs = split_list(value);
+  else if (field == "include") source.include = value;
+  else if (field == "split") source.split = parse_choice(origin, key, value, {"file", "fortune"});
+  else if (field == "max_mb") source.max_mb = parse_double(origin, key, value);
+  else throw ConfigError(origin + ": unknown key '" + key + "'");
+  return true;
+}
+
+}  // namespace
+
+void set_key(Config& config, const std::string& key, const std::string& value, const std::string& origin) {
+  if (set_source_key(config, key, value, origin)) return;
+  for (const auto& def : key_table()) {
+    if (def.name == key) {
+      def.set(config, origin, value);
+      return;
+    }
+  }
+  throw ConfigError(origin + ": unknown key '" + key + "' (`keel config keys` lists them)");
+}
+
+void apply_override(Config& config, const std::string& key_equals_value, const std::string& origin) {
+  const auto eq = key_equals_value.find('=');
+  if (eq == std::string::npos)
+    throw ConfigError(origin + ": expected key=value, got '" + key_equals_value + "'");
+  set_key(config, trim(key_equals_value.substr(0, eq)), trim(key_equals_value.substr(eq + 1)),
+          origin + " " + trim(key_equals_value.substr(0, eq)));
+}
+
+Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  std::ifstream in(path);
+  if (!in) throw ConfigError("config file not found or unreadable: " + path);
+  Config config;
+  config.source_file = path;
+  std::string line;
+  std::string section;
+  int line_number = 0;
+  while (std::getline(in, line)) {
+    ++line_number;
+    const std::string origin = path + ":" + std::to_string(line_number);
+    // '#' starts a comment anywhere; ';' only at the start of a line (values such as schedules contain ';').
+    const auto comment = line.find('#');
+    if (comment != std::string::npos) line = line.substr(0, comment);
+    line = trim(line);
+    if (!line.empty() && line.front() == ';') continue;
+    if (line.empty()) continue;
+    if (line.front() == '[') {
+      if (line.back() != ']') throw ConfigError(origin + ": malformed section header '" + line + "'");
+      section = trim(line.substr(1, line.size() - 2));
+      if (section.empty()) throw ConfigError(origin + ": empty section name");
+      continue;
+    }
+    const auto eq = line.find('=');
+    if (eq == std::string::npos) throw ConfigError(origin + ": expected 'key = value', got '" + line + "'");
+    const std::string key = trim(line.substr(0, eq));
+    if (key.empty()) throw ConfigError(origin + ": missing key before '='");
+    const std::string full_key = section.empty() ? key : section + "." + key;
+    set_key(config, full_key, trim(line.substr(eq + 1)), origin);
+  }
+  for (const auto& override_text : overrides) apply_override(config, override_text, "--set");
+  validate(config);
+  return config;
+}
+
+void validate(const Config& c) {
+  auto require = [](bool ok, const std::string& message) {
+    if (!ok) throw ConfigError("invalid config: " + message);
+  };
+  const auto& m = c.model;
+  require(m.layers >= 1, "model.layers must be >= 1");
+  require(m.d_model >= 1 && m.heads >= 1, "model.d_model and model.heads must be >= 1");
+  require(m.d_model % m.heads == 0, "model.d_model (" + std::to_string(m.d_model) + ") must be divisible by model.heads (" +
+                                        std::to_string(m.heads) + ")");
+  require(m.kv_heads >= 1 && m.heads % m.kv_heads == 0,
+          "model.heads (" + std::to_string(m.heads) + ") must be divisible by model.kv_heads (" + std::to_string(m.kv_heads) + ")");
+  require(m.head_dim() % 2 == 0, "head dim model.d_model/model.heads must be even for RoPE");
+  require(m.ffn_hidden >= 1 && m.vocab >= 16 && m.seq_len >= 2, "model.ffn_hidden, model.vocab (>= 16), model.seq_len (>= 2)");
+  require(m.rotary_fraction >= 0.0 && m.rotary_fraction <= 1.0, "model.rotary_fraction must be in [0, 1]");
+  require(m.rope_theta > 0.0 && m.init_std > 0.0 && m.norm_eps > 0.0, "model.rope_theta, model.init_std, model.norm_eps must be > 0");
+  require(m.z_loss >= 0.0, "model.z_loss must be >= 0");
+  require(c.train.steps >= 0, "train.steps must be >= 0");
+  require(c.train.micro_batch >= 1 && c.train.grad_accum >= 1, "train.micro_batch and train.grad_accum must be >= 1");
+  require(c.train.log_every >= 1, "train.log_every must be >= 1");
+  require(c.train.threads >= 0, "train.threads must be >= 0");
+  const auto& o = c.optim;
+  require(o.lr > 0.0 && o.min_lr >= 0.0 && o.min_lr <= o.lr, "optim.lr > 0 and 0 <= optim.min_lr <= optim.lr");
+  require(o.warmup_steps >= 0 && o.decay_steps >= 0, "optim.warmup_steps and optim.decay_steps must be >= 0");
+  require(o.beta1 >= 0.0 && o.beta1 < 1.0 && o.beta2 >= 0.0 && o.beta2 < 1.0, "optim.beta1/beta2 must be in [0, 1)");
+  require(o.eps > 0.0 && o.weight_decay >= 0.0 && o.grad_clip >= 0.0, "optim.eps > 0, optim.weight_decay >= 0, optim.grad_clip >= 0");
+  require(c.data.chunks >= 1, "data.chunks must be >= 1");
+  require(c.metrics.flush_every >= 1, "metrics.flush_every must be >= 1");
+  require(c.checkpoint.every >= 0 && c.checkpoint.keep_last >= 2 && c.checkpoint.milestone_every >= 0,
+          "checkpoint.every >= 0, checkpoint.keep_last >= 2, checkpoint.milestone_every >= 0");
+  for (const auto& s : c.data.sources) {
+    require(!s.inputs.empty(), "source." + s.name + ".inputs is empty");
+    require(s.max_mb >= 0.0, "source." + s.name + ".max_mb must be >= 0");
+  }
+}
+
+std::vector<std::pair<std::string, std::string>> flatten(const Config& config) {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& def : key_table()) out.emplace_back(def.name, def.get(config));
+  for (const auto& s : config.data.sources) {
+    const std::string prefix = "source." + s.name + ".";
+    out.emplace_back(prefix + "inputs", join(s.inputs));
+    out.emplace_back(prefix + "include", s.include);
+    out.emplace_back(prefix + "split", s.split);
+    out.emplace_back(prefix + "max_mb", format_double(s.max_mb));
+  }
+  return out;
+}
+
+std::string to_ini(const Config& config) {
+  std::ostringstream out;
+  out << "# resolved Keel config (every key, defaults included)\n";
+  std::string current_section;
+  for (const auto& [key, value] : flatten(config)) {
+    const auto dot = key.rfind('.');
+    const std::string section = key.substr(0, dot);
+    if (section != current_section) {
+      out << (current_section.empty() ? "" : "\n") << "[" << section << "]\n";
+      current_section = section;
+    }
+    out << key.substr(dot + 1) << " = " << value << "\n";
+  }
+  return out.str();
+}
+
+std::vector<std::pair<std::string, std::string>> documented_keys() {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& def : key_table()) out.emplace_back(def.name, def.doc);
+  for (const auto& [field, doc] : source_fields()) out.emplace_back("source.NAME." + field, doc);
+  return out;
+}
+
+}  // namespace keel

@@ -1,0 +1,124 @@
+// Why: one typed, validated view of a run's configuration. Every key a user can set lives in the key table of
+// config.cpp (name, type, default, doc), so INI files, `--set key=value` overrides, the resolved config written
+// into run dirs and metrics attributes, and error messages all come from the same place. No LibTorch here:
+// this header is included widely.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace keel {
+
+// Thrown for any bad user configuration; the message names the file (and line) and the key.
+class ConfigError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct ModelConfig {
+  int64_t layers = 2;
+  int64_t d_model = 64;
+  int64_t heads = 4;
+  int64_t kv_heads = 4;       // < heads: grouped-query attention
+  int64_t ffn_hidden = 176;   // SwiGLU hidden size
+  int64_t vocab = 2048;
+  int64_t seq_len = 64;
+  std::string norm = "rmsnorm";  // rmsnorm | layernorm
+  double norm_eps = 1e-5;
+  double rotary_fraction = 1.0;  // share of each head's dims that get RoPE (CrystalCoder: 0.25)
+  double rope_theta = 10000.0;
+  bool tie_embeddings = false;
+  bool qk_norm = false;
+  double z_loss = 0.0;        // coefficient of the z-loss term (log Z)^2; 0 disables it
+  double init_std = 0.02;
+  int64_t head_dim() const { return d_model / heads; }
+};
+
+struct TrainConfig {
+  int64_t steps = 100;        // total number of optimizer steps of the run
+  int64_t micro_batch = 4;    // sequences per micro-batch per data-parallel rank
+  int64_t grad_accum = 1;     // micro-batches per step
+  uint64_t seed = 1234;       // model init and everything random except the data order
+  std::string precision = "bf16-mixed";  // fp32 | bf16-mixed
+  int64_t log_every = 10;     // console progress line every N steps
+  std::string device = "cpu"; // cpu | cuda
+  int64_t threads = 0;        // intra-op threads; 0 = LibTorch default
+};
+
+struct OptimConfig {
+  std::string name = "adamw";
+  double lr = 3e-4;
+  double min_lr = 3e-5;       // cosine floor
+  int64_t warmup_steps = 2000;
+  int64_t decay_steps = 0;    // length of warmup + cosine; 0 = train.steps
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.1;
+  double grad_clip = 1.0;     // global-norm clip; 0 disables it
+};
+
+// One named corpus source: raw inputs and how to split them into documents.
+struct SourceConfig {
+  std::string name;
+  std::vector<std::string> inputs;  // files, directories (recursed) or globs
+  std::string include = "*";        // filename glob applied inside directories, e.g. "*.py"
+  std::string split = "file";       // file (one document per file) | fortune (documents separated by '%' lines)
+  double max_mb = 0.0;              // stop reading raw text after this many MiB; 0 = no limit
+};
+
+struct DataConfig {
+  std::string dir = "data/bundled";    // prepared tokenizer + shards go here
+  std::vector<SourceConfig> sources;
+  uint64_t seed = 42;                  // data order seed (permutations, source picks)
+  std::string mixture;                 // "prose=0.7,code=0.3"; empty = proportional to source size
+  std::string schedule;                // stages "0:prose=0.7,code=0.3;500:prose=0.3,code=0.7"; overrides mixture
+  std::string skip;                    // skip list "prose:chunk:3;code:samples:100-200"
+  int64_t chunks = 360;                // chunks per source epoch (LLM360 Amber: 360)
+  int64_t tokenizer_sample_mb = 4;     // raw text used to train the tokenizer
+};
+
+struct MetricsConfig {
+  int64_t flush_every = 10;   // metrics.h5 is closed and consistent after every flush
+  bool per_tensor = true;     // per-parameter grad/param norm matrices
+};
+
+struct CheckpointConfig {
+  int64_t every = 0;          // save every N steps (and at the end); 0 = only at the end
+  int64_t keep_last = 2;
+  int64_t milestone_every = 0;
+};
+
+struct Config {
+  ModelConfig model;
+  TrainConfig train;
+  OptimConfig optim;
+  DataConfig data;
+  MetricsConfig metrics;
+  CheckpointConfig checkpoint;
+  std::string source_file;    // where it was loaded from (for messages)
+
+  // Global batch in sequences (data-parallel size 1 for now).
+  int64_t global_batch() const { return train.micro_batch * train.grad_accum; }
+  int64_t tokens_per_step() const { return global_batch() * model.seq_len; }
+};
+
+// Parse an INI file ("[model]\nlayers = 4"), then apply "key=value" overrides in order, then validate.
+// Throws ConfigError naming the file:line and key for unknown keys, bad values or a missing file.
+Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+// Apply one "section.key=value" override (also used by tests).
+void apply_override(Config& config, const std::string& key_equals_value, const std::string& origin = "--set");
+void set_key(Config& config, const std::string& key, const std::string& value, const std::string& origin);
+// Cross-field checks (heads divide d_model, ...); throws ConfigError naming the keys.
+void validate(const Config& config);
+// Flat, ordered (key, value) list of the resolved config, and the same as INI text that load_config reads back.
+std::vector<std::pair<std::string, std::string>> flatten(const Config& config);
+std::string to_ini(const Config& config);
+// Every known key with its one-line documentation (for `keel config keys` and docs).
+std::vector<std::pair<std::string, std::string>> documented_keys();
+
+}  // namespace keel

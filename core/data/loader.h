@@ -1,0 +1,147 @@
+// Why: the data order of a run must be a pure function of (data.seed, data config, step) — so that any batch
+// can be shown again (`keel data show-batch --step N`), a run can resume or branch exactly, and a mixture
+// change mid-run neither repeats nor drops a sample. This file is that function:
+//   - each source's token stream (its shards, concatenated) is cut into samples of seq_len+1 tokens,
+//     sample i = tokens[i*seq_len, i*seq_len + seq_len + 1) (documents packed, separated by EOS);
+//   - each source walks its own per-epoch permutation of sample ids with a cursor (skip-listed samples are
+//     passed over); an epoch's order is cut into data.chunks contiguous chunks;
+//   - the source of global sample g is drawn by inverse CDF of a counter-based hash of (seed, g) under the
+//     weights active at the current step (data.mixture, data.schedule, or changes recorded mid-run).
+// Planning never reads tokens, so seek(step) is a cheap replay; tokens() reads a plan's samples from the shards.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <nlohmann/json_fwd.hpp>
+#include <string>
+#include <vector>
+
+#include "core/config/config.h"
+#include "core/data/data_error.h"
+#include "core/data/mixture.h"
+#include "core/data/shard.h"
+
+namespace at {
+class Tensor;
+}
+
+namespace keel::data {
+
+class Tokenizer;
+
+struct SampleRef {
+  int32_t source = 0;     // index into source_names()
+  int64_t sample_id = 0;  // unpermuted sample id within the source
+  int64_t epoch = 0;      // the source's epoch this sample was drawn in
+  int64_t chunk = 0;      // chunk of its position in that epoch's order: position * chunks / samples_per_epoch
+};
+
+struct BatchPlan {
+  int64_t step = 0;
+  int64_t first_sample = 0;        // global sample index of samples[0]
+  std::vector<SampleRef> samples;  // the global batch, in order; rank r of R takes a contiguous slice
+};
+
+// The per-epoch order of a source: a Fisher-Yates shuffle of [0, n) driven by splitmix64 seeded from
+// (seed, source name, epoch). Portable and stable forever (part of the data format).
+std::vector<int64_t> epoch_permutation(uint64_t seed, const std::string& source, int64_t epoch, int64_t n);
+// The uniform in [0, 1) that picks the source of global sample g.
+double source_pick_uniform(uint64_t seed, int64_t global_sample);
+
+class DataLoader {
+ public:
+  // Opens DIR/prepared.json and every shard (validated, vocab == config.model.vocab). Throws DataError
+  // "data not prepared in DIR: run `keel data prepare --config FILE`" if it is missing or stale.
+  DataLoader(const keel::Config& config, int64_t global_batch);
+  ~DataLoader();
+  DataLoader(DataLoader&&) noexcept;
+  DataLoader& operator=(DataLoader&&) noexcept;
+
+  // The plan of the current step; advances the source cursors and the step.
+  BatchPlan plan_next();
+  // Reset, then replay plans up to `step` (hashes and cursor moves only, no token reads).
+  void seek(int64_t step);
+  int64_t step() const { return step_; }
+  int64_t global_batch() const { return global_batch_; }
+  int64_t seq_len() const { return seq_len_; }
+
+  // Tokens of plan.samples[begin, begin + count): int64 tensor [count, seq_len + 1] (inputs = [:, :-1],
+  // targets = [:, 1:]).
+  at::Tensor tokens(const BatchPlan& plan, int64_t begin, int64_t count) const;
+  // Tokens of one sample (seq_len + 1 ids).
+  std::vector<int32_t> sample_tokens(int32_t source, int64_t sample_id) const;
+
+  // Change the mixture from `from_step` (>= step()) on: stages at or after from_step are replaced by this one.
+  // weights: "prose=0.3,code=0.7". Recorded in the ledger's mixture history.
+  void set_mixture(int64_t from_step, const std::string& weights, const std::string& origin = "set_mixture");
+  // Add skip rules ("prose:chunk:3;code:samples:10-20") that apply from `from_step` (>= step()) on.
+  void add_skip(int64_t from_step, const std::string& spec, const std::string& origin = "add_skip");
+  // After load_state(): make the future follow `config`'s mixture/schedule and skip list where they differ
+  // from the ledger (a branch with a new data mix). Changes apply from step(); returns a line per change.
+  std::vector<std::string> adopt_config(const keel::Config& config);
+  // The normalized weights active at `step`.
+  std::vector<double> weights_at(int64_t step) const;
+
+  // The ledger: step, global sample counter, per-source cursors, mixture history, skip rules, fingerprint.
+  nlohmann::json state() const;
+  // Restore a ledger written by state(). Throws DataError if it was written for other data (fingerprint),
+  // another seed, seq_len, chunk count or global batch.
+  void load_state(const nlohmann::json& ledger);
+  // vocab, eos, prepared fingerprint, per-source shard token counts (resume refuses a mismatch).
+  nlohmann::json fingerprint() const;
+
+  const std::vector<std::string>& source_names() const { return names_; }
+  int64_t samples_per_epoch(int32_t source) const;
+  int64_t source_tokens(int32_t source) const;
+  int64_t vocab() const { return vocab_; }
+  int32_t eos_id() const { return eos_id_; }
+  const std::string& dir() const { return dir_; }
+  // Decode ids with DIR/tokenizer.model. Throws DataError if the directory has no tokenizer.
+  std::string decode(const std::vector<int32_t>& ids) const;
+  const Tokenizer& tokenizer() const;
+
+ private:
+  struct Source {
+    std::string name;
+    std::vector<ShardReader> shards;
+    std::vector<int64_t> shard_begin;  // first token of each shard in the concatenated stream
+    int64_t tokens = 0;
+    int64_t samples = 0;  // samples per epoch: (tokens - 1) / seq_len
+    // Cursor.
+    int64_t epoch = 0;
+    int64_t position = 0;  // next position in this epoch's order
+    int64_t consumed = 0;  // samples returned, all epochs
+    int64_t skipped = 0;   // samples passed over by skip rules, all epochs
+    std::vector<int64_t> order;  // the permutation of `order_epoch`
+    int64_t order_epoch = -1;
+  };
+
+  void reset_cursors();
+  int32_t pick_source(int64_t global_sample, const std::vector<double>& cdf) const;
+  std::vector<double> cdf_at(int64_t step) const;
+  SampleRef next_sample(int32_t source);
+  void check_from_step(int64_t from_step, const std::string& what) const;
+
+  std::string dir_;
+  std::string config_file_;
+  int64_t vocab_ = 0;
+  int32_t eos_id_ = 0;
+  std::string prepared_fingerprint_;
+  uint64_t seed_ = 0;
+  int64_t seq_len_ = 0;
+  int64_t chunks_ = 1;
+  int64_t global_batch_ = 1;
+  std::vector<std::string> names_;
+  std::vector<Source> sources_;
+  std::vector<MixtureStage> stages_;  // sorted by from_step; the mixture history
+  std::vector<SkipRule> skip_;
+  int64_t step_ = 0;
+  int64_t next_sample_ = 0;  // global sample counter
+  std::unique_ptr<Tokenizer> tokenizer_;
+};
+
+// Text for `keel data show-batch --step N`: the plan of step N (per sample: index, source, sample id, epoch,
+// chunk), the first `max_tokens_shown` token ids and the decoded text of those tokens.
+std::string show_batch(const keel::Config& config, int64_t step, int64_t max_tokens_shown);
+
+}  // namespace keel::data

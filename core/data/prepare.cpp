@@ -1,0 +1,513 @@
+// Why: see prepare.h. The steps, top to bottom:
+//   1. list every source's input files (fixed order) and fingerprint settings + file list + sizes;
+//   2. stop if DIR/prepared.json carries the same fingerprint and its shards are all there;
+//   3. read and split documents; train the tokenizer on an interleaved, evenly spread sample of all sources
+//      (skipped when DIR/tokenizer.model was trained with the same settings and inputs);
+//   4. per source whose fingerprint changed: tokenize (threads over documents, results kept in document order),
+//      append EOS after every document, cut the stream into shards of kShardMaxTokens;
+//   5. write DIR/prepared.json atomically, last — it is the commit record of the whole preparation.
+#include "core/data/prepare.h"
+
+#include <fnmatch.h>
+#include <glob.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "core/data/data_error.h"
+#include "core/data/hash.h"
+#include "core/data/shard.h"
+#include "core/data/tokenizer.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace keel::data {
+namespace {
+
+constexpr int64_t kBinaryProbeBytes = 8192;
+constexpr int64_t kTokenizeBlockBytes = int64_t(16) << 20;
+
+std::string hex64(uint64_t h) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
+
+std::string fingerprint_of(const json& j) { return hex64(fnv1a64(j.dump())); }
+
+double mib(int64_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0); }
+
+bool is_binary_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return true;  // unreadable: treat as not text
+  char buf[kBinaryProbeBytes];
+  f.read(buf, sizeof buf);
+  return std::memchr(buf, '\0', static_cast<size_t>(f.gcount())) != nullptr;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw DataError(path + ": cannot read input file");
+  std::ostringstream text;
+  text << f.rdbuf();
+  return text.str();
+}
+
+bool has_glob_chars(const std::string& s) { return s.find_first_of("*?[") != std::string::npos; }
+
+bool is_blank(std::string_view s) { return s.find_first_not_of(" \t\r\n\f\v") == std::string_view::npos; }
+
+void write_text_atomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    f << text;
+    f.flush();
+    if (!f) throw DataError(tmp + ": cannot write");
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) throw DataError(path + ": cannot rename " + tmp + ": " + ec.message());
+}
+
+void check_source_name(const std::string& name) {
+  const bool ok = !name.empty() && name != "." && name != ".." &&
+                  name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-") ==
+                      std::string::npos;
+  if (!ok) throw DataError("source name '" + name + "' must be non-empty and use only [A-Za-z0-9_.-]");
+}
+
+struct SourceDocs {
+  std::vector<std::string> docs;
+  int64_t raw_bytes = 0;
+};
+
+SourceDocs read_documents(const std::vector<InputFile>& files, const std::string& split) {
+  SourceDocs out;
+  for (const auto& f : files) {
+    const std::string text = read_file(f.path);
+    out.raw_bytes += static_cast<int64_t>(text.size());
+    for (auto& d : split_documents(text, split)) out.docs.push_back(std::move(d));
+  }
+  return out;
+}
+
+// The tokenizer sample: ≈ sample_bytes of documents, shared equally among sources (a source smaller than its
+// share gives the rest to the others), each source's pick spread evenly over the whole source, and the picks
+// interleaved source by source.
+std::vector<std::string> tokenizer_sample(const std::vector<SourceDocs>& sources, int64_t sample_bytes) {
+  const size_t n = sources.size();
+  std::vector<int64_t> quota(n, 0);
+  std::vector<size_t> order(n);
+  for (size_t i = 0; i < n; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return sources[a].raw_bytes < sources[b].raw_bytes; });
+  int64_t left = sample_bytes;
+  for (size_t k = 0; k < n; ++k) {
+    const size_t i = order[k];
+    const int64_t share = left / static_cast<int64_t>(n - k);
+    quota[i] = std::min(share, sources[i].raw_bytes);
+    left -= quota[i];
+  }
+  std::vector<std::vector<const std::string*>> picks(n);
+  for (size_t i = 0; i < n; ++i) {
+    int64_t total = 0;
+    for (const auto& d : sources[i].docs) total += static_cast<int64_t>(d.size());
+    const double ratio = total > 0 ? static_cast<double>(quota[i]) / static_cast<double>(total) : 0.0;
+    int64_t seen = 0, taken = 0;
+    for (const auto& d : sources[i].docs) {
+      seen += static_cast<int64_t>(d.size());
+      // Take a document while the bytes taken lag behind `ratio` of the bytes seen (Bresenham-like).
+      if (static_cast<double>(taken) < ratio * static_cast<double>(seen)) {
+        picks[i].push_back(&d);
+        taken += static_cast<int64_t>(d.size());
+      }
+    }
+  }
+  std::vector<std::string> sample;
+  for (size_t k = 0;; ++k) {
+    bool any = false;
+    for (size_t i = 0; i < n; ++i) {
+      if (k < picks[i].size()) {
+        sample.push_back(*picks[i][k]);
+        any = true;
+      }
+    }
+    if (!any) break;
+  }
+  return sample;
+}
+
+// Accumulates a source's token stream and writes it out as shards of at most kShardMaxTokens.
+class ShardSink {
+ public:
+  ShardSink(std::string dir, std::string rel_dir, int64_t vocab, int32_t eos)
+      : dir_(std::move(dir)), rel_dir_(std::move(rel_dir)), vocab_(vocab), eos_(eos) {}
+
+  void append(const std::vector<int32_t>& tokens) {
+    pending_.insert(pending_.end(), tokens.begin(), tokens.end());
+    pending_.push_back(eos_);
+    total_ += static_cast<int64_t>(tokens.size()) + 1;
+    while (static_cast<int64_t>(pending_.size()) >= kShardMaxTokens) flush(kShardMaxTokens);
+  }
+  void finish() {
+    if (!pending_.empty() || shards_.empty()) flush(static_cast<int64_t>(pending_.size()));
+  }
+  const json& shards() const { return shards_; }
+  int64_t total() const { return total_; }
+
+ private:
+  void flush(int64_t count) {
+    char name[32];
+    std::snprintf(name, sizeof name, "shard-%05zu.bin", shards_.size());
+    std::vector<int32_t> piece(pending_.begin(), pending_.begin() + count);
+    const int64_t bytes = write_shard(dir_ + "/" + name, piece, vocab_, eos_);
+    shards_.push_back({{"file", rel_dir_ + "/" + name}, {"tokens", count}, {"bytes", bytes}});
+    pending_.erase(pending_.begin(), pending_.begin() + count);
+  }
+
+  std::string dir_, rel_dir_;
+  int64_t vocab_;
+  int32_t eos_;
+  std::vector<int32_t> pending_;
+  json shards_ = json::array();
+  int64_t total_ = 0;
+};
+
+// Tokenize documents on all cores, appending them to `sink` in document order.
+void tokenize_into(const std::vector<std::string>& docs, const Tokenizer& tokenizer, ShardSink& sink) {
+  const size_t threads = std::clamp<size_t>(std::thread::hardware_concurrency(), 1, 16);
+  size_t begin = 0;
+  while (begin < docs.size()) {
+    size_t end = begin;
+    int64_t bytes = 0;
+    while (end < docs.size() && (end == begin || bytes < kTokenizeBlockBytes)) bytes += docs[end++].size();
+    std::vector<std::vector<int32_t>> out(end - begin);
+    std::vector<std::thread> pool;
+    std::vector<std::exception_ptr> errors(threads);
+    for (size_t t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
+        try {
+          for (size_t i = begin + t; i < end; i += threads) out[i - begin] = tokenizer.encode(docs[i]);
+        } catch (...) {
+          errors[t] = std::current_exception();
+        }
+      });
+    }
+    for (auto& th : pool) th.join();
+    for (auto& e : errors) {
+      if (e) std::rethrow_exception(e);
+    }
+    for (const auto& tokens : out) sink.append(tokens);
+    begin = end;
+  }
+  sink.finish();
+}
+
+bool shards_present(const std::string& dir, const json& source) {
+  for (const auto& s : source.at("shards")) {
+    std::error_code ec;
+    const auto size = fs::file_size(dir + "/" + s.at("file").get<std::string>(), ec);
+    if (ec || static_cast<int64_t>(size) != s.at("bytes").get<int64_t>()) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+std::vector<std::string> split_documents(const std::string& text, const std::string& split) {
+  std::vector<std::string> docs;
+  if (split == "file") {
+    if (!is_blank(text)) docs.push_back(text);
+    return docs;
+  }
+  if (split != "fortune") throw DataError("split must be 'file' or 'fortune', got '" + split + "'");
+  size_t doc_begin = 0, pos = 0;
+  while (pos < text.size()) {
+    size_t eol = text.find('\n', pos);
+    const size_t next = eol == std::string::npos ? text.size() : eol + 1;
+    if (eol == std::string::npos) eol = text.size();
+    std::string_view line(text.data() + pos, eol - pos);
+    if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+    if (line == "%") {
+      std::string_view doc(text.data() + doc_begin, pos - doc_begin);
+      if (!is_blank(doc)) docs.emplace_back(doc);
+      doc_begin = next;
+    }
+    pos = next;
+  }
+  std::string_view tail(text.data() + doc_begin, text.size() - doc_begin);
+  if (!is_blank(tail)) docs.emplace_back(tail);
+  return docs;
+}
+
+std::vector<InputFile> list_source_files(const keel::SourceConfig& source) {
+  if (source.split != "file" && source.split != "fortune") {
+    throw DataError("source " + source.name + ": split must be 'file' or 'fortune', got '" + source.split + "'");
+  }
+  if (source.inputs.empty()) throw DataError("source " + source.name + ": no inputs");
+  const int64_t max_bytes = source.max_mb > 0 ? static_cast<int64_t>(source.max_mb * 1024.0 * 1024.0) : -1;
+  std::vector<InputFile> files;
+  std::set<std::string> seen;  // canonical paths
+  int64_t total = 0;
+
+  auto consider = [&](const fs::path& p) {  // returns false once max_mb is reached
+    if (max_bytes >= 0 && total >= max_bytes) return false;
+    std::error_code ec;
+    const std::string canonical = fs::canonical(p, ec).string();
+    if (ec || !seen.insert(canonical).second) return true;  // broken link or duplicate
+    if (source.split == "fortune" && p.extension() == ".dat") return true;  // strfile index
+    if (is_binary_file(p.string())) {
+      spdlog::debug("source {}: skipping binary file {}", source.name, p.string());
+      return true;
+    }
+    const auto size = static_cast<int64_t>(fs::file_size(p, ec));
+    if (ec) return true;
+    files.push_back({p.string(), size});
+    total += size;
+    return true;
+  };
+
+  for (const auto& input : source.inputs) {
+    std::vector<std::string> paths;
+    if (has_glob_chars(input)) {
+      glob_t g{};
+      if (::glob(input.c_str(), GLOB_NOSORT, nullptr, &g) == 0) {
+        for (size_t i = 0; i < g.gl_pathc; ++i) paths.emplace_back(g.gl_pathv[i]);
+      }
+      globfree(&g);
+      if (paths.empty()) throw DataError("source " + source.name + ": input pattern " + input + " matches nothing");
+      std::sort(paths.begin(), paths.end());
+    } else {
+      if (!fs::exists(input)) throw DataError("source " + source.name + ": input " + input + " does not exist");
+      paths.push_back(input);
+    }
+    for (const auto& path : paths) {
+      if (fs::is_directory(path)) {
+        std::vector<std::string> found;
+        std::error_code ec;
+        for (fs::recursive_directory_iterator it(path, fs::directory_options::skip_permission_denied, ec), end;
+             !ec && it != end; it.increment(ec)) {
+          std::error_code type_ec;
+          if (!it->is_regular_file(type_ec)) continue;  // follows symlinks; directories, sockets, broken links out
+          const std::string name = it->path().filename().string();
+          if (::fnmatch(source.include.c_str(), name.c_str(), 0) == 0) found.push_back(it->path().string());
+        }
+        std::sort(found.begin(), found.end());
+        for (const auto& f : found) {
+          if (!consider(f)) break;
+        }
+      } else if (!consider(path)) {
+        break;
+      }
+    }
+  }
+  if (files.empty()) throw DataError("source " + source.name + ": no text files found in its inputs");
+  return files;
+}
+
+PrepareReport prepare_data(const keel::Config& config, const PrepareOptions& options) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto& data = config.data;
+  const std::string dir = data.dir;
+  const std::string config_name = config.source_file.empty() ? "<config>" : config.source_file;
+  if (data.sources.empty()) {
+    throw DataError(config_name + ": no data sources configured (add [source.NAME] sections)");
+  }
+  PrepareReport report;
+  report.dir = dir;
+  report.vocab = config.model.vocab;
+
+  // 1. Inputs and fingerprints.
+  std::vector<std::vector<InputFile>> files(data.sources.size());
+  std::vector<json> settings(data.sources.size());
+  json inputs_of_all = json::array();
+  std::set<std::string> names;
+  for (size_t i = 0; i < data.sources.size(); ++i) {
+    const auto& src = data.sources[i];
+    check_source_name(src.name);
+    if (!names.insert(src.name).second) throw DataError(config_name + ": source " + src.name + " given twice");
+    files[i] = list_source_files(src);
+    json file_list = json::array();
+    for (const auto& f : files[i]) file_list.push_back({{"path", f.path}, {"bytes", f.bytes}});
+    settings[i] = {{"name", src.name},       {"split", src.split},   {"include", src.include},
+                   {"max_mb", src.max_mb},   {"inputs", src.inputs}, {"files", file_list}};
+    inputs_of_all.push_back(settings[i]);
+  }
+  const int64_t sample_bytes = std::max<int64_t>(1, data.tokenizer_sample_mb) * 1024 * 1024;
+  const json tokenizer_settings = {{"settings_version", kTokenizerSettingsVersion},
+                                   {"vocab", config.model.vocab},
+                                   {"sample_bytes", sample_bytes},
+                                   {"sources", inputs_of_all}};
+  const std::string tokenizer_fp = fingerprint_of(tokenizer_settings);
+  std::vector<std::string> source_fp(data.sources.size());
+  json all_fp = json::array();
+  for (size_t i = 0; i < data.sources.size(); ++i) {
+    source_fp[i] = fingerprint_of({{"format_version", kPreparedFormatVersion},
+                                   {"shard_max_tokens", kShardMaxTokens},
+                                   {"tokenizer", tokenizer_fp},
+                                   {"source", settings[i]}});
+    all_fp.push_back(source_fp[i]);
+  }
+  report.fingerprint = fingerprint_of({{"vocab", config.model.vocab}, {"sources", all_fp}});
+
+  // 2. Up to date?
+  const std::string manifest_path = dir + "/prepared.json";
+  const std::string model_path = dir + "/tokenizer.model";
+  json old_manifest;
+  if (fs::exists(manifest_path)) {
+    try {
+      old_manifest = json::parse(read_file(manifest_path));
+    } catch (const std::exception& e) {
+      spdlog::warn("{}: unreadable ({}); preparing again", manifest_path, e.what());
+      old_manifest = json();
+    }
+  }
+  auto old_source = [&](const std::string& name, const std::string& fp) -> const json* {
+    if (!old_manifest.is_object() || !old_manifest.contains("sources")) return nullptr;
+    for (const auto& s : old_manifest["sources"]) {
+      if (s.value("name", "") == name && s.value("fingerprint", "") == fp && shards_present(dir, s)) return &s;
+    }
+    return nullptr;
+  };
+  if (!options.force && old_manifest.is_object() && old_manifest.value("fingerprint", "") == report.fingerprint &&
+      fs::exists(model_path)) {
+    bool all_present = true;
+    for (size_t i = 0; i < data.sources.size(); ++i) all_present &= old_source(data.sources[i].name, source_fp[i]) != nullptr;
+    if (all_present) {
+      report.up_to_date = true;
+      report.eos_id = old_manifest.value("eos_id", kEosId);
+      for (const auto& s : old_manifest["sources"]) {
+        report.sources.push_back({s["name"], static_cast<int64_t>(s["files"].size()), s["documents"],
+                                  s["raw_bytes"], s["tokens"], static_cast<int64_t>(s["shards"].size()), true});
+      }
+      report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      spdlog::info("data in {} is up to date (fingerprint {}): nothing to do", dir, report.fingerprint);
+      return report;
+    }
+  }
+  fs::create_directories(dir);
+
+  // 3. Documents (only where needed) and tokenizer.
+  const std::string tokenizer_json_path = dir + "/tokenizer.json";
+  bool reuse_tokenizer = false;
+  if (!options.force && fs::exists(model_path) && fs::exists(tokenizer_json_path)) {
+    try {
+      reuse_tokenizer = json::parse(read_file(tokenizer_json_path)).value("fingerprint", "") == tokenizer_fp;
+    } catch (const std::exception&) {
+      reuse_tokenizer = false;
+    }
+  }
+  std::vector<const json*> reused(data.sources.size(), nullptr);
+  std::vector<SourceDocs> docs(data.sources.size());
+  for (size_t i = 0; i < data.sources.size(); ++i) {
+    if (!options.force && reuse_tokenizer) reused[i] = old_source(data.sources[i].name, source_fp[i]);
+    if (reused[i] != nullptr) continue;  // neither the tokenizer nor the shards need this source's text
+    docs[i] = read_documents(files[i], data.sources[i].split);
+    spdlog::info("source {}: {} files, {:.2f} MiB, {} documents", data.sources[i].name, files[i].size(),
+                 mib(docs[i].raw_bytes), docs[i].docs.size());
+  }
+  if (reuse_tokenizer) {
+    spdlog::info("tokenizer {} matches the settings (fingerprint {}): reused", model_path, tokenizer_fp);
+  } else {
+    const auto t_tok = std::chrono::steady_clock::now();
+    const auto sample = tokenizer_sample(docs, sample_bytes);
+    int64_t bytes = 0;
+    for (const auto& s : sample) bytes += static_cast<int64_t>(s.size());
+    spdlog::info("training BPE tokenizer (vocab {}) on {:.2f} MiB from {} documents", config.model.vocab,
+                 mib(bytes), sample.size());
+    train_tokenizer(sample, dir + "/tokenizer.tmp", config.model.vocab);
+    std::error_code ec;
+    fs::rename(dir + "/tokenizer.tmp.model", model_path, ec);
+    if (!ec) fs::rename(dir + "/tokenizer.tmp.vocab", dir + "/tokenizer.vocab", ec);
+    if (ec) throw DataError(model_path + ": cannot move the trained tokenizer into place: " + ec.message());
+    json tj = tokenizer_settings;
+    tj.erase("sources");
+    tj["fingerprint"] = tokenizer_fp;
+    tj["sample_documents"] = sample.size();
+    tj["sample_bytes_used"] = bytes;
+    write_text_atomically(tokenizer_json_path, tj.dump(2) + "\n");
+    report.tokenizer_trained = true;
+    spdlog::info("tokenizer trained in {:.1f} s", std::chrono::duration<double>(std::chrono::steady_clock::now() - t_tok).count());
+  }
+  const Tokenizer tokenizer(model_path);
+  if (tokenizer.vocab_size() > config.model.vocab) {
+    throw DataError(model_path + ": tokenizer has " + std::to_string(tokenizer.vocab_size()) +
+                    " pieces, more than model.vocab " + std::to_string(config.model.vocab));
+  }
+  report.eos_id = tokenizer.eos_id();
+
+  // 4. Shards, per source.
+  json manifest = {{"format", "keel-prepared-data"},
+                   {"format_version", kPreparedFormatVersion},
+                   {"keel_version", KEEL_VERSION},
+                   {"fingerprint", report.fingerprint},
+                   {"vocab", config.model.vocab},
+                   {"eos_id", tokenizer.eos_id()},
+                   {"tokenizer", {{"file", "tokenizer.model"}, {"pieces", tokenizer.vocab_size()},
+                                  {"fingerprint", tokenizer_fp}}},
+                   {"shard_max_tokens", kShardMaxTokens},
+                   {"sources", json::array()}};
+  for (size_t i = 0; i < data.sources.size(); ++i) {
+    const auto& src = data.sources[i];
+    PrepareSourceReport sr;
+    sr.name = src.name;
+    sr.files = static_cast<int64_t>(files[i].size());
+    json entry = settings[i];
+    entry["fingerprint"] = source_fp[i];
+    if (const json* old = reused[i]) {
+      sr.documents = (*old)["documents"];
+      sr.raw_bytes = (*old)["raw_bytes"];
+      entry["documents"] = sr.documents;
+      entry["raw_bytes"] = sr.raw_bytes;
+      entry["tokens"] = (*old)["tokens"];
+      entry["shards"] = (*old)["shards"];
+      sr.reused = true;
+      spdlog::info("source {}: shards up to date (fingerprint {}): reused", src.name, source_fp[i]);
+    } else {
+      sr.documents = static_cast<int64_t>(docs[i].docs.size());
+      sr.raw_bytes = docs[i].raw_bytes;
+      entry["documents"] = sr.documents;
+      entry["raw_bytes"] = sr.raw_bytes;
+      const auto t_src = std::chrono::steady_clock::now();
+      const std::string source_dir = dir + "/" + src.name;
+      fs::create_directories(source_dir);
+      ShardSink sink(source_dir, src.name, config.model.vocab, tokenizer.eos_id());
+      tokenize_into(docs[i].docs, tokenizer, sink);
+      entry["tokens"] = sink.total();
+      entry["shards"] = sink.shards();
+      // Remove shards of an earlier, longer preparation.
+      std::set<std::string> keep;
+      for (const auto& s : sink.shards()) keep.insert(fs::path(s["file"].get<std::string>()).filename().string());
+      for (const auto& e : fs::directory_iterator(source_dir)) {
+        const std::string name = e.path().filename().string();
+        if (name.rfind("shard-", 0) == 0 && keep.count(name) == 0) fs::remove(e.path());
+      }
+      spdlog::info("source {}: {} tokens ({:.2f} tokens/byte) in {} shard(s), {:.1f} s", src.name, sink.total(),
+                   static_cast<double>(sink.total()) / std::max<int64_t>(1, sr.raw_bytes), sink.shards().size(),
+                   std::chrono::duration<double>(std::chrono::steady_clock::now() - t_src).count());
+    }
+    sr.tokens = entry["tokens"];
+    sr.shards = static_cast<int64_t>(entry["shards"].size());
+    manifest["sources"].push_back(entry);
+    report.sources.push_back(sr);
+  }
+
+  // 5. The commit record, last.
+  write_text_atomically(manifest_path, manifest.dump(2) + "\n");
+  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  spdlog::info("prepared {} (fingerprint {}) in {:.1f} s", manifest_path, report.fingerprint, report.seconds);
+  return report;
+}
+
+}  // namespace keel::data

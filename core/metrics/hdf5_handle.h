@@ -1,0 +1,95 @@
+// Why: the metrics writer and reader make many HDF5 C API calls, and every one of them must be checked and
+// every id closed on every path (including exceptions), or a failed flush would leak ids and keep the file
+// open between flushes — which is exactly what crash safety relies on not happening. This internal header
+// gives both files one RAII id wrapper, one "check or throw" helper whose message names the file, the object
+// and HDF5's own innermost error text, and the string/time helpers they share. Plain C++ and the HDF5 C API
+// only: no LibTorch. Not part of the public metrics API.
+#pragma once
+
+#include <hdf5.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace keel::metrics::detail {
+
+// Owns one HDF5 id and closes it with the right H5*close function (chosen from H5Iget_type) when it goes
+// out of scope. Move-only.
+class Hid {
+ public:
+  Hid() = default;
+  explicit Hid(hid_t id) : id_(id) {}
+  Hid(const Hid&) = delete;
+  Hid& operator=(const Hid&) = delete;
+  Hid(Hid&& other) noexcept : id_(std::exchange(other.id_, H5I_INVALID_HID)) {}
+  Hid& operator=(Hid&& other) noexcept {
+    if (this != &other) {
+      reset();
+      id_ = std::exchange(other.id_, H5I_INVALID_HID);
+    }
+    return *this;
+  }
+  ~Hid() { reset(); }
+
+  hid_t get() const { return id_; }
+  bool valid() const { return id_ >= 0; }
+  // Closes the id now; returns false if HDF5 reported an error while closing (e.g. H5Fclose failing to
+  // write the last metadata). The id is forgotten either way.
+  bool reset();
+
+ private:
+  hid_t id_ = H5I_INVALID_HID;
+};
+
+// Silences HDF5's automatic error-stack printing to stderr for the lifetime of the object (restored after),
+// so that failures surface once, as our exception, instead of as a page of HDF5 trace.
+class QuietHdf5Errors {
+ public:
+  QuietHdf5Errors();
+  ~QuietHdf5Errors();
+  QuietHdf5Errors(const QuietHdf5Errors&) = delete;
+  QuietHdf5Errors& operator=(const QuietHdf5Errors&) = delete;
+
+ private:
+  H5E_auto2_t old_func_ = nullptr;
+  void* old_data_ = nullptr;
+};
+
+// The innermost messages on HDF5's current error stack, e.g. "unable to open file: No such file", or "" .
+std::string hdf5_error_text();
+
+// Throws std::runtime_error("metrics: <what> failed for '<object>' in <file>: <hdf5 message>") when the
+// return value of an HDF5 call signals failure (negative), otherwise returns it unchanged.
+hid_t check_id(hid_t id, const std::string& file, const std::string& object, const char* what);
+herr_t check(herr_t status, const std::string& file, const std::string& object, const char* what);
+htri_t check_tri(htri_t status, const std::string& file, const std::string& object, const char* what);
+[[noreturn]] void fail(const std::string& file, const std::string& object, const std::string& what);
+
+// File-access property list used by both writer and reader: file locking off (so a reader can open the file
+// while the trainer has it open for a flush, and vice versa), STRONG close degree (H5Fclose really closes),
+// default (earliest) library-version bounds so that any HDF5 1.8+/h5py can read the file.
+Hid make_fapl(const std::string& file);
+
+// A variable-length UTF-8 string datatype (h5py reads it as `str`).
+Hid make_vlen_string_type(const std::string& file);
+
+// Scalar string attribute `name` on object `loc` (replaced if it exists), stored as variable-length UTF-8.
+void write_string_attribute(hid_t loc, const std::string& name, const std::string& value, const std::string& file,
+                            const std::string& object);
+// 1-D string attribute (variable-length UTF-8), replaced if it exists.
+void write_string_array_attribute(hid_t loc, const std::string& name, const std::vector<std::string>& values,
+                                  const std::string& file, const std::string& object);
+// Reads a string attribute (variable- or fixed-length, scalar or 1-D) as a list of strings; a scalar gives
+// one element. Throws if the attribute is missing or not a string.
+std::vector<std::string> read_string_attribute(hid_t loc, const std::string& name, const std::string& file,
+                                               const std::string& object);
+
+// True if `path` (e.g. "/train/extra/foo") exists as a link, checking each intermediate group.
+bool link_exists(hid_t loc, const std::string& path, const std::string& file);
+
+// Current UTC time as ISO 8601, "2024-05-01T12:34:56Z".
+std::string utc_now_iso8601();
+
+}  // namespace keel::metrics::detail

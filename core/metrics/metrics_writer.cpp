@@ -1,0 +1,502 @@
+// Why: see metrics_writer.h. The one idea here is "open, append, close": the file is only open inside
+// flush() (and the constructor), so a run killed at any other moment leaves a closed, consistent HDF5 file.
+// Within a flush every table is written at a fixed offset taken from its "commit" column (/train/step for
+// the step table, <name>_step for an extra series), and the commit column is written last, so a flush that
+// fails half-way (or a later run that reopens a file a kill interrupted mid-flush) simply rewrites the same
+// rows at the same place instead of misaligning columns.
+#include "core/metrics/metrics_writer.h"
+
+#include <spdlog/spdlog.h>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cerrno>
+#include <cstddef>
+#include <cstring>
+#include <filesystem>
+#include <iterator>
+#include <limits>
+#include <stdexcept>
+
+#include "core/metrics/hdf5_handle.h"
+
+namespace keel::metrics {
+
+namespace {
+
+using detail::check;
+using detail::check_id;
+using detail::check_tri;
+using detail::fail;
+using detail::Hid;
+
+constexpr hsize_t kChunkRows = 1024;         // 1-D series: 8 KiB chunks of int64/float64
+constexpr hsize_t kEventChunkRows = 64;
+constexpr size_t kMatrixChunkFloats = 65536;  // per-tensor matrices: chunks of <= 256 KiB
+constexpr int kFormatVersion = 1;
+
+// The commit column of the step table: written last in every flush.
+constexpr const char* kStepPath = "/train/step";
+
+// In-memory layout of one /events row (a compound of int64 + two variable-length strings).
+struct EventRecord {
+  int64_t step;
+  const char* kind;
+  const char* text;
+};
+
+Hid make_event_type(hid_t int_type, const std::string& file) {
+  Hid str = detail::make_vlen_string_type(file);
+  Hid type(check_id(H5Tcreate(H5T_COMPOUND, sizeof(EventRecord)), file, "/events", "H5Tcreate(compound)"));
+  check(H5Tinsert(type.get(), "step", offsetof(EventRecord, step), int_type), file, "/events", "H5Tinsert(step)");
+  check(H5Tinsert(type.get(), "kind", offsetof(EventRecord, kind), str.get()), file, "/events", "H5Tinsert(kind)");
+  check(H5Tinsert(type.get(), "text", offsetof(EventRecord, text), str.get()), file, "/events", "H5Tinsert(text)");
+  return type;
+}
+
+Hid create_group(hid_t loc, const std::string& path, const std::string& file) {
+  return Hid(check_id(H5Gcreate2(loc, path.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), file, path,
+                      "H5Gcreate2"));
+}
+
+Hid open_group(hid_t loc, const std::string& path, const std::string& file) {
+  return Hid(check_id(H5Gopen2(loc, path.c_str(), H5P_DEFAULT), file, path, "H5Gopen2"));
+}
+
+// Creates an empty, chunked dataset with an unlimited first dimension: 1-D when cols == 0, else [0, cols].
+void create_extendible(hid_t loc, const std::string& path, hid_t file_type, hsize_t cols, hsize_t chunk_rows,
+                       bool nan_fill, const std::string& file) {
+  const int rank = cols == 0 ? 1 : 2;
+  const hsize_t dims[2] = {0, cols};
+  const hsize_t max_dims[2] = {H5S_UNLIMITED, cols};
+  const hsize_t chunk[2] = {chunk_rows, cols};
+  Hid space(check_id(H5Screate_simple(rank, dims, max_dims), file, path, "H5Screate_simple"));
+  Hid dcpl(check_id(H5Pcreate(H5P_DATASET_CREATE), file, path, "H5Pcreate(dataset create)"));
+  check(H5Pset_chunk(dcpl.get(), rank, chunk), file, path, "H5Pset_chunk");
+  if (nan_fill) {
+    // Rows are always written right after being added; NaN (not 0) is what a reader would see otherwise.
+    if (H5Tget_size(file_type) == sizeof(float)) {
+      const float nan = std::numeric_limits<float>::quiet_NaN();
+      check(H5Pset_fill_value(dcpl.get(), H5T_NATIVE_FLOAT, &nan), file, path, "H5Pset_fill_value");
+    } else {
+      const double nan = std::numeric_limits<double>::quiet_NaN();
+      check(H5Pset_fill_value(dcpl.get(), H5T_NATIVE_DOUBLE, &nan), file, path, "H5Pset_fill_value");
+    }
+  }
+  Hid dset(check_id(H5Dcreate2(loc, path.c_str(), file_type, space.get(), H5P_DEFAULT, dcpl.get(), H5P_DEFAULT),
+                    file, path, "H5Dcreate2"));
+}
+
+hsize_t matrix_chunk_rows(size_t cols) {
+  return std::clamp<hsize_t>(kMatrixChunkFloats / std::max<size_t>(cols, 1), 1, kChunkRows);
+}
+
+// Number of rows (first dimension) of an existing dataset.
+hsize_t dataset_rows(hid_t file_id, const std::string& path, const std::string& file) {
+  Hid dset(check_id(H5Dopen2(file_id, path.c_str(), H5P_DEFAULT), file, path, "H5Dopen2"));
+  Hid space(check_id(H5Dget_space(dset.get()), file, path, "H5Dget_space"));
+  hsize_t dims[2] = {0, 0};
+  const int rank = H5Sget_simple_extent_ndims(space.get());
+  if (rank < 1 || rank > 2) fail(file, path, "checking rank (expected 1-D or 2-D)");
+  check(H5Sget_simple_extent_dims(space.get(), dims, nullptr), file, path, "H5Sget_simple_extent_dims");
+  return dims[0];
+}
+
+// Sets the dataset's row count to `base + n` and writes `n` rows from `data` at row `base`.
+// cols == 0 for 1-D datasets. `n` may be 0 (only resizes).
+void write_rows(hid_t file_id, const std::string& path, hid_t mem_type, const void* data, hsize_t base, hsize_t n,
+                hsize_t cols, const std::string& file) {
+  Hid dset(check_id(H5Dopen2(file_id, path.c_str(), H5P_DEFAULT), file, path, "H5Dopen2"));
+  const int rank = cols == 0 ? 1 : 2;
+  const hsize_t new_dims[2] = {base + n, cols};
+  check(H5Dset_extent(dset.get(), new_dims), file, path, "H5Dset_extent");
+  if (n == 0) return;
+  Hid file_space(check_id(H5Dget_space(dset.get()), file, path, "H5Dget_space"));
+  const hsize_t start[2] = {base, 0};
+  const hsize_t count[2] = {n, cols};
+  check(H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, start, nullptr, count, nullptr), file, path,
+        "H5Sselect_hyperslab");
+  Hid mem_space(check_id(H5Screate_simple(rank, count, nullptr), file, path, "H5Screate_simple"));
+  check(H5Dwrite(dset.get(), mem_type, mem_space.get(), file_space.get(), H5P_DEFAULT, data), file, path,
+        "H5Dwrite");
+}
+
+// Truncates every dataset in `paths` to `rows` rows if it has more.
+void truncate_rows(hid_t file_id, const std::vector<std::string>& paths, hsize_t rows, const std::string& file) {
+  for (const auto& path : paths) {
+    Hid dset(check_id(H5Dopen2(file_id, path.c_str(), H5P_DEFAULT), file, path, "H5Dopen2"));
+    Hid space(check_id(H5Dget_space(dset.get()), file, path, "H5Dget_space"));
+    hsize_t dims[2] = {0, 0};
+    check(H5Sget_simple_extent_dims(space.get(), dims, nullptr), file, path, "H5Sget_simple_extent_dims");
+    if (dims[0] > rows) {
+      dims[0] = rows;
+      check(H5Dset_extent(dset.get(), dims), file, path, "H5Dset_extent(truncate)");
+    }
+  }
+}
+
+struct TrainColumn {
+  const char* path;
+  hid_t file_type;
+  bool nan_fill;
+};
+
+// All 1-D columns of /train except /train/step (the commit column, written last).
+std::vector<TrainColumn> train_columns() {
+  return {
+      {"/train/loss", H5T_IEEE_F64LE, true},         {"/train/grad_norm", H5T_IEEE_F64LE, true},
+      {"/train/lr", H5T_IEEE_F64LE, true},           {"/train/tokens", H5T_STD_I64LE, false},
+      {"/train/tokens_per_s", H5T_IEEE_F64LE, true}, {"/train/step_time_s", H5T_IEEE_F64LE, true},
+      {"/train/skipped", H5T_STD_U8LE, false},
+  };
+}
+
+constexpr const char* kTensorGradPath = "/train/tensor/grad_norm";
+constexpr const char* kTensorParamPath = "/train/tensor/param_norm";
+
+void validate_extra_name(const std::string& name) {
+  const std::string suffix = "_step";
+  const bool ends_with_step =
+      name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+  if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos || ends_with_step) {
+    throw std::invalid_argument("metrics: invalid scalar name '" + name +
+                                "' (must be non-empty, contain no '/', not be '.'/'..', not end in '_step')");
+  }
+}
+
+Hid open_file_rw(const std::string& file) {
+  Hid fapl = detail::make_fapl(file);
+  return Hid(check_id(H5Fopen(file.c_str(), H5F_ACC_RDWR, fapl.get()), file, "/", "H5Fopen(read-write)"));
+}
+
+void close_file(Hid& file_id, const std::string& file) {
+  if (!file_id.reset()) fail(file, "/", "H5Fclose");
+}
+
+// HDF5 refuses to open a file whose size is below the end-of-allocation address recorded in its superblock
+// ("truncated file"). During H5Fclose the superblock (at address 0) can be written before metadata that
+// HDF5 allocated at the end of the file, so a kill inside that window would leave such a file. Growing the
+// file (sparsely) by more than the flush can allocate before opening it closes that window: allocations land
+// inside the reserved tail, and H5Fclose trims the file back to its real end once everything is written.
+void reserve_tail(const std::string& file, uint64_t bytes) {
+  const int fd = ::open(file.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0) {
+    throw std::runtime_error("metrics: cannot open " + file + " to reserve space: " + std::strerror(errno));
+  }
+  struct stat st {};
+  int rc = ::fstat(fd, &st);
+  if (rc == 0) rc = ::ftruncate(fd, st.st_size + static_cast<off_t>(bytes));
+  const int saved_errno = errno;
+  ::close(fd);
+  if (rc != 0) {
+    throw std::runtime_error("metrics: cannot reserve " + std::to_string(bytes) + " bytes at the end of " + file +
+                             ": " + std::strerror(saved_errno));
+  }
+}
+
+}  // namespace
+
+MetricsWriter::MetricsWriter(std::string path, OpenMode mode,
+                             std::vector<std::pair<std::string, std::string>> config_attributes,
+                             std::vector<std::string> tensor_names, int64_t flush_every)
+    : path_(std::move(path)), tensor_names_(std::move(tensor_names)), flush_every_(flush_every) {
+  if (flush_every_ < 1) {
+    throw std::invalid_argument("metrics: flush_every must be >= 1 (got " + std::to_string(flush_every_) +
+                                ") for " + path_);
+  }
+  for (const auto& [key, value] : config_attributes) {
+    if (key.empty() || key.find('/') != std::string::npos) {
+      throw std::invalid_argument("metrics: invalid config attribute name '" + key + "' for " + path_);
+    }
+  }
+  detail::QuietHdf5Errors quiet;
+  if (mode == OpenMode::kCreate) {
+    create_file(config_attributes);
+  } else {
+    open_existing(config_attributes);
+  }
+}
+
+MetricsWriter::~MetricsWriter() {
+  try {
+    flush();
+  } catch (const std::exception& e) {
+    spdlog::error("{} ({} buffered rows lost)", e.what(), steps_.size());
+  } catch (...) {
+    spdlog::error("metrics: unknown error while flushing {}", path_);
+  }
+}
+
+void MetricsWriter::create_file(const std::vector<std::pair<std::string, std::string>>& config_attributes) {
+  std::error_code ec;
+  if (std::filesystem::exists(path_, ec)) {
+    throw std::runtime_error("metrics: " + path_ + " already exists (open it with OpenMode::kAppend to continue "
+                             "a run, or choose a new run directory)");
+  }
+  Hid fapl = detail::make_fapl(path_);
+  Hid file_id(check_id(H5Fcreate(path_.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, fapl.get()), path_, "/", "H5Fcreate"));
+  const hid_t f = file_id.get();
+
+  {
+    Hid root = open_group(f, "/", path_);
+#ifdef KEEL_VERSION
+    detail::write_string_attribute(root.get(), "keel_version", KEEL_VERSION, path_, "/");
+#else
+    detail::write_string_attribute(root.get(), "keel_version", "unknown", path_, "/");
+#endif
+    detail::write_string_attribute(root.get(), "created_utc", detail::utc_now_iso8601(), path_, "/");
+    Hid space(check_id(H5Screate(H5S_SCALAR), path_, "/", "H5Screate(scalar)"));
+    Hid attr(check_id(H5Acreate2(root.get(), "format_version", H5T_STD_I32LE, space.get(), H5P_DEFAULT, H5P_DEFAULT),
+                      path_, "/ attribute format_version", "H5Acreate2"));
+    check(H5Awrite(attr.get(), H5T_NATIVE_INT, &kFormatVersion), path_, "/ attribute format_version", "H5Awrite");
+  }
+  {
+    Hid config = create_group(f, "/config", path_);
+    for (const auto& [key, value] : config_attributes) {
+      detail::write_string_attribute(config.get(), key, value, path_, "/config");
+    }
+  }
+  create_group(f, "/train", path_);
+  create_extendible(f, kStepPath, H5T_STD_I64LE, 0, kChunkRows, false, path_);
+  for (const auto& column : train_columns()) {
+    create_extendible(f, column.path, column.file_type, 0, kChunkRows, column.nan_fill, path_);
+  }
+  create_group(f, "/train/extra", path_);
+  if (!tensor_names_.empty()) {
+    create_group(f, "/train/tensor", path_);
+    const hsize_t cols = tensor_names_.size();
+    for (const char* matrix : {kTensorGradPath, kTensorParamPath}) {
+      create_extendible(f, matrix, H5T_IEEE_F32LE, cols, matrix_chunk_rows(cols), true, path_);
+      Hid dset(check_id(H5Dopen2(f, matrix, H5P_DEFAULT), path_, matrix, "H5Dopen2"));
+      detail::write_string_array_attribute(dset.get(), "names", tensor_names_, path_, matrix);
+    }
+  }
+  {
+    Hid event_type = make_event_type(H5T_STD_I64LE, path_);
+    create_extendible(f, "/events", event_type.get(), 0, kEventChunkRows, false, path_);
+  }
+  close_file(file_id, path_);
+}
+
+void MetricsWriter::open_existing(const std::vector<std::pair<std::string, std::string>>& config_attributes) {
+  std::error_code ec;
+  if (!std::filesystem::exists(path_, ec)) {
+    throw std::runtime_error("metrics: " + path_ + " does not exist (OpenMode::kAppend continues an existing "
+                             "metrics file; use OpenMode::kCreate for a new run)");
+  }
+  if (H5Fis_hdf5(path_.c_str()) <= 0) {
+    throw std::runtime_error("metrics: " + path_ + " is not an HDF5 file");
+  }
+  reserve_tail(path_, 4u << 20);
+  Hid file_id = open_file_rw(path_);
+  const hid_t f = file_id.get();
+
+  std::vector<std::string> row_datasets = {kStepPath};
+  for (const auto& column : train_columns()) row_datasets.emplace_back(column.path);
+  for (const auto& dataset : row_datasets) {
+    if (!detail::link_exists(f, dataset, path_)) {
+      throw std::runtime_error("metrics: dataset '" + dataset + "' missing in " + path_ +
+                               " (not a Keel metrics file, or damaged)");
+    }
+  }
+  if (!detail::link_exists(f, "/events", path_)) {
+    throw std::runtime_error("metrics: dataset '/events' missing in " + path_);
+  }
+  if (!detail::link_exists(f, "/train/extra", path_)) create_group(f, "/train/extra", path_);
+  if (!detail::link_exists(f, "/config", path_)) create_group(f, "/config", path_);
+
+  // Per-tensor matrices: the stored column names must be the ones this run uses.
+  const bool has_tensor = detail::link_exists(f, kTensorGradPath, path_);
+  if (has_tensor) {
+    for (const char* matrix : {kTensorGradPath, kTensorParamPath}) {
+      Hid dset(check_id(H5Dopen2(f, matrix, H5P_DEFAULT), path_, matrix, "H5Dopen2"));
+      const auto stored = detail::read_string_attribute(dset.get(), "names", path_, matrix);
+      if (stored != tensor_names_) {
+        throw std::runtime_error("metrics: tensor names of this run (" + std::to_string(tensor_names_.size()) +
+                                 " tensors) differ from the " + std::to_string(stored.size()) +
+                                 " names stored in '" + matrix + "' of " + path_ +
+                                 "; cannot append per-tensor norms to it");
+      }
+      row_datasets.emplace_back(matrix);
+    }
+  } else if (!tensor_names_.empty()) {
+    throw std::runtime_error("metrics: " + path_ + " has no '" + std::string(kTensorGradPath) + "' but this run has " +
+                             std::to_string(tensor_names_.size()) + " tensor names; cannot append per-tensor norms");
+  }
+
+  // A kill in the middle of a flush can leave some columns longer than others: cut all back to the shortest.
+  hsize_t min_rows = std::numeric_limits<hsize_t>::max();
+  hsize_t max_rows = 0;
+  for (const auto& dataset : row_datasets) {
+    const hsize_t rows = dataset_rows(f, dataset, path_);
+    min_rows = std::min(min_rows, rows);
+    max_rows = std::max(max_rows, rows);
+  }
+  if (min_rows != max_rows) {
+    truncate_rows(f, row_datasets, min_rows, path_);
+    events_.push_back({-1, "metrics_repaired",
+                       "step table columns had " + std::to_string(min_rows) + ".." + std::to_string(max_rows) +
+                           " rows after an interrupted flush; truncated to " + std::to_string(min_rows)});
+  }
+  rows_in_file_ = static_cast<int64_t>(min_rows);
+
+  // Config: keep what the file says; add new keys; record changed values as events.
+  {
+    Hid config = open_group(f, "/config", path_);
+    for (const auto& [key, value] : config_attributes) {
+      if (check_tri(H5Aexists(config.get(), key.c_str()), path_, "/config attribute " + key, "H5Aexists") > 0) {
+        const auto old = detail::read_string_attribute(config.get(), key, path_, "/config");
+        const std::string old_value = old.empty() ? "" : old.front();
+        if (old_value != value) {
+          events_.push_back({-1, "config_changed", key + ": '" + old_value + "' -> '" + value + "'"});
+        }
+      } else {
+        detail::write_string_attribute(config.get(), key, value, path_, "/config");
+      }
+    }
+  }
+  close_file(file_id, path_);
+}
+
+void MetricsWriter::append(const StepRow& row) {
+  const size_t n = tensor_names_.size();
+  for (const auto* norms : {&row.tensor_grad_norms, &row.tensor_param_norms}) {
+    if (!norms->empty() && norms->size() != n) {
+      throw std::invalid_argument("metrics: step " + std::to_string(row.step) + " has " +
+                                  std::to_string(norms->size()) + " per-tensor norms but " + path_ + " has " +
+                                  std::to_string(n) + " tensor columns");
+    }
+  }
+  steps_.push_back(row.step);
+  loss_.push_back(row.loss);
+  grad_norm_.push_back(row.grad_norm);
+  lr_.push_back(row.lr);
+  tokens_.push_back(row.tokens);
+  tokens_per_s_.push_back(row.tokens_per_s);
+  step_time_s_.push_back(row.step_time_s);
+  skipped_.push_back(row.skipped ? 1 : 0);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  if (row.tensor_grad_norms.empty()) {
+    tensor_grad_norms_.insert(tensor_grad_norms_.end(), n, nan);
+  } else {
+    tensor_grad_norms_.insert(tensor_grad_norms_.end(), row.tensor_grad_norms.begin(), row.tensor_grad_norms.end());
+  }
+  if (row.tensor_param_norms.empty()) {
+    tensor_param_norms_.insert(tensor_param_norms_.end(), n, nan);
+  } else {
+    tensor_param_norms_.insert(tensor_param_norms_.end(), row.tensor_param_norms.begin(),
+                               row.tensor_param_norms.end());
+  }
+  if (static_cast<int64_t>(steps_.size()) >= flush_every_) flush();
+}
+
+void MetricsWriter::event(int64_t step, const std::string& kind, const std::string& text) {
+  events_.push_back({step, kind, text});
+}
+
+void MetricsWriter::scalar(int64_t step, const std::string& name, double value) {
+  validate_extra_name(name);
+  auto it = std::find_if(extras_.begin(), extras_.end(), [&](const auto& e) { return e.first == name; });
+  if (it == extras_.end()) {
+    extras_.emplace_back(name, std::vector<ExtraPoint>{});
+    it = std::prev(extras_.end());
+  }
+  it->second.push_back({step, value});
+}
+
+void MetricsWriter::clear_train_buffer() {
+  steps_.clear();
+  loss_.clear();
+  grad_norm_.clear();
+  lr_.clear();
+  tokens_.clear();
+  tokens_per_s_.clear();
+  step_time_s_.clear();
+  skipped_.clear();
+  tensor_grad_norms_.clear();
+  tensor_param_norms_.clear();
+}
+
+uint64_t MetricsWriter::flush_size_estimate() const {
+  // Rows themselves, plus one new chunk per dataset that may start one, plus headers/heap slack.
+  const uint64_t n_tensors = tensor_names_.size();
+  uint64_t bytes = 1u << 20;
+  bytes += steps_.size() * (8 * sizeof(double) + 2 * n_tensors * sizeof(float));
+  bytes += 8 * kChunkRows * sizeof(double);
+  bytes += 2 * matrix_chunk_rows(n_tensors) * n_tensors * sizeof(float);
+  for (const auto& e : events_) bytes += 64 + e.kind.size() + e.text.size();
+  bytes += kEventChunkRows * sizeof(EventRecord);
+  for (const auto& [name, points] : extras_) bytes += 4096 + 2 * kChunkRows * sizeof(double) + points.size() * 16;
+  return bytes;
+}
+
+void MetricsWriter::flush() {
+  if (steps_.empty() && events_.empty() && extras_.empty()) return;
+  detail::QuietHdf5Errors quiet;
+  reserve_tail(path_, 2 * flush_size_estimate());
+  Hid file_id = open_file_rw(path_);
+  const hid_t f = file_id.get();
+
+  // Step table: every column is written at base = rows of /train/step; /train/step itself last.
+  if (!steps_.empty()) {
+    const hsize_t base = dataset_rows(f, kStepPath, path_);
+    const hsize_t n = steps_.size();
+    write_rows(f, "/train/loss", H5T_NATIVE_DOUBLE, loss_.data(), base, n, 0, path_);
+    write_rows(f, "/train/grad_norm", H5T_NATIVE_DOUBLE, grad_norm_.data(), base, n, 0, path_);
+    write_rows(f, "/train/lr", H5T_NATIVE_DOUBLE, lr_.data(), base, n, 0, path_);
+    write_rows(f, "/train/tokens", H5T_NATIVE_INT64, tokens_.data(), base, n, 0, path_);
+    write_rows(f, "/train/tokens_per_s", H5T_NATIVE_DOUBLE, tokens_per_s_.data(), base, n, 0, path_);
+    write_rows(f, "/train/step_time_s", H5T_NATIVE_DOUBLE, step_time_s_.data(), base, n, 0, path_);
+    write_rows(f, "/train/skipped", H5T_NATIVE_UINT8, skipped_.data(), base, n, 0, path_);
+    if (!tensor_names_.empty()) {
+      const hsize_t cols = tensor_names_.size();
+      write_rows(f, kTensorGradPath, H5T_NATIVE_FLOAT, tensor_grad_norms_.data(), base, n, cols, path_);
+      write_rows(f, kTensorParamPath, H5T_NATIVE_FLOAT, tensor_param_norms_.data(), base, n, cols, path_);
+    }
+    write_rows(f, kStepPath, H5T_NATIVE_INT64, steps_.data(), base, n, 0, path_);
+    rows_in_file_ = static_cast<int64_t>(base + n);
+    clear_train_buffer();
+  }
+
+  if (!events_.empty()) {
+    const hsize_t base = dataset_rows(f, "/events", path_);
+    std::vector<EventRecord> records;
+    records.reserve(events_.size());
+    for (const auto& e : events_) records.push_back({e.step, e.kind.c_str(), e.text.c_str()});
+    Hid mem_type = make_event_type(H5T_NATIVE_INT64, path_);
+    write_rows(f, "/events", mem_type.get(), records.data(), base, records.size(), 0, path_);
+    events_.clear();
+  }
+
+  while (!extras_.empty()) {
+    const auto& [name, points] = extras_.front();
+    const std::string value_path = "/train/extra/" + name;
+    const std::string step_path = value_path + "_step";
+    if (!detail::link_exists(f, value_path, path_)) {
+      create_extendible(f, value_path, H5T_IEEE_F64LE, 0, kChunkRows, true, path_);
+    }
+    if (!detail::link_exists(f, step_path, path_)) {
+      create_extendible(f, step_path, H5T_STD_I64LE, 0, kChunkRows, false, path_);
+    }
+    const hsize_t base = dataset_rows(f, step_path, path_);
+    std::vector<double> values;
+    std::vector<int64_t> steps;
+    values.reserve(points.size());
+    steps.reserve(points.size());
+    for (const auto& p : points) {
+      values.push_back(p.value);
+      steps.push_back(p.step);
+    }
+    write_rows(f, value_path, H5T_NATIVE_DOUBLE, values.data(), base, values.size(), 0, path_);
+    write_rows(f, step_path, H5T_NATIVE_INT64, steps.data(), base, steps.size(), 0, path_);
+    extras_.erase(extras_.begin());
+  }
+
+  close_file(file_id, path_);
+}
+
+}  // namespace keel::metrics

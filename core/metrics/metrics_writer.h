@@ -1,0 +1,111 @@
+// Why: everything a run does must be readable later without Keel (DESIGN.md, "Files a user can read without
+// Keel"), including after the run is killed. MetricsWriter owns RUN_DIR/metrics.h5: it buffers step rows,
+// events and plugin scalars in memory and, every `flush_every` steps, opens the file, appends the buffered
+// rows and closes it again. Between flushes the file is closed and fully consistent, so a SIGKILL loses at
+// most the rows since the last flush and h5py/h5dump read everything before it. The layout is documented in
+// docs/metrics.md. Plain C++ and the HDF5 C API: no LibTorch, so this header can be included anywhere.
+//
+// Not thread-safe; HDF5 (Debian's serial build) is not thread-safe either, so all HDF5 users in one process
+// must call it from one thread at a time.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace keel::metrics {
+
+// One optimizer step as it goes into /train/*. Per-tensor norms are in the column order of the writer's
+// tensor_names; leave them empty to store NaN for that step (e.g. a step that computed no norms).
+struct StepRow {
+  int64_t step = 0;
+  double loss = 0.0;
+  double grad_norm = 0.0;
+  double lr = 0.0;
+  int64_t tokens = 0;          // cumulative tokens consumed up to and including this step
+  double tokens_per_s = 0.0;
+  double step_time_s = 0.0;
+  bool skipped = false;        // the update was skipped (spike handler's SKIP_UPDATE, non-finite grads, ...)
+  std::vector<float> tensor_grad_norms;
+  std::vector<float> tensor_param_norms;
+};
+
+enum class OpenMode {
+  kCreate,  // create a new file; error if it already exists
+  kAppend,  // open an existing file (a resumed run) and continue its tables; error if it does not exist
+};
+
+class MetricsWriter {
+ public:
+  // path: the metrics file, normally RUN_DIR/metrics.h5 (the directory must exist).
+  // config_attributes: one string attribute per key on group /config. In kAppend mode existing keys are
+  //   kept; a new key is added, and a key whose value differs is recorded as a "config_changed" event.
+  // tensor_names: columns of /train/tensor/{grad_norm,param_norm}; empty = no per-tensor matrices. In
+  //   kAppend mode they must equal the names stored in the file.
+  // flush_every: append() flushes after this many buffered rows (>= 1).
+  // Throws std::runtime_error naming the file (and object) on any HDF5 or validation failure.
+  MetricsWriter(std::string path, OpenMode mode,
+                std::vector<std::pair<std::string, std::string>> config_attributes,
+                std::vector<std::string> tensor_names, int64_t flush_every);
+  ~MetricsWriter();  // flushes; never throws (a failure is reported on stderr)
+
+  MetricsWriter(const MetricsWriter&) = delete;
+  MetricsWriter& operator=(const MetricsWriter&) = delete;
+
+  // Buffers one step row; flushes when flush_every rows are buffered. Throws std::invalid_argument if the
+  // per-tensor vectors have the wrong length.
+  void append(const StepRow& row);
+  // Buffers one /events row (kind: short tag such as "spike", "skip", "checkpoint"; text: free form).
+  void event(int64_t step, const std::string& kind, const std::string& text);
+  // Buffers one value of the plugin/extra series /train/extra/<name> (with /train/extra/<name>_step).
+  // name: non-empty, no '/', not ending in "_step", not "." or "..".
+  void scalar(int64_t step, const std::string& name, double value);
+  // Writes everything buffered and closes the file. No-op if nothing is buffered. Safe to retry after a
+  // failure: rows are written at fixed offsets and dropped from the buffer only once written.
+  void flush();
+
+  const std::string& path() const { return path_; }
+  const std::vector<std::string>& tensor_names() const { return tensor_names_; }
+  // Rows of /train/* in the file plus those still buffered.
+  int64_t rows() const { return rows_in_file_ + static_cast<int64_t>(steps_.size()); }
+  int64_t buffered_rows() const { return static_cast<int64_t>(steps_.size()); }
+
+ private:
+  struct ExtraPoint {
+    int64_t step;
+    double value;
+  };
+  struct Event {
+    int64_t step;
+    std::string kind;
+    std::string text;
+  };
+
+  void create_file(const std::vector<std::pair<std::string, std::string>>& config_attributes);
+  void open_existing(const std::vector<std::pair<std::string, std::string>>& config_attributes);
+  void clear_train_buffer();
+  uint64_t flush_size_estimate() const;  // upper bound of the bytes one flush may allocate in the file
+
+  std::string path_;
+  std::vector<std::string> tensor_names_;
+  int64_t flush_every_;
+  int64_t rows_in_file_ = 0;
+
+  // Column buffers of /train/* (one entry per buffered step).
+  std::vector<int64_t> steps_;
+  std::vector<double> loss_;
+  std::vector<double> grad_norm_;
+  std::vector<double> lr_;
+  std::vector<int64_t> tokens_;
+  std::vector<double> tokens_per_s_;
+  std::vector<double> step_time_s_;
+  std::vector<uint8_t> skipped_;
+  std::vector<float> tensor_grad_norms_;   // [buffered steps, n_tensors], row-major
+  std::vector<float> tensor_param_norms_;  // [buffered steps, n_tensors], row-major
+
+  std::vector<Event> events_;
+  std::vector<std::pair<std::string, std::vector<ExtraPoint>>> extras_;  // insertion order kept
+};
+
+}  // namespace keel::metrics

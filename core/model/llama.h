@@ -1,0 +1,97 @@
+// Why: the LLaMA-family decoder (RMSNorm/LayerNorm, RoPE with optional partial rotary, GQA, SwiGLU, optional
+// QK-norm, tied or untied embeddings, z-loss). It knows nothing of process groups beyond the TP handle its
+// layers are given, and nothing of the training loop. Shapes: B batch, T time, C d_model, H heads,
+// K kv heads, D head dim, F ffn hidden, V vocab.
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/pimpl.h>
+
+#include "core/config/config.h"
+#include "core/model/tp_layers.h"
+
+namespace keel::model {
+
+// Normalisation with fp32 statistics; weight (and bias for LayerNorm) fp32; output in the input dtype.
+class NormImpl : public torch::nn::Module {
+ public:
+  NormImpl(int64_t dim, const std::string& kind, double eps);
+  torch::Tensor forward(const torch::Tensor& x) const;  // [..., dim] -> [..., dim]
+  torch::Tensor weight;  // [dim]
+  torch::Tensor bias;    // [dim] (layernorm only)
+ private:
+  bool rms_;
+  double eps_;
+};
+TORCH_MODULE(Norm);
+
+// RoPE tables computed in fp32 (inverse frequencies and angles), applied to the first `rotary_dims` of each head.
+struct RotaryTables {
+  int64_t rotary_dims = 0;  // even, <= D
+  torch::Tensor cos;        // [T, rotary_dims/2] fp32
+  torch::Tensor sin;        // [T, rotary_dims/2] fp32
+};
+RotaryTables make_rotary_tables(int64_t head_dim, double rotary_fraction, double theta, int64_t max_len);
+// x: [B, T, heads, D] -> same shape and dtype; rotation done in fp32 (rotate-half convention, as HF LLaMA/NeoX).
+torch::Tensor apply_rotary(const torch::Tensor& x, const RotaryTables& tables);
+
+class AttentionImpl : public torch::nn::Module {
+ public:
+  AttentionImpl(const ModelConfig& config, const parallel::TensorParallel& tp);
+  torch::Tensor forward(const torch::Tensor& x, const RotaryTables& rope) const;  // [B, T, C] -> [B, T, C]
+ private:
+  int64_t local_heads_, local_kv_heads_, head_dim_;
+  ColumnParallelLinear wq_{nullptr}, wk_{nullptr}, wv_{nullptr};
+  RowParallelLinear wo_{nullptr};
+  Norm q_norm_{nullptr}, k_norm_{nullptr};
+};
+TORCH_MODULE(Attention);
+
+class SwiGluMlpImpl : public torch::nn::Module {
+ public:
+  SwiGluMlpImpl(const ModelConfig& config, const parallel::TensorParallel& tp);
+  torch::Tensor forward(const torch::Tensor& x) const;  // [B, T, C] -> [B, T, C]
+ private:
+  ColumnParallelLinear w_gate_{nullptr}, w_up_{nullptr};
+  RowParallelLinear w_down_{nullptr};
+};
+TORCH_MODULE(SwiGluMlp);
+
+class BlockImpl : public torch::nn::Module {
+ public:
+  BlockImpl(const ModelConfig& config, const parallel::TensorParallel& tp);
+  torch::Tensor forward(const torch::Tensor& x, const RotaryTables& rope) const;  // [B, T, C] -> [B, T, C]
+ private:
+  Norm attn_norm_{nullptr}, mlp_norm_{nullptr};
+  Attention attn_{nullptr};
+  SwiGluMlp mlp_{nullptr};
+};
+TORCH_MODULE(Block);
+
+class LlamaImpl : public torch::nn::Module {
+ public:
+  LlamaImpl(const ModelConfig& config, const parallel::TensorParallel& tp = {});
+  // Deterministic init from `seed`: normal(0, init_std); output projections (wo, w_down) scaled by 1/sqrt(2L);
+  // norm weights 1, biases 0.
+  void init_weights(uint64_t seed);
+  // tokens: [B, T] int64 -> logits [B, T, V/tp] in `compute_dtype`
+  torch::Tensor forward(const torch::Tensor& tokens, torch::ScalarType compute_dtype) const;
+  // window: [B, T+1] int64 (inputs = [:, :T], targets = [:, 1:]) -> fp32 losses
+  CrossEntropyParts loss(const torch::Tensor& window, torch::ScalarType compute_dtype) const;
+  const ModelConfig& config() const { return config_; }
+  int64_t num_parameters() const;
+  int64_t num_non_embedding_parameters() const;
+
+ private:
+  ModelConfig config_;
+  parallel::TensorParallel tp_;
+  RotaryTables rope_;
+  VocabParallelEmbedding embed_{nullptr};
+  torch::nn::ModuleList blocks_{nullptr};
+  Norm final_norm_{nullptr};
+  ColumnParallelLinear head_{nullptr};  // absent when embeddings are tied
+};
+TORCH_MODULE(Llama);
+
+}  // namespace keel::model

@@ -1,0 +1,196 @@
+// Why: see trainer.h. Read top to bottom: setup, then the loop, then one step stage by stage.
+#include "core/train/trainer.h"
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cmath>
+
+#include <spdlog/spdlog.h>
+#include <torch/torch.h>
+
+#include "core/data/loader.h"
+#include "core/metrics/metrics_writer.h"
+#include "core/metrics/progress.h"
+#include "core/model/llama.h"
+#include "core/optim/adamw.h"
+
+namespace keel::train {
+namespace {
+
+std::atomic<bool> g_stop_requested{false};
+
+extern "C" void on_stop_signal(int) { g_stop_requested.store(true); }
+
+std::vector<float> to_float_vector(const torch::Tensor& t) {
+  torch::Tensor cpu = t.to(torch::kCPU, torch::kFloat).contiguous();
+  return std::vector<float>(cpu.data_ptr<float>(), cpu.data_ptr<float>() + cpu.numel());
+}
+
+}  // namespace
+
+void install_stop_signal_handlers() {
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
+}
+
+bool stop_requested() { return g_stop_requested.load(); }
+
+struct Trainer::State {
+  Config config;
+  RunPaths paths;
+  torch::Device device{torch::kCPU};
+  torch::ScalarType compute_dtype = torch::kFloat;
+  model::Llama model{nullptr};
+  std::vector<optim::NamedParameter> params;
+  std::unique_ptr<optim::AdamW> optimizer;
+  std::unique_ptr<data::DataLoader> loader;
+  std::unique_ptr<metrics::MetricsWriter> metrics;
+  int64_t tokens_seen = 0;
+};
+
+Trainer::Trainer(Config config, RunPaths paths) : state_(std::make_unique<State>()) {
+  State& s = *state_;
+  s.config = std::move(config);
+  s.paths = std::move(paths);
+  const Config& c = s.config;
+  if (c.train.threads > 0) torch::set_num_threads(static_cast<int>(c.train.threads));
+  if (c.train.device == "cuda") {
+    TORCH_CHECK(torch::cuda::is_available(), "train.device = cuda but no CUDA device is available to this build");
+    s.device = torch::Device(torch::kCUDA, 0);
+  }
+  s.compute_dtype = c.train.precision == "bf16-mixed" ? torch::kBFloat16 : torch::kFloat;
+
+  // Data first: an unprepared corpus is the most common first-run error and needs no model to report.
+  s.loader = std::make_unique<data::DataLoader>(c, c.global_batch());
+
+  s.model = model::Llama(c.model);
+  s.model->init_weights(c.train.seed);
+  s.model->to(s.device);
+  for (const auto& item : s.model->named_parameters()) {
+    const bool decay = item.value().dim() >= 2;  // matrices decay; norm weights and biases do not
+    s.params.push_back({item.key(), item.value(), decay});
+  }
+  s.optimizer = std::make_unique<optim::AdamW>(
+      s.params, optim::AdamWOptions{c.optim.beta1, c.optim.beta2, c.optim.eps, c.optim.weight_decay});
+
+  std::vector<std::string> tensor_names;
+  for (const auto& p : s.params) tensor_names.push_back(p.name);
+  s.metrics = std::make_unique<metrics::MetricsWriter>(s.paths.metrics_h5(), metrics::OpenMode::kCreate, flatten(c),
+                                                       c.metrics.per_tensor ? tensor_names : std::vector<std::string>{},
+                                                       c.metrics.flush_every);
+  spdlog::info("model: {} layers, d_model {}, {} heads ({} kv), vocab {}, seq_len {}: {:.2f}M parameters ({:.2f}M non-embedding)",
+               c.model.layers, c.model.d_model, c.model.heads, c.model.kv_heads, c.model.vocab, c.model.seq_len,
+               s.model->num_parameters() / 1e6, s.model->num_non_embedding_parameters() / 1e6);
+  spdlog::info("batch: {} x {} micro-batches = {} sequences = {} tokens per step; precision {}; device {}",
+               c.train.micro_batch, c.train.grad_accum, c.global_batch(), c.tokens_per_step(), c.train.precision,
+               c.train.device);
+}
+
+Trainer::~Trainer() = default;
+
+TrainSummary Trainer::train() {
+  State& s = *state_;
+  const Config& c = s.config;
+  TrainSummary summary;
+  summary.metrics_path = s.paths.metrics_h5();
+  summary.checkpoints_path = s.paths.checkpoints();
+  s.metrics->event(s.loader->step(), "run_start", "steps " + std::to_string(c.train.steps));
+  metrics::ThroughputMeter meter;
+
+  for (int64_t step = s.loader->step(); step < c.train.steps; ++step) {
+    if (stop_requested()) {
+      summary.stopped_by_signal = true;
+      s.metrics->event(step, "stop", "stop signal received; stopping at the step boundary");
+      spdlog::warn("stop signal received: stopping before step {}", step);
+      break;
+    }
+    StepContext ctx = train_step(step);
+    if (summary.steps_run == 0) summary.first_loss = ctx.loss;
+    ++summary.steps_run;
+    summary.last_step = step;
+    summary.last_loss = ctx.loss;
+    meter.update(ctx.tokens, ctx.step_time_s);
+    if ((step + 1) % c.train.log_every == 0 || step + 1 == c.train.steps)
+      spdlog::info(metrics::format_progress({step + 1, c.train.steps, ctx.loss, ctx.grad_norm, ctx.lr,
+                                             meter.tokens_per_s(), meter.eta_s(c.train.steps - step - 1)}));
+  }
+  s.metrics->event(summary.last_step, "run_end", "steps run " + std::to_string(summary.steps_run));
+  s.metrics->flush();
+  return summary;
+}
+
+StepContext Trainer::train_step(int64_t step) {
+  State& s = *state_;
+  const Config& c = s.config;
+  const auto start = std::chrono::steady_clock::now();
+  StepContext ctx;
+  ctx.step = step;
+  ctx.tokens_before = s.tokens_seen;
+  const int64_t decay_steps = c.optim.decay_steps > 0 ? c.optim.decay_steps : c.train.steps;
+  ctx.lr = optim::warmup_cosine_lr(step, c.optim.lr, c.optim.min_lr, c.optim.warmup_steps, decay_steps);
+
+  // 1. batch: the data plan of this step is a pure function of (seed, data config, step).
+  data::BatchPlan plan = s.loader->plan_next();
+  TORCH_CHECK(plan.step == step, "data plan is at step ", plan.step, " but the trainer is at step ", step);
+  for (const auto& sample : plan.samples) ctx.sources.push_back(s.loader->source_names().at(sample.source));
+  torch::Tensor window = s.loader->tokens(plan, 0, c.global_batch()).to(s.device);  // [B, T+1] int64
+  ctx.tokens = window.size(0) * (window.size(1) - 1);
+
+  // 2. loss: forward + backward over micro-batches, fp32 gradients accumulated in the master weights.
+  for (auto& p : s.params) p.param.mutable_grad() = torch::Tensor();
+  torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat).device(s.device));
+  torch::Tensor z_loss_sum = torch::zeros_like(loss_sum);
+  for (int64_t micro = 0; micro < c.train.grad_accum; ++micro) {
+    torch::Tensor micro_window = window.narrow(0, micro * c.train.micro_batch, c.train.micro_batch);  // [b, T+1]
+    model::CrossEntropyParts parts = s.model->loss(micro_window, s.compute_dtype);
+    (parts.loss / static_cast<double>(c.train.grad_accum)).backward();
+    loss_sum += parts.nll.detach();
+    z_loss_sum += parts.z_loss.detach();
+  }
+
+  // 3. grads: per-tensor norms and the global norm, fetched to the host once per step.
+  torch::Tensor tensor_grad_norms = optim::per_tensor_grad_norms(s.params);  // [n]
+  torch::Tensor scalars = torch::stack({loss_sum / static_cast<double>(c.train.grad_accum),
+                                        z_loss_sum / static_cast<double>(c.train.grad_accum),
+                                        optim::global_norm(tensor_grad_norms).to(torch::kFloat)})
+                              .to(torch::kCPU, torch::kDouble);
+  ctx.loss = scalars[0].item<double>();
+  ctx.z_loss = scalars[1].item<double>();
+  ctx.grad_norm = scalars[2].item<double>();
+  if (c.metrics.per_tensor) ctx.tensor_grad_norms = to_float_vector(tensor_grad_norms);
+
+  // 4. grad transforms: global-norm clipping.
+  ctx.clip_factor = optim::clip_grads_by_global_norm(s.params, ctx.grad_norm, c.optim.grad_clip);
+
+  // 5. step decision: a non-finite loss or gradient never reaches the weights.
+  if (!std::isfinite(ctx.loss) || !std::isfinite(ctx.grad_norm)) {
+    ctx.decision = StepDecision::kSkipUpdate;
+    ctx.decision_reason = "non-finite loss " + std::to_string(ctx.loss) + " or grad norm " + std::to_string(ctx.grad_norm);
+    s.metrics->event(step, "skip", ctx.decision_reason);
+    spdlog::warn("step {}: skipped update: {}", step, ctx.decision_reason);
+  }
+
+  // 6. optimizer step.
+  if (ctx.decision == StepDecision::kContinue) s.optimizer->step(ctx.lr);
+
+  // 7. step end: metrics row.
+  if (c.metrics.per_tensor) ctx.tensor_param_norms = to_float_vector(optim::per_tensor_param_norms(s.params));
+  s.tokens_seen += ctx.tokens;
+  ctx.step_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  metrics::StepRow row;
+  row.step = step;
+  row.loss = ctx.loss;
+  row.grad_norm = ctx.grad_norm;
+  row.lr = ctx.lr;
+  row.tokens = s.tokens_seen;
+  row.tokens_per_s = ctx.tokens / std::max(ctx.step_time_s, 1e-9);
+  row.step_time_s = ctx.step_time_s;
+  row.skipped = ctx.decision != StepDecision::kContinue;
+  row.tensor_grad_norms = ctx.tensor_grad_norms;
+  row.tensor_param_norms = ctx.tensor_param_norms;
+  s.metrics->append(row);
+  return ctx;
+}
+
+}  // namespace keel::train

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Why: one idempotent set-up step shared by the README's two commands: installs, from Debian's archive, every
+# package Keel builds and runs with, and only those that are missing.
+set -euo pipefail
+
+packages=(
+  build-essential cmake ninja-build pkg-config
+  libtorch-dev libgloo-dev libopenblas0-pthread   # LibTorch 1.13 CPU + c10d Gloo; OpenBLAS (~30x faster fp32 matmul)
+  libhdf5-dev hdf5-tools                          # metrics and checkpoints; h5dump to read them without Keel
+  libspdlog-dev libfmt-dev
+  libboost-dev libboost-program-options-dev libboost-filesystem-dev
+  libgtest-dev libgmock-dev
+  libsentencepiece-dev nlohmann-json3-dev
+  fortunes fortunes-min python3                   # the bundled corpus: English prose + Python stdlib sources
+  python3-torch                                   # bench/: the PyTorch reference run side by side
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "setup: all ${#packages[@]} packages present"
+  exit 0
+fi
+echo "setup: installing ${missing[*]}"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
