@@ -9,7 +9,6 @@
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
-#include "core/data/loader.h"
 #include "core/metrics/metrics_writer.h"
 #include "core/metrics/progress.h"
 #include "core/model/llama.h"
@@ -49,7 +48,8 @@ struct Trainer::State {
   int64_t tokens_seen = 0;
 };
 
-Trainer::Trainer(Config config, RunPaths paths) : state_(std::make_unique<State>()) {
+Trainer::Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader> loader)
+    : state_(std::make_unique<State>()) {
   State& s = *state_;
   s.config = std::move(config);
   s.paths = std::move(paths);
@@ -61,8 +61,8 @@ Trainer::Trainer(Config config, RunPaths paths) : state_(std::make_unique<State>
   }
   s.compute_dtype = c.train.precision == "bf16-mixed" ? torch::kBFloat16 : torch::kFloat;
 
-  // Data first: an unprepared corpus is the most common first-run error and needs no model to report.
-  s.loader = std::make_unique<data::DataLoader>(c, c.global_batch());
+  s.loader = std::move(loader);
+  TORCH_CHECK(s.loader && s.loader->global_batch() == c.global_batch(), "trainer needs a data loader for the global batch");
 
   s.model = model::Llama(c.model);
   s.model->init_weights(c.train.seed);
@@ -110,7 +110,7 @@ TrainSummary Trainer::train() {
     ++summary.steps_run;
     summary.last_step = step;
     summary.last_loss = ctx.loss;
-    meter.update(ctx.tokens, ctx.step_time_s);
+    meter.update(ctx.step_time_s, static_cast<double>(ctx.tokens));
     if ((step + 1) % c.train.log_every == 0 || step + 1 == c.train.steps)
       spdlog::info(metrics::format_progress({step + 1, c.train.steps, ctx.loss, ctx.grad_norm, ctx.lr,
                                              meter.tokens_per_s(), meter.eta_s(c.train.steps - step - 1)}));

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "core/config/config.h"
+#include "core/data/loader.h"
 #include "core/train/run_dir.h"
 #include "core/train/step_context.h"
 
@@ -24,7 +25,9 @@ struct TrainSummary {
 
 class Trainer {
  public:
-  Trainer(Config config, RunPaths paths);
+  // `loader` is opened by the caller before the run dir is claimed, so that unprepared data is reported
+  // without leaving a half-made run dir behind.
+  Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader> loader);
   ~Trainer();
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;

@@ -28,6 +28,8 @@ int cmd_train(const Args& args) {
     return 0;
   }
   Config config = load_cli_config(config_path, overrides);  // all config errors before touching the run dir
+  // Data next: an unprepared corpus is the most common first-run error; report it before claiming the run dir.
+  auto loader = std::make_unique<data::DataLoader>(config, config.global_batch());
   train::RunPaths paths = train::create_run_dir(run_dir, vm.count("force") > 0);
   setup_logging(paths.log_file());
   {
@@ -36,7 +38,7 @@ int cmd_train(const Args& args) {
   }
   spdlog::info("keel {} train: config {} -> run dir {}", KEEL_VERSION, config_path, run_dir);
   train::install_stop_signal_handlers();
-  train::Trainer trainer(config, paths);
+  train::Trainer trainer(config, paths, std::move(loader));
   const train::TrainSummary summary = trainer.train();
   spdlog::info("done: {} steps, loss {:.4f} -> {:.4f}{}", summary.steps_run, summary.first_loss, summary.last_loss,
                summary.stopped_by_signal ? " (stopped by signal)" : "");

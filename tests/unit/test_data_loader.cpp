@@ -1,0 +1,409 @@
+// Why: the data order is a promise — the same (seed, data config, step) gives the same batch in any process,
+// seek(N) lands exactly where N sequential steps land, a ledger resumes exactly, mixtures are honoured, a
+// mixture change mid-run neither repeats nor drops a sample, skip lists are honoured, and every epoch gets a
+// fresh permutation. These tests use small synthetic shards, not the bundled corpus.
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <set>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "core/data/loader.h"
+#include "core/data/shard.h"
+
+namespace fs = std::filesystem;
+using keel::data::BatchPlan;
+using keel::data::DataError;
+using keel::data::DataLoader;
+using keel::data::SampleRef;
+using nlohmann::json;
+
+namespace {
+
+std::string test_dir() {
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  const fs::path dir = fs::temp_directory_path() /
+                       ("keel-" + std::string(info->test_suite_name()) + "-" + info->name() + "-" +
+                        std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir.string();
+}
+
+std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const DataError& e) {
+    return e.what();
+  }
+  return "(no DataError)";
+}
+
+constexpr int64_t kVocab = 1024;
+constexpr int32_t kEos = 1;
+
+// Token at position i of source s's stream: lets tests check that tokens() reads the right window.
+int32_t token_at(int source, int64_t i) { return static_cast<int32_t>((i + 500 * source) % 1000); }
+
+// Writes DIR/prepared.json and shards for sources {name, tokens per shard}; returns a config pointing at it.
+keel::Config make_data(const std::vector<std::pair<std::string, std::vector<int64_t>>>& sources,
+                       int64_t seq_len = 4) {
+  const std::string dir = test_dir();
+  json manifest = {{"format", "keel-prepared-data"}, {"format_version", 1}, {"fingerprint", "synthetic"},
+                   {"vocab", kVocab}, {"eos_id", kEos}, {"sources", json::array()}};
+  keel::Config config;
+  config.data.dir = dir;
+  config.model.vocab = kVocab;
+  config.model.seq_len = seq_len;
+  config.data.seed = 42;
+  config.data.chunks = 10;
+  for (size_t s = 0; s < sources.size(); ++s) {
+    const auto& [name, shard_tokens] = sources[s];
+    fs::create_directories(dir + "/" + name);
+    json shards = json::array();
+    int64_t pos = 0;
+    for (size_t k = 0; k < shard_tokens.size(); ++k) {
+      std::vector<int32_t> tokens;
+      for (int64_t i = 0; i < shard_tokens[k]; ++i) tokens.push_back(token_at(static_cast<int>(s), pos++));
+      const std::string file = name + "/shard-0000" + std::to_string(k) + ".bin";
+      const int64_t bytes = keel::data::write_shard(dir + "/" + file, tokens, kVocab, kEos);
+      shards.push_back({{"file", file}, {"tokens", shard_tokens[k]}, {"bytes", bytes}});
+    }
+    manifest["sources"].push_back({{"name", name}, {"tokens", pos}, {"shards", shards}});
+    keel::SourceConfig sc;
+    sc.name = name;
+    config.data.sources.push_back(sc);
+  }
+  std::ofstream(dir + "/prepared.json") << manifest.dump(2);
+  return config;
+}
+
+// prose: 20001 tokens in two shards → 5000 samples of seq_len 4; code: 10001 tokens → 2500 samples.
+keel::Config two_sources() { return make_data({{"prose", {12000, 8001}}, {"code", {10001}}}); }
+
+bool same(const BatchPlan& a, const BatchPlan& b) {
+  if (a.step != b.step || a.first_sample != b.first_sample || a.samples.size() != b.samples.size()) return false;
+  for (size_t i = 0; i < a.samples.size(); ++i) {
+    const SampleRef &x = a.samples[i], &y = b.samples[i];
+    if (x.source != y.source || x.sample_id != y.sample_id || x.epoch != y.epoch || x.chunk != y.chunk) return false;
+  }
+  return true;
+}
+
+// Every sample a loader returns over `steps` steps, per source, in order.
+std::map<int32_t, std::vector<SampleRef>> drain(DataLoader& loader, int64_t steps) {
+  std::map<int32_t, std::vector<SampleRef>> out;
+  for (int64_t s = 0; s < steps; ++s) {
+    for (const auto& r : loader.plan_next().samples) out[r.source].push_back(r);
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST(DataLoader, RefusesUnpreparedDataWithAHint) {
+  keel::Config config;
+  config.data.dir = test_dir() + "/nothing-here";
+  config.source_file = "experiments/tiny.ini";
+  const std::string message = error_of([&] { DataLoader loader(config, 4); });
+  EXPECT_EQ(message, "data not prepared in " + config.data.dir +
+                         ": run `keel data prepare --config experiments/tiny.ini`");
+}
+
+TEST(DataLoader, RefusesVocabMismatchAndOtherSources) {
+  keel::Config config = two_sources();
+  config.model.vocab = 2048;
+  EXPECT_NE(error_of([&] { DataLoader loader(config, 4); }).find("prepared for vocab 1024 but model.vocab = 2048"),
+            std::string::npos);
+  config.model.vocab = kVocab;
+  config.data.sources[1].name = "wiki";
+  EXPECT_NE(error_of([&] { DataLoader loader(config, 4); }).find("prepared for sources [prose, code]"),
+            std::string::npos);
+}
+
+TEST(DataLoader, RefusesACorruptShardNamingIt) {
+  keel::Config config = two_sources();
+  fs::resize_file(config.data.dir + "/code/shard-00000.bin", 100);
+  const std::string message = error_of([&] { DataLoader loader(config, 4); });
+  EXPECT_NE(message.find("code/shard-00000.bin: offset 100: truncated"), std::string::npos) << message;
+}
+
+TEST(DataLoader, TokensAreTheSampleWindows) {
+  keel::Config config = two_sources();
+  DataLoader loader(config, 64);
+  EXPECT_EQ(loader.samples_per_epoch(0), 5000);
+  EXPECT_EQ(loader.samples_per_epoch(1), 2500);
+  const BatchPlan plan = loader.plan_next();
+  const torch::Tensor t = loader.tokens(plan, 8, 40);  // [40, T+1]
+  ASSERT_EQ(t.sizes(), (std::vector<int64_t>{40, 5}));
+  ASSERT_EQ(t.scalar_type(), torch::kInt64);
+  for (int64_t i = 0; i < 40; ++i) {
+    const SampleRef& r = plan.samples[8 + i];
+    for (int64_t k = 0; k < 5; ++k) EXPECT_EQ(t[i][k].item<int64_t>(), token_at(r.source, r.sample_id * 4 + k));
+  }
+  // A window straddling the two prose shards (token 12000 starts shard 1): sample 2999 = tokens [11996, 12001).
+  const auto w = loader.sample_tokens(0, 2999);
+  for (int64_t k = 0; k < 5; ++k) EXPECT_EQ(w[k], token_at(0, 11996 + k));
+}
+
+TEST(DataLoader, TwoLoadersGiveIdenticalPlans) {
+  keel::Config config = two_sources();
+  config.data.mixture = "prose=0.6,code=0.4";
+  DataLoader a(config, 16), b(config, 16);
+  for (int i = 0; i < 300; ++i) ASSERT_TRUE(same(a.plan_next(), b.plan_next())) << "step " << i;
+}
+
+TEST(DataLoader, GoldenOrderIsStable) {
+  // Pinned values: if these change, every prepared run's data order changed. Do not update them casually.
+  const auto perm = keel::data::epoch_permutation(42, "prose", 0, 10);
+  EXPECT_EQ(perm, (std::vector<int64_t>{6, 2, 1, 0, 5, 3, 9, 7, 4, 8}));
+  EXPECT_DOUBLE_EQ(keel::data::source_pick_uniform(42, 0), 0.011607946071142128);
+  EXPECT_DOUBLE_EQ(keel::data::source_pick_uniform(42, 12345), 0.85101816198531255);
+}
+
+TEST(DataLoader, SeekEqualsSequentialAdvance) {
+  keel::Config config = two_sources();
+  config.data.schedule = "0:prose=0.8,code=0.2;37:prose=0.2,code=0.8";
+  config.data.skip = "prose:chunk:2;code:samples:10-50";
+  DataLoader sequential(config, 32);
+  std::vector<BatchPlan> plans;
+  for (int i = 0; i < 200; ++i) plans.push_back(sequential.plan_next());  // wraps code's epoch
+  DataLoader seeker(config, 32);
+  for (int64_t n : {0, 1, 36, 37, 38, 150, 199, 5, 0}) {
+    seeker.seek(n);
+    EXPECT_EQ(seeker.step(), n);
+    ASSERT_TRUE(same(seeker.plan_next(), plans[n])) << "step " << n;
+  }
+}
+
+TEST(DataLoader, LedgerResumesExactly) {
+  keel::Config config = two_sources();
+  config.data.skip = "code:chunk:1";
+  DataLoader a(config, 24);
+  for (int i = 0; i < 77; ++i) a.plan_next();
+  a.set_mixture(90, "prose=0.1,code=0.9");
+  a.add_skip(100, "prose:samples:0-999");
+  const json ledger = json::parse(a.state().dump());  // through text, as in a checkpoint
+  EXPECT_EQ(ledger["step"], 77);
+  EXPECT_EQ(ledger["mixture_history"].size(), 2u);
+  EXPECT_EQ(ledger["skip"].size(), 2u);
+
+  DataLoader b(config, 24);
+  b.load_state(ledger);
+  EXPECT_EQ(b.step(), 77);
+  for (int i = 0; i < 100; ++i) ASSERT_TRUE(same(a.plan_next(), b.plan_next())) << "step " << 77 + i;
+  // The history makes seek exact too.
+  DataLoader c(config, 24);
+  c.load_state(ledger);
+  c.seek(150);
+  DataLoader d(config, 24);
+  d.load_state(ledger);
+  for (int i = 77; i < 150; ++i) d.plan_next();
+  ASSERT_TRUE(same(c.plan_next(), d.plan_next()));
+}
+
+TEST(DataLoader, LedgerRefusesOtherDataOrSettings) {
+  keel::Config config = two_sources();
+  DataLoader a(config, 8);
+  a.plan_next();
+  json ledger = a.state();
+  keel::Config other = config;
+  other.data.seed = 7;
+  EXPECT_NE(error_of([&] { DataLoader(other, 8).load_state(ledger); }).find("seed 42 != data.seed 7"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { DataLoader(config, 16).load_state(ledger); }).find("global_batch"), std::string::npos);
+  ledger["fingerprint"]["sources"][0]["tokens"] = 1;
+  EXPECT_NE(error_of([&] { DataLoader(config, 8).load_state(ledger); }).find("other prepared data"),
+            std::string::npos);
+}
+
+TEST(DataLoader, MixtureWeightsAreRespected) {
+  keel::Config config = two_sources();
+  config.data.mixture = "prose=0.7,code=0.3";
+  DataLoader loader(config, 100);
+  int64_t prose = 0, total = 0;
+  for (int s = 0; s < 200; ++s) {
+    for (const auto& r : loader.plan_next().samples) {
+      prose += r.source == 0;
+      ++total;
+    }
+  }
+  const double p = 0.7, sigma = std::sqrt(p * (1 - p) / total);
+  EXPECT_NEAR(static_cast<double>(prose) / total, p, 4 * sigma);
+}
+
+TEST(DataLoader, DefaultMixtureIsProportionalToTokens) {
+  keel::Config config = two_sources();  // 20001 vs 10001 tokens
+  DataLoader loader(config, 100);
+  const auto w = loader.weights_at(0);
+  EXPECT_NEAR(w[0], 20001.0 / 30002.0, 1e-12);
+  int64_t prose = 0, total = 0;
+  for (int s = 0; s < 200; ++s) {
+    for (const auto& r : loader.plan_next().samples) {
+      prose += r.source == 0;
+      ++total;
+    }
+  }
+  const double sigma = std::sqrt(w[0] * w[1] / total);
+  EXPECT_NEAR(static_cast<double>(prose) / total, w[0], 4 * sigma);
+}
+
+TEST(DataLoader, ScheduleSwitchNeitherRepeatsNorDrops) {
+  keel::Config config = two_sources();
+  config.data.schedule = "0:prose=0.9,code=0.1;50:prose=0.1,code=0.9";
+  DataLoader loader(config, 32);
+  std::map<int32_t, std::vector<SampleRef>> got;
+  for (int s = 0; s < 100; ++s) {
+    if (s == 70) loader.set_mixture(70, "prose=0.5,code=0.5");  // and a change made mid-run
+    const BatchPlan plan = loader.plan_next();
+    int code = 0;
+    for (const auto& r : plan.samples) {
+      got[r.source].push_back(r);
+      code += r.source == 1;
+    }
+    if (s < 50) EXPECT_LT(code, 12) << "step " << s;   // ~10% code
+    if (s >= 50 && s < 70) EXPECT_GT(code, 20) << "step " << s;  // ~90% code
+  }
+  for (int32_t src : {0, 1}) {
+    const auto perm = keel::data::epoch_permutation(42, loader.source_names()[src], 0, loader.samples_per_epoch(src));
+    ASSERT_LT(got[src].size(), perm.size());  // still in epoch 0
+    std::set<int64_t> seen;
+    for (size_t i = 0; i < got[src].size(); ++i) {
+      EXPECT_EQ(got[src][i].sample_id, perm[i]) << "source " << src << " position " << i;
+      EXPECT_EQ(got[src][i].epoch, 0);
+      EXPECT_TRUE(seen.insert(got[src][i].sample_id).second);
+    }
+  }
+}
+
+TEST(DataLoader, SkipListIsHonoured) {
+  keel::Config config = two_sources();
+  config.data.skip = "prose:chunk:3;code:samples:100-200";
+  DataLoader loader(config, 50);
+  auto got = drain(loader, 250);  // 12500 samples: both sources wrap epochs
+  ASSERT_GT(got[0].back().epoch, 0);
+  ASSERT_GT(got[1].back().epoch, 1);
+  // prose: exactly each epoch's order with the positions of chunk 3 (positions [1500, 2000)) removed.
+  const int64_t n = loader.samples_per_epoch(0);
+  std::vector<int64_t> expected;
+  for (int64_t e = 0; e <= got[0].back().epoch; ++e) {
+    const auto perm = keel::data::epoch_permutation(42, "prose", e, n);
+    for (int64_t p = 0; p < n; ++p) {
+      if (p * 10 / n != 3) expected.push_back(perm[p]);
+    }
+  }
+  for (size_t i = 0; i < got[0].size(); ++i) {
+    ASSERT_NE(got[0][i].chunk, 3);
+    ASSERT_EQ(got[0][i].sample_id, expected[i]) << "prose sample " << i;
+  }
+  for (const auto& r : got[1]) ASSERT_FALSE(r.sample_id >= 100 && r.sample_id <= 200) << r.sample_id;
+  const json ledger = loader.state();
+  EXPECT_GT(ledger["sources"][1]["skipped"].get<int64_t>(), 0);
+}
+
+TEST(DataLoader, SkipListThatRemovesEverythingIsAnError) {
+  keel::Config config = two_sources();
+  config.data.skip = "code:chunk:0-9";
+  config.data.mixture = "code=1";
+  DataLoader loader(config, 4);
+  EXPECT_NE(error_of([&] { loader.plan_next(); }).find("skip list leaves no sample of source code"),
+            std::string::npos);
+}
+
+TEST(DataLoader, EpochWrapGivesANewPermutation) {
+  keel::Config config = make_data({{"tiny", {101}}});  // 25 samples
+  DataLoader loader(config, 5);
+  auto got = drain(loader, 12)[0];  // 60 samples: epochs 0, 1 and 10 of epoch 2
+  std::vector<int64_t> e0, e1;
+  for (const auto& r : got) {
+    if (r.epoch == 0) e0.push_back(r.sample_id);
+    if (r.epoch == 1) e1.push_back(r.sample_id);
+  }
+  ASSERT_EQ(e0.size(), 25u);
+  ASSERT_EQ(e1.size(), 25u);
+  EXPECT_EQ(e0, keel::data::epoch_permutation(42, "tiny", 0, 25));
+  EXPECT_EQ(e1, keel::data::epoch_permutation(42, "tiny", 1, 25));
+  EXPECT_NE(e0, e1);
+  EXPECT_EQ(std::set<int64_t>(e1.begin(), e1.end()).size(), 25u);  // each id once per epoch
+  EXPECT_EQ(got.back().epoch, 2);
+}
+
+TEST(DataLoader, ChunksCutTheEpochOrderIntoEqualParts) {
+  keel::Config config = make_data({{"tiny", {101}}});  // 25 samples, 10 chunks
+  DataLoader loader(config, 25);
+  const auto plan = loader.plan_next();
+  for (int64_t p = 0; p < 25; ++p) EXPECT_EQ(plan.samples[p].chunk, p * 10 / 25);
+}
+
+TEST(DataLoader, AdoptConfigChangesOnlyTheFuture) {
+  keel::Config config = two_sources();
+  config.data.mixture = "prose=0.7,code=0.3";
+  DataLoader a(config, 16);
+  for (int i = 0; i < 20; ++i) a.plan_next();
+  const json ledger = a.state();
+
+  keel::Config branch = config;
+  branch.data.mixture = "prose=0.2,code=0.8";
+  branch.data.skip = "prose:chunk:0";
+  DataLoader b(branch, 16);
+  b.load_state(ledger);
+  EXPECT_EQ(b.weights_at(0)[0], 0.7);  // the ledger's history, not the branch config
+  const auto changes = b.adopt_config(branch);
+  ASSERT_EQ(changes.size(), 2u);
+  EXPECT_NE(changes[0].find("mixture from step 20: prose=0.2,code=0.8 (was prose=0.7,code=0.3)"), std::string::npos)
+      << changes[0];
+  EXPECT_DOUBLE_EQ(b.weights_at(19)[0], 0.7);
+  EXPECT_DOUBLE_EQ(b.weights_at(20)[0], 0.2);
+  EXPECT_TRUE(b.adopt_config(branch).empty());  // idempotent
+  // The branch's first 20 steps replay as the parent's.
+  DataLoader c(branch, 16);
+  c.load_state(b.state());
+  c.seek(19);
+  DataLoader parent(config, 16);
+  parent.seek(19);
+  EXPECT_TRUE(same(c.plan_next(), parent.plan_next()));
+}
+
+TEST(DataLoader, RefusesChangingThePast) {
+  keel::Config config = two_sources();
+  DataLoader loader(config, 8);
+  for (int i = 0; i < 10; ++i) loader.plan_next();
+  EXPECT_NE(error_of([&] { loader.set_mixture(5, "prose=1"); }).find("already planned up to step 10"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { loader.set_mixture(10, "poetry=1"); }).find("unknown source 'poetry'"),
+            std::string::npos);
+}
+
+TEST(DataMixture, ParsesAndRejects) {
+  const std::vector<std::string> names = {"prose", "code"};
+  EXPECT_EQ(keel::data::parse_weights("prose=0.7, code=0.3", names, "k"), (std::vector<double>{0.7, 0.3}));
+  EXPECT_EQ(keel::data::parse_weights("code=2", names, "k"), (std::vector<double>{0, 2}));
+  const auto stages = keel::data::parse_schedule("500:prose=1;0:code=1", names, "data.schedule");
+  ASSERT_EQ(stages.size(), 2u);
+  EXPECT_EQ(stages[0].from_step, 0);
+  EXPECT_EQ(stages[1].from_step, 500);
+  const auto rules = keel::data::parse_skip("prose:chunk:3; code:samples:100-200", names, 0, "data.skip");
+  ASSERT_EQ(rules.size(), 2u);
+  EXPECT_EQ(rules[1].first, 100);
+  EXPECT_EQ(rules[1].last, 200);
+  EXPECT_EQ(rules[1].spec, "code:samples:100-200");
+  for (const std::string bad : {"prose", "prose=-1", "prose=0", "x=1", "prose=1,prose=2", "prose=abc"}) {
+    EXPECT_NE(error_of([&] { keel::data::parse_weights(bad, names, "data.mixture"); }).find("data.mixture: "),
+              std::string::npos)
+        << bad;
+  }
+  for (const std::string bad : {"prose:chunk", "prose:pages:1", "prose:chunk:5-3", "prose:chunk:x", "x:chunk:1"}) {
+    EXPECT_NE(error_of([&] { keel::data::parse_skip(bad, names, 0, "data.skip"); }).find("data.skip: "),
+              std::string::npos)
+        << bad;
+  }
+  EXPECT_NE(error_of([&] { keel::data::parse_schedule("0:prose=1;0:code=1", names, "s"); }).find("two stages"),
+            std::string::npos);
+}
