@@ -146,7 +146,7 @@ DataLoader::DataLoader(const keel::Config& config, int64_t global_batch)
           for (const auto& n : v) out += (out.empty() ? "" : ", ") + n;
           return out;
         };
-        throw DataError("data in " + dir_ + " was prepared for sources [" + list(have) +
+        throw DataError("data in " + dir_ + " was prepared for sources [" + list(names_) +
                         "] but the config lists [" + list(want) + "]: " + prepare_hint);
       }
     }

@@ -184,30 +184,16 @@ class ShardSink {
   int64_t total_ = 0;
 };
 
-// Tokenize documents on all cores, appending them to `sink` in document order.
+// Tokenize documents, appending them to `sink` in document order.
 void tokenize_into(const std::vector<std::string>& docs, const Tokenizer& tokenizer, ShardSink& sink) {
-  const size_t threads = std::clamp<size_t>(std::thread::hardware_concurrency(), 1, 16);
   size_t begin = 0;
   while (begin < docs.size()) {
     size_t end = begin;
     int64_t bytes = 0;
     while (end < docs.size() && (end == begin || bytes < kTokenizeBlockBytes)) bytes += docs[end++].size();
-    std::vector<std::vector<int32_t>> out(end - begin);
-    std::vector<std::thread> pool;
-    std::vector<std::exception_ptr> errors(threads);
-    for (size_t t = 0; t < threads; ++t) {
-      pool.emplace_back([&, t] {
-        try {
-          for (size_t i = begin + t; i < end; i += threads) out[i - begin] = tokenizer.encode(docs[i]);
-        } catch (...) {
-          errors[t] = std::current_exception();
-        }
-      });
-    }
-    for (auto& th : pool) th.join();
-    for (auto& e : errors) {
-      if (e) std::rethrow_exception(e);
-    }
+    // One keel-spm run per block of documents (SentencePiece runs outside this process; see tokenizer.h).
+    const std::vector<std::vector<int32_t>> out =
+        tokenizer.encode_batch(std::vector<std::string>(docs.begin() + begin, docs.begin() + end));
     for (const auto& tokens : out) sink.append(tokens);
     begin = end;
   }

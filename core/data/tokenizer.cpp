@@ -4,9 +4,17 @@
 // silently drops training sentences longer than max_sentence_length.
 #include "core/data/tokenizer.h"
 
-#include <sentencepiece_processor.h>
-#include <sentencepiece_trainer.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <iterator>
 #include <spdlog/spdlog.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <utility>
 
 #include <fstream>
 #include <mutex>
@@ -14,6 +22,7 @@
 #include <string_view>
 
 #include "core/data/data_error.h"
+#include "core/data/spm_tool/record_io.h"
 
 namespace keel::data {
 namespace {
@@ -40,18 +49,69 @@ void append_pieces(std::string_view doc, std::vector<std::string>& out) {
   }
 }
 
-class VectorIterator : public sentencepiece::SentenceIterator {
- public:
-  explicit VectorIterator(const std::vector<std::string>& sentences) : sentences_(sentences) {}
-  bool done() const override { return index_ >= sentences_.size(); }
-  void Next() override { ++index_; }
-  const std::string& value() const override { return sentences_[index_]; }
-  sentencepiece::util::Status status() const override { return {}; }
+// The keel-spm tool: $KEEL_SPM_TOOL, else beside the running binary, else the build tree's copy.
+std::string spm_tool() {
+  std::vector<std::string> candidates;
+  if (const char* env = std::getenv("KEEL_SPM_TOOL")) candidates.emplace_back(env);
+  std::error_code ec;
+  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) candidates.push_back((exe.parent_path() / "keel-spm").string());
+#ifdef KEEL_SPM_TOOL_PATH
+  candidates.emplace_back(KEEL_SPM_TOOL_PATH);
+#endif
+  for (const auto& path : candidates)
+    if (::access(path.c_str(), X_OK) == 0) return path;
+  std::string tried;
+  for (const auto& path : candidates) tried += " " + path;
+  throw DataError("cannot find the keel-spm tool (SentencePiece); tried:" + tried);
+}
 
- private:
-  const std::vector<std::string>& sentences_;
-  size_t index_ = 0;
+// A scratch directory for the files exchanged with keel-spm; removed when it goes out of scope.
+struct ScratchDir {
+  ScratchDir() {
+    std::string pattern = (std::filesystem::temp_directory_path() / "keel-spm-XXXXXX").string();
+    if (::mkdtemp(pattern.data()) == nullptr) throw DataError("cannot create a temp dir for keel-spm");
+    path = pattern;
+  }
+  ~ScratchDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+  std::string file(const std::string& name) const { return path + "/" + name; }
+  std::string path;
 };
+
+// Runs keel-spm with `args` (no shell); throws DataError with its stderr when it fails.
+void run_spm(const std::vector<std::string>& args, const ScratchDir& scratch, const std::string& what) {
+  const std::string tool = spm_tool();
+  const std::string err_path = scratch.file("stderr");
+  const pid_t pid = ::fork();
+  if (pid < 0) throw DataError(what + ": fork failed");
+  if (pid == 0) {
+    if (std::freopen(err_path.c_str(), "w", stderr) == nullptr) ::_exit(126);
+    std::vector<char*> argv{const_cast<char*>(tool.c_str())};
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execv(tool.c_str(), argv.data());
+    ::_exit(127);
+  }
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return;
+  std::ifstream err(err_path);
+  std::string text((std::istreambuf_iterator<char>(err)), std::istreambuf_iterator<char>());
+  while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
+  throw DataError(what + ": keel-spm failed (" +
+                  (WIFEXITED(status) ? "exit " + std::to_string(WEXITSTATUS(status)) : "signal " + std::to_string(WTERMSIG(status))) +
+                  "): " + text);
+}
+
+std::unique_ptr<std::FILE, int (*)(std::FILE*)> open_file(const std::string& path, const char* mode) {
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> f(std::fopen(path.c_str(), mode), &std::fclose);
+  if (!f) throw DataError(path + ": cannot open");
+  return f;
+}
 
 }  // namespace
 
@@ -81,12 +141,15 @@ void train_tokenizer(const std::vector<std::string>& documents, const std::strin
   // SentencePiece's trainer and its random seed are process globals.
   static std::mutex train_mutex;
   std::lock_guard<std::mutex> lock(train_mutex);
-  sentencepiece::SetRandomGeneratorSeed(20240101u);
-  VectorIterator it(sentences);
-  const auto status = sentencepiece::SentencePieceTrainer::Train(args.str(), &it);
-  if (!status.ok()) {
-    throw DataError(model_prefix + ".model: tokenizer training failed: " + status.ToString());
+  ScratchDir scratch;
+  {
+    auto flags = open_file(scratch.file("flags"), "wb");
+    spm_io::write_string(flags.get(), args.str());
+    auto input = open_file(scratch.file("sentences"), "wb");
+    for (const auto& sentence : sentences) spm_io::write_string(input.get(), sentence);
   }
+  run_spm({"train", scratch.file("flags"), scratch.file("sentences"), "20240101"}, scratch,
+          model_prefix + ".model: tokenizer training");
   Tokenizer trained(model_prefix + ".model");
   if (trained.vocab_size() < vocab_size) {
     spdlog::warn("tokenizer {}.model has {} pieces, fewer than the requested vocab {} (too little text)",
@@ -109,44 +172,99 @@ Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
 Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 
 void Tokenizer::load(const std::string& model_path) {
-  auto processor = std::make_unique<sentencepiece::SentencePieceProcessor>();
-  const auto status = processor->Load(model_path);
-  if (!status.ok()) throw DataError(model_path + ": cannot load tokenizer: " + status.ToString());
-  if (processor->eos_id() < 0) throw DataError(model_path + ": tokenizer has no EOS piece");
-  processor_ = std::move(processor);
+  if (!std::filesystem::exists(model_path)) throw DataError(model_path + ": cannot load tokenizer: file not found");
+  ScratchDir scratch;
+  run_spm({"pieces", model_path, scratch.file("pieces")}, scratch, model_path + ": cannot load tokenizer");
+  auto in = open_file(scratch.file("pieces"), "rb");
+  std::string record;
+  if (!spm_io::read_record(in.get(), record)) throw DataError(model_path + ": cannot load tokenizer: no pieces");
+  std::istringstream ids(record);
+  int32_t eos = -1, unk = 0;
+  ids >> eos >> unk;
+  if (eos < 0) throw DataError(model_path + ": tokenizer has no EOS piece");
+  std::vector<std::string> pieces;
+  std::vector<uint8_t> kind;
+  while (spm_io::read_record(in.get(), record)) {
+    uint8_t k = 0;
+    if (!record.empty() && (record[0] == '\x01' || record[0] == '\x02')) {
+      k = static_cast<uint8_t>(record[0]);
+      record.erase(0, 1);
+    }
+    pieces.push_back(record);
+    kind.push_back(k);
+  }
+  pieces_ = std::move(pieces);
+  kind_ = std::move(kind);
+  eos_id_ = eos;
+  unk_id_ = unk;
   path_ = model_path;
 }
 
-const sentencepiece::SentencePieceProcessor& Tokenizer::sp() const {
-  if (!processor_) throw DataError("tokenizer used before load()");
-  return *processor_;
+void Tokenizer::require_loaded() const {
+  if (pieces_.empty()) throw DataError("tokenizer used before load()");
 }
 
-std::vector<int32_t> Tokenizer::encode(const std::string& text) const {
-  std::vector<int> ids;
-  const auto status = sp().Encode(text, &ids);
-  if (!status.ok()) throw DataError(path_ + ": encode failed: " + status.ToString());
-  return std::vector<int32_t>(ids.begin(), ids.end());
+std::vector<std::vector<int32_t>> Tokenizer::encode_batch(const std::vector<std::string>& texts) const {
+  require_loaded();
+  ScratchDir scratch;
+  {
+    auto docs = open_file(scratch.file("docs"), "wb");
+    for (const auto& text : texts) spm_io::write_string(docs.get(), text);
+  }
+  run_spm({"encode", path_, scratch.file("docs"), scratch.file("ids")}, scratch, path_ + ": encode");
+  auto in = open_file(scratch.file("ids"), "rb");
+  std::vector<std::vector<int32_t>> out;
+  out.reserve(texts.size());
+  std::string record;
+  while (spm_io::read_record(in.get(), record)) out.push_back(spm_io::ids_of(record));
+  if (out.size() != texts.size()) throw DataError(path_ + ": encode returned " + std::to_string(out.size()) + " of " +
+                                                  std::to_string(texts.size()) + " documents");
+  return out;
 }
+
+std::vector<int32_t> Tokenizer::encode(const std::string& text) const { return encode_batch({text}).front(); }
 
 std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {
-  std::vector<int> v(ids.begin(), ids.end());
-  const int n = sp().GetPieceSize();
-  for (int& id : v) {
-    if (id < 0 || id >= n) id = kUnkId;  // ids past the tokenizer (padding of the model vocab) show as unk
-  }
+  require_loaded();
+  static const std::string kSpace = "\xe2\x96\x81";  // U+2581, SentencePiece's whitespace mark
   std::string text;
-  const auto status = sp().Decode(v, &text);
-  if (!status.ok()) throw DataError(path_ + ": decode failed: " + status.ToString());
+  for (int32_t id : ids) {
+    if (id < 0 || id >= static_cast<int32_t>(pieces_.size())) id = unk_id_;  // past the tokenizer: padding
+    if (kind_[id] == 1) continue;
+    if (kind_[id] == 2) {  // "<0xNN>"
+      text.push_back(static_cast<char>(std::stoi(pieces_[id].substr(3, 2), nullptr, 16)));
+      continue;
+    }
+    if (id == unk_id_) {
+      text += " \xe2\x81\x87 ";  // SentencePiece renders unknown as " ⁇ "
+      continue;
+    }
+    const std::string& piece = pieces_[id];
+    for (size_t i = 0; i < piece.size();) {
+      if (piece.compare(i, kSpace.size(), kSpace) == 0) {
+        text.push_back(' ');
+        i += kSpace.size();
+      } else {
+        text.push_back(piece[i++]);
+      }
+    }
+  }
   return text;
 }
 
 std::string Tokenizer::id_to_piece(int32_t id) const {
-  if (id < 0 || id >= sp().GetPieceSize()) return "<id " + std::to_string(id) + ">";
-  return sp().IdToPiece(id);
+  require_loaded();
+  if (id < 0 || id >= static_cast<int32_t>(pieces_.size())) return "<id " + std::to_string(id) + ">";
+  return pieces_[id];
 }
 
-int64_t Tokenizer::vocab_size() const { return sp().GetPieceSize(); }
-int32_t Tokenizer::eos_id() const { return sp().eos_id(); }
+int64_t Tokenizer::vocab_size() const {
+  require_loaded();
+  return static_cast<int64_t>(pieces_.size());
+}
+int32_t Tokenizer::eos_id() const {
+  require_loaded();
+  return eos_id_;
+}
 
 }  // namespace keel::data

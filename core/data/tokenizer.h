@@ -9,10 +9,6 @@
 #include <string>
 #include <vector>
 
-namespace sentencepiece {
-class SentencePieceProcessor;
-}
-
 namespace keel::data {
 
 // Fixed special ids of every Keel tokenizer.
@@ -40,11 +36,12 @@ class Tokenizer {
 
   // Load a SentencePiece model file. Throws DataError naming the path.
   void load(const std::string& model_path);
-  bool loaded() const { return processor_ != nullptr; }
+  bool loaded() const { return !pieces_.empty(); }
   const std::string& path() const { return path_; }
 
-  // Thread-safe after load().
+  // Thread-safe after load(). Encoding starts the keel-spm tool: encode many documents with encode_batch().
   std::vector<int32_t> encode(const std::string& text) const;
+  std::vector<std::vector<int32_t>> encode_batch(const std::vector<std::string>& texts) const;
   std::string decode(const std::vector<int32_t>& ids) const;
   // One piece as text ("▁the", "<0x0A>", "</s>"), for show-batch.
   std::string id_to_piece(int32_t id) const;
@@ -53,9 +50,14 @@ class Tokenizer {
   int32_t eos_id() const;
 
  private:
-  const sentencepiece::SentencePieceProcessor& sp() const;
+  void require_loaded() const;
 
-  std::unique_ptr<sentencepiece::SentencePieceProcessor> processor_;
+  // The model's pieces, read once at load() through the keel-spm tool (see spm_tool/keel_spm.cpp); decoding
+  // and piece lookup are done here, encoding goes through the tool.
+  std::vector<std::string> pieces_;
+  std::vector<uint8_t> kind_;  // 0 normal, 1 control (decodes to nothing), 2 byte (<0xNN>)
+  int32_t eos_id_ = -1;
+  int32_t unk_id_ = 0;
   std::string path_;
 };
 

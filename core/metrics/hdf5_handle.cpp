@@ -2,6 +2,8 @@
 // make metrics.h5 readable while a run goes on and after it is killed.
 #include "core/metrics/hdf5_handle.h"
 
+#include <cstddef>
+#include <cstring>
 #include <ctime>
 #include <stdexcept>
 
@@ -172,6 +174,37 @@ std::vector<std::string> read_string_attribute(hid_t loc, const std::string& nam
     }
   }
   return result;
+}
+
+Hid make_event_type(bool in_file, const std::string& file) {
+  auto fixed_string = [&](size_t size) {
+    Hid type(check_id(H5Tcopy(H5T_C_S1), file, "/events", "H5Tcopy"));
+    check(H5Tset_size(type.get(), size), file, "/events", "H5Tset_size");
+    check(H5Tset_strpad(type.get(), H5T_STR_NULLTERM), file, "/events", "H5Tset_strpad");
+    check(H5Tset_cset(type.get(), H5T_CSET_UTF8), file, "/events", "H5Tset_cset");
+    return type;
+  };
+  Hid kind = fixed_string(kEventKindBytes);
+  Hid text = fixed_string(kEventTextBytes);
+  Hid type(check_id(H5Tcreate(H5T_COMPOUND, sizeof(EventRecord)), file, "/events", "H5Tcreate(compound)"));
+  check(H5Tinsert(type.get(), "step", offsetof(EventRecord, step), in_file ? H5T_STD_I64LE : H5T_NATIVE_INT64), file,
+        "/events", "H5Tinsert(step)");
+  check(H5Tinsert(type.get(), "kind", offsetof(EventRecord, kind), kind.get()), file, "/events", "H5Tinsert(kind)");
+  check(H5Tinsert(type.get(), "text", offsetof(EventRecord, text), text.get()), file, "/events", "H5Tinsert(text)");
+  return type;
+}
+
+void copy_truncated(const std::string& s, char* dst, size_t size) {
+  std::memset(dst, 0, size);
+  if (s.size() < size) {
+    std::memcpy(dst, s.data(), s.size());
+    return;
+  }
+  size_t keep = size - 4;  // room for "..." and the NUL
+  // Do not cut a UTF-8 sequence: back up over continuation bytes (10xxxxxx) to a lead byte.
+  while (keep > 0 && (static_cast<unsigned char>(s[keep]) & 0xC0) == 0x80) --keep;
+  std::memcpy(dst, s.data(), keep);
+  std::memcpy(dst + keep, "...", 3);
 }
 
 bool link_exists(hid_t loc, const std::string& path, const std::string& file) {

@@ -8,6 +8,7 @@
 
 #include <hdf5.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -85,6 +86,23 @@ void write_string_array_attribute(hid_t loc, const std::string& name, const std:
 // one element. Throws if the attribute is missing or not a string.
 std::vector<std::string> read_string_attribute(hid_t loc, const std::string& name, const std::string& file,
                                                const std::string& object);
+
+// One /events row, in memory and (packed, little-endian) in the file. Fixed-length strings on purpose: a
+// variable-length string lives in HDF5's global heap, which is written *after* the raw rows that point to it
+// when a file is closed, so a kill inside H5Fclose could leave rows pointing at a heap that is not there.
+// Fixed-length rows are plain raw data, as safe as the numeric columns.
+constexpr size_t kEventKindBytes = 32;   // including the terminating NUL
+constexpr size_t kEventTextBytes = 512;  // including the terminating NUL
+struct EventRecord {
+  int64_t step;
+  char kind[kEventKindBytes];
+  char text[kEventTextBytes];
+};
+// The compound type {step: int64, kind: S32, text: S512}; `in_file` picks little-endian int64 over native.
+Hid make_event_type(bool in_file, const std::string& file);
+// Copies `s` into `dst` (NUL-terminated, `size` bytes including the NUL); a longer string is cut at a UTF-8
+// character boundary and ends in "...".
+void copy_truncated(const std::string& s, char* dst, size_t size);
 
 // True if `path` (e.g. "/train/extra/foo") exists as a link, checking each intermediate group.
 bool link_exists(hid_t loc, const std::string& path, const std::string& file);

@@ -3,6 +3,7 @@
 #include "core/metrics/metrics_reader.h"
 
 #include <algorithm>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <stdexcept>
@@ -86,12 +87,6 @@ void require_class(hid_t dset, std::initializer_list<H5T_class_t> classes, const
   }
 }
 
-struct EventRecord {
-  int64_t step;
-  char* kind;
-  char* text;
-};
-
 herr_t collect_attribute_name(hid_t, const char* name, const H5A_info_t*, void* op_data) {
   static_cast<std::vector<std::string>*>(op_data)->emplace_back(name);
   return 0;
@@ -147,20 +142,16 @@ std::vector<Event> MetricsReader::read_events() const {
   Hid file_id = open_read_only(path_);
   Hid dset = open_dataset(file_id.get(), dataset, path_);
   require_class(dset.get(), {H5T_COMPOUND}, "compound {step, kind, text}", dataset, path_);
-  Hid str = detail::make_vlen_string_type(path_);
-  Hid mem_type(check_id(H5Tcreate(H5T_COMPOUND, sizeof(EventRecord)), path_, dataset, "H5Tcreate(compound)"));
-  check(H5Tinsert(mem_type.get(), "step", offsetof(EventRecord, step), H5T_NATIVE_INT64), path_, dataset, "H5Tinsert");
-  check(H5Tinsert(mem_type.get(), "kind", offsetof(EventRecord, kind), str.get()), path_, dataset, "H5Tinsert");
-  check(H5Tinsert(mem_type.get(), "text", offsetof(EventRecord, text), str.get()), path_, dataset, "H5Tinsert");
-  std::vector<EventRecord> records;
+  // HDF5 converts fixed-length strings of any size to ours (truncating), so files with other sizes read too.
+  Hid mem_type = detail::make_event_type(/*in_file=*/false, path_);
+  std::vector<detail::EventRecord> records;
   std::vector<hsize_t> dims;
   read_all(dset.get(), mem_type.get(), 1, records, dims, dataset, path_);
   std::vector<Event> events;
   events.reserve(records.size());
-  for (auto& r : records) {
-    events.push_back({r.step, r.kind != nullptr ? r.kind : "", r.text != nullptr ? r.text : ""});
-    if (r.kind != nullptr) H5free_memory(r.kind);
-    if (r.text != nullptr) H5free_memory(r.text);
+  for (const auto& r : records) {
+    events.push_back({r.step, std::string(r.kind, strnlen(r.kind, sizeof(r.kind))),
+                      std::string(r.text, strnlen(r.text, sizeof(r.text)))});
   }
   return events;
 }

@@ -3,20 +3,18 @@
 // Within a flush every table is written at a fixed offset taken from its "commit" column (/train/step for
 // the step table, <name>_step for an extra series), and the commit column is written last, so a flush that
 // fails half-way (or a later run that reopens a file a kill interrupted mid-flush) simply rewrites the same
-// rows at the same place instead of misaligning columns.
+// rows at the same place instead of misaligning columns. A kill inside a flush is the one risky moment; HDF5
+// writes raw rows first and the superblock last when it closes, so such a kill can leave some columns one
+// flush longer than others (OpenMode::kAppend trims them back), but never a file that refuses to open —
+// provided the rows hold no pointers into HDF5's global heap, which is why /events uses fixed-length strings.
+// DISABLED_SigkillStress in tests/unit/test_metrics_writer.cpp kills a writer mid-flush hundreds of times.
 #include "core/metrics/metrics_writer.h"
 
 #include <spdlog/spdlog.h>
 
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cmath>
-#include <cerrno>
 #include <cstddef>
-#include <cstring>
 #include <filesystem>
 #include <iterator>
 #include <limits>
@@ -41,22 +39,6 @@ constexpr int kFormatVersion = 1;
 
 // The commit column of the step table: written last in every flush.
 constexpr const char* kStepPath = "/train/step";
-
-// In-memory layout of one /events row (a compound of int64 + two variable-length strings).
-struct EventRecord {
-  int64_t step;
-  const char* kind;
-  const char* text;
-};
-
-Hid make_event_type(hid_t int_type, const std::string& file) {
-  Hid str = detail::make_vlen_string_type(file);
-  Hid type(check_id(H5Tcreate(H5T_COMPOUND, sizeof(EventRecord)), file, "/events", "H5Tcreate(compound)"));
-  check(H5Tinsert(type.get(), "step", offsetof(EventRecord, step), int_type), file, "/events", "H5Tinsert(step)");
-  check(H5Tinsert(type.get(), "kind", offsetof(EventRecord, kind), str.get()), file, "/events", "H5Tinsert(kind)");
-  check(H5Tinsert(type.get(), "text", offsetof(EventRecord, text), str.get()), file, "/events", "H5Tinsert(text)");
-  return type;
-}
 
 Hid create_group(hid_t loc, const std::string& path, const std::string& file) {
   return Hid(check_id(H5Gcreate2(loc, path.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), file, path,
@@ -177,27 +159,6 @@ void close_file(Hid& file_id, const std::string& file) {
   if (!file_id.reset()) fail(file, "/", "H5Fclose");
 }
 
-// HDF5 refuses to open a file whose size is below the end-of-allocation address recorded in its superblock
-// ("truncated file"). During H5Fclose the superblock (at address 0) can be written before metadata that
-// HDF5 allocated at the end of the file, so a kill inside that window would leave such a file. Growing the
-// file (sparsely) by more than the flush can allocate before opening it closes that window: allocations land
-// inside the reserved tail, and H5Fclose trims the file back to its real end once everything is written.
-void reserve_tail(const std::string& file, uint64_t bytes) {
-  const int fd = ::open(file.c_str(), O_WRONLY | O_CLOEXEC);
-  if (fd < 0) {
-    throw std::runtime_error("metrics: cannot open " + file + " to reserve space: " + std::strerror(errno));
-  }
-  struct stat st {};
-  int rc = ::fstat(fd, &st);
-  if (rc == 0) rc = ::ftruncate(fd, st.st_size + static_cast<off_t>(bytes));
-  const int saved_errno = errno;
-  ::close(fd);
-  if (rc != 0) {
-    throw std::runtime_error("metrics: cannot reserve " + std::to_string(bytes) + " bytes at the end of " + file +
-                             ": " + std::strerror(saved_errno));
-  }
-}
-
 }  // namespace
 
 MetricsWriter::MetricsWriter(std::string path, OpenMode mode,
@@ -215,7 +176,18 @@ MetricsWriter::MetricsWriter(std::string path, OpenMode mode,
   }
   detail::QuietHdf5Errors quiet;
   if (mode == OpenMode::kCreate) {
-    create_file(config_attributes);
+    std::error_code ec;
+    if (std::filesystem::exists(path_, ec)) {
+      throw std::runtime_error("metrics: " + path_ + " already exists (open it with OpenMode::kAppend to continue "
+                               "a run, or choose a new run directory)");
+    }
+    bool created = false;
+    try {
+      create_file(config_attributes, created);
+    } catch (...) {
+      if (created) std::filesystem::remove(path_, ec);  // no half-made file blocking the next kCreate
+      throw;
+    }
   } else {
     open_existing(config_attributes);
   }
@@ -231,14 +203,11 @@ MetricsWriter::~MetricsWriter() {
   }
 }
 
-void MetricsWriter::create_file(const std::vector<std::pair<std::string, std::string>>& config_attributes) {
-  std::error_code ec;
-  if (std::filesystem::exists(path_, ec)) {
-    throw std::runtime_error("metrics: " + path_ + " already exists (open it with OpenMode::kAppend to continue "
-                             "a run, or choose a new run directory)");
-  }
+void MetricsWriter::create_file(const std::vector<std::pair<std::string, std::string>>& config_attributes,
+                                bool& created) {
   Hid fapl = detail::make_fapl(path_);
   Hid file_id(check_id(H5Fcreate(path_.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, fapl.get()), path_, "/", "H5Fcreate"));
+  created = true;
   const hid_t f = file_id.get();
 
   {
@@ -276,7 +245,7 @@ void MetricsWriter::create_file(const std::vector<std::pair<std::string, std::st
     }
   }
   {
-    Hid event_type = make_event_type(H5T_STD_I64LE, path_);
+    Hid event_type = detail::make_event_type(/*in_file=*/true, path_);
     create_extendible(f, "/events", event_type.get(), 0, kEventChunkRows, false, path_);
   }
   close_file(file_id, path_);
@@ -291,7 +260,6 @@ void MetricsWriter::open_existing(const std::vector<std::pair<std::string, std::
   if (H5Fis_hdf5(path_.c_str()) <= 0) {
     throw std::runtime_error("metrics: " + path_ + " is not an HDF5 file");
   }
-  reserve_tail(path_, 4u << 20);
   Hid file_id = open_file_rw(path_);
   const hid_t f = file_id.get();
 
@@ -421,23 +389,9 @@ void MetricsWriter::clear_train_buffer() {
   tensor_param_norms_.clear();
 }
 
-uint64_t MetricsWriter::flush_size_estimate() const {
-  // Rows themselves, plus one new chunk per dataset that may start one, plus headers/heap slack.
-  const uint64_t n_tensors = tensor_names_.size();
-  uint64_t bytes = 1u << 20;
-  bytes += steps_.size() * (8 * sizeof(double) + 2 * n_tensors * sizeof(float));
-  bytes += 8 * kChunkRows * sizeof(double);
-  bytes += 2 * matrix_chunk_rows(n_tensors) * n_tensors * sizeof(float);
-  for (const auto& e : events_) bytes += 64 + e.kind.size() + e.text.size();
-  bytes += kEventChunkRows * sizeof(EventRecord);
-  for (const auto& [name, points] : extras_) bytes += 4096 + 2 * kChunkRows * sizeof(double) + points.size() * 16;
-  return bytes;
-}
-
 void MetricsWriter::flush() {
   if (steps_.empty() && events_.empty() && extras_.empty()) return;
   detail::QuietHdf5Errors quiet;
-  reserve_tail(path_, 2 * flush_size_estimate());
   Hid file_id = open_file_rw(path_);
   const hid_t f = file_id.get();
 
@@ -464,10 +418,13 @@ void MetricsWriter::flush() {
 
   if (!events_.empty()) {
     const hsize_t base = dataset_rows(f, "/events", path_);
-    std::vector<EventRecord> records;
-    records.reserve(events_.size());
-    for (const auto& e : events_) records.push_back({e.step, e.kind.c_str(), e.text.c_str()});
-    Hid mem_type = make_event_type(H5T_NATIVE_INT64, path_);
+    std::vector<detail::EventRecord> records(events_.size());
+    for (size_t i = 0; i < events_.size(); ++i) {
+      records[i].step = events_[i].step;
+      detail::copy_truncated(events_[i].kind, records[i].kind, sizeof(records[i].kind));
+      detail::copy_truncated(events_[i].text, records[i].text, sizeof(records[i].text));
+    }
+    Hid mem_type = detail::make_event_type(/*in_file=*/false, path_);
     write_rows(f, "/events", mem_type.get(), records.data(), base, records.size(), 0, path_);
     events_.clear();
   }

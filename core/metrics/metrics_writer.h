@@ -9,6 +9,7 @@
 // must call it from one thread at a time.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -30,6 +31,10 @@ struct StepRow {
   std::vector<float> tensor_grad_norms;
   std::vector<float> tensor_param_norms;
 };
+
+// Longest kind / text an /events row stores in full (bytes of UTF-8).
+constexpr size_t kEventKindMaxBytes = 31;
+constexpr size_t kEventTextMaxBytes = 511;
 
 enum class OpenMode {
   kCreate,  // create a new file; error if it already exists
@@ -56,7 +61,11 @@ class MetricsWriter {
   // Buffers one step row; flushes when flush_every rows are buffered. Throws std::invalid_argument if the
   // per-tensor vectors have the wrong length.
   void append(const StepRow& row);
+  // event() and scalar() rows are written with the next flush (automatic every flush_every append()s, or
+  // call flush() to make one durable now, e.g. right after a checkpoint event).
   // Buffers one /events row (kind: short tag such as "spike", "skip", "checkpoint"; text: free form).
+  // The file stores fixed-length strings (crash safety, see docs/metrics.md): kind keeps kEventKindMaxBytes
+  // bytes, text kEventTextMaxBytes; longer strings are cut at a UTF-8 boundary and end in "...".
   void event(int64_t step, const std::string& kind, const std::string& text);
   // Buffers one value of the plugin/extra series /train/extra/<name> (with /train/extra/<name>_step).
   // name: non-empty, no '/', not ending in "_step", not "." or "..".
@@ -82,10 +91,9 @@ class MetricsWriter {
     std::string text;
   };
 
-  void create_file(const std::vector<std::pair<std::string, std::string>>& config_attributes);
+  void create_file(const std::vector<std::pair<std::string, std::string>>& config_attributes, bool& created);
   void open_existing(const std::vector<std::pair<std::string, std::string>>& config_attributes);
   void clear_train_buffer();
-  uint64_t flush_size_estimate() const;  // upper bound of the bytes one flush may allocate in the file
 
   std::string path_;
   std::vector<std::string> tensor_names_;

@@ -86,7 +86,7 @@ TEST(Tokenizer, TrainEncodeDecodeRoundTrip) {
   EXPECT_GT(tok.vocab_size(), 300);
   EXPECT_EQ(tok.eos_id(), keel::data::kEosId);
 
-  for (const std::string s : {std::string("the model learns from data.\n"),
+  for (const std::string& s : {std::string("the model learns from data.\n"),
                               std::string("def f(x):\n    return x\n\n\tindented\n"),
                               std::string("  leading and trailing spaces  "),
                               std::string("unseen: héllo wörld ✓ 42 {}[]~\r\n"), std::string("")}) {

@@ -103,8 +103,14 @@ std::vector<int64_t> shape_of(const MetricsReader& reader, const std::string& da
   return reader.info(dataset).shape;
 }
 
-// True if `python3 -c 'import h5py'` works here (it usually does not; those checks are then skipped).
-bool have_h5py() { return std::system("python3 -c 'import h5py' >/dev/null 2>&1") == 0; }
+// A Python interpreter that can `import h5py`, or "" (then the h5py checks are skipped). The system Python
+// is tried too because a pyenv/venv python3 on PATH often lacks Debian's python3-h5py.
+std::string python_with_h5py() {
+  for (const char* python : {"python3", "/usr/bin/python3"}) {
+    if (std::system((std::string(python) + " -c 'import h5py' >/dev/null 2>&1").c_str()) == 0) return python;
+  }
+  return "";
+}
 
 }  // namespace
 
@@ -222,8 +228,22 @@ TEST_F(MetricsTest, EventsRoundTrip) {
   EXPECT_EQ(events[1].text, "");
   EXPECT_EQ(events[2].step, 20);
   EXPECT_EQ(events[2].text, "step-00000020 (unicode: \xc3\xa9\xe2\x9c\x93)");
-  EXPECT_EQ(events[3].text.size(), 5000u);
+  EXPECT_EQ(events[3].text, std::string(keel::metrics::kEventTextMaxBytes - 3, 'x') + "...");
   EXPECT_EQ(reader.info("/events").shape, (std::vector<int64_t>{4}));
+}
+
+TEST_F(MetricsTest, LongEventStringsAreCutAtUtf8Boundaries) {
+  // 30 ASCII bytes + a 3-byte character straddling the 31-byte kind limit.
+  const std::string kind = std::string(27, 'k') + "\xe2\x9c\x93" + "tail";
+  {
+    MetricsWriter writer(path_, OpenMode::kCreate, {}, {}, 100);
+    writer.event(1, kind, "ok");
+    writer.event(2, std::string(keel::metrics::kEventKindMaxBytes, 'a'), "");  // exactly the limit: kept
+  }
+  const auto events = MetricsReader(path_).read_events();
+  ASSERT_EQ(events.size(), 2u);
+  EXPECT_EQ(events[0].kind, std::string(27, 'k') + "...");
+  EXPECT_EQ(events[1].kind, std::string(keel::metrics::kEventKindMaxBytes, 'a'));
 }
 
 TEST_F(MetricsTest, ConfigAttributes) {
@@ -433,7 +453,8 @@ TEST_F(MetricsTest, SurvivesSigkillAfterFlush) {
 
 // Optional: the same file read by h5py (skipped where h5py is not installed).
 TEST_F(MetricsTest, ReadableByH5py) {
-  if (!have_h5py()) GTEST_SKIP() << "python3 h5py not installed";
+  const std::string python = python_with_h5py();
+  if (python.empty()) GTEST_SKIP() << "python3 h5py not installed";
   {
     MetricsWriter writer(path_, OpenMode::kCreate, config_attrs(), kTensorNames, 4);
     for (int64_t i = 0; i < 9; ++i) writer.append(make_row(i));
@@ -457,7 +478,7 @@ TEST_F(MetricsTest, ReadableByH5py) {
                            "v = f['/config'].attrs['run.name']\n"
                            "assert (v.decode() if isinstance(v, bytes) else v) == 'unit test'\n"
                            "assert list(f['/train/extra/zloss_step'][:]) == [4]\n";
-  EXPECT_EQ(std::system(("python3 " + script + " " + path_).c_str()), 0);
+  EXPECT_EQ(std::system((python + " " + script + " " + path_).c_str()), 0);
 }
 
 // Manual stress test of the crash semantics (run with --gtest_also_run_disabled_tests): kill a child that
