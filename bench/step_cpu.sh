@@ -12,8 +12,7 @@ $keel data prepare --config "$config" >/dev/null
 value() { $keel config show --config "$config" | awk -F' = ' -v k="$1" -v s="$2" '/^\[/{sec=$0} sec=="["s"]" && $1==k {print $2}'; }
 threads=$(nproc)
 run_dir=$(mktemp -d)/bench
-$keel train --config "$config" --run-dir "$run_dir" --set train.steps="$steps" --set train.threads="$threads" \
-  --set checkpoint.every=0 >/dev/null 2>&1
+$keel train --config "$config" --run-dir "$run_dir" --set train.steps="$steps" --set train.threads="$threads" >/dev/null 2>&1
 keel_tps=$($keel inspect "$run_dir" | awk '/tokens\/s: median/ {print $3}')
 ref_tps=$(/usr/bin/python3 bench/reference_llama.py --layers "$(value layers model)" --d_model "$(value d_model model)" \
   --heads "$(value heads model)" --kv_heads "$(value kv_heads model)" --ffn_hidden "$(value ffn_hidden model)" \

@@ -13,4 +13,4 @@ run_dir=${KEEL_RUN_DIR:-runs/small-$(date +%Y%m%d-%H%M%S)}
 echo
 echo "run dir:     $run_dir"
 echo "metrics:     $run_dir/metrics.h5   (h5dump -d /train/loss $run_dir/metrics.h5)"
-echo "checkpoints: $run_dir/checkpoints/"
+echo "log:         $run_dir/train.log"

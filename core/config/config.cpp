@@ -166,9 +166,6 @@ const std::vector<KeyDef>& key_table() {
       KEEL_INT("metrics.flush_every", metrics.flush_every, "flush metrics.h5 every N steps"),
       KEEL_BOOL("metrics.per_tensor", metrics.per_tensor, "log per-tensor grad and param norms"),
 
-      KEEL_INT("checkpoint.every", checkpoint.every, "save a checkpoint every N steps; 0 = only at the end"),
-      KEEL_INT("checkpoint.keep_last", checkpoint.keep_last, "checkpoints kept besides milestones"),
-      KEEL_INT("checkpoint.milestone_every", checkpoint.milestone_every, "keep every M-th step forever; 0 = none"),
   };
   return table;
 }
@@ -294,8 +291,6 @@ void validate(const Config& c) {
   require(o.eps > 0.0 && o.weight_decay >= 0.0 && o.grad_clip >= 0.0, "optim.eps > 0, optim.weight_decay >= 0, optim.grad_clip >= 0");
   require(c.data.chunks >= 1, "data.chunks must be >= 1");
   require(c.metrics.flush_every >= 1, "metrics.flush_every must be >= 1");
-  require(c.checkpoint.every >= 0 && c.checkpoint.keep_last >= 2 && c.checkpoint.milestone_every >= 0,
-          "checkpoint.every >= 0, checkpoint.keep_last >= 2, checkpoint.milestone_every >= 0");
   for (const auto& s : c.data.sources) {
     require(!s.inputs.empty(), "source." + s.name + ".inputs is empty");
     require(s.max_mb >= 0.0, "source." + s.name + ".max_mb must be >= 0");

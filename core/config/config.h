@@ -87,19 +87,12 @@ struct MetricsConfig {
   bool per_tensor = true;     // per-parameter grad/param norm matrices
 };
 
-struct CheckpointConfig {
-  int64_t every = 0;          // save every N steps (and at the end); 0 = only at the end
-  int64_t keep_last = 2;
-  int64_t milestone_every = 0;
-};
-
 struct Config {
   ModelConfig model;
   TrainConfig train;
   OptimConfig optim;
   DataConfig data;
   MetricsConfig metrics;
-  CheckpointConfig checkpoint;
   std::string source_file;    // where it was loaded from (for messages)
 
   // Global batch in sequences (data-parallel size 1 for now).

@@ -186,8 +186,8 @@ DataLoader::DataLoader(const keel::Config& config, int64_t global_batch)
   for (const auto& s : sources_) tokens.push_back(s.tokens);
   stages_ = config_stages(config.data, names_, tokens);
   skip_ = parse_skip(config.data.skip, names_, 0, "data.skip");
-  const std::string model = dir_ + "/" + manifest.value("tokenizer", json::object()).value("file", "tokenizer.model");
-  if (fs::exists(model)) tokenizer_ = std::make_unique<Tokenizer>(model);
+  tokenizer_path_ = dir_ + "/" + manifest.value("tokenizer", json::object()).value("file", "tokenizer.model");
+  tokenizer_mutex_ = std::make_unique<std::mutex>();
 }
 
 DataLoader::~DataLoader() = default;
@@ -538,7 +538,13 @@ void DataLoader::load_state(const json& ledger) {
 }
 
 const Tokenizer& DataLoader::tokenizer() const {
-  if (!tokenizer_) throw DataError(dir_ + ": no tokenizer.model: run `keel data prepare --config " + config_file_ + "`");
+  std::lock_guard<std::mutex> lock(*tokenizer_mutex_);
+  if (!tokenizer_) {
+    if (!fs::exists(tokenizer_path_)) {
+      throw DataError(tokenizer_path_ + ": no tokenizer: run `keel data prepare --config " + config_file_ + "`");
+    }
+    tokenizer_ = std::make_unique<Tokenizer>(tokenizer_path_);
+  }
   return *tokenizer_;
 }
 

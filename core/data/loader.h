@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
@@ -96,7 +97,8 @@ class DataLoader {
   int64_t vocab() const { return vocab_; }
   int32_t eos_id() const { return eos_id_; }
   const std::string& dir() const { return dir_; }
-  // Decode ids with DIR/tokenizer.model. Throws DataError if the directory has no tokenizer.
+  // Decode ids with DIR/tokenizer.model, loaded on first use (training never needs it). Throws DataError if the
+  // directory has no tokenizer.
   std::string decode(const std::vector<int32_t>& ids) const;
   const Tokenizer& tokenizer() const;
 
@@ -137,7 +139,9 @@ class DataLoader {
   std::vector<SkipRule> skip_;
   int64_t step_ = 0;
   int64_t next_sample_ = 0;  // global sample counter
-  std::unique_ptr<Tokenizer> tokenizer_;
+  std::string tokenizer_path_;
+  mutable std::unique_ptr<Tokenizer> tokenizer_;  // loaded by tokenizer() on first use
+  mutable std::unique_ptr<std::mutex> tokenizer_mutex_;
 };
 
 // Text for `keel data show-batch --step N`: the plan of step N (per sample: index, source, sample id, epoch,

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -21,7 +22,6 @@
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
-#include <thread>
 
 #include "core/data/data_error.h"
 #include "core/data/hash.h"
@@ -242,7 +242,7 @@ std::vector<InputFile> list_source_files(const keel::SourceConfig& source) {
     throw DataError("source " + source.name + ": split must be 'file' or 'fortune', got '" + source.split + "'");
   }
   if (source.inputs.empty()) throw DataError("source " + source.name + ": no inputs");
-  const int64_t max_bytes = source.max_mb > 0 ? static_cast<int64_t>(source.max_mb * 1024.0 * 1024.0) : -1;
+  const int64_t max_bytes = source.max_mb > 0 ? static_cast<int64_t>(std::ceil(source.max_mb * 1024.0 * 1024.0)) : -1;
   std::vector<InputFile> files;
   std::set<std::string> seen;  // canonical paths
   int64_t total = 0;

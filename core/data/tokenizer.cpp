@@ -1,4 +1,4 @@
-// Why: see tokenizer.h. Training goes through SentencePiece's SentenceIterator so that documents can carry
+// Why: see tokenizer.h. Training (in keel-spm) feeds SentencePiece through a SentenceIterator so documents can carry
 // newlines (a line-per-sentence text file could not, and code would then spend a byte-fallback token on every
 // '\n'). Each document is cut into pieces of at most kMaxPieceBytes at line breaks, because SentencePiece
 // silently drops training sentences longer than max_sentence_length.

@@ -2,6 +2,9 @@
 // options. The training settings are fixed here (byte-level BPE with byte fallback, identity normalization,
 // whitespace and newlines kept verbatim so code round-trips, EOS = id 1, no BOS, fixed seed and one thread)
 // because they are part of the data format: change them and every prepared shard changes.
+// SentencePiece itself never runs in a Keel process (its bundled protobuf clashes with LibTorch's): training,
+// encoding and reading a model's pieces go through the small `keel-spm` tool (spm_tool/keel_spm.cpp); decoding
+// is done here from the piece table.
 #pragma once
 
 #include <cstdint>

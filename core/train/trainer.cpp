@@ -94,7 +94,6 @@ TrainSummary Trainer::train() {
   const Config& c = s.config;
   TrainSummary summary;
   summary.metrics_path = s.paths.metrics_h5();
-  summary.checkpoints_path = s.paths.checkpoints();
   s.metrics->event(s.loader->step(), "run_start", "steps " + std::to_string(c.train.steps));
   metrics::ThroughputMeter meter;
 
@@ -113,7 +112,8 @@ TrainSummary Trainer::train() {
     meter.update(ctx.step_time_s, static_cast<double>(ctx.tokens));
     if ((step + 1) % c.train.log_every == 0 || step + 1 == c.train.steps)
       spdlog::info(metrics::format_progress({step + 1, c.train.steps, ctx.loss, ctx.grad_norm, ctx.lr,
-                                             meter.tokens_per_s(), meter.eta_s(c.train.steps - step - 1)}));
+                                             meter.tokens_per_s(), meter.eta_s(c.train.steps - step - 1),
+                                             ctx.decision != StepDecision::kContinue}));
   }
   s.metrics->event(summary.last_step, "run_end", "steps run " + std::to_string(summary.steps_run));
   s.metrics->flush();

@@ -20,7 +20,6 @@ struct TrainSummary {
   double last_loss = 0.0;
   bool stopped_by_signal = false;
   std::string metrics_path;
-  std::string checkpoints_path;
 };
 
 class Trainer {

@@ -23,11 +23,18 @@ int cmd_inspect(const Args& args) {
   std::cout << "run dir: " << run_dir << "\n\nconfig:\n";
   for (const auto& [key, value] : reader.read_config()) std::cout << "  " << key << " = " << value << "\n";
 
-  const std::vector<int64_t> steps = reader.read_int64("/train/step");
-  const std::vector<double> loss = reader.read_double("/train/loss");
-  const std::vector<double> grad_norm = reader.read_double("/train/grad_norm");
-  const std::vector<double> tokens_per_s = reader.read_double("/train/tokens_per_s");
-  const std::vector<int64_t> tokens = reader.read_int64("/train/tokens");
+  std::vector<int64_t> steps = reader.read_int64("/train/step");
+  std::vector<double> loss = reader.read_double("/train/loss");
+  std::vector<double> grad_norm = reader.read_double("/train/grad_norm");
+  std::vector<double> tokens_per_s = reader.read_double("/train/tokens_per_s");
+  std::vector<int64_t> tokens = reader.read_int64("/train/tokens");
+  // A kill during a flush can leave some columns one flush longer than /train/step: use the common length.
+  const size_t rows = std::min({steps.size(), loss.size(), grad_norm.size(), tokens_per_s.size(), tokens.size()});
+  steps.resize(rows);
+  loss.resize(rows);
+  grad_norm.resize(rows);
+  tokens_per_s.resize(rows);
+  tokens.resize(rows);
   std::cout << "\nmetrics: " << steps.size() << " steps";
   if (!steps.empty()) {
     std::cout << " (" << steps.front() << " .. " << steps.back() << "), " << tokens.back() << " tokens\n";
