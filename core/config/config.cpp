@@ -175,7 +175,7 @@ const std::vector<std::pair<std::string, std::string>>& source_fields() {
   static const std::vector<std::pair<std::string, std::string>> fields = {
       {"inputs", "comma-separated files, directories or globs"},
       {"include", "filename glob inside directories, e.g. *.py"},
-      {"split", "file (one document per file) | fortune ('%' lines separate documents)"},
+      {"split", "file (one document per file) or fortune ('%' lines separate documents)"},
       {"max_mb", "stop reading raw text after this many MiB; 0 = all"},
   };
   return fields;

@@ -1,6 +1,8 @@
 // Why: a token shard is the one data file every run trusts blindly, so each way a shard can be wrong (not a
 // shard, newer version, unknown dtype, truncated, a token past the vocab, prepared for another vocab) must be
 // refused at open time with the file and byte offset named.
+#include <unistd.h>
+
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -15,6 +17,21 @@ using keel::data::ShardReader;
 
 namespace {
 
+// Temp dirs of this file's tests, removed after the run unless a test failed (then they are kept to look at).
+class RemoveTempDirs : public ::testing::Environment {
+ public:
+  static std::vector<std::string>& dirs() {
+    static std::vector<std::string> d;
+    return d;
+  }
+  void TearDown() override {
+    if (!::testing::UnitTest::GetInstance()->Passed()) return;
+    for (const auto& d : dirs()) fs::remove_all(d);
+  }
+};
+[[maybe_unused]] ::testing::Environment* const kRemoveTempDirs =
+    ::testing::AddGlobalTestEnvironment(new RemoveTempDirs);
+
 // A fresh directory per test (ctest runs tests as separate processes in parallel).
 std::string test_dir() {
   const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
@@ -23,6 +40,7 @@ std::string test_dir() {
                         std::to_string(::getpid()));
   fs::remove_all(dir);
   fs::create_directories(dir);
+  RemoveTempDirs::dirs().push_back(dir.string());
   return dir.string();
 }
 

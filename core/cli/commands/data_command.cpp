@@ -21,15 +21,18 @@ int cmd_data(const Args& args) {
   int64_t show_tokens = 16;
   po::options_description options("keel data " + sub);
   add_config_options(options, config_path, overrides);
+  if (sub == "prepare") options.add_options()("force", "re-tokenize even if the prepared data looks up to date");
   if (sub == "show-batch")
     options.add_options()
         ("step", po::value<int64_t>(&step)->required(), "step whose global batch to show")
         ("tokens", po::value<int64_t>(&show_tokens)->default_value(16), "tokens shown per sample");
-  parse_args(Args(args.begin() + 1, args.end()), options, "data " + sub);
+  auto vm = parse_args(Args(args.begin() + 1, args.end()), options, "data " + sub);
   setup_logging();
   Config config = load_cli_config(config_path, overrides);
   if (sub == "prepare") {
-    data::prepare_data(config);
+    data::PrepareOptions prepare_options;
+    prepare_options.force = vm.count("force") > 0;
+    data::prepare_data(config, prepare_options);
     std::cout << "prepared data: " << config.data.dir << "\n";
     return 0;
   }
