@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include "core/data/shard.h"
+#include "test_support.h"
 
 namespace fs = std::filesystem;
 using keel::data::DataError;
@@ -17,41 +18,8 @@ using keel::data::ShardReader;
 
 namespace {
 
-// Temp dirs of this file's tests, removed after the run unless a test failed (then they are kept to look at).
-class RemoveTempDirs : public ::testing::Environment {
- public:
-  static std::vector<std::string>& dirs() {
-    static std::vector<std::string> d;
-    return d;
-  }
-  void TearDown() override {
-    if (!::testing::UnitTest::GetInstance()->Passed()) return;
-    for (const auto& d : dirs()) fs::remove_all(d);
-  }
-};
-[[maybe_unused]] ::testing::Environment* const kRemoveTempDirs =
-    ::testing::AddGlobalTestEnvironment(new RemoveTempDirs);
-
-// A fresh directory per test (ctest runs tests as separate processes in parallel).
-std::string test_dir() {
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  const fs::path dir = fs::temp_directory_path() /
-                       ("keel-" + std::string(info->test_suite_name()) + "-" + info->name() + "-" +
-                        std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  RemoveTempDirs::dirs().push_back(dir.string());
-  return dir.string();
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const DataError& e) {
-    return e.what();
-  }
-  return "(no DataError)";
-}
+using keel::testing::test_dir;
+const auto error_of = keel::testing::data_error_of;
 
 std::vector<char> read_bytes(const std::string& path) {
   std::ifstream f(path, std::ios::binary);

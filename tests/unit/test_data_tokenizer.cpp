@@ -16,6 +16,7 @@
 #include "core/data/prepare.h"
 #include "core/data/shard.h"
 #include "core/data/tokenizer.h"
+#include "test_support.h"
 
 namespace fs = std::filesystem;
 using keel::data::DataError;
@@ -23,32 +24,7 @@ using nlohmann::json;
 
 namespace {
 
-// Temp dirs of this file's tests, removed after the run unless a test failed (then they are kept to look at).
-class RemoveTempDirs : public ::testing::Environment {
- public:
-  static std::vector<std::string>& dirs() {
-    static std::vector<std::string> d;
-    return d;
-  }
-  void TearDown() override {
-    if (!::testing::UnitTest::GetInstance()->Passed()) return;
-    for (const auto& d : dirs()) fs::remove_all(d);
-  }
-};
-[[maybe_unused]] ::testing::Environment* const kRemoveTempDirs =
-    ::testing::AddGlobalTestEnvironment(new RemoveTempDirs);
-
-// A fresh directory per test (ctest runs tests as separate processes in parallel).
-std::string test_dir() {
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  const fs::path dir = fs::temp_directory_path() /
-                       ("keel-" + std::string(info->test_suite_name()) + "-" + info->name() + "-" +
-                        std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  RemoveTempDirs::dirs().push_back(dir.string());
-  return dir.string();
-}
+using keel::testing::test_dir;
 
 std::string slurp(const std::string& path) {
   std::ifstream f(path, std::ios::binary);

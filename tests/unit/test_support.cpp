@@ -1,0 +1,53 @@
+// Why: see test_support.h.
+#include "test_support.h"
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "core/data/data_error.h"
+
+namespace keel::testing {
+namespace {
+
+namespace fs = std::filesystem;
+
+class RemoveTempDirs : public ::testing::Environment {
+ public:
+  static std::vector<std::string>& dirs() {
+    static std::vector<std::string> d;
+    return d;
+  }
+  void TearDown() override {
+    if (!::testing::UnitTest::GetInstance()->Passed()) return;
+    for (const auto& d : dirs()) fs::remove_all(d);
+  }
+};
+[[maybe_unused]] ::testing::Environment* const kRemoveTempDirs =
+    ::testing::AddGlobalTestEnvironment(new RemoveTempDirs);
+
+}  // namespace
+
+std::string test_dir() {
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  const fs::path dir = fs::temp_directory_path() / ("keel-" + std::string(info->test_suite_name()) + "-" +
+                                                    info->name() + "-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  RemoveTempDirs::dirs().push_back(dir.string());
+  return dir.string();
+}
+
+std::string data_error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const keel::data::DataError& e) {
+    return e.what();
+  }
+  return "(no DataError)";
+}
+
+}  // namespace keel::testing
