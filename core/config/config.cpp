@@ -138,7 +138,7 @@ const std::vector<KeyDef>& key_table() {
       KEEL_CHOICE("train.precision", train.precision, "numeric precision", "fp32", "bf16-mixed"),
       KEEL_INT("train.log_every", train.log_every, "console progress line every N steps"),
       KEEL_CHOICE("train.device", train.device, "device to train on", "cpu", "cuda"),
-      KEEL_INT("train.threads", train.threads, "intra-op CPU threads; 0 = LibTorch default"),
+      KEEL_INT("train.threads", train.threads, "intra-op CPU threads; 0 = all CPUs"),
 
       KEEL_CHOICE("optim.name", optim.name, "optimizer", "adamw"),
       KEEL_DOUBLE("optim.lr", optim.lr, "peak learning rate"),

@@ -46,7 +46,7 @@ struct TrainConfig {
   std::string precision = "bf16-mixed";  // fp32 | bf16-mixed
   int64_t log_every = 10;     // console progress line every N steps
   std::string device = "cpu"; // cpu | cuda
-  int64_t threads = 0;        // intra-op threads; 0 = LibTorch default
+  int64_t threads = 0;        // intra-op threads; 0 = all CPUs
 };
 
 struct OptimConfig {

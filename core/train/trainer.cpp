@@ -5,6 +5,7 @@
 #include <chrono>
 #include <csignal>
 #include <cmath>
+#include <thread>
 
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
@@ -54,7 +55,9 @@ Trainer::Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader
   s.config = std::move(config);
   s.paths = std::move(paths);
   const Config& c = s.config;
-  if (c.train.threads > 0) torch::set_num_threads(static_cast<int>(c.train.threads));
+  // LibTorch's default here is 1 thread on a 2-core machine; use every CPU unless told otherwise.
+  const int64_t threads = c.train.threads > 0 ? c.train.threads : std::max(1u, std::thread::hardware_concurrency());
+  torch::set_num_threads(static_cast<int>(threads));
   if (c.train.device == "cuda") {
     TORCH_CHECK(torch::cuda::is_available(), "train.device = cuda but no CUDA device is available to this build");
     s.device = torch::Device(torch::kCUDA, 0);
