@@ -4,6 +4,8 @@
 #include <string>
 #include <vector>
 
+#include <c10/util/Exception.h>
+
 #include "core/cli/commands/commands.h"
 
 int main(int argc, char** argv) {
@@ -25,6 +27,9 @@ int main(int argc, char** argv) {
     if (command == "config") return keel::cli::cmd_config(rest);
     std::cerr << "keel: unknown command '" << command << "'\n\n" << keel::cli::usage();
     return 2;
+  } catch (const c10::Error& e) {  // TORCH_CHECK failures: the message without LibTorch's C++ backtrace
+    std::cerr << "keel " << command << ": error: " << e.what_without_backtrace() << "\n";
+    return 1;
   } catch (const std::exception& e) {
     std::cerr << "keel " << command << ": error: " << e.what() << "\n";
     return 1;

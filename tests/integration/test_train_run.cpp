@@ -10,6 +10,7 @@
 #include <thread>
 
 #include <gtest/gtest.h>
+#include <torch/cuda.h>
 
 #include "core/metrics/metrics_reader.h"
 #include "keel_process.h"
@@ -157,6 +158,13 @@ TEST(Cli, ConfigErrorsExitNonZeroNamingKeyOrFile) {
   auto bad_option = run_keel("train --config " + tiny_config() + " --run-dir " + run_dir + " --colour red");
   EXPECT_NE(bad_option.exit_code, 0);
   EXPECT_NE(bad_option.output.find("colour"), std::string::npos) << bad_option.output;
+  if (!torch::cuda::is_available()) {
+    auto no_gpu = run_keel("train --config " + tiny_config() + " " + test_data_override() + " --run-dir " + run_dir +
+                           " --set train.device=cuda");
+    EXPECT_NE(no_gpu.exit_code, 0);
+    EXPECT_NE(no_gpu.output.find("train.device"), std::string::npos) << no_gpu.output;
+    EXPECT_FALSE(std::filesystem::exists(run_dir));
+  }
   auto bad_command = run_keel("frobnicate");
   EXPECT_NE(bad_command.exit_code, 0);
   auto version = run_keel("--version");

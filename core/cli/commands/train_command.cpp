@@ -5,6 +5,7 @@
 #include <iostream>
 
 #include <spdlog/spdlog.h>
+#include <torch/cuda.h>
 
 #include "core/cli/commands/commands.h"
 #include "core/cli/commands/common.h"
@@ -28,6 +29,8 @@ int cmd_train(const Args& args) {
     return 0;
   }
   Config config = load_cli_config(config_path, overrides);  // all config errors before touching the run dir
+  if (config.train.device == "cuda" && !torch::cuda::is_available())
+    throw std::runtime_error("train.device = cuda but no CUDA device is available to this build of keel");
   // Data next: an unprepared corpus is the most common first-run error; report it before claiming the run dir.
   auto loader = std::make_unique<data::DataLoader>(config, config.global_batch());
   train::RunPaths paths = train::create_run_dir(run_dir, vm.count("force") > 0);
