@@ -26,10 +26,6 @@ po::variables_map parse_args(const std::vector<std::string>& args, const po::opt
   return vm;
 }
 
-Config load_cli_config(const std::string& config_path, const std::vector<std::string>& overrides) {
-  return load_config(config_path, overrides);
-}
-
 void setup_logging(const std::string& log_file) {
   std::vector<spdlog::sink_ptr> sinks;
   sinks.push_back(std::make_shared<spdlog::sinks::stderr_color_sink_mt>());

@@ -16,7 +16,6 @@ void add_config_options(po::options_description& options, std::string& config_pa
 // Parses args against `options` (no positional arguments); unknown options are errors naming them.
 po::variables_map parse_args(const std::vector<std::string>& args, const po::options_description& options,
                              const std::string& command);
-Config load_cli_config(const std::string& config_path, const std::vector<std::string>& overrides);
 // Log to the console (and to `log_file` when given) with spdlog.
 void setup_logging(const std::string& log_file = "");
 

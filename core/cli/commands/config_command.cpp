@@ -20,7 +20,7 @@ int cmd_config(const Args& args) {
   po::options_description options("keel config show");
   add_config_options(options, config_path, overrides);
   parse_args(Args(args.begin() + 1, args.end()), options, "config show");
-  std::cout << to_ini(load_cli_config(config_path, overrides));
+  std::cout << to_ini(load_config(config_path, overrides));
   return 0;
 }
 

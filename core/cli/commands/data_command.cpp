@@ -28,7 +28,7 @@ int cmd_data(const Args& args) {
         ("tokens", po::value<int64_t>(&show_tokens)->default_value(16), "tokens shown per sample");
   auto vm = parse_args(Args(args.begin() + 1, args.end()), options, "data " + sub);
   setup_logging();
-  Config config = load_cli_config(config_path, overrides);
+  Config config = load_config(config_path, overrides);
   if (sub == "prepare") {
     data::PrepareOptions prepare_options;
     prepare_options.force = vm.count("force") > 0;

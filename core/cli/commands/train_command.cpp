@@ -28,7 +28,7 @@ int cmd_train(const Args& args) {
     std::cout << options;
     return 0;
   }
-  Config config = load_cli_config(config_path, overrides);  // all config errors before touching the run dir
+  Config config = load_config(config_path, overrides);  // all config errors before touching the run dir
   if (config.train.device == "cuda" && !torch::cuda::is_available())
     throw std::runtime_error("train.device = cuda but no CUDA device is available to this build of keel");
   // Data next: an unprepared corpus is the most common first-run error; report it before claiming the run dir.
