@@ -166,6 +166,12 @@ const std::vector<KeyDef>& key_table() {
       KEEL_INT("metrics.flush_every", metrics.flush_every, "flush metrics.h5 every N steps"),
       KEEL_BOOL("metrics.per_tensor", metrics.per_tensor, "log per-tensor grad and param norms"),
 
+      KEEL_INT("checkpoint.every", checkpoint.every, "save a checkpoint every N steps; 0 = none periodic"),
+      KEEL_BOOL("checkpoint.at_end", checkpoint.at_end, "save a checkpoint after the last step"),
+      KEEL_INT("checkpoint.keep_last", checkpoint.keep_last, "newest checkpoints kept (>= 2); 0 = keep all"),
+      KEEL_INT("checkpoint.milestone_every", checkpoint.milestone_every,
+               "checkpoints at steps divisible by M are kept forever; 0 = none"),
+
   };
   return table;
 }
@@ -291,6 +297,10 @@ void validate(const Config& c) {
   require(o.eps > 0.0 && o.weight_decay >= 0.0 && o.grad_clip >= 0.0, "optim.eps > 0, optim.weight_decay >= 0, optim.grad_clip >= 0");
   require(c.data.chunks >= 1, "data.chunks must be >= 1");
   require(c.metrics.flush_every >= 1, "metrics.flush_every must be >= 1");
+  require(c.checkpoint.every >= 0 && c.checkpoint.milestone_every >= 0,
+          "checkpoint.every and checkpoint.milestone_every must be >= 0");
+  require(c.checkpoint.keep_last == 0 || c.checkpoint.keep_last >= 2,
+          "checkpoint.keep_last must be >= 2 (so that a damaged newest checkpoint has a fallback), or 0 to keep all");
   for (const auto& s : c.data.sources) {
     require(!s.inputs.empty(), "source." + s.name + ".inputs is empty");
     require(s.max_mb >= 0.0, "source." + s.name + ".max_mb must be >= 0");

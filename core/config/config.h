@@ -87,12 +87,20 @@ struct MetricsConfig {
   bool per_tensor = true;     // per-parameter grad/param norm matrices
 };
 
+struct CheckpointConfig {
+  int64_t every = 0;            // save every N steps; 0 = no periodic checkpoints
+  bool at_end = true;           // save after the last step (a stop signal always saves)
+  int64_t keep_last = 3;        // newest complete checkpoints kept (>= 2); 0 = keep all
+  int64_t milestone_every = 0;  // steps divisible by M are kept forever (LLM360 kept 360); 0 = none
+};
+
 struct Config {
   ModelConfig model;
   TrainConfig train;
   OptimConfig optim;
   DataConfig data;
   MetricsConfig metrics;
+  CheckpointConfig checkpoint;
   std::string source_file;    // where it was loaded from (for messages)
 
   // Global batch in sequences (data-parallel size 1 for now).
