@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   const std::vector<std::string> rest(args.begin() + 1, args.end());
   try {
     if (command == "train") return keel::cli::cmd_train(rest);
+    if (command == "resume") return keel::cli::cmd_resume(rest);
     if (command == "data") return keel::cli::cmd_data(rest);
     if (command == "inspect") return keel::cli::cmd_inspect(rest);
     if (command == "config") return keel::cli::cmd_config(rest);

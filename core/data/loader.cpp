@@ -129,6 +129,7 @@ DataLoader::DataLoader(const keel::Config& config, int64_t global_batch)
     vocab_ = manifest.at("vocab").get<int64_t>();
     eos_id_ = manifest.at("eos_id").get<int32_t>();
     prepared_fingerprint_ = manifest.value("fingerprint", "");
+    tokenizer_fingerprint_ = manifest.value("tokenizer", json::object()).value("fingerprint", "");
     if (vocab_ != config.model.vocab) {
       throw DataError("data in " + dir_ + " was prepared for vocab " + std::to_string(vocab_) +
                       " but model.vocab = " + std::to_string(config.model.vocab) + ": " + prepare_hint);
@@ -251,7 +252,7 @@ SampleRef DataLoader::next_sample(int32_t index) {
       if (r.source != index || r.kind != SkipRule::Kind::kChunk || !r.active_at(step_)) continue;
       if (chunk >= r.first && chunk <= r.last) {
         const auto end = static_cast<int64_t>(
-            std::min<__int128>(n, (static_cast<__int128>(r.last + 1) * n + chunks_ - 1) / chunks_));
+            std::min<__int128>(n, ((static_cast<__int128>(r.last) + 1) * n + chunks_ - 1) / chunks_));
         s.skipped += end - s.position;
         scanned += end - s.position;
         s.position = end;
@@ -438,7 +439,11 @@ json DataLoader::fingerprint() const {
     for (const auto& sh : s.shards) shards.push_back(sh.num_tokens());
     sources.push_back({{"name", s.name}, {"tokens", s.tokens}, {"shard_tokens", shards}});
   }
-  return {{"vocab", vocab_}, {"eos_id", eos_id_}, {"prepared", prepared_fingerprint_}, {"sources", sources}};
+  return {{"vocab", vocab_},
+          {"eos_id", eos_id_},
+          {"tokenizer", tokenizer_fingerprint_},
+          {"prepared", prepared_fingerprint_},
+          {"sources", sources}};
 }
 
 json DataLoader::state() const {
@@ -473,7 +478,7 @@ json DataLoader::state() const {
           {"fingerprint", fingerprint()}};
 }
 
-void DataLoader::load_state(const json& ledger) {
+void DataLoader::load_state(const json& ledger, bool allow_data_change) {
   try {
     if (ledger.value("format", "") != "keel-data-ledger" || ledger.at("version").get<int>() != kLedgerVersion) {
       throw DataError("data ledger: not a version " + std::to_string(kLedgerVersion) + " keel-data-ledger");
@@ -488,7 +493,7 @@ void DataLoader::load_state(const json& ledger) {
     require_same("seq_len", seq_len_, "model.seq_len");
     require_same("chunks", chunks_, "data.chunks");
     require_same("global_batch", global_batch_, "the global batch");
-    if (ledger.at("fingerprint") != fingerprint()) {
+    if (!allow_data_change && ledger.at("fingerprint") != fingerprint()) {
       throw DataError("data ledger was written for other prepared data: ledger " + ledger.at("fingerprint").dump() +
                       " vs " + dir_ + " " + fingerprint().dump());
     }
@@ -517,9 +522,12 @@ void DataLoader::load_state(const json& ledger) {
       }
       if (!entry) throw DataError("data ledger: no cursor for source " + sources_[i].name);
       restored_cursors[i].epoch = entry->at("epoch").get<int64_t>();
-      restored_cursors[i].position = entry->at("position").get<int64_t>();
+      // Clamped: with allow_data_change a source may have fewer samples per epoch than when the ledger was written.
+      restored_cursors[i].position = std::min(entry->at("position").get<int64_t>(), sources_[i].samples);
       restored_cursors[i].consumed = entry->at("consumed").get<int64_t>();
       restored_cursors[i].skipped = entry->at("skipped").get<int64_t>();
+      if (restored_cursors[i].epoch < 0 || restored_cursors[i].position < 0)
+        throw DataError("data ledger: negative epoch or position for source " + sources_[i].name);
     }
     // All checks passed: commit.
     stages_ = std::move(stages);

@@ -86,9 +86,10 @@ class DataLoader {
   // The ledger: step, global sample counter, per-source cursors, mixture history, skip rules, fingerprint.
   nlohmann::json state() const;
   // Restore a ledger written by state(). Throws DataError if it was written for other data (fingerprint),
-  // another seed, seq_len, chunk count or global batch.
-  void load_state(const nlohmann::json& ledger);
-  // vocab, eos, prepared fingerprint, per-source shard token counts (resume refuses a mismatch).
+  // another seed, seq_len, chunk count or global batch. With `allow_data_change` a fingerprint mismatch is
+  // accepted (the caller records it): cursors keep their epoch and position, clamped to the new epoch size.
+  void load_state(const nlohmann::json& ledger, bool allow_data_change = false);
+  // vocab, eos, tokenizer and prepared fingerprints, per-source shard token counts (resume refuses a mismatch).
   nlohmann::json fingerprint() const;
 
   const std::vector<std::string>& source_names() const { return names_; }
@@ -129,6 +130,7 @@ class DataLoader {
   int64_t vocab_ = 0;
   int32_t eos_id_ = 0;
   std::string prepared_fingerprint_;
+  std::string tokenizer_fingerprint_;
   uint64_t seed_ = 0;
   int64_t seq_len_ = 0;
   int64_t chunks_ = 1;

@@ -14,7 +14,7 @@ RunPaths create_run_dir(const std::string& dir, bool force) {
     if (!fs::is_empty(dir)) {
       if (!force)
         throw std::runtime_error("run dir " + dir + " already holds a run; choose a new --run-dir or pass --force to replace it");
-      for (const auto& path : {paths.config_ini(), paths.metrics_h5(), paths.log_file(), paths.checkpoints()})
+      for (const auto& path : {paths.config_ini(), paths.metrics_h5(), paths.log_file(), paths.lineage_json(), paths.checkpoints()})
         fs::remove_all(path);
     }
   }

@@ -12,6 +12,7 @@ struct RunPaths {
   std::string metrics_h5() const { return root + "/metrics.h5"; }
   std::string log_file() const { return root + "/train.log"; }
   std::string checkpoints() const { return root + "/checkpoints"; }
+  std::string lineage_json() const { return root + "/lineage.json"; }
 };
 
 // Creates `dir` for a new run. An existing non-empty directory is refused (std::runtime_error naming it)

@@ -5,11 +5,22 @@
 #include <chrono>
 #include <csignal>
 #include <cmath>
+#include <fstream>
 #include <thread>
 
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
+#include "core/checkpoint/checkpoint_error.h"
+#include "core/checkpoint/checkpoint_store.h"
+#include "core/checkpoint/durable_fs.h"
+#include "core/checkpoint/manifest.h"
+#include "core/checkpoint/sha256.h"
+#include "core/checkpoint/training_state.h"
+#include "core/metrics/hdf5_handle.h"
 #include "core/metrics/metrics_writer.h"
 #include "core/metrics/progress.h"
 #include "core/model/llama.h"
@@ -20,7 +31,15 @@ namespace {
 
 std::atomic<bool> g_stop_requested{false};
 
-extern "C" void on_stop_signal(int) { g_stop_requested.store(true); }
+// First signal: stop at the next step boundary (after saving a checkpoint). Second: the user insists; leave now
+// (a checkpoint being written stays a .tmp directory and is never loaded).
+extern "C" void on_stop_signal(int signal) {
+  if (g_stop_requested.exchange(true)) {
+    static const char message[] = "\nkeel: second stop signal: exiting now without a checkpoint\n";
+    (void)!::write(2, message, sizeof(message) - 1);
+    ::_exit(128 + signal);
+  }
+}
 
 std::vector<float> to_float_vector(const torch::Tensor& t) {
   torch::Tensor cpu = t.to(torch::kCPU, torch::kFloat).contiguous();
@@ -47,13 +66,20 @@ struct Trainer::State {
   std::unique_ptr<data::DataLoader> loader;
   std::unique_ptr<metrics::MetricsWriter> metrics;
   int64_t tokens_seen = 0;
+  checkpoint::Lineage lineage;
+  std::unique_ptr<checkpoint::CheckpointStore> checkpoints;
+  std::string last_checkpoint;
+
+  int64_t decay_steps() const { return config.optim.decay_steps > 0 ? config.optim.decay_steps : config.train.steps; }
 };
 
-Trainer::Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader> loader)
+Trainer::Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader> loader, checkpoint::Lineage lineage)
     : state_(std::make_unique<State>()) {
   State& s = *state_;
   s.config = std::move(config);
   s.paths = std::move(paths);
+  s.lineage = std::move(lineage);
+  s.checkpoints = std::make_unique<checkpoint::CheckpointStore>(s.paths.checkpoints());
   const Config& c = s.config;
   // LibTorch's default here is 1 thread on a 2-core machine; use every CPU unless told otherwise.
   const int64_t threads = c.train.threads > 0 ? c.train.threads : std::max(1u, std::thread::hardware_concurrency());
@@ -67,6 +93,9 @@ Trainer::Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader
   s.loader = std::move(loader);
   TORCH_CHECK(s.loader && s.loader->global_batch() == c.global_batch(), "trainer needs a data loader for the global batch");
 
+  // LibTorch seeds its default generators nondeterministically; seed them so that anything random in a step
+  // (now or in a plugin) is reproducible. Their state is saved in checkpoints and restored on resume.
+  torch::manual_seed(c.train.seed);
   s.model = model::Llama(c.model);
   s.model->init_weights(c.train.seed);
   s.model->to(s.device);
@@ -97,16 +126,16 @@ TrainSummary Trainer::train() {
   const Config& c = s.config;
   TrainSummary summary;
   summary.metrics_path = s.paths.metrics_h5();
-  s.metrics->event(s.loader->step(), "run_start", "steps " + std::to_string(c.train.steps));
+  checkpoint::write_file_atomically(s.paths.lineage_json(), checkpoint::lineage_to_json(s.lineage));
+  s.metrics->event(s.loader->step(), "run_start", "steps " + std::to_string(c.train.steps) + ", " + s.lineage.kind() +
+                                                      " run " + s.lineage.run_id);
+  if (s.loader->step() >= c.train.steps) {
+    spdlog::warn("nothing to do: the run is already at step {} and train.steps = {} (set train.steps higher)",
+                 s.loader->step(), c.train.steps);
+  }
   metrics::ThroughputMeter meter;
 
   for (int64_t step = s.loader->step(); step < c.train.steps; ++step) {
-    if (stop_requested()) {
-      summary.stopped_by_signal = true;
-      s.metrics->event(step, "stop", "stop signal received; stopping at the step boundary");
-      spdlog::warn("stop signal received: stopping before step {}", step);
-      break;
-    }
     StepContext ctx = train_step(step);
     if (summary.steps_run == 0) summary.first_loss = ctx.loss;
     ++summary.steps_run;
@@ -117,10 +146,134 @@ TrainSummary Trainer::train() {
       spdlog::info(metrics::format_progress({step + 1, c.train.steps, ctx.loss, ctx.grad_norm, ctx.lr,
                                              meter.tokens_per_s(), meter.eta_s(c.train.steps - step - 1),
                                              ctx.decision != StepDecision::kContinue}));
+    // Step boundary: a stop signal saves and leaves; otherwise a checkpoint when one is due.
+    if (stop_requested()) {
+      summary.stopped_by_signal = true;
+      s.metrics->event(step, "stop", "stop signal received: checkpoint and exit after step " + std::to_string(step));
+      spdlog::warn("stop signal received: saving a checkpoint after step {} and stopping", step);
+      save_checkpoint("stop signal");
+      break;
+    }
+    const bool last = step + 1 == c.train.steps;
+    const bool due = c.checkpoint.every > 0 && (step + 1) % c.checkpoint.every == 0;
+    if (due || (last && c.checkpoint.at_end)) save_checkpoint(last ? "end of run" : "every " + std::to_string(c.checkpoint.every));
   }
   s.metrics->event(summary.last_step, "run_end", "steps run " + std::to_string(summary.steps_run));
   s.metrics->flush();
+  summary.last_checkpoint = s.last_checkpoint;
   return summary;
+}
+
+std::string Trainer::save_checkpoint(const std::string& reason) {
+  State& s = *state_;
+  const Config& c = s.config;
+  const int64_t step = s.loader->step();  // steps completed
+  if (s.checkpoints->exists(step)) return s.paths.checkpoints() + "/" + checkpoint::step_dir_name(step);
+  const auto start = std::chrono::steady_clock::now();
+
+  checkpoint::TrainingState st;
+  st.step = step;
+  st.tokens_seen = s.tokens_seen;
+  for (const auto& p : s.params) st.model.emplace_back(p.name, p.param.detach());
+  st.optimizer_name = "adamw";
+  st.optimizer_step = s.optimizer->step_count();
+  st.optimizer = s.optimizer->state_tensors();
+  st.lr_schedule = nlohmann::json{{"kind", "warmup_cosine"},
+                                  {"lr", c.optim.lr},
+                                  {"min_lr", c.optim.min_lr},
+                                  {"warmup_steps", c.optim.warmup_steps},
+                                  {"decay_steps", s.decay_steps()},
+                                  {"next_step", step}}
+                       .dump();
+  checkpoint::capture_rng(st);
+  st.data_ledger = s.loader->state().dump();
+  st.config_ini = to_ini(c);
+  st.lineage = checkpoint::lineage_to_json(s.lineage);
+
+  const std::string tmp = s.checkpoints->begin(step);
+  checkpoint::write_rank_file(tmp + "/" + checkpoint::rank_file_name(0), st, {0, 1});
+  {
+    std::ofstream out(tmp + "/config.ini", std::ios::binary);
+    out << st.config_ini;
+    if (!out) throw checkpoint::CheckpointError(tmp + "/config.ini: write failed");
+  }
+  checkpoint::Manifest manifest;
+  manifest.keel_version = KEEL_VERSION;
+  manifest.created = metrics::detail::utc_now_iso8601();
+  manifest.run_id = s.lineage.run_id;
+  manifest.config_hash = checkpoint::sha256_hex(st.config_ini);
+  for (const auto& [key, value] : flatten(c)) {
+    if (key.rfind("model.", 0) == 0) manifest.model[key] = value;
+  }
+  manifest.data_fingerprint = s.loader->fingerprint().dump();
+  manifest.lineage = st.lineage;
+  const std::string dir = s.checkpoints->commit(step, manifest, {{checkpoint::rank_file_name(0), 0}, {"config.ini", -1}});
+  const std::vector<std::string> pruned = s.checkpoints->prune(c.checkpoint.keep_last, c.checkpoint.milestone_every);
+
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  s.last_checkpoint = dir;
+  s.metrics->event(step, "checkpoint", dir + " (" + reason + ")");
+  for (const auto& p : pruned) s.metrics->event(step, "checkpoint_pruned", p);
+  spdlog::info("checkpoint {} saved in {:.2f} s ({}){}", dir, seconds, reason,
+               pruned.empty() ? "" : fmt::format("; pruned {}", pruned.size()));
+  return dir;
+}
+
+void Trainer::restore(const checkpoint::TrainingState& st, bool allow_data_change) {
+  using checkpoint::CheckpointError;
+  State& s = *state_;
+  // 1. Check everything before touching anything.
+  auto find = [](const checkpoint::NamedTensors& list, const std::string& name) -> const torch::Tensor* {
+    for (const auto& [n, t] : list) {
+      if (n == name) return &t;
+    }
+    return nullptr;
+  };
+  auto check_tensor = [&](const checkpoint::NamedTensors& list, const std::string& name, const torch::Tensor& like) {
+    const torch::Tensor* t = find(list, name);
+    if (!t) throw CheckpointError("checkpoint has no tensor '" + name + "'");
+    if (t->sizes() != like.sizes()) {
+      throw CheckpointError("checkpoint tensor '" + name + "' has shape " + c10::str(t->sizes()) + ", the model needs " +
+                            c10::str(like.sizes()));
+    }
+    if (t->scalar_type() != torch::kFloat) {
+      throw CheckpointError("checkpoint tensor '" + name + "' is " + c10::toString(t->scalar_type()) +
+                            ", expected float32 (fp32 master weights and optimizer state)");
+    }
+  };
+  if (st.model.size() != s.params.size()) {
+    throw CheckpointError("checkpoint has " + std::to_string(st.model.size()) + " model tensors, the model has " +
+                          std::to_string(s.params.size()));
+  }
+  for (const auto& p : s.params) check_tensor(st.model, p.name, p.param);
+  if (st.optimizer_name != "adamw") throw CheckpointError("checkpoint optimizer '" + st.optimizer_name + "' is not adamw");
+  for (const auto& p : s.params) {
+    check_tensor(st.optimizer, p.name + "/exp_avg", p.param);
+    check_tensor(st.optimizer, p.name + "/exp_avg_sq", p.param);
+  }
+  const nlohmann::json ledger = nlohmann::json::parse(st.data_ledger, nullptr, /*allow_exceptions=*/false);
+  if (ledger.is_discarded() || !ledger.is_object() || ledger.value("step", int64_t{-1}) != st.step) {
+    throw CheckpointError("checkpoint data ledger is malformed or not at step " + std::to_string(st.step));
+  }
+  const nlohmann::json fingerprint_before = s.loader->fingerprint();
+  s.loader->load_state(ledger, allow_data_change);  // validates fully before changing the loader
+
+  // 2. Apply.
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : s.params) p.param.copy_(*find(st.model, p.name));
+  }
+  s.optimizer->load_state_tensors(st.optimizer, st.optimizer_step);
+  s.tokens_seen = st.tokens_seen;
+  checkpoint::restore_rng(st);
+  if (allow_data_change && ledger.value("fingerprint", nlohmann::json()) != fingerprint_before) {
+    s.lineage.notes.push_back("data changed (allowed by --allow-data-change): checkpoint data " +
+                              ledger.value("fingerprint", nlohmann::json()).dump() + ", now " + fingerprint_before.dump());
+  }
+  for (const auto& change : s.loader->adopt_config(s.config)) s.lineage.notes.push_back("data: " + change);
+  s.metrics->event(st.step, "resume", "from " + s.lineage.parent_checkpoint + " (" + s.lineage.kind() + ")");
+  for (const auto& note : s.lineage.notes) s.metrics->event(st.step, "lineage", note);
+  spdlog::info("resumed at step {} ({} tokens seen) from {}", st.step, st.tokens_seen, s.lineage.parent_checkpoint);
 }
 
 StepContext Trainer::train_step(int64_t step) {
@@ -130,8 +283,7 @@ StepContext Trainer::train_step(int64_t step) {
   StepContext ctx;
   ctx.step = step;
   ctx.tokens_before = s.tokens_seen;
-  const int64_t decay_steps = c.optim.decay_steps > 0 ? c.optim.decay_steps : c.train.steps;
-  ctx.lr = optim::warmup_cosine_lr(step, c.optim.lr, c.optim.min_lr, c.optim.warmup_steps, decay_steps);
+  ctx.lr = optim::warmup_cosine_lr(step, c.optim.lr, c.optim.min_lr, c.optim.warmup_steps, s.decay_steps());
 
   // 1. batch: the data plan of this step is a pure function of (seed, data config, step).
   data::BatchPlan plan = s.loader->plan_next();

@@ -6,10 +6,15 @@
 #include <memory>
 #include <string>
 
+#include "core/checkpoint/lineage.h"
 #include "core/config/config.h"
 #include "core/data/loader.h"
 #include "core/train/run_dir.h"
 #include "core/train/step_context.h"
+
+namespace keel::checkpoint {
+struct TrainingState;
+}
 
 namespace keel::train {
 
@@ -20,19 +25,31 @@ struct TrainSummary {
   double last_loss = 0.0;
   bool stopped_by_signal = false;
   std::string metrics_path;
+  std::string last_checkpoint;  // directory of the last checkpoint saved by this run ("" if none)
 };
 
 class Trainer {
  public:
   // `loader` is opened by the caller before the run dir is claimed, so that unprepared data is reported
   // without leaving a half-made run dir behind.
-  Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader> loader);
+  // `lineage` says where this run comes from; it is written to RUN_DIR/lineage.json and into every checkpoint.
+  Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader> loader, checkpoint::Lineage lineage);
   ~Trainer();
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;
 
-  // Runs steps until config.train.steps (or a SIGINT/SIGTERM, which finishes the current step first).
+  // Continue from a checkpoint: weights, optimizer state, RNG, data ledger, tokens seen. Everything is checked
+  // (names, shapes, dtypes) before anything is changed; a mismatch throws CheckpointError naming the tensor.
+  // Data-ledger changes the config asks for (mixture, skip list) are applied from this step on and recorded in
+  // the lineage; with `allow_data_change` a different data fingerprint is accepted (also recorded).
+  void restore(const checkpoint::TrainingState& state, bool allow_data_change);
+
+  // Runs steps until config.train.steps. Saves checkpoints every checkpoint.every steps and at the end; a
+  // SIGINT/SIGTERM finishes the current step, saves a checkpoint and returns (stopped_by_signal).
   TrainSummary train();
+  // Saves a checkpoint of the current state (steps completed so far) unless one exists for this step; prunes.
+  // Returns its directory.
+  std::string save_checkpoint(const std::string& reason);
 
  private:
   StepContext train_step(int64_t step);

@@ -1,7 +1,5 @@
-// Why: `keel train --config FILE --run-dir DIR [--set k=v]... [--force]`: resolve the config, claim the run dir,
-// record the resolved config beside the metrics, and run the loop.
-#include <filesystem>
-#include <fstream>
+// Why: `keel train --config FILE --run-dir DIR [--set k=v]... [--force]`: resolve the config and open the data
+// (both may fail; nothing is written yet), then hand over to launch_run.
 #include <iostream>
 
 #include <spdlog/spdlog.h>
@@ -9,8 +7,7 @@
 
 #include "core/cli/commands/commands.h"
 #include "core/cli/commands/common.h"
-#include "core/train/run_dir.h"
-#include "core/train/trainer.h"
+#include "core/cli/commands/run_launcher.h"
 
 namespace keel::cli {
 
@@ -33,31 +30,23 @@ int cmd_train(const Args& args) {
     throw std::runtime_error("train.device = cuda but no CUDA device is available to this build of keel");
   // Data next: an unprepared corpus is the most common first-run error; report it before claiming the run dir.
   auto loader = std::make_unique<data::DataLoader>(config, config.global_batch());
-  train::RunPaths paths = train::create_run_dir(run_dir, vm.count("force") > 0);
-  setup_logging(paths.log_file());
-  {
-    std::ofstream out(paths.config_ini());
-    out << to_ini(config);
-  }
-  spdlog::info("keel {} train: config {} -> run dir {}", KEEL_VERSION, config_path, run_dir);
-  train::install_stop_signal_handlers();
-  train::Trainer trainer(config, paths, std::move(loader));
-  const train::TrainSummary summary = trainer.train();
-  spdlog::info("done: {} steps, loss {:.4f} -> {:.4f}{}", summary.steps_run, summary.first_loss, summary.last_loss,
-               summary.stopped_by_signal ? " (stopped by signal)" : "");
-  std::cout << "metrics:     " << summary.metrics_path << "\n"
-            << "config:      " << paths.config_ini() << "\n"
-            << "log:         " << paths.log_file() << "\n";
-  return 0;
+  RunRequest request;
+  request.config = std::move(config);
+  request.loader = std::move(loader);
+  request.run_dir = run_dir;
+  request.force = vm.count("force") > 0;
+  request.description = "train: config " + config_path;
+  return launch_run(std::move(request));
 }
 
 std::string usage() {
   return "keel " KEEL_VERSION " - LLM training-stability workbench\n\n"
          "usage:\n"
          "  keel train --config FILE --run-dir DIR [--set key=value]... [--force]\n"
+         "  keel resume --from RUN_DIR|CKPT_DIR --run-dir NEW_DIR [--set key=value]... [--allow-data-change]\n"
          "  keel data prepare --config FILE [--set key=value]...\n"
          "  keel data show-batch --config FILE --step N [--set key=value]...\n"
-         "  keel inspect RUN_DIR\n"
+         "  keel inspect RUN_DIR|CKPT_DIR [RUN_DIR...]\n"
          "  keel config keys | keel config show --config FILE [--set key=value]...\n"
          "  keel --version\n\n"
          "docs: README.md and docs/ (docs/cli.md lists every command and key)\n";

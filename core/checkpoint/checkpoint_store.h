@@ -1,0 +1,70 @@
+// Why: the directory protocol that makes checkpoints atomic and retention safe (DESIGN.md, docs/checkpoints.md):
+//   save:   files go into ROOT/step-N.tmp/; manifest.json (sizes + SHA-256) is written last; files and the
+//           directory are fsynced; step-N.tmp is renamed to step-N; then ROOT/latest is atomically replaced.
+//   valid:  a step-N directory with a manifest whose files all match their sizes and checksums. Anything else
+//           (a .tmp, a directory without manifest, a damaged file) is never loaded and never counted.
+//   prune:  keep the newest K valid checkpoints plus every M-th step; a pruned directory is first renamed to
+//           step-N.deleting (atomic) and then removed, so a kill while pruning never leaves a half-deleted
+//           directory that looks like a checkpoint.
+// Torch-free: it moves files, the trainer decides what goes in them.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "core/checkpoint/manifest.h"
+
+namespace keel::checkpoint {
+
+// "step-00000100"
+std::string step_dir_name(int64_t step);
+// Parses "step-00000100" (exactly 8+ digits, nothing else) into 100.
+std::optional<int64_t> parse_step_dir_name(const std::string& name);
+
+struct CheckpointEntry {
+  int64_t step = 0;
+  std::string dir;
+};
+
+class CheckpointStore {
+ public:
+  explicit CheckpointStore(std::string root);  // RUN_DIR/checkpoints (created on first save)
+  const std::string& root() const { return root_; }
+
+  // A fresh, empty ROOT/step-N.tmp/ (a stale one from a killed save is removed first). Throws if step-N exists.
+  std::string begin(int64_t step);
+  // Completes a save begun with begin(step): hashes `files` (name, rank) in the tmp dir, writes the manifest
+  // (`manifest.files` is filled in here), fsyncs, renames to step-N and points ROOT/latest at it. Returns the
+  // final directory.
+  std::string commit(int64_t step, Manifest manifest, const std::vector<std::pair<std::string, int64_t>>& files);
+  bool exists(int64_t step) const;
+
+  // Every step-N directory, oldest first, without checking it.
+  std::vector<CheckpointEntry> list() const;
+  // The valid ones, oldest first. Checksums are verified once per directory and process (then remembered).
+  std::vector<CheckpointEntry> list_valid() const;
+  // Applies retention; returns the directories removed. keep_last == 0 keeps all.
+  std::vector<std::string> prune(int64_t keep_last, int64_t milestone_every);
+  // The directory ROOT/latest names, if the pointer exists.
+  std::optional<std::string> latest_pointer() const;
+
+ private:
+  bool is_valid(const CheckpointEntry& entry) const;
+  std::string root_;
+  mutable std::set<std::string> verified_;
+};
+
+// What `keel resume --from PATH` loads. PATH is a checkpoint directory (must be valid: no fallback) or a run
+// directory (its `latest`, else — with a warning naming what is damaged — the newest valid checkpoint; never
+// step 0). Throws CheckpointError naming every damaged candidate when nothing valid is found.
+struct ResolvedCheckpoint {
+  std::string dir;
+  Manifest manifest;
+  std::vector<std::string> warnings;  // one line per damaged checkpoint passed over
+};
+ResolvedCheckpoint resolve_checkpoint(const std::string& path);
+
+}  // namespace keel::checkpoint

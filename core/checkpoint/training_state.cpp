@@ -1,0 +1,192 @@
+// Why: see training_state.h. The HDF5 layout of a rank file (docs/checkpoints.md):
+//   /                      attrs format, format_version, keel_version, step, tokens_seen, rank, world_size
+//   /model/<param>         fp32 master weights
+//   /optimizer             attrs name, step; /optimizer/state/<param>/<exp_avg|exp_avg_sq|...>
+//   /lr_schedule           JSON text
+//   /rng/cpu, /rng/cuda/<device>   uint8 generator states
+//   /data/ledger           JSON text (the data ledger)
+//   /config                INI text (the resolved config)
+//   /lineage               JSON text
+//   /plugins/<slot>        attrs name, version; /plugins/<slot>/state (JSON text), /plugins/<slot>/tensors/<name>
+#include "core/checkpoint/training_state.h"
+
+#include <cstring>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/torch.h>
+
+#include "core/checkpoint/checkpoint_error.h"
+#include "core/checkpoint/h5_file.h"
+#include "core/checkpoint/manifest.h"
+
+namespace keel::checkpoint {
+namespace {
+
+constexpr const char* kRankFileFormat = "keel-checkpoint-rank";
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    case at::kLong: return DType::kInt64;
+    case at::kInt: return DType::kInt32;
+    case at::kByte: return DType::kUInt8;
+    default: throw CheckpointError(std::string("cannot checkpoint a tensor of dtype ") + c10::toString(t.scalar_type()));
+  }
+}
+
+at::ScalarType scalar_type_of(DType d) {
+  switch (d) {
+    case DType::kFloat32: return at::kFloat;
+    case DType::kFloat64: return at::kDouble;
+    case DType::kBFloat16: return at::kBFloat16;
+    case DType::kFloat16: return at::kHalf;
+    case DType::kInt64: return at::kLong;
+    case DType::kInt32: return at::kInt;
+    case DType::kUInt8: return at::kByte;
+  }
+  throw CheckpointError("unknown dtype");
+}
+
+RawTensor to_raw(const at::Tensor& tensor) {
+  const at::Tensor t = tensor.detach().to(at::kCPU).contiguous();
+  RawTensor raw;
+  raw.dtype = dtype_of(t);
+  raw.shape = t.sizes().vec();
+  raw.bytes.resize(t.numel() * t.element_size());
+  if (!raw.bytes.empty()) std::memcpy(raw.bytes.data(), t.data_ptr(), raw.bytes.size());
+  return raw;
+}
+
+at::Tensor from_raw(const RawTensor& raw) {
+  at::Tensor t = torch::empty(raw.shape, torch::TensorOptions().dtype(scalar_type_of(raw.dtype)));
+  if (!raw.bytes.empty()) std::memcpy(t.data_ptr(), raw.bytes.data(), raw.bytes.size());
+  return t;
+}
+
+void write_named(H5Writer& out, const std::string& group, const NamedTensors& tensors) {
+  out.create_group(group);
+  for (const auto& [name, tensor] : tensors) out.write_tensor(group + "/" + name, to_raw(tensor));
+}
+
+NamedTensors read_named(const H5Reader& in, const std::string& group) {
+  NamedTensors out;
+  for (const auto& name : in.datasets_under(group)) out.emplace_back(name, from_raw(in.read_tensor(group + "/" + name)));
+  return out;
+}
+
+}  // namespace
+
+void write_rank_file(const std::string& path, const TrainingState& s, RankInfo rank) {
+  H5Writer out(path);
+  out.set_attribute("/", "format", kRankFileFormat);
+  out.set_attribute("/", "format_version", int64_t{kCheckpointFormatVersion});
+  out.set_attribute("/", "keel_version", KEEL_VERSION);
+  out.set_attribute("/", "step", s.step);
+  out.set_attribute("/", "tokens_seen", s.tokens_seen);
+  out.set_attribute("/", "rank", rank.rank);
+  out.set_attribute("/", "world_size", rank.world_size);
+
+  write_named(out, "/model", s.model);
+  out.create_group("/optimizer");
+  out.set_attribute("/optimizer", "name", s.optimizer_name);
+  out.set_attribute("/optimizer", "step", s.optimizer_step);
+  write_named(out, "/optimizer/state", s.optimizer);
+  out.write_text("/lr_schedule", s.lr_schedule);
+
+  out.create_group("/rng");
+  if (s.cpu_rng.defined()) out.write_tensor("/rng/cpu", to_raw(s.cpu_rng));
+  for (size_t i = 0; i < s.cuda_rng.size(); ++i) out.write_tensor("/rng/cuda/" + std::to_string(i), to_raw(s.cuda_rng[i]));
+
+  out.write_text("/data/ledger", s.data_ledger);
+  out.write_text("/config", s.config_ini);
+  out.write_text("/lineage", s.lineage);
+
+  out.create_group("/plugins");
+  for (const auto& p : s.plugins) {
+    const std::string group = "/plugins/" + p.slot;
+    out.create_group(group);
+    out.set_attribute(group, "name", p.name);
+    out.set_attribute(group, "version", p.version);
+    out.write_text(group + "/state", p.json);
+    write_named(out, group + "/tensors", p.tensors);
+  }
+  out.close();
+}
+
+TrainingState read_rank_file(const std::string& path) {
+  H5Reader in(path);
+  if (in.string_attribute("/", "format") != kRankFileFormat) {
+    throw CheckpointError(path + ": not a Keel checkpoint rank file (attribute 'format' is not " + kRankFileFormat + ")");
+  }
+  const int64_t version = in.int_attribute("/", "format_version");
+  if (version != kCheckpointFormatVersion) {
+    throw CheckpointError(path + ": checkpoint format version " + std::to_string(version) + ", this Keel reads " +
+                          std::to_string(kCheckpointFormatVersion));
+  }
+  TrainingState s;
+  s.step = in.int_attribute("/", "step");
+  s.tokens_seen = in.int_attribute("/", "tokens_seen");
+  if (s.step < 0 || s.tokens_seen < 0) throw CheckpointError(path + ": negative step or tokens_seen");
+  s.model = read_named(in, "/model");
+  s.optimizer_name = in.string_attribute("/optimizer", "name");
+  s.optimizer_step = in.int_attribute("/optimizer", "step");
+  s.optimizer = read_named(in, "/optimizer/state");
+  s.lr_schedule = in.read_text("/lr_schedule");
+  if (in.exists("/rng/cpu")) s.cpu_rng = from_raw(in.read_tensor("/rng/cpu"));
+  if (in.exists("/rng/cuda")) {
+    for (size_t i = 0; in.exists("/rng/cuda/" + std::to_string(i)); ++i)
+      s.cuda_rng.push_back(from_raw(in.read_tensor("/rng/cuda/" + std::to_string(i))));
+  }
+  s.data_ledger = in.read_text("/data/ledger");
+  s.config_ini = in.read_text("/config");
+  s.lineage = in.read_text("/lineage");
+  for (const auto& slot : in.groups_under("/plugins")) {
+    PluginState p;
+    const std::string group = "/plugins/" + slot;
+    p.slot = slot;
+    p.name = in.string_attribute(group, "name");
+    p.version = in.string_attribute(group, "version");
+    p.json = in.read_text(group + "/state");
+    if (in.exists(group + "/tensors")) p.tensors = read_named(in, group + "/tensors");
+    s.plugins.push_back(std::move(p));
+  }
+  return s;
+}
+
+// at::Generator is a shared handle: a copy reads and sets the default generator itself.
+at::Generator cuda_generator(int64_t device) {
+  return at::globalContext().defaultGenerator(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device)));
+}
+
+void capture_rng(TrainingState& state) {
+  at::Generator cpu = at::detail::getDefaultCPUGenerator();
+  state.cpu_rng = cpu.get_state();
+  state.cuda_rng.clear();
+  if (torch::cuda::is_available()) {
+    for (int64_t i = 0; i < static_cast<int64_t>(torch::cuda::device_count()); ++i) {
+      state.cuda_rng.push_back(cuda_generator(i).get_state());
+    }
+  }
+}
+
+void restore_rng(const TrainingState& state) {
+  try {
+    if (state.cpu_rng.defined()) {
+      at::Generator cpu = at::detail::getDefaultCPUGenerator();
+      cpu.set_state(state.cpu_rng);
+    }
+    if (torch::cuda::is_available()) {
+      const auto devices = static_cast<size_t>(torch::cuda::device_count());
+      for (size_t i = 0; i < state.cuda_rng.size() && i < devices; ++i) {
+        cuda_generator(static_cast<int64_t>(i)).set_state(state.cuda_rng[i]);
+      }
+    }
+  } catch (const c10::Error& e) {
+    throw CheckpointError(std::string("checkpoint RNG state rejected by LibTorch: ") + e.what_without_backtrace());
+  }
+}
+
+}  // namespace keel::checkpoint

@@ -1,0 +1,57 @@
+// Why: everything needed to continue a run exactly, for one rank, as one value: fp32 master weights, every
+// optimizer state tensor by name, the LR schedule, RNG states, the data ledger, the resolved config, the
+// lineage and a section per plugin. The trainer fills it and restores from it; this file maps it to the
+// HDF5 layout documented in docs/checkpoints.md (and back), and is the only torch-aware part of checkpointing.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+namespace keel::checkpoint {
+
+using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
+
+// State of one loaded plugin (filled by the plugin host): its own tensors and a JSON blob of scalars.
+struct PluginState {
+  std::string slot;
+  std::string name;
+  std::string version;
+  std::string json;  // the plugin's own state (JSON text)
+  NamedTensors tensors;
+};
+
+struct TrainingState {
+  int64_t step = 0;         // optimizer steps completed
+  int64_t tokens_seen = 0;  // tokens consumed by those steps
+  NamedTensors model;       // fp32 master weights, model order
+  std::string optimizer_name;
+  int64_t optimizer_step = 0;
+  NamedTensors optimizer;   // "<param>/exp_avg", "<param>/exp_avg_sq", ...
+  std::string lr_schedule;  // JSON: kind, lr, min_lr, warmup_steps, decay_steps (resolved)
+  at::Tensor cpu_rng;       // uint8, the default CPU generator's state
+  std::vector<at::Tensor> cuda_rng;  // uint8, one per CUDA device (empty on CPU-only builds or machines)
+  std::string data_ledger;  // JSON: the data loader's state()
+  std::string config_ini;   // the resolved config
+  std::string lineage;      // JSON: see lineage.h
+  std::vector<PluginState> plugins;
+};
+
+struct RankInfo {
+  int64_t rank = 0;
+  int64_t world_size = 1;
+};
+
+// Writes `state` to a new HDF5 file at `path` (refuses to overwrite) and closes it.
+void write_rank_file(const std::string& path, const TrainingState& state, RankInfo rank);
+// Reads a file written by write_rank_file; tensors come back on the CPU. Throws CheckpointError naming the
+// file and object for anything missing or malformed.
+TrainingState read_rank_file(const std::string& path);
+// Copies the current RNG states into `state` / restores them from it.
+void capture_rng(TrainingState& state);
+void restore_rng(const TrainingState& state);
+
+}  // namespace keel::checkpoint
