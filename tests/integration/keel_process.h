@@ -2,11 +2,14 @@
 #pragma once
 
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <array>
 #include <cstdio>
 #include <filesystem>
 #include <string>
+
+#include "core/metrics/metrics_reader.h"
 
 namespace keel::testing {
 
@@ -36,6 +39,31 @@ inline std::string fresh_dir(const std::string& name) {
   const auto dir = std::filesystem::temp_directory_path() / ("keel-it-" + name + "-" + std::to_string(::getpid()));
   std::filesystem::remove_all(dir);
   return dir.string();
+}
+
+// Starts `keel ARGUMENTS` in the background (output discarded); returns its pid for kill()/waitpid().
+inline pid_t spawn_keel(const std::string& arguments) {
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const std::string command = std::string("exec ") + KEEL_BINARY + " " + arguments + " >/dev/null 2>&1";
+    execl("/bin/sh", "sh", "-c", command.c_str(), nullptr);
+    _exit(127);
+  }
+  return pid;
+}
+
+// Starts `keel train` on the tiny config and the test data in the background; returns its pid.
+inline pid_t spawn_train(const std::string& run_dir, const std::string& extra) {
+  return spawn_keel("train --config " + tiny_config() + " " + test_data_override() + " --run-dir " + run_dir + " " + extra);
+}
+
+// Rows readable from a metrics file that may be mid-write: 0 on any read error.
+inline size_t readable_rows(const std::string& path) {
+  try {
+    return keel::metrics::MetricsReader(path).read_int64("/train/step").size();
+  } catch (const std::exception&) {
+    return 0;
+  }
 }
 
 }  // namespace keel::testing

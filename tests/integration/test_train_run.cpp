@@ -24,27 +24,6 @@ double mean(const std::vector<double>& v, size_t from, size_t to) {
   return std::accumulate(v.begin() + from, v.begin() + to, 0.0) / static_cast<double>(to - from);
 }
 
-// Starts `keel train` in the background; returns its pid.
-pid_t spawn_train(const std::string& run_dir, const std::string& extra) {
-  const pid_t pid = fork();
-  if (pid == 0) {
-    const std::string command = std::string("exec ") + KEEL_BINARY + " train --config " + tiny_config() + " " +
-                                test_data_override() + " --run-dir " + run_dir + " " + extra + " >/dev/null 2>&1";
-    execl("/bin/sh", "sh", "-c", command.c_str(), nullptr);
-    _exit(127);
-  }
-  return pid;
-}
-
-// Rows readable from a metrics file that may be mid-write: 0 on any read error.
-size_t readable_rows(const std::string& path) {
-  try {
-    return MetricsReader(path).read_int64("/train/step").size();
-  } catch (const std::exception&) {
-    return 0;
-  }
-}
-
 }  // namespace
 
 TEST(TrainRun, ThirtyStepsOnBundledCorpusLossFallsAndMetricsComplete) {
