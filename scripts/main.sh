@@ -14,3 +14,4 @@ echo
 echo "run dir:     $run_dir"
 echo "metrics:     $run_dir/metrics.h5   (h5dump -d /train/loss $run_dir/metrics.h5)"
 echo "log:         $run_dir/train.log"
+echo "checkpoints: $run_dir/checkpoints   (continue: ./build/bin/keel resume --from $run_dir --run-dir NEW_DIR --set train.steps=N)"

@@ -280,3 +280,24 @@ TEST(CheckpointResume, BranchRecordsItsChangesAndInspectDrawsTheTree) {
   EXPECT_NE(r.output.find("verified"), std::string::npos);
   EXPECT_NE(r.output.find("embed.weight  float32 [2048, 64]"), std::string::npos) << r.output;
 }
+
+TEST(CheckpointFormat, H5pyReadsACheckpointWithoutKeelCode) {
+  const std::string run = fresh_dir("h5py");
+  auto r = run_keel("train " + base_args("--set train.steps=2") + " --run-dir " + run);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  // Debian's interpreter, where python3-h5py (scripts/setup.sh) lives.
+  const std::string command = std::string("/usr/bin/python3 ") + KEEL_SOURCE_DIR +
+                              "/tests/integration/read_checkpoint_h5py.py " + run + "/checkpoints/step-00000002 2>&1";
+  FILE* pipe = popen(command.c_str(), "r");
+  ASSERT_NE(pipe, nullptr);
+  std::string output;
+  char buffer[4096];
+  size_t n = 0;
+  while ((n = fread(buffer, 1, sizeof(buffer), pipe)) > 0) output.append(buffer, n);
+  const int status = pclose(pipe);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << output;
+  EXPECT_NE(output.find("step 2,"), std::string::npos) << output;
+  EXPECT_NE(output.find("embed.weight float32 (2048, 64)"), std::string::npos) << output;
+  EXPECT_NE(output.find("optimizer: adamw step 2"), std::string::npos) << output;
+  EXPECT_NE(output.find("kind root"), std::string::npos) << output;
+}
