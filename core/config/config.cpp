@@ -4,7 +4,9 @@
 #include "core/config/config.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <sstream>
@@ -32,6 +34,18 @@ int64_t parse_int(const std::string& origin, const std::string& key, const std::
     return parsed;
   } catch (const std::logic_error&) {
     bad_value(origin, key, value, "an integer");
+  }
+}
+
+// Seeds are unsigned 64-bit: parsed as such (a negative seed is refused rather than wrapped, so that the value
+// written back by to_ini() is the value read).
+uint64_t parse_uint64(const std::string& origin, const std::string& key, const std::string& value) {
+  if (value.empty() || value.find_first_not_of("0123456789") != std::string::npos)
+    bad_value(origin, key, value, "an integer in [0, 2^64)");
+  try {
+    return std::stoull(value);
+  } catch (const std::logic_error&) {
+    bad_value(origin, key, value, "an integer in [0, 2^64)");
   }
 }
 
@@ -132,7 +146,7 @@ const std::vector<KeyDef>& key_table() {
       KEEL_INT("train.grad_accum", train.grad_accum, "micro-batches accumulated per step"),
       KeyDef{"train.seed", "seed of model init and other non-data randomness",
              [](Config& c, const std::string& o, const std::string& v) {
-               c.train.seed = static_cast<uint64_t>(parse_int(o, "train.seed", v));
+               c.train.seed = parse_uint64(o, "train.seed", v);
              },
              [](const Config& c) { return std::to_string(c.train.seed); }},
       KEEL_CHOICE("train.precision", train.precision, "numeric precision", "fp32", "bf16-mixed"),
@@ -140,7 +154,6 @@ const std::vector<KeyDef>& key_table() {
       KEEL_CHOICE("train.device", train.device, "device to train on", "cpu", "cuda"),
       KEEL_INT("train.threads", train.threads, "intra-op CPU threads; 0 = all CPUs"),
 
-      KEEL_CHOICE("optim.name", optim.name, "optimizer", "adamw"),
       KEEL_DOUBLE("optim.lr", optim.lr, "peak learning rate"),
       KEEL_DOUBLE("optim.min_lr", optim.min_lr, "cosine floor"),
       KEEL_INT("optim.warmup_steps", optim.warmup_steps, "linear warm-up steps"),
@@ -154,7 +167,7 @@ const std::vector<KeyDef>& key_table() {
       KEEL_STRING("data.dir", data.dir, "directory of the prepared tokenizer and shards"),
       KeyDef{"data.seed", "seed of the data order (permutations, source picks)",
              [](Config& c, const std::string& o, const std::string& v) {
-               c.data.seed = static_cast<uint64_t>(parse_int(o, "data.seed", v));
+               c.data.seed = parse_uint64(o, "data.seed", v);
              },
              [](const Config& c) { return std::to_string(c.data.seed); }},
       KEEL_STRING("data.mixture", data.mixture, "source weights, e.g. prose=0.7,code=0.3"),
@@ -165,6 +178,15 @@ const std::vector<KeyDef>& key_table() {
 
       KEEL_INT("metrics.flush_every", metrics.flush_every, "flush metrics.h5 every N steps"),
       KEEL_BOOL("metrics.per_tensor", metrics.per_tensor, "log per-tensor grad and param norms"),
+
+      KEEL_STRING("plugins.optimizer", plugins.optimizer, "optimizer plugin: adamw, lion, or a path to a .so"),
+      KEEL_STRING("plugins.lr_schedule", plugins.lr_schedule, "LR schedule plugin; empty = warm-up + cosine of optim.*"),
+      KEEL_STRING("plugins.spike_handler", plugins.spike_handler,
+                  "spike handler plugin (zscore_skip, rollback_skip, lr_cooldown, ...); empty = skip non-finite steps"),
+      KEEL_STRING("plugins.grad_transform", plugins.grad_transform,
+                  "gradient transforms, comma-separated chain (embedding_grad_shrink, update_clip, ...)"),
+      KEEL_STRING("plugins.data_mixture", plugins.data_mixture, "data mixture plugin (static, staged, linear_ramp)"),
+      KEEL_STRING("plugins.observers", plugins.observers, "observer plugins, comma-separated"),
 
       KEEL_INT("checkpoint.every", checkpoint.every, "save a checkpoint every N steps; 0 = none periodic"),
       KEEL_BOOL("checkpoint.at_end", checkpoint.at_end, "save a checkpoint after the last step"),
@@ -217,7 +239,30 @@ bool set_source_key(Config& config, const std::string& key, const std::string& v
 }  // namespace
 
 void set_key(Config& config, const std::string& key, const std::string& value, const std::string& origin) {
+  // Every value must survive to_ini() and back (run dirs store the resolved config, and resume reads it): a
+  // '#' would be cut off there as a comment, a newline would split the line. INI files cannot hold either, so
+  // this only refuses `--set` values that no config file could express.
+  for (const char ch : value) {
+    const auto byte = static_cast<unsigned char>(ch);
+    if (ch == '#' || (byte < 0x20 && ch != '\t') || byte == 0x7f)
+      throw ConfigError(origin + ": " + key + ": values cannot contain '#' or control characters");
+  }
   if (set_source_key(config, key, value, origin)) return;
+  if (key.rfind("plugin.", 0) == 0) {  // [plugin.NAME] key = value: free-form, checked by the plugin
+    const std::string rest = key.substr(7);
+    const auto dot = rest.find('.');
+    const std::string name = dot == std::string::npos ? "" : rest.substr(0, dot);
+    const std::string field = dot == std::string::npos ? "" : rest.substr(dot + 1);
+    auto plain = [](const std::string& s) {
+      return !s.empty() && std::all_of(s.begin(), s.end(), [](char ch) {
+        return std::isalnum(static_cast<unsigned char>(ch)) || ch == '_' || ch == '-';
+      });
+    };
+    if (!plain(name) || !plain(field))
+      throw ConfigError(origin + ": bad plugin argument '" + key + "' (use plugin.NAME.key, letters, digits, '_', '-')");
+    config.plugin_args[name][field] = value;
+    return;
+  }
   for (const auto& def : key_table()) {
     if (def.name == key) {
       def.set(config, origin, value);
@@ -236,16 +281,28 @@ void apply_override(Config& config, const std::string& key_equals_value, const s
 }
 
 Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
-  std::ifstream in(path);
+  // A directory opens as a stream that reads nothing; without this check it would parse as an empty config.
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) throw ConfigError("config path is a directory, not a file: " + path);
+  std::ifstream in(path, std::ios::binary);
   if (!in) throw ConfigError("config file not found or unreadable: " + path);
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (in.bad()) throw ConfigError("config file unreadable: " + path);
+  return parse_config_text(text.str(), path, overrides);
+}
+
+Config parse_config_text(const std::string& text, const std::string& source_name,
+                         const std::vector<std::string>& overrides) {
+  std::istringstream in(text);
   Config config;
-  config.source_file = path;
+  config.source_file = source_name;
   std::string line;
   std::string section;
   int line_number = 0;
   while (std::getline(in, line)) {
     ++line_number;
-    const std::string origin = path + ":" + std::to_string(line_number);
+    const std::string origin = source_name + ":" + std::to_string(line_number);
     // '#' starts a comment anywhere; ';' only at the start of a line (values such as schedules contain ';').
     const auto comment = line.find('#');
     if (comment != std::string::npos) line = line.substr(0, comment);
@@ -288,6 +345,10 @@ void validate(const Config& c) {
   require(m.z_loss >= 0.0, "model.z_loss must be >= 0");
   require(c.train.steps >= 0, "train.steps must be >= 0");
   require(c.train.micro_batch >= 1 && c.train.grad_accum >= 1, "train.micro_batch and train.grad_accum must be >= 1");
+  int64_t global_batch = 0, tokens_per_step = 0;  // Config::global_batch() and tokens_per_step() must not overflow
+  require(!__builtin_mul_overflow(c.train.micro_batch, c.train.grad_accum, &global_batch) &&
+              !__builtin_mul_overflow(global_batch, m.seq_len, &tokens_per_step),
+          "train.micro_batch x train.grad_accum x model.seq_len (tokens per step) must fit in a 64-bit integer");
   require(c.train.log_every >= 1, "train.log_every must be >= 1");
   require(c.train.threads >= 0, "train.threads must be >= 0");
   const auto& o = c.optim;
@@ -340,6 +401,7 @@ std::vector<std::pair<std::string, std::string>> documented_keys() {
   std::vector<std::pair<std::string, std::string>> out;
   for (const auto& def : key_table()) out.emplace_back(def.name, def.doc);
   for (const auto& [field, doc] : source_fields()) out.emplace_back("source.NAME." + field, doc);
+  out.emplace_back("plugin.NAME.KEY", "argument KEY of plugin NAME (also --plugin-arg NAME.KEY=value); see docs/plugins.md");
   return out;
 }
 

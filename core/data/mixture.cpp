@@ -82,6 +82,8 @@ std::vector<double> parse_weights(const std::string& text, const std::vector<std
   double sum = 0;
   for (double w : weights) sum += w;
   if (!(sum > 0)) throw DataError(origin + ": weights sum to 0 in \"" + text + "\"");
+  // An infinite sum would normalise every weight to 0 and silently train on the first source only.
+  if (!std::isfinite(sum)) throw DataError(origin + ": weights sum to more than a double holds in \"" + text + "\"");
   return weights;
 }
 

@@ -88,3 +88,45 @@ TEST(Config, BundledExperimentConfigsLoad) {
     EXPECT_EQ(c.data.sources.size(), 2u) << name;
   }
 }
+
+TEST(Config, ParsesTextInMemoryLikeAFile) {
+  keel::Config c = keel::parse_config_text("[model]\nlayers = 3\n", "inline.ini", {"train.steps=9"});
+  EXPECT_EQ(c.model.layers, 3);
+  EXPECT_EQ(c.train.steps, 9);
+  EXPECT_EQ(c.source_file, "inline.ini");
+  const std::string message = error_of([] { keel::parse_config_text("[model]\n\nlayerz = 3\n", "inline.ini"); });
+  EXPECT_NE(message.find("inline.ini:3"), std::string::npos) << message;
+}
+
+TEST(Config, DirectoryIsNotAnEmptyConfig) {
+  const auto dir = std::filesystem::temp_directory_path() / "keel-config-test";
+  std::filesystem::create_directories(dir);
+  const std::string message = error_of([&] { keel::load_config(dir.string()); });
+  EXPECT_NE(message.find("is a directory"), std::string::npos) << message;
+}
+
+// Found by tests/fuzz/fuzz_config: values the resolved INI (to_ini) could not carry back unchanged.
+TEST(Config, RefusesValuesThatCannotRoundTrip) {
+  for (const char* bad : {"data.dir=runs#3", "data.dir=a\nb", "data.mixture=a=1\rb=2", "model.norm=rms\x7f"}) {
+    const std::string message = error_of([&] { keel::parse_config_text("", "t.ini", {bad}); });
+    EXPECT_NE(message.find("cannot contain '#' or control characters"), std::string::npos) << message;
+  }
+  keel::Config tab = keel::parse_config_text("[data]\ndir = a\tb\n", "t.ini");
+  EXPECT_EQ(tab.data.dir, "a\tb");
+}
+
+TEST(Config, SeedsAreUnsigned64BitAndRoundTrip) {
+  std::string message = error_of([] { keel::parse_config_text("[data]\nseed = -2\n", "t.ini"); });
+  EXPECT_NE(message.find("data.seed"), std::string::npos) << message;
+  message = error_of([] { keel::parse_config_text("", "t.ini", {"train.seed=18446744073709551616"}); });
+  EXPECT_NE(message.find("train.seed"), std::string::npos) << message;
+  keel::Config c = keel::parse_config_text("[data]\nseed = 18446744073709551615\n", "t.ini");
+  EXPECT_EQ(c.data.seed, 18446744073709551615ull);
+  EXPECT_EQ(keel::flatten(keel::parse_config_text(keel::to_ini(c), "again.ini")), keel::flatten(c));
+}
+
+TEST(Config, TokensPerStepMustFitIn64Bits) {
+  const std::string message = error_of(
+      [] { keel::parse_config_text("", "t.ini", {"train.micro_batch=4611686018427387904", "train.grad_accum=4"}); });
+  EXPECT_NE(message.find("tokens per step"), std::string::npos) << message;
+}

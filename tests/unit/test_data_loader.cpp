@@ -319,6 +319,18 @@ TEST(DataLoader, SkipListThatRemovesEverythingIsAnError) {
             std::string::npos);
 }
 
+// A range up to the largest id must not overflow where the loader computes the end of a skipped chunk range
+// (r.last + 1 once overflowed int64 there; under scripts/asan.sh UBSan fails this test if that comes back).
+TEST(DataLoader, SkipRangeUpToInt64MaxIsHonoured) {
+  keel::Config config = two_sources();
+  config.data.skip = "prose:chunk:5-9223372036854775807;code:samples:2000-9223372036854775807";
+  DataLoader loader(config, 50);
+  auto got = drain(loader, 100);
+  ASSERT_FALSE(got[0].empty());
+  for (const auto& r : got[0]) ASSERT_LT(r.chunk, 5);
+  for (const auto& r : got[1]) ASSERT_LT(r.sample_id, 2000);
+}
+
 TEST(DataLoader, EpochWrapGivesANewPermutation) {
   keel::Config config = make_data({{"tiny", {101}}});  // 25 samples
   DataLoader loader(config, 5);
@@ -396,7 +408,9 @@ TEST(DataMixture, ParsesAndRejects) {
   EXPECT_EQ(rules[1].first, 100);
   EXPECT_EQ(rules[1].last, 200);
   EXPECT_EQ(rules[1].spec, "code:samples:100-200");
-  for (const char* bad : {"prose", "prose=-1", "prose=0", "x=1", "prose=1,prose=2", "prose=abc"}) {
+  // prose=1e308,code=1e308: each weight is finite but the sum is not (tests/fuzz/fuzz_config checks this).
+  for (const char* bad :
+       {"prose", "prose=-1", "prose=0", "x=1", "prose=1,prose=2", "prose=abc", "prose=1e308,code=1e308"}) {
     EXPECT_NE(error_of([&] { keel::data::parse_weights(bad, names, "data.mixture"); }).find("data.mixture: "),
               std::string::npos)
         << bad;
