@@ -13,6 +13,7 @@ packages=(
   libsentencepiece-dev nlohmann-json3-dev
   fortunes fortunes-min python3                   # the bundled corpus: English prose + Python stdlib sources
   python3-torch                                   # bench/: the PyTorch reference run side by side
+  clang libclang-rt-14-dev                        # scripts/fuzz.sh: libFuzzer targets (tests/fuzz/)
 )
 
 missing=()
