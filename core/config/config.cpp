@@ -85,11 +85,15 @@ std::vector<std::string> split_list(const std::string& value) {
   return out;
 }
 
+// The shortest decimal that reads back as the same double ("0.003", not "0.0030000000000000001").
 std::string format_double(double v) {
-  std::ostringstream out;
-  out.precision(17);
-  out << v;
-  return out.str();
+  for (int precision = 15; precision <= 17; ++precision) {
+    std::ostringstream out;
+    out.precision(precision);
+    out << v;
+    if (precision == 17 || std::stod(out.str()) == v) return out.str();
+  }
+  return {};
 }
 
 std::string join(const std::vector<std::string>& items) {
@@ -154,7 +158,6 @@ const std::vector<KeyDef>& key_table() {
       KEEL_CHOICE("train.device", train.device, "device to train on", "cpu", "cuda"),
       KEEL_INT("train.threads", train.threads, "intra-op CPU threads; 0 = all CPUs"),
 
-      KEEL_CHOICE("optim.name", optim.name, "optimizer", "adamw"),
       KEEL_DOUBLE("optim.lr", optim.lr, "peak learning rate"),
       KEEL_DOUBLE("optim.min_lr", optim.min_lr, "cosine floor"),
       KEEL_INT("optim.warmup_steps", optim.warmup_steps, "linear warm-up steps"),
@@ -179,6 +182,15 @@ const std::vector<KeyDef>& key_table() {
 
       KEEL_INT("metrics.flush_every", metrics.flush_every, "flush metrics.h5 every N steps"),
       KEEL_BOOL("metrics.per_tensor", metrics.per_tensor, "log per-tensor grad and param norms"),
+
+      KEEL_STRING("plugins.optimizer", plugins.optimizer, "optimizer plugin: adamw, lion, or a path to a .so"),
+      KEEL_STRING("plugins.lr_schedule", plugins.lr_schedule, "LR schedule plugin; empty = warm-up + cosine of optim.*"),
+      KEEL_STRING("plugins.spike_handler", plugins.spike_handler,
+                  "spike handler plugin (zscore_skip, rollback_skip, lr_cooldown, ...); empty = skip non-finite steps"),
+      KEEL_STRING("plugins.grad_transform", plugins.grad_transform,
+                  "gradient transforms, comma-separated chain (embedding_grad_shrink, update_clip, ...)"),
+      KEEL_STRING("plugins.data_mixture", plugins.data_mixture, "data mixture plugin (static, staged, linear_ramp)"),
+      KEEL_STRING("plugins.observers", plugins.observers, "observer plugins, comma-separated"),
 
       KEEL_INT("checkpoint.every", checkpoint.every, "save a checkpoint every N steps; 0 = none periodic"),
       KEEL_BOOL("checkpoint.at_end", checkpoint.at_end, "save a checkpoint after the last step"),
@@ -240,6 +252,21 @@ void set_key(Config& config, const std::string& key, const std::string& value, c
       throw ConfigError(origin + ": " + key + ": values cannot contain '#' or control characters");
   }
   if (set_source_key(config, key, value, origin)) return;
+  if (key.rfind("plugin.", 0) == 0) {  // [plugin.NAME] key = value: free-form, checked by the plugin
+    const std::string rest = key.substr(7);
+    const auto dot = rest.find('.');
+    const std::string name = dot == std::string::npos ? "" : rest.substr(0, dot);
+    const std::string field = dot == std::string::npos ? "" : rest.substr(dot + 1);
+    auto plain = [](const std::string& s) {
+      return !s.empty() && std::all_of(s.begin(), s.end(), [](char ch) {
+        return std::isalnum(static_cast<unsigned char>(ch)) || ch == '_' || ch == '-';
+      });
+    };
+    if (!plain(name) || !plain(field))
+      throw ConfigError(origin + ": bad plugin argument '" + key + "' (use plugin.NAME.key, letters, digits, '_', '-')");
+    config.plugin_args[name][field] = value;
+    return;
+  }
   for (const auto& def : key_table()) {
     if (def.name == key) {
       def.set(config, origin, value);
@@ -355,6 +382,9 @@ std::vector<std::pair<std::string, std::string>> flatten(const Config& config) {
     out.emplace_back(prefix + "split", s.split);
     out.emplace_back(prefix + "max_mb", format_double(s.max_mb));
   }
+  for (const auto& [name, args] : config.plugin_args) {
+    for (const auto& [field, value] : args) out.emplace_back("plugin." + name + "." + field, value);
+  }
   return out;
 }
 
@@ -378,6 +408,7 @@ std::vector<std::pair<std::string, std::string>> documented_keys() {
   std::vector<std::pair<std::string, std::string>> out;
   for (const auto& def : key_table()) out.emplace_back(def.name, def.doc);
   for (const auto& [field, doc] : source_fields()) out.emplace_back("source.NAME." + field, doc);
+  out.emplace_back("plugin.NAME.KEY", "argument KEY of plugin NAME (also --plugin-arg NAME.KEY=value); see docs/plugins.md");
   return out;
 }
 

@@ -50,7 +50,6 @@ struct TrainConfig {
 };
 
 struct OptimConfig {
-  std::string name = "adamw";
   double lr = 3e-4;
   double min_lr = 3e-5;       // cosine floor
   int64_t warmup_steps = 2000;
@@ -94,6 +93,16 @@ struct CheckpointConfig {
   int64_t milestone_every = 0;  // steps divisible by M are kept forever (LLM360 kept 360); 0 = none
 };
 
+// Which plugin fills each slot (docs/plugins.md): a built-in name or a path to a shared library.
+struct PluginsConfig {
+  std::string optimizer = "adamw";
+  std::string lr_schedule;     // "" = the built-in warm-up + cosine of optim.*
+  std::string spike_handler;   // "" = built-in: skip the update on a non-finite loss or gradient only
+  std::string grad_transform;  // comma-separated chain, applied in order after clipping
+  std::string data_mixture;    // "" = data.mixture / data.schedule
+  std::string observers;       // comma-separated
+};
+
 struct Config {
   ModelConfig model;
   TrainConfig train;
@@ -101,6 +110,9 @@ struct Config {
   DataConfig data;
   MetricsConfig metrics;
   CheckpointConfig checkpoint;
+  PluginsConfig plugins;
+  // [plugin.NAME] sections: arguments of plugin NAME (key -> value), checked by the plugin when it loads.
+  std::map<std::string, std::map<std::string, std::string>> plugin_args;
   std::string source_file;    // where it was loaded from (for messages)
 
   // Global batch in sequences (data-parallel size 1 for now).
