@@ -1,13 +1,13 @@
 // Why: see training_state.h. The HDF5 layout of a rank file (docs/checkpoints.md):
 //   /                      attrs format, format_version, keel_version, step, tokens_seen, rank, world_size
 //   /model/<param>         fp32 master weights
-//   /optimizer             attrs name, step; /optimizer/state/<param>/<exp_avg|exp_avg_sq|...>
+//   /optimizer             attrs name, step; /optimizer/state_json; /optimizer/state/<param>/<exp_avg|...>
 //   /lr_schedule           JSON text
 //   /rng/cpu, /rng/cuda/<device>   uint8 generator states
 //   /data/ledger           JSON text (the data ledger)
 //   /config                INI text (the resolved config)
 //   /lineage               JSON text
-//   /plugins/<slot>        attrs name, version; /plugins/<slot>/state (JSON text), /plugins/<slot>/tensors/<name>
+//   /plugins/<slot>/<name> attrs version; state (JSON text), tensors/<tensor name>
 #include "core/checkpoint/training_state.h"
 
 #include <cstring>
@@ -93,6 +93,7 @@ void write_rank_file(const std::string& path, const TrainingState& s, RankInfo r
   out.create_group("/optimizer");
   out.set_attribute("/optimizer", "name", s.optimizer_name);
   out.set_attribute("/optimizer", "step", s.optimizer_step);
+  out.write_text("/optimizer/state_json", s.optimizer_json);
   write_named(out, "/optimizer/state", s.optimizer);
   out.write_text("/lr_schedule", s.lr_schedule);
 
@@ -106,7 +107,7 @@ void write_rank_file(const std::string& path, const TrainingState& s, RankInfo r
 
   out.create_group("/plugins");
   for (const auto& p : s.plugins) {
-    const std::string group = "/plugins/" + p.slot;
+    const std::string group = "/plugins/" + p.slot + "/" + p.name;
     out.create_group(group);
     out.set_attribute(group, "name", p.name);
     out.set_attribute(group, "version", p.version);
@@ -133,6 +134,7 @@ TrainingState read_rank_file(const std::string& path) {
   s.model = read_named(in, "/model");
   s.optimizer_name = in.string_attribute("/optimizer", "name");
   s.optimizer_step = in.int_attribute("/optimizer", "step");
+  s.optimizer_json = in.exists("/optimizer/state_json") ? in.read_text("/optimizer/state_json") : "";
   s.optimizer = read_named(in, "/optimizer/state");
   s.lr_schedule = in.read_text("/lr_schedule");
   if (in.exists("/rng/cpu")) s.cpu_rng = from_raw(in.read_tensor("/rng/cpu"));
@@ -144,14 +146,16 @@ TrainingState read_rank_file(const std::string& path) {
   s.config_ini = in.read_text("/config");
   s.lineage = in.read_text("/lineage");
   for (const auto& slot : in.groups_under("/plugins")) {
-    PluginState p;
-    const std::string group = "/plugins/" + slot;
-    p.slot = slot;
-    p.name = in.string_attribute(group, "name");
-    p.version = in.string_attribute(group, "version");
-    p.json = in.read_text(group + "/state");
-    if (in.exists(group + "/tensors")) p.tensors = read_named(in, group + "/tensors");
-    s.plugins.push_back(std::move(p));
+    for (const auto& name : in.groups_under("/plugins/" + slot)) {
+      PluginState p;
+      const std::string group = "/plugins/" + slot + "/" + name;
+      p.slot = slot;
+      p.name = in.string_attribute(group, "name");
+      p.version = in.string_attribute(group, "version");
+      p.json = in.read_text(group + "/state");
+      if (in.exists(group + "/tensors")) p.tensors = read_named(in, group + "/tensors");
+      s.plugins.push_back(std::move(p));
+    }
   }
   return s;
 }

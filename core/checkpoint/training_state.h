@@ -28,9 +28,10 @@ struct TrainingState {
   int64_t step = 0;         // optimizer steps completed
   int64_t tokens_seen = 0;  // tokens consumed by those steps
   NamedTensors model;       // fp32 master weights, model order
-  std::string optimizer_name;
-  int64_t optimizer_step = 0;
-  NamedTensors optimizer;   // "<param>/exp_avg", "<param>/exp_avg_sq", ...
+  std::string optimizer_name;   // the optimizer plugin's name ("adamw", "lion", ...)
+  int64_t optimizer_step = 0;   // its step count ("step" of its JSON state), for readers
+  std::string optimizer_json;   // the optimizer plugin's JSON state
+  NamedTensors optimizer;       // "<param>/exp_avg", "<param>/exp_avg_sq", ...
   std::string lr_schedule;  // JSON: kind, lr, min_lr, warmup_steps, decay_steps (resolved)
   at::Tensor cpu_rng;       // uint8, the default CPU generator's state
   std::vector<at::Tensor> cuda_rng;  // uint8, one per CUDA device (empty on CPU-only builds or machines)

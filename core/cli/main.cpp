@@ -23,6 +23,8 @@ int main(int argc, char** argv) {
   try {
     if (command == "train") return keel::cli::cmd_train(rest);
     if (command == "resume") return keel::cli::cmd_resume(rest);
+    if (command == "plugins") return keel::cli::cmd_plugins(rest);
+    if (command == "control") return keel::cli::cmd_control(rest);
     if (command == "data") return keel::cli::cmd_data(rest);
     if (command == "inspect") return keel::cli::cmd_inspect(rest);
     if (command == "config") return keel::cli::cmd_config(rest);

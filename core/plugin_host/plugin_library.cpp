@@ -117,7 +117,14 @@ std::vector<std::string> plugin_search_dirs() {
 #ifdef KEEL_BUILD_PLUGIN_DIR
   dirs.push_back(KEEL_BUILD_PLUGIN_DIR);
 #endif
-  return dirs;
+  std::vector<std::string> unique;
+  std::set<std::string> seen;
+  for (const auto& dir : dirs) {
+    std::error_code ec;
+    const std::string key = fs::weakly_canonical(dir, ec).string();
+    if (seen.insert(ec ? dir : key).second) unique.push_back(dir);
+  }
+  return unique;
 }
 
 std::string resolve_plugin_path(const std::string& name_or_path) {

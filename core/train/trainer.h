@@ -10,7 +10,6 @@
 #include "core/config/config.h"
 #include "core/data/loader.h"
 #include "core/train/run_dir.h"
-#include "core/train/step_context.h"
 
 namespace keel::checkpoint {
 struct TrainingState;
@@ -24,6 +23,7 @@ struct TrainSummary {
   double first_loss = 0.0;
   double last_loss = 0.0;
   bool stopped_by_signal = false;
+  bool stopped_by_plugin = false;  // a spike handler decided kStop
   std::string metrics_path;
   std::string last_checkpoint;  // directory of the last checkpoint saved by this run ("" if none)
 };
@@ -42,17 +42,28 @@ class Trainer {
   // (names, shapes, dtypes) before anything is changed; a mismatch throws CheckpointError naming the tensor.
   // Data-ledger changes the config asks for (mixture, skip list) are applied from this step on and recorded in
   // the lineage; with `allow_data_change` a different data fingerprint is accepted (also recorded).
+  // Plugins: the optimizer's state is loaded if it is the same plugin, otherwise the new optimizer adopts what it
+  // can by name (recorded); other plugins get their state by slot and name, or start fresh (recorded).
   void restore(const checkpoint::TrainingState& state, bool allow_data_change);
 
   // Runs steps until config.train.steps. Saves checkpoints every checkpoint.every steps and at the end; a
-  // SIGINT/SIGTERM finishes the current step, saves a checkpoint and returns (stopped_by_signal).
+  // SIGINT/SIGTERM finishes the current step, saves a checkpoint and returns (stopped_by_signal). Between steps
+  // it carries out rollbacks a spike handler asks for and swap requests left by `keel control` in
+  // RUN_DIR/control/.
   TrainSummary train();
   // Saves a checkpoint of the current state (steps completed so far) unless one exists for this step; prunes.
   // Returns its directory.
   std::string save_checkpoint(const std::string& reason);
 
  private:
-  StepContext train_step(int64_t step);
+  struct StepRecord;
+  StepRecord train_step(int64_t step);
+  // Loads `state` into the model, optimizer, data loader, RNG (and plugins); returns lines for the lineage.
+  std::vector<std::string> apply_state(const checkpoint::TrainingState& state, bool allow_data_change,
+                                       bool restore_plugins);
+  // Back to the newest checkpoint at or before `step`, with the decision's intervention; returns its step.
+  int64_t roll_back(int64_t step, const StepRecord& record);
+  void apply_control_requests();
   struct State;
   std::unique_ptr<State> state_;
 };

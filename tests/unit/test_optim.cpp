@@ -1,56 +1,90 @@
-// Why: Keel's AdamW must be torch.optim.AdamW's update exactly (checkpoints and plugins rely on its named
+// Why: Keel's AdamW plugin must be torch.optim.AdamW's update exactly (checkpoints and plugins rely on its named
 // state), the schedule must hit its anchors, and clipping must bound the global norm.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include "core/optim/adamw.h"
+#include "core/optim/schedule.h"
+
+#include "core/plugin_host/plugin_library.h"
 
 using namespace keel::optim;
+namespace sdk = keel::sdk;
 
-TEST(Optim, AdamWMatchesLibTorchAdamW) {
+namespace {
+
+// The built-in adamw plugin (the default optimizer), loaded the way the trainer loads it.
+std::shared_ptr<sdk::Plugin> adamw(const sdk::Args& args) {
+  using keel::plugin_host::PluginLibrary;
+  return PluginLibrary::load(keel::plugin_host::resolve_plugin_path("adamw"))->create(args);
+}
+
+sdk::StepContext at_lr(double lr) {
+  sdk::StepContext ctx;
+  ctx.lr = lr;
+  return ctx;
+}
+
+}  // namespace
+
+TEST(Optim, AdamWPluginMatchesLibTorchAdamW) {
   torch::manual_seed(0);
   torch::Tensor ours = torch::randn({5, 3}).requires_grad_(true);
   torch::Tensor theirs = ours.detach().clone().requires_grad_(true);
-  AdamW optimizer({{"w", ours, true}}, AdamWOptions{0.9, 0.95, 1e-8, 0.1});
+  auto optimizer = adamw({{"beta1", "0.9"}, {"beta2", "0.95"}, {"eps", "1e-8"}, {"weight_decay", "0.1"}});
+  optimizer->bind({{"w", ours, true}});
   torch::optim::AdamW reference({theirs}, torch::optim::AdamWOptions(1e-2).betas({0.9, 0.95}).eps(1e-8).weight_decay(0.1));
   for (int i = 0; i < 5; ++i) {
     torch::Tensor g = torch::randn({5, 3});
     ours.mutable_grad() = g.clone();
     theirs.mutable_grad() = g.clone();
-    optimizer.step(1e-2);
+    {
+      torch::NoGradGuard no_grad;  // as the trainer calls optimizer plugins
+      optimizer->step(at_lr(1e-2));
+    }
     reference.step();
   }
   EXPECT_TRUE(torch::allclose(ours, theirs, 1e-6, 1e-7));
-  EXPECT_EQ(optimizer.step_count(), 5);
-  auto state = optimizer.state_tensors();
-  ASSERT_EQ(state.size(), 2u);
-  EXPECT_EQ(state[0].first, "w/exp_avg");
-  EXPECT_EQ(state[1].first, "w/exp_avg_sq");
+  const sdk::PluginState state = optimizer->save_state();
+  EXPECT_EQ(sdk::json_int(state.json, "step", -1), 5);
+  ASSERT_EQ(state.tensors.size(), 2u);
+  EXPECT_EQ(state.tensors[0].first, "w/exp_avg");
+  EXPECT_EQ(state.tensors[1].first, "w/exp_avg_sq");
 }
 
-TEST(Optim, NoDecayParamsAreNotDecayed) {
+TEST(Optim, AdamWPluginTakesDefaultsFromTheConfigAndRefusesUnknownArgs) {
   torch::Tensor w = torch::ones({4}).requires_grad_(true);
-  AdamW optimizer({{"norm.weight", w, false}}, AdamWOptions{0.9, 0.95, 1e-8, 0.5});
+  auto optimizer = adamw({{"optim.weight_decay", "0.5"}});
+  optimizer->bind({{"norm.weight", w, false}});
   w.mutable_grad() = torch::zeros({4});
-  optimizer.step(0.1);
-  EXPECT_TRUE(torch::equal(w, torch::ones({4})));
+  torch::NoGradGuard no_grad;
+  optimizer->step(at_lr(0.1));
+  EXPECT_TRUE(torch::equal(w, torch::ones({4}))) << "no-decay params are not decayed";
+  try {
+    adamw({{"betaa1", "0.9"}});
+    FAIL() << "unknown argument accepted";
+  } catch (const keel::plugin_host::PluginError& e) {
+    EXPECT_NE(std::string(e.what()).find("'betaa1'"), std::string::npos) << e.what();
+  }
 }
 
-TEST(Optim, StateRoundTripsByName) {
+TEST(Optim, AdamWPluginStateRoundTripsByName) {
   torch::Tensor w = torch::randn({3}).requires_grad_(true);
-  AdamW a({{"w", w, true}}, {});
+  auto a = adamw({});
+  a->bind({{"w", w, true}});
+  torch::NoGradGuard no_grad;
   w.mutable_grad() = torch::randn({3});
-  a.step(1e-3);
+  a->step(at_lr(1e-3));
   torch::Tensor w2 = w.detach().clone().requires_grad_(true);
-  AdamW b({{"w", w2, true}}, {});
-  b.load_state_tensors(a.state_tensors(), a.step_count());
+  auto b = adamw({});
+  b->bind({{"w", w2, true}});
+  b->load_state(a->save_state());
   torch::Tensor g = torch::randn({3});
   w.mutable_grad() = g.clone();
   w2.mutable_grad() = g.clone();
-  a.step(1e-3);
-  b.step(1e-3);
+  a->step(at_lr(1e-3));
+  b->step(at_lr(1e-3));
   EXPECT_TRUE(torch::equal(w, w2));
-  EXPECT_THROW(b.load_state_tensors({}, 1), c10::Error);
+  EXPECT_THROW(b->load_state({}), std::runtime_error);
 }
 
 TEST(Optim, WarmupCosineAnchors) {

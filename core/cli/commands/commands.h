@@ -11,6 +11,8 @@ using Args = std::vector<std::string>;  // arguments after the subcommand name
 
 int cmd_train(const Args& args);
 int cmd_resume(const Args& args);
+int cmd_plugins(const Args& args);
+int cmd_control(const Args& args);    // control RUN_DIR swap SLOT=NAME
 int cmd_data(const Args& args);      // data prepare | data show-batch
 int cmd_inspect(const Args& args);
 int cmd_config(const Args& args);    // config keys | config show

@@ -1,6 +1,10 @@
 // Why: see common.h.
 #include "core/cli/commands/common.h"
 
+#include <algorithm>
+
+#include "core/plugin_host/plugin_library.h"
+
 #include <spdlog/sinks/basic_file_sink.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
@@ -11,6 +15,42 @@ void add_config_options(po::options_description& options, std::string& config_pa
   options.add_options()
       ("config", po::value<std::string>(&config_path)->required(), "INI config file")
       ("set", po::value<std::vector<std::string>>(&overrides)->composing(), "override a key: --set section.key=value (repeatable)");
+}
+
+void add_plugin_options(po::options_description& options, std::vector<std::string>& plugins,
+                        std::vector<std::string>& plugin_args) {
+  options.add_options()
+      ("plugin", po::value<std::vector<std::string>>(&plugins)->composing(),
+       "fill a plugin slot: --plugin SLOT=NAME_OR_PATH (repeatable; see `keel plugins`)")
+      ("plugin-arg", po::value<std::vector<std::string>>(&plugin_args)->composing(),
+       "argument of a plugin: --plugin-arg NAME.key=value (repeatable)");
+}
+
+void append_plugin_overrides(const std::vector<std::string>& plugins, const std::vector<std::string>& plugin_args,
+                             std::vector<std::string>& overrides) {
+  std::vector<std::pair<std::string, std::string>> slots;  // slot -> accumulated value, in first-seen order
+  for (const auto& p : plugins) {
+    const auto eq = p.find('=');
+    if (eq == std::string::npos || eq == 0)
+      throw std::runtime_error("--plugin " + p + ": expected SLOT=NAME_OR_PATH (e.g. spike_handler=zscore_skip)");
+    const std::string slot = p.substr(0, eq), value = p.substr(eq + 1);
+    plugin_host::parse_slot(slot);  // throws naming the known slots
+    const bool chain = slot == "grad_transform" || slot == "observers";
+    auto it = std::find_if(slots.begin(), slots.end(), [&](const auto& s) { return s.first == slot; });
+    if (it == slots.end()) {
+      slots.emplace_back(slot, value);
+    } else if (chain) {
+      it->second += value.empty() ? "" : (it->second.empty() ? "" : ",") + value;
+    } else {
+      throw std::runtime_error("--plugin " + slot + "= given twice; slot " + slot + " takes one plugin");
+    }
+  }
+  for (const auto& [slot, value] : slots) overrides.push_back("plugins." + slot + "=" + value);
+  for (const auto& a : plugin_args) {
+    if (a.find('.') == std::string::npos || a.find('=') == std::string::npos)
+      throw std::runtime_error("--plugin-arg " + a + ": expected NAME.key=value (e.g. zscore_skip.threshold=4)");
+    overrides.push_back("plugin." + a);
+  }
 }
 
 po::variables_map parse_args(const std::vector<std::string>& args, const po::options_description& options,

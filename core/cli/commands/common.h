@@ -13,6 +13,14 @@ namespace keel::cli {
 namespace po = boost::program_options;
 
 void add_config_options(po::options_description& options, std::string& config_path, std::vector<std::string>& overrides);
+// --plugin SLOT=NAME_OR_PATH and --plugin-arg NAME.key=value (both repeatable).
+void add_plugin_options(po::options_description& options, std::vector<std::string>& plugins,
+                        std::vector<std::string>& plugin_args);
+// Turns them into config overrides (plugins.SLOT=..., plugin.NAME.key=...), appended to `overrides`; several
+// --plugin for a chain slot (grad_transform, observers) build a comma-separated chain in order. Throws for an
+// unknown slot or a malformed value.
+void append_plugin_overrides(const std::vector<std::string>& plugins, const std::vector<std::string>& plugin_args,
+                             std::vector<std::string>& overrides);
 // Parses args against `options` (no positional arguments); unknown options are errors naming them.
 po::variables_map parse_args(const std::vector<std::string>& args, const po::options_description& options,
                              const std::string& command);

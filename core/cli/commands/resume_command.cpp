@@ -54,8 +54,9 @@ std::vector<std::string> fingerprint_differences(const json& was, const json& no
 
 int cmd_resume(const Args& args) {
   std::string from, run_dir;
-  std::vector<std::string> overrides;
+  std::vector<std::string> overrides, plugins, plugin_args;
   po::options_description options("keel resume");
+  add_plugin_options(options, plugins, plugin_args);
   options.add_options()
       ("from", po::value<std::string>(&from)->required(), "a run dir (its latest valid checkpoint) or a checkpoint dir")
       ("run-dir", po::value<std::string>(&run_dir)->required(), "new directory for this run (never the one resumed from)")
@@ -69,6 +70,7 @@ int cmd_resume(const Args& args) {
     return 0;
   }
   const bool allow_data_change = vm.count("allow-data-change") > 0;
+  append_plugin_overrides(plugins, plugin_args, overrides);
 
   // 1. Which checkpoint; verified.
   checkpoint::ResolvedCheckpoint ckpt = checkpoint::resolve_checkpoint(from);

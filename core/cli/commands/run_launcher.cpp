@@ -9,12 +9,14 @@
 
 #include "core/cli/commands/common.h"
 #include "core/metrics/hdf5_handle.h"
+#include "core/plugin_host/plugin_host.h"
 #include "core/train/run_dir.h"
 #include "core/train/trainer.h"
 
 namespace keel::cli {
 
 int launch_run(RunRequest r) {
+  { plugin_host::PluginHost probe(r.config); }  // a plugin that cannot load is refused before the run dir is claimed
   train::RunPaths paths = train::create_run_dir(r.run_dir, r.force);
   setup_logging(paths.log_file());
   {

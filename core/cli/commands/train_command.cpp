@@ -13,9 +13,10 @@ namespace keel::cli {
 
 int cmd_train(const Args& args) {
   std::string config_path, run_dir;
-  std::vector<std::string> overrides;
+  std::vector<std::string> overrides, plugins, plugin_args;
   po::options_description options("keel train");
   add_config_options(options, config_path, overrides);
+  add_plugin_options(options, plugins, plugin_args);
   options.add_options()
       ("run-dir", po::value<std::string>(&run_dir)->required(), "directory for metrics.h5, config.ini, checkpoints/")
       ("force", "replace an existing run in --run-dir")
@@ -25,6 +26,7 @@ int cmd_train(const Args& args) {
     std::cout << options;
     return 0;
   }
+  append_plugin_overrides(plugins, plugin_args, overrides);
   Config config = load_config(config_path, overrides);  // all config errors before touching the run dir
   if (config.train.device == "cuda" && !torch::cuda::is_available())
     throw std::runtime_error("train.device = cuda but no CUDA device is available to this build of keel");
@@ -42,8 +44,11 @@ int cmd_train(const Args& args) {
 std::string usage() {
   return "keel " KEEL_VERSION " - LLM training-stability workbench\n\n"
          "usage:\n"
-         "  keel train --config FILE --run-dir DIR [--set key=value]... [--force]\n"
-         "  keel resume --from RUN_DIR|CKPT_DIR --run-dir NEW_DIR [--set key=value]... [--allow-data-change]\n"
+         "  keel train --config FILE --run-dir DIR [--set key=value]... [--plugin SLOT=NAME]... [--plugin-arg NAME.k=v]...\n"
+         "  keel resume --from RUN_DIR|CKPT_DIR --run-dir NEW_DIR [--set key=value]... [--plugin SLOT=NAME]...\n"
+         "              [--plugin-arg NAME.k=v]... [--allow-data-change]\n"
+         "  keel control RUN_DIR swap SLOT=NAME_OR_PATH [--plugin-arg NAME.k=v]...\n"
+         "  keel plugins\n"
          "  keel data prepare --config FILE [--set key=value]...\n"
          "  keel data show-batch --config FILE --step N [--set key=value]...\n"
          "  keel inspect RUN_DIR|CKPT_DIR [RUN_DIR...]\n"
