@@ -443,9 +443,10 @@ void Trainer::apply_control_requests() {
     const int64_t step = s.loader->step();
     std::string outcome;
     try {
-      // Lines: "swap SLOT=NAME_OR_PATH" and "arg NAME.KEY=VALUE".
+      // Lines: "swap SLOT=NAME_OR_PATH", "arg NAME.KEY=VALUE", and optionally "at_step N" (apply at that boundary).
       Config next = s.config;
       std::string slot;
+      int64_t at_step = -1;
       std::ifstream in(path);
       std::string verb, value;
       while (in >> verb >> value) {
@@ -457,10 +458,16 @@ void Trainer::apply_control_requests() {
           apply_override(next, "plugins." + value, path);
         } else if (verb == "arg") {
           apply_override(next, "plugin." + value, path);
+        } else if (verb == "at_step") {
+          at_step = std::stoll(value);
         } else {
           throw std::runtime_error("unknown request '" + verb + "'");
         }
       }
+      if (at_step > step) continue;  // not yet: stays pending
+      if (at_step >= 0 && at_step < step)
+        throw std::runtime_error("requested for step " + std::to_string(at_step) + ", but the run is already at step " +
+                                 std::to_string(step));
       if (slot.empty()) throw std::runtime_error("no swap line");
       std::vector<plugin_host::LoadedPlugin> loaded = plugin_host::PluginHost::load_slot(slot, next);  // may refuse
       save_checkpoint("before swapping " + slot);

@@ -1,6 +1,6 @@
 // Why: `keel plugins` shows what can be loaded by name (and why a file found there cannot), and
-// `keel control RUN_DIR swap SLOT=NAME_OR_PATH [--plugin-arg NAME.key=value]...` asks a running job to swap a
-// plugin at its next step boundary: the request is a file in RUN_DIR/control/ that the trainer picks up,
+// `keel control RUN_DIR swap SLOT=NAME_OR_PATH [--plugin-arg NAME.key=value]... [--at-step N]` asks a running
+// job to swap a plugin at its next step boundary (or at the boundary before step N): the request is a file in RUN_DIR/control/ that the trainer picks up,
 // applies after saving a checkpoint, and renames to .done (or .refused, with the reason, keeping its plugins).
 #include <chrono>
 #include <filesystem>
@@ -34,7 +34,8 @@ int cmd_plugins(const Args& args) {
 int cmd_control(const Args& args) {
   namespace fs = std::filesystem;
   if (args.size() < 3 || args[1] != "swap")
-    throw std::runtime_error("usage: keel control RUN_DIR swap SLOT=NAME_OR_PATH [--plugin-arg NAME.key=value]...");
+    throw std::runtime_error(
+        "usage: keel control RUN_DIR swap SLOT=NAME_OR_PATH [--plugin-arg NAME.key=value]... [--at-step N]");
   const std::string run_dir = args[0];
   if (!fs::exists(run_dir + "/metrics.h5")) throw std::runtime_error(run_dir + " is not a Keel run dir (no metrics.h5)");
   const std::string swap = args[2];
@@ -46,6 +47,11 @@ int cmd_control(const Args& args) {
   for (size_t i = 3; i < args.size(); ++i) {
     if (args[i] == "--plugin-arg" && i + 1 < args.size()) {
       request << "arg " << args[++i] << "\n";
+    } else if (args[i] == "--at-step" && i + 1 < args.size()) {
+      const std::string n = args[++i];
+      if (n.empty() || n.find_first_not_of("0123456789") != std::string::npos)
+        throw std::runtime_error("keel control: --at-step needs a step number, got " + n);
+      request << "at_step " << n << "\n";
     } else {
       throw std::runtime_error("keel control: unexpected argument " + args[i]);
     }

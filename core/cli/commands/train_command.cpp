@@ -47,7 +47,7 @@ std::string usage() {
          "  keel train --config FILE --run-dir DIR [--set key=value]... [--plugin SLOT=NAME]... [--plugin-arg NAME.k=v]...\n"
          "  keel resume --from RUN_DIR|CKPT_DIR --run-dir NEW_DIR [--set key=value]... [--plugin SLOT=NAME]...\n"
          "              [--plugin-arg NAME.k=v]... [--allow-data-change]\n"
-         "  keel control RUN_DIR swap SLOT=NAME_OR_PATH [--plugin-arg NAME.k=v]...\n"
+         "  keel control RUN_DIR swap SLOT=NAME_OR_PATH [--plugin-arg NAME.k=v]... [--at-step N]\n"
          "  keel plugins\n"
          "  keel data prepare --config FILE [--set key=value]...\n"
          "  keel data show-batch --config FILE --step N [--set key=value]...\n"
