@@ -20,13 +20,20 @@ confs=(build-fuzz/fuzz/*.conf)
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 export ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=0:detect_leaks=1}
 
-run_target() {  # NAME CORPUS MAX_LEN DICT LOG
-  local name=$1 seeds=$2 max_len=$3 dict=$4 log=$5
+run_target() {  # NAME CORPUS MAX_LEN DICT LOG OPTIONS ASAN_OPTIONS
+  local name=$1 seeds=$2 max_len=$3 dict=$4 log=$5 options=$6 asan=$7
   local found=build-fuzz/corpus/$name artifacts=build-fuzz/artifacts/$name
   local extra=()
   [ -z "$dict" ] || extra+=(-dict="$dict")
+  # shellcheck disable=SC2206
+  [ -z "$options" ] || extra+=($options)
+  local asan_options=$ASAN_OPTIONS
+  [ -z "$asan" ] || asan_options="$asan_options:$asan"
+  # A target's own LeakSanitizer suppressions (leaks inside uninstrumented libraries), if it has any.
+  local lsan_options=${LSAN_OPTIONS:-}
+  [ ! -f "tests/fuzz/$name.supp" ] || lsan_options="suppressions=$PWD/tests/fuzz/$name.supp"
   mkdir -p "$found" "$artifacts"
-  "build-fuzz/fuzz/$name" -max_total_time="$seconds" -max_len="$max_len" -timeout=10 -rss_limit_mb=2048 \
+  ASAN_OPTIONS=$asan_options LSAN_OPTIONS=$lsan_options "build-fuzz/fuzz/$name" -max_total_time="$seconds" -max_len="$max_len" -timeout=10 -rss_limit_mb=2048 \
     -print_final_stats=1 -artifact_prefix="$artifacts/" "${extra[@]}" "$found" "$seeds" >"$log" 2>&1
 }
 
@@ -38,10 +45,12 @@ for conf in "${confs[@]}"; do
   corpus=$(sed -n 's/^corpus=//p' "$conf")
   max_len=$(sed -n 's/^max_len=//p' "$conf")
   dict=$(sed -n 's/^dict=//p' "$conf")
+  options=$(sed -n 's/^options=//p' "$conf")
+  asan=$(sed -n 's/^asan_options=//p' "$conf")
   if [ ! -x "build-fuzz/fuzz/$name" ]; then echo "fuzz: $name is configured but not built" >&2; exit 1; fi
   while [ "$(jobs -rp | wc -l)" -ge "$(nproc)" ]; do wait -n || true; done
   echo "fuzz: $name for ${seconds}s (max_len $max_len, seeds $corpus)"
-  run_target "$name" "$corpus" "$max_len" "$dict" "build-fuzz/logs/$name.log" &
+  run_target "$name" "$corpus" "$max_len" "$dict" "build-fuzz/logs/$name.log" "$options" "$asan" &
   pids[$name]=$!
 done
 for name in "${!pids[@]}"; do

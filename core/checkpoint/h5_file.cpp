@@ -361,9 +361,10 @@ std::string H5Reader::read_text(const std::string& object) const {
   if (size == 0 || size > kMaxTextBytes || size > impl_->file_size) fail(file, object, "string size out of range");
   Hid space(check(H5Dget_space(dset.get()), file, object, "H5Dget_space"));
   if (H5Sget_simple_extent_type(space.get()) != H5S_SCALAR) fail(file, object, "string dataset is not scalar");
-  Hid mem = fixed_string_type(size, file, object);
+  // Read with the file's own string type (its character set and padding): HDF5 cannot convert ASCII to UTF-8
+  // strings, and files written by h5py use ASCII.
   std::string text(size, '\0');
-  check(H5Dread(dset.get(), mem.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, text.data()), file, object, "H5Dread");
+  check(H5Dread(dset.get(), type.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, text.data()), file, object, "H5Dread");
   text.resize(std::strlen(text.c_str()));
   return text;
 }
@@ -381,9 +382,8 @@ std::string H5Reader::string_attribute(const std::string& object, const std::str
     fail(file, object, "attribute '" + name + "' is not a fixed-length scalar string");
   const size_t size = H5Tget_size(type.get());
   if (size == 0 || size > kMaxTextBytes || size > impl_->file_size) fail(file, object, "attribute '" + name + "' size out of range");
-  Hid mem = fixed_string_type(size, file, object);
   std::string value(size, '\0');
-  check(H5Aread(attr.get(), mem.get(), value.data()), file, object, "H5Aread");
+  check(H5Aread(attr.get(), type.get(), value.data()), file, object, "H5Aread");  // the file's type: see read_text
   value.resize(std::strlen(value.c_str()));
   return value;
 }

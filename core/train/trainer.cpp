@@ -403,8 +403,8 @@ int64_t Trainer::roll_back(int64_t step, const StepRecord& r) {
     throw std::runtime_error("more than " + std::to_string(kMaxRollbacks) + " rollbacks in one run: stopping");
   const checkpoint::TrainingState st = checkpoint::read_rank_file(target->dir + "/" + checkpoint::rank_file_name(0));
   apply_state(st, /*allow_data_change=*/false, /*restore_plugins=*/false);  // plugins keep their memory
-  std::string what = "step " + std::to_string(step) + " -> checkpoint step " + std::to_string(st.step) + " (" +
-                     r.decided_by + ": " + d.reason + ")";
+  // The intervention first: the reason can be long, and events keep 511 bytes.
+  std::string what = "step " + std::to_string(step) + " -> checkpoint step " + std::to_string(st.step);
   if (!d.skip_data.empty()) {
     s.loader->add_skip(st.step, d.skip_data, "rollback at step " + std::to_string(step) + " by " + r.decided_by);
     what += "; skip " + d.skip_data;
@@ -423,6 +423,7 @@ int64_t Trainer::roll_back(int64_t step, const StepRecord& r) {
     ctx.step = st.step;
     s.call(*handler, ctx, [&](sdk::Plugin& p) { p.on_rollback(st.step); });
   }
+  what += " (" + r.decided_by + ": " + d.reason + ")";
   s.metrics->event(step, "rollback", what);
   s.lineage.notes.push_back("rollback: " + what);
   checkpoint::write_file_atomically(s.paths.lineage_json(), checkpoint::lineage_to_json(s.lineage));
@@ -591,7 +592,8 @@ Trainer::StepRecord Trainer::train_step(int64_t step) {
                                               " until step " + std::to_string(s.lr_factor_until) + ": " + r.decision.reason);
     }
   }
-  if (r.decision.action != sdk::Decision::Action::kContinue) {
+  if (r.decision.action != sdk::Decision::Action::kContinue &&
+      r.decision.action != sdk::Decision::Action::kRollback) {  // a rollback logs its own event in roll_back()
     static const char* const kinds[] = {"continue", "skip", "rollback", "stop"};
     const char* kind = kinds[static_cast<int>(r.decision.action)];
     s.metrics->event(step, kind, "[" + r.decided_by + "] " + r.decision.reason);
