@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -49,15 +50,14 @@ uint64_t parse_uint64(const std::string& origin, const std::string& key, const s
   }
 }
 
+// strtod, not std::stod: stod throws on subnormal numbers (ERANGE), which format_double can write, so a
+// resolved config holding one would not read back. Overflow still fails (it gives an infinity).
 double parse_double(const std::string& origin, const std::string& key, const std::string& value) {
-  try {
-    size_t used = 0;
-    const double parsed = std::stod(value, &used);
-    if (used != value.size() || !std::isfinite(parsed)) bad_value(origin, key, value, "a finite number");
-    return parsed;
-  } catch (const std::logic_error&) {
-    bad_value(origin, key, value, "a number");
-  }
+  char* end = nullptr;
+  const double parsed = std::strtod(value.c_str(), &end);
+  if (value.empty() || end != value.c_str() + value.size()) bad_value(origin, key, value, "a number");
+  if (!std::isfinite(parsed)) bad_value(origin, key, value, "a finite number");
+  return parsed;
 }
 
 bool parse_bool(const std::string& origin, const std::string& key, const std::string& value) {
@@ -91,7 +91,7 @@ std::string format_double(double v) {
     std::ostringstream out;
     out.precision(precision);
     out << v;
-    if (precision == 17 || std::stod(out.str()) == v) return out.str();
+    if (precision == 17 || std::strtod(out.str().c_str(), nullptr) == v) return out.str();
   }
   return {};
 }

@@ -130,3 +130,13 @@ TEST(Config, TokensPerStepMustFitIn64Bits) {
       [] { keel::parse_config_text("", "t.ini", {"train.micro_batch=4611686018427387904", "train.grad_accum=4"}); });
   EXPECT_NE(message.find("tokens per step"), std::string::npos) << message;
 }
+
+// A subnormal value (1e-310) is what format_double writes for it, and it must read back (std::stod threw on it).
+TEST(Config, SubnormalAndHugeValuesRoundTripOrAreRefused) {
+  keel::Config c = keel::parse_config_text("[model]\nz_loss = 1e-310\n", "t.ini");
+  EXPECT_EQ(c.model.z_loss, 1e-310);
+  c.optim.eps = 4.9406564584124654e-324;  // the smallest subnormal, set in code rather than parsed
+  EXPECT_EQ(keel::flatten(keel::parse_config_text(keel::to_ini(c), "again.ini")), keel::flatten(c));
+  const std::string message = error_of([] { keel::parse_config_text("[optim]\nlr = 1e999\n", "t.ini"); });
+  EXPECT_NE(message.find("optim.lr: expected a finite number"), std::string::npos) << message;
+}
