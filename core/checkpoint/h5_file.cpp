@@ -227,13 +227,14 @@ bool H5Reader::exists(const std::string& object) const {
 
 namespace {
 
+// Collects the names of the hard links whose object is of type `wanted` (datasets or groups).
 struct VisitState {
-  hid_t root;
+  H5I_type_t wanted;
   std::vector<std::string> names;
   bool too_many = false;
 };
 
-herr_t collect_dataset(hid_t group, const char* name, const H5L_info_t* info, void* data) {
+herr_t collect_of_type(hid_t group, const char* name, const H5L_info_t* info, void* data) {
   auto* state = static_cast<VisitState*>(data);
   if (info->type != H5L_TYPE_HARD) return 0;
   if (state->names.size() >= kMaxListedObjects) {
@@ -242,24 +243,9 @@ herr_t collect_dataset(hid_t group, const char* name, const H5L_info_t* info, vo
   }
   const hid_t obj = H5Oopen(group, name, H5P_DEFAULT);
   if (obj < 0) return -1;
-  const bool is_dataset = H5Iget_type(obj) == H5I_DATASET;
+  const bool match = H5Iget_type(obj) == state->wanted;
   H5Oclose(obj);
-  if (is_dataset) state->names.emplace_back(name);
-  return 0;
-}
-
-herr_t collect_group(hid_t group, const char* name, const H5L_info_t* info, void* data) {
-  auto* state = static_cast<VisitState*>(data);
-  if (info->type != H5L_TYPE_HARD) return 0;
-  if (state->names.size() >= kMaxListedObjects) {
-    state->too_many = true;
-    return 1;
-  }
-  const hid_t obj = H5Oopen(group, name, H5P_DEFAULT);
-  if (obj < 0) return -1;
-  const bool is_group = H5Iget_type(obj) == H5I_GROUP;
-  H5Oclose(obj);
-  if (is_group) state->names.emplace_back(name);
+  if (match) state->names.emplace_back(name);
   return 0;
 }
 
@@ -268,8 +254,8 @@ herr_t collect_group(hid_t group, const char* name, const H5L_info_t* info, void
 std::vector<std::string> H5Reader::datasets_under(const std::string& group) const {
   if (!exists(group)) fail(impl_->path, group, "missing group");
   Hid g(check(H5Gopen2(impl_->file.get(), group.c_str(), H5P_DEFAULT), impl_->path, group, "not a group"));
-  VisitState state{g.get(), {}, false};
-  check(H5Lvisit(g.get(), H5_INDEX_NAME, H5_ITER_INC, collect_dataset, &state), impl_->path, group, "H5Lvisit");
+  VisitState state{H5I_DATASET, {}, false};
+  check(H5Lvisit(g.get(), H5_INDEX_NAME, H5_ITER_INC, collect_of_type, &state), impl_->path, group, "H5Lvisit");
   if (state.too_many) fail(impl_->path, group, "too many objects");
   return state.names;
 }
@@ -277,9 +263,10 @@ std::vector<std::string> H5Reader::datasets_under(const std::string& group) cons
 std::vector<std::string> H5Reader::groups_under(const std::string& group) const {
   if (!exists(group)) fail(impl_->path, group, "missing group");
   Hid g(check(H5Gopen2(impl_->file.get(), group.c_str(), H5P_DEFAULT), impl_->path, group, "not a group"));
-  VisitState state{g.get(), {}, false};
+  VisitState state{H5I_GROUP, {}, false};
   hsize_t index = 0;
-  check(H5Literate(g.get(), H5_INDEX_NAME, H5_ITER_INC, &index, collect_group, &state), impl_->path, group, "H5Literate");
+  check(H5Literate(g.get(), H5_INDEX_NAME, H5_ITER_INC, &index, collect_of_type, &state), impl_->path, group,
+        "H5Literate");
   if (state.too_many) fail(impl_->path, group, "too many objects");
   return state.names;
 }

@@ -13,6 +13,8 @@
 #include <thread>
 
 #include <gtest/gtest.h>
+
+#include "../common/damage.h"
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
@@ -51,15 +53,6 @@ void expect_same_tensors(const NamedTensors& a, const NamedTensors& b, const std
 std::vector<double> rows(const std::string& run_dir, const std::string& column, size_t from, size_t to) {
   const auto all = MetricsReader(run_dir + "/metrics.h5").read_double(column);
   return std::vector<double>(all.begin() + static_cast<std::ptrdiff_t>(from), all.begin() + static_cast<std::ptrdiff_t>(to));
-}
-
-void flip_byte(const std::string& path, std::streamoff at) {
-  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
-  f.seekg(at);
-  char c = 0;
-  f.get(c);
-  f.seekp(at);
-  f.put(static_cast<char>(c ^ 0x01));
 }
 
 }  // namespace
@@ -156,7 +149,7 @@ TEST(CheckpointResume, DamageIsNamedAndRunDirFallsBackToTheNewestValid) {
   const std::string run = fresh_dir("damage");
   auto r = run_keel("train " + base_args("--set train.steps=10 --set checkpoint.every=5") + " --run-dir " + run);
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  flip_byte(run + "/checkpoints/step-00000010/rank-00000.h5", 4096);
+  keel::testing::flip_byte(run + "/checkpoints/step-00000010/rank-00000.h5", 4096, 0x01);
 
   const std::string refused = fresh_dir("damage-refused");
   r = run_keel("resume --from " + run + "/checkpoints/step-00000010 --run-dir " + refused);

@@ -19,15 +19,6 @@ using namespace keel::checkpoint;
 
 namespace {
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const CheckpointError& e) {
-    return e.what();
-  }
-  return "(no CheckpointError)";
-}
-
 Manifest sample_manifest() {
   Manifest m;
   m.keel_version = "0.1.0";
@@ -64,7 +55,7 @@ TEST(Sha256, FileDigestEqualsMemoryDigestAndMissingFileIsNamed) {
   const std::string path = keel::testing::test_dir() + "/bytes.bin";
   std::ofstream(path, std::ios::binary) << std::string(70000, 'x');
   EXPECT_EQ(sha256_file(path), sha256_hex(std::string(70000, 'x')));
-  EXPECT_NE(error_of([&] { sha256_file(path + ".missing"); }).find("bytes.bin.missing"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { sha256_file(path + ".missing"); }).find("bytes.bin.missing"), std::string::npos);
 }
 
 TEST(Manifest, RoundTrips) {
@@ -84,9 +75,9 @@ TEST(Manifest, EveryBadFieldIsRefusedByName) {
   auto with = [](const std::function<void(nlohmann::json&)>& edit) {
     nlohmann::json j = nlohmann::json::parse(manifest_to_json(sample_manifest()));
     edit(j);
-    return error_of([&] { parse_manifest(j.dump(), "ckpt/manifest.json"); });
+    return keel::testing::checkpoint_error_of([&] { parse_manifest(j.dump(), "ckpt/manifest.json"); });
   };
-  EXPECT_NE(error_of([] { parse_manifest("{not json", "m.json"); }).find("not valid JSON"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([] { parse_manifest("{not json", "m.json"); }).find("not valid JSON"), std::string::npos);
   EXPECT_NE(with([](auto& j) { j.erase("step"); }).find("'step' is missing"), std::string::npos);
   EXPECT_NE(with([](auto& j) { j["step"] = -1; }).find("'step'"), std::string::npos);
   EXPECT_NE(with([](auto& j) { j["step"] = "ten"; }).find("'step' must be an integer"), std::string::npos);
@@ -157,14 +148,14 @@ TEST(H5File, MissingObjectsWrongKindsAndNonHdf5FilesAreNamed) {
     out.write_text("text", "abc");
     out.close();
   }
-  EXPECT_NE(error_of([&] { H5Writer again(dir + "/t.h5"); }).find("t.h5"), std::string::npos) << "refuses to overwrite";
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { H5Writer again(dir + "/t.h5"); }).find("t.h5"), std::string::npos) << "refuses to overwrite";
   H5Reader in(dir + "/t.h5");
-  EXPECT_NE(error_of([&] { in.read_tensor("model/w"); }).find("'model/w'"), std::string::npos);
-  EXPECT_NE(error_of([&] { in.read_tensor("text"); }).find("'text'"), std::string::npos);
-  EXPECT_NE(error_of([&] { in.read_text("text/inner"); }).find("text/inner"), std::string::npos);
-  EXPECT_NE(error_of([&] { in.int_attribute("/", "nope"); }).find("'nope'"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { in.read_tensor("model/w"); }).find("'model/w'"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { in.read_tensor("text"); }).find("'text'"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { in.read_text("text/inner"); }).find("text/inner"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { in.int_attribute("/", "nope"); }).find("'nope'"), std::string::npos);
   std::ofstream(dir + "/junk.h5") << "this is not HDF5";
-  EXPECT_NE(error_of([&] { H5Reader junk(dir + "/junk.h5"); }).find("junk.h5"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { H5Reader junk(dir + "/junk.h5"); }).find("junk.h5"), std::string::npos);
 }
 
 TEST(TrainingStateFile, EverySectionRoundTripsAndRngRestoresExactly) {
@@ -224,5 +215,5 @@ TEST(TrainingStateFile, ForeignHdf5FileIsRefusedByName) {
     out.set_attribute("/", "format", "something-else");
     out.close();
   }
-  EXPECT_NE(error_of([&] { read_rank_file(path); }).find("other.h5: not a Keel checkpoint"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { read_rank_file(path); }).find("other.h5: not a Keel checkpoint"), std::string::npos);
 }

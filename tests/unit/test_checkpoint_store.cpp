@@ -7,6 +7,8 @@
 
 #include <gtest/gtest.h>
 
+#include "../common/damage.h"
+
 #include "core/checkpoint/checkpoint_error.h"
 #include "core/checkpoint/checkpoint_store.h"
 #include "core/checkpoint/lineage.h"
@@ -17,15 +19,6 @@ using namespace keel::checkpoint;
 namespace fs = std::filesystem;
 
 namespace {
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const CheckpointError& e) {
-    return e.what();
-  }
-  return "(no CheckpointError)";
-}
 
 // A small but complete checkpoint: a fake rank file and config.ini, committed through the store.
 std::string save_fake(CheckpointStore& store, int64_t step) {
@@ -44,15 +37,6 @@ std::vector<int64_t> steps_of(const std::vector<CheckpointEntry>& entries) {
   std::vector<int64_t> out;
   for (const auto& e : entries) out.push_back(e.step);
   return out;
-}
-
-void flip_byte(const std::string& path, std::streamoff at) {
-  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
-  f.seekg(at);
-  char c = 0;
-  f.get(c);
-  f.seekp(at);
-  f.put(static_cast<char>(c ^ 0x40));
 }
 
 }  // namespace
@@ -77,7 +61,7 @@ TEST(CheckpointStore, CommitMakesAValidCheckpointAndMovesLatest) {
   save_fake(store, 10);
   EXPECT_EQ(store.latest_pointer(), root + "/step-00000010");
   EXPECT_EQ(steps_of(store.list_valid()), (std::vector<int64_t>{5, 10}));
-  EXPECT_NE(error_of([&] { store.begin(10); }).find("step-00000010 already exists"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { store.begin(10); }).find("step-00000010 already exists"), std::string::npos);
 }
 
 TEST(CheckpointStore, IncompleteOrDamagedDirectoriesAreNeverValid) {
@@ -89,15 +73,15 @@ TEST(CheckpointStore, IncompleteOrDamagedDirectoriesAreNeverValid) {
   save_fake(store, 4);
   fs::create_directories(root + "/step-00000009.tmp");       // a save killed before its rename
   fs::create_directories(root + "/step-00000008");           // no manifest
-  flip_byte(root + "/step-00000003/rank-00000.h5", 3);       // bit rot
+  keel::testing::flip_byte(root + "/step-00000003/rank-00000.h5", 3);       // bit rot
   fs::resize_file(root + "/step-00000004/config.ini", 4);    // truncated
   CheckpointStore fresh(root);                               // no remembered verifications
   EXPECT_EQ(steps_of(fresh.list_valid()), (std::vector<int64_t>{1, 2}));
-  EXPECT_NE(error_of([&] { verify_checkpoint_dir(root + "/step-00000003"); }).find("rank-00000.h5: corrupted"),
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { verify_checkpoint_dir(root + "/step-00000003"); }).find("rank-00000.h5: corrupted"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { verify_checkpoint_dir(root + "/step-00000004"); }).find("config.ini: truncated"),
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { verify_checkpoint_dir(root + "/step-00000004"); }).find("config.ini: truncated"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { verify_checkpoint_dir(root + "/step-00000008"); }).find("incomplete checkpoint"),
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { verify_checkpoint_dir(root + "/step-00000008"); }).find("incomplete checkpoint"),
             std::string::npos);
 }
 
@@ -124,7 +108,7 @@ TEST(CheckpointStore, DamagedCheckpointsAreNotCountedAndAKillMidPruneIsFinished)
   // What a kill during prune leaves: a directory renamed for deletion and half removed.
   fs::rename(root + "/step-00000001", root + "/step-00000001.deleting");
   fs::remove(root + "/step-00000001.deleting/manifest.json");
-  flip_byte(root + "/step-00000004/rank-00000.h5", 0);  // the newest is damaged: it must not count as a keeper
+  keel::testing::flip_byte(root + "/step-00000004/rank-00000.h5", 0);  // the newest is damaged: it must not count as a keeper
   CheckpointStore store(root);
   const auto removed = store.prune(2, 0);
   EXPECT_FALSE(fs::exists(root + "/step-00000001.deleting"));
@@ -140,21 +124,21 @@ TEST(ResolveCheckpoint, RunDirFallsBackToNewestValidWithAWarning) {
   save_fake(store, 5);
   save_fake(store, 10);
   EXPECT_EQ(resolve_checkpoint(run).dir, run + "/checkpoints/step-00000010");
-  flip_byte(run + "/checkpoints/step-00000010/rank-00000.h5", 2);
+  keel::testing::flip_byte(run + "/checkpoints/step-00000010/rank-00000.h5", 2);
   const ResolvedCheckpoint r = resolve_checkpoint(run);
   EXPECT_EQ(r.dir, run + "/checkpoints/step-00000005");
   EXPECT_EQ(r.manifest.step, 5);
   ASSERT_EQ(r.warnings.size(), 1u);
   EXPECT_NE(r.warnings[0].find("step-00000010/rank-00000.h5: corrupted"), std::string::npos);
   // An explicit checkpoint never falls back.
-  EXPECT_NE(error_of([&] { resolve_checkpoint(run + "/checkpoints/step-00000010"); }).find("corrupted"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { resolve_checkpoint(run + "/checkpoints/step-00000010"); }).find("corrupted"), std::string::npos);
   // Nothing valid: an error naming each damaged checkpoint, never step 0.
-  flip_byte(run + "/checkpoints/step-00000005/config.ini", 0);
-  const std::string all_bad = error_of([&] { resolve_checkpoint(run); });
+  keel::testing::flip_byte(run + "/checkpoints/step-00000005/config.ini", 0);
+  const std::string all_bad = keel::testing::checkpoint_error_of([&] { resolve_checkpoint(run); });
   EXPECT_NE(all_bad.find("no valid checkpoint"), std::string::npos);
   EXPECT_NE(all_bad.find("step-00000005/config.ini"), std::string::npos);
   EXPECT_NE(all_bad.find("step-00000010/rank-00000.h5"), std::string::npos);
-  EXPECT_NE(error_of([&] { resolve_checkpoint(run + "/nope"); }).find("no such checkpoint"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { resolve_checkpoint(run + "/nope"); }).find("no such checkpoint"), std::string::npos);
 }
 
 TEST(Lineage, DiffKindJsonAndTree) {
@@ -189,7 +173,7 @@ TEST(Lineage, DiffKindJsonAndTree) {
   EXPECT_EQ(back.parent_run_id, "run-a");
   EXPECT_EQ(back.parent_step, 10);
   EXPECT_EQ(back.changes.at(0).to, "0.0005");
-  EXPECT_NE(error_of([] { parse_lineage("{}", "x/lineage.json"); }).find("x/lineage.json"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([] { parse_lineage("{}", "x/lineage.json"); }).find("x/lineage.json"), std::string::npos);
 
   const std::string tree = format_lineage_tree({branch, root, cont});
   EXPECT_EQ(tree.find("runs/base"), 0u) << tree;

@@ -8,6 +8,7 @@
 
 #include <gtest/gtest.h>
 
+#include "core/checkpoint/checkpoint_error.h"
 #include "core/data/data_error.h"
 
 namespace keel::testing {
@@ -48,6 +49,15 @@ std::string data_error_of(const std::function<void()>& fn) {
     return e.what();
   }
   return "(no DataError)";
+}
+
+std::string checkpoint_error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const keel::checkpoint::CheckpointError& e) {
+    return e.what();
+  }
+  return "(no CheckpointError)";
 }
 
 }  // namespace keel::testing

@@ -11,5 +11,7 @@ namespace keel::testing {
 std::string test_dir();
 // The what() of the keel::data::DataError that `fn` throws, or "(no DataError)".
 std::string data_error_of(const std::function<void()>& fn);
+// The what() of the keel::checkpoint::CheckpointError that `fn` throws, or "(no CheckpointError)".
+std::string checkpoint_error_of(const std::function<void()>& fn);
 
 }  // namespace keel::testing
