@@ -183,11 +183,14 @@ struct Decision {
   enum class Action { kContinue, kSkipUpdate, kRollback, kStop };
   Action action = Action::kContinue;
   std::string reason;
-  // Rollback intervention.
+  // kRollback only: the intervention applied from the checkpoint's step on.
   std::string skip_data;               // skip rules, e.g. "prose:chunk:3;code:samples:100-163" (docs/data.md)
   bool reset_optimizer_moments = false;
-  double lr_factor = 1.0;              // multiply the LR by this ...
-  int64_t lr_factor_steps = 0;         // ... for this many steps from the rollback point
+  // Any action: multiply the LR by lr_factor for lr_factor_steps steps, counted from this step (kContinue,
+  // kSkipUpdate) or from the checkpoint's step (kRollback). 1.0 / 0 (the defaults) ask for nothing new; they do
+  // not cancel a factor already in force.
+  double lr_factor = 1.0;
+  int64_t lr_factor_steps = 0;
 
   static Decision skip_update(std::string why) {
     Decision d;
