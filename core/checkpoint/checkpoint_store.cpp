@@ -42,6 +42,11 @@ std::optional<int64_t> parse_step_dir_name(const std::string& name) {
   return step;
 }
 
+bool names_checkpoint_dir(const std::string& path) {
+  return fs::exists(path + "/" + kManifestName) ||
+         parse_step_dir_name(fs::path(path).lexically_normal().filename().string()).has_value();
+}
+
 CheckpointStore::CheckpointStore(std::string root) : root_(std::move(root)) {}
 
 std::string CheckpointStore::begin(int64_t step) {
@@ -154,7 +159,7 @@ std::optional<std::string> CheckpointStore::latest_pointer() const {
 ResolvedCheckpoint resolve_checkpoint(const std::string& path) {
   ResolvedCheckpoint out;
   if (!fs::is_directory(path)) throw CheckpointError(path + ": no such checkpoint or run directory");
-  if (fs::exists(path + "/" + kManifestName) || parse_step_dir_name(fs::path(path).lexically_normal().filename().string())) {
+  if (names_checkpoint_dir(path)) {
     // An explicit checkpoint: load exactly this one or fail.
     out.dir = path;
     out.manifest = verify_checkpoint_dir(path);

@@ -24,6 +24,10 @@ std::string step_dir_name(int64_t step);
 // Parses "step-00000100" (exactly 8+ digits, nothing else) into 100.
 std::optional<int64_t> parse_step_dir_name(const std::string& name);
 
+// True if `path` is meant as one checkpoint (it has a manifest.json or is named step-XXXXXXXX), as opposed to
+// a run directory. Says nothing about validity.
+bool names_checkpoint_dir(const std::string& path);
+
 struct CheckpointEntry {
   int64_t step = 0;
   std::string dir;

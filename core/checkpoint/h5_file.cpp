@@ -356,16 +356,28 @@ std::string H5Reader::read_text(const std::string& object) const {
   return text;
 }
 
-std::string H5Reader::string_attribute(const std::string& object, const std::string& name) const {
-  const std::string& file = impl_->path;
-  if (!exists(object) || H5Aexists_by_name(impl_->file.get(), object.c_str(), name.c_str(), H5P_DEFAULT) <= 0)
+namespace {
+
+// Opens attribute `name` of `object`, which must exist and be scalar; the caller checks its type.
+std::pair<Hid, Hid> open_scalar_attribute(hid_t file_id, const std::string& file, const std::string& object,
+                                          const std::string& name) {
+  if (H5Aexists_by_name(file_id, object.c_str(), name.c_str(), H5P_DEFAULT) <= 0)
     fail(file, object, "missing attribute '" + name + "'");
-  Hid attr(check(H5Aopen_by_name(impl_->file.get(), object.c_str(), name.c_str(), H5P_DEFAULT, H5P_DEFAULT), file, object,
+  Hid attr(check(H5Aopen_by_name(file_id, object.c_str(), name.c_str(), H5P_DEFAULT, H5P_DEFAULT), file, object,
                  "H5Aopen_by_name"));
   Hid type(check(H5Aget_type(attr.get()), file, object, "H5Aget_type"));
   Hid space(check(H5Aget_space(attr.get()), file, object, "H5Aget_space"));
-  if (H5Tget_class(type.get()) != H5T_STRING || H5Tis_variable_str(type.get()) != 0 ||
-      H5Sget_simple_extent_type(space.get()) != H5S_SCALAR)
+  if (H5Sget_simple_extent_type(space.get()) != H5S_SCALAR) fail(file, object, "attribute '" + name + "' is not scalar");
+  return {std::move(attr), std::move(type)};
+}
+
+}  // namespace
+
+std::string H5Reader::string_attribute(const std::string& object, const std::string& name) const {
+  const std::string& file = impl_->path;
+  if (!exists(object)) fail(file, object, "missing attribute '" + name + "'");
+  const auto [attr, type] = open_scalar_attribute(impl_->file.get(), file, object, name);
+  if (H5Tget_class(type.get()) != H5T_STRING || H5Tis_variable_str(type.get()) != 0)
     fail(file, object, "attribute '" + name + "' is not a fixed-length scalar string");
   const size_t size = H5Tget_size(type.get());
   if (size == 0 || size > kMaxTextBytes || size > impl_->file_size) fail(file, object, "attribute '" + name + "' size out of range");
@@ -377,14 +389,9 @@ std::string H5Reader::string_attribute(const std::string& object, const std::str
 
 int64_t H5Reader::int_attribute(const std::string& object, const std::string& name) const {
   const std::string& file = impl_->path;
-  if (!exists(object) || H5Aexists_by_name(impl_->file.get(), object.c_str(), name.c_str(), H5P_DEFAULT) <= 0)
-    fail(file, object, "missing attribute '" + name + "'");
-  Hid attr(check(H5Aopen_by_name(impl_->file.get(), object.c_str(), name.c_str(), H5P_DEFAULT, H5P_DEFAULT), file, object,
-                 "H5Aopen_by_name"));
-  Hid type(check(H5Aget_type(attr.get()), file, object, "H5Aget_type"));
-  Hid space(check(H5Aget_space(attr.get()), file, object, "H5Aget_space"));
-  if (H5Tget_class(type.get()) != H5T_INTEGER || H5Sget_simple_extent_type(space.get()) != H5S_SCALAR)
-    fail(file, object, "attribute '" + name + "' is not a scalar integer");
+  if (!exists(object)) fail(file, object, "missing attribute '" + name + "'");
+  const auto [attr, type] = open_scalar_attribute(impl_->file.get(), file, object, name);
+  if (H5Tget_class(type.get()) != H5T_INTEGER) fail(file, object, "attribute '" + name + "' is not a scalar integer");
   int64_t value = 0;
   check(H5Aread(attr.get(), H5T_NATIVE_INT64, &value), file, object, "H5Aread");
   return value;

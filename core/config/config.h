@@ -118,6 +118,8 @@ struct Config {
   // Global batch in sequences (data-parallel size 1 for now).
   int64_t global_batch() const { return train.micro_batch * train.grad_accum; }
   int64_t tokens_per_step() const { return global_batch() * model.seq_len; }
+  // Length of warm-up + cosine: optim.decay_steps, or train.steps when that is 0.
+  int64_t lr_decay_steps() const { return optim.decay_steps > 0 ? optim.decay_steps : train.steps; }
 };
 
 // Parse an INI file ("[model]\nlayers = 4"), then apply "key=value" overrides in order, then validate.

@@ -95,7 +95,6 @@ struct Trainer::State {
   std::unique_ptr<checkpoint::CheckpointStore> checkpoints;
   std::string last_checkpoint;
 
-  int64_t decay_steps() const { return config.optim.decay_steps > 0 ? config.optim.decay_steps : config.train.steps; }
   std::string control_dir() const { return paths.root + "/control"; }
 
   // Runs `hook` on plugin `p` with ctx's output channels pointed at p (metrics "<plugin>.<name>", events
@@ -243,7 +242,7 @@ std::string Trainer::save_checkpoint(const std::string& reason) {
                                   {"lr", c.optim.lr},
                                   {"min_lr", c.optim.min_lr},
                                   {"warmup_steps", c.optim.warmup_steps},
-                                  {"decay_steps", s.decay_steps()},
+                                  {"decay_steps", c.lr_decay_steps()},
                                   {"next_step", step},
                                   {"lr_factor", s.lr_factor},
                                   {"lr_factor_until", s.lr_factor_until},
@@ -532,7 +531,7 @@ Trainer::StepRecord Trainer::train_step(int64_t step) {
       if (!same) s.loader->set_mixture(step, weights, "plugin " + mixture->name());
     }
   }
-  ctx.base_lr = optim::warmup_cosine_lr(step, c.optim.lr, c.optim.min_lr, c.optim.warmup_steps, s.decay_steps());
+  ctx.base_lr = optim::warmup_cosine_lr(step, c.optim.lr, c.optim.min_lr, c.optim.warmup_steps, c.lr_decay_steps());
   ctx.lr = ctx.base_lr;
   if (plugin_host::LoadedPlugin* schedule = s.plugins->lr_schedule())
     ctx.lr = s.call(*schedule, ctx, [&](sdk::Plugin& p) { return p.learning_rate(ctx, ctx.base_lr); });

@@ -24,11 +24,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-bool is_checkpoint_dir(const std::string& path) {
-  return fs::exists(path + "/" + checkpoint::kManifestName) ||
-         checkpoint::parse_step_dir_name(fs::path(path).lexically_normal().filename().string()).has_value();
-}
-
 checkpoint::Lineage read_run_lineage(const std::string& run_dir) {
   const std::string path = run_dir + "/lineage.json";
   if (!fs::exists(path)) throw std::runtime_error(run_dir + " has no lineage.json (not a Keel run dir, or made before lineage)");
@@ -160,7 +155,7 @@ int cmd_inspect(const Args& args) {
     return 0;
   }
   const std::string dir = args[0];
-  if (is_checkpoint_dir(dir)) return inspect_checkpoint(dir);
+  if (checkpoint::names_checkpoint_dir(dir)) return inspect_checkpoint(dir);
   const std::string metrics_path = dir + "/metrics.h5";
   if (!fs::exists(metrics_path)) throw std::runtime_error(dir + " is not a Keel run dir: " + metrics_path + " not found");
   std::cout << "run dir: " << dir << "\n";

@@ -145,8 +145,8 @@ int cmd_resume(const Args& args) {
     request.lineage.parent_run_dir = fs::path(ckpt.dir).parent_path().parent_path().string();
   }
   request.lineage.changes = checkpoint::diff_configs(parent_flat, flat);
-  const int64_t decay_was = parent.optim.decay_steps > 0 ? parent.optim.decay_steps : parent.train.steps;
-  const int64_t decay_now = config.optim.decay_steps > 0 ? config.optim.decay_steps : config.train.steps;
+  const int64_t decay_was = parent.lr_decay_steps();
+  const int64_t decay_now = config.lr_decay_steps();
   if (decay_was != decay_now) {
     request.lineage.changes.push_back({"lr_schedule.decay_steps", std::to_string(decay_was), std::to_string(decay_now)});
     spdlog::warn("the LR schedule's length changes from {} to {} steps (optim.decay_steps = 0 follows train.steps); "
