@@ -183,6 +183,19 @@ const std::vector<KeyDef>& key_table() {
       KEEL_INT("metrics.flush_every", metrics.flush_every, "flush metrics.h5 every N steps"),
       KEEL_BOOL("metrics.per_tensor", metrics.per_tensor, "log per-tensor grad and param norms"),
 
+      KEEL_INT("parallel.dp", parallel.dp, "data-parallel size (replicas, each reading a disjoint batch slice)"),
+      KEEL_INT("parallel.tp", parallel.tp, "tensor-parallel size (heads, FFN, vocabulary split)"),
+      KEEL_INT("parallel.pp", parallel.pp, "pipeline-parallel stages (model.layers split evenly)"),
+      KEEL_INT("parallel.microbatches", parallel.microbatches,
+               "micro-batches per DP rank and step; 0 = train.grad_accum / parallel.dp"),
+      KEEL_INT("parallel.zero", parallel.zero, "1 = ZeRO-1 (optimizer state sharded across DP ranks); 0 = off"),
+      KEEL_CHOICE("parallel.schedule", parallel.schedule, "pipeline schedule", "1f1b", "gpipe"),
+      KEEL_DOUBLE("parallel.timeout_s", parallel.timeout_s,
+                  "seconds a collective or the rendezvous may wait before the job fails naming the missing rank"),
+      KEEL_DOUBLE("parallel.bucket_mb", parallel.bucket_mb, "data-parallel gradient all-reduce bucket size in MiB"),
+      KEEL_CHOICE("parallel.backend", parallel.backend, "c10d backend: auto (gloo on cpu, nccl on cuda)", "auto",
+                  "gloo", "nccl"),
+
       KEEL_STRING("plugins.optimizer", plugins.optimizer, "optimizer plugin: adamw, lion, or a path to a .so"),
       KEEL_STRING("plugins.lr_schedule", plugins.lr_schedule, "LR schedule plugin; empty = warm-up + cosine of optim.*"),
       KEEL_STRING("plugins.spike_handler", plugins.spike_handler,
@@ -361,6 +374,33 @@ void validate(const Config& c) {
   require(o.beta1 >= 0.0 && o.beta1 < 1.0 && o.beta2 >= 0.0 && o.beta2 < 1.0, "optim.beta1/beta2 must be in [0, 1)");
   require(o.eps > 0.0 && o.weight_decay >= 0.0 && o.grad_clip >= 0.0, "optim.eps > 0, optim.weight_decay >= 0, optim.grad_clip >= 0");
   require(c.data.chunks >= 1, "data.chunks must be >= 1");
+  const auto& par = c.parallel;
+  require(par.dp >= 1 && par.tp >= 1 && par.pp >= 1, "parallel.dp, parallel.tp and parallel.pp must be >= 1");
+  require(par.zero == 0 || par.zero == 1, "parallel.zero must be 0 or 1");
+  require(par.microbatches >= 0, "parallel.microbatches must be >= 0");
+  require(par.timeout_s > 0.0 && par.bucket_mb > 0.0, "parallel.timeout_s and parallel.bucket_mb must be > 0");
+  const int64_t batch = c.train.micro_batch * c.train.grad_accum;
+  require(batch % par.dp == 0, "the global batch (train.micro_batch x train.grad_accum = " + std::to_string(batch) +
+                                   " sequences) must be divisible by parallel.dp (" + std::to_string(par.dp) + ")");
+  if (par.microbatches == 0) {
+    require(c.train.grad_accum % par.dp == 0,
+            "train.grad_accum (" + std::to_string(c.train.grad_accum) + ") must be divisible by parallel.dp (" +
+                std::to_string(par.dp) + "), or set parallel.microbatches");
+  } else {
+    require((batch / par.dp) % par.microbatches == 0,
+            "each DP rank's share of the batch (" + std::to_string(batch / par.dp) +
+                " sequences) must be divisible by parallel.microbatches (" + std::to_string(par.microbatches) + ")");
+  }
+  require(m.layers % par.pp == 0, "model.layers (" + std::to_string(m.layers) + ") must be divisible by parallel.pp (" +
+                                      std::to_string(par.pp) + ")");
+  for (const auto& [value, key] : {std::pair<int64_t, const char*>{m.heads, "model.heads"},
+                                   {m.kv_heads, "model.kv_heads"}, {m.ffn_hidden, "model.ffn_hidden"},
+                                   {m.vocab, "model.vocab"}}) {
+    require(value % par.tp == 0, std::string(key) + " (" + std::to_string(value) + ") must be divisible by parallel.tp (" +
+                                     std::to_string(par.tp) + ")");
+  }
+  require(!(m.tie_embeddings && par.pp > 1),
+          "model.tie_embeddings = true needs parallel.pp = 1 (the embedding and the head live on different stages)");
   require(c.metrics.flush_every >= 1, "metrics.flush_every must be >= 1");
   require(c.checkpoint.every >= 0 && c.checkpoint.milestone_every >= 0,
           "checkpoint.every and checkpoint.milestone_every must be >= 0");

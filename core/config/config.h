@@ -40,7 +40,7 @@ struct ModelConfig {
 
 struct TrainConfig {
   int64_t steps = 100;        // total number of optimizer steps of the run
-  int64_t micro_batch = 4;    // sequences per micro-batch per data-parallel rank
+  int64_t micro_batch = 4;    // sequences per micro-batch (single process; see ParallelConfig::microbatches)
   int64_t grad_accum = 1;     // micro-batches per step
   uint64_t seed = 1234;       // model init and everything random except the data order
   std::string precision = "bf16-mixed";  // fp32 | bf16-mixed
@@ -93,6 +93,20 @@ struct CheckpointConfig {
   int64_t milestone_every = 0;  // steps divisible by M are kept forever (LLM360 kept 360); 0 = none
 };
 
+// The 3D layout (docs/parallel.md). dp x tp x pp must equal the number of ranks the job was started with.
+struct ParallelConfig {
+  int64_t dp = 1;               // data-parallel replicas; each reads a disjoint slice of the global batch
+  int64_t tp = 1;               // tensor-parallel ranks (heads, FFN and vocabulary split Megatron-style)
+  int64_t pp = 1;               // pipeline stages (model.layers split evenly)
+  int64_t microbatches = 0;     // micro-batches per DP rank and step; 0 = train.grad_accum / dp
+  int64_t zero = 0;             // 1 = ZeRO-1: optimizer state sharded across the DP ranks
+  std::string schedule = "1f1b";  // pipeline schedule: 1f1b | gpipe
+  double timeout_s = 300.0;     // a collective or rendezvous that waits longer fails, naming the missing rank
+  double bucket_mb = 25.0;      // DP gradient all-reduce bucket size
+  std::string backend = "auto"; // auto (gloo on cpu, nccl on cuda) | gloo | nccl
+  int64_t world_size() const { return dp * tp * pp; }
+};
+
 // Which plugin fills each slot (docs/plugins.md): a built-in name or a path to a shared library.
 struct PluginsConfig {
   std::string optimizer = "adamw";
@@ -110,16 +124,23 @@ struct Config {
   DataConfig data;
   MetricsConfig metrics;
   CheckpointConfig checkpoint;
+  ParallelConfig parallel;
   PluginsConfig plugins;
   // [plugin.NAME] sections: arguments of plugin NAME (key -> value), checked by the plugin when it loads.
   std::map<std::string, std::map<std::string, std::string>> plugin_args;
   std::string source_file;    // where it was loaded from (for messages)
 
-  // Global batch in sequences (data-parallel size 1 for now).
+  // Global batch in sequences: the same for every layout (DP ranks split it, docs/parallel.md).
   int64_t global_batch() const { return train.micro_batch * train.grad_accum; }
   int64_t tokens_per_step() const { return global_batch() * model.seq_len; }
   // Length of warm-up + cosine: optim.decay_steps, or train.steps when that is 0.
   int64_t lr_decay_steps() const { return optim.decay_steps > 0 ? optim.decay_steps : train.steps; }
+  // Micro-batches each DP rank runs per step (parallel.microbatches, or grad_accum / dp).
+  int64_t microbatches_per_rank() const {
+    return parallel.microbatches > 0 ? parallel.microbatches : train.grad_accum / parallel.dp;
+  }
+  // Sequences per micro-batch on one DP rank.
+  int64_t rank_micro_batch() const { return global_batch() / parallel.dp / microbatches_per_rank(); }
 };
 
 // Parse an INI file ("[model]\nlayers = 4"), then apply "key=value" overrides in order, then validate.

@@ -1,0 +1,38 @@
+// Why: the c10d differences between LibTorch 1.13 (Debian, CPU) and 2.x (GPU machine) in one place, like
+// core/torch_compat.h for ATen. Include only from core/parallel/*.cpp: it pulls in c10d and Gloo headers.
+#pragma once
+
+#ifndef USE_C10D_GLOO
+#define USE_C10D_GLOO
+#endif
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/version.h>
+
+#include "core/parallel/communicator.h"
+#if defined(KEEL_WITH_NCCL)
+#ifndef USE_C10D_NCCL
+#define USE_C10D_NCCL
+#endif
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+namespace keel::parallel::compat {
+
+// 1.13: backends derive from ProcessGroup; 2.x: from Backend (ProcessGroup became a dispatching wrapper).
+#if TORCH_VERSION_MAJOR >= 2
+using BackendBase = ::c10d::Backend;
+#else
+using BackendBase = ::c10d::ProcessGroup;
+#endif
+
+}  // namespace keel::parallel::compat
+
+namespace keel::parallel {
+// What a Communicator of size > 1 talks through.
+struct Communicator::Impl {
+  c10::intrusive_ptr<compat::BackendBase> backend;
+  bool native_bf16 = false;  // NCCL reduces bf16 itself; Gloo gets an fp32 copy
+};
+}  // namespace keel::parallel
