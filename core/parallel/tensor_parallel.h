@@ -4,14 +4,18 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
+
+#include "core/parallel/communicator.h"
 
 namespace keel::parallel {
 
 struct TensorParallel {
   int64_t rank = 0;
   int64_t size = 1;
+  std::shared_ptr<Communicator> group;  // the TP group (size == group->size()); null when size == 1
 
   // Rows [begin, end) of a dimension of `full` elements owned by this rank; `what` names the dimension
   // for the error when it does not divide evenly.
