@@ -33,6 +33,6 @@ namespace keel::parallel {
 // What a Communicator of size > 1 talks through.
 struct Communicator::Impl {
   c10::intrusive_ptr<compat::BackendBase> backend;
-  bool native_bf16 = false;  // NCCL reduces bf16 itself; Gloo gets an fp32 copy
+  bool native = false;  // NCCL takes bf16 and CUDA tensors as they are; Gloo gets CPU fp32 copies
 };
 }  // namespace keel::parallel

@@ -50,16 +50,21 @@ void Communicator::fail(const std::string& op, const std::string& what) const {
 }
 
 namespace {
-// The tensor actually handed to the backend: contiguous, and fp32 for bf16 on backends without bf16.
-at::Tensor wire_tensor(const at::Tensor& t, bool native_bf16) {
-  if (t.scalar_type() == at::kBFloat16 && !native_bf16) return t.to(at::kFloat).contiguous();
+// The tensor actually handed to the backend: contiguous; on Gloo (`native` false) a CPU fp32 copy of a bf16
+// or CUDA tensor (Gloo has no bf16 reduction, and its send/recv of CUDA tensors fails: LIBTORCH-NOTES.md).
+at::Tensor wire_tensor(const at::Tensor& t, bool native) {
+  if (!native && (t.scalar_type() == at::kBFloat16 || !t.device().is_cpu())) {
+    return t.to(t.device().is_cpu() ? t.device() : at::Device(at::kCPU),
+                t.scalar_type() == at::kBFloat16 ? at::kFloat : t.scalar_type())
+        .contiguous();
+  }
   return t.is_contiguous() ? t : t.contiguous();
 }
 }  // namespace
 
 PendingWork Communicator::all_reduce_async(at::Tensor& tensor, ReduceOp op) {
   if (single()) return {};
-  std::vector<at::Tensor> wire{wire_tensor(tensor, impl_->native_bf16)};
+  std::vector<at::Tensor> wire{wire_tensor(tensor, impl_->native)};
   c10::intrusive_ptr<::c10d::Work> work;
   try {
     ::c10d::AllreduceOptions options;
@@ -84,7 +89,7 @@ void Communicator::all_reduce(at::Tensor& tensor, ReduceOp op) { all_reduce_asyn
 
 PendingWork Communicator::broadcast_async(at::Tensor& tensor, int64_t root) {
   if (single()) return {};
-  std::vector<at::Tensor> wire{wire_tensor(tensor, impl_->native_bf16)};
+  std::vector<at::Tensor> wire{wire_tensor(tensor, impl_->native)};
   c10::intrusive_ptr<::c10d::Work> work;
   try {
     ::c10d::BroadcastOptions options;
@@ -109,7 +114,7 @@ void Communicator::broadcast(at::Tensor& tensor, int64_t root) { broadcast_async
 
 std::vector<at::Tensor> Communicator::all_gather(const at::Tensor& tensor) {
   if (single()) return {tensor.clone()};
-  std::vector<at::Tensor> input{wire_tensor(tensor, impl_->native_bf16)};
+  std::vector<at::Tensor> input{wire_tensor(tensor, impl_->native)};
   std::vector<std::vector<at::Tensor>> outputs(1);
   for (int64_t i = 0; i < size(); ++i) outputs[0].push_back(at::empty_like(input[0]));
   try {
@@ -127,7 +132,7 @@ std::vector<at::Tensor> Communicator::all_gather(const at::Tensor& tensor) {
 
 PendingWork Communicator::send(const at::Tensor& tensor, int64_t dst, int64_t tag) {
   TORCH_CHECK(!single(), "send on the ", name_, " group of size 1");
-  std::vector<at::Tensor> wire{wire_tensor(tensor, impl_->native_bf16)};
+  std::vector<at::Tensor> wire{wire_tensor(tensor, impl_->native)};
   if (wire[0].is_same(tensor)) wire[0] = tensor.clone();  // the caller may change its tensor before wait()
   c10::intrusive_ptr<::c10d::Work> work;
   try {
@@ -148,7 +153,7 @@ PendingWork Communicator::send(const at::Tensor& tensor, int64_t dst, int64_t ta
 
 void Communicator::recv(at::Tensor& tensor, int64_t src, int64_t tag) {
   TORCH_CHECK(!single(), "recv on the ", name_, " group of size 1");
-  std::vector<at::Tensor> wire{wire_tensor(tensor, impl_->native_bf16)};
+  std::vector<at::Tensor> wire{wire_tensor(tensor, impl_->native)};
   if (wire[0].is_same(tensor) && !tensor.is_contiguous()) wire[0] = tensor.contiguous();
   try {
     auto work = impl_->backend->recv(wire, static_cast<int>(src), static_cast<int>(tag));
