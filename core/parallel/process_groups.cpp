@@ -46,7 +46,7 @@ std::shared_ptr<Communicator> make_group(const std::string& name, const std::vec
       options->timeout = timeout;
       impl->backend = c10::make_intrusive<::c10d::ProcessGroupNCCL>(store, static_cast<int>(group_rank),
                                                                     static_cast<int>(members.size()), options);
-      impl->native_bf16 = true;
+      impl->native = true;
 #else
       throw std::invalid_argument("parallel.backend = nccl, but this build of Keel has no NCCL (build with CUDA)");
 #endif
