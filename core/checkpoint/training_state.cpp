@@ -66,14 +66,31 @@ at::Tensor from_raw(const RawTensor& raw) {
   return t;
 }
 
-void write_named(H5Writer& out, const std::string& group, const NamedTensors& tensors) {
+// `placement_prefix` ("model/", "optimizer/"; "" = always whole) selects the tensors' placement entries.
+void write_named(H5Writer& out, const std::string& group, const NamedTensors& tensors,
+                 const std::map<std::string, Placement>& placement = {}, const std::string& placement_prefix = "") {
   out.create_group(group);
-  for (const auto& [name, tensor] : tensors) out.write_tensor(group + "/" + name, to_raw(tensor));
+  for (const auto& [name, tensor] : tensors) {
+    RawTensor raw = to_raw(tensor);
+    if (!placement_prefix.empty()) {
+      const auto it = placement.find(placement_prefix + name);
+      if (it != placement.end()) {
+        raw.global_shape = it->second.global_shape;
+        raw.offset = it->second.offset;
+      }
+    }
+    out.write_tensor(group + "/" + name, raw);
+  }
 }
 
-NamedTensors read_named(const H5Reader& in, const std::string& group) {
+NamedTensors read_named(const H5Reader& in, const std::string& group,
+                        std::map<std::string, Placement>* placement = nullptr, const std::string& placement_prefix = "") {
   NamedTensors out;
-  for (const auto& name : in.datasets_under(group)) out.emplace_back(name, from_raw(in.read_tensor(group + "/" + name)));
+  for (const auto& name : in.datasets_under(group)) {
+    RawTensor raw = in.read_tensor(group + "/" + name);
+    if (placement && raw.global_shape != raw.shape) placement->emplace(placement_prefix + name, Placement{raw.global_shape, raw.offset});
+    out.emplace_back(name, from_raw(raw));
+  }
   return out;
 }
 
@@ -89,12 +106,12 @@ void write_rank_file(const std::string& path, const TrainingState& s, RankInfo r
   out.set_attribute("/", "rank", rank.rank);
   out.set_attribute("/", "world_size", rank.world_size);
 
-  write_named(out, "/model", s.model);
+  write_named(out, "/model", s.model, s.placement, "model/");
   out.create_group("/optimizer");
   out.set_attribute("/optimizer", "name", s.optimizer_name);
   out.set_attribute("/optimizer", "step", s.optimizer_step);
   out.write_text("/optimizer/state_json", s.optimizer_json);
-  write_named(out, "/optimizer/state", s.optimizer);
+  write_named(out, "/optimizer/state", s.optimizer, s.placement, "optimizer/");
   out.write_text("/lr_schedule", s.lr_schedule);
 
   out.create_group("/rng");
@@ -131,11 +148,11 @@ TrainingState read_rank_file(const std::string& path) {
   s.step = in.int_attribute("/", "step");
   s.tokens_seen = in.int_attribute("/", "tokens_seen");
   if (s.step < 0 || s.tokens_seen < 0) throw CheckpointError(path + ": negative step or tokens_seen");
-  s.model = read_named(in, "/model");
+  s.model = read_named(in, "/model", &s.placement, "model/");
   s.optimizer_name = in.string_attribute("/optimizer", "name");
   s.optimizer_step = in.int_attribute("/optimizer", "step");
   s.optimizer_json = in.exists("/optimizer/state_json") ? in.read_text("/optimizer/state_json") : "";
-  s.optimizer = read_named(in, "/optimizer/state");
+  s.optimizer = read_named(in, "/optimizer/state", &s.placement, "optimizer/");
   s.lr_schedule = in.read_text("/lr_schedule");
   if (in.exists("/rng/cpu")) s.cpu_rng = from_raw(in.read_tensor("/rng/cpu"));
   if (in.exists("/rng/cuda")) {

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
@@ -24,6 +25,12 @@ struct PluginState {
   NamedTensors tensors;
 };
 
+// Where a tensor of a rank file sits in the full tensor (tensor-parallel shards; see resharding.h).
+struct Placement {
+  std::vector<int64_t> global_shape;
+  std::vector<int64_t> offset;
+};
+
 struct TrainingState {
   int64_t step = 0;         // optimizer steps completed
   int64_t tokens_seen = 0;  // tokens consumed by those steps
@@ -39,6 +46,9 @@ struct TrainingState {
   std::string config_ini;   // the resolved config
   std::string lineage;      // JSON: see lineage.h
   std::vector<PluginState> plugins;
+  // Placement of the model and optimizer tensors, keyed "model/<param>" and "optimizer/<param>/<state>";
+  // a tensor without an entry is whole (global shape = its shape, offset 0).
+  std::map<std::string, Placement> placement;
 };
 
 struct RankInfo {

@@ -6,6 +6,7 @@
 
 #include <torch/torch.h>
 
+#include "core/model/sharding.h"
 #include "core/torch_compat.h"
 
 namespace keel::model {
@@ -112,22 +113,46 @@ torch::Tensor BlockImpl::forward(const torch::Tensor& x, const RotaryTables& rop
   return h + mlp_->forward(mlp_norm_->forward(h));                     // [B, T, C]
 }
 
-LlamaImpl::LlamaImpl(const ModelConfig& c, const parallel::TensorParallel& tp)
-    : config_(c), tp_(tp), rope_(make_rotary_tables(c.head_dim(), c.rotary_fraction, c.rope_theta, c.seq_len)) {
-  embed_ = register_module("embed", VocabParallelEmbedding(c.vocab, c.d_model, tp));
-  blocks_ = register_module("blocks", torch::nn::ModuleList());
-  for (int64_t layer = 0; layer < c.layers; ++layer) blocks_->push_back(Block(c, tp));
-  final_norm_ = register_module("final_norm", Norm(c.d_model, c.norm, c.norm_eps));
-  if (!c.tie_embeddings) head_ = register_module("head", ColumnParallelLinear(c.d_model, c.vocab, tp, "model.vocab"));
+LlamaImpl::LlamaImpl(const ModelConfig& c, const parallel::TensorParallel& tp, StageSpec stage)
+    : config_(c), tp_(tp), stage_(stage), rope_(make_rotary_tables(c.head_dim(), c.rotary_fraction, c.rope_theta, c.seq_len)) {
+  if (stage_.layers < 0) stage_.layers = c.layers - stage_.first_layer;
+  TORCH_CHECK(stage_.first_layer >= 0 && stage_.first_layer + stage_.layers <= c.layers, "stage layers [",
+              stage_.first_layer, ", ", stage_.first_layer + stage_.layers, ") outside model.layers ", c.layers);
+  TORCH_CHECK(!c.tie_embeddings || (stage_.has_embedding && stage_.has_head),
+              "model.tie_embeddings needs the embedding and the head on the same pipeline stage (parallel.pp = 1)");
+  if (stage_.has_embedding || c.tie_embeddings)
+    embed_ = register_module("embed", VocabParallelEmbedding(c.vocab, c.d_model, tp));
+  std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>> blocks;
+  for (int64_t layer = stage_.first_layer; layer < stage_.first_layer + stage_.layers; ++layer)
+    blocks.emplace_back(std::to_string(layer), Block(c, tp).ptr());
+  blocks_ = register_module("blocks", torch::nn::ModuleDict(blocks));
+  if (stage_.has_head) {
+    final_norm_ = register_module("final_norm", Norm(c.d_model, c.norm, c.norm_eps));
+    if (!c.tie_embeddings) head_ = register_module("head", ColumnParallelLinear(c.d_model, c.vocab, tp, "model.vocab"));
+  }
 }
+
+namespace {
+// A 64-bit seed per (run seed, parameter name): FNV-1a of the name mixed with the seed by splitmix64.
+uint64_t parameter_seed(uint64_t seed, const std::string& name) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char ch : name) h = (h ^ ch) * 1099511628211ull;
+  uint64_t z = seed + 0x9e3779b97f4a7c15ull + h;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+}  // namespace
 
 void LlamaImpl::init_weights(uint64_t seed) {
   torch::NoGradGuard no_grad;
-  auto generator = at::detail::createCPUGenerator(seed);
   const double out_std = config_.init_std / std::sqrt(2.0 * config_.layers);
+  const auto specs = shard_specs(*this);
+  size_t index = 0;
   for (auto& item : named_parameters()) {
     const std::string& name = item.key();
     torch::Tensor& p = item.value();
+    const ShardSpec& spec = specs.at(index++).second;
     const bool is_norm = name.find("norm") != std::string::npos;
     if (is_norm) {
       if (name.size() >= 4 && name.compare(name.size() - 4, 4, "bias") == 0) p.zero_();
@@ -135,17 +160,40 @@ void LlamaImpl::init_weights(uint64_t seed) {
       continue;
     }
     const bool is_output_proj = name.find(".wo.") != std::string::npos || name.find(".w_down.") != std::string::npos;
-    torch::Tensor values = at::normal(0.0, is_output_proj ? out_std : config_.init_std, p.sizes(), generator);
-    p.copy_(values);
+    auto generator = at::detail::createCPUGenerator(parameter_seed(seed, name));
+    const torch::Tensor full = at::normal(0.0, is_output_proj ? out_std : config_.init_std,
+                                          global_shape(p.sizes(), spec, tp_.size), generator);
+    p.copy_(shard_of(full, spec, tp_.rank, tp_.size));
   }
 }
 
+torch::Tensor LlamaImpl::embed(const torch::Tensor& tokens, torch::ScalarType compute_dtype) const {
+  TORCH_CHECK(stage_.has_embedding, "embed() called on a pipeline stage without the embedding");
+  return embed_->forward(tokens, compute_dtype);  // [B, T, C]
+}
+
+torch::Tensor LlamaImpl::run_blocks(const torch::Tensor& x_in) const {
+  torch::Tensor x = x_in;  // [B, T, C]
+  for (const auto& block : blocks_->values()) x = block->as<BlockImpl>()->forward(x, rope_);
+  return x;
+}
+
+torch::Tensor LlamaImpl::logits(const torch::Tensor& x_in) const {
+  torch::Tensor x = final_norm_->forward(x_in);  // [B, T, C]
+  if (head_) return head_->forward(x);           // [B, T, V/tp]
+  return torch::nn::functional::linear(x, embed_->weight.to(x.scalar_type()));  // tied: [B, T, V/tp]
+}
+
 torch::Tensor LlamaImpl::forward(const torch::Tensor& tokens, torch::ScalarType compute_dtype) const {
-  torch::Tensor x = embed_->forward(tokens, compute_dtype);  // [B, T, C]
-  for (const auto& block : *blocks_) x = block->as<BlockImpl>()->forward(x, rope_);
-  x = final_norm_->forward(x);                               // [B, T, C]
-  if (head_) return head_->forward(x);                        // [B, T, V]
-  return torch::nn::functional::linear(x, embed_->weight.to(compute_dtype));  // tied: [B, T, V]
+  TORCH_CHECK(stage_.has_embedding && stage_.has_head, "forward() needs the whole model (pipeline stages use embed/run_blocks/head_loss)");
+  return logits(run_blocks(embed(tokens, compute_dtype)));
+}
+
+CrossEntropyParts LlamaImpl::head_loss(const torch::Tensor& x, const torch::Tensor& targets) const {
+  TORCH_CHECK(stage_.has_head, "head_loss() called on a pipeline stage without the head");
+  torch::Tensor logits_local = logits(x);  // [B, T, V/tp]
+  return vocab_parallel_cross_entropy(logits_local.reshape({-1, logits_local.size(-1)}), targets.reshape({-1}),
+                                      config_.z_loss, tp_);
 }
 
 CrossEntropyParts LlamaImpl::loss(const torch::Tensor& window, torch::ScalarType compute_dtype) const {
@@ -153,8 +201,7 @@ CrossEntropyParts LlamaImpl::loss(const torch::Tensor& window, torch::ScalarType
   TORCH_CHECK(T <= config_.seq_len, "window of ", T, " tokens exceeds model.seq_len ", config_.seq_len);
   torch::Tensor inputs = window.narrow(1, 0, T);   // [B, T]
   torch::Tensor targets = window.narrow(1, 1, T);  // [B, T]
-  torch::Tensor logits = forward(inputs, compute_dtype);  // [B, T, V]
-  return vocab_parallel_cross_entropy(logits.reshape({-1, logits.size(-1)}), targets.reshape({-1}), config_.z_loss, tp_);
+  return head_loss(run_blocks(embed(inputs, compute_dtype)), targets);
 }
 
 int64_t LlamaImpl::num_parameters() const {
@@ -164,7 +211,7 @@ int64_t LlamaImpl::num_parameters() const {
 }
 
 int64_t LlamaImpl::num_non_embedding_parameters() const {
-  return num_parameters() - embed_->weight.numel();
+  return num_parameters() - (embed_ ? embed_->weight.numel() : 0);
 }
 
 }  // namespace keel::model

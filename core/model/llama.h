@@ -5,7 +5,7 @@
 #pragma once
 
 #include <torch/nn/module.h>
-#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/container/moduledict.h>
 #include <torch/nn/pimpl.h>
 
 #include "core/config/config.h"
@@ -69,26 +69,47 @@ class BlockImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Block);
 
+// The part of the decoder one pipeline stage holds: blocks [first_layer, first_layer + layers), plus the
+// embedding on the first stage and the final norm + head on the last. The default is the whole model.
+struct StageSpec {
+  int64_t first_layer = 0;
+  int64_t layers = -1;  // -1 = all of model.layers
+  bool has_embedding = true;
+  bool has_head = true;
+};
+
 class LlamaImpl : public torch::nn::Module {
  public:
-  LlamaImpl(const ModelConfig& config, const parallel::TensorParallel& tp = {});
-  // Deterministic init from `seed`: normal(0, init_std); output projections (wo, w_down) scaled by 1/sqrt(2L);
-  // norm weights 1, biases 0.
+  LlamaImpl(const ModelConfig& config, const parallel::TensorParallel& tp = {}, StageSpec stage = {});
+  // Deterministic init from `seed`, the same full weights for every DP/TP/PP layout: each parameter is drawn
+  // whole from its own generator (seeded by `seed` and its name) and this rank keeps its TP shard.
+  // normal(0, init_std); output projections (wo, w_down) scaled by 1/sqrt(2L); norm weights 1, biases 0.
   void init_weights(uint64_t seed);
-  // tokens: [B, T] int64 -> logits [B, T, V/tp] in `compute_dtype`
+  // Whole model: tokens [B, T] int64 -> logits [B, T, V/tp] in `compute_dtype`
   torch::Tensor forward(const torch::Tensor& tokens, torch::ScalarType compute_dtype) const;
-  // window: [B, T+1] int64 (inputs = [:, :T], targets = [:, 1:]) -> fp32 losses
+  // Whole model: window [B, T+1] int64 (inputs = [:, :T], targets = [:, 1:]) -> fp32 losses
   CrossEntropyParts loss(const torch::Tensor& window, torch::ScalarType compute_dtype) const;
+
+  // Pipeline-stage pieces (forward/loss above are embed -> run_blocks -> head_loss):
+  // tokens [B, T] -> [B, T, C] (first stage only)
+  torch::Tensor embed(const torch::Tensor& tokens, torch::ScalarType compute_dtype) const;
+  // this stage's blocks: [B, T, C] -> [B, T, C]
+  torch::Tensor run_blocks(const torch::Tensor& x) const;
+  // final norm, head and cross-entropy (last stage only): x [B, T, C], targets [B, T] -> fp32 losses
+  CrossEntropyParts head_loss(const torch::Tensor& x, const torch::Tensor& targets) const;
+  const StageSpec& stage() const { return stage_; }
   const ModelConfig& config() const { return config_; }
   int64_t num_parameters() const;
   int64_t num_non_embedding_parameters() const;
 
  private:
+  torch::Tensor logits(const torch::Tensor& x) const;  // [B, T, C] -> [B, T, V/tp]
   ModelConfig config_;
   parallel::TensorParallel tp_;
+  StageSpec stage_;
   RotaryTables rope_;
   VocabParallelEmbedding embed_{nullptr};
-  torch::nn::ModuleList blocks_{nullptr};
+  torch::nn::ModuleDict blocks_{nullptr};  // keyed by global layer index, so names match across layouts
   Norm final_norm_{nullptr};
   ColumnParallelLinear head_{nullptr};  // absent when embeddings are tied
 };

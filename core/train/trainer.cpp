@@ -10,6 +10,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <thread>
 
 #include <unistd.h>
@@ -28,8 +29,13 @@
 #include "core/metrics/hdf5_handle.h"
 #include "core/metrics/metrics_writer.h"
 #include "core/metrics/progress.h"
+#include "core/checkpoint/resharding.h"
 #include "core/model/llama.h"
+#include "core/model/sharding.h"
 #include "core/optim/schedule.h"
+#include "core/optim/zero.h"
+#include "core/parallel/grad_reducer.h"
+#include "core/parallel/pipeline.h"
 #include "core/plugin_host/plugin_host.h"
 
 namespace keel::train {
@@ -56,6 +62,55 @@ std::vector<float> to_float_vector(const torch::Tensor& t) {
 
 constexpr int64_t kMaxRollbacks = 100;  // a spike handler that keeps rolling back is a bug, not a recovery
 
+// Test-only fault injection (docs/testing.md): KEEL_TEST_FAULT="nan_grad:RANK:STEP" puts a NaN into that rank's
+// gradients before the per-rank check; "save_fail:RANK:STEP" makes that rank's checkpoint write fail.
+struct InjectedFault {
+  std::string kind;
+  int64_t rank = -1, step = -1;
+  bool at(const std::string& k, int64_t r, int64_t st) const { return kind == k && rank == r && step == st; }
+};
+InjectedFault injected_fault() {
+  InjectedFault f;
+  const char* spec = std::getenv("KEEL_TEST_FAULT");
+  if (!spec || !*spec) return f;
+  char kind[32] = {0};
+  long long rank = -1, step = -1;
+  if (std::sscanf(spec, "%31[a-z_]:%lld:%lld", kind, &rank, &step) == 3) f = {kind, rank, step};
+  return f;
+}
+
+// A decision crosses ranks as JSON (rank 0's is the one every rank applies).
+std::string decision_to_json(const sdk::Decision& d, const std::string& decided_by) {
+  return nlohmann::json{{"action", static_cast<int>(d.action)}, {"reason", d.reason}, {"skip_data", d.skip_data},
+                        {"reset_moments", d.reset_optimizer_moments}, {"lr_factor", d.lr_factor},
+                        {"lr_factor_steps", d.lr_factor_steps}, {"by", decided_by}}
+      .dump();
+}
+sdk::Decision decision_from_json(const std::string& text, std::string& decided_by) {
+  const nlohmann::json j = nlohmann::json::parse(text);
+  sdk::Decision d;
+  d.action = static_cast<sdk::Decision::Action>(j.at("action").get<int>());
+  d.reason = j.at("reason").get<std::string>();
+  d.skip_data = j.at("skip_data").get<std::string>();
+  d.reset_optimizer_moments = j.at("reset_moments").get<bool>();
+  d.lr_factor = j.at("lr_factor").get<double>();
+  d.lr_factor_steps = j.at("lr_factor_steps").get<int64_t>();
+  decided_by = j.at("by").get<std::string>();
+  return d;
+}
+
+std::vector<std::string> split_lines(const std::string& text) {
+  std::vector<std::string> out;
+  size_t begin = 0;
+  while (begin < text.size()) {
+    size_t end = text.find('\n', begin);
+    if (end == std::string::npos) end = text.size();
+    out.push_back(text.substr(begin, end - begin));
+    begin = end + 1;
+  }
+  return out;
+}
+
 }  // namespace
 
 void install_stop_signal_handlers() {
@@ -77,15 +132,22 @@ struct Trainer::StepRecord {
 struct Trainer::State {
   Config config;
   RunPaths paths;
+  parallel::ProcessGroups groups;
   torch::Device device{torch::kCPU};
   torch::ScalarType compute_dtype = torch::kFloat;
   model::Llama model{nullptr};
-  std::vector<optim::NamedParameter> params;  // fp32 masters, model order
+  std::vector<optim::NamedParameter> params;  // this rank's fp32 masters (its TP shards of its stage), model order
+  std::vector<model::ShardSpec> specs;        // per entry of params: how it splits over TP
+  std::vector<int64_t> global_index;          // per entry of params: its index in tensor_names
   std::vector<sdk::Param> plugin_params;      // the same tensors, as plugins see them
-  std::vector<std::string> tensor_names;
+  std::vector<sdk::Param> optimizer_params;   // the ones this rank's optimizer updates (all, or its ZeRO-1 share)
+  std::vector<std::string> tensor_names;      // every parameter of the whole model (all stages), model order
+  optim::ZeroPartition zero;                  // owner DP rank of each entry of params (parallel.zero = 1)
+  std::unique_ptr<parallel::GradReducer> reducer;
   std::unique_ptr<plugin_host::PluginHost> plugins;
   std::unique_ptr<data::DataLoader> loader;
-  std::unique_ptr<metrics::MetricsWriter> metrics;
+  std::unique_ptr<metrics::MetricsWriter> metrics;  // rank 0 only
+  InjectedFault fault;
   int64_t tokens_seen = 0;
   // An LR factor requested by a spike handler: LR x lr_factor while step < lr_factor_until (checkpointed).
   double lr_factor = 1.0;
@@ -96,42 +158,92 @@ struct Trainer::State {
   std::string last_checkpoint;
 
   std::string control_dir() const { return paths.root + "/control"; }
+  bool rank0() const { return groups.is_rank0(); }
+  bool zero_enabled() const { return config.parallel.zero == 1 && groups.layout.dp() > 1; }
+  void event(int64_t step, const std::string& kind, const std::string& text) {
+    if (metrics) metrics->event(step, kind, text);
+  }
+  void write_lineage() {
+    if (rank0()) checkpoint::write_file_atomically(paths.lineage_json(), checkpoint::lineage_to_json(lineage));
+  }
+  // True on every rank if `local` is true on any rank (stop signals, failures).
+  bool any_rank(bool local) {
+    if (groups.world->single()) return local;
+    at::Tensor flag = torch::full({1}, local ? 1.0f : 0.0f);
+    groups.world->all_reduce(flag, parallel::ReduceOp::kMax);
+    return flag.item<float>() > 0.0f;
+  }
+  // Throws on every rank (naming the first failing rank) if `error` is non-empty on any rank.
+  void agree_or_throw(const std::string& error, const std::string& what) {
+    const std::vector<std::string> errors = groups.world->all_gather_strings(error);
+    for (size_t r = 0; r < errors.size(); ++r) {
+      if (errors[r].empty()) continue;
+      throw checkpoint::CheckpointError(what + ": " + groups.layout.describe_rank(static_cast<int64_t>(r)) + ": " + errors[r]);
+    }
+  }
+  // Per-tensor squared norms of `tensors` (this rank's), summed into the whole model's [n] vector on every
+  // rank: each element counted once (DP replicas and TP-replicated tensors contribute from one rank only).
+  at::Tensor whole_model_squares(const std::vector<at::Tensor>& tensors) {
+    at::Tensor local = torch::zeros({static_cast<int64_t>(tensors.size())}, torch::TensorOptions().dtype(torch::kFloat).device(device));
+    if (!tensors.empty()) {
+      std::vector<at::Tensor> squares;
+      for (const auto& t : tensors) squares.push_back(t.defined() ? t.detach().to(torch::kFloat).pow(2).sum() : torch::zeros({}, local.options()));
+      local = torch::stack(squares);  // [n_local]
+    }
+    at::Tensor whole = torch::zeros({static_cast<int64_t>(tensor_names.size())}, torch::kFloat);  // [n] on CPU
+    const at::Tensor local_cpu = local.to(torch::kCPU);
+    if (groups.coords.dp == 0) {
+      for (size_t i = 0; i < tensors.size(); ++i) {
+        if (specs[i].sharded() || groups.coords.tp == 0) whole[global_index[i]] = local_cpu[static_cast<int64_t>(i)];
+      }
+    }
+    groups.world->all_reduce(whole);
+    return whole;
+  }
 
   // Runs `hook` on plugin `p` with ctx's output channels pointed at p (metrics "<plugin>.<name>", events
-  // "[<plugin>] text"); an exception names the plugin, its slot and the step.
+  // "[<plugin>] text"; written by rank 0); an exception names the plugin, its slot and the step.
   template <typename Hook>
   auto call(plugin_host::LoadedPlugin& p, sdk::StepContext& ctx, Hook&& hook) -> decltype(hook(*p.object)) {
     const std::string name = p.name();
     const int64_t step = ctx.step;
     ctx.metric = [this, name, step](const std::string& metric, double value) {
-      metrics->scalar(step, name + "." + metric, value);
+      if (metrics) metrics->scalar(step, name + "." + metric, value);
     };
     ctx.event = [this, name, step](const std::string& kind, const std::string& text) {
-      metrics->event(step, kind, "[" + name + "] " + text);
+      event(step, kind, "[" + name + "] " + text);
     };
     try {
       return hook(*p.object);
     } catch (const std::exception& e) {
       throw plugin_host::PluginError("plugin " + name + " (" + p.slot + ") failed at step " + std::to_string(step) +
-                                     ": " + e.what());
+                                     (groups.world->single() ? "" : " on " + groups.describe()) + ": " + e.what());
     }
   }
 };
 
-Trainer::Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader> loader, checkpoint::Lineage lineage)
+Trainer::Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader> loader, checkpoint::Lineage lineage,
+                 parallel::ProcessGroups groups)
     : state_(std::make_unique<State>()) {
   State& s = *state_;
   s.config = std::move(config);
   s.paths = std::move(paths);
   s.lineage = std::move(lineage);
+  s.groups = std::move(groups);
+  s.fault = injected_fault();
   s.checkpoints = std::make_unique<checkpoint::CheckpointStore>(s.paths.checkpoints());
   const Config& c = s.config;
-  // LibTorch's default here is 1 thread on a 2-core machine; use every CPU unless told otherwise.
-  const int64_t threads = c.train.threads > 0 ? c.train.threads : std::max(1u, std::thread::hardware_concurrency());
+  const parallel::ProcessGroups& g = s.groups;
+  g.layout.require_world_size(g.world->size(), "this job");
+  // LibTorch's default here is 1 thread on a 2-core machine; use every CPU unless told otherwise (local ranks
+  // share the machine's CPUs).
+  const int64_t cpus = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t local_ranks = std::min<int64_t>(g.world_size(), cpus);
+  const int64_t threads = c.train.threads > 0 ? c.train.threads : std::max<int64_t>(1, cpus / local_ranks);
   torch::set_num_threads(static_cast<int>(threads));
   if (c.train.device == "cuda") {
     TORCH_CHECK(torch::cuda::is_available(), "train.device = cuda but no CUDA device is available to this build");
-    s.device = torch::Device(torch::kCUDA, 0);
+    s.device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(g.world_info.local_rank % torch::cuda::device_count()));
   }
   s.compute_dtype = c.train.precision == "bf16-mixed" ? torch::kBFloat16 : torch::kFloat;
 
@@ -139,29 +251,60 @@ Trainer::Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader
   TORCH_CHECK(s.loader && s.loader->global_batch() == c.global_batch(), "trainer needs a data loader for the global batch");
 
   // LibTorch seeds its default generators nondeterministically; seed them so that anything random in a step
-  // (now or in a plugin) is reproducible. Their state is saved in checkpoints and restored on resume.
-  torch::manual_seed(c.train.seed);
-  s.model = model::Llama(c.model);
-  s.model->init_weights(c.train.seed);
+  // (now or in a plugin) is reproducible: rank r uses train.seed + r. Their state is saved in checkpoints.
+  torch::manual_seed(c.train.seed + static_cast<uint64_t>(g.rank));
+  const parallel::TensorParallel tp{g.coords.tp, g.layout.tp(), g.layout.tp() > 1 ? g.tp : nullptr};
+  const parallel::Layout::StageLayers layers = g.layout.stage_layers(c.model.layers, g.coords.pp);
+  s.model = model::Llama(c.model, tp, model::StageSpec{layers.first, layers.count, g.first_stage(), g.last_stage()});
+  s.model->init_weights(c.train.seed);  // the same full weights in every layout
   s.model->to(s.device);
+  const auto specs = model::shard_specs(*s.model);
+  std::string local_names;
   for (const auto& item : s.model->named_parameters()) {
     const bool decay = item.value().dim() >= 2;  // matrices decay; norm weights and biases do not
     s.params.push_back({item.key(), item.value(), decay});
     s.plugin_params.push_back({item.key(), item.value(), decay});
-    s.tensor_names.push_back(item.key());
+    s.specs.push_back(specs.at(s.specs.size()).second);
+    local_names += item.key() + "\n";
+  }
+  // The whole model's tensor names: stage by stage, as TP rank 0 of DP rank 0 of each stage names them.
+  const std::vector<std::string> all_names = g.world->all_gather_strings(local_names);
+  for (int64_t stage = 0; stage < g.layout.pp(); ++stage) {
+    for (const auto& name : split_lines(all_names.at(g.layout.rank_of({0, 0, stage})))) s.tensor_names.push_back(name);
+  }
+  for (const auto& p : s.params) {
+    const auto it = std::find(s.tensor_names.begin(), s.tensor_names.end(), p.name);
+    TORCH_CHECK(it != s.tensor_names.end(), "parameter ", p.name, " of ", g.describe(), " is not in the model's names");
+    s.global_index.push_back(it - s.tensor_names.begin());
+  }
+  // ZeRO-1: each DP rank's optimizer owns a balanced share of this stage's tensors; others get them by broadcast.
+  if (s.zero_enabled()) {
+    std::vector<int64_t> numels;
+    for (const auto& p : s.params) numels.push_back(p.param.numel());
+    s.zero = optim::partition_for_zero(numels, g.layout.dp());
+    for (int64_t i : s.zero.owned_by(g.coords.dp)) s.optimizer_params.push_back(s.plugin_params.at(i));
+  } else {
+    s.optimizer_params = s.plugin_params;
+  }
+  if (g.layout.dp() > 1) {
+    std::vector<at::Tensor> tensors;
+    for (const auto& p : s.params) tensors.push_back(p.param);
+    s.reducer = std::make_unique<parallel::GradReducer>(tensors, g.dp, c.parallel.bucket_mb);
   }
   s.plugins = std::make_unique<plugin_host::PluginHost>(c);
-  s.plugins->optimizer().object->bind(s.plugin_params);
+  s.plugins->optimizer().object->bind(s.optimizer_params);
 
-  s.metrics = std::make_unique<metrics::MetricsWriter>(s.paths.metrics_h5(), metrics::OpenMode::kCreate, flatten(c),
-                                                       c.metrics.per_tensor ? s.tensor_names : std::vector<std::string>{},
-                                                       c.metrics.flush_every);
-  spdlog::info("model: {} layers, d_model {}, {} heads ({} kv), vocab {}, seq_len {}: {:.2f}M parameters ({:.2f}M non-embedding)",
+  if (s.rank0()) {
+    s.metrics = std::make_unique<metrics::MetricsWriter>(s.paths.metrics_h5(), metrics::OpenMode::kCreate, flatten(c),
+                                                         c.metrics.per_tensor ? s.tensor_names : std::vector<std::string>{},
+                                                         c.metrics.flush_every);
+  }
+  spdlog::info("model: {} layers, d_model {}, {} heads ({} kv), vocab {}, seq_len {}: {:.2f}M parameters on this rank",
                c.model.layers, c.model.d_model, c.model.heads, c.model.kv_heads, c.model.vocab, c.model.seq_len,
-               s.model->num_parameters() / 1e6, s.model->num_non_embedding_parameters() / 1e6);
-  spdlog::info("batch: {} x {} micro-batches = {} sequences = {} tokens per step; precision {}; device {}",
-               c.train.micro_batch, c.train.grad_accum, c.global_batch(), c.tokens_per_step(), c.train.precision,
-               c.train.device);
+               s.model->num_parameters() / 1e6);
+  spdlog::info("batch: {} sequences = {} tokens per step; {} ({} micro-batches of {} per DP rank{}); precision {}; device {}",
+               c.global_batch(), c.tokens_per_step(), g.layout.describe(), c.microbatches_per_rank(), c.rank_micro_batch(),
+               g.layout.pp() > 1 ? ", " + c.parallel.schedule + " pipeline" : "", c.train.precision, c.train.device);
 }
 
 Trainer::~Trainer() = default;
@@ -170,8 +313,8 @@ TrainSummary Trainer::train() {
   State& s = *state_;
   TrainSummary summary;
   summary.metrics_path = s.paths.metrics_h5();
-  checkpoint::write_file_atomically(s.paths.lineage_json(), checkpoint::lineage_to_json(s.lineage));
-  s.metrics->event(s.loader->step(), "run_start", "steps " + std::to_string(s.config.train.steps) + ", " +
+  s.write_lineage();
+  s.event(s.loader->step(), "run_start", "steps " + std::to_string(s.config.train.steps) + ", " +
                                                       s.lineage.kind() + " run " + s.lineage.run_id);
   if (s.loader->step() >= s.config.train.steps) {
     spdlog::warn("nothing to do: the run is already at step {} and train.steps = {} (set train.steps higher)",
@@ -188,7 +331,8 @@ TrainSummary Trainer::train() {
     summary.last_step = step;
     summary.last_loss = ctx.loss;
     meter.update(r.step_time_s, static_cast<double>(ctx.tokens));
-    if ((step + 1) % c.train.log_every == 0 || step + 1 == c.train.steps || !r.updated())
+    const bool log_line = (step + 1) % c.train.log_every == 0 || step + 1 == c.train.steps || !r.updated();
+    if (log_line && s.rank0())
       spdlog::info(metrics::format_progress({step + 1, c.train.steps, ctx.loss, ctx.grad_norm, ctx.lr,
                                              meter.tokens_per_s(), meter.eta_s(c.train.steps - step - 1),
                                              !r.updated()}));
@@ -203,9 +347,9 @@ TrainSummary Trainer::train() {
       save_checkpoint("stopped by " + r.decided_by);
       break;
     }
-    if (stop_requested()) {
+    if (s.any_rank(stop_requested())) {  // every rank stops after the same step
       summary.stopped_by_signal = true;
-      s.metrics->event(step, "stop", "stop signal received: checkpoint and exit after step " + std::to_string(step));
+      s.event(step, "stop", "stop signal received: checkpoint and exit after step " + std::to_string(step));
       spdlog::warn("stop signal received: saving a checkpoint after step {} and stopping", step);
       save_checkpoint("stop signal");
       break;
@@ -215,8 +359,8 @@ TrainSummary Trainer::train() {
     if (due || (last && c.checkpoint.at_end)) save_checkpoint(last ? "end of run" : "every " + std::to_string(c.checkpoint.every));
     if (!last) apply_control_requests();
   }
-  s.metrics->event(summary.last_step, "run_end", "steps run " + std::to_string(summary.steps_run));
-  s.metrics->flush();
+  s.event(summary.last_step, "run_end", "steps run " + std::to_string(summary.steps_run));
+  if (s.metrics) s.metrics->flush();
   summary.last_checkpoint = s.last_checkpoint;
   return summary;
 }
@@ -224,66 +368,136 @@ TrainSummary Trainer::train() {
 std::string Trainer::save_checkpoint(const std::string& reason) {
   State& s = *state_;
   const Config& c = s.config;
+  const parallel::ProcessGroups& g = s.groups;
   const int64_t step = s.loader->step();  // steps completed
-  if (s.checkpoints->exists(step)) return s.paths.checkpoints() + "/" + checkpoint::step_dir_name(step);
+  const std::string final_dir = s.paths.checkpoints() + "/" + checkpoint::step_dir_name(step);
+  // Rank 0 owns the directory protocol (begin, commit, prune); every rank writes its own file in between.
+  const bool exists = g.world->broadcast_string(s.rank0() && s.checkpoints->exists(step) ? "1" : "0", 0) == "1";
+  if (exists) return final_dir;
   const auto start = std::chrono::steady_clock::now();
+  std::string tmp, error;
+  if (s.rank0()) {
+    try {
+      tmp = s.checkpoints->begin(step);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  s.agree_or_throw(error, "checkpoint step " + std::to_string(step) + " not started");
+  tmp = g.world->broadcast_string(tmp, 0);
 
+  // This rank's file: its shards (model tensors from DP rank 0; TP-replicated ones from TP rank 0 only, so that
+  // every element is written once), its optimizer state (all of it, or its ZeRO-1 share), its RNG, and the
+  // run's metadata, identical on every rank.
   checkpoint::TrainingState st;
-  st.step = step;
-  st.tokens_seen = s.tokens_seen;
-  for (const auto& p : s.params) st.model.emplace_back(p.name, p.param.detach());
-  plugin_host::LoadedPlugin& optimizer = s.plugins->optimizer();
-  const sdk::PluginState optimizer_state = optimizer.object->save_state();
-  st.optimizer_name = optimizer.name();
-  st.optimizer_json = optimizer_state.json;
-  st.optimizer_step = sdk::json_int(optimizer_state.json, "step", 0);
-  st.optimizer = optimizer_state.tensors;
-  st.lr_schedule = nlohmann::json{{"kind", "warmup_cosine"},
-                                  {"lr", c.optim.lr},
-                                  {"min_lr", c.optim.min_lr},
-                                  {"warmup_steps", c.optim.warmup_steps},
-                                  {"decay_steps", c.lr_decay_steps()},
-                                  {"next_step", step},
-                                  {"lr_factor", s.lr_factor},
-                                  {"lr_factor_until", s.lr_factor_until},
-                                  {"lr_schedule_plugin", c.plugins.lr_schedule}}
-                       .dump();
-  for (plugin_host::LoadedPlugin* p : s.plugins->all()) {
-    if (p == &optimizer) continue;
-    sdk::PluginState ps = p->object->save_state();
-    st.plugins.push_back({p->slot, p->name(), p->description.version, ps.json, ps.tensors});
+  const std::string rank_file = checkpoint::rank_file_name(g.rank);
+  try {
+    st.step = step;
+    st.tokens_seen = s.tokens_seen;
+    auto writes = [&](size_t i) { return s.specs[i].sharded() || g.coords.tp == 0; };
+    std::map<std::string, size_t> index_of;
+    for (size_t i = 0; i < s.params.size(); ++i) {
+      index_of[s.params[i].name] = i;
+      if (g.coords.dp != 0 || !writes(i)) continue;
+      const auto& p = s.params[i];
+      st.model.emplace_back(p.name, p.param.detach());
+      st.placement["model/" + p.name] = {model::global_shape(p.param.sizes(), s.specs[i], g.layout.tp()),
+                                         model::shard_offset(p.param.sizes(), s.specs[i], g.coords.tp)};
+    }
+    plugin_host::LoadedPlugin& optimizer = s.plugins->optimizer();
+    const sdk::PluginState optimizer_state = optimizer.object->save_state();
+    st.optimizer_name = optimizer.name();
+    st.optimizer_json = optimizer_state.json;
+    st.optimizer_step = sdk::json_int(optimizer_state.json, "step", 0);
+    for (const auto& [name, tensor] : optimizer_state.tensors) {
+      // "<param>/<state>": placed like its parameter when it has the parameter's shape.
+      const auto slash = name.rfind('/');
+      const auto it = slash == std::string::npos ? index_of.end() : index_of.find(name.substr(0, slash));
+      if (it == index_of.end()) throw checkpoint::CheckpointError("optimizer state tensor '" + name + "' names no parameter");
+      const size_t i = it->second;
+      if ((!s.zero_enabled() && g.coords.dp != 0) || !writes(i)) continue;
+      st.optimizer.emplace_back(name, tensor);
+      if (tensor.sizes() == s.params[i].param.sizes()) {
+        st.placement["optimizer/" + name] = {model::global_shape(tensor.sizes(), s.specs[i], g.layout.tp()),
+                                             model::shard_offset(tensor.sizes(), s.specs[i], g.coords.tp)};
+      }
+    }
+    st.lr_schedule = nlohmann::json{{"kind", "warmup_cosine"},
+                                    {"lr", c.optim.lr},
+                                    {"min_lr", c.optim.min_lr},
+                                    {"warmup_steps", c.optim.warmup_steps},
+                                    {"decay_steps", c.lr_decay_steps()},
+                                    {"next_step", step},
+                                    {"lr_factor", s.lr_factor},
+                                    {"lr_factor_until", s.lr_factor_until},
+                                    {"lr_schedule_plugin", c.plugins.lr_schedule}}
+                         .dump();
+    for (plugin_host::LoadedPlugin* p : s.plugins->all()) {
+      if (p == &optimizer) continue;
+      sdk::PluginState ps = p->object->save_state();
+      st.plugins.push_back({p->slot, p->name(), p->description.version, ps.json, ps.tensors});
+    }
+    checkpoint::capture_rng(st);
+    st.data_ledger = s.loader->state().dump();
+    st.config_ini = to_ini(c);
+    st.lineage = checkpoint::lineage_to_json(s.lineage);
+    if (s.fault.at("save_fail", g.rank, step)) throw checkpoint::CheckpointError(tmp + "/" + rank_file + ": injected failure (KEEL_TEST_FAULT)");
+    checkpoint::write_rank_file(tmp + "/" + rank_file, st, {g.rank, g.world_size()});
+  } catch (const std::exception& e) {
+    error = e.what();
   }
-  checkpoint::capture_rng(st);
-  st.data_ledger = s.loader->state().dump();
-  st.config_ini = to_ini(c);
-  st.lineage = checkpoint::lineage_to_json(s.lineage);
+  // A file missing on any rank: no rank commits; the previous checkpoint stays the latest.
+  const std::vector<std::string> errors = g.world->all_gather_strings(error);
+  for (size_t r = 0; r < errors.size(); ++r) {
+    if (errors[r].empty()) continue;
+    const auto latest = s.rank0() ? s.checkpoints->latest_pointer() : std::nullopt;
+    std::error_code ec;
+    if (s.rank0()) std::filesystem::remove_all(tmp, ec);
+    throw checkpoint::CheckpointError("checkpoint step " + std::to_string(step) + " was not committed by any rank: " +
+                                      g.layout.describe_rank(static_cast<int64_t>(r)) + " could not write its file: " +
+                                      errors[r] + (latest ? "; the latest checkpoint is still " + *latest : ""));
+  }
 
-  const std::string tmp = s.checkpoints->begin(step);
-  checkpoint::write_rank_file(tmp + "/" + checkpoint::rank_file_name(0), st, {0, 1});
-  {
-    std::ofstream out(tmp + "/config.ini", std::ios::binary);
-    out << st.config_ini;
-    if (!out) throw checkpoint::CheckpointError(tmp + "/config.ini: write failed");
+  std::string dir;
+  if (s.rank0()) {
+    try {
+      {
+        std::ofstream out(tmp + "/config.ini", std::ios::binary);
+        out << st.config_ini;
+        if (!out) throw checkpoint::CheckpointError(tmp + "/config.ini: write failed");
+      }
+      checkpoint::Manifest manifest;
+      manifest.keel_version = KEEL_VERSION;
+      manifest.created = metrics::detail::utc_now_iso8601();
+      manifest.run_id = s.lineage.run_id;
+      manifest.layout = {g.layout.dp(), g.layout.tp(), g.layout.pp()};
+      manifest.config_hash = checkpoint::sha256_hex(st.config_ini);
+      for (const auto& [key, value] : flatten(c)) {
+        if (key.rfind("model.", 0) == 0) manifest.model[key] = value;
+      }
+      manifest.data_fingerprint = s.loader->fingerprint().dump();
+      manifest.lineage = st.lineage;
+      std::vector<std::pair<std::string, int64_t>> files;
+      for (int64_t r = 0; r < g.world_size(); ++r) files.emplace_back(checkpoint::rank_file_name(r), r);
+      files.emplace_back("config.ini", -1);
+      dir = s.checkpoints->commit(step, manifest, files);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
   }
-  checkpoint::Manifest manifest;
-  manifest.keel_version = KEEL_VERSION;
-  manifest.created = metrics::detail::utc_now_iso8601();
-  manifest.run_id = s.lineage.run_id;
-  manifest.config_hash = checkpoint::sha256_hex(st.config_ini);
-  for (const auto& [key, value] : flatten(c)) {
-    if (key.rfind("model.", 0) == 0) manifest.model[key] = value;
-  }
-  manifest.data_fingerprint = s.loader->fingerprint().dump();
-  manifest.lineage = st.lineage;
-  const std::string dir = s.checkpoints->commit(step, manifest, {{checkpoint::rank_file_name(0), 0}, {"config.ini", -1}});
-  const std::vector<std::string> pruned = s.checkpoints->prune(c.checkpoint.keep_last, c.checkpoint.milestone_every);
+  s.agree_or_throw(error, "checkpoint step " + std::to_string(step) + " not committed");
+  dir = g.world->broadcast_string(dir, 0);
+  const std::vector<std::string> pruned =
+      s.rank0() ? s.checkpoints->prune(c.checkpoint.keep_last, c.checkpoint.milestone_every) : std::vector<std::string>{};
 
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   s.last_checkpoint = dir;
-  s.metrics->event(step, "checkpoint", dir + " (" + reason + ")");
-  for (const auto& p : pruned) s.metrics->event(step, "checkpoint_pruned", p);
-  spdlog::info("checkpoint {} saved in {:.2f} s ({}){}", dir, seconds, reason,
-               pruned.empty() ? "" : fmt::format("; pruned {}", pruned.size()));
+  s.event(step, "checkpoint", dir + " (" + reason + ")");
+  for (const auto& p : pruned) s.event(step, "checkpoint_pruned", p);
+  if (s.rank0()) {
+    spdlog::info("checkpoint {} saved in {:.2f} s ({}){}", dir, seconds, reason,
+                 pruned.empty() ? "" : fmt::format("; pruned {}", pruned.size()));
+  }
   return dir;
 }
 
@@ -292,8 +506,8 @@ void Trainer::restore(const checkpoint::TrainingState& st, bool allow_data_chang
   const std::vector<std::string> notes = apply_state(st, allow_data_change, /*restore_plugins=*/true);
   for (const auto& note : notes) s.lineage.notes.push_back(note);
   for (const auto& change : s.loader->adopt_config(s.config)) s.lineage.notes.push_back("data: " + change);
-  s.metrics->event(st.step, "resume", "from " + s.lineage.parent_checkpoint + " (" + s.lineage.kind() + ")");
-  for (const auto& note : s.lineage.notes) s.metrics->event(st.step, "lineage", note);
+  s.event(st.step, "resume", "from " + s.lineage.parent_checkpoint + " (" + s.lineage.kind() + ")");
+  for (const auto& note : s.lineage.notes) s.event(st.step, "lineage", note);
   spdlog::info("resumed at step {} ({} tokens seen) from {}", st.step, st.tokens_seen, s.lineage.parent_checkpoint);
 }
 
@@ -309,20 +523,42 @@ std::vector<std::string> Trainer::apply_state(const checkpoint::TrainingState& s
     }
     return nullptr;
   };
-  if (st.model.size() != s.params.size()) {
+  // `st` holds whole tensors (read_full_state); this rank takes its TP shard of each of its stage's parameters.
+  const parallel::ProcessGroups& g = s.groups;
+  if (st.model.size() != s.tensor_names.size()) {
     throw CheckpointError("checkpoint has " + std::to_string(st.model.size()) + " model tensors, the model has " +
-                          std::to_string(s.params.size()));
+                          std::to_string(s.tensor_names.size()));
   }
-  for (const auto& p : s.params) {
+  std::vector<torch::Tensor> shards;  // per entry of s.params
+  for (size_t i = 0; i < s.params.size(); ++i) {
+    const auto& p = s.params[i];
     const torch::Tensor* t = find(st.model, p.name);
     if (!t) throw CheckpointError("checkpoint has no tensor '" + p.name + "'");
-    if (t->sizes() != p.param.sizes()) {
+    const std::vector<int64_t> whole = model::global_shape(p.param.sizes(), s.specs[i], g.layout.tp());
+    if (t->sizes().vec() != whole) {
       throw CheckpointError("checkpoint tensor '" + p.name + "' has shape " + c10::str(t->sizes()) +
-                            ", the model needs " + c10::str(p.param.sizes()));
+                            ", the model needs " + c10::str(at::IntArrayRef(whole)));
     }
     if (t->scalar_type() != torch::kFloat) {
       throw CheckpointError("checkpoint tensor '" + p.name + "' is " + c10::toString(t->scalar_type()) +
                             ", expected float32 (fp32 master weights)");
+    }
+    shards.push_back(model::shard_of(*t, s.specs[i], g.coords.tp, g.layout.tp()));
+  }
+  // The optimizer state of the parameters this rank's optimizer updates, cut like their parameters.
+  checkpoint::NamedTensors optimizer_tensors;
+  for (const auto& [name, tensor] : st.optimizer) {
+    const auto slash = name.rfind('/');
+    if (slash == std::string::npos) continue;
+    const std::string param = name.substr(0, slash);
+    for (size_t i = 0; i < s.params.size(); ++i) {
+      if (s.params[i].name != param) continue;
+      bool bound = false;
+      for (const auto& op : s.optimizer_params) bound = bound || op.name == param;
+      if (!bound) break;
+      const bool placed = tensor.sizes().vec() == model::global_shape(s.params[i].param.sizes(), s.specs[i], g.layout.tp());
+      optimizer_tensors.emplace_back(name, placed ? model::shard_of(tensor, s.specs[i], g.coords.tp, g.layout.tp()) : tensor);
+      break;
     }
   }
   const nlohmann::json ledger = nlohmann::json::parse(st.data_ledger, nullptr, /*allow_exceptions=*/false);
@@ -337,9 +573,9 @@ std::vector<std::string> Trainer::apply_state(const checkpoint::TrainingState& s
   plugin_host::LoadedPlugin& optimizer = s.plugins->optimizer();
   try {
     if (st.optimizer_name == optimizer.name()) {
-      optimizer.object->load_state({st.optimizer_json, st.optimizer});
+      optimizer.object->load_state({st.optimizer_json, optimizer_tensors});
     } else {
-      for (const auto& line : optimizer.object->adopt_state(st.optimizer))
+      for (const auto& line : optimizer.object->adopt_state(optimizer_tensors))
         notes.push_back("optimizer " + st.optimizer_name + " -> " + optimizer.name() + ": " + line);
     }
   } catch (const std::exception& e) {
@@ -348,7 +584,7 @@ std::vector<std::string> Trainer::apply_state(const checkpoint::TrainingState& s
   }
 
   // 3. Weights, data position, RNG, counters.
-  for (auto& p : s.params) p.param.copy_(*find(st.model, p.name));
+  for (size_t i = 0; i < s.params.size(); ++i) s.params[i].param.copy_(shards[i]);
   const nlohmann::json fingerprint_now = s.loader->fingerprint();
   s.loader->load_state(ledger, allow_data_change);
   if (allow_data_change && ledger.value("fingerprint", nlohmann::json()) != fingerprint_now) {
@@ -358,7 +594,7 @@ std::vector<std::string> Trainer::apply_state(const checkpoint::TrainingState& s
   s.tokens_seen = st.tokens_seen;
   s.lr_factor = schedule.value("lr_factor", 1.0);
   s.lr_factor_until = schedule.value("lr_factor_until", int64_t{-1});
-  checkpoint::restore_rng(st);
+  checkpoint::restore_rng(st);  // empty when the layout changed: the generators keep their per-rank seeding
 
   // 4. The other plugins' own state, matched by slot and name.
   if (restore_plugins) {
@@ -389,18 +625,24 @@ int64_t Trainer::roll_back(int64_t step, const StepRecord& r) {
   State& s = *state_;
   const sdk::Decision& d = r.decision;
   // The newest valid checkpoint at or before this step (the update of `step` was not applied).
-  std::optional<checkpoint::CheckpointEntry> target;
-  for (const auto& e : s.checkpoints->list_valid()) {
-    if (e.step <= step) target = e;
+  std::optional<checkpoint::CheckpointEntry> target;  // chosen by rank 0, the same on every rank
+  std::string target_dir;
+  if (s.rank0()) {
+    for (const auto& e : s.checkpoints->list_valid()) {
+      if (e.step <= step) target_dir = e.dir;
+    }
   }
+  target_dir = s.groups.world->broadcast_string(target_dir, 0);
+  if (!target_dir.empty()) target = checkpoint::CheckpointEntry{0, target_dir};
   if (!target) {
-    s.metrics->event(step, "rollback_unavailable", "no checkpoint to roll back to; the update was skipped instead");
+    s.event(step, "rollback_unavailable", "no checkpoint to roll back to; the update was skipped instead");
     spdlog::warn("step {}: {} asked for a rollback but this run has no checkpoint yet: update skipped", step, r.decided_by);
     return step + 1;
   }
   if (++s.rollbacks > kMaxRollbacks)
     throw std::runtime_error("more than " + std::to_string(kMaxRollbacks) + " rollbacks in one run: stopping");
-  const checkpoint::TrainingState st = checkpoint::read_rank_file(target->dir + "/" + checkpoint::rank_file_name(0));
+  const checkpoint::Manifest manifest = checkpoint::verify_checkpoint_dir(target->dir);
+  const checkpoint::TrainingState st = checkpoint::read_full_state(target->dir, manifest, s.groups.rank);
   apply_state(st, /*allow_data_change=*/false, /*restore_plugins=*/false);  // plugins keep their memory
   // The intervention first: the reason can be long, and events keep 511 bytes.
   std::string what = "step " + std::to_string(step) + " -> checkpoint step " + std::to_string(st.step);
@@ -423,31 +665,46 @@ int64_t Trainer::roll_back(int64_t step, const StepRecord& r) {
     s.call(*handler, ctx, [&](sdk::Plugin& p) { p.on_rollback(st.step); });
   }
   what += " (" + r.decided_by + ": " + d.reason + ")";
-  s.metrics->event(step, "rollback", what);
+  s.event(step, "rollback", what);
   s.lineage.notes.push_back("rollback: " + what);
-  checkpoint::write_file_atomically(s.paths.lineage_json(), checkpoint::lineage_to_json(s.lineage));
+  s.write_lineage();
   spdlog::warn("rollback: {}", what);
   return st.step;
 }
 
 void Trainer::apply_control_requests() {
   State& s = *state_;
-  std::error_code ec;
-  if (!fs::is_directory(s.control_dir(), ec)) return;
-  std::vector<std::string> requests;
-  for (const auto& item : fs::directory_iterator(s.control_dir(), ec)) {
-    if (item.path().extension() == ".request") requests.push_back(item.path().string());
+  // Rank 0 reads RUN_DIR/control/*.request and sends them to every rank, so that all ranks apply the same swaps
+  // at the same step boundary; only rank 0 renames the request files and writes events.
+  nlohmann::json requests = nlohmann::json::array();
+  if (s.rank0()) {
+    std::error_code ec;
+    if (fs::is_directory(s.control_dir(), ec)) {
+      std::vector<std::string> paths;
+      for (const auto& item : fs::directory_iterator(s.control_dir(), ec)) {
+        if (item.path().extension() == ".request") paths.push_back(item.path().string());
+      }
+      std::sort(paths.begin(), paths.end());
+      for (const auto& path : paths) {
+        std::ifstream in(path);
+        std::stringstream text;
+        text << in.rdbuf();
+        requests.push_back({{"path", path}, {"text", text.str()}});
+      }
+    }
   }
-  std::sort(requests.begin(), requests.end());
-  for (const auto& path : requests) {
+  if (!s.groups.world->single()) requests = nlohmann::json::parse(s.groups.world->broadcast_string(requests.dump(), 0));
+  for (const auto& request : requests) {
+    const std::string path = request.at("path").get<std::string>();
     const int64_t step = s.loader->step();
     std::string outcome;
+    std::error_code ec;
     try {
       // Lines: "swap SLOT=NAME_OR_PATH", "arg NAME.KEY=VALUE", and optionally "at_step N" (apply at that boundary).
       Config next = s.config;
       std::string slot;
       int64_t at_step = -1;
-      std::ifstream in(path);
+      std::istringstream in(request.at("text").get<std::string>());
       std::string verb, value;
       while (in >> verb >> value) {
         if (verb == "swap") {
@@ -469,7 +726,14 @@ void Trainer::apply_control_requests() {
         throw std::runtime_error("requested for step " + std::to_string(at_step) + ", but the run is already at step " +
                                  std::to_string(step));
       if (slot.empty()) throw std::runtime_error("no swap line");
-      std::vector<plugin_host::LoadedPlugin> loaded = plugin_host::PluginHost::load_slot(slot, next);  // may refuse
+      std::vector<plugin_host::LoadedPlugin> loaded;
+      std::string load_error;
+      try {
+        loaded = plugin_host::PluginHost::load_slot(slot, next);  // may refuse
+      } catch (const std::exception& e) {
+        load_error = e.what();
+      }
+      s.agree_or_throw(load_error, "loading " + slot);  // refused on every rank if on any
       save_checkpoint("before swapping " + slot);
       std::string was;
       for (auto* p : s.plugins->all()) {
@@ -478,7 +742,7 @@ void Trainer::apply_control_requests() {
       std::vector<std::string> lines;
       if (slot == "optimizer") {
         torch::NoGradGuard no_grad;
-        loaded.front().object->bind(s.plugin_params);
+        loaded.front().object->bind(s.optimizer_params);
         lines = loaded.front().object->adopt_state(s.plugins->optimizer().object->save_state().tensors);
       }
       s.plugins->replace(slot, std::move(loaded));
@@ -490,17 +754,21 @@ void Trainer::apply_control_requests() {
       outcome = "step " + std::to_string(step) + ": " + slot + " " + (was.empty() ? "(none)" : was) + " -> " +
                 (now.empty() ? "(none)" : now) + " (keel control)";
       for (const auto& l : lines) outcome += "; " + l;
-      s.metrics->event(step, "plugin_swap", outcome);
+      s.event(step, "plugin_swap", outcome);
       s.lineage.notes.push_back("plugin swap at " + outcome);
-      checkpoint::write_file_atomically(s.paths.lineage_json(), checkpoint::lineage_to_json(s.lineage));
+      s.write_lineage();
       spdlog::info("plugin swap: {}", outcome);
-      fs::rename(path, path.substr(0, path.size() - 8) + ".done", ec);
+      if (s.rank0()) fs::rename(path, path.substr(0, path.size() - 8) + ".done", ec);
+    } catch (const parallel::DistributedError&) {
+      throw;
     } catch (const std::exception& e) {
       outcome = e.what();
-      s.metrics->event(step, "plugin_swap_refused", outcome);
+      s.event(step, "plugin_swap_refused", outcome);
       spdlog::error("swap request {} refused; the run keeps its plugins: {}", path, outcome);
-      std::ofstream(path.substr(0, path.size() - 8) + ".refused") << outcome << "\n";
-      fs::remove(path, ec);
+      if (s.rank0()) {
+        std::ofstream(path.substr(0, path.size() - 8) + ".refused") << outcome << "\n";
+        fs::remove(path, ec);
+      }
     }
   }
 }
@@ -537,70 +805,132 @@ Trainer::StepRecord Trainer::train_step(int64_t step) {
     ctx.lr = s.call(*schedule, ctx, [&](sdk::Plugin& p) { return p.learning_rate(ctx, ctx.base_lr); });
   if (step < s.lr_factor_until) ctx.lr *= s.lr_factor;
 
-  // 1. batch: the data plan of this step is a pure function of (seed, data config, ledger, step).
+  // 1. batch: the data plan of this step is a pure function of (seed, data config, ledger, step); every rank
+  // plans the whole global batch and DP rank d reads its contiguous slice of it.
+  const parallel::ProcessGroups& g = s.groups;
   data::BatchPlan plan = s.loader->plan_next();
   TORCH_CHECK(plan.step == step, "data plan is at step ", plan.step, " but the trainer is at step ", step);
   for (const auto& sample : plan.samples)
     ctx.batch.push_back({s.loader->source_names().at(sample.source), sample.sample_id, sample.epoch, sample.chunk});
-  torch::Tensor window = s.loader->tokens(plan, 0, c.global_batch()).to(s.device);  // [B, T+1] int64
-  ctx.tokens = window.size(0) * (window.size(1) - 1);
+  const int64_t rank_batch = c.global_batch() / g.layout.dp();
+  const int64_t micro_batch = c.rank_micro_batch();
+  const int64_t microbatches = c.microbatches_per_rank();
+  torch::Tensor window = s.loader->tokens(plan, g.coords.dp * rank_batch, rank_batch).to(s.device);  // [B/dp, T+1]
+  const int64_t T = window.size(1) - 1;
+  ctx.tokens = c.global_batch() * T;
 
-  // 2. loss: forward + backward over micro-batches, fp32 gradients accumulated in the master weights.
+  // 2. loss: forward + backward of the micro-batches through the pipeline stages (one stage when pp = 1);
+  // fp32 gradients accumulate in this rank's master weights. The loss lives on the last stage.
   for (auto& p : s.params) p.param.mutable_grad() = torch::Tensor();
   torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat).device(s.device));
   torch::Tensor z_loss_sum = torch::zeros_like(loss_sum);
-  for (int64_t micro = 0; micro < c.train.grad_accum; ++micro) {
-    torch::Tensor micro_window = window.narrow(0, micro * c.train.micro_batch, c.train.micro_batch);  // [b, T+1]
-    model::CrossEntropyParts parts = s.model->loss(micro_window, s.compute_dtype);
-    (parts.loss / static_cast<double>(c.train.grad_accum)).backward();
+  parallel::PipelineStage stage;
+  stage.activation_shape = {micro_batch, T, c.model.d_model};
+  stage.activation_dtype = s.compute_dtype;
+  stage.device = s.device;
+  stage.forward = [&](int64_t micro, const torch::Tensor& input) -> torch::Tensor {
+    torch::Tensor micro_window = window.narrow(0, micro * micro_batch, micro_batch);  // [b, T+1]
+    torch::Tensor x = g.first_stage() ? s.model->embed(micro_window.narrow(1, 0, T), s.compute_dtype)  // [b, T, C]
+                                      : input;
+    x = s.model->run_blocks(x);  // [b, T, C]
+    if (!g.last_stage()) return x;
+    model::CrossEntropyParts parts = s.model->head_loss(x, micro_window.narrow(1, 1, T));
     loss_sum += parts.nll.detach();
     z_loss_sum += parts.z_loss.detach();
-  }
+    return parts.loss / static_cast<double>(microbatches);  // the mean over micro-batches; DP averages below
+  };
+  parallel::run_pipeline(stage, microbatches, *g.pp, parallel::parse_pipeline_schedule(c.parallel.schedule));
+  // [loss, z_loss]: from the last stage to every stage, then the mean over DP replicas.
+  torch::Tensor losses = torch::stack({loss_sum, z_loss_sum}) / static_cast<double>(microbatches);  // [2]
+  const torch::Tensor own_losses = losses.clone();  // this rank's (zeros before the last stage)
+  if (!g.pp->single()) g.pp->broadcast(losses, g.layout.pp() - 1);
 
-  // 3. grads: per-tensor norms and the global norm, fetched to the host once per step; then clipping.
-  torch::Tensor tensor_grad_norms = optim::per_tensor_grad_norms(s.params);  // [n]
-  torch::Tensor scalars = torch::stack({loss_sum / static_cast<double>(c.train.grad_accum),
-                                        z_loss_sum / static_cast<double>(c.train.grad_accum),
-                                        optim::global_norm(tensor_grad_norms).to(torch::kFloat)})
-                              .to(torch::kCPU, torch::kDouble);
-  ctx.loss = scalars[0].item<double>();
-  ctx.z_loss = scalars[1].item<double>();
-  ctx.grad_norm = scalars[2].item<double>();
-  if (c.metrics.per_tensor) ctx.tensor_grad_norms = to_float_vector(tensor_grad_norms);
+  // 3. grads. First a per-rank check, before any reduction mixes ranks: name every rank whose loss or
+  // gradient is not finite. Then the DP mean, the TP sum of partial gradients, and norms of the whole model.
+  if (s.fault.at("nan_grad", g.rank, step) && !s.params.empty()) {
+    torch::NoGradGuard no_grad;
+    s.params.front().param.mutable_grad().fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+  std::vector<torch::Tensor> grads;
+  for (const auto& p : s.params) grads.push_back(p.param.grad());
+  std::string non_finite_ranks;
+  {
+    torch::Tensor local_sum = own_losses.sum().to(torch::kCPU, torch::kFloat);
+    for (const auto& grad : grads) {
+      if (grad.defined()) local_sum += grad.detach().to(torch::kFloat).sum().to(torch::kCPU);  // NaN/inf propagate
+    }
+    const bool bad = !std::isfinite(local_sum.item<float>());
+    torch::Tensor flags = torch::zeros({g.world_size()}, torch::kFloat);  // [world]
+    if (bad) flags[g.rank] = 1.0f;
+    g.world->all_reduce(flags);
+    for (int64_t r = 0; r < g.world_size(); ++r) {
+      if (flags[r].item<float>() > 0.0f) non_finite_ranks += (non_finite_ranks.empty() ? "" : ", ") + g.layout.describe_rank(r);
+    }
+  }
+  if (non_finite_ranks.empty()) {
+    if (s.reducer) s.reducer->all_reduce_mean();
+    if (!g.tp->single()) {
+      for (size_t i = 0; i < s.params.size(); ++i) {
+        if (s.specs[i].grad_partial_over_tp && s.params[i].param.grad().defined()) g.tp->all_reduce(s.params[i].param.mutable_grad());
+      }
+    }
+  }
+  if (!g.dp->single()) {
+    g.dp->all_reduce(losses);
+    losses /= static_cast<double>(g.layout.dp());
+  }
+  grads.clear();
+  for (const auto& p : s.params) grads.push_back(p.param.grad());
+  const torch::Tensor grad_squares = s.whole_model_squares(grads);  // [n] over the whole model
+  const torch::Tensor host_losses = losses.to(torch::kCPU, torch::kDouble);
+  ctx.loss = host_losses[0].item<double>();
+  ctx.z_loss = host_losses[1].item<double>();
+  ctx.grad_norm = std::sqrt(grad_squares.sum().item<double>());
+  if (c.metrics.per_tensor) ctx.tensor_grad_norms = to_float_vector(grad_squares.sqrt());
   ctx.clip_factor = optim::clip_grads_by_global_norm(s.params, ctx.grad_norm, c.optim.grad_clip);
 
   torch::NoGradGuard no_grad;  // every hook below changes tensors in place
-  // 4. grad transforms, in chain order.
+  // 4. grad transforms, in chain order (each rank transforms its own shards).
   for (auto& transform : s.plugins->grad_transforms())
     s.call(transform, ctx, [&](sdk::Plugin& p) { p.transform_grads(ctx, s.plugin_params); });
 
-  // 5. step decision: a non-finite loss or gradient never reaches the weights; then the spike handler.
-  if (!std::isfinite(ctx.loss) || !std::isfinite(ctx.grad_norm)) {
-    r.decision = sdk::Decision::skip_update("non-finite loss " + std::to_string(ctx.loss) + " or grad norm " +
-                                            std::to_string(ctx.grad_norm));
+  // 5. step decision: a non-finite loss or gradient never reaches the weights; then the spike handler. Every
+  // rank runs the handler (its state stays identical everywhere), rank 0's decision is the one all apply.
+  if (!non_finite_ranks.empty() || !std::isfinite(ctx.loss) || !std::isfinite(ctx.grad_norm)) {
+    r.decision = sdk::Decision::skip_update(
+        non_finite_ranks.empty()
+            ? "non-finite loss " + std::to_string(ctx.loss) + " or grad norm " + std::to_string(ctx.grad_norm)
+            : "non-finite loss or gradient on " + non_finite_ranks + " at step " + std::to_string(step));
     r.decided_by = "keel";
   } else if (plugin_host::LoadedPlugin* handler = s.plugins->spike_handler()) {
     r.decision = s.call(*handler, ctx, [&](sdk::Plugin& p) { return p.decide(ctx); });
     r.decided_by = handler->name();
-    if (r.decision.action != sdk::Decision::Action::kRollback && r.decision.lr_factor != 1.0 &&
-        r.decision.lr_factor_steps > 0) {
-      s.lr_factor = r.decision.lr_factor;
-      s.lr_factor_until = step + r.decision.lr_factor_steps;
-      ctx.lr = ctx.lr * r.decision.lr_factor;
-      s.metrics->event(step, "lr_factor", "[" + r.decided_by + "] LR x" + std::to_string(r.decision.lr_factor) +
-                                              " until step " + std::to_string(s.lr_factor_until) + ": " + r.decision.reason);
-    }
+  }
+  if (!g.world->single()) r.decision = decision_from_json(g.world->broadcast_string(decision_to_json(r.decision, r.decided_by), 0), r.decided_by);
+  if (r.decision.action != sdk::Decision::Action::kRollback && r.decision.lr_factor != 1.0 && r.decision.lr_factor_steps > 0) {
+    s.lr_factor = r.decision.lr_factor;
+    s.lr_factor_until = step + r.decision.lr_factor_steps;
+    ctx.lr = ctx.lr * r.decision.lr_factor;
+    s.event(step, "lr_factor", "[" + r.decided_by + "] LR x" + std::to_string(r.decision.lr_factor) + " until step " +
+                                   std::to_string(s.lr_factor_until) + ": " + r.decision.reason);
   }
   if (r.decision.action != sdk::Decision::Action::kContinue &&
       r.decision.action != sdk::Decision::Action::kRollback) {  // a rollback logs its own event in roll_back()
     static const char* const kinds[] = {"continue", "skip", "rollback", "stop"};
     const char* kind = kinds[static_cast<int>(r.decision.action)];
-    s.metrics->event(step, kind, "[" + r.decided_by + "] " + r.decision.reason);
+    s.event(step, kind, "[" + r.decided_by + "] " + r.decision.reason);
     spdlog::warn("step {}: {} by {}: {}", step, kind, r.decided_by, r.decision.reason);
   }
 
-  // 6. optimizer step.
-  if (r.updated()) s.call(s.plugins->optimizer(), ctx, [&](sdk::Plugin& p) { p.step(ctx); });
+  // 6. optimizer step (with ZeRO-1 each DP rank updates its share, then owners broadcast the new weights).
+  if (r.updated()) {
+    s.call(s.plugins->optimizer(), ctx, [&](sdk::Plugin& p) { p.step(ctx); });
+    if (s.zero_enabled()) {
+      std::vector<at::Tensor> tensors;
+      for (const auto& p : s.params) tensors.push_back(p.param);
+      optim::broadcast_from_owners(tensors, s.zero, *g.dp);
+    }
+  }
 
   // 7. step end: metrics row, then every plugin's on_step_end (observers).
   s.tokens_seen += ctx.tokens;
@@ -615,8 +945,12 @@ Trainer::StepRecord Trainer::train_step(int64_t step) {
   row.step_time_s = r.step_time_s;
   row.skipped = !r.updated();
   row.tensor_grad_norms = ctx.tensor_grad_norms;
-  if (c.metrics.per_tensor) row.tensor_param_norms = to_float_vector(optim::per_tensor_param_norms(s.params));
-  s.metrics->append(row);
+  if (c.metrics.per_tensor) {
+    std::vector<at::Tensor> weights;
+    for (const auto& p : s.params) weights.push_back(p.param);
+    row.tensor_param_norms = to_float_vector(s.whole_model_squares(weights).sqrt());
+  }
+  if (s.metrics) s.metrics->append(row);
   for (plugin_host::LoadedPlugin* p : s.plugins->all())
     s.call(*p, ctx, [&](sdk::Plugin& plugin) { plugin.on_step_end(ctx); });
   return r;

@@ -9,6 +9,7 @@
 #include "core/checkpoint/lineage.h"
 #include "core/config/config.h"
 #include "core/data/loader.h"
+#include "core/parallel/process_groups.h"
 #include "core/train/run_dir.h"
 
 namespace keel::checkpoint {
@@ -33,12 +34,17 @@ class Trainer {
   // `loader` is opened by the caller before the run dir is claimed, so that unprepared data is reported
   // without leaving a half-made run dir behind.
   // `lineage` says where this run comes from; it is written to RUN_DIR/lineage.json and into every checkpoint.
-  Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader> loader, checkpoint::Lineage lineage);
+  // `groups` is this rank's place in the DP x TP x PP job (ProcessGroups::single() for one process): the model
+  // gets its TP group and pipeline stage, the gradient reducer and ZeRO-1 the DP group, decisions and
+  // checkpoints the world group. Rank 0 alone writes metrics.h5 and lineage.json.
+  Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader> loader, checkpoint::Lineage lineage,
+          parallel::ProcessGroups groups = parallel::ProcessGroups::single());
   ~Trainer();
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;
 
-  // Continue from a checkpoint: weights, optimizer state, RNG, data ledger, tokens seen. Everything is checked
+  // Continue from a checkpoint's full state (checkpoint::read_full_state: tensors whole, so any layout can cut its
+  // shards): weights, optimizer state, RNG, data ledger, tokens seen. Everything is checked
   // (names, shapes, dtypes) before anything is changed; a mismatch throws CheckpointError naming the tensor.
   // Data-ledger changes the config asks for (mixture, skip list) are applied from this step on and recorded in
   // the lineage; with `allow_data_change` a different data fingerprint is accepted (also recorded).

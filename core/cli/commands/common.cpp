@@ -66,12 +66,13 @@ po::variables_map parse_args(const std::vector<std::string>& args, const po::opt
   return vm;
 }
 
-void setup_logging(const std::string& log_file) {
+void setup_logging(const std::string& log_file, const std::string& rank_tag) {
   std::vector<spdlog::sink_ptr> sinks;
   sinks.push_back(std::make_shared<spdlog::sinks::stderr_color_sink_mt>());
   if (!log_file.empty()) sinks.push_back(std::make_shared<spdlog::sinks::basic_file_sink_mt>(log_file, /*truncate=*/false));
   auto logger = std::make_shared<spdlog::logger>("keel", sinks.begin(), sinks.end());
-  logger->set_pattern("[%Y-%m-%d %H:%M:%S.%e] [%^%l%$] %v");
+  logger->set_pattern(rank_tag.empty() ? "[%Y-%m-%d %H:%M:%S.%e] [%^%l%$] %v"
+                                      : "[%Y-%m-%d %H:%M:%S.%e] [" + rank_tag + "] [%^%l%$] %v");
   logger->flush_on(spdlog::level::info);
   spdlog::set_default_logger(logger);
 }

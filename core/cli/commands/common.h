@@ -25,6 +25,7 @@ void append_plugin_overrides(const std::vector<std::string>& plugins, const std:
 po::variables_map parse_args(const std::vector<std::string>& args, const po::options_description& options,
                              const std::string& command);
 // Log to the console (and to `log_file` when given) with spdlog.
-void setup_logging(const std::string& log_file = "");
+// `rank_tag` ("rank 3") goes into every line of a multi-rank job's log.
+void setup_logging(const std::string& log_file = "", const std::string& rank_tag = "");
 
 }  // namespace keel::cli

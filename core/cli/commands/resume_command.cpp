@@ -16,10 +16,12 @@
 
 #include "core/checkpoint/checkpoint_error.h"
 #include "core/checkpoint/checkpoint_store.h"
+#include "core/checkpoint/resharding.h"
 #include "core/checkpoint/training_state.h"
 #include "core/cli/commands/commands.h"
 #include "core/cli/commands/common.h"
 #include "core/cli/commands/run_launcher.h"
+#include "core/parallel/rendezvous.h"
 
 namespace keel::cli {
 namespace {
@@ -81,10 +83,6 @@ int cmd_resume(const Args& args) {
     throw std::runtime_error("--run-dir " + run_dir + " contains the checkpoint being resumed (" + ckpt.dir +
                              "): resume into a new directory");
   }
-  if (ckpt.manifest.layout.world_size() != 1) {
-    throw CheckpointError(ckpt.dir + ": saved by " + std::to_string(ckpt.manifest.layout.world_size()) +
-                          " ranks; this Keel resumes single-rank checkpoints");
-  }
 
   // 2. Config: the checkpoint's, plus overrides; the model must not change.
   const std::string ckpt_config = ckpt.dir + "/config.ini";
@@ -127,12 +125,16 @@ int cmd_resume(const Args& args) {
     throw CheckpointError(message);
   }
 
-  // 4. Tensors: read (every object checked) before the run dir is claimed.
-  const checkpoint::ManifestFile* rank0 = ckpt.manifest.rank_file(0);
-  const checkpoint::TrainingState state = checkpoint::read_rank_file(ckpt.dir + "/" + rank0->name);
-  if (state.step != ckpt.manifest.step) {
-    throw CheckpointError(ckpt.dir + "/" + rank0->name + ": step " + std::to_string(state.step) +
-                          " but the manifest says " + std::to_string(ckpt.manifest.step));
+  // 4. Tensors: every rank file read (every object checked) and reassembled whole before the run dir is
+  // claimed, so that any DP x TP x PP layout can take its shards. Each rank's RNG continues exactly when the
+  // layout is unchanged; after a layout change the generators keep their fresh per-rank seeding.
+  const checkpoint::Layout& saved = ckpt.manifest.layout;
+  const bool same_layout = saved.dp == config.parallel.dp && saved.tp == config.parallel.tp && saved.pp == config.parallel.pp;
+  const int64_t rank = parallel::detect_world().rank;
+  const checkpoint::TrainingState state = checkpoint::read_full_state(ckpt.dir, ckpt.manifest, same_layout ? rank : -1);
+  if (!same_layout) {
+    spdlog::info("resharding: checkpoint layout dp={} tp={} pp={} -> dp={} tp={} pp={}", saved.dp, saved.tp, saved.pp,
+                 config.parallel.dp, config.parallel.tp, config.parallel.pp);
   }
 
   RunRequest request;

@@ -22,11 +22,14 @@ struct RunRequest {
   std::string run_dir;
   bool force = false;
   checkpoint::Lineage lineage;                     // run_id/run_dir/created are filled in here
-  const checkpoint::TrainingState* resume = nullptr;  // restore this first (keel resume)
+  const checkpoint::TrainingState* resume = nullptr;  // restore this first (keel resume): the checkpoint's full state
   bool allow_data_change = false;
   std::string description;  // for the log: "train: config FILE" / "resume: from DIR"
 };
 
+// In a multi-rank job (parallel/rendezvous.h) every rank calls this: it joins the process groups, rank 0 claims
+// the run dir and the others use it; a failure on any rank before training (run dir, restore) stops every
+// rank with that rank's message.
 int launch_run(RunRequest request);
 
 }  // namespace keel::cli
