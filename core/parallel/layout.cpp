@@ -47,9 +47,8 @@ void Layout::require_world_size(int64_t world_size, const std::string& where) co
   if (world_size != this->world_size()) {
     throw std::invalid_argument("parallel.dp x parallel.tp x parallel.pp = " + std::to_string(dp_) + " x " +
                                 std::to_string(tp_) + " x " + std::to_string(pp_) + " = " +
-                                std::to_string(this->world_size()) + ", but " + where + " started " +
-                                std::to_string(world_size) + " rank" + (world_size == 1 ? "" : "s") +
-                                ": they must be equal");
+                                std::to_string(this->world_size()) + ", but the job has " + std::to_string(world_size) +
+                                " rank" + (world_size == 1 ? "" : "s") + " (" + where + "): they must be equal");
   }
 }
 

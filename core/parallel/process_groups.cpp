@@ -80,7 +80,9 @@ ProcessGroups ProcessGroups::single() {
 ProcessGroups join_process_groups(const WorldInfo& world, const ParallelConfig& config, const std::string& backend) {
   ProcessGroups g;
   g.layout = Layout(config.dp, config.tp, config.pp);
-  g.layout.require_world_size(world.world_size, world.source == "single" ? "this process (no launcher)" : "the " + world.source + " launch");
+  g.layout.require_world_size(world.world_size, world.source == "single"
+                                                    ? "one process; start N ranks with keel launch --nproc N, torchrun or srun"
+                                                    : "from the " + world.source + " environment variables");
   g.world_info = world;
   g.rank = world.rank;
   g.coords = g.layout.coordinates_of(world.rank);

@@ -18,8 +18,12 @@ struct ProcessResult {
   std::string output;  // stdout and stderr together
 };
 
-inline ProcessResult run_keel(const std::string& arguments) {
-  const std::string command = std::string(KEEL_BINARY) + " " + arguments + " 2>&1";
+inline ProcessResult run_keel_with_env(const std::string& env, const std::string& arguments);
+inline ProcessResult run_keel(const std::string& arguments) { return run_keel_with_env("", arguments); }
+
+// The same with extra environment variables ("A=1 B=2"; may be empty) for the command.
+inline ProcessResult run_keel_with_env(const std::string& env, const std::string& arguments) {
+  const std::string command = (env.empty() ? "" : "env " + env + " ") + std::string(KEEL_BINARY) + " " + arguments + " 2>&1";
   ProcessResult result;
   FILE* pipe = popen(command.c_str(), "r");
   if (pipe == nullptr) return result;
