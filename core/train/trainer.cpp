@@ -783,6 +783,17 @@ Trainer::StepRecord Trainer::train_step(int64_t step) {
   ctx.total_steps = c.train.steps;
   ctx.tokens_before = s.tokens_seen;
   ctx.tensor_names = s.tensor_names;
+  {
+    const parallel::ProcessGroups& g = s.groups;
+    ctx.rank = g.rank;
+    ctx.world_size = g.world_size();
+    ctx.dp_rank = g.coords.dp;
+    ctx.dp_size = g.layout.dp();
+    ctx.tp_rank = g.coords.tp;
+    ctx.tp_size = g.layout.tp();
+    ctx.pp_rank = g.coords.pp;
+    ctx.pp_size = g.layout.pp();
+  }
 
   // 0. step start: the data mixture plugin may change the weights from this step on.
   if (plugin_host::LoadedPlugin* mixture = s.plugins->data_mixture()) {

@@ -130,14 +130,25 @@ int inspect_checkpoint(const std::string& dir) {
     std::cout << "  " << s.value("name", "?") << ": epoch " << s.value("epoch", -1) << ", position " << s.value("position", -1)
               << ", consumed " << s.value("consumed", -1) << ", skipped " << s.value("skipped", -1) << "\n";
   }
-  for (const char* group : {"/model", "/optimizer/state", "/rng"}) {
-    const auto names = rank0.datasets_under(group);
-    std::cout << "\n" << group << ": " << names.size() << " tensors\n";
-    for (const auto& name : names) {
-      const checkpoint::RawTensor t = rank0.read_tensor(std::string(group) + "/" + name);
-      std::cout << "  " << name << "  " << checkpoint::dtype_name(t.dtype) << " [";
-      for (size_t i = 0; i < t.shape.size(); ++i) std::cout << (i ? ", " : "") << t.shape[i];
-      std::cout << "]\n";
+  // Every rank file's tensors; a shard shows where it sits in the whole tensor.
+  auto dims = [](const std::vector<int64_t>& v) {
+    std::string out = "[";
+    for (size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + std::to_string(v[i]);
+    return out + "]";
+  };
+  for (const auto& f : m.files) {
+    if (f.rank < 0) continue;
+    const checkpoint::H5Reader file(dir + "/" + f.name);
+    if (m.files.size() > 2) std::cout << "\n" << f.name << " (rank " << f.rank << "):";
+    for (const char* group : {"/model", "/optimizer/state", "/rng"}) {
+      const auto names = file.datasets_under(group);
+      std::cout << "\n" << group << ": " << names.size() << " tensors\n";
+      for (const auto& name : names) {
+        const checkpoint::RawTensor t = file.read_tensor(std::string(group) + "/" + name);
+        std::cout << "  " << name << "  " << checkpoint::dtype_name(t.dtype) << " " << dims(t.shape);
+        if (t.global_shape != t.shape) std::cout << " of " << dims(t.global_shape) << " at " << dims(t.offset);
+        std::cout << "\n";
+      }
     }
   }
   return 0;
