@@ -19,9 +19,12 @@ class ColumnParallelLinearImpl : public torch::nn::Module {
  public:
   ColumnParallelLinearImpl(int64_t in_features, int64_t out_features, const parallel::TensorParallel& tp,
                            const std::string& what);
-  // x: [..., in] (compute dtype) -> [..., out/tp]
+  // x: [..., in] (compute dtype, replicated over TP) -> [..., out/tp]
   torch::Tensor forward(const torch::Tensor& x) const;
   torch::Tensor weight;  // [out/tp, in] fp32
+
+ private:
+  parallel::TensorParallel tp_;
 };
 TORCH_MODULE(ColumnParallelLinear);
 
@@ -29,18 +32,29 @@ class RowParallelLinearImpl : public torch::nn::Module {
  public:
   RowParallelLinearImpl(int64_t in_features, int64_t out_features, const parallel::TensorParallel& tp,
                         const std::string& what);
-  // x: [..., in/tp] (compute dtype) -> [..., out]
+  // x: [..., in/tp] (compute dtype) -> [..., out], summed over TP (the same on every TP rank)
   torch::Tensor forward(const torch::Tensor& x) const;
   torch::Tensor weight;  // [out, in/tp] fp32
+
+ private:
+  parallel::TensorParallel tp_;
 };
 TORCH_MODULE(RowParallelLinear);
 
 class VocabParallelEmbeddingImpl : public torch::nn::Module {
  public:
   VocabParallelEmbeddingImpl(int64_t vocab, int64_t dim, const parallel::TensorParallel& tp);
-  // tokens: [B, T] int64 -> [B, T, C] in `dtype`
+  // tokens: [B, T] int64 (full vocabulary ids) -> [B, T, C] in `dtype`, the same on every TP rank
   torch::Tensor forward(const torch::Tensor& tokens, torch::ScalarType dtype) const;
+  // The tied output head. x: [..., C] (compute dtype, replicated over TP) -> logits [..., V/tp] in x's dtype,
+  // this rank's vocabulary range (what vocab_parallel_cross_entropy reads).
+  torch::Tensor project(const torch::Tensor& x) const;
+  int64_t vocab_start() const { return vocab_start_; }  // first vocabulary id this rank owns
   torch::Tensor weight;  // [V/tp, C] fp32
+
+ private:
+  parallel::TensorParallel tp_;
+  int64_t vocab_start_ = 0;
 };
 TORCH_MODULE(VocabParallelEmbedding);
 
@@ -50,7 +64,11 @@ struct CrossEntropyParts {
   torch::Tensor z_loss;  // scalar fp32: z_loss_coef * mean (log Z)^2
 };
 
-// logits: [N, V/tp] (any float dtype; statistics in fp32), targets: [N] int64 -> mean losses.
+// logits: [N, V/tp] (any float dtype; statistics in fp32), rank r holding vocabulary columns
+// [r*V/tp, (r+1)*V/tp); targets: [N] int64 full vocabulary ids -> mean losses, the same on every TP rank.
+// With tp.size > 1 the softmax statistics are reduced over the TP group (max, then sum-exp and target logit)
+// and the backward is explicit and local: d loss / d logits_ij = (softmax_ij * (1 + 2 coef logZ_i)
+// - [j == target_i]) / N. The logits gradient comes back in the logits' dtype.
 CrossEntropyParts vocab_parallel_cross_entropy(const torch::Tensor& logits, const torch::Tensor& targets,
                                                double z_loss_coef, const parallel::TensorParallel& tp);
 
