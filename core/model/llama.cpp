@@ -181,7 +181,7 @@ torch::Tensor LlamaImpl::run_blocks(const torch::Tensor& x_in) const {
 torch::Tensor LlamaImpl::logits(const torch::Tensor& x_in) const {
   torch::Tensor x = final_norm_->forward(x_in);  // [B, T, C]
   if (head_) return head_->forward(x);           // [B, T, V/tp]
-  return torch::nn::functional::linear(x, embed_->weight.to(x.scalar_type()));  // tied: [B, T, V/tp]
+  return embed_->project(x);                     // tied: [B, T, V/tp]
 }
 
 torch::Tensor LlamaImpl::forward(const torch::Tensor& tokens, torch::ScalarType compute_dtype) const {
