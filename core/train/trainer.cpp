@@ -850,6 +850,12 @@ Trainer::StepRecord Trainer::train_step(int64_t step) {
     z_loss_sum += parts.z_loss.detach();
     return parts.loss / static_cast<double>(microbatches);  // the mean over micro-batches; DP averages below
   };
+  // DP overlap: during the last micro-batch's backward each gradient bucket starts its all-reduce as soon as
+  // it is complete. The per-rank check below still sees this rank's own gradients: the reduced values only
+  // replace .grad in all_reduce_mean().
+  stage.before_backward = [&](int64_t micro) {
+    if (s.reducer && micro == microbatches - 1) s.reducer->prepare_overlap();
+  };
   parallel::run_pipeline(stage, microbatches, *g.pp, parallel::parse_pipeline_schedule(c.parallel.schedule));
   // [loss, z_loss]: from the last stage to every stage, then the mean over DP replicas.
   torch::Tensor losses = torch::stack({loss_sum, z_loss_sum}) / static_cast<double>(microbatches);  // [2]
@@ -878,12 +884,12 @@ Trainer::StepRecord Trainer::train_step(int64_t step) {
       if (flags[r].item<float>() > 0.0f) non_finite_ranks += (non_finite_ranks.empty() ? "" : ", ") + g.layout.describe_rank(r);
     }
   }
-  if (non_finite_ranks.empty()) {
-    if (s.reducer) s.reducer->all_reduce_mean();
-    if (!g.tp->single()) {
-      for (size_t i = 0; i < s.params.size(); ++i) {
-        if (s.specs[i].grad_partial_over_tp && s.params[i].param.grad().defined()) g.tp->all_reduce(s.params[i].param.mutable_grad());
-      }
+  // Always completed, even on a skipped step: buckets may already be in flight, and every rank must run the
+  // same collectives.
+  if (s.reducer) s.reducer->all_reduce_mean();
+  if (!g.tp->single()) {
+    for (size_t i = 0; i < s.params.size(); ++i) {
+      if (s.specs[i].grad_partial_over_tp && s.params[i].param.grad().defined()) g.tp->all_reduce(s.params[i].param.mutable_grad());
     }
   }
   if (!g.dp->single()) {
