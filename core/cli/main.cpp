@@ -1,12 +1,31 @@
 // Why: the `keel` entry point. It only dispatches to a subcommand and turns any error into one clear line on
-// stderr and a non-zero exit status.
+// stderr and a non-zero exit status. A DistributedError (a rank of the job is dead or hung) ends the process at
+// once with std::_Exit: the c10d/Gloo/NCCL objects still alive, and static destructors, may wait on the missing
+// rank, and the launcher (keel launch, torchrun, srun) is waiting for this exit to stop the other ranks.
+#include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <string>
 #include <vector>
 
 #include <c10/util/Exception.h>
+#include <spdlog/spdlog.h>
 
 #include "core/cli/commands/commands.h"
+#include "core/parallel/communicator.h"
+
+namespace {
+
+// Flushes everything this process has to say, then exits without running any destructor.
+[[noreturn]] void exit_without_cleanup(int status) {
+  std::cout.flush();
+  std::cerr.flush();
+  spdlog::apply_all([](const std::shared_ptr<spdlog::logger>& logger) { logger->flush(); });
+  std::fflush(nullptr);
+  std::_Exit(status);
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
@@ -28,8 +47,12 @@ int main(int argc, char** argv) {
     if (command == "data") return keel::cli::cmd_data(rest);
     if (command == "inspect") return keel::cli::cmd_inspect(rest);
     if (command == "config") return keel::cli::cmd_config(rest);
+    if (command == "launch") return keel::cli::cmd_launch(rest);
     std::cerr << "keel: unknown command '" << command << "'\n\n" << keel::cli::usage();
     return 2;
+  } catch (const keel::parallel::DistributedError& e) {
+    std::cerr << "keel " << command << ": error: " << e.what() << "\n";
+    exit_without_cleanup(1);
   } catch (const c10::Error& e) {  // TORCH_CHECK failures: the message without LibTorch's C++ backtrace
     std::cerr << "keel " << command << ": error: " << e.what_without_backtrace() << "\n";
     return 1;

@@ -49,6 +49,7 @@ std::string usage() {
          "              [--plugin-arg NAME.k=v]... [--allow-data-change]\n"
          "  keel control RUN_DIR swap SLOT=NAME_OR_PATH [--plugin-arg NAME.k=v]... [--at-step N]\n"
          "  keel plugins\n"
+         "  keel launch --nproc N [--master-addr A] [--master-port P] [--grace-s S] -- keel train ...\n"
          "  keel data prepare --config FILE [--set key=value]...\n"
          "  keel data show-batch --config FILE --step N [--set key=value]...\n"
          "  keel inspect RUN_DIR|CKPT_DIR [RUN_DIR...]\n"
