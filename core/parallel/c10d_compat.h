@@ -2,15 +2,25 @@
 // core/torch_compat.h for ATen. Include only from core/parallel/*.cpp: it pulls in c10d and Gloo headers.
 #pragma once
 
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/version.h>
+#if TORCH_VERSION_MAJOR >= 2
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#endif
+
+#include "core/parallel/communicator.h"
+
+// The backends themselves: Gloo when its headers exist (Debian's libgloo-dev; PyTorch's wheels ship the Gloo
+// library but not its headers), NCCL in CUDA builds (KEEL_WITH_NCCL, set by CMake on process_groups.cpp).
+#if __has_include(<gloo/algorithm.h>)
+#define KEEL_HAVE_GLOO 1
 #ifndef USE_C10D_GLOO
 #define USE_C10D_GLOO
 #endif
-#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
-#include <torch/csrc/distributed/c10d/TCPStore.hpp>
-#include <torch/version.h>
-
-#include "core/parallel/communicator.h"
+#endif
 #if defined(KEEL_WITH_NCCL)
 #ifndef USE_C10D_NCCL
 #define USE_C10D_NCCL

@@ -12,6 +12,7 @@
 namespace keel::parallel {
 namespace {
 
+#if defined(KEEL_HAVE_GLOO)
 std::shared_ptr<::gloo::transport::Device> gloo_device(const WorldInfo& world) {
   if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname)
     return ::c10d::ProcessGroupGloo::createDeviceForInterface(ifname);
@@ -20,6 +21,7 @@ std::shared_ptr<::gloo::transport::Device> gloo_device(const WorldInfo& world) {
     return ::c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1");
   return ::c10d::ProcessGroupGloo::createDefaultDevice();
 }
+#endif
 
 struct Connection {
   c10::intrusive_ptr<::c10d::Store> store;
@@ -51,10 +53,15 @@ std::shared_ptr<Communicator> make_group(const std::string& name, const std::vec
       throw std::invalid_argument("parallel.backend = nccl, but this build of Keel has no NCCL (build with CUDA)");
 #endif
     } else {
+#if defined(KEEL_HAVE_GLOO)
       auto options = ::c10d::ProcessGroupGloo::Options::create(timeout);
       options->devices.push_back(gloo_device(world));
       impl->backend = c10::make_intrusive<::c10d::ProcessGroupGloo>(store, static_cast<int>(group_rank),
                                                                     static_cast<int>(members.size()), options);
+#else
+      throw std::invalid_argument("parallel.backend = gloo, but this build of Keel has no Gloo (its headers were not "
+                                  "found at build time; install libgloo-dev): use parallel.backend = nccl");
+#endif
     }
   } catch (const std::invalid_argument&) {
     throw;
