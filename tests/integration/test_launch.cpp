@@ -9,6 +9,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <regex>
 #include <sstream>
@@ -213,6 +214,76 @@ TEST(Launch, BadUsageExitsWithStatusTwo) {
     EXPECT_NE(r.output.find(message), std::string::npos) << arguments << "\n" << r.output;
     EXPECT_EQ(r.output.find("[rank"), std::string::npos) << "nothing may start: " << arguments << "\n" << r.output;
   }
+}
+
+// The pid of the rank `rank` that `launcher` started (-1 if none): its child whose environment has RANK=rank.
+pid_t rank_pid(pid_t launcher, int rank) {
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream stat_file(entry.path() / "stat");
+    std::string stat((std::istreambuf_iterator<char>(stat_file)), std::istreambuf_iterator<char>());
+    const size_t comm_end = stat.rfind(')');
+    if (comm_end == std::string::npos) continue;
+    std::istringstream fields(stat.substr(comm_end + 1));
+    std::string state;
+    pid_t parent = 0;
+    fields >> state >> parent;
+    if (parent != launcher) continue;
+    std::ifstream environ_file(entry.path() / "environ");
+    const std::string wanted = "RANK=" + std::to_string(rank);
+    for (std::string var; std::getline(environ_file, var, '\0');)
+      if (var == wanted) return static_cast<pid_t>(std::stoi(name));
+  }
+  return -1;
+}
+
+// `keel launch` of two `keel train` ranks (dp=2) on the tiny config.
+std::string two_rank_training(const std::string& run_dir, int timeout_s) {
+  return "--nproc 2 --grace-s 20 -- keel train --config " + tiny_config() + " " + test_data_override() +
+         " --set parallel.dp=2 --set train.steps=100000 --set parallel.timeout_s=" + std::to_string(timeout_s) +
+         " --run-dir " + run_dir;
+}
+
+TEST(Launch, AHungRankIsNamedByTheOthersAndTheJobStops) {
+  const std::string run_dir = fresh_dir("launch-hung");
+  Launcher launcher(two_rank_training(run_dir, 6));
+  ASSERT_TRUE(launcher.wait_for_output("] batch:", 2, 120.0)) << launcher.output();
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // both ranks are training
+  const pid_t rank1 = rank_pid(launcher.pid(), 1);
+  ASSERT_GT(rank1, 0) << launcher.output();
+  ASSERT_EQ(kill(rank1, SIGSTOP), 0);  // hung: alive, but neither computing nor beating
+  const auto stopped_at = Clock::now();
+  const int exit_code = launcher.wait(60.0);
+  const double seconds = std::chrono::duration<double>(Clock::now() - stopped_at).count();
+  if (exit_code < 0) kill(rank1, SIGKILL);  // a stopped process ignores the SIGTERM it gets when the launcher dies
+  const std::string out = launcher.output();
+  EXPECT_EQ(exit_code, 1) << out;
+  EXPECT_NE(out.find("[rank 0] keel train: error: rank 1 (dp 1, tp 0, pp 0) has stopped its heartbeat (dead or hung)"),
+            std::string::npos)
+      << out;
+  EXPECT_NE(out.find("keel launch: rank 0 exited with status 1; stopping the other ranks"), std::string::npos) << out;
+  // parallel.timeout_s (6) + the diagnosis (2.5) + rank 1 finding rank 0 gone, well inside --grace-s 20.
+  EXPECT_LT(seconds, 19.0) << out;
+  std::filesystem::remove_all(run_dir);
+}
+
+TEST(Launch, AKilledRankStopsTheJobBeforeAnyTimeout) {
+  const std::string run_dir = fresh_dir("launch-killed");
+  Launcher launcher(two_rank_training(run_dir, 60));
+  ASSERT_TRUE(launcher.wait_for_output("] batch:", 2, 120.0)) << launcher.output();
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  const pid_t rank1 = rank_pid(launcher.pid(), 1);
+  ASSERT_GT(rank1, 0) << launcher.output();
+  ASSERT_EQ(kill(rank1, SIGKILL), 0);
+  const auto killed_at = Clock::now();
+  const int exit_code = launcher.wait(60.0);
+  const double seconds = std::chrono::duration<double>(Clock::now() - killed_at).count();
+  const std::string out = launcher.output();
+  EXPECT_EQ(exit_code, 128 + 9) << out;
+  EXPECT_NE(out.find("keel launch: rank 1 was killed by signal 9"), std::string::npos) << out;
+  EXPECT_LT(seconds, 20.0) << "the job must not wait for parallel.timeout_s (60 s)\n" << out;
+  std::filesystem::remove_all(run_dir);
 }
 
 TEST(Launch, HelpListsTheOptions) {

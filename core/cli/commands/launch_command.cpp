@@ -404,7 +404,10 @@ int run_job(const LaunchOptions& o, const std::string& program) {
       const int others = running_count();
       say("rank " + std::to_string(p.rank) + " " + describe_exit(status) +
           (others > 0 ? "; stopping the other ranks" : ""));
-      for (const auto& other : ranks) signal_rank(other, SIGTERM);
+      for (const auto& other : ranks) {
+        signal_rank(other, SIGTERM);
+        signal_rank(other, SIGCONT);  // a stopped rank (SIGSTOP, a debugger) gets the SIGTERM only when it runs
+      }
       kill_at = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.grace_s));
     }
 
