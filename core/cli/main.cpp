@@ -12,20 +12,9 @@
 #include <spdlog/spdlog.h>
 
 #include "core/cli/commands/commands.h"
+#include "core/cli/commands/common.h"
 #include "core/parallel/communicator.h"
 
-namespace {
-
-// Flushes everything this process has to say, then exits without running any destructor.
-[[noreturn]] void exit_without_cleanup(int status) {
-  std::cout.flush();
-  std::cerr.flush();
-  spdlog::apply_all([](const std::shared_ptr<spdlog::logger>& logger) { logger->flush(); });
-  std::fflush(nullptr);
-  std::_Exit(status);
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
@@ -51,8 +40,7 @@ int main(int argc, char** argv) {
     std::cerr << "keel: unknown command '" << command << "'\n\n" << keel::cli::usage();
     return 2;
   } catch (const keel::parallel::DistributedError& e) {
-    std::cerr << "keel " << command << ": error: " << e.what() << "\n";
-    exit_without_cleanup(1);
+    keel::cli::exit_on_distributed_error(command, e.what());
   } catch (const c10::Error& e) {  // TORCH_CHECK failures: the message without LibTorch's C++ backtrace
     std::cerr << "keel " << command << ": error: " << e.what_without_backtrace() << "\n";
     return 1;

@@ -2,6 +2,8 @@
 // c10d op, wait with the group's timeout, copy back. Failures become DistributedError with a diagnosis.
 #include "core/parallel/communicator.h"
 
+#include <sstream>
+
 #include <torch/torch.h>
 
 #include "core/parallel/c10d_compat.h"
@@ -9,6 +11,12 @@
 namespace keel::parallel {
 
 namespace {
+
+// LibTorch's own messages carry a C++ backtrace; users get the first line of what went wrong.
+std::string message_of(const std::exception& e) {
+  if (const auto* torch_error = dynamic_cast<const c10::Error*>(&e)) return torch_error->what_without_backtrace();
+  return e.what();
+}
 
 ::c10d::ReduceOp to_c10d(ReduceOp op) {
   switch (op) {
@@ -35,8 +43,9 @@ Communicator::Communicator(std::string name, std::vector<int64_t> global_ranks, 
 Communicator::~Communicator() = default;
 
 void Communicator::fail(const std::string& op, const std::string& what) const {
-  std::string message = op + " on the " + name_ + " group failed (timeout " +
-                        std::to_string(static_cast<double>(timeout_.count()) / 1000.0) + " s): " + what;
+  std::ostringstream timeout;
+  timeout << static_cast<double>(timeout_.count()) / 1000.0;
+  std::string message = op + " on the " + name_ + " group failed (parallel.timeout_s = " + timeout.str() + "): " + what;
   if (monitor_) {
     std::string diagnosis;
     try {
@@ -72,14 +81,14 @@ PendingWork Communicator::all_reduce_async(at::Tensor& tensor, ReduceOp op) {
     options.timeout = timeout_;
     work = impl_->backend->allreduce(wire, options);
   } catch (const std::exception& e) {
-    fail("all_reduce", e.what());
+    fail("all_reduce", message_of(e));
   }
   at::Tensor target = tensor;
   return PendingWork([this, work, wire, target]() mutable {
     try {
       work->wait(timeout_);
     } catch (const std::exception& e) {
-      fail("all_reduce", e.what());
+      fail("all_reduce", message_of(e));
     }
     if (!wire[0].is_same(target)) target.copy_(wire[0]);
   });
@@ -97,14 +106,14 @@ PendingWork Communicator::broadcast_async(at::Tensor& tensor, int64_t root) {
     options.timeout = timeout_;
     work = impl_->backend->broadcast(wire, options);
   } catch (const std::exception& e) {
-    fail("broadcast", e.what());
+    fail("broadcast", message_of(e));
   }
   at::Tensor target = tensor;
   return PendingWork([this, work, wire, target]() mutable {
     try {
       work->wait(timeout_);
     } catch (const std::exception& e) {
-      fail("broadcast", e.what());
+      fail("broadcast", message_of(e));
     }
     if (!wire[0].is_same(target)) target.copy_(wire[0]);
   });
@@ -123,7 +132,7 @@ std::vector<at::Tensor> Communicator::all_gather(const at::Tensor& tensor) {
     auto work = impl_->backend->allgather(outputs, input, options);
     work->wait(timeout_);
   } catch (const std::exception& e) {
-    fail("all_gather", e.what());
+    fail("all_gather", message_of(e));
   }
   std::vector<at::Tensor> result;
   for (auto& t : outputs[0]) result.push_back(t.to(tensor.scalar_type()));
@@ -138,7 +147,7 @@ PendingWork Communicator::send(const at::Tensor& tensor, int64_t dst, int64_t ta
   try {
     work = impl_->backend->send(wire, static_cast<int>(dst), static_cast<int>(tag));
   } catch (const std::exception& e) {
-    fail("send to group rank " + std::to_string(dst), e.what());
+    fail("send to group rank " + std::to_string(dst), message_of(e));
   }
   return PendingWork([this, work, wire, dst]() {
     try {
@@ -146,7 +155,7 @@ PendingWork Communicator::send(const at::Tensor& tensor, int64_t dst, int64_t ta
     } catch (const DistributedError&) {
       throw;
     } catch (const std::exception& e) {
-      fail("send to group rank " + std::to_string(dst), e.what());
+      fail("send to group rank " + std::to_string(dst), message_of(e));
     }
   });
 }
@@ -161,7 +170,7 @@ void Communicator::recv(at::Tensor& tensor, int64_t src, int64_t tag) {
   } catch (const DistributedError&) {
     throw;
   } catch (const std::exception& e) {
-    fail("recv from group rank " + std::to_string(src), e.what());
+    fail("recv from group rank " + std::to_string(src), message_of(e));
   }
   if (!wire[0].is_same(tensor)) tensor.copy_(wire[0]);
 }

@@ -104,7 +104,10 @@ ProcessGroups join_process_groups(const WorldInfo& world, const ParallelConfig& 
   try {
     ::c10d::TCPStoreOptions options;
     options.port = static_cast<std::uint16_t>(world.port);
-    options.isServer = world.rank == 0;
+    // Recent torchrun hosts the store in its agent and says so; then every rank is a client.
+    const char* agent_store = std::getenv("TORCHELASTIC_USE_AGENT_STORE");
+    const bool agent_hosts_store = agent_store && std::string(agent_store) == "True";
+    options.isServer = world.rank == 0 && !agent_hosts_store;
     options.numWorkers = static_cast<size_t>(world.world_size);
     options.waitWorkers = true;
     options.timeout = timeout;

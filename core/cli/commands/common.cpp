@@ -2,6 +2,9 @@
 #include "core/cli/commands/common.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
 
 #include "core/plugin_host/plugin_library.h"
 
@@ -75,6 +78,15 @@ void setup_logging(const std::string& log_file, const std::string& rank_tag) {
                                       : "[%Y-%m-%d %H:%M:%S.%e] [" + rank_tag + "] [%^%l%$] %v");
   logger->flush_on(spdlog::level::info);
   spdlog::set_default_logger(logger);
+}
+
+void exit_on_distributed_error(const std::string& command, const std::string& message, int status) {
+  std::cerr << "keel " << command << ": error: " << message << "\n";
+  std::cout.flush();
+  std::cerr.flush();
+  spdlog::apply_all([](const std::shared_ptr<spdlog::logger>& logger) { logger->flush(); });
+  std::fflush(nullptr);
+  std::_Exit(status);
 }
 
 }  // namespace keel::cli

@@ -27,5 +27,9 @@ po::variables_map parse_args(const std::vector<std::string>& args, const po::opt
 // Log to the console (and to `log_file` when given) with spdlog.
 // `rank_tag` ("rank 3") goes into every line of a multi-rank job's log.
 void setup_logging(const std::string& log_file = "", const std::string& rank_tag = "");
+// Prints "keel COMMAND: error: MESSAGE", flushes everything this process has to say, then exits with `status`
+// without running any destructor: after a DistributedError the c10d/Gloo/NCCL objects still alive may wait on
+// the missing rank, and the launcher (keel launch, torchrun, srun) is waiting for this exit.
+[[noreturn]] void exit_on_distributed_error(const std::string& command, const std::string& message, int status = 1);
 
 }  // namespace keel::cli

@@ -15,58 +15,31 @@
 #include "core/train/trainer.h"
 
 namespace keel::cli {
+namespace {
 
-int launch_run(RunRequest r) {
-  // Join the job first (a single process joins a job of one): the layout must match the ranks started.
-  const parallel::WorldInfo world = parallel::detect_world();
-  const std::string backend = r.config.parallel.backend == "auto" ? (r.config.train.device == "cuda" ? "nccl" : "gloo")
-                                                                  : r.config.parallel.backend;
-  parallel::ProcessGroups groups = parallel::join_process_groups(world, r.config.parallel, backend);
+// Every rank fails with the first failing rank's message (so no rank is left waiting in a collective).
+void agree_across_ranks(const parallel::ProcessGroups& groups, const std::string& local_error) {
+  const auto errors = groups.world->all_gather_strings(local_error);
+  for (size_t i = 0; i < errors.size(); ++i) {
+    if (errors[i].empty()) continue;
+    throw std::runtime_error(groups.world->single() ? errors[i]
+                                                     : groups.layout.describe_rank(static_cast<int64_t>(i)) + ": " + errors[i]);
+  }
+}
+
+// Builds the trainer (restoring a checkpoint for a resume), trains, and says where everything went.
+int train_and_report(RunRequest& r, const train::RunPaths& paths, const parallel::ProcessGroups& groups) {
   const bool rank0 = groups.is_rank0();
-  const std::string rank_tag = world.distributed() ? "rank " + std::to_string(world.rank) : "";
-  auto agree = [&](const std::string& error) {  // every rank fails with the first failing rank's message
-    const auto errors = groups.world->all_gather_strings(error);
-    for (size_t i = 0; i < errors.size(); ++i) {
-      if (!errors[i].empty())
-        throw std::runtime_error(world.distributed() ? groups.layout.describe_rank(static_cast<int64_t>(i)) + ": " + errors[i] : errors[i]);
-    }
-  };
-
-  std::string error;
-  try {
-    plugin_host::PluginHost probe(r.config);  // a plugin that cannot load is refused before the run dir is claimed
-  } catch (const std::exception& e) {
-    error = e.what();
-  }
-  agree(error);
-  train::RunPaths paths{r.run_dir};
-  if (rank0) {
-    try {
-      paths = train::create_run_dir(r.run_dir, r.force);
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
-  }
-  agree(error);
-  setup_logging(rank0 ? paths.log_file() : "", rank_tag);
-  if (rank0) {
-    std::ofstream out(paths.config_ini());
-    out << to_ini(r.config);
-  }
-  spdlog::info("keel {} {} -> run dir {}", KEEL_VERSION, r.description, r.run_dir);
-  r.lineage.run_id = groups.world->broadcast_string(checkpoint::new_run_id(), 0);
-  r.lineage.run_dir = r.run_dir;
-  r.lineage.created = metrics::detail::utc_now_iso8601();
-  train::install_stop_signal_handlers();
   train::Trainer trainer(r.config, paths, std::move(r.loader), r.lineage, groups);
   if (r.resume) {
+    std::string error;
     try {
       trainer.restore(*r.resume, r.allow_data_change);
     } catch (const std::exception& e) {
       error = e.what();
     }
     try {
-      agree(error);
+      agree_across_ranks(groups, error);
     } catch (...) {
       // Nothing was trained: leave no half-made run behind.
       if (rank0) {
@@ -86,6 +59,50 @@ int launch_run(RunRequest r) {
     if (!summary.last_checkpoint.empty()) std::cout << "checkpoint:  " << summary.last_checkpoint << "\n";
   }
   return 0;
+}
+
+}  // namespace
+
+int launch_run(RunRequest r) {
+  // Join the job first (a single process joins a job of one): the layout must match the ranks started.
+  const parallel::WorldInfo world = parallel::detect_world();
+  const std::string backend = r.config.parallel.backend == "auto" ? (r.config.train.device == "cuda" ? "nccl" : "gloo")
+                                                                  : r.config.parallel.backend;
+  const parallel::ProcessGroups groups = parallel::join_process_groups(world, r.config.parallel, backend);
+  const bool rank0 = groups.is_rank0();
+
+  std::string error;
+  try {
+    plugin_host::PluginHost probe(r.config);  // a plugin that cannot load is refused before the run dir is claimed
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  agree_across_ranks(groups, error);
+  train::RunPaths paths{r.run_dir};
+  if (rank0) {  // rank 0 claims the run dir; the others write into it (rank files) or not at all
+    try {
+      paths = train::create_run_dir(r.run_dir, r.force);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  agree_across_ranks(groups, error);
+  setup_logging(rank0 ? paths.log_file() : "", world.distributed() ? "rank " + std::to_string(world.rank) : "");
+  if (rank0) {
+    std::ofstream out(paths.config_ini());
+    out << to_ini(r.config);
+  }
+  spdlog::info("keel {} {} -> run dir {}", KEEL_VERSION, r.description, r.run_dir);
+  r.lineage.run_id = groups.world->broadcast_string(checkpoint::new_run_id(), 0);
+  r.lineage.run_dir = r.run_dir;
+  r.lineage.created = metrics::detail::utc_now_iso8601();
+  train::install_stop_signal_handlers();
+  // A dead or hung rank: leave at once, before any destructor of the process groups can wait on it.
+  try {
+    return train_and_report(r, paths, groups);
+  } catch (const parallel::DistributedError& e) {
+    exit_on_distributed_error(r.description.substr(0, r.description.find(':')), e.what());
+  }
 }
 
 }  // namespace keel::cli
