@@ -144,7 +144,8 @@ std::vector<std::string> rank_environment(int rank, const LaunchOptions& o) {
   const std::vector<std::pair<std::string, std::string>> own = {
       {"RANK", std::to_string(rank)},           {"LOCAL_RANK", std::to_string(rank)},
       {"WORLD_SIZE", std::to_string(o.nproc)},  {"LOCAL_WORLD_SIZE", std::to_string(o.nproc)},
-      {"MASTER_ADDR", o.master_addr},           {"MASTER_PORT", std::to_string(o.master_port)}};
+      {"MASTER_ADDR", o.master_addr},           {"MASTER_PORT", std::to_string(o.master_port)},
+      {"KEEL_LAUNCH_PREFIXES_OUTPUT", "1"}};  // the ranks' logs need no "[rank R]" of their own
   std::set<std::string> replaced;
   for (const auto& [name, value] : own) replaced.insert(name);
   std::vector<std::string> env;

@@ -87,7 +87,10 @@ int launch_run(RunRequest r) {
     }
   }
   agree_across_ranks(groups, error);
-  setup_logging(rank0 ? paths.log_file() : "", world.distributed() ? "rank " + std::to_string(world.rank) : "");
+  // Under torchrun or srun every log line says its rank; keel launch already prefixes each line with it.
+  const bool launcher_prefixes = std::getenv("KEEL_LAUNCH_PREFIXES_OUTPUT") != nullptr;
+  setup_logging(rank0 ? paths.log_file() : "",
+                world.distributed() && !launcher_prefixes ? "rank " + std::to_string(world.rank) : "");
   if (rank0) {
     std::ofstream out(paths.config_ini());
     out << to_ini(r.config);
