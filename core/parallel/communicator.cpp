@@ -71,52 +71,56 @@ at::Tensor wire_tensor(const at::Tensor& t, bool native) {
 }
 }  // namespace
 
-PendingWork Communicator::all_reduce_async(at::Tensor& tensor, ReduceOp op) {
-  if (single()) return {};
-  std::vector<at::Tensor> wire{wire_tensor(tensor, impl_->native)};
+namespace {
+// The shared shape of the in-place collectives: launch on the wire tensor, wait with the timeout, copy back.
+// `fail(message)` throws the communicator's DistributedError.
+template <typename Launch, typename Fail>
+PendingWork launch_in_place(at::Tensor& tensor, bool native, std::chrono::milliseconds timeout, Launch launch, Fail fail) {
+  std::vector<at::Tensor> wire{wire_tensor(tensor, native)};
   c10::intrusive_ptr<::c10d::Work> work;
   try {
-    ::c10d::AllreduceOptions options;
-    options.reduceOp = to_c10d(op);
-    options.timeout = timeout_;
-    work = impl_->backend->allreduce(wire, options);
+    work = launch(wire);
   } catch (const std::exception& e) {
-    fail("all_reduce", message_of(e));
+    fail(message_of(e));
   }
   at::Tensor target = tensor;
-  return PendingWork([this, work, wire, target]() mutable {
+  return PendingWork([work, wire, target, timeout, fail]() mutable {
     try {
-      work->wait(timeout_);
+      work->wait(timeout);
     } catch (const std::exception& e) {
-      fail("all_reduce", message_of(e));
+      fail(message_of(e));
     }
     if (!wire[0].is_same(target)) target.copy_(wire[0]);
   });
+}
+}  // namespace
+
+PendingWork Communicator::all_reduce_async(at::Tensor& tensor, ReduceOp op) {
+  if (single()) return {};
+  return launch_in_place(
+      tensor, impl_->native, timeout_,
+      [&](std::vector<at::Tensor>& wire) {
+        ::c10d::AllreduceOptions options;
+        options.reduceOp = to_c10d(op);
+        options.timeout = timeout_;
+        return impl_->backend->allreduce(wire, options);
+      },
+      [this](const std::string& message) { fail("all_reduce", message); });
 }
 
 void Communicator::all_reduce(at::Tensor& tensor, ReduceOp op) { all_reduce_async(tensor, op).wait(); }
 
 PendingWork Communicator::broadcast_async(at::Tensor& tensor, int64_t root) {
   if (single()) return {};
-  std::vector<at::Tensor> wire{wire_tensor(tensor, impl_->native)};
-  c10::intrusive_ptr<::c10d::Work> work;
-  try {
-    ::c10d::BroadcastOptions options;
-    options.rootRank = root;
-    options.timeout = timeout_;
-    work = impl_->backend->broadcast(wire, options);
-  } catch (const std::exception& e) {
-    fail("broadcast", message_of(e));
-  }
-  at::Tensor target = tensor;
-  return PendingWork([this, work, wire, target]() mutable {
-    try {
-      work->wait(timeout_);
-    } catch (const std::exception& e) {
-      fail("broadcast", message_of(e));
-    }
-    if (!wire[0].is_same(target)) target.copy_(wire[0]);
-  });
+  return launch_in_place(
+      tensor, impl_->native, timeout_,
+      [&](std::vector<at::Tensor>& wire) {
+        ::c10d::BroadcastOptions options;
+        options.rootRank = root;
+        options.timeout = timeout_;
+        return impl_->backend->broadcast(wire, options);
+      },
+      [this](const std::string& message) { fail("broadcast", message); });
 }
 
 void Communicator::broadcast(at::Tensor& tensor, int64_t root) { broadcast_async(tensor, root).wait(); }

@@ -22,26 +22,19 @@ Coordinates Layout::coordinates_of(int64_t rank) const {
   return c;
 }
 
-std::vector<int64_t> Layout::dp_group(int64_t rank) const {
-  Coordinates c = coordinates_of(rank);
+namespace {
+// Ranks that share `rank`'s coordinates except along `axis` (which runs over 0..size-1).
+std::vector<int64_t> group_along(const Layout& layout, int64_t rank, int64_t Coordinates::*axis, int64_t size) {
+  Coordinates c = layout.coordinates_of(rank);
   std::vector<int64_t> ranks;
-  for (c.dp = 0; c.dp < dp_; ++c.dp) ranks.push_back(rank_of(c));
+  for (c.*axis = 0; c.*axis < size; ++(c.*axis)) ranks.push_back(layout.rank_of(c));
   return ranks;
 }
+}  // namespace
 
-std::vector<int64_t> Layout::tp_group(int64_t rank) const {
-  Coordinates c = coordinates_of(rank);
-  std::vector<int64_t> ranks;
-  for (c.tp = 0; c.tp < tp_; ++c.tp) ranks.push_back(rank_of(c));
-  return ranks;
-}
-
-std::vector<int64_t> Layout::pp_group(int64_t rank) const {
-  Coordinates c = coordinates_of(rank);
-  std::vector<int64_t> ranks;
-  for (c.pp = 0; c.pp < pp_; ++c.pp) ranks.push_back(rank_of(c));
-  return ranks;
-}
+std::vector<int64_t> Layout::dp_group(int64_t rank) const { return group_along(*this, rank, &Coordinates::dp, dp_); }
+std::vector<int64_t> Layout::tp_group(int64_t rank) const { return group_along(*this, rank, &Coordinates::tp, tp_); }
+std::vector<int64_t> Layout::pp_group(int64_t rank) const { return group_along(*this, rank, &Coordinates::pp, pp_); }
 
 void Layout::require_world_size(int64_t world_size, const std::string& where) const {
   if (world_size != this->world_size()) {
