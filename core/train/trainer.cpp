@@ -872,11 +872,11 @@ Trainer::StepRecord Trainer::train_step(int64_t step) {
   for (const auto& p : s.params) grads.push_back(p.param.grad());
   std::string non_finite_ranks;
   {
-    torch::Tensor local_sum = own_losses.sum().to(torch::kCPU, torch::kFloat);
+    std::vector<torch::Tensor> sums{own_losses.sum()};  // NaN/inf propagate through sums: one host read
     for (const auto& grad : grads) {
-      if (grad.defined()) local_sum += grad.detach().to(torch::kFloat).sum().to(torch::kCPU);  // NaN/inf propagate
+      if (grad.defined()) sums.push_back(grad.detach().sum().to(torch::kFloat));
     }
-    const bool bad = !std::isfinite(local_sum.item<float>());
+    const bool bad = !std::isfinite(torch::stack(sums).sum().item<float>());
     torch::Tensor flags = torch::zeros({g.world_size()}, torch::kFloat);  // [world]
     if (bad) flags[g.rank] = 1.0f;
     g.world->all_reduce(flags);
