@@ -53,6 +53,7 @@ std::string usage() {
          "  keel data prepare --config FILE [--set key=value]...\n"
          "  keel data show-batch --config FILE --step N [--set key=value]...\n"
          "  keel inspect RUN_DIR|CKPT_DIR [RUN_DIR...]\n"
+         "  keel eval CKPT_DIR|RUN_DIR [--out FILE.h5] [--set key=value]... [--batches N] [--memorization-samples N]\n"
          "  keel config keys | keel config show --config FILE [--set key=value]...\n"
          "  keel --version\n\n"
          "docs: README.md and docs/ (docs/cli.md lists every command and key)\n";

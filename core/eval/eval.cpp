@@ -1,0 +1,299 @@
+// Why: the measurements behind `keel eval` (see eval.h): loading a checkpoint's whole weights into one fp32
+// model, per-window NLL, the Analysis360 memorization score, and the report's HDF5 file and console table.
+#include "core/eval/eval.h"
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <iomanip>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+
+#include "core/checkpoint/checkpoint_error.h"
+#include "core/checkpoint/h5_file.h"
+
+namespace keel::eval {
+namespace {
+
+using checkpoint::CheckpointError;
+using checkpoint::DType;
+using checkpoint::RawTensor;
+
+template <typename T>
+RawTensor raw_vector(DType dtype, const std::vector<T>& values) {
+  RawTensor t;
+  t.dtype = dtype;
+  t.shape = {static_cast<int64_t>(values.size())};
+  t.global_shape = t.shape;
+  t.offset = {0};
+  t.bytes.resize(values.size() * sizeof(T));
+  if (!values.empty()) std::memcpy(t.bytes.data(), values.data(), t.bytes.size());
+  return t;
+}
+RawTensor f64(const std::vector<double>& v) { return raw_vector(DType::kFloat64, v); }
+RawTensor i64(const std::vector<int64_t>& v) { return raw_vector(DType::kInt64, v); }
+RawTensor i32(const std::vector<int32_t>& v) { return raw_vector(DType::kInt32, v); }
+
+}  // namespace
+
+MemorizationScores score_memorization(const std::vector<TrainingSequence>& sequences, const NextTokenFn& next_token,
+                                      const MemorizationOptions& options) {
+  const int64_t k = options.prompt_tokens, l = options.continuation_tokens;
+  if (k < 1 || l < 1 || options.batch < 1) {
+    throw std::invalid_argument(
+        "memorization: prompt and continuation lengths and batch must be >= 1, got k=" + std::to_string(k) +
+        " l=" + std::to_string(l) + " batch=" + std::to_string(options.batch));
+  }
+  MemorizationScores out;
+  std::vector<const TrainingSequence*> usable;
+  for (const auto& s : sequences) {
+    if (static_cast<int64_t>(s.tokens.size()) < k + l) {
+      ++out.skipped_short;
+    } else {
+      usable.push_back(&s);
+    }
+  }
+  for (size_t begin = 0; begin < usable.size(); begin += static_cast<size_t>(options.batch)) {
+    const size_t end = std::min(usable.size(), begin + static_cast<size_t>(options.batch));
+    std::vector<std::vector<int32_t>> prefixes;  // N x (k + generated so far)
+    for (size_t i = begin; i < end; ++i)
+      prefixes.emplace_back(usable[i]->tokens.begin(), usable[i]->tokens.begin() + k);
+    std::vector<int64_t> matches(prefixes.size(), 0);
+    for (int64_t step = 0; step < l; ++step) {
+      const std::vector<int32_t> next = next_token(prefixes);
+      if (next.size() != prefixes.size()) {
+        throw std::invalid_argument("memorization: next-token function returned " + std::to_string(next.size()) +
+                                    " tokens for " + std::to_string(prefixes.size()) + " prefixes");
+      }
+      for (size_t j = 0; j < prefixes.size(); ++j) {
+        if (next[j] == usable[begin + j]->tokens[static_cast<size_t>(k + step)]) ++matches[j];
+        prefixes[j].push_back(next[j]);  // greedy: the model continues its own output, right or wrong
+      }
+    }
+    for (size_t j = 0; j < prefixes.size(); ++j) {
+      const TrainingSequence& s = *usable[begin + j];
+      out.source.push_back(s.source);
+      out.sample_id.push_back(s.sample_id);
+      out.chunk.push_back(s.chunk);
+      out.score.push_back(static_cast<double>(matches[j]) / static_cast<double>(l));
+    }
+  }
+  return out;
+}
+
+std::vector<MemorizationSummary> summarize_memorization(const MemorizationScores& scores, int32_t num_sources) {
+  struct Sums {
+    int64_t n = 0;
+    double score = 0.0;
+    int64_t extractable = 0;
+  };
+  std::vector<Sums> per_source(static_cast<size_t>(num_sources));
+  std::map<std::pair<int32_t, int64_t>, Sums> per_chunk;
+  for (size_t i = 0; i < scores.score.size(); ++i) {
+    const int32_t src = scores.source[i];
+    if (src < 0 || src >= num_sources)
+      throw std::invalid_argument("memorization: source index " + std::to_string(src) + " out of range");
+    const bool extractable = scores.score[i] >= 1.0;
+    for (Sums* s : {&per_source[static_cast<size_t>(src)], &per_chunk[{src, scores.chunk[i]}]}) {
+      ++s->n;
+      s->score += scores.score[i];
+      s->extractable += extractable ? 1 : 0;
+    }
+  }
+  auto summary = [](int32_t source, int64_t chunk, const Sums& s) {
+    MemorizationSummary m;
+    m.source = source;
+    m.chunk = chunk;
+    m.sequences = s.n;
+    m.mean_score = s.n ? s.score / static_cast<double>(s.n) : 0.0;
+    m.extractable_share = s.n ? static_cast<double>(s.extractable) / static_cast<double>(s.n) : 0.0;
+    return m;
+  };
+  std::vector<MemorizationSummary> out;
+  for (int32_t src = 0; src < num_sources; ++src) out.push_back(summary(src, -1, per_source[static_cast<size_t>(src)]));
+  for (const auto& [key, sums] : per_chunk) out.push_back(summary(key.first, key.second, sums));
+  return out;
+}
+
+NextTokenFn greedy_next_token(const model::Llama& model) {
+  return [model](const std::vector<std::vector<int32_t>>& prefixes) {
+    torch::NoGradGuard no_grad;
+    const auto n = static_cast<int64_t>(prefixes.size());
+    const auto t = static_cast<int64_t>(prefixes.front().size());
+    torch::Tensor tokens = torch::empty({n, t}, torch::kInt64);  // [N, t]
+    auto acc = tokens.accessor<int64_t, 2>();
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < t; ++j) acc[i][j] = prefixes[static_cast<size_t>(i)][static_cast<size_t>(j)];
+    }
+    const torch::Tensor logits = model->forward(tokens, torch::kFloat32);                          // [N, t, V]
+    const torch::Tensor next = logits.select(1, t - 1).argmax(-1).to(torch::kInt64).contiguous();  // [N]
+    std::vector<int32_t> out(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) out[static_cast<size_t>(i)] = static_cast<int32_t>(next[i].item<int64_t>());
+    return out;
+  };
+}
+
+model::Llama load_model(const Config& config, const checkpoint::TrainingState& state,
+                        const std::string& checkpoint_dir) {
+  model::Llama model(config.model);
+  model->eval();
+  std::map<std::string, const at::Tensor*> saved;
+  for (const auto& [name, tensor] : state.model) saved[name] = &tensor;
+  torch::NoGradGuard no_grad;
+  for (auto& item : model->named_parameters()) {
+    const auto it = saved.find(item.key());
+    if (it == saved.end()) throw CheckpointError(checkpoint_dir + ": model tensor " + item.key() + " is missing");
+    if (it->second->sizes() != item.value().sizes()) {
+      std::ostringstream message;
+      message << checkpoint_dir << ": model tensor " << item.key() << " has shape " << it->second->sizes()
+              << ", the model of its config.ini needs " << item.value().sizes();
+      throw CheckpointError(message.str());
+    }
+    item.value().copy_(it->second->to(torch::kFloat32));
+  }
+  return model;
+}
+
+std::vector<double> window_nll(const model::Llama& model, const torch::Tensor& windows, int64_t batch) {
+  TORCH_CHECK(windows.dim() == 2 && windows.size(1) >= 2, "window_nll: windows must be [N, T+1], got ",
+              windows.sizes());
+  TORCH_CHECK(batch >= 1, "window_nll: batch must be >= 1");
+  torch::NoGradGuard no_grad;
+  std::vector<double> out;
+  for (int64_t begin = 0; begin < windows.size(0); begin += batch) {
+    const torch::Tensor w = windows.slice(0, begin, std::min(windows.size(0), begin + batch));  // [B, T+1]
+    const torch::Tensor inputs = w.slice(1, 0, -1), targets = w.slice(1, 1);                    // [B, T]
+    const torch::Tensor logits = model->forward(inputs, torch::kFloat32).to(torch::kFloat32);   // [B, T, V]
+    const torch::Tensor logp = torch::log_softmax(logits, -1);                                  // [B, T, V]
+    const torch::Tensor nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean(1);      // [B]
+    for (int64_t i = 0; i < nll.size(0); ++i) out.push_back(nll[i].item<double>());
+  }
+  return out;
+}
+
+std::vector<int64_t> eval_sample_ids(uint64_t seed, const std::string& name, int64_t samples, int64_t count) {
+  const std::vector<int64_t> order = data::epoch_permutation(seed, name, 0, samples);
+  const int64_t take = std::min<int64_t>(std::max<int64_t>(count, 0), samples);
+  return std::vector<int64_t>(order.end() - take, order.end());
+}
+
+std::vector<data::SampleRef> consumed_samples(data::DataLoader& loader, const std::string& ledger_json) {
+  nlohmann::json ledger;
+  try {
+    ledger = nlohmann::json::parse(ledger_json);
+  } catch (const nlohmann::json::exception& e) {
+    throw data::DataError(std::string("data ledger: malformed (") + e.what() + ")");
+  }
+  loader.load_state(ledger);  // mixture history and skip rules of the run; refuses other data
+  const int64_t steps = loader.step();
+  loader.seek(0);
+  std::vector<data::SampleRef> out;
+  out.reserve(static_cast<size_t>(steps * loader.global_batch()));
+  for (int64_t s = 0; s < steps; ++s) {
+    const data::BatchPlan plan = loader.plan_next();
+    out.insert(out.end(), plan.samples.begin(), plan.samples.end());
+  }
+  return out;
+}
+
+std::vector<data::SampleRef> pick_memorization_samples(const std::vector<data::SampleRef>& consumed,
+                                                       int64_t per_chunk) {
+  std::map<std::pair<int32_t, int64_t>, std::vector<data::SampleRef>> groups;
+  std::set<std::pair<int32_t, int64_t>> seen;  // (source, sample id): the first time it was consumed counts
+  for (const auto& s : consumed) {
+    if (seen.insert({s.source, s.sample_id}).second) groups[{s.source, s.chunk}].push_back(s);
+  }
+  std::vector<data::SampleRef> out;
+  for (const auto& [key, group] : groups) {
+    const auto n = static_cast<int64_t>(group.size());
+    const int64_t take = std::min(n, std::max<int64_t>(per_chunk, 0));
+    for (int64_t i = 0; i < take; ++i) out.push_back(group[static_cast<size_t>(i * n / take)]);
+  }
+  return out;
+}
+
+void write_report(const std::string& path, const EvalReport& r) {
+  namespace fs = std::filesystem;
+  if (fs::exists(path))
+    throw std::runtime_error(path + ": exists (eval results are written once; remove it or pass another --out)");
+  const fs::path parent = fs::path(path).parent_path();
+  if (!parent.empty()) fs::create_directories(parent);
+  checkpoint::H5Writer h5(path);
+  h5.set_attribute("/", "format", "keel-eval");
+  h5.set_attribute("/", "version", int64_t{1});
+  h5.set_attribute("/", "checkpoint_dir", r.checkpoint_dir);
+  h5.set_attribute("/", "step", r.step);
+  nlohmann::json names = r.source_names;
+  h5.write_text("/source_names", names.dump());
+  for (const auto& p : r.perplexity) {
+    const std::string g = "/validation/" + p.source;
+    h5.write_tensor(g + "/nll", f64({p.mean_nll}));
+    h5.write_tensor(g + "/perplexity", f64({p.perplexity}));
+    h5.write_tensor(g + "/tokens", i64({p.tokens}));
+    h5.write_tensor(g + "/seen_in_training", i64({p.seen_in_training}));
+    h5.write_tensor(g + "/sample_id", i64(p.sample_ids));
+    h5.write_tensor(g + "/sample_nll", f64(p.sample_nll));
+  }
+  const auto& m = r.memorization;
+  h5.write_tensor("/memorization/score", f64(m.score));
+  h5.write_tensor("/memorization/source", i32(m.source));
+  h5.write_tensor("/memorization/sample_id", i64(m.sample_id));
+  h5.write_tensor("/memorization/chunk", i64(m.chunk));
+  h5.write_tensor("/memorization/skipped_short", i64({m.skipped_short}));
+  std::vector<int32_t> s_source;
+  std::vector<int64_t> s_chunk, s_sequences;
+  std::vector<double> s_mean, s_extractable;
+  for (const auto& s : r.memorization_summary) {
+    s_source.push_back(s.source);
+    s_chunk.push_back(s.chunk);
+    s_sequences.push_back(s.sequences);
+    s_mean.push_back(s.mean_score);
+    s_extractable.push_back(s.extractable_share);
+  }
+  h5.write_tensor("/memorization/summary/source", i32(s_source));
+  h5.write_tensor("/memorization/summary/chunk", i64(s_chunk));
+  h5.write_tensor("/memorization/summary/sequences", i64(s_sequences));
+  h5.write_tensor("/memorization/summary/mean_score", f64(s_mean));
+  h5.write_tensor("/memorization/summary/extractable_share", f64(s_extractable));
+  h5.set_attribute("/memorization", "k", r.memorization_options.prompt_tokens);
+  h5.set_attribute("/memorization", "l", r.memorization_options.continuation_tokens);
+  h5.set_attribute("/", "k", r.memorization_options.prompt_tokens);
+  h5.set_attribute("/", "l", r.memorization_options.continuation_tokens);
+  h5.close();
+}
+
+std::string format_report(const EvalReport& r) {
+  std::ostringstream out;
+  out << "checkpoint " << r.checkpoint_dir << " (step " << r.step << ")\n\n"
+      << std::left << std::setw(16) << "source" << std::right << std::setw(10) << "nll" << std::setw(12) << "perplexity"
+      << std::setw(10) << "tokens" << std::setw(18) << "seen_in_training"
+      << "\n";
+  out << std::fixed;
+  for (const auto& p : r.perplexity) {
+    out << std::left << std::setw(16) << p.source << std::right << std::setprecision(4) << std::setw(10) << p.mean_nll
+        << std::setprecision(2) << std::setw(12) << p.perplexity << std::setw(10) << p.tokens << std::setw(12)
+        << p.seen_in_training << " of " << p.sample_ids.size() << "\n";
+  }
+  out << "\nmemorization (k = " << r.memorization_options.prompt_tokens
+      << ", l = " << r.memorization_options.continuation_tokens << "): " << r.memorization.score.size()
+      << " sequences, " << r.memorization.skipped_short << " too short\n"
+      << std::left << std::setw(16) << "source" << std::right << std::setw(10) << "sequences" << std::setw(12)
+      << "mean score" << std::setw(14) << "extractable"
+      << "\n";
+  for (const auto& s : r.memorization_summary) {
+    if (s.chunk != -1) continue;
+    out << std::left << std::setw(16) << r.source_names.at(static_cast<size_t>(s.source)) << std::right << std::setw(10)
+        << s.sequences << std::setprecision(4) << std::setw(12) << s.mean_score << std::setw(13) << std::setprecision(2)
+        << 100.0 * s.extractable_share << "%\n";
+  }
+  out << "(per chunk: /memorization/summary in the HDF5 file)\n";
+  return out.str();
+}
+
+}  // namespace keel::eval
