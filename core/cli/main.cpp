@@ -37,6 +37,8 @@ int main(int argc, char** argv) {
     if (command == "inspect") return keel::cli::cmd_inspect(rest);
     if (command == "config") return keel::cli::cmd_config(rest);
     if (command == "launch") return keel::cli::cmd_launch(rest);
+    if (command == "export-hf") return keel::cli::cmd_export_hf(rest);
+    if (command == "import-hf") return keel::cli::cmd_import_hf(rest);
     if (command == "eval") return keel::cli::cmd_eval(rest);
     std::cerr << "keel: unknown command '" << command << "'\n\n" << keel::cli::usage();
     return 2;

@@ -17,6 +17,8 @@ int cmd_data(const Args& args);      // data prepare | data show-batch
 int cmd_inspect(const Args& args);
 int cmd_config(const Args& args);    // config keys | config show
 int cmd_launch(const Args& args);    // launch --nproc N -- CMD ARGS...
+int cmd_export_hf(const Args& args);
+int cmd_import_hf(const Args& args);
 int cmd_eval(const Args& args);
 std::string usage();
 

@@ -53,6 +53,8 @@ std::string usage() {
          "  keel data prepare --config FILE [--set key=value]...\n"
          "  keel data show-batch --config FILE --step N [--set key=value]...\n"
          "  keel inspect RUN_DIR|CKPT_DIR [RUN_DIR...]\n"
+         "  keel export-hf CKPT_DIR OUT_DIR [--dtype fp32|bf16]\n"
+         "  keel import-hf HF_DIR --run-dir RUN_DIR [--config FILE] [--set key=value]...\n"
          "  keel eval CKPT_DIR|RUN_DIR [--out FILE.h5] [--set key=value]... [--batches N] [--memorization-samples N]\n"
          "  keel config keys | keel config show --config FILE [--set key=value]...\n"
          "  keel --version\n\n"
