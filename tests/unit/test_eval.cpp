@@ -17,6 +17,7 @@
 #include "core/checkpoint/h5_file.h"
 #include "core/data/loader.h"
 #include "core/eval/eval.h"
+#include "tests/unit/test_support.h"
 
 using namespace keel::eval;
 using keel::data::SampleRef;
@@ -50,17 +51,7 @@ NextTokenFn controlled_predictor(const std::vector<TrainingSequence>& truth, std
   };
 }
 
-keel::ModelConfig small_model() {
-  keel::ModelConfig c;
-  c.layers = 2;
-  c.d_model = 32;
-  c.heads = 4;
-  c.kv_heads = 2;
-  c.ffn_hidden = 48;
-  c.vocab = 50;
-  c.seq_len = 16;
-  return c;
-}
+keel::ModelConfig small_model() { return keel::testing::small_model_config(16); }
 
 std::string temp_path(const std::string& name) {
   return (std::filesystem::temp_directory_path() / ("keel-eval-" + name + "-" + std::to_string(::getpid()))).string();

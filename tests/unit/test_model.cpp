@@ -4,23 +4,14 @@
 #include <torch/torch.h>
 
 #include "core/model/llama.h"
+#include "tests/unit/test_support.h"
 
 using keel::ModelConfig;
 using keel::model::Llama;
 
 namespace {
 
-ModelConfig small_config() {
-  ModelConfig c;
-  c.layers = 2;
-  c.d_model = 32;
-  c.heads = 4;
-  c.kv_heads = 2;
-  c.ffn_hidden = 48;
-  c.vocab = 50;
-  c.seq_len = 12;
-  return c;
-}
+ModelConfig small_config() { return keel::testing::small_model_config(12); }
 
 torch::Tensor param(Llama& m, const std::string& name) {
   auto params = m->named_parameters();

@@ -60,4 +60,16 @@ std::string checkpoint_error_of(const std::function<void()>& fn) {
   return "(no CheckpointError)";
 }
 
+ModelConfig small_model_config(int64_t seq_len) {
+  ModelConfig c;
+  c.layers = 2;
+  c.d_model = 32;
+  c.heads = 4;
+  c.kv_heads = 2;
+  c.ffn_hidden = 48;
+  c.vocab = 50;
+  c.seq_len = seq_len;
+  return c;
+}
+
 }  // namespace keel::testing

@@ -3,7 +3,10 @@
 #pragma once
 
 #include <functional>
+#include <cstdint>
 #include <string>
+
+#include "core/config/config.h"
 
 namespace keel::testing {
 
@@ -13,5 +16,7 @@ std::string test_dir();
 std::string data_error_of(const std::function<void()>& fn);
 // The what() of the keel::checkpoint::CheckpointError that `fn` throws, or "(no CheckpointError)".
 std::string checkpoint_error_of(const std::function<void()>& fn);
+// A model small enough for exact unit tests: 2 layers, d_model 32, 4 heads (2 kv), SwiGLU 48, vocab 50.
+ModelConfig small_model_config(int64_t seq_len);
 
 }  // namespace keel::testing
