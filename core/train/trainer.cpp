@@ -37,6 +37,7 @@
 #include "core/parallel/grad_reducer.h"
 #include "core/parallel/pipeline.h"
 #include "core/plugin_host/plugin_host.h"
+#include "kernels/dispatch.h"
 
 namespace keel::train {
 namespace {
@@ -53,11 +54,6 @@ extern "C" void on_stop_signal(int signal) {
     (void)!::write(2, message, sizeof(message) - 1);
     ::_exit(128 + signal);
   }
-}
-
-std::vector<float> to_float_vector(const torch::Tensor& t) {
-  torch::Tensor cpu = t.to(torch::kCPU, torch::kFloat).contiguous();
-  return std::vector<float>(cpu.data_ptr<float>(), cpu.data_ptr<float>() + cpu.numel());
 }
 
 constexpr int64_t kMaxRollbacks = 100;  // a spike handler that keeps rolling back is a bug, not a recovery
@@ -126,6 +122,7 @@ struct Trainer::StepRecord {
   sdk::Decision decision;  // the final decision (built-in non-finite check or the spike handler's)
   std::string decided_by;  // "keel" or the spike handler's name
   double step_time_s = 0.0;
+  std::vector<float> tensor_param_norms;  // per tensor, the weights this step's forward used (metrics.per_tensor)
   bool updated() const { return decision.action == sdk::Decision::Action::kContinue; }
 };
 
@@ -156,6 +153,7 @@ struct Trainer::State {
   checkpoint::Lineage lineage;
   std::unique_ptr<checkpoint::CheckpointStore> checkpoints;
   std::string last_checkpoint;
+  at::Tensor placement_index, placement_counted;  // placed_squares(): global index and counted-here flag per param
 
   std::string control_dir() const { return paths.root + "/control"; }
   bool rank0() const { return groups.is_rank0(); }
@@ -181,23 +179,45 @@ struct Trainer::State {
       throw checkpoint::CheckpointError(what + ": " + groups.layout.describe_rank(static_cast<int64_t>(r)) + ": " + errors[r]);
     }
   }
-  // Per-tensor squared norms of `tensors` (this rank's), summed into the whole model's [n] vector on every
-  // rank: each element counted once (DP replicas and TP-replicated tensors contribute from one rank only).
-  at::Tensor whole_model_squares(const std::vector<at::Tensor>& tensors) {
-    at::Tensor local = torch::zeros({static_cast<int64_t>(tensors.size())}, torch::TensorOptions().dtype(torch::kFloat).device(device));
-    if (!tensors.empty()) {
-      std::vector<at::Tensor> squares;
-      for (const auto& t : tensors) squares.push_back(t.defined() ? t.detach().to(torch::kFloat).pow(2).sum() : torch::zeros({}, local.options()));
-      local = torch::stack(squares);  // [n_local]
-    }
-    at::Tensor whole = torch::zeros({static_cast<int64_t>(tensor_names.size())}, torch::kFloat);  // [n] on CPU
-    const at::Tensor local_cpu = local.to(torch::kCPU);
-    if (groups.coords.dp == 0) {
+  // Per-tensor squared norms of `tensors` (this rank's, in params order), placed at their whole-model index in
+  // an [n] vector on this rank's device, each element counted once: DP replicas and TP-replicated tensors
+  // contribute from one rank only. Summing this vector over the world gives the whole model's squares. No host
+  // synchronisation: the caller reads the result once per step, together with everything else.
+  at::Tensor placed_squares(const std::vector<at::Tensor>& tensors) {
+    const auto fp32 = torch::TensorOptions().dtype(torch::kFloat).device(device);
+    at::Tensor whole = torch::zeros({static_cast<int64_t>(tensor_names.size())}, fp32);  // [n]
+    if (tensors.empty() || groups.coords.dp != 0) return whole;
+    if (!placement_index.defined()) {
+      std::vector<int64_t> index;
+      std::vector<float> counted;
       for (size_t i = 0; i < tensors.size(); ++i) {
-        if (specs[i].sharded() || groups.coords.tp == 0) whole[global_index[i]] = local_cpu[static_cast<int64_t>(i)];
+        index.push_back(global_index[i]);
+        counted.push_back(specs[i].sharded() || groups.coords.tp == 0 ? 1.0f : 0.0f);
       }
+      placement_index = torch::tensor(index, torch::kLong).to(device);  // [n_local]
+      placement_counted = torch::tensor(counted, torch::kFloat).to(device);  // [n_local]
     }
-    groups.world->all_reduce(whole);
+    at::Tensor local;  // [n_local]
+    if (device.is_cuda()) {
+      // One multi-tensor kernel instead of a reduction per tensor; undefined gradients count as zero.
+      std::vector<at::Tensor> defined;
+      std::vector<int64_t> where;
+      for (size_t i = 0; i < tensors.size(); ++i) {
+        if (!tensors[i].defined()) continue;
+        defined.push_back(tensors[i].detach());
+        where.push_back(static_cast<int64_t>(i));
+      }
+      local = torch::zeros({static_cast<int64_t>(tensors.size())}, fp32);
+      if (!defined.empty()) {
+        const at::Tensor norms = torch::stack(at::_foreach_norm(defined, 2)).to(torch::kFloat);  // [n_defined]
+        local.index_copy_(0, torch::tensor(where, torch::kLong).to(device), norms * norms);
+      }
+    } else {
+      std::vector<at::Tensor> squares;
+      for (const auto& t : tensors) squares.push_back(t.defined() ? t.detach().to(torch::kFloat).pow(2).sum() : torch::zeros({}, fp32));
+      local = torch::stack(squares);
+    }
+    whole.index_add_(0, placement_index, local * placement_counted);
     return whole;
   }
 
@@ -359,7 +379,14 @@ TrainSummary Trainer::train() {
     if (due || (last && c.checkpoint.at_end)) save_checkpoint(last ? "end of run" : "every " + std::to_string(c.checkpoint.every));
     if (!last) apply_control_requests();
   }
-  s.event(summary.last_step, "run_end", "steps run " + std::to_string(summary.steps_run));
+  std::string end = "steps run " + std::to_string(summary.steps_run);
+  if (s.device.is_cuda()) {
+    const long long peak = kernels::cuda_peak_allocated_bytes(s.device.index());
+    end += ", peak CUDA memory " + std::to_string(peak) + " bytes";
+    spdlog::info("peak CUDA memory (caching allocator, as torch.cuda.max_memory_allocated): {:.2f} GiB",
+                 static_cast<double>(peak) / (1024.0 * 1024.0 * 1024.0));
+  }
+  s.event(summary.last_step, "run_end", end);
   if (s.metrics) s.metrics->flush();
   summary.last_checkpoint = s.last_checkpoint;
   return summary;
@@ -826,7 +853,9 @@ Trainer::StepRecord Trainer::train_step(int64_t step) {
   const int64_t rank_batch = c.global_batch() / g.layout.dp();
   const int64_t micro_batch = c.rank_micro_batch();
   const int64_t microbatches = c.microbatches_per_rank();
-  torch::Tensor window = s.loader->tokens(plan, g.coords.dp * rank_batch, rank_batch).to(s.device);  // [B/dp, T+1]
+  torch::Tensor window = s.loader->tokens(plan, g.coords.dp * rank_batch, rank_batch);  // [B/dp, T+1]
+  // On a GPU the copy goes from pinned memory without blocking the host (the stream keeps it ordered).
+  window = s.device.is_cuda() ? window.pin_memory().to(s.device, /*non_blocking=*/true) : window.to(s.device);
   const int64_t T = window.size(1) - 1;
   ctx.tokens = c.global_batch() * T;
 
@@ -868,21 +897,17 @@ Trainer::StepRecord Trainer::train_step(int64_t step) {
     torch::NoGradGuard no_grad;
     s.params.front().param.mutable_grad().fill_(std::numeric_limits<float>::quiet_NaN());
   }
-  std::vector<torch::Tensor> grads;
-  for (const auto& p : s.params) grads.push_back(p.param.grad());
-  std::string non_finite_ranks;
+  // Everything the host needs from this step travels in ONE device-to-host copy below: the per-rank
+  // non-finite flags, the losses, and the whole model's per-tensor gradient and weight squares. Until then the
+  // step only enqueues work (no host synchronisation inside the step on a GPU).
+  const auto fp32_here = torch::TensorOptions().dtype(torch::kFloat).device(s.device);
+  torch::Tensor flags = torch::zeros({g.world_size()}, fp32_here);  // [world]: 1 where a rank saw a non-finite value
   {
-    std::vector<torch::Tensor> sums{own_losses.sum()};  // NaN/inf propagate through sums: one host read
-    for (const auto& grad : grads) {
-      if (grad.defined()) sums.push_back(grad.detach().sum().to(torch::kFloat));
+    std::vector<torch::Tensor> sums{own_losses.sum()};  // NaN/inf propagate through sums
+    for (const auto& p : s.params) {
+      if (p.param.grad().defined()) sums.push_back(p.param.grad().detach().sum().to(torch::kFloat));
     }
-    const bool bad = !std::isfinite(torch::stack(sums).sum().item<float>());
-    torch::Tensor flags = torch::zeros({g.world_size()}, torch::kFloat);  // [world]
-    if (bad) flags[g.rank] = 1.0f;
-    g.world->all_reduce(flags);
-    for (int64_t r = 0; r < g.world_size(); ++r) {
-      if (flags[r].item<float>() > 0.0f) non_finite_ranks += (non_finite_ranks.empty() ? "" : ", ") + g.layout.describe_rank(r);
-    }
+    flags.narrow(0, g.rank, 1).copy_(torch::isfinite(torch::stack(sums).sum()).logical_not().to(torch::kFloat).view({1}));
   }
   // Always completed, even on a skipped step: buckets may already be in flight, and every rank must run the
   // same collectives.
@@ -896,14 +921,36 @@ Trainer::StepRecord Trainer::train_step(int64_t step) {
     g.dp->all_reduce(losses);
     losses /= static_cast<double>(g.layout.dp());
   }
-  grads.clear();
-  for (const auto& p : s.params) grads.push_back(p.param.grad());
-  const torch::Tensor grad_squares = s.whole_model_squares(grads);  // [n] over the whole model
-  const torch::Tensor host_losses = losses.to(torch::kCPU, torch::kDouble);
-  ctx.loss = host_losses[0].item<double>();
-  ctx.z_loss = host_losses[1].item<double>();
-  ctx.grad_norm = std::sqrt(grad_squares.sum().item<double>());
-  if (c.metrics.per_tensor) ctx.tensor_grad_norms = to_float_vector(grad_squares.sqrt());
+  std::vector<torch::Tensor> grads, weights;
+  for (const auto& p : s.params) {
+    grads.push_back(p.param.grad());
+    weights.push_back(p.param);
+  }
+  const int64_t n = static_cast<int64_t>(s.tensor_names.size());
+  // [world + n + n]: flags, gradient squares, weight squares (the weights this step's forward used; skipped
+  // unless metrics.per_tensor), summed over every rank in one collective.
+  torch::Tensor summed = torch::cat({flags, s.placed_squares(grads),
+                                     c.metrics.per_tensor ? s.placed_squares(weights) : torch::zeros({n}, fp32_here)});
+  if (!g.world->single()) g.world->all_reduce(summed);
+  const torch::Tensor host = torch::cat({summed, losses.to(torch::kFloat)}).to(torch::kCPU, torch::kDouble);  // the one read
+  const double* h = host.data_ptr<double>();
+  std::string non_finite_ranks;
+  for (int64_t r = 0; r < g.world_size(); ++r) {
+    if (h[r] > 0.0) non_finite_ranks += (non_finite_ranks.empty() ? "" : ", ") + g.layout.describe_rank(r);
+  }
+  const double* grad_squares = h + g.world_size();
+  const double* weight_squares = grad_squares + n;
+  double grad_square_sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) grad_square_sum += grad_squares[i];
+  ctx.loss = weight_squares[n];
+  ctx.z_loss = weight_squares[n + 1];
+  ctx.grad_norm = std::sqrt(grad_square_sum);
+  if (c.metrics.per_tensor) {
+    for (int64_t i = 0; i < n; ++i) {
+      ctx.tensor_grad_norms.push_back(static_cast<float>(std::sqrt(grad_squares[i])));
+      r.tensor_param_norms.push_back(static_cast<float>(std::sqrt(weight_squares[i])));
+    }
+  }
   ctx.clip_factor = optim::clip_grads_by_global_norm(s.params, ctx.grad_norm, c.optim.grad_clip);
 
   torch::NoGradGuard no_grad;  // every hook below changes tensors in place
@@ -962,11 +1009,7 @@ Trainer::StepRecord Trainer::train_step(int64_t step) {
   row.step_time_s = r.step_time_s;
   row.skipped = !r.updated();
   row.tensor_grad_norms = ctx.tensor_grad_norms;
-  if (c.metrics.per_tensor) {
-    std::vector<at::Tensor> weights;
-    for (const auto& p : s.params) weights.push_back(p.param);
-    row.tensor_param_norms = to_float_vector(s.whole_model_squares(weights).sqrt());
-  }
+  row.tensor_param_norms = r.tensor_param_norms;
   if (s.metrics) s.metrics->append(row);
   for (plugin_host::LoadedPlugin* p : s.plugins->all())
     s.call(*p, ctx, [&](sdk::Plugin& plugin) { plugin.on_step_end(ctx); });

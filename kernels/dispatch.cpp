@@ -1,0 +1,40 @@
+// Why: see dispatch.h.
+#include "kernels/dispatch.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#include <ATen/core/Tensor.h>
+#ifdef KEEL_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+namespace keel::kernels {
+
+bool cuda_kernels_built() {
+#ifdef KEEL_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool use_fused(const at::Tensor& t) {
+  static const bool disabled = [] {
+    const char* v = std::getenv("KEEL_DISABLE_FUSED_KERNELS");
+    return v != nullptr && std::strcmp(v, "") != 0 && std::strcmp(v, "0") != 0;
+  }();
+  return cuda_kernels_built() && !disabled && t.defined() && t.is_cuda();
+}
+
+long long cuda_peak_allocated_bytes(int device_index) {
+#ifdef KEEL_WITH_CUDA
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device_index));
+  return static_cast<long long>(stats.allocated_bytes[0].peak);  // [0]: the aggregate over pool kinds
+#else
+  (void)device_index;
+  return -1;
+#endif
+}
+
+}  // namespace keel::kernels

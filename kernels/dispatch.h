@@ -1,0 +1,23 @@
+// Why: one place answers "may this tensor take a fused CUDA kernel?", so the model, the optimizers and the tests
+// agree. The kernels exist only in CUDA builds; on CPU (and for any tensor not on a GPU) every op runs its
+// LibTorch reference, which is also what the kernel tests compare against.
+#pragma once
+
+namespace at {
+class Tensor;
+}
+
+namespace keel::kernels {
+
+// True in a build where kernels/cuda was compiled and linked (KEEL_WITH_CUDA).
+bool cuda_kernels_built();
+
+// True when `t` lives on a CUDA device, the kernels are built, and KEEL_DISABLE_FUSED_KERNELS is unset or "0"
+// (the switch a user flips to compare against the unfused path).
+bool use_fused(const at::Tensor& t);
+
+// Peak bytes held by LibTorch's CUDA caching allocator on `device_index` since the process started (what
+// torch.cuda.max_memory_allocated() reports); -1 in a build without CUDA.
+long long cuda_peak_allocated_bytes(int device_index);
+
+}  // namespace keel::kernels
