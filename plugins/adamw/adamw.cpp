@@ -3,6 +3,7 @@
 // ("<param>/exp_avg", "<param>/exp_avg_sq", and "step" in its JSON) so checkpoints are complete and another
 // optimizer (lion) can adopt the moments by name.
 // Arguments (plugin.adamw.KEY, defaulting to the optim.* config keys): beta1, beta2, eps, weight_decay.
+// On a GPU the step goes through the host's multi-tensor kernel (StepContext::kernels) when Keel provides one.
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -37,6 +38,13 @@ class AdamW : public keel::sdk::Plugin {
   void step(const keel::sdk::StepContext& ctx) override {
     ++step_;
     const double lr = ctx.lr;
+    if (ctx.kernels != nullptr && ctx.kernels->adamw_step != nullptr && !params_.empty() &&
+        params_.front().param.is_cuda()) {
+      step_fused(*ctx.kernels, lr);
+      return;
+    }
+    // The CPU path (and that of a host without fused kernels): one tensor at a time. Keel's fused kernel's
+    // reference (kernels/optimizer_step.cpp) is this loop, op for op.
     const double bias_correction1 = 1.0 - std::pow(beta1_, static_cast<double>(step_));
     const double bias_correction2_sqrt = std::sqrt(1.0 - std::pow(beta2_, static_cast<double>(step_)));
     const double step_size = lr / bias_correction1;
@@ -97,6 +105,29 @@ class AdamW : public keel::sdk::Plugin {
   }
 
  private:
+  // The same update through the host's multi-tensor kernel: every param with a gradient in one call.
+  void step_fused(const keel::sdk::HostKernels& kernels, double lr) {
+    std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs;
+    std::vector<bool> decay;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const at::Tensor& grad = params_[i].param.grad();
+      if (!grad.defined()) continue;
+      params.push_back(params_[i].param);
+      grads.push_back(grad);
+      exp_avgs.push_back(exp_avg_[i]);
+      exp_avg_sqs.push_back(exp_avg_sq_[i]);
+      decay.push_back(params_[i].decay);
+    }
+    keel::sdk::AdamWHyper hyper;
+    hyper.lr = lr;
+    hyper.beta1 = beta1_;
+    hyper.beta2 = beta2_;
+    hyper.eps = eps_;
+    hyper.weight_decay = weight_decay_;
+    hyper.step = step_;
+    kernels.adamw_step(params, grads, exp_avgs, exp_avg_sqs, decay, hyper);
+  }
+
   double beta1_, beta2_, eps_, weight_decay_;
   std::vector<keel::sdk::Param> params_;
   std::vector<at::Tensor> exp_avg_;

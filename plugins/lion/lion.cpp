@@ -11,6 +11,7 @@
 // adopts it by name (adopt_state); AdamW's exp_avg_sq has no counterpart and is dropped (said so in the lines
 // adopt_state returns).
 // Arguments: beta1 (0.9), beta2 (0.99), weight_decay (optim.weight_decay, else 0.1).
+// On a GPU the step goes through the host's multi-tensor kernel (StepContext::kernels) when Keel provides one.
 #include <ATen/ATen.h>
 
 #include <stdexcept>
@@ -32,6 +33,13 @@ class Lion : public keel::sdk::Plugin {
 
   void step(const keel::sdk::StepContext& ctx) override {
     const double lr = ctx.lr;
+    if (ctx.kernels != nullptr && ctx.kernels->lion_step != nullptr && !params_.empty() &&
+        params_.front().param.is_cuda()) {
+      step_fused(*ctx.kernels, lr);
+      return;
+    }
+    // The CPU path (and that of a host without fused kernels): one tensor at a time. Keel's fused kernel's
+    // reference (kernels/optimizer_step.cpp) is this loop, op for op.
     for (size_t i = 0; i < params_.size(); ++i) {
       at::Tensor param = params_[i].param;
       const at::Tensor& grad = param.grad();
@@ -77,6 +85,26 @@ class Lion : public keel::sdk::Plugin {
   }
 
  private:
+  // The same update through the host's multi-tensor kernel: every param with a gradient in one call.
+  void step_fused(const keel::sdk::HostKernels& kernels, double lr) {
+    std::vector<at::Tensor> params, grads, exp_avgs;
+    std::vector<bool> decay;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const at::Tensor& grad = params_[i].param.grad();
+      if (!grad.defined()) continue;
+      params.push_back(params_[i].param);
+      grads.push_back(grad);
+      exp_avgs.push_back(exp_avg_[i]);
+      decay.push_back(params_[i].decay);
+    }
+    keel::sdk::LionHyper hyper;
+    hyper.lr = lr;
+    hyper.beta1 = options_.beta1;
+    hyper.beta2 = options_.beta2;
+    hyper.weight_decay = options_.weight_decay;
+    kernels.lion_step(params, grads, exp_avgs, decay, hyper);
+  }
+
   struct Options {
     double beta1, beta2, weight_decay;
   };

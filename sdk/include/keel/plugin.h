@@ -34,7 +34,8 @@
 namespace keel::sdk {
 
 // Bumped whenever PluginInfo, Plugin, StepContext or Decision change in a way an old plugin would misread.
-inline constexpr uint32_t kApiVersion = 1;
+// 2: StepContext gained `kernels` (the host's fused optimizer kernels), which moved the members after it.
+inline constexpr uint32_t kApiVersion = 2;
 #define KEEL_SDK_VERSION "0.1.0"
 
 // ------------------------------------------------------------------------------------------------ handshake
@@ -153,6 +154,29 @@ struct SampleInfo {
   int64_t chunk = 0;
 };
 
+// Fused kernels the host lends to optimizer plugins (StepContext::kernels), so that a plugin built against the SDK
+// alone updates all its tensors in one CUDA launch instead of a few LibTorch ops per tensor. Each function takes
+// parallel lists of fp32 tensors, one entry per updated param (params, their gradients and the optimizer's moments,
+// in place), with decay[i] saying whether param i is weight-decayed, and does exactly the arithmetic of the
+// built-in plugin's own loop (plugins/adamw, plugins/lion) on CPU. A plugin calls them for CUDA params and keeps
+// its own loop for everything else. Bad input (lists of different lengths, mismatched shapes, not fp32) throws
+// a std::exception naming the argument.
+struct AdamWHyper {
+  double lr = 0.0, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.0;
+  int64_t step = 1;  // 1-based count of updates so far, including this one (bias correction)
+};
+struct LionHyper {
+  double lr = 0.0, beta1 = 0.9, beta2 = 0.99, weight_decay = 0.0;
+};
+struct HostKernels {
+  void (*adamw_step)(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                     const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                     const std::vector<bool>& decay, const AdamWHyper& hyper) = nullptr;
+  void (*lion_step)(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                    const std::vector<at::Tensor>& exp_avgs, const std::vector<bool>& decay,
+                    const LionHyper& hyper) = nullptr;
+};
+
 // What a plugin sees of the step. Filled stage by stage (docs/plugins.md says which fields are valid at which
 // hook); read-only except through the two output channels.
 struct StepContext {
@@ -171,6 +195,8 @@ struct StepContext {
   std::vector<SampleInfo> batch;          // the samples of the global batch, in order
   // Layout of this process (all 1/0 in a single-process run).
   int64_t rank = 0, world_size = 1, dp_rank = 0, dp_size = 1, tp_rank = 0, tp_size = 1, pp_rank = 0, pp_size = 1;
+  // The host's fused kernels, or nullptr (a host without them, or a test): optimizers then run their own loop.
+  const HostKernels* kernels = nullptr;
 
   // Output channels: a scalar for this step in metrics.h5 (/train/extra/<plugin>.<name>) and an event.
   std::function<void(const std::string& name, double value)> metric = [](const std::string&, double) {};

@@ -1,0 +1,226 @@
+// Why: see cross_entropy.h. The chunk loop (three matmuls per chunk, gradients accumulated as it goes) is shared;
+// only the per-row step differs: rows_reference in LibTorch ops, or kernels/cuda/cross_entropy.cu in one launch.
+// The autograd Function saves the finished gradients, so its backward is two scalings.
+#include "kernels/cross_entropy.h"
+
+#include <algorithm>
+
+#include <torch/torch.h>
+
+#include "kernels/dispatch.h"
+
+#ifdef KEEL_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "kernels/cuda/cross_entropy.cuh"
+#endif
+
+namespace keel::kernels {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// For the rows of one chunk: log_z [n] and nll [n] (fp32 out), and logits [n, V] overwritten with
+// d loss / d logits = (softmax (1 + 2 coef logZ) - onehot(target)) * grad_scale, in the logits' dtype.
+using RowsStep = void (*)(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& log_z,
+                          const at::Tensor& nll, double z_loss_coef, double grad_scale);
+
+void rows_reference(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& log_z,
+                    const at::Tensor& nll, double z_loss_coef, double grad_scale) {
+  at::Tensor logits_f = logits.to(at::kFloat);                                  // [n, V] fp32, this chunk only
+  at::Tensor row_max = std::get<0>(logits_f.max(/*dim=*/-1, /*keepdim=*/true));  // [n, 1]
+  at::Tensor chunk_log_z = (logits_f - row_max).exp().sum(-1).log() + row_max.squeeze(-1);  // [n]
+  at::Tensor target_logit = logits_f.gather(-1, targets.unsqueeze(-1)).squeeze(-1);        // [n]
+  log_z.copy_(chunk_log_z);
+  nll.copy_(chunk_log_z - target_logit);
+  at::Tensor softmax_scale = ((2.0 * z_loss_coef) * chunk_log_z + 1.0) * grad_scale;  // [n]
+  at::Tensor grad = (logits_f - chunk_log_z.unsqueeze(-1)).exp_().mul_(softmax_scale.unsqueeze(-1));  // [n, V]
+  grad.scatter_add_(1, targets.unsqueeze(-1), at::full({targets.size(0), 1}, -grad_scale, grad.options()));
+  logits.copy_(grad);
+}
+
+#ifdef KEEL_WITH_CUDA
+cuda::DType cuda_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return cuda::DType::kFloat32;
+    case at::kBFloat16:
+      return cuda::DType::kBFloat16;
+    case at::kHalf:
+      return cuda::DType::kFloat16;
+    default:
+      TORCH_CHECK(false, "fused_linear_cross_entropy: no CUDA kernel for logits of dtype ", t);
+  }
+}
+
+void rows_fused(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& log_z, const at::Tensor& nll,
+                double z_loss_coef, double grad_scale) {
+  TORCH_CHECK(logits.is_contiguous() && targets.is_contiguous() && log_z.is_contiguous() && nll.is_contiguous(),
+              "fused_linear_cross_entropy: the CUDA kernel wants contiguous chunks");
+  cuda::cross_entropy_rows(logits.data_ptr(), cuda_dtype(logits.scalar_type()), targets.data_ptr<int64_t>(),
+                           log_z.data_ptr<float>(), nll.data_ptr<float>(), logits.size(0), logits.size(1),
+                           static_cast<float>(z_loss_coef), static_cast<float>(grad_scale),
+                           c10::cuda::getCurrentCUDAStream().stream());
+}
+#endif
+
+struct Pass {
+  FusedCrossEntropy losses;
+  at::Tensor grad_hidden;  // [N, C] hidden's dtype, d loss / d hidden (undefined if not asked for)
+  at::Tensor grad_weight;  // [V, C] fp32, d loss / d weight (undefined if not asked for)
+};
+
+// The whole computation, autograd off: losses, and the gradients asked for.
+Pass chunked_pass(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, double z_loss_coef,
+                  int64_t chunk_rows, RowsStep rows_step, bool want_grad_hidden, bool want_grad_weight) {
+  at::NoGradGuard no_grad;
+  const int64_t N = hidden.size(0), V = weight.size(0), C = weight.size(1);
+  const at::TensorOptions f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor weight_c = weight.to(hidden.scalar_type());  // [V, C] compute dtype (weight itself when fp32)
+  at::Tensor log_z = at::empty({N}, f32);                // [N]
+  at::Tensor nll_rows = at::empty({N}, f32);             // [N]
+  Pass pass;
+  if (want_grad_hidden) pass.grad_hidden = at::empty_like(hidden, at::MemoryFormat::Contiguous);  // [N, C]
+  if (want_grad_weight) pass.grad_weight = at::zeros({V, C}, f32);                                 // [V, C]
+  const double grad_scale = 1.0 / static_cast<double>(N);  // the loss is a mean over N rows
+  for (int64_t start = 0; start < N; start += chunk_rows) {
+    const int64_t n = std::min(chunk_rows, N - start);
+    at::Tensor hidden_chunk = hidden.narrow(0, start, n);   // [n, C]
+    at::Tensor logits = at::mm(hidden_chunk, weight_c.t());  // [n, V] compute dtype
+    rows_step(logits, targets.narrow(0, start, n), log_z.narrow(0, start, n), nll_rows.narrow(0, start, n),
+              z_loss_coef, grad_scale);
+    const at::Tensor& grad_logits = logits;  // [n, V], overwritten in place by rows_step
+    if (want_grad_hidden) {
+      at::Tensor rows = pass.grad_hidden.narrow(0, start, n);  // [n, C]
+      at::mm_out(rows, grad_logits, weight_c);
+    }
+    if (want_grad_weight) {
+      if (grad_logits.scalar_type() == at::kFloat) {
+        pass.grad_weight.addmm_(grad_logits.t(), hidden_chunk);  // [V, C] += [V, n] @ [n, C]
+      } else {  // a compute-dtype product (fp32 accumulation inside the GEMM), summed over chunks in fp32
+        pass.grad_weight.add_(at::mm(grad_logits.t(), hidden_chunk));
+      }
+    }
+  }
+  pass.losses.nll = nll_rows.mean();
+  pass.losses.z_loss = z_loss_coef > 0.0 ? z_loss_coef * log_z.pow(2).mean() : at::zeros({}, f32);
+  pass.losses.loss = pass.losses.nll + pass.losses.z_loss;
+  return pass;
+}
+
+class LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
+                               const at::Tensor& targets, double z_loss_coef, int64_t chunk_rows, bool fused,
+                               bool want_grad_hidden, bool want_grad_weight) {
+    RowsStep rows_step = &rows_reference;
+#ifdef KEEL_WITH_CUDA
+    if (fused) rows_step = &rows_fused;
+#else
+    TORCH_CHECK(!fused, "fused_linear_cross_entropy: this build has no CUDA kernels");
+#endif
+    Pass pass = chunked_pass(hidden, weight, targets, z_loss_coef, chunk_rows, rows_step, want_grad_hidden,
+                             want_grad_weight);
+    ctx->save_for_backward({pass.grad_hidden, pass.grad_weight});
+    ctx->saved_data["weight_dtype"] = weight.scalar_type();
+    ctx->mark_non_differentiable({pass.losses.nll, pass.losses.z_loss});
+    return {pass.losses.loss, pass.losses.nll, pass.losses.z_loss};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor grad_loss = grad_outputs[0].to(at::kFloat);  // scalar: d (whatever) / d loss
+    at::Tensor grad_hidden, grad_weight;
+    // fp32 products, then the input's dtype: a bf16 copy of grad_loss (e.g. 1/3 for 3 micro-batches) would be off
+    if (saved[0].defined()) grad_hidden = saved[0].to(at::kFloat).mul_(grad_loss).to(saved[0].scalar_type());
+    if (saved[1].defined()) {
+      grad_weight = (saved[1] * grad_loss).to(ctx->saved_data["weight_dtype"].toScalarType());
+    }
+    return {grad_hidden, grad_weight, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, double z_loss_coef,
+                  int64_t chunk_rows) {
+  const char* op = "fused_linear_cross_entropy";
+  TORCH_CHECK(hidden.defined() && hidden.dim() == 2 && hidden.size(0) > 0, op,
+              ": hidden must be [N, C] with N > 0, got ", hidden.defined() ? hidden.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(weight.defined() && weight.dim() == 2 && weight.size(1) == hidden.size(1) && weight.size(0) > 0, op,
+              ": weight must be [V, C] with C = hidden's ", hidden.size(1), ", got ",
+              weight.defined() ? weight.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(targets.defined() && targets.dim() == 1 && targets.size(0) == hidden.size(0), op,
+              ": targets must be [N] with N = hidden's ", hidden.size(0), ", got ",
+              targets.defined() ? targets.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), op, ": hidden must be floating point, got ",
+              hidden.scalar_type());
+  TORCH_CHECK(at::isFloatingType(weight.scalar_type()), op, ": weight must be floating point, got ",
+              weight.scalar_type());
+  TORCH_CHECK(targets.scalar_type() == at::kLong, op, ": targets must be int64, got ", targets.scalar_type());
+  TORCH_CHECK(weight.device() == hidden.device() && targets.device() == hidden.device(), op,
+              ": hidden, weight and targets must be on one device, got ", hidden.device(), ", ", weight.device(),
+              ", ", targets.device());
+  TORCH_CHECK(z_loss_coef >= 0.0, op, ": z_loss_coef must be >= 0, got ", z_loss_coef);
+  TORCH_CHECK(chunk_rows > 0, op, ": chunk_rows must be > 0, got ", chunk_rows);
+  if (targets.is_cpu()) {  // a device check would wait for the GPU
+    const int64_t lowest = targets.min().item<int64_t>(), highest = targets.max().item<int64_t>();
+    TORCH_CHECK(lowest >= 0 && highest < weight.size(0), op, ": targets must lie in [0, ", weight.size(0),
+                "), got values in [", lowest, ", ", highest, "]");
+  }
+}
+
+FusedCrossEntropy run(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                      double z_loss_coef, int64_t chunk_rows, bool fused) {
+  check_inputs(hidden, weight, targets, z_loss_coef, chunk_rows);
+  const at::Tensor targets_c = targets.contiguous();
+  const bool grad_on = at::GradMode::is_enabled();
+  const bool want_grad_hidden = grad_on && hidden.requires_grad();
+  const bool want_grad_weight = grad_on && weight.requires_grad();
+  FusedCrossEntropy out;
+  if (!want_grad_hidden && !want_grad_weight) {  // evaluation: the losses only, no gradient matmuls
+    RowsStep rows_step = &rows_reference;
+#ifdef KEEL_WITH_CUDA
+    if (fused) rows_step = &rows_fused;
+#endif
+    return chunked_pass(hidden, weight, targets_c, z_loss_coef, chunk_rows, rows_step, false, false).losses;
+  }
+  variable_list losses = LinearCrossEntropy::apply(hidden, weight, targets_c, z_loss_coef, chunk_rows, fused,
+                                                   want_grad_hidden, want_grad_weight);
+  out.loss = losses[0];
+  out.nll = losses[1];
+  out.z_loss = losses[2];
+  return out;
+}
+
+}  // namespace
+
+FusedCrossEntropy fused_linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight,
+                                             const at::Tensor& targets, double z_loss_coef, int64_t chunk_rows) {
+#ifdef KEEL_WITH_CUDA
+  if (use_fused(hidden)) {
+    const c10::cuda::CUDAGuard device_guard(hidden.device());
+    return run(hidden, weight, targets, z_loss_coef, chunk_rows, /*fused=*/true);
+  }
+#endif
+  return run(hidden, weight, targets, z_loss_coef, chunk_rows, /*fused=*/false);
+}
+
+FusedCrossEntropy fused_linear_cross_entropy_reference(const at::Tensor& hidden, const at::Tensor& weight,
+                                                       const at::Tensor& targets, double z_loss_coef,
+                                                       int64_t chunk_rows) {
+  return run(hidden, weight, targets, z_loss_coef, chunk_rows, /*fused=*/false);
+}
+
+int64_t cross_entropy_chunk_rows(int64_t rows, int64_t vocab, int64_t dim) {
+  TORCH_CHECK(rows > 0 && vocab > 0 && dim > 0, "cross_entropy_chunk_rows: rows, vocab and dim must be > 0, got ",
+              rows, ", ", vocab, ", ", dim);
+  const int64_t vocab_over_dim = (vocab + dim - 1) / dim;
+  const int64_t wanted = (rows + vocab_over_dim - 1) / vocab_over_dim;
+  int64_t chunk = 1;
+  while (chunk < wanted) chunk *= 2;
+  return std::min(chunk, rows);
+}
+
+}  // namespace keel::kernels
