@@ -8,6 +8,11 @@
 
 #include "core/model/sharding.h"
 #include "core/torch_compat.h"
+#include "kernels/cross_entropy.h"
+#include "kernels/dispatch.h"
+#include "kernels/rms_norm.h"
+#include "kernels/rotary.h"
+#include "kernels/swiglu.h"
 
 namespace keel::model {
 
@@ -17,6 +22,8 @@ NormImpl::NormImpl(int64_t dim, const std::string& kind, double eps) : rms_(kind
 }
 
 torch::Tensor NormImpl::forward(const torch::Tensor& x) const {
+  // On a GPU: one fused kernel each way (kernels/rms_norm.h) instead of ~8 memory-bound LibTorch ops.
+  if (rms_ && kernels::use_fused(x)) return kernels::rms_norm(x, weight, eps_);
   torch::Tensor xf = x.to(torch::kFloat);  // statistics in fp32
   torch::Tensor y;
   if (rms_) {
@@ -43,6 +50,7 @@ RotaryTables make_rotary_tables(int64_t head_dim, double rotary_fraction, double
 
 torch::Tensor apply_rotary(const torch::Tensor& x, const RotaryTables& tables) {
   if (tables.rotary_dims == 0) return x;
+  if (kernels::use_fused(x)) return kernels::apply_rotary(x, tables.cos, tables.sin, tables.rotary_dims);
   const int64_t T = x.size(1);
   const int64_t half = tables.rotary_dims / 2;
   torch::Tensor rot = x.narrow(-1, 0, tables.rotary_dims).to(torch::kFloat);  // [B, T, h, R]
@@ -98,6 +106,7 @@ SwiGluMlpImpl::SwiGluMlpImpl(const ModelConfig& c, const parallel::TensorParalle
 }
 
 torch::Tensor SwiGluMlpImpl::forward(const torch::Tensor& x) const {
+  if (kernels::use_fused(x)) return w_down_->forward(kernels::swiglu(w_gate_->forward(x), w_up_->forward(x)));
   return w_down_->forward(torch::silu(w_gate_->forward(x)) * w_up_->forward(x));  // [B, T, F] -> [B, T, C]
 }
 
@@ -174,6 +183,10 @@ torch::Tensor LlamaImpl::embed(const torch::Tensor& tokens, torch::ScalarType co
 
 torch::Tensor LlamaImpl::run_blocks(const torch::Tensor& x_in) const {
   torch::Tensor x = x_in;  // [B, T, C]
+  if (rope_.cos.device() != x.device()) {  // the tables follow the activations once, not per call
+    rope_.cos = rope_.cos.to(x.device());
+    rope_.sin = rope_.sin.to(x.device());
+  }
   for (const auto& block : blocks_->values()) x = block->as<BlockImpl>()->forward(x, rope_);
   return x;
 }
@@ -191,6 +204,16 @@ torch::Tensor LlamaImpl::forward(const torch::Tensor& tokens, torch::ScalarType 
 
 CrossEntropyParts LlamaImpl::head_loss(const torch::Tensor& x, const torch::Tensor& targets) const {
   TORCH_CHECK(stage_.has_head, "head_loss() called on a pipeline stage without the head");
+  if (tp_.size == 1 && kernels::use_fused(x)) {
+    // On a GPU with one vocabulary shard: the head and the loss fused, chunk by chunk, so that the [B*T, V]
+    // logits (and their fp32 copy) never exist at once (kernels/cross_entropy.h).
+    torch::Tensor h = final_norm_->forward(x);                          // [B, T, C]
+    h = h.reshape({-1, h.size(-1)});                                    // [N, C]
+    const torch::Tensor& w = head_ ? head_->weight : embed_->weight;    // [V, C] fp32
+    const kernels::FusedCrossEntropy parts = kernels::fused_linear_cross_entropy(
+        h, w, targets.reshape({-1}), config_.z_loss, kernels::cross_entropy_chunk_rows(h.size(0), w.size(0), h.size(1)));
+    return {parts.loss, parts.nll, parts.z_loss};
+  }
   torch::Tensor logits_local = logits(x);  // [B, T, V/tp]
   return vocab_parallel_cross_entropy(logits_local.reshape({-1, logits_local.size(-1)}), targets.reshape({-1}),
                                       config_.z_loss, tp_);

@@ -107,7 +107,7 @@ class LlamaImpl : public torch::nn::Module {
   ModelConfig config_;
   parallel::TensorParallel tp_;
   StageSpec stage_;
-  RotaryTables rope_;
+  mutable RotaryTables rope_;  // moved to the activations' device on first use (run_blocks)
   VocabParallelEmbedding embed_{nullptr};
   torch::nn::ModuleDict blocks_{nullptr};  // keyed by global layer index, so names match across layouts
   Norm final_norm_{nullptr};

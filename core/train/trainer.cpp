@@ -38,6 +38,7 @@
 #include "core/parallel/pipeline.h"
 #include "core/plugin_host/plugin_host.h"
 #include "kernels/dispatch.h"
+#include "kernels/optimizer_step.h"
 
 namespace keel::train {
 namespace {
@@ -810,6 +811,7 @@ Trainer::StepRecord Trainer::train_step(int64_t step) {
   ctx.total_steps = c.train.steps;
   ctx.tokens_before = s.tokens_seen;
   ctx.tensor_names = s.tensor_names;
+  ctx.kernels = kernels::host_kernels();  // fused multi-tensor optimizer steps for parameters on a GPU
   {
     const parallel::ProcessGroups& g = s.groups;
     ctx.rank = g.rank;
