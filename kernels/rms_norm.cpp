@@ -3,10 +3,10 @@
 // would keep.
 #include "kernels/rms_norm.h"
 
+#include <torch/torch.h>
+
 #include <stdexcept>
 #include <string>
-
-#include <torch/torch.h>
 
 #include "kernels/dispatch.h"
 
@@ -25,9 +25,7 @@ using torch::autograd::variable_list;
 
 // fp32 arithmetic for bf16/fp16/fp32 inputs (as the model does); fp64 stays fp64 so the tests can check the
 // formulas tightly.
-at::ScalarType compute_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType compute_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_arguments(const char* op, const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.defined(), op, ": x is undefined");
@@ -35,8 +33,8 @@ void check_arguments(const char* op, const at::Tensor& x, const at::Tensor& weig
   TORCH_CHECK(x.dim() >= 1, op, ": x must be [..., C] with at least one dimension, got a ", x.dim(), "-d tensor");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ", x.scalar_type());
   TORCH_CHECK(weight.dim() == 1, op, ": weight must be 1-d [C], got shape ", weight.sizes());
-  TORCH_CHECK(weight.size(0) == x.size(-1), op, ": weight has ", weight.size(0), " elements but x's last dimension C is ",
-              x.size(-1));
+  TORCH_CHECK(weight.size(0) == x.size(-1), op, ": weight has ", weight.size(0),
+              " elements but x's last dimension C is ", x.size(-1));
   TORCH_CHECK(weight.scalar_type() == compute_dtype(x), op, ": weight must be ", compute_dtype(x), " for x of dtype ",
               x.scalar_type(), ", got ", weight.scalar_type());
   TORCH_CHECK(weight.device() == x.device(), op, ": weight is on ", weight.device(), " but x is on ", x.device());
@@ -75,8 +73,8 @@ FusedForward rms_norm_forward_fused(const at::Tensor& x_in, const at::Tensor& we
   const int64_t rows = out.x.numel() / C;
   out.y = at::empty(out.x.sizes(), out.x.options());
   out.rstd = at::empty({rows}, out.x.options().dtype(at::kFloat));
-  cuda::rms_norm_forward(out.x.data_ptr(), weight.data_ptr<float>(), out.y.data_ptr(), out.rstd.data_ptr<float>(),
-                         rows, C, static_cast<float>(eps), cuda_dtype(out.x.scalar_type()),
+  cuda::rms_norm_forward(out.x.data_ptr(), weight.data_ptr<float>(), out.y.data_ptr(), out.rstd.data_ptr<float>(), rows,
+                         C, static_cast<float>(eps), cuda_dtype(out.x.scalar_type()),
                          c10::cuda::getCurrentCUDAStream().stream());
   return out;
 }
@@ -152,11 +150,11 @@ RmsNormGrads rms_norm_backward_reference(const at::Tensor& grad_y, const at::Ten
   TORCH_CHECK(grad_y.defined() && grad_y.sizes() == x.sizes(), "rms_norm_backward_reference: grad_y has shape ",
               grad_y.defined() ? grad_y.sizes() : at::IntArrayRef{}, " but x has ", x.sizes());
   const at::ScalarType f = compute_dtype(x);
-  const at::Tensor xf = x.to(f);                                                // [..., C]
-  const at::Tensor g = grad_y.to(f);                                            // [..., C]
+  const at::Tensor xf = x.to(f);                                               // [..., C]
+  const at::Tensor g = grad_y.to(f);                                           // [..., C]
   const at::Tensor r = at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);  // [..., 1]
-  const at::Tensor xhat = xf * r;                                               // [..., C]
-  const at::Tensor gw = g * weight;                                             // [..., C]
+  const at::Tensor xhat = xf * r;                                              // [..., C]
+  const at::Tensor gw = g * weight;                                            // [..., C]
   RmsNormGrads grads;
   grads.x = (r * (gw - xhat * (gw * xhat).mean(-1, /*keepdim=*/true))).to(x.scalar_type());
   grads.weight = (g * xhat).reshape({-1, x.size(-1)}).sum(0).to(weight.scalar_type());  // [C]

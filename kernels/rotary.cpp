@@ -2,10 +2,10 @@
 // tables (the backward of a rotation does not need x).
 #include "kernels/rotary.h"
 
+#include <torch/torch.h>
+
 #include <stdexcept>
 #include <string>
-
-#include <torch/torch.h>
 
 #include "kernels/dispatch.h"
 
@@ -52,7 +52,7 @@ at::Tensor rotate_reference(const at::Tensor& x, const at::Tensor& cos, const at
   const int64_t half = rotary_dims / 2;
   const at::ScalarType f = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor rot = x.narrow(-1, 0, rotary_dims).to(f);  // [B, T, H, R]
-  at::Tensor x1 = rot.narrow(-1, 0, half);               // [B, T, H, R/2]
+  at::Tensor x1 = rot.narrow(-1, 0, half);              // [B, T, H, R/2]
   at::Tensor x2 = rot.narrow(-1, half, half);
   at::Tensor c = table_rows(cos, T, x.device(), f);  // [1, T, 1, R/2]
   at::Tensor s = table_rows(sin, T, x.device(), f);

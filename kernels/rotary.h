@@ -3,9 +3,9 @@
 // exactly core/model/llama.cpp's apply_rotary, with the tables of make_rotary_tables passed in as tensors.
 #pragma once
 
-#include <cstdint>
-
 #include <ATen/core/Tensor.h>
+
+#include <cstdint>
 
 namespace keel::kernels {
 

@@ -2,10 +2,10 @@
 // gate and up: the backward recomputes sigmoid(gate) instead of keeping silu(gate).
 #include "kernels/swiglu.h"
 
+#include <torch/torch.h>
+
 #include <stdexcept>
 #include <string>
-
-#include <torch/torch.h>
 
 #include "kernels/dispatch.h"
 
@@ -121,7 +121,7 @@ SwiGluGrads swiglu_backward_reference(const at::Tensor& grad, const at::Tensor& 
   TORCH_CHECK(grad.defined() && grad.sizes() == gate.sizes(), "swiglu_backward_reference: grad has shape ",
               grad.defined() ? grad.sizes() : at::IntArrayRef{}, " but gate has ", gate.sizes());
   const at::ScalarType f = gate.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor g = grad.to(f);        // like gate
+  const at::Tensor g = grad.to(f);  // like gate
   const at::Tensor gate_f = gate.to(f);
   const at::Tensor up_f = up.to(f);
   const at::Tensor s = at::sigmoid(gate_f);  // sigmoid(gate)

@@ -5,14 +5,13 @@
 //
 // Geometry: a row is handled by `threads_per_row` threads (a multiple of 32, about C/4, at most 1024); small rows
 // share a block (blockDim = [threads_per_row, rows_per_block]) so that a block has >= 256 threads.
-#include "kernels/cuda/rms_norm.cuh"
-
 #include <algorithm>
 #include <climits>
 #include <stdexcept>
 #include <string>
 
 #include "kernels/cuda/float_io.cuh"
+#include "kernels/cuda/rms_norm.cuh"
 
 namespace keel::kernels::cuda {
 namespace {
@@ -90,7 +89,7 @@ __global__ void rms_norm_backward_kernel(const T* __restrict__ grad_y, const T* 
     const bool active = row < rows;
     const T* x_row = x + (active ? row : 0) * C;       // [C]
     const T* g_row = grad_y + (active ? row : 0) * C;  // [C]
-    float dot = 0.f;  // sum_c g*w*x
+    float dot = 0.f;                                   // sum_c g*w*x
     if (active) {
       for (int c = threadIdx.x; c < C; c += blockDim.x) dot += to_float(g_row[c]) * weight[c] * to_float(x_row[c]);
     }
@@ -175,7 +174,8 @@ void rms_norm_backward(const void* grad_y, const void* x, const float* weight, c
   if (rows == 0) {
     const cudaError_t err = cudaMemsetAsync(grad_weight, 0, sizeof(float) * static_cast<size_t>(C), stream);
     if (err != cudaSuccess) {
-      throw std::runtime_error(std::string("rms_norm_backward: zeroing grad_weight failed: ") + cudaGetErrorString(err));
+      throw std::runtime_error(std::string("rms_norm_backward: zeroing grad_weight failed: ") +
+                               cudaGetErrorString(err));
     }
     return;
   }
@@ -194,8 +194,8 @@ void rms_norm_backward(const void* grad_y, const void* x, const float* weight, c
   with_element_type(dtype, [&](auto tag) {
     using T = decltype(tag);
     rms_norm_backward_kernel<T><<<grid, block, static_cast<size_t>(shared_bytes), stream>>>(
-        static_cast<const T*>(grad_y), static_cast<const T*>(x), weight, rstd, static_cast<T*>(grad_x), workspace,
-        rows, static_cast<int>(C), accumulate_in_shared);
+        static_cast<const T*>(grad_y), static_cast<const T*>(x), weight, rstd, static_cast<T*>(grad_x), workspace, rows,
+        static_cast<int>(C), accumulate_in_shared);
   });
   check_launch("rms_norm_backward");
   constexpr int kThreads = 256;

@@ -3,9 +3,9 @@
 // per row, all arithmetic in fp32, y stored in x's element type.
 #pragma once
 
-#include <cstdint>
-
 #include <cuda_runtime_api.h>
+
+#include <cstdint>
 
 #include "kernels/cuda/launch.cuh"
 

@@ -4,13 +4,12 @@
 //
 // One thread per work item of a row (b, t, h): items [0, R/2) rotate the pair (i, i + R/2), items [R/2, R/2 + D-R)
 // copy one pass-through element. Consecutive threads take consecutive items, so loads coalesce within a row.
-#include "kernels/cuda/rotary.cuh"
-
 #include <algorithm>
 #include <stdexcept>
 #include <string>
 
 #include "kernels/cuda/float_io.cuh"
+#include "kernels/cuda/rotary.cuh"
 
 namespace keel::kernels::cuda {
 namespace {
@@ -61,8 +60,8 @@ void rotary_apply(const void* x, const float* cos, const float* sin, void* out, 
   const unsigned blocks = static_cast<unsigned>(std::clamp<int64_t>(ceil_div(total, kThreads), 1, kMaxBlocks));
   with_element_type(dtype, [&](auto tag) {
     using Elem = decltype(tag);
-    rotary_kernel<Elem><<<blocks, kThreads, 0, stream>>>(static_cast<const Elem*>(x), cos, sin,
-                                                          static_cast<Elem*>(out), rows, T, H, D, half, sin_sign);
+    rotary_kernel<Elem><<<blocks, kThreads, 0, stream>>>(static_cast<const Elem*>(x), cos, sin, static_cast<Elem*>(out),
+                                                         rows, T, H, D, half, sin_sign);
   });
   check_launch("rotary_apply");
 }

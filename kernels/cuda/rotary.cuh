@@ -2,9 +2,9 @@
 // forward and backward: the backward of a rotation is the rotation by the opposite angle (sin -> -sin).
 #pragma once
 
-#include <cstdint>
-
 #include <cuda_runtime_api.h>
+
+#include <cstdint>
 
 #include "kernels/cuda/launch.cuh"
 

@@ -3,13 +3,12 @@
 // writes out once; the backward reads grad, gate and up once and writes both gradients, recomputing sigmoid.
 // Loads and stores are 16 bytes wide (8 bf16 or 4 fp32) when every pointer is 16-byte aligned; the tail that does
 // not fill a 16-byte pack, or everything when a pointer is misaligned, goes element by element.
-#include "kernels/cuda/swiglu.cuh"
-
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 
 #include "kernels/cuda/float_io.cuh"
+#include "kernels/cuda/swiglu.cuh"
 
 namespace keel::kernels::cuda {
 namespace {
@@ -114,8 +113,8 @@ void swiglu_forward(const void* gate, const void* up, void* out, int64_t n, DTyp
     const auto* u = static_cast<const T*>(up);
     auto* o = static_cast<T*>(out);
     if (wide) {
-      swiglu_forward_kernel<T, kWide><<<blocks_for(std::max<int64_t>(n / kWide, n % kWide)), kThreads, 0, stream>>>(
-          g, u, o, n);
+      swiglu_forward_kernel<T, kWide>
+          <<<blocks_for(std::max<int64_t>(n / kWide, n % kWide)), kThreads, 0, stream>>>(g, u, o, n);
     } else {
       swiglu_forward_kernel<T, 1><<<blocks_for(n), kThreads, 0, stream>>>(g, u, o, n);
     }
@@ -123,8 +122,8 @@ void swiglu_forward(const void* gate, const void* up, void* out, int64_t n, DTyp
   check_launch("swiglu_forward");
 }
 
-void swiglu_backward(const void* grad_out, const void* gate, const void* up, void* grad_gate, void* grad_up,
-                     int64_t n, DType dtype, cudaStream_t stream) {
+void swiglu_backward(const void* grad_out, const void* gate, const void* up, void* grad_gate, void* grad_up, int64_t n,
+                     DType dtype, cudaStream_t stream) {
   if (n <= 0) return;
   const bool wide = all_16_byte_aligned({grad_out, gate, up, grad_gate, grad_up});
   with_element_type(dtype, [&](auto tag) {
@@ -136,8 +135,8 @@ void swiglu_backward(const void* grad_out, const void* gate, const void* up, voi
     auto* dg = static_cast<T*>(grad_gate);
     auto* du = static_cast<T*>(grad_up);
     if (wide) {
-      swiglu_backward_kernel<T, kWide><<<blocks_for(std::max<int64_t>(n / kWide, n % kWide)), kThreads, 0, stream>>>(
-          dy, g, u, dg, du, n);
+      swiglu_backward_kernel<T, kWide>
+          <<<blocks_for(std::max<int64_t>(n / kWide, n % kWide)), kThreads, 0, stream>>>(dy, g, u, dg, du, n);
     } else {
       swiglu_backward_kernel<T, 1><<<blocks_for(n), kThreads, 0, stream>>>(dy, g, u, dg, du, n);
     }

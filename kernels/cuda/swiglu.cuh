@@ -2,9 +2,9 @@
 // the only caller. out = silu(gate) * up elementwise, arithmetic in fp32, stored in the inputs' element type.
 #pragma once
 
-#include <cstdint>
-
 #include <cuda_runtime_api.h>
+
+#include <cstdint>
 
 #include "kernels/cuda/launch.cuh"
 
@@ -15,7 +15,7 @@ void swiglu_forward(const void* gate, const void* up, void* out, int64_t n, DTyp
 
 // grad_out, gate, up, grad_gate (out), grad_up (out): n contiguous elements of type `dtype`. With s = sigmoid(gate):
 // grad_gate = grad_out * up * s * (1 + gate * (1 - s)), grad_up = grad_out * gate * s.
-void swiglu_backward(const void* grad_out, const void* gate, const void* up, void* grad_gate, void* grad_up,
-                     int64_t n, DType dtype, cudaStream_t stream);
+void swiglu_backward(const void* grad_out, const void* gate, const void* up, void* grad_gate, void* grad_up, int64_t n,
+                     DType dtype, cudaStream_t stream);
 
 }  // namespace keel::kernels::cuda

@@ -48,14 +48,15 @@ struct Case {
 
 // Full, partial (pass-through dims) and two-dim rotary; odd H and D; tables longer than T.
 std::vector<Case> test_cases() {
-  std::vector<Case> cases = {{{2, 5, 3, 8}, 1.0, 5},   {{1, 7, 2, 16}, 0.5, 12}, {{2, 3, 5, 10}, 0.25, 9},
-                             {{3, 4, 1, 6}, 0.34, 4},  {{1, 9, 4, 33}, 1.0, 16}, {{2, 6, 3, 33}, 0.5, 20}};
+  std::vector<Case> cases = {{{2, 5, 3, 8}, 1.0, 5},  {{1, 7, 2, 16}, 0.5, 12}, {{2, 3, 5, 10}, 0.25, 9},
+                             {{3, 4, 1, 6}, 0.34, 4}, {{1, 9, 4, 33}, 1.0, 16}, {{2, 6, 3, 33}, 0.5, 20}};
   torch::manual_seed(13);
   for (int i = 0; i < 2; ++i) {
     const int64_t T = torch::randint(1, 20, {1}).item<int64_t>();
     cases.push_back({{torch::randint(1, 4, {1}).item<int64_t>(), T, torch::randint(1, 6, {1}).item<int64_t>(),
                       torch::randint(2, 70, {1}).item<int64_t>()},
-                     i == 0 ? 1.0 : 0.5, T + 3});
+                     i == 0 ? 1.0 : 0.5,
+                     T + 3});
   }
   return cases;
 }
@@ -154,7 +155,9 @@ TEST(KernelRope, RejectsBadInput) {
   expect_names(error_of([&] { kn::apply_rotary(x, t.cos, t.sin.clone().requires_grad_(true), 8); }),
                "sin is a constant table");
   expect_names(error_of([&] { kn::apply_rotary(x, torch::Tensor(), t.sin, 8); }), "cos is undefined");
-  expect_names(error_of([&] { kn::apply_rotary_backward_reference(torch::randn({6, 8}), t.cos, t.sin, 8); }),
+  expect_names(error_of([&] {
+                 kn::apply_rotary_backward_reference(torch::randn({6, 8}), t.cos, t.sin, 8);
+               }),
                "apply_rotary_backward_reference: x must be 4-d");
 }
 

@@ -106,7 +106,9 @@ TEST(KernelSwiGlu, RejectsBadInput) {
   expect_names(error_of([&] { kn::swiglu(gate, torch::randn({3, 7})); }), "up has shape [3, 7] but gate has [3, 8]");
   expect_names(error_of([&] { kn::swiglu(gate, torch::randn({8, 3})); }), "up has shape");
   expect_names(error_of([&] { kn::swiglu(gate, torch::randn({3, 8}, torch::kDouble)); }), "up is Double");
-  expect_names(error_of([&] { kn::swiglu(torch::ones({3, 8}, torch::kLong), torch::ones({3, 8}, torch::kLong)); }),
+  expect_names(error_of([&] {
+                 kn::swiglu(torch::ones({3, 8}, torch::kLong), torch::ones({3, 8}, torch::kLong));
+               }),
                "gate must be floating");
   expect_names(error_of([&] { kn::swiglu(torch::Tensor(), gate); }), "gate is undefined");
   expect_names(error_of([&] { kn::swiglu_reference(gate, torch::Tensor()); }), "swiglu_reference: up is undefined");
@@ -129,7 +131,9 @@ TEST(KernelSwiGlu, FusedMatchesReferenceOnGpu) {
         Inputs in = random_inputs(shape, dtype, torch::kCUDA);
         if (misaligned) {  // the same values, stored one element past a 16-byte boundary: the element-wise path
           auto shift = [](const torch::Tensor& t) {
-            return torch::cat({torch::zeros({1}, t.options()), t.reshape({-1})}).narrow(0, 1, t.numel()).view(t.sizes());
+            return torch::cat({torch::zeros({1}, t.options()), t.reshape({-1})})
+                .narrow(0, 1, t.numel())
+                .view(t.sizes());
           };
           in = {shift(in.gate), shift(in.up), shift(in.grad)};
           ASSERT_NE(reinterpret_cast<std::uintptr_t>(in.gate.data_ptr()) % 16, 0u);
