@@ -154,9 +154,9 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::
   TORCH_CHECK(targets.defined() && targets.dim() == 1 && targets.size(0) == hidden.size(0), op,
               ": targets must be [N] with N = hidden's ", hidden.size(0), ", got ",
               targets.defined() ? targets.sizes() : at::IntArrayRef{});
-  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), op, ": hidden must be floating point, got ",
+  TORCH_CHECK(c10::isFloatingType(hidden.scalar_type()), op, ": hidden must be floating point, got ",
               hidden.scalar_type());
-  TORCH_CHECK(at::isFloatingType(weight.scalar_type()), op, ": weight must be floating point, got ",
+  TORCH_CHECK(c10::isFloatingType(weight.scalar_type()), op, ": weight must be floating point, got ",
               weight.scalar_type());
   TORCH_CHECK(targets.scalar_type() == at::kLong, op, ": targets must be int64, got ", targets.scalar_type());
   TORCH_CHECK(weight.device() == hidden.device() && targets.device() == hidden.device(), op,
