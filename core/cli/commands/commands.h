@@ -20,6 +20,7 @@ int cmd_launch(const Args& args);    // launch --nproc N -- CMD ARGS...
 int cmd_export_hf(const Args& args);
 int cmd_import_hf(const Args& args);
 int cmd_eval(const Args& args);
+int cmd_report(const Args& args);   // report RUN_DIR... -o FILE.html
 std::string usage();
 
 }  // namespace keel::cli

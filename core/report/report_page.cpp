@@ -1,0 +1,231 @@
+// Why: see report_page.h.
+#include "core/report/report_page.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <ctime>
+#include <filesystem>
+#include <fstream>
+#include <stdexcept>
+
+#include "core/report/report_assets.h"
+
+namespace keel::report {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+nlohmann::json number(double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr); }
+
+nlohmann::json numbers(const std::vector<TrainRow>& rows, double TrainRow::*field) {
+  nlohmann::json out = nlohmann::json::array();
+  for (const auto& r : rows) out.push_back(number(r.*field));
+  return out;
+}
+
+nlohmann::json steps_of(const std::vector<TrainRow>& rows) {
+  nlohmann::json out = nlohmann::json::array();
+  for (const auto& r : rows) out.push_back(r.step);
+  return out;
+}
+
+nlohmann::json lineage_json(const checkpoint::Lineage& l) {
+  nlohmann::json j{{"run_id", l.run_id}, {"run_dir", l.run_dir}, {"kind", l.kind()},
+                   {"notes", l.notes},   {"changes", nlohmann::json::array()}};
+  for (const auto& c : l.changes) j["changes"].push_back({{"key", c.key}, {"from", c.from}, {"to", c.to}});
+  j["parent"] = l.is_root() ? nlohmann::json(nullptr)
+                            : nlohmann::json{{"run_id", l.parent_run_id}, {"run_dir", l.parent_run_dir},
+                                             {"checkpoint", l.parent_checkpoint}, {"step", l.parent_step}};
+  return j;
+}
+
+nlohmann::json run_json(const RunData& run) {
+  nlohmann::json j{{"name", run.name}, {"dir", run.dir}, {"arm", run.arm.arm}, {"seed", run.arm.seed}};
+  j["steps"] = steps_of(run.rows);
+  j["loss"] = numbers(run.rows, &TrainRow::loss);
+  j["grad_norm"] = numbers(run.rows, &TrainRow::grad_norm);
+  j["lr"] = numbers(run.rows, &TrainRow::lr);
+  j["tokens_per_s"] = numbers(run.rows, &TrainRow::tokens_per_s);
+  nlohmann::json skipped = nlohmann::json::array();
+  for (const auto& r : run.rows) {
+    if (r.skipped) skipped.push_back(r.step);
+  }
+  j["skipped_steps"] = skipped;
+  j["final_train_loss"] = number(final_train_loss(run.rows));
+  j["superseded"] = {{"step", steps_of(run.superseded)},
+                     {"loss", numbers(run.superseded, &TrainRow::loss)},
+                     {"grad_norm", numbers(run.superseded, &TrainRow::grad_norm)},
+                     {"lr", numbers(run.superseded, &TrainRow::lr)},
+                     {"tokens_per_s", numbers(run.superseded, &TrainRow::tokens_per_s)}};
+  j["events"] = nlohmann::json::array();
+  for (const auto& e : run.events) j["events"].push_back({{"step", e.step}, {"kind", e.kind}, {"text", e.text}});
+  if (run.heatmap.empty()) {
+    j["heatmap"] = nullptr;
+  } else {
+    nlohmann::json cells = nlohmann::json::array();
+    for (const auto& row : run.heatmap.log10_grad_norm) {
+      nlohmann::json r = nlohmann::json::array();
+      for (double v : row) r.push_back(std::isfinite(v) ? nlohmann::json(std::round(v * 1e4) / 1e4) : nlohmann::json());
+      cells.push_back(std::move(r));
+    }
+    j["heatmap"] = {{"tensors", run.heatmap.tensor_names},
+                    {"first_step", run.heatmap.column_first_step},
+                    {"last_step", run.heatmap.column_last_step},
+                    {"log10", std::move(cells)}};
+  }
+  j["lineage"] = run.lineage ? lineage_json(*run.lineage) : nlohmann::json(nullptr);
+  j["evals"] = nlohmann::json::array();
+  for (const auto& e : run.evals) {
+    nlohmann::json sources = nlohmann::json::array();
+    for (const auto& s : e.sources) {
+      sources.push_back({{"source", s.source}, {"nll", number(s.nll)}, {"perplexity", number(s.perplexity)},
+                         {"tokens", s.tokens}, {"seen_in_training", s.seen_in_training}});
+    }
+    j["evals"].push_back({{"step", e.step}, {"file", e.file}, {"sources", std::move(sources)}});
+  }
+  return j;
+}
+
+nlohmann::json ab_json(const AbTable& t) {
+  nlohmann::json j{{"baseline", t.baseline}, {"arms", t.arms}, {"notes", t.notes}, {"rows", nlohmann::json::array()}};
+  for (const auto& r : t.rows) {
+    nlohmann::json values = nlohmann::json::array();
+    for (double v : r.values) values.push_back(number(v));
+    nlohmann::json row{{"arm", r.arm},
+                       {"metric",
+                        {{"kind", r.metric.kind},
+                         {"eval_step", r.metric.eval_step},
+                         {"source", r.metric.source},
+                         {"label", r.metric.label()}}},
+                       {"seeds", r.seeds},
+                       {"runs", r.runs},
+                       {"values", values},
+                       {"n", r.summary.n},
+                       {"mean", number(r.summary.mean)},
+                       {"sd", number(r.summary.sd)}};
+    if (r.has_difference) {
+      row["difference"] = {{"paired", r.difference.paired}, {"n", r.difference.n},
+                           {"mean", number(r.difference.mean)}, {"sd", number(r.difference.sd)},
+                           {"ci_low", number(r.difference.ci_low)}, {"ci_high", number(r.difference.ci_high)}};
+    } else {
+      row["difference"] = nullptr;
+    }
+    j["rows"].push_back(std::move(row));
+  }
+  return j;
+}
+
+std::string utc_now() {
+  const std::time_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+}  // namespace
+
+nlohmann::json report_json(const std::vector<RunData>& runs, const AbTable& table, const std::string& title) {
+  nlohmann::json j{{"title", title}, {"generated_utc", utc_now()}, {"keel_version", KEEL_VERSION}};
+  j["runs"] = nlohmann::json::array();
+  for (const auto& run : runs) j["runs"].push_back(run_json(run));
+  j["ab"] = ab_json(table);
+  return j;
+}
+
+std::string html_escape(const std::string& text) {
+  std::string out;
+  out.reserve(text.size());
+  for (char c : text) {
+    switch (c) {
+      case '&': out += "&amp;"; break;
+      case '<': out += "&lt;"; break;
+      case '>': out += "&gt;"; break;
+      case '"': out += "&quot;"; break;
+      case '\'': out += "&#39;"; break;
+      default: out += c;
+    }
+  }
+  return out;
+}
+
+std::string json_for_script(const nlohmann::json& value) {
+  // Invalid UTF-8 (e.g. a cut event text from an old file) is replaced rather than thrown on.
+  const std::string text = value.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  std::string out;
+  out.reserve(text.size());
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (text[i] == '<' && i + 1 < text.size() && text[i + 1] == '/') {
+      out += "<\\/";
+      ++i;
+    } else if (text.compare(i, 3, "\xE2\x80\xA8") == 0) {
+      out += "\\u2028";
+      i += 2;
+    } else if (text.compare(i, 3, "\xE2\x80\xA9") == 0) {
+      out += "\\u2029";
+      i += 2;
+    } else {
+      out += text[i];
+    }
+  }
+  return out;
+}
+
+std::string render_page(const nlohmann::json& report, const std::string& title) {
+  const std::string_view tmpl = page_template();
+  const std::string data = json_for_script(report);
+  std::string out;
+  out.reserve(tmpl.size() + chart_library().size() + data.size() + page_script().size() + page_style().size());
+  // Only the template is scanned for placeholders: the inlined library and data are copied verbatim.
+  size_t pos = 0;
+  while (true) {
+    const size_t open = tmpl.find("{{", pos);
+    if (open == std::string_view::npos) break;
+    const size_t close = tmpl.find("}}", open);
+    if (close == std::string_view::npos) throw std::logic_error("report template: unclosed {{ placeholder");
+    out.append(tmpl.substr(pos, open - pos));
+    const std::string_view name = tmpl.substr(open + 2, close - open - 2);
+    if (name == "TITLE") out += html_escape(title);
+    else if (name == "STYLE") out.append(page_style());
+    else if (name == "CHART_LIBRARY") out.append(chart_library());
+    else if (name == "DATA") out += data;
+    else if (name == "SCRIPT") out.append(page_script());
+    else throw std::logic_error("report template: unknown placeholder {{" + std::string(name) + "}}");
+    pos = close + 2;
+  }
+  out.append(tmpl.substr(pos));
+  return out;
+}
+
+void write_page(const std::string& path, const std::string& html) {
+  const fs::path target(path);
+  const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
+  if (!fs::is_directory(dir)) throw std::runtime_error(path + ": directory " + dir.string() + " does not exist");
+  if (fs::is_directory(target)) throw std::runtime_error(path + ": is a directory");
+  const fs::path tmp = dir / ("." + target.filename().string() + ".tmp-" + std::to_string(::getpid()));
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) throw std::runtime_error(path + ": cannot create " + tmp.string());
+    out.write(html.data(), static_cast<std::streamsize>(html.size()));
+    out.close();
+    if (!out) {
+      std::error_code ignored;
+      fs::remove(tmp, ignored);
+      throw std::runtime_error(path + ": write failed (disk full?)");
+    }
+  }
+  std::error_code ec;
+  fs::rename(tmp, target, ec);
+  if (ec) {
+    std::error_code ignored;
+    fs::remove(tmp, ignored);
+    throw std::runtime_error(path + ": cannot rename " + tmp.string() + " over it: " + ec.message());
+  }
+}
+
+}  // namespace keel::report
