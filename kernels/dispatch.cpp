@@ -1,6 +1,7 @@
 // Why: see dispatch.h.
 #include "kernels/dispatch.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -26,6 +27,16 @@ bool use_fused(const at::Tensor& t) {
   }();
   return cuda_kernels_built() && !disabled && t.defined() && t.is_cuda();
 }
+
+namespace {
+std::atomic<bool> g_fused_ops_on_cpu{false};
+}  // namespace
+
+bool model_uses_fused_ops(const at::Tensor& t) {
+  return use_fused(t) || (g_fused_ops_on_cpu.load() && t.defined() && !t.is_cuda());
+}
+
+void set_fused_ops_on_cpu(bool on) { g_fused_ops_on_cpu.store(on); }
 
 long long cuda_peak_allocated_bytes(int device_index) {
 #ifdef KEEL_WITH_CUDA

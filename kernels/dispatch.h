@@ -16,6 +16,13 @@ bool cuda_kernels_built();
 // (the switch a user flips to compare against the unfused path).
 bool use_fused(const at::Tensor& t);
 
+// What the model asks before it takes a fused op: use_fused(t), or, for tests, any tensor while
+// set_fused_ops_on_cpu(true) is in force. On CPU the ops then run their autograd wrappers around the LibTorch
+// references (explicit backward, chunked cross-entropy), so a CPU test covers the model's fused path everywhere
+// but inside the kernels themselves.
+bool model_uses_fused_ops(const at::Tensor& t);
+void set_fused_ops_on_cpu(bool on);
+
 // Peak bytes held by LibTorch's CUDA caching allocator on `device_index` since the process started (what
 // torch.cuda.max_memory_allocated() reports); -1 in a build without CUDA.
 long long cuda_peak_allocated_bytes(int device_index);

@@ -23,7 +23,7 @@ NormImpl::NormImpl(int64_t dim, const std::string& kind, double eps) : rms_(kind
 
 torch::Tensor NormImpl::forward(const torch::Tensor& x) const {
   // On a GPU: one fused kernel each way (kernels/rms_norm.h) instead of ~8 memory-bound LibTorch ops.
-  if (rms_ && kernels::use_fused(x)) return kernels::rms_norm(x, weight, eps_);
+  if (rms_ && kernels::model_uses_fused_ops(x)) return kernels::rms_norm(x, weight, eps_);
   torch::Tensor xf = x.to(torch::kFloat);  // statistics in fp32
   torch::Tensor y;
   if (rms_) {
@@ -50,7 +50,7 @@ RotaryTables make_rotary_tables(int64_t head_dim, double rotary_fraction, double
 
 torch::Tensor apply_rotary(const torch::Tensor& x, const RotaryTables& tables) {
   if (tables.rotary_dims == 0) return x;
-  if (kernels::use_fused(x)) return kernels::apply_rotary(x, tables.cos, tables.sin, tables.rotary_dims);
+  if (kernels::model_uses_fused_ops(x)) return kernels::apply_rotary(x, tables.cos, tables.sin, tables.rotary_dims);
   const int64_t T = x.size(1);
   const int64_t half = tables.rotary_dims / 2;
   torch::Tensor rot = x.narrow(-1, 0, tables.rotary_dims).to(torch::kFloat);  // [B, T, h, R]
@@ -106,7 +106,7 @@ SwiGluMlpImpl::SwiGluMlpImpl(const ModelConfig& c, const parallel::TensorParalle
 }
 
 torch::Tensor SwiGluMlpImpl::forward(const torch::Tensor& x) const {
-  if (kernels::use_fused(x)) return w_down_->forward(kernels::swiglu(w_gate_->forward(x), w_up_->forward(x)));
+  if (kernels::model_uses_fused_ops(x)) return w_down_->forward(kernels::swiglu(w_gate_->forward(x), w_up_->forward(x)));
   return w_down_->forward(torch::silu(w_gate_->forward(x)) * w_up_->forward(x));  // [B, T, F] -> [B, T, C]
 }
 
@@ -204,7 +204,7 @@ torch::Tensor LlamaImpl::forward(const torch::Tensor& tokens, torch::ScalarType 
 
 CrossEntropyParts LlamaImpl::head_loss(const torch::Tensor& x, const torch::Tensor& targets) const {
   TORCH_CHECK(stage_.has_head, "head_loss() called on a pipeline stage without the head");
-  if (tp_.size == 1 && kernels::use_fused(x)) {
+  if (tp_.size == 1 && kernels::model_uses_fused_ops(x)) {
     // On a GPU with one vocabulary shard: the head and the loss fused, chunk by chunk, so that the [B*T, V]
     // logits (and their fp32 copy) never exist at once (kernels/cross_entropy.h).
     torch::Tensor h = final_norm_->forward(x);                          // [B, T, C]

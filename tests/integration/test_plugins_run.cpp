@@ -46,7 +46,7 @@ bool has(const std::vector<std::string>& v, const std::string& x) { return std::
 TEST(Plugins, BrokenOrWrongPluginsAreRefusedBeforeTheRunDirIsClaimed) {
   const std::string run = fresh_dir("plugin-refused");
   const std::vector<std::pair<std::string, std::string>> cases = {
-      {"--plugin spike_handler=" + fixture("bad_api_version"), "built for plugin API version 999, this Keel speaks version 1"},
+      {"--plugin spike_handler=" + fixture("bad_api_version"), "built for plugin API version 999, this Keel speaks version 2"},
       {"--plugin observers=" + fixture("bad_fingerprint"), "built with a different toolchain"},
       {"--plugin observers=" + fixture("bad_fingerprint"), "LibTorch 0.4.1"},
       {"--plugin observers=" + fixture("no_entry_point"), "not a Keel plugin (it does not export keel_plugin_info)"},
