@@ -18,7 +18,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 die() { echo "datamix-ab: error: $*" >&2; exit 1; }
-usage() { sed -n '9,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk '/^#   experiments\//{p=1} p && /^#/{sub(/^# ?/, ""); print; next} p{exit}' "$0"; }
 
 # The arms: name and data.mixture. The baseline keeps the base run's mix; the others move toward code.
 baseline=text

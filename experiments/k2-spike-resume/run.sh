@@ -16,7 +16,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 die() { echo "k2-spike-resume: error: $*" >&2; exit 1; }
-usage() { sed -n '9,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk '/^#   experiments\//{p=1} p && /^#/{sub(/^# ?/, ""); print; next} p{exit}' "$0"; }
 
 tiny=0
 out=""
