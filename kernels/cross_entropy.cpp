@@ -3,9 +3,9 @@
 // The autograd Function saves the finished gradients, so its backward is two scalings.
 #include "kernels/cross_entropy.h"
 
-#include <algorithm>
-
 #include <torch/torch.h>
+
+#include <algorithm>
 
 #include "kernels/dispatch.h"
 
@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "kernels/cuda/cross_entropy.cuh"
+#include "kernels/cuda_dtype.h"
 #endif
 
 namespace keel::kernels {
@@ -27,41 +28,28 @@ using torch::autograd::variable_list;
 using RowsStep = void (*)(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& log_z,
                           const at::Tensor& nll, double z_loss_coef, double grad_scale);
 
-void rows_reference(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& log_z,
-                    const at::Tensor& nll, double z_loss_coef, double grad_scale) {
-  at::Tensor logits_f = logits.to(at::kFloat);                                  // [n, V] fp32, this chunk only
+void rows_reference(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& log_z, const at::Tensor& nll,
+                    double z_loss_coef, double grad_scale) {
+  at::Tensor logits_f = logits.to(at::kFloat);                                   // [n, V] fp32, this chunk only
   at::Tensor row_max = std::get<0>(logits_f.max(/*dim=*/-1, /*keepdim=*/true));  // [n, 1]
   at::Tensor chunk_log_z = (logits_f - row_max).exp().sum(-1).log() + row_max.squeeze(-1);  // [n]
-  at::Tensor target_logit = logits_f.gather(-1, targets.unsqueeze(-1)).squeeze(-1);        // [n]
+  at::Tensor target_logit = logits_f.gather(-1, targets.unsqueeze(-1)).squeeze(-1);         // [n]
   log_z.copy_(chunk_log_z);
   nll.copy_(chunk_log_z - target_logit);
-  at::Tensor softmax_scale = ((2.0 * z_loss_coef) * chunk_log_z + 1.0) * grad_scale;  // [n]
+  at::Tensor softmax_scale = ((2.0 * z_loss_coef) * chunk_log_z + 1.0) * grad_scale;                  // [n]
   at::Tensor grad = (logits_f - chunk_log_z.unsqueeze(-1)).exp_().mul_(softmax_scale.unsqueeze(-1));  // [n, V]
   grad.scatter_add_(1, targets.unsqueeze(-1), at::full({targets.size(0), 1}, -grad_scale, grad.options()));
   logits.copy_(grad);
 }
 
 #ifdef KEEL_WITH_CUDA
-cuda::DType cuda_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::DType::kFloat32;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    case at::kHalf:
-      return cuda::DType::kFloat16;
-    default:
-      TORCH_CHECK(false, "fused_linear_cross_entropy: no CUDA kernel for logits of dtype ", t);
-  }
-}
-
 void rows_fused(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& log_z, const at::Tensor& nll,
                 double z_loss_coef, double grad_scale) {
   TORCH_CHECK(logits.is_contiguous() && targets.is_contiguous() && log_z.is_contiguous() && nll.is_contiguous(),
               "fused_linear_cross_entropy: the CUDA kernel wants contiguous chunks");
-  cuda::cross_entropy_rows(logits.data_ptr(), cuda_dtype(logits.scalar_type()), targets.data_ptr<int64_t>(),
-                           log_z.data_ptr<float>(), nll.data_ptr<float>(), logits.size(0), logits.size(1),
-                           static_cast<float>(z_loss_coef), static_cast<float>(grad_scale),
+  cuda::cross_entropy_rows(logits.data_ptr(), cuda_dtype(logits.scalar_type(), "fused_linear_cross_entropy"),
+                           targets.data_ptr<int64_t>(), log_z.data_ptr<float>(), nll.data_ptr<float>(), logits.size(0),
+                           logits.size(1), static_cast<float>(z_loss_coef), static_cast<float>(grad_scale),
                            c10::cuda::getCurrentCUDAStream().stream());
 }
 #endif
@@ -79,18 +67,18 @@ Pass chunked_pass(const at::Tensor& hidden, const at::Tensor& weight, const at::
   const int64_t N = hidden.size(0), V = weight.size(0), C = weight.size(1);
   const at::TensorOptions f32 = hidden.options().dtype(at::kFloat);
   at::Tensor weight_c = weight.to(hidden.scalar_type());  // [V, C] compute dtype (weight itself when fp32)
-  at::Tensor log_z = at::empty({N}, f32);                // [N]
-  at::Tensor nll_rows = at::empty({N}, f32);             // [N]
+  at::Tensor log_z = at::empty({N}, f32);                 // [N]
+  at::Tensor nll_rows = at::empty({N}, f32);              // [N]
   Pass pass;
   if (want_grad_hidden) pass.grad_hidden = at::empty_like(hidden, at::MemoryFormat::Contiguous);  // [N, C]
-  if (want_grad_weight) pass.grad_weight = at::zeros({V, C}, f32);                                 // [V, C]
+  if (want_grad_weight) pass.grad_weight = at::zeros({V, C}, f32);                                // [V, C]
   const double grad_scale = 1.0 / static_cast<double>(N);  // the loss is a mean over N rows
   for (int64_t start = 0; start < N; start += chunk_rows) {
     const int64_t n = std::min(chunk_rows, N - start);
-    at::Tensor hidden_chunk = hidden.narrow(0, start, n);   // [n, C]
+    at::Tensor hidden_chunk = hidden.narrow(0, start, n);    // [n, C]
     at::Tensor logits = at::mm(hidden_chunk, weight_c.t());  // [n, V] compute dtype
-    rows_step(logits, targets.narrow(0, start, n), log_z.narrow(0, start, n), nll_rows.narrow(0, start, n),
-              z_loss_coef, grad_scale);
+    rows_step(logits, targets.narrow(0, start, n), log_z.narrow(0, start, n), nll_rows.narrow(0, start, n), z_loss_coef,
+              grad_scale);
     const at::Tensor& grad_logits = logits;  // [n, V], overwritten in place by rows_step
     if (want_grad_hidden) {
       at::Tensor rows = pass.grad_hidden.narrow(0, start, n);  // [n, C]
@@ -121,8 +109,8 @@ class LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy> 
 #else
     TORCH_CHECK(!fused, "fused_linear_cross_entropy: this build has no CUDA kernels");
 #endif
-    Pass pass = chunked_pass(hidden, weight, targets, z_loss_coef, chunk_rows, rows_step, want_grad_hidden,
-                             want_grad_weight);
+    Pass pass =
+        chunked_pass(hidden, weight, targets, z_loss_coef, chunk_rows, rows_step, want_grad_hidden, want_grad_weight);
     ctx->save_for_backward({pass.grad_hidden, pass.grad_weight});
     ctx->saved_data["weight_dtype"] = weight.scalar_type();
     ctx->mark_non_differentiable({pass.losses.nll, pass.losses.z_loss});
@@ -138,8 +126,8 @@ class LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy> 
     if (saved[1].defined()) {
       grad_weight = (saved[1] * grad_loss).to(ctx->saved_data["weight_dtype"].toScalarType());
     }
-    return {grad_hidden, grad_weight, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+    return {grad_hidden,  grad_weight,  at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -160,8 +148,8 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::
               weight.scalar_type());
   TORCH_CHECK(targets.scalar_type() == at::kLong, op, ": targets must be int64, got ", targets.scalar_type());
   TORCH_CHECK(weight.device() == hidden.device() && targets.device() == hidden.device(), op,
-              ": hidden, weight and targets must be on one device, got ", hidden.device(), ", ", weight.device(),
-              ", ", targets.device());
+              ": hidden, weight and targets must be on one device, got ", hidden.device(), ", ", weight.device(), ", ",
+              targets.device());
   TORCH_CHECK(z_loss_coef >= 0.0, op, ": z_loss_coef must be >= 0, got ", z_loss_coef);
   TORCH_CHECK(chunk_rows > 0, op, ": chunk_rows must be > 0, got ", chunk_rows);
   if (targets.is_cpu()) {  // a device check would wait for the GPU
@@ -171,8 +159,8 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::
   }
 }
 
-FusedCrossEntropy run(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-                      double z_loss_coef, int64_t chunk_rows, bool fused) {
+FusedCrossEntropy run(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, double z_loss_coef,
+                      int64_t chunk_rows, bool fused) {
   check_inputs(hidden, weight, targets, z_loss_coef, chunk_rows);
   const at::Tensor targets_c = targets.contiguous();
   const bool grad_on = at::GradMode::is_enabled();
@@ -214,8 +202,8 @@ FusedCrossEntropy fused_linear_cross_entropy_reference(const at::Tensor& hidden,
 }
 
 int64_t cross_entropy_chunk_rows(int64_t rows, int64_t vocab, int64_t dim) {
-  TORCH_CHECK(rows > 0 && vocab > 0 && dim > 0, "cross_entropy_chunk_rows: rows, vocab and dim must be > 0, got ",
-              rows, ", ", vocab, ", ", dim);
+  TORCH_CHECK(rows > 0 && vocab > 0 && dim > 0, "cross_entropy_chunk_rows: rows, vocab and dim must be > 0, got ", rows,
+              ", ", vocab, ", ", dim);
   const int64_t vocab_over_dim = (vocab + dim - 1) / dim;
   const int64_t wanted = (rows + vocab_over_dim - 1) / vocab_over_dim;
   int64_t chunk = 1;

@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "kernels/cuda/rms_norm.cuh"
+#include "kernels/cuda_dtype.h"
 #endif
 
 namespace keel::kernels {
@@ -41,22 +42,6 @@ void check_arguments(const char* op, const at::Tensor& x, const at::Tensor& weig
 }
 
 #ifdef KEEL_WITH_CUDA
-bool has_kernel_for(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
-
-cuda::DType cuda_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::DType::kFloat32;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    case at::kHalf:
-      return cuda::DType::kFloat16;
-    default:
-      break;
-  }
-  throw std::invalid_argument(std::string("rms_norm: no CUDA kernel for x of dtype ") + c10::toString(t));
-}
-
 struct FusedForward {
   at::Tensor y;     // [..., C] x's dtype
   at::Tensor x;     // [..., C] contiguous (what the backward reads)
@@ -74,7 +59,7 @@ FusedForward rms_norm_forward_fused(const at::Tensor& x_in, const at::Tensor& we
   out.y = at::empty(out.x.sizes(), out.x.options());
   out.rstd = at::empty({rows}, out.x.options().dtype(at::kFloat));
   cuda::rms_norm_forward(out.x.data_ptr(), weight.data_ptr<float>(), out.y.data_ptr(), out.rstd.data_ptr<float>(), rows,
-                         C, static_cast<float>(eps), cuda_dtype(out.x.scalar_type()),
+                         C, static_cast<float>(eps), cuda_dtype(out.x.scalar_type(), "rms_norm"),
                          c10::cuda::getCurrentCUDAStream().stream());
   return out;
 }
@@ -97,7 +82,7 @@ RmsNormGrads rms_norm_backward_fused(const at::Tensor& grad_y_in, const at::Tens
   at::Tensor workspace = at::empty({partials, C}, weight.options());  // [partials, C] fp32
   cuda::rms_norm_backward(grad_y.data_ptr(), x.data_ptr(), weight.data_ptr<float>(), rstd.data_ptr<float>(),
                           grads.x.data_ptr(), grads.weight.data_ptr<float>(), workspace.data_ptr<float>(), partials,
-                          rows, C, cuda_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream().stream());
+                          rows, C, cuda_dtype(x.scalar_type(), "rms_norm"), c10::cuda::getCurrentCUDAStream().stream());
   return grads;
 }
 #endif

@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "kernels/cuda/rotary.cuh"
+#include "kernels/cuda_dtype.h"
 #endif
 
 namespace keel::kernels {
@@ -63,22 +64,6 @@ at::Tensor rotate_reference(const at::Tensor& x, const at::Tensor& cos, const at
 }
 
 #ifdef KEEL_WITH_CUDA
-bool has_kernel_for(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
-
-cuda::DType cuda_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::DType::kFloat32;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    case at::kHalf:
-      return cuda::DType::kFloat16;
-    default:
-      break;
-  }
-  throw std::invalid_argument(std::string("apply_rotary: no CUDA kernel for dtype ") + c10::toString(t));
-}
-
 // x: [B, T, H, D] on a GPU; cos, sin: [T_max, R/2] fp32 contiguous on the same GPU.
 at::Tensor rotate_fused(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, int64_t rotary_dims,
                         float sin_sign) {
@@ -91,7 +76,7 @@ at::Tensor rotate_fused(const at::Tensor& x_in, const at::Tensor& cos, const at:
               "apply_rotary: the kernel wants fp32 tables on x's device");
   at::Tensor out = at::empty(x.sizes(), x.options());
   cuda::rotary_apply(x.data_ptr(), cos.data_ptr<float>(), sin.data_ptr<float>(), out.data_ptr(), x.size(0), x.size(1),
-                     x.size(2), x.size(3), rotary_dims, sin_sign, cuda_dtype(x.scalar_type()),
+                     x.size(2), x.size(3), rotary_dims, sin_sign, cuda_dtype(x.scalar_type(), "apply_rotary"),
                      c10::cuda::getCurrentCUDAStream().stream());
   return out;
 }

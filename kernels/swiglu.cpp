@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "kernels/cuda/swiglu.cuh"
+#include "kernels/cuda_dtype.h"
 #endif
 
 namespace keel::kernels {
@@ -33,28 +34,12 @@ void check_arguments(const char* op, const at::Tensor& gate, const at::Tensor& u
 }
 
 #ifdef KEEL_WITH_CUDA
-bool has_kernel_for(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
-
-cuda::DType cuda_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::DType::kFloat32;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    case at::kHalf:
-      return cuda::DType::kFloat16;
-    default:
-      break;
-  }
-  throw std::invalid_argument(std::string("swiglu: no CUDA kernel for dtype ") + c10::toString(t));
-}
-
 at::Tensor swiglu_forward_fused(const at::Tensor& gate, const at::Tensor& up) {
   const c10::cuda::CUDAGuard device_guard(gate.device());
   TORCH_CHECK(gate.is_contiguous() && up.is_contiguous(), "swiglu: inputs must be contiguous for the kernel");
   at::Tensor out = at::empty(gate.sizes(), gate.options());
-  cuda::swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), cuda_dtype(gate.scalar_type()),
-                       c10::cuda::getCurrentCUDAStream().stream());
+  cuda::swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(),
+                       cuda_dtype(gate.scalar_type(), "swiglu"), c10::cuda::getCurrentCUDAStream().stream());
   return out;
 }
 
@@ -69,7 +54,8 @@ SwiGluGrads swiglu_backward_fused(const at::Tensor& grad_in, const at::Tensor& g
   grads.gate = at::empty(gate.sizes(), gate.options());
   grads.up = at::empty(up.sizes(), up.options());
   cuda::swiglu_backward(grad.data_ptr(), gate.data_ptr(), up.data_ptr(), grads.gate.data_ptr(), grads.up.data_ptr(),
-                        gate.numel(), cuda_dtype(gate.scalar_type()), c10::cuda::getCurrentCUDAStream().stream());
+                        gate.numel(), cuda_dtype(gate.scalar_type(), "swiglu"),
+                        c10::cuda::getCurrentCUDAStream().stream());
   return grads;
 }
 #endif
