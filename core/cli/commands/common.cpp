@@ -57,10 +57,18 @@ void append_plugin_overrides(const std::vector<std::string>& plugins, const std:
 }
 
 po::variables_map parse_args(const std::vector<std::string>& args, const po::options_description& options,
-                             const std::string& command) {
+                             const std::string& command, std::vector<std::string>* positional) {
   po::variables_map vm;
   try {
-    po::store(po::command_line_parser(args).options(options).run(), vm);
+    if (positional == nullptr) {
+      po::store(po::command_line_parser(args).options(options).run(), vm);
+    } else {
+      po::options_description all;
+      all.add(options).add_options()("positional-argument", po::value<std::vector<std::string>>(positional));
+      po::positional_options_description pos;
+      pos.add("positional-argument", -1);
+      po::store(po::command_line_parser(args).options(all).positional(pos).run(), vm);
+    }
     if (vm.count("help")) return vm;
     po::notify(vm);
   } catch (const po::error& e) {

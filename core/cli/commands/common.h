@@ -21,9 +21,10 @@ void add_plugin_options(po::options_description& options, std::vector<std::strin
 // unknown slot or a malformed value.
 void append_plugin_overrides(const std::vector<std::string>& plugins, const std::vector<std::string>& plugin_args,
                              std::vector<std::string>& overrides);
-// Parses args against `options` (no positional arguments); unknown options are errors naming them.
+// Parses args against `options`; unknown options are errors naming them. Positional arguments are errors too,
+// unless `positional` is given: then they are collected there, in order.
 po::variables_map parse_args(const std::vector<std::string>& args, const po::options_description& options,
-                             const std::string& command);
+                             const std::string& command, std::vector<std::string>* positional = nullptr);
 // Log to the console (and to `log_file` when given) with spdlog.
 // `rank_tag` ("rank 3") goes into every line of a multi-rank job's log.
 void setup_logging(const std::string& log_file = "", const std::string& rank_tag = "");

@@ -36,19 +36,11 @@ int cmd_eval(const Args& args) {
        "training sequences per (source, chunk) (default 8)")
       ("help", "show this help");
   // clang-format on
-  po::options_description hidden;
-  hidden.add_options()("path", po::value<std::vector<std::string>>(&positional));
-  po::options_description all;
-  all.add(options).add(hidden);
-  po::positional_options_description pos;
-  pos.add("path", -1);
-  po::variables_map vm;
-  po::store(po::command_line_parser(args).options(all).positional(pos).run(), vm);
+  const po::variables_map vm = parse_args(args, options, "eval", &positional);
   if (vm.count("help")) {
     std::cout << options;
     return 0;
   }
-  po::notify(vm);
   if (positional.size() != 1) throw std::runtime_error("expected one CKPT_DIR or RUN_DIR (see keel eval --help)");
   if (batches < 1) throw std::runtime_error("--batches must be >= 1, got " + std::to_string(batches));
   if (memorization_samples < 0) throw std::runtime_error("--memorization-samples must be >= 0");

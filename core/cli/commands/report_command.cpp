@@ -23,19 +23,11 @@ int cmd_report(const Args& args) {
       ("title", po::value<std::string>(&title), "page title (default: keel report: RUN, RUN, ...)")
       ("help", "show this help");
   // clang-format on
-  po::options_description hidden;
-  hidden.add_options()("run-dir", po::value<std::vector<std::string>>(&run_dirs));
-  po::options_description all;
-  all.add(options).add(hidden);
-  po::positional_options_description pos;
-  pos.add("run-dir", -1);
-  po::variables_map vm;
-  po::store(po::command_line_parser(args).options(all).positional(pos).run(), vm);
+  const po::variables_map vm = parse_args(args, options, "report", &run_dirs);
   if (vm.count("help")) {
     std::cout << options;
     return 0;
   }
-  po::notify(vm);
   if (run_dirs.empty()) throw std::runtime_error("expected at least one RUN_DIR (see keel report --help)");
   if (out.empty()) throw std::runtime_error("missing -o FILE.html (where to write the report)");
 
