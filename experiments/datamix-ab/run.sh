@@ -17,8 +17,9 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-die() { echo "datamix-ab: error: $*" >&2; exit 1; }
-usage() { awk '/^#   experiments\//{p=1} p && /^#/{sub(/^# ?/, ""); print; next} p{exit}' "$0"; }
+xp_name=datamix-ab
+# shellcheck source=../lib.sh
+source "$here/../lib.sh"
 
 # The arms: name and data.mixture. The baseline keeps the base run's mix; the others move toward code.
 baseline=text
@@ -51,28 +52,12 @@ done
 config=$here/datamix.ini
 (( tiny )) && config=$here/datamix-tiny.ini
 [ -n "$out" ] || out=$repo/runs/datamix-ab-$( (( tiny )) && echo tiny- )$(date +%Y%m%d-%H%M%S)
-[ -e "$out" ] && die "$out already exists; pass a new --out (results are never overwritten)"
-jobs=${KEEL_JOBS:-2}
-[[ $jobs =~ ^[1-9][0-9]*$ ]] || die "KEEL_JOBS must be a positive integer, got '$jobs'"
-# A python3 with h5py: $PYTHON, else the first of python3 and /usr/bin/python3 (Debian's python3-h5py) that has it.
-python=""
-for candidate in ${PYTHON:-python3 /usr/bin/python3}; do
-  if "$candidate" -c "import h5py" 2>/dev/null; then python=$candidate; break; fi
-done
-[ -n "$python" ] || die "no python3 with h5py (tried: ${PYTHON:-python3 /usr/bin/python3}; Debian: apt-get install python3-h5py)"
-
-if [ -n "${KEEL_BIN:-}" ]; then
-  keel=$KEEL_BIN
-else
-  (cd "$repo" && bash scripts/build.sh --target keel)
-  keel=$repo/build/bin/keel
-fi
-[ -x "$keel" ] || die "keel binary not found or not executable: $keel"
+check_out_and_jobs "$out"
+find_python
+find_keel "$repo"
 
 mkdir -p "$out/logs"
 out=$(cd "$out" && pwd)
-start=$(date +%s)
-say() { echo "[datamix-ab $(( $(date +%s) - start ))s] $*"; }
 
 if [ -n "${KEEL_DATA_DIR:-}" ]; then
   [ -f "$KEEL_DATA_DIR/prepared.json" ] || die "KEEL_DATA_DIR=$KEEL_DATA_DIR holds no prepared corpus (prepared.json)"
@@ -84,21 +69,6 @@ else
     { tail -5 "$out/logs/prepare.log"; die "keel data prepare failed (log: $out/logs/prepare.log)"; }
 fi
 
-# FUNC ITEM...: FUNC ITEM for every item, $jobs at a time; names the items that failed.
-run_parallel() {
-  local func=$1 item i
-  shift
-  local -a failed=() batch=() pids=()
-  while (( $# )); do
-    batch=("${@:1:$jobs}")
-    shift "${#batch[@]}"
-    pids=()
-    for item in "${batch[@]}"; do "$func" "$item" & pids+=($!); done
-    for i in "${!pids[@]}"; do wait "${pids[$i]}" || failed+=("${batch[$i]}"); done
-  done
-  (( ${#failed[@]} == 0 )) || die "$func failed for: ${failed[*]} (logs in $out/logs/)"
-}
-
 train_base() {  # seed
   local seed=$1
   "$keel" train --config "$config" --run-dir "$out/base-seed$seed" --set "data.dir=$data_dir" \
@@ -109,11 +79,10 @@ seed_list=($(seq 1 "$seeds"))
 say "training ${#seed_list[@]} base runs (seeds ${seed_list[*]}), $jobs at a time"
 run_parallel train_base "${seed_list[@]}"
 
-branch_step=$(sed -n '/^\[train\]/,/^\[/p' "$out/base-seed1/config.ini" | grep -E '^\s*steps\s*=' | sed -E 's/^[^=]*=\s*([0-9]+).*/\1/')
-end_step=$(sed -n '/^\[optim\]/,/^\[/p' "$out/base-seed1/config.ini" | grep -E '^\s*decay_steps\s*=' | sed -E 's/^[^=]*=\s*([0-9]+).*/\1/')
-milestone=$(sed -n '/^\[checkpoint\]/,/^\[/p' "$out/base-seed1/config.ini" | grep -E '^\s*milestone_every\s*=' | sed -E 's/^[^=]*=\s*([0-9]+).*/\1/')
-[[ $branch_step =~ ^[0-9]+$ && $end_step =~ ^[0-9]+$ && $milestone =~ ^[1-9][0-9]*$ ]] ||
-  die "cannot read train.steps, optim.decay_steps and checkpoint.milestone_every from $out/base-seed1/config.ini"
+branch_step=$(config_int "$out/base-seed1/config.ini" train steps)
+end_step=$(config_int "$out/base-seed1/config.ini" optim decay_steps)
+milestone=$(config_int "$out/base-seed1/config.ini" checkpoint milestone_every)
+(( milestone > 0 )) || die "checkpoint.milestone_every must be > 0 in $out/base-seed1/config.ini"
 (( end_step > branch_step )) || die "optim.decay_steps ($end_step) must be beyond the branch point train.steps ($branch_step)"
 branch_ckpt_name=$(printf 'step-%08d' "$branch_step")
 
@@ -128,15 +97,7 @@ for seed in "${seed_list[@]}"; do for arm in "${arms[@]}"; do runs+=("$arm-seed$
 say "branching ${#runs[@]} arm runs at step $branch_step to step $end_step, $jobs at a time: ${arms[*]}"
 run_parallel branch_arm "${runs[@]}"
 
-eval_run() {  # arm-seedN: every milestone checkpoint after the branch point
-  local run=$1 ckpt step
-  for ckpt in "$out/$run"/checkpoints/step-*; do
-    step=$((10#${ckpt##*/step-}))
-    (( step > branch_step && step % milestone == 0 )) || continue
-    "$keel" eval "$ckpt" --memorization-samples 0 >> "$out/logs/eval-$run.log" 2>&1 ||
-      { tail -5 "$out/logs/eval-$run.log"; return 1; }
-  done
-}
+eval_run() { eval_milestones "$out/$1" "$branch_step" "$milestone"; }  # arm-seedN
 say "evaluating every arm run at the steps after $branch_step divisible by $milestone"
 run_parallel eval_run "${runs[@]}"
 
@@ -146,16 +107,7 @@ echo
 
 run_dirs=()
 for run in "${runs[@]}"; do run_dirs+=("$out/$run"); done
-if "$keel" report --help > /dev/null 2>&1; then
-  "$keel" report "${run_dirs[@]}" -o "$out/report.html" --baseline "$baseline" \
-    --title "datamix-ab: text vs code mixture branched at step $branch_step, $seeds seeds" \
-    > "$out/logs/report.log" 2>&1 || { tail -5 "$out/logs/report.log"; die "keel report failed"; }
-  report_line="report:   $out/report.html"
-else
-  report_line="report:   not written: this keel has no 'report' command"
-fi
-say "done"
-echo "summary:  $out/summary.txt"
-echo "$report_line"
+write_report "$baseline" "datamix-ab: text vs code mixture branched at step $branch_step, $seeds seeds" \
+  "${run_dirs[@]}"
 echo "runs:     $out/<arm>-seed<N> (arms ${arms[*]}; bases $out/base-seed<N>)"
 echo "logs:     $out/logs/"

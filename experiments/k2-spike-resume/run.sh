@@ -15,8 +15,9 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-die() { echo "k2-spike-resume: error: $*" >&2; exit 1; }
-usage() { awk '/^#   experiments\//{p=1} p && /^#/{sub(/^# ?/, ""); print; next} p{exit}' "$0"; }
+xp_name=k2-spike-resume
+# shellcheck source=../lib.sh
+source "$here/../lib.sh"
 
 tiny=0
 out=""
@@ -32,28 +33,12 @@ done
 config=$here/k2.ini
 (( tiny )) && config=$here/k2-tiny.ini
 [ -n "$out" ] || out=$repo/runs/k2-spike-resume-$( (( tiny )) && echo tiny- )$(date +%Y%m%d-%H%M%S)
-[ -e "$out" ] && die "$out already exists; pass a new --out (results are never overwritten)"
-jobs=${KEEL_JOBS:-2}
-[[ $jobs =~ ^[1-9][0-9]*$ ]] || die "KEEL_JOBS must be a positive integer, got '$jobs'"
-# A python3 with h5py: $PYTHON, else the first of python3 and /usr/bin/python3 (Debian's python3-h5py) that has it.
-python=""
-for candidate in ${PYTHON:-python3 /usr/bin/python3}; do
-  if "$candidate" -c "import h5py" 2>/dev/null; then python=$candidate; break; fi
-done
-[ -n "$python" ] || die "no python3 with h5py (tried: ${PYTHON:-python3 /usr/bin/python3}; Debian: apt-get install python3-h5py)"
-
-if [ -n "${KEEL_BIN:-}" ]; then
-  keel=$KEEL_BIN
-else
-  (cd "$repo" && bash scripts/build.sh --target keel)
-  keel=$repo/build/bin/keel
-fi
-[ -x "$keel" ] || die "keel binary not found or not executable: $keel"
+check_out_and_jobs "$out"
+find_python
+find_keel "$repo"
 
 mkdir -p "$out/logs" "$out/data"
 out=$(cd "$out" && pwd)
-start=$(date +%s)
-say() { echo "[k2-spike-resume $(( $(date +%s) - start ))s] $*"; }
 
 # The misbehaving chunk and the prepared corpus (prose + code + bad) live in the output dir: the experiment's
 # tokenizer differs from the bundled corpus's (it has seen the bad chunk's characters).
@@ -94,37 +79,14 @@ resume_arm() {
   "$keel" resume --from "$resume_ckpt" --run-dir "$out/$arm" --set checkpoint.every=10 $(arm_args "$arm") \
     > "$out/logs/$arm.log" 2>&1 || { tail -5 "$out/logs/$arm.log"; return 1; }
 }
-# FUNC ITEM...: FUNC ITEM for every item, $jobs at a time; names the items that failed.
-run_parallel() {
-  local func=$1 item i
-  shift
-  local -a failed=() batch=() pids=()
-  while (( $# )); do
-    batch=("${@:1:$jobs}")
-    shift "${#batch[@]}"
-    pids=()
-    for item in "${batch[@]}"; do "$func" "$item" & pids+=($!); done
-    for i in "${!pids[@]}"; do wait "${pids[$i]}" || failed+=("${batch[$i]}"); done
-  done
-  (( ${#failed[@]} == 0 )) || die "$func failed for: ${failed[*]} (logs in $out/logs/)"
-}
 say "resuming ${#arms[@]} arms, $jobs at a time: ${arms[*]}"
 run_parallel resume_arm "${arms[@]}"
 
 # Validation loss per source at the milestone checkpoints after the resume point, the same steps in every arm.
 resume_step=$((10#$(basename "$resume_ckpt" | sed 's/^step-//')))
-milestone=$(sed -n '/^\[checkpoint\]/,/^\[/p' "$out/control/config.ini" | grep -E '^\s*milestone_every\s*=' |
-            sed -E 's/^[^=]*=\s*([0-9]+).*/\1/')
-[[ $milestone =~ ^[1-9][0-9]*$ ]] || die "cannot read checkpoint.milestone_every from $out/control/config.ini"
-eval_arm() {
-  local arm=$1 ckpt step
-  for ckpt in "$out/$arm"/checkpoints/step-*; do
-    step=$((10#${ckpt##*/step-}))
-    (( step > resume_step && step % milestone == 0 )) || continue
-    "$keel" eval "$ckpt" --memorization-samples 0 >> "$out/logs/eval-$arm.log" 2>&1 ||
-      { tail -5 "$out/logs/eval-$arm.log"; return 1; }
-  done
-}
+milestone=$(config_int "$out/control/config.ini" checkpoint milestone_every)
+(( milestone > 0 )) || die "checkpoint.milestone_every must be > 0 in $out/control/config.ini"
+eval_arm() { eval_milestones "$out/$1" "$resume_step" "$milestone"; }
 say "evaluating every arm at the steps after $resume_step divisible by $milestone"
 run_parallel eval_arm control "${arms[@]}"
 
@@ -134,16 +96,7 @@ echo
 
 run_dirs=("$out/control")
 for arm in "${arms[@]}"; do run_dirs+=("$out/$arm"); done
-if "$keel" report --help > /dev/null 2>&1; then
-  "$keel" report "${run_dirs[@]}" -o "$out/report.html" --baseline control \
-    --title "k2-spike-resume: a bad data chunk, and resuming before it with stability plugins" \
-    > "$out/logs/report.log" 2>&1 || { tail -5 "$out/logs/report.log"; die "keel report failed"; }
-  report_line="report:   $out/report.html"
-else
-  report_line="report:   not written: this keel has no 'report' command"
-fi
-say "done"
-echo "summary:  $out/summary.txt"
-echo "$report_line"
+write_report control "k2-spike-resume: a bad data chunk, and resuming before it with stability plugins" \
+  "${run_dirs[@]}"
 echo "runs:     ${run_dirs[*]}"
 echo "logs:     $out/logs/"
