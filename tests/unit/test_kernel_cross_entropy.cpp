@@ -2,37 +2,33 @@
 // so its losses and both gradients must be those of that path. The chunked reference is checked against
 // model::vocab_parallel_cross_entropy (one rank) on logits = hidden @ weight^T, for chunk sizes that do and do
 // not divide N, with and without z-loss; the CUDA kernel is checked against the reference where a GPU exists.
-#include <functional>
-#include <string>
-
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+
+#include <functional>
+#include <string>
 
 #include "core/model/tp_layers.h"
 #include "core/parallel/tensor_parallel.h"
 #include "kernels/cross_entropy.h"
 #include "kernels/dispatch.h"
+#include "tests/unit/test_support.h"
 
 namespace keel::kernels {
+
 namespace {
+
+using keel::testing::error_of;
 
 // max |actual - expected| over max |expected|: one number per tensor, robust to entries near zero.
 double scaled_error(const torch::Tensor& actual, const torch::Tensor& expected) {
-  torch::Tensor a = actual.detach().to(torch::kCPU, torch::kDouble), e = expected.detach().to(torch::kCPU, torch::kDouble);
+  torch::Tensor a = actual.detach().to(torch::kCPU, torch::kDouble),
+                e = expected.detach().to(torch::kCPU, torch::kDouble);
   const double scale = std::max(e.abs().max().item<double>(), 1e-30);
   return (a - e).abs().max().item<double>() / scale;
 }
 
 torch::Tensor leaf(const torch::Tensor& t) { return t.detach().clone().set_requires_grad(true); }
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no exception)";
-}
 
 struct Problem {
   torch::Tensor hidden;   // [N, C] compute dtype
@@ -58,13 +54,14 @@ struct Outcome {
 Outcome unfused(const Problem& p, double coef, double scale) {
   torch::Tensor hidden = leaf(p.hidden), weight = leaf(p.weight);
   torch::Tensor logits = torch::nn::functional::linear(hidden, weight.to(hidden.scalar_type()));  // [N, V]
-  model::CrossEntropyParts parts = model::vocab_parallel_cross_entropy(logits, p.targets, coef, parallel::TensorParallel{});
+  model::CrossEntropyParts parts =
+      model::vocab_parallel_cross_entropy(logits, p.targets, coef, parallel::TensorParallel{});
   (scale * parts.loss).backward();
   return {parts.loss.detach(), parts.nll.detach(), parts.z_loss.detach(), hidden.grad(), weight.grad()};
 }
 
-using FusedFn = std::function<FusedCrossEntropy(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                                                double, int64_t)>;
+using FusedFn =
+    std::function<FusedCrossEntropy(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, double, int64_t)>;
 
 Outcome chunked(const FusedFn& fn, const Problem& p, double coef, int64_t chunk_rows, double scale) {
   torch::Tensor hidden = leaf(p.hidden), weight = leaf(p.weight);
@@ -181,7 +178,8 @@ TEST(KernelCrossEntropy, FusedKernelMatchesTheReference) {
   };
   // Odd vocabularies take the scalar path of the kernel, multiples of 8 the 16-byte vectors; chunks of 16 rows
   // do not divide 67.
-  const std::vector<Case> cases = {{67, 64, 1001, 16, torch::kFloat, 1e-5}, {67, 64, 4096, 16, torch::kFloat, 1e-5},
+  const std::vector<Case> cases = {{67, 64, 1001, 16, torch::kFloat, 1e-5},
+                                   {67, 64, 4096, 16, torch::kFloat, 1e-5},
                                    {67, 64, 1001, 16, torch::kBFloat16, 1e-2},
                                    {130, 128, 32000, 64, torch::kBFloat16, 1e-2},
                                    {5, 32, 3, 2, torch::kBFloat16, 1e-2}};

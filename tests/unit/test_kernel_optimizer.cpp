@@ -3,33 +3,28 @@
 // loads them, over several steps with weight decay on and off), (2) bad lists must be refused naming the
 // argument, and (3) on a GPU the fused kernels must match the reference, over many odd-sized and misaligned
 // tensors (several launches, a tensor split across launches), also when reached through a plugin.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
 #include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
-#include <gtest/gtest.h>
-#include <torch/torch.h>
-
 #include "core/plugin_host/plugin_library.h"
 #include "kernels/dispatch.h"
 #include "kernels/optimizer_step.h"
+#include "tests/unit/test_support.h"
 
 namespace keel::kernels {
+
 namespace {
+
+using keel::testing::error_of;
 
 std::shared_ptr<sdk::Plugin> load_optimizer(const std::string& name, const sdk::Args& args) {
   using plugin_host::PluginLibrary;
   return PluginLibrary::load(plugin_host::resolve_plugin_path(name))->create(args);
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no exception)";
 }
 
 std::vector<torch::Tensor> clones(const std::vector<torch::Tensor>& tensors) {
@@ -104,7 +99,8 @@ void expect_plugin_loop_is_the_reference(const std::string& plugin, const sdk::A
     EXPECT_TRUE(torch::equal(bound[i].param.detach(), model.params[i])) << plugin << " " << name;
     EXPECT_TRUE(torch::equal(state_tensor(state, name + "/exp_avg"), model.exp_avgs[i])) << plugin << " " << name;
     if (second_moment) {
-      EXPECT_TRUE(torch::equal(state_tensor(state, name + "/exp_avg_sq"), model.exp_avg_sqs[i])) << plugin << " " << name;
+      EXPECT_TRUE(torch::equal(state_tensor(state, name + "/exp_avg_sq"), model.exp_avg_sqs[i]))
+          << plugin << " " << name;
     }
   }
 }
@@ -205,12 +201,13 @@ TEST(KernelOptimizer, BadListsAreRefusedNamingTheArgument) {
   step_zero.step = 0;
   EXPECT_NE(adamw_error(grads, model.exp_avgs, model.decay, step_zero).find("hyper.step must be >= 1"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { lion_step(model.params, grads, {model.exp_avgs[1], model.exp_avgs[1]}, model.decay, lion); })
-                .find("lion_step: exp_avgs[0] has shape [2, 2] but params[0] has [3]"),
+  EXPECT_NE(error_of([&] {
+              lion_step(model.params, grads, {model.exp_avgs[1], model.exp_avgs[1]}, model.decay, lion);
+            }).find("lion_step: exp_avgs[0] has shape [2, 2] but params[0] has [3]"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { lion_step_reference(model.params, grads, model.exp_avgs, {}, lion); })
-                .find("decay has 0 flags"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of([&] { lion_step_reference(model.params, grads, model.exp_avgs, {}, lion); }).find("decay has 0 flags"),
+      std::string::npos);
 }
 
 TEST(KernelOptimizer, HostKernelTableHoldsTheseFunctions) {

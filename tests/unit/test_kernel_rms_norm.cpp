@@ -13,28 +13,15 @@
 #include "core/model/llama.h"
 #include "kernels/dispatch.h"
 #include "kernels/rms_norm.h"
+#include "tests/unit/test_support.h"
 
 namespace {
 
+using keel::testing::error_of;
+using keel::testing::relative_error;
+
 namespace kn = keel::kernels;
 constexpr double kEps = 1e-5;
-
-// max |actual - expected| / max |expected|, in fp64 on the CPU.
-double relative_error(const torch::Tensor& actual, const torch::Tensor& expected) {
-  const torch::Tensor a = actual.to(torch::kCPU).to(torch::kDouble);
-  const torch::Tensor e = expected.to(torch::kCPU).to(torch::kDouble);
-  const double scale = std::max(e.abs().max().item<double>(), 1e-30);
-  return (a - e).abs().max().item<double>() / scale;
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "(no error)";
-}
 
 // Shapes [..., C] with odd sizes, plus two drawn at random.
 std::vector<std::vector<int64_t>> test_shapes() {

@@ -1,12 +1,12 @@
 // Why: see test_support.h.
 #include "test_support.h"
 
+#include <gtest/gtest.h>
+#include <torch/torch.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "core/checkpoint/checkpoint_error.h"
 #include "core/data/data_error.h"
@@ -70,6 +70,24 @@ ModelConfig small_model_config(int64_t seq_len) {
   c.vocab = 50;
   c.seq_len = seq_len;
   return c;
+}
+
+std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "(no exception)";
+}
+
+double relative_error(const at::Tensor& actual, const at::Tensor& expected) {
+  const at::Tensor a = actual.to(torch::kCPU).to(torch::kDouble);
+  const at::Tensor e = expected.to(torch::kCPU).to(torch::kDouble);
+  const double scale = std::max(e.abs().max().item<double>(), 1e-30);
+  return (a - e).abs().max().item<double>() / scale;
 }
 
 }  // namespace keel::testing
