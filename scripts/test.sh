@@ -8,5 +8,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/build.sh
 ctest --test-dir build --output-on-failure -j "$(nproc)" "$@"
+# The experiments' tiny runs (tests/experiments) leave their reports in the build tree: say where.
+for report in build/tests/experiments/*/report.html; do
+  if [ -f "$report" ]; then echo "experiment report: $report (summary: $(dirname "$report")/summary.txt)"; fi
+done
 fuzz_seconds=${KEEL_FUZZ_SECONDS:-20}
 [ "$fuzz_seconds" = 0 ] || bash scripts/fuzz.sh "$fuzz_seconds"

@@ -148,8 +148,17 @@ void train_tokenizer(const std::vector<std::string>& documents, const std::strin
     auto input = open_file(scratch.file("sentences"), "wb");
     for (const auto& sentence : sentences) spm_io::write_string(input.get(), sentence);
   }
-  run_spm({"train", scratch.file("flags"), scratch.file("sentences"), "20240101"}, scratch,
-          model_prefix + ".model: tokenizer training");
+  try {
+    run_spm({"train", scratch.file("flags"), scratch.file("sentences"), "20240101"}, scratch,
+            model_prefix + ".model: tokenizer training");
+  } catch (const DataError& e) {
+    // SentencePiece keeps every character of the covered 99.95% of the text as a piece of its own; a corpus with
+    // more distinct characters than that (many scripts at a small vocab) cannot fit. Say which key to change.
+    if (std::string(e.what()).find("required_chars") == std::string::npos) throw;
+    throw DataError(std::string(e.what()) + " -- the text has more distinct characters than model.vocab = " +
+                    std::to_string(vocab_size) + " leaves room for: raise model.vocab, or drop or narrow the source " +
+                    "with many scripts");
+  }
   Tokenizer trained(model_prefix + ".model");
   if (trained.vocab_size() < vocab_size) {
     spdlog::warn("tokenizer {}.model has {} pieces, fewer than the requested vocab {} (too little text)",

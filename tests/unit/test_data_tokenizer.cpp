@@ -107,6 +107,26 @@ TEST(Tokenizer, TrainingIsDeterministic) {
   EXPECT_TRUE(a.encode(prose_text(5, 99)) == b.encode(prose_text(5, 99)));
 }
 
+TEST(Tokenizer, TooManyDistinctCharactersForTheVocabNamesModelVocab) {
+  // 600 distinct CJK characters, equally frequent: SentencePiece must keep each as a piece, more than a vocab of
+  // 300 holds.
+  std::string text;
+  for (int round = 0; round < 20; ++round) {
+    for (uint32_t cp = 0x4E00; cp < 0x4E00 + 600; ++cp) {
+      text += static_cast<char>(0xE0 | (cp >> 12));
+      text += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+      text += static_cast<char>(0x80 | (cp & 0x3F));
+    }
+    text += "\n";
+  }
+  const std::string dir = test_dir();
+  const std::string path = write(dir + "/cjk.txt", text);
+  const std::string error = keel::testing::data_error_of([&] { keel::data::train_tokenizer(path, dir + "/tok", 300); });
+  EXPECT_NE(error.find("required_chars"), std::string::npos) << error;
+  EXPECT_NE(error.find("model.vocab = 300"), std::string::npos) << error;
+  EXPECT_FALSE(fs::exists(dir + "/tok.model"));
+}
+
 TEST(Tokenizer, LoadErrorsNameThePath) {
   keel::data::Tokenizer tok;
   EXPECT_FALSE(tok.loaded());
