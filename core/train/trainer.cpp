@@ -155,6 +155,7 @@ struct Trainer::State {
   std::unique_ptr<checkpoint::CheckpointStore> checkpoints;
   std::string last_checkpoint;
   at::Tensor placement_index, placement_counted;  // placed_squares(): global index and counted-here flag per param
+  at::Tensor zero_scalar;                         // placed_squares(): stands in for an undefined gradient on a GPU
 
   std::string control_dir() const { return paths.root + "/control"; }
   bool rank0() const { return groups.is_rank0(); }
@@ -200,19 +201,13 @@ struct Trainer::State {
     }
     at::Tensor local;  // [n_local]
     if (device.is_cuda()) {
-      // One multi-tensor kernel instead of a reduction per tensor; undefined gradients count as zero.
-      std::vector<at::Tensor> defined;
-      std::vector<int64_t> where;
-      for (size_t i = 0; i < tensors.size(); ++i) {
-        if (!tensors[i].defined()) continue;
-        defined.push_back(tensors[i].detach());
-        where.push_back(static_cast<int64_t>(i));
-      }
-      local = torch::zeros({static_cast<int64_t>(tensors.size())}, fp32);
-      if (!defined.empty()) {
-        const at::Tensor norms = torch::stack(at::_foreach_norm(defined, 2)).to(torch::kFloat);  // [n_defined]
-        local.index_copy_(0, torch::tensor(where, torch::kLong).to(device), norms * norms);
-      }
+      // One multi-tensor kernel instead of a reduction per tensor; an undefined gradient counts as a zero (a
+      // cached device scalar, so nothing is copied from the host inside the step).
+      if (!zero_scalar.defined()) zero_scalar = torch::zeros({}, fp32);
+      std::vector<at::Tensor> all;
+      for (const auto& t : tensors) all.push_back(t.defined() ? t.detach() : zero_scalar);
+      const at::Tensor norms = torch::stack(at::_foreach_norm(all, 2)).to(torch::kFloat);  // [n_local]
+      local = norms * norms;
     } else {
       std::vector<at::Tensor> squares;
       for (const auto& t : tensors) squares.push_back(t.defined() ? t.detach().to(torch::kFloat).pow(2).sum() : torch::zeros({}, fp32));

@@ -108,7 +108,7 @@ void expect_plugin_loop_is_the_reference(const std::string& plugin, const sdk::A
 TEST(KernelOptimizer, AdamWReferenceIsThePluginLoopBitForBit) {
   for (const char* wd : {"0.1", "0"}) {
     const sdk::Args args = {{"beta1", "0.9"}, {"beta2", "0.95"}, {"eps", "1e-8"}, {"weight_decay", wd}};
-    auto reference = [&](Model& m, const std::vector<torch::Tensor>& grads, double lr, int step) {
+    auto hyper = [&](double lr, int step) {
       AdamWHyper h;
       h.lr = lr;
       h.beta1 = 0.9;
@@ -116,21 +116,17 @@ TEST(KernelOptimizer, AdamWReferenceIsThePluginLoopBitForBit) {
       h.eps = 1e-8;
       h.weight_decay = std::stod(wd);
       h.step = step;
-      adamw_step_reference(m.params, grads, m.exp_avgs, m.exp_avg_sqs, m.decay, h);
+      return h;
+    };
+    auto reference = [&](Model& m, const std::vector<torch::Tensor>& grads, double lr, int step) {
+      adamw_step_reference(m.params, grads, m.exp_avgs, m.exp_avg_sqs, m.decay, hyper(lr, step));
     };
     // Without host kernels, and with them: on CPU params the plugin keeps its own loop either way.
     expect_plugin_loop_is_the_reference("adamw", args, 4, nullptr, reference, true);
     expect_plugin_loop_is_the_reference("adamw", args, 4, host_kernels(), reference, true);
     // And the dispatching entry point is the reference on CPU.
     auto dispatched = [&](Model& m, const std::vector<torch::Tensor>& grads, double lr, int step) {
-      AdamWHyper h;
-      h.lr = lr;
-      h.beta1 = 0.9;
-      h.beta2 = 0.95;
-      h.eps = 1e-8;
-      h.weight_decay = std::stod(wd);
-      h.step = step;
-      adamw_step(m.params, grads, m.exp_avgs, m.exp_avg_sqs, m.decay, h);
+      adamw_step(m.params, grads, m.exp_avgs, m.exp_avg_sqs, m.decay, hyper(lr, step));
     };
     expect_plugin_loop_is_the_reference("adamw", args, 4, nullptr, dispatched, true);
   }
