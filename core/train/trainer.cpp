@@ -10,6 +10,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -37,6 +38,7 @@
 #include "core/parallel/grad_reducer.h"
 #include "core/parallel/pipeline.h"
 #include "core/plugin_host/plugin_host.h"
+#include "core/train/plugin_values.h"
 #include "kernels/dispatch.h"
 #include "kernels/optimizer_step.h"
 
@@ -117,6 +119,9 @@ void install_stop_signal_handlers() {
 
 bool stop_requested() { return g_stop_requested.load(); }
 
+// What the ranks agree on at each step boundary, in order of precedence.
+enum class BoundaryStatus { kContinue = 0, kStop = 1, kFailed = 2 };
+
 // What one step produced, for the loop (the plugins saw `ctx`).
 struct Trainer::StepRecord {
   sdk::StepContext ctx;
@@ -151,6 +156,7 @@ struct Trainer::State {
   double lr_factor = 1.0;
   int64_t lr_factor_until = -1;
   int64_t rollbacks = 0;
+  bool step_updated = false;  // the current step's update is applied and counted (a failure after it can checkpoint)
   checkpoint::Lineage lineage;
   std::unique_ptr<checkpoint::CheckpointStore> checkpoints;
   std::string last_checkpoint;
@@ -163,8 +169,54 @@ struct Trainer::State {
   void event(int64_t step, const std::string& kind, const std::string& text) {
     if (metrics) metrics->event(step, kind, text);
   }
+  // A failure that ends the run: an "error" event, flushed if metrics.h5 can still be written (it may be what
+  // failed), so that the file says why the run stopped.
+  void record_failure(int64_t step, const std::string& text) {
+    if (!metrics) return;
+    try {
+      metrics->event(step, "error", text);
+      metrics->flush();
+    } catch (const std::exception&) {
+    }
+  }
+  // The newest committed checkpoint, for messages ("" if none).
+  std::string newest_checkpoint() const {
+    const auto latest = checkpoints->latest_pointer();
+    return latest ? *latest : "";
+  }
   void write_lineage() {
     if (rank0()) checkpoint::write_file_atomically(paths.lineage_json(), checkpoint::lineage_to_json(lineage));
+  }
+  void stop_if_weights_not_finite(int64_t step) {
+    std::string bad;
+    {
+      torch::NoGradGuard no_grad;
+      for (const auto& p : params) {
+        if (!torch::isfinite(p.param).all().item<bool>()) {
+          bad = p.name;
+          break;
+        }
+      }
+    }
+    const std::vector<std::string> all = groups.world->all_gather_strings(bad);
+    for (size_t r = 0; r < all.size(); ++r) {
+      if (all[r].empty()) continue;
+      std::string transforms;
+      for (auto& t : plugins->grad_transforms()) transforms += (transforms.empty() ? "" : ", ") + t.name();
+      throw std::runtime_error(
+          "step " + std::to_string(step) + ": the weights are not finite (" + all[r] +
+          (groups.world->single() ? "" : " on " + groups.layout.describe_rank(static_cast<int64_t>(r))) +
+          "): an earlier update poisoned them (optimizer " + plugins->optimizer().name() +
+          (transforms.empty() ? "" : ", grad transforms " + transforms) + "); the run stops");
+    }
+  }
+  // The boundary status of the whole job: the most severe of every rank's (one collective).
+  BoundaryStatus boundary_status(bool failed, bool stop) {
+    const BoundaryStatus local = failed ? BoundaryStatus::kFailed : stop ? BoundaryStatus::kStop : BoundaryStatus::kContinue;
+    if (groups.world->single()) return local;
+    at::Tensor code = torch::full({1}, static_cast<float>(local));
+    groups.world->all_reduce(code, parallel::ReduceOp::kMax);
+    return static_cast<BoundaryStatus>(static_cast<int>(code.item<float>()));
   }
   // True on every rank if `local` is true on any rank (stop signals, failures).
   bool any_rank(bool local) {
@@ -340,7 +392,24 @@ TrainSummary Trainer::train() {
 
   for (int64_t step = s.loader->step(); step < s.config.train.steps; ++step) {
     const Config& c = s.config;
-    const StepRecord r = train_step(step);
+    StepRecord r;
+    std::string failure;  // this rank failed after the step's update (metrics, log, observers): checkpoint, stop
+    try {
+      r = train_step(step);
+    } catch (const parallel::DistributedError&) {
+      throw;
+    } catch (const std::exception& e) {
+      if (!s.step_updated) {  // mid-step: weights and data position disagree; the newest checkpoint stays
+        const std::string newest = s.newest_checkpoint();
+        s.record_failure(step, e.what());
+        throw std::runtime_error(std::string(e.what()) +
+                                 (newest.empty() ? "" : "; the newest checkpoint is " + newest));
+      }
+      failure = e.what();
+    }
+    // Every rank learns at the same boundary whether any rank failed after its update or got a stop signal.
+    const BoundaryStatus status = s.boundary_status(!failure.empty(), stop_requested());
+    if (status == BoundaryStatus::kFailed) fail_after_update(step, failure);
     const sdk::StepContext& ctx = r.ctx;
     if (summary.steps_run == 0) summary.first_loss = ctx.loss;
     ++summary.steps_run;
@@ -363,10 +432,14 @@ TrainSummary Trainer::train() {
       save_checkpoint("stopped by " + r.decided_by);
       break;
     }
-    if (s.any_rank(stop_requested())) {  // every rank stops after the same step
+    if (status == BoundaryStatus::kStop) {  // every rank stops after the same step
       summary.stopped_by_signal = true;
-      s.event(step, "stop", "stop signal received: checkpoint and exit after step " + std::to_string(step));
-      spdlog::warn("stop signal received: saving a checkpoint after step {} and stopping", step);
+      // Steps are numbered from 0; checkpoint step-N holds the state after N steps (a resume starts at step N).
+      const std::string name = checkpoint::step_dir_name(step + 1);
+      s.event(step, "stop", "stop signal received during step " + std::to_string(step) + ": saving " + name +
+                                " and stopping");
+      spdlog::warn("stop signal received during step {}: saving checkpoint {} (a resume starts at step {}) and stopping",
+                   step, name, step + 1);
       save_checkpoint("stop signal");
       break;
     }
@@ -386,6 +459,31 @@ TrainSummary Trainer::train() {
   if (s.metrics) s.metrics->flush();
   summary.last_checkpoint = s.last_checkpoint;
   return summary;
+}
+
+void Trainer::fail_after_update(int64_t step, const std::string& failure) {
+  State& s = *state_;
+  // Which rank failed, and why (the first failing rank's message is the one every rank reports).
+  const std::vector<std::string> failures = s.groups.world->all_gather_strings(failure);
+  std::string message;
+  for (size_t r = 0; r < failures.size() && message.empty(); ++r) {
+    if (failures[r].empty()) continue;
+    message = (s.groups.world->single() ? "" : s.groups.layout.describe_rank(static_cast<int64_t>(r)) + ": ") + failures[r];
+  }
+  message = "step " + std::to_string(step) + ": " + message;
+  spdlog::error("{}; saving a checkpoint of the state after step {} before stopping", message, step);
+  // The update of `step` is applied everywhere, so the state after it is a consistent checkpoint.
+  try {
+    message += "; saved " + save_checkpoint("stopped by a failure after step " + std::to_string(step));
+  } catch (const parallel::DistributedError&) {
+    throw;
+  } catch (const std::exception& e) {
+    const std::string newest = s.newest_checkpoint();
+    message += "; the checkpoint could not be saved either (" + std::string(e.what()) + ")" +
+               (newest.empty() ? "" : "; the newest checkpoint is " + newest);
+  }
+  s.record_failure(step, message);
+  throw std::runtime_error(message);
 }
 
 std::string Trainer::save_checkpoint(const std::string& reason) {
@@ -526,7 +624,7 @@ std::string Trainer::save_checkpoint(const std::string& reason) {
 
 void Trainer::restore(const checkpoint::TrainingState& st, bool allow_data_change) {
   State& s = *state_;
-  const std::vector<std::string> notes = apply_state(st, allow_data_change, /*restore_plugins=*/true);
+  const std::vector<std::string> notes = apply_state(st, s.lineage.parent_checkpoint, allow_data_change, /*restore_plugins=*/true);
   for (const auto& note : notes) s.lineage.notes.push_back(note);
   for (const auto& change : s.loader->adopt_config(s.config)) s.lineage.notes.push_back("data: " + change);
   s.event(st.step, "resume", "from " + s.lineage.parent_checkpoint + " (" + s.lineage.kind() + ")");
@@ -534,8 +632,8 @@ void Trainer::restore(const checkpoint::TrainingState& st, bool allow_data_chang
   spdlog::info("resumed at step {} ({} tokens seen) from {}", st.step, st.tokens_seen, s.lineage.parent_checkpoint);
 }
 
-std::vector<std::string> Trainer::apply_state(const checkpoint::TrainingState& st, bool allow_data_change,
-                                              bool restore_plugins) {
+std::vector<std::string> Trainer::apply_state(const checkpoint::TrainingState& st, const std::string& origin,
+                                              bool allow_data_change, bool restore_plugins) {
   using checkpoint::CheckpointError;
   State& s = *state_;
   std::vector<std::string> notes;
@@ -548,22 +646,35 @@ std::vector<std::string> Trainer::apply_state(const checkpoint::TrainingState& s
   };
   // `st` holds whole tensors (read_full_state); this rank takes its TP shard of each of its stage's parameters.
   const parallel::ProcessGroups& g = s.groups;
-  if (st.model.size() != s.tensor_names.size()) {
-    throw CheckpointError("checkpoint has " + std::to_string(st.model.size()) + " model tensors, the model has " +
-                          std::to_string(s.tensor_names.size()));
+  {
+    // Name the tensors that do not match, not just their counts.
+    std::set<std::string> in_checkpoint, in_model(s.tensor_names.begin(), s.tensor_names.end());
+    for (const auto& [name, tensor] : st.model) in_checkpoint.insert(name);
+    std::string missing, extra;
+    for (const auto& name : s.tensor_names)
+      if (!in_checkpoint.count(name)) missing += (missing.empty() ? "" : ", ") + name;
+    for (const auto& name : in_checkpoint)
+      if (!in_model.count(name)) extra += (extra.empty() ? "" : ", ") + name;
+    if (!missing.empty() || !extra.empty()) {
+      throw CheckpointError(origin + ": " + (missing.empty() ? "" : "no model tensor " + missing + " in its rank files") +
+                            (missing.empty() || extra.empty() ? "" : "; ") +
+                            (extra.empty() ? "" : "model tensor " + extra + " is not in this model") + " (checkpoint " +
+                            std::to_string(st.model.size()) + " tensors, model " + std::to_string(s.tensor_names.size()) +
+                            ")");
+    }
   }
   std::vector<torch::Tensor> shards;  // per entry of s.params
   for (size_t i = 0; i < s.params.size(); ++i) {
     const auto& p = s.params[i];
     const torch::Tensor* t = find(st.model, p.name);
-    if (!t) throw CheckpointError("checkpoint has no tensor '" + p.name + "'");
+    if (!t) throw CheckpointError(origin + ": no model tensor '" + p.name + "'");
     const std::vector<int64_t> whole = model::global_shape(p.param.sizes(), s.specs[i], g.layout.tp());
     if (t->sizes().vec() != whole) {
-      throw CheckpointError("checkpoint tensor '" + p.name + "' has shape " + c10::str(t->sizes()) +
+      throw CheckpointError(origin + ": model tensor '" + p.name + "' has shape " + c10::str(t->sizes()) +
                             ", the model needs " + c10::str(at::IntArrayRef(whole)));
     }
     if (t->scalar_type() != torch::kFloat) {
-      throw CheckpointError("checkpoint tensor '" + p.name + "' is " + c10::toString(t->scalar_type()) +
+      throw CheckpointError(origin + ": model tensor '" + p.name + "' is " + c10::toString(t->scalar_type()) +
                             ", expected float32 (fp32 master weights)");
     }
     shards.push_back(model::shard_of(*t, s.specs[i], g.coords.tp, g.layout.tp()));
@@ -666,7 +777,7 @@ int64_t Trainer::roll_back(int64_t step, const StepRecord& r) {
     throw std::runtime_error("more than " + std::to_string(kMaxRollbacks) + " rollbacks in one run: stopping");
   const checkpoint::Manifest manifest = checkpoint::verify_checkpoint_dir(target->dir);
   const checkpoint::TrainingState st = checkpoint::read_full_state(target->dir, manifest, s.groups.rank);
-  apply_state(st, /*allow_data_change=*/false, /*restore_plugins=*/false);  // plugins keep their memory
+  apply_state(st, target->dir, /*allow_data_change=*/false, /*restore_plugins=*/false);  // plugins keep their memory
   // The intervention first: the reason can be long, and events keep 511 bytes.
   std::string what = "step " + std::to_string(step) + " -> checkpoint step " + std::to_string(st.step);
   if (!d.skip_data.empty()) {
@@ -800,6 +911,7 @@ Trainer::StepRecord Trainer::train_step(int64_t step) {
   State& s = *state_;
   const Config& c = s.config;
   const auto start = std::chrono::steady_clock::now();
+  s.step_updated = false;
   StepRecord r;
   sdk::StepContext& ctx = r.ctx;
   ctx.step = step;
@@ -824,6 +936,7 @@ Trainer::StepRecord Trainer::train_step(int64_t step) {
     const std::string weights = s.call(*mixture, ctx, [&](sdk::Plugin& p) {
       return p.mixture_at(step, s.loader->source_names());
     });
+    check_mixture(weights, mixture->name(), step, s.loader->source_names());
     if (!weights.empty()) {
       const auto wanted = data::parse_weights(weights, s.loader->source_names(), "plugin " + mixture->name());
       const auto current = s.loader->weights_at(step);
@@ -836,8 +949,10 @@ Trainer::StepRecord Trainer::train_step(int64_t step) {
   }
   ctx.base_lr = optim::warmup_cosine_lr(step, c.optim.lr, c.optim.min_lr, c.optim.warmup_steps, c.lr_decay_steps());
   ctx.lr = ctx.base_lr;
-  if (plugin_host::LoadedPlugin* schedule = s.plugins->lr_schedule())
+  if (plugin_host::LoadedPlugin* schedule = s.plugins->lr_schedule()) {
     ctx.lr = s.call(*schedule, ctx, [&](sdk::Plugin& p) { return p.learning_rate(ctx, ctx.base_lr); });
+    check_learning_rate(ctx.lr, schedule->name(), step);
+  }
   if (step < s.lr_factor_until) ctx.lr *= s.lr_factor;
 
   // 1. batch: the data plan of this step is a pure function of (seed, data config, ledger, step); every rank
@@ -966,7 +1081,11 @@ Trainer::StepRecord Trainer::train_step(int64_t step) {
   } else if (plugin_host::LoadedPlugin* handler = s.plugins->spike_handler()) {
     r.decision = s.call(*handler, ctx, [&](sdk::Plugin& p) { return p.decide(ctx); });
     r.decided_by = handler->name();
+    check_decision(r.decision, handler->name(), step, s.loader->source_names());
   }
+  // Non-finite weights (an earlier update poisoned them: an optimizer or grad transform plugin) make every
+  // later step non-finite: stop instead of skipping forever. Checked only on this rare path.
+  if (r.decided_by == "keel") s.stop_if_weights_not_finite(step);
   if (!g.world->single()) r.decision = decision_from_json(g.world->broadcast_string(decision_to_json(r.decision, r.decided_by), 0), r.decided_by);
   if (r.decision.action != sdk::Decision::Action::kRollback && r.decision.lr_factor != 1.0 && r.decision.lr_factor_steps > 0) {
     s.lr_factor = r.decision.lr_factor;
@@ -993,8 +1112,10 @@ Trainer::StepRecord Trainer::train_step(int64_t step) {
     }
   }
 
-  // 7. step end: metrics row, then every plugin's on_step_end (observers).
+  // 7. step end: metrics row, then every plugin's on_step_end (observers). From here on the step counts: a
+  // failure stops the run after a checkpoint of this step's state.
   s.tokens_seen += ctx.tokens;
+  s.step_updated = true;
   r.step_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   metrics::StepRow row;
   row.step = step;

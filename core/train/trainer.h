@@ -65,11 +65,15 @@ class Trainer {
   struct StepRecord;
   StepRecord train_step(int64_t step);
   // Loads `state` into the model, optimizer, data loader, RNG (and plugins); returns lines for the lineage.
-  std::vector<std::string> apply_state(const checkpoint::TrainingState& state, bool allow_data_change,
-                                       bool restore_plugins);
+  // `origin` (the checkpoint directory) names where a mismatch was found.
+  std::vector<std::string> apply_state(const checkpoint::TrainingState& state, const std::string& origin,
+                                       bool allow_data_change, bool restore_plugins);
   // Back to the newest checkpoint at or before `step`, with the decision's intervention; returns its step.
   int64_t roll_back(int64_t step, const StepRecord& record);
   void apply_control_requests();
+  // A rank failed after its step's update (metrics.h5 or train.log not writable, an observer threw): every rank
+  // saves a checkpoint of the state after `step` (when it can), records the error, and throws it.
+  [[noreturn]] void fail_after_update(int64_t step, const std::string& failure);
   struct State;
   std::unique_ptr<State> state_;
 };

@@ -16,6 +16,7 @@
 #include "core/checkpoint/resharding.h"
 #include "core/cli/commands/commands.h"
 #include "core/cli/commands/common.h"
+#include "core/train/run_dir.h"
 #include "core/eval/eval.h"
 
 namespace keel::cli {
@@ -62,6 +63,18 @@ int cmd_eval(const Args& args) {
                              " (that would break its manifest)");
   }
   if (fs::exists(out_path)) throw std::runtime_error(out + ": exists (remove it or pass another --out)");
+  // Writing into a run dir: hold its lock while evaluating, so a live run (or one starting) is never written
+  // into by two processes; a run dir in use is refused naming the pid.
+  std::unique_ptr<train::RunDirLock> run_dir_lock;
+  for (fs::path dir = out_path.parent_path(); !dir.empty() && dir != dir.root_path(); dir = dir.parent_path()) {
+    if (!fs::exists(train::RunPaths{dir.string()}.marker_file())) continue;
+    try {
+      run_dir_lock = train::RunDirLock::acquire(dir.string());
+    } catch (const train::RunDirError& e) {
+      throw std::runtime_error("--out " + out + ": " + e.what());
+    }
+    break;
+  }
 
   const Config config = load_config(ckpt.dir + "/config.ini", overrides);
   if (config.train.threads > 0) torch::set_num_threads(static_cast<int>(config.train.threads));

@@ -7,6 +7,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "core/checkpoint/durable_fs.h"
 #include "core/cli/commands/common.h"
 #include "core/metrics/hdf5_handle.h"
 #include "core/parallel/process_groups.h"
@@ -27,29 +28,38 @@ void agree_across_ranks(const parallel::ProcessGroups& groups, const std::string
   }
 }
 
-// Builds the trainer (restoring a checkpoint for a resume), trains, and says where everything went.
-int train_and_report(RunRequest& r, const train::RunPaths& paths, const parallel::ProcessGroups& groups) {
+// Builds the trainer (restoring a checkpoint for a resume), trains, and says where everything went. A failure
+// before the first step (the trainer cannot be built, the checkpoint does not fit) leaves nothing behind in
+// the run dir; a failure after it keeps everything the run wrote, and the error goes to train.log too.
+int train_and_report(RunRequest& r, const train::RunDirClaim& claim, const parallel::ProcessGroups& groups) {
   const bool rank0 = groups.is_rank0();
-  train::Trainer trainer(r.config, paths, std::move(r.loader), r.lineage, groups);
-  if (r.resume) {
-    std::string error;
-    try {
-      trainer.restore(*r.resume, r.allow_data_change);
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
-    try {
-      agree_across_ranks(groups, error);
-    } catch (...) {
-      // Nothing was trained: leave no half-made run behind.
-      if (rank0) {
-        for (const auto& path : {paths.config_ini(), paths.metrics_h5(), paths.lineage_json(), paths.checkpoints()})
-          std::filesystem::remove_all(path);
-      }
-      throw;
-    }
+  const train::RunPaths& paths = claim.paths;
+  std::unique_ptr<train::Trainer> trainer;
+  std::string error;
+  try {
+    trainer = std::make_unique<train::Trainer>(r.config, paths, std::move(r.loader), r.lineage, groups);
+    if (r.resume) trainer->restore(*r.resume, r.allow_data_change);
+  } catch (const parallel::DistributedError&) {
+    throw;
+  } catch (const std::exception& e) {
+    error = e.what();
   }
-  const train::TrainSummary summary = trainer.train();
+  try {
+    agree_across_ranks(groups, error);
+  } catch (...) {
+    trainer.reset();  // closes metrics.h5 before it is removed
+    if (rank0) train::remove_unstarted_run(claim);
+    throw;
+  }
+  train::TrainSummary summary;
+  try {
+    summary = trainer->train();
+  } catch (const parallel::DistributedError&) {
+    throw;
+  } catch (const std::exception& e) {
+    spdlog::error("the run stopped: {}", e.what());  // train.log keeps what stderr says
+    throw;
+  }
   spdlog::info("done: {} steps, loss {:.4f} -> {:.4f}{}", summary.steps_run, summary.first_loss, summary.last_loss,
                summary.stopped_by_signal ? " (stopped by signal)" : "");
   if (rank0) {
@@ -78,22 +88,33 @@ int launch_run(RunRequest r) {
     error = e.what();
   }
   agree_across_ranks(groups, error);
-  train::RunPaths paths{r.run_dir};
+  train::RunDirClaim claim;  // rank 0 holds the run dir's lock until the run ends
+  claim.paths = train::RunPaths{r.run_dir};
   if (rank0) {  // rank 0 claims the run dir; the others write into it (rank files) or not at all
     try {
-      paths = train::create_run_dir(r.run_dir, r.force);
+      claim = train::create_run_dir(r.run_dir, r.force);
     } catch (const std::exception& e) {
       error = e.what();
     }
   }
   agree_across_ranks(groups, error);
+  const train::RunPaths& paths = claim.paths;
   // Under torchrun or srun every log line says its rank; keel launch already prefixes each line with it.
   const bool launcher_prefixes = std::getenv("KEEL_LAUNCH_PREFIXES_OUTPUT") != nullptr;
   setup_logging(rank0 ? paths.log_file() : "",
                 world.distributed() && !launcher_prefixes ? "rank " + std::to_string(world.rank) : "");
   if (rank0) {
-    std::ofstream out(paths.config_ini());
-    out << to_ini(r.config);
+    try {
+      checkpoint::write_file_atomically(paths.config_ini(), to_ini(r.config));
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  try {
+    agree_across_ranks(groups, error);
+  } catch (...) {
+    if (rank0) train::remove_unstarted_run(claim);
+    throw;
   }
   spdlog::info("keel {} {} -> run dir {}", KEEL_VERSION, r.description, r.run_dir);
   r.lineage.run_id = groups.world->broadcast_string(checkpoint::new_run_id(), 0);
@@ -102,7 +123,7 @@ int launch_run(RunRequest r) {
   train::install_stop_signal_handlers();
   // A dead or hung rank: leave at once, before any destructor of the process groups can wait on it.
   try {
-    return train_and_report(r, paths, groups);
+    return train_and_report(r, claim, groups);
   } catch (const parallel::DistributedError& e) {
     exit_on_distributed_error(r.description.substr(0, r.description.find(':')), e.what());
   }
