@@ -156,6 +156,7 @@ struct Trainer::State {
   double lr_factor = 1.0;
   int64_t lr_factor_until = -1;
   int64_t rollbacks = 0;
+  bool failure_recorded = false;  // record_failure() wrote the run's "error" event
   bool step_updated = false;  // the current step's update is applied and counted (a failure after it can checkpoint)
   checkpoint::Lineage lineage;
   std::unique_ptr<checkpoint::CheckpointStore> checkpoints;
@@ -172,7 +173,8 @@ struct Trainer::State {
   // A failure that ends the run: an "error" event, flushed if metrics.h5 can still be written (it may be what
   // failed), so that the file says why the run stopped.
   void record_failure(int64_t step, const std::string& text) {
-    if (!metrics) return;
+    if (failure_recorded || !metrics) return;
+    failure_recorded = true;
     try {
       metrics->event(step, "error", text);
       metrics->flush();
@@ -390,63 +392,71 @@ TrainSummary Trainer::train() {
   }
   metrics::ThroughputMeter meter;
 
-  for (int64_t step = s.loader->step(); step < s.config.train.steps; ++step) {
-    const Config& c = s.config;
-    StepRecord r;
-    std::string failure;  // this rank failed after the step's update (metrics, log, observers): checkpoint, stop
-    try {
-      r = train_step(step);
-    } catch (const parallel::DistributedError&) {
-      throw;
-    } catch (const std::exception& e) {
-      if (!s.step_updated) {  // mid-step: weights and data position disagree; the newest checkpoint stays
-        const std::string newest = s.newest_checkpoint();
-        s.record_failure(step, e.what());
-        throw std::runtime_error(std::string(e.what()) +
-                                 (newest.empty() ? "" : "; the newest checkpoint is " + newest));
+  // Any error that ends the run is also an "error" event in metrics.h5 (when it can still be written).
+  try {
+    for (int64_t step = s.loader->step(); step < s.config.train.steps; ++step) {
+      const Config& c = s.config;
+      StepRecord r;
+      std::string failure;  // this rank failed after the step's update (metrics, log, observers): checkpoint, stop
+      try {
+        r = train_step(step);
+      } catch (const parallel::DistributedError&) {
+        throw;
+      } catch (const std::exception& e) {
+        if (!s.step_updated) {  // mid-step: weights and data position disagree; the newest checkpoint stays
+          const std::string newest = s.newest_checkpoint();
+          s.record_failure(step, e.what());
+          throw std::runtime_error(std::string(e.what()) +
+                                   (newest.empty() ? "" : "; the newest checkpoint is " + newest));
+        }
+        failure = e.what();
       }
-      failure = e.what();
+      // Every rank learns at the same boundary whether any rank failed after its update or got a stop signal.
+      const BoundaryStatus status = s.boundary_status(!failure.empty(), stop_requested());
+      if (status == BoundaryStatus::kFailed) fail_after_update(step, failure);
+      const sdk::StepContext& ctx = r.ctx;
+      if (summary.steps_run == 0) summary.first_loss = ctx.loss;
+      ++summary.steps_run;
+      summary.last_step = step;
+      summary.last_loss = ctx.loss;
+      meter.update(r.step_time_s, static_cast<double>(ctx.tokens));
+      const bool log_line = (step + 1) % c.train.log_every == 0 || step + 1 == c.train.steps || !r.updated();
+      if (log_line && s.rank0())
+        spdlog::info(metrics::format_progress({step + 1, c.train.steps, ctx.loss, ctx.grad_norm, ctx.lr,
+                                               meter.tokens_per_s(), meter.eta_s(c.train.steps - step - 1),
+                                               !r.updated()}));
+      // Step boundary: decisions that leave the straight path, then signals, checkpoints and swap requests.
+      if (r.decision.action == sdk::Decision::Action::kRollback) {
+        step = roll_back(step, r) - 1;  // the loop's ++step continues at the checkpoint's step
+        continue;
+      }
+      if (r.decision.action == sdk::Decision::Action::kStop) {
+        summary.stopped_by_plugin = true;
+        spdlog::warn("step {}: {} stopped the run: {}", step, r.decided_by, r.decision.reason);
+        save_checkpoint("stopped by " + r.decided_by);
+        break;
+      }
+      if (status == BoundaryStatus::kStop) {  // every rank stops after the same step
+        summary.stopped_by_signal = true;
+        // Steps are numbered from 0; checkpoint step-N holds the state after N steps (a resume starts at step N).
+        const std::string name = checkpoint::step_dir_name(step + 1);
+        s.event(step, "stop", "stop signal received during step " + std::to_string(step) + ": saving " + name +
+                                  " and stopping");
+        spdlog::warn("stop signal received during step {}: saving checkpoint {} (a resume starts at step {}) and stopping",
+                     step, name, step + 1);
+        save_checkpoint("stop signal");
+        break;
+      }
+      const bool last = step + 1 == c.train.steps;
+      const bool due = c.checkpoint.every > 0 && (step + 1) % c.checkpoint.every == 0;
+      if (due || (last && c.checkpoint.at_end)) save_checkpoint(last ? "end of run" : "every " + std::to_string(c.checkpoint.every));
+      if (!last) apply_control_requests();
     }
-    // Every rank learns at the same boundary whether any rank failed after its update or got a stop signal.
-    const BoundaryStatus status = s.boundary_status(!failure.empty(), stop_requested());
-    if (status == BoundaryStatus::kFailed) fail_after_update(step, failure);
-    const sdk::StepContext& ctx = r.ctx;
-    if (summary.steps_run == 0) summary.first_loss = ctx.loss;
-    ++summary.steps_run;
-    summary.last_step = step;
-    summary.last_loss = ctx.loss;
-    meter.update(r.step_time_s, static_cast<double>(ctx.tokens));
-    const bool log_line = (step + 1) % c.train.log_every == 0 || step + 1 == c.train.steps || !r.updated();
-    if (log_line && s.rank0())
-      spdlog::info(metrics::format_progress({step + 1, c.train.steps, ctx.loss, ctx.grad_norm, ctx.lr,
-                                             meter.tokens_per_s(), meter.eta_s(c.train.steps - step - 1),
-                                             !r.updated()}));
-    // Step boundary: decisions that leave the straight path, then signals, checkpoints and swap requests.
-    if (r.decision.action == sdk::Decision::Action::kRollback) {
-      step = roll_back(step, r) - 1;  // the loop's ++step continues at the checkpoint's step
-      continue;
-    }
-    if (r.decision.action == sdk::Decision::Action::kStop) {
-      summary.stopped_by_plugin = true;
-      spdlog::warn("step {}: {} stopped the run: {}", step, r.decided_by, r.decision.reason);
-      save_checkpoint("stopped by " + r.decided_by);
-      break;
-    }
-    if (status == BoundaryStatus::kStop) {  // every rank stops after the same step
-      summary.stopped_by_signal = true;
-      // Steps are numbered from 0; checkpoint step-N holds the state after N steps (a resume starts at step N).
-      const std::string name = checkpoint::step_dir_name(step + 1);
-      s.event(step, "stop", "stop signal received during step " + std::to_string(step) + ": saving " + name +
-                                " and stopping");
-      spdlog::warn("stop signal received during step {}: saving checkpoint {} (a resume starts at step {}) and stopping",
-                   step, name, step + 1);
-      save_checkpoint("stop signal");
-      break;
-    }
-    const bool last = step + 1 == c.train.steps;
-    const bool due = c.checkpoint.every > 0 && (step + 1) % c.checkpoint.every == 0;
-    if (due || (last && c.checkpoint.at_end)) save_checkpoint(last ? "end of run" : "every " + std::to_string(c.checkpoint.every));
-    if (!last) apply_control_requests();
+  } catch (const parallel::DistributedError&) {
+    throw;
+  } catch (const std::exception& e) {
+    s.record_failure(s.loader->step(), e.what());
+    throw;
   }
   std::string end = "steps run " + std::to_string(summary.steps_run);
   if (s.device.is_cuda()) {

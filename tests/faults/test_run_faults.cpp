@@ -223,3 +223,21 @@ TEST(PluginValueFaults, StopMessageNamesTheCheckpointItSaves) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(PluginValueFaults, PoisonedWeightsStopTheRunInsteadOfSkippingForever) {
+  const std::string run_dir = fresh_dir("poisoned");
+  const auto result = run_keel(train_args(run_dir, "--set train.steps=20 --set checkpoint.every=4 --plugin grad_transform=" +
+                                                       fixture("poison_grads") + " --plugin-arg poison_grads.at_step=5"));
+  EXPECT_NE(result.exit_code, 0) << result.output;
+  const std::string line = last_line(result.output);
+  EXPECT_NE(line.find("step 6: the weights are not finite"), std::string::npos) << result.output;
+  EXPECT_NE(line.find("poison_grads"), std::string::npos) << result.output;
+  // The clean checkpoint stays; no later one exists.
+  EXPECT_TRUE(fs::exists(run_dir + "/checkpoints/step-00000004/manifest.json"));
+  EXPECT_FALSE(fs::exists(run_dir + "/checkpoints/step-00000008"));
+  EXPECT_TRUE(has_event(run_dir, "error", "not finite"));
+}
+
+}  // namespace
