@@ -38,6 +38,7 @@
 #include "core/parallel/grad_reducer.h"
 #include "core/parallel/pipeline.h"
 #include "core/plugin_host/plugin_host.h"
+#include "core/train/control.h"
 #include "core/train/plugin_values.h"
 #include "kernels/dispatch.h"
 #include "kernels/optimizer_step.h"
@@ -164,7 +165,6 @@ struct Trainer::State {
   at::Tensor placement_index, placement_counted;  // placed_squares(): global index and counted-here flag per param
   at::Tensor zero_scalar;                         // placed_squares(): stands in for an undefined gradient on a GPU
 
-  std::string control_dir() const { return paths.root + "/control"; }
   bool rank0() const { return groups.is_rank0(); }
   bool zero_enabled() const { return config.parallel.zero == 1 && groups.layout.dp() > 1; }
   void event(int64_t step, const std::string& kind, const std::string& text) {
@@ -818,58 +818,28 @@ int64_t Trainer::roll_back(int64_t step, const StepRecord& r) {
 
 void Trainer::apply_control_requests() {
   State& s = *state_;
-  // Rank 0 reads RUN_DIR/control/*.request and sends them to every rank, so that all ranks apply the same swaps
-  // at the same step boundary; only rank 0 renames the request files and writes events.
+  // Rank 0 reads the pending requests (control.h) and sends them to every rank, so that all ranks apply the same
+  // swaps at the same step boundary; only rank 0 answers the request files and writes events.
   nlohmann::json requests = nlohmann::json::array();
   if (s.rank0()) {
-    std::error_code ec;
-    if (fs::is_directory(s.control_dir(), ec)) {
-      std::vector<std::string> paths;
-      for (const auto& item : fs::directory_iterator(s.control_dir(), ec)) {
-        if (item.path().extension() == ".request") paths.push_back(item.path().string());
-      }
-      std::sort(paths.begin(), paths.end());
-      for (const auto& path : paths) {
-        std::ifstream in(path);
-        std::stringstream text;
-        text << in.rdbuf();
-        requests.push_back({{"path", path}, {"text", text.str()}});
-      }
-    }
+    for (const auto& pending : read_pending_requests(s.paths.control_dir()))
+      requests.push_back({{"path", pending.path}, {"text", pending.text}});
   }
   if (!s.groups.world->single()) requests = nlohmann::json::parse(s.groups.world->broadcast_string(requests.dump(), 0));
-  for (const auto& request : requests) {
-    const std::string path = request.at("path").get<std::string>();
+  for (const auto& item : requests) {
+    const std::string path = item.at("path").get<std::string>();
     const int64_t step = s.loader->step();
     std::string outcome;
-    std::error_code ec;
     try {
-      // Lines: "swap SLOT=NAME_OR_PATH", "arg NAME.KEY=VALUE", and optionally "at_step N" (apply at that boundary).
+      const SwapRequest request = parse_swap_request(item.at("text").get<std::string>());
+      if (request.at_step > step) continue;  // not yet: stays pending
+      if (request.at_step >= 0 && request.at_step < step)
+        throw std::runtime_error("requested for step " + std::to_string(request.at_step) +
+                                 ", but the run is already at step " + std::to_string(step));
+      const std::string& slot = request.slot;
+      plugin_host::parse_slot(slot);
       Config next = s.config;
-      std::string slot;
-      int64_t at_step = -1;
-      std::istringstream in(request.at("text").get<std::string>());
-      std::string verb, value;
-      while (in >> verb >> value) {
-        if (verb == "swap") {
-          const auto eq = value.find('=');
-          if (eq == std::string::npos) throw std::runtime_error("swap needs SLOT=NAME_OR_PATH, got '" + value + "'");
-          slot = value.substr(0, eq);
-          plugin_host::parse_slot(slot);
-          apply_override(next, "plugins." + value, path);
-        } else if (verb == "arg") {
-          apply_override(next, "plugin." + value, path);
-        } else if (verb == "at_step") {
-          at_step = std::stoll(value);
-        } else {
-          throw std::runtime_error("unknown request '" + verb + "'");
-        }
-      }
-      if (at_step > step) continue;  // not yet: stays pending
-      if (at_step >= 0 && at_step < step)
-        throw std::runtime_error("requested for step " + std::to_string(at_step) + ", but the run is already at step " +
-                                 std::to_string(step));
-      if (slot.empty()) throw std::runtime_error("no swap line");
+      for (const auto& override_text : request.overrides()) apply_override(next, override_text, path);
       std::vector<plugin_host::LoadedPlugin> loaded;
       std::string load_error;
       try {
@@ -902,17 +872,14 @@ void Trainer::apply_control_requests() {
       s.lineage.notes.push_back("plugin swap at " + outcome);
       s.write_lineage();
       spdlog::info("plugin swap: {}", outcome);
-      if (s.rank0()) fs::rename(path, path.substr(0, path.size() - 8) + ".done", ec);
+      if (s.rank0()) mark_request_done(path);
     } catch (const parallel::DistributedError&) {
       throw;
     } catch (const std::exception& e) {
       outcome = e.what();
       s.event(step, "plugin_swap_refused", outcome);
       spdlog::error("swap request {} refused; the run keeps its plugins: {}", path, outcome);
-      if (s.rank0()) {
-        std::ofstream(path.substr(0, path.size() - 8) + ".refused") << outcome << "\n";
-        fs::remove(path, ec);
-      }
+      if (s.rank0()) mark_request_refused(path, outcome);
     }
   }
 }

@@ -241,3 +241,40 @@ TEST(PluginValueFaults, PoisonedWeightsStopTheRunInsteadOfSkippingForever) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(ControlFaults, RequestsThatCouldNeverApplyAreRefused) {
+  const std::string ended = fresh_dir("control-ended");
+  ASSERT_EQ(run_keel(train_args(ended, "--set train.steps=2")).exit_code, 0);
+  const auto dead = run_keel("control " + ended + " swap spike_handler=zscore_skip");
+  EXPECT_NE(dead.exit_code, 0);
+  EXPECT_NE(last_line(dead.output).find("has no live run"), std::string::npos) << dead.output;
+  EXPECT_FALSE(fs::exists(ended + "/control"));
+
+  const std::string live = fresh_dir("control-live");
+  const pid_t pid = spawn_train(live, "--set train.steps=100000 --set metrics.flush_every=1");
+  wait_for_rows(live, 3);
+  const auto missing = run_keel("control " + live + " swap spike_handler=/nonexistent/libnothing.so");
+  EXPECT_NE(missing.exit_code, 0);
+  EXPECT_NE(last_line(missing.output).find("/nonexistent/libnothing.so"), std::string::npos) << missing.output;
+  const auto bad_arg = run_keel("control " + live + " swap spike_handler=zscore_skip --plugin-arg zscore_skip.nosuchkey=1");
+  EXPECT_NE(bad_arg.exit_code, 0);
+  EXPECT_NE(last_line(bad_arg.output).find("nosuchkey"), std::string::npos) << bad_arg.output;
+  const auto bad_slot = run_keel("control " + live + " swap nosuchslot=zscore_skip");
+  EXPECT_NE(bad_slot.exit_code, 0);
+  const auto past = run_keel("control " + live + " swap spike_handler=zscore_skip --at-step 1");
+  EXPECT_NE(past.exit_code, 0);
+  EXPECT_NE(last_line(past.output).find("in the past"), std::string::npos) << past.output;
+  // None of them left a request behind; a good one is applied and answered.
+  EXPECT_FALSE(fs::exists(live + "/control"));
+  const auto good = run_keel("control " + live + " swap spike_handler=zscore_skip --wait-s 120 --json");
+  EXPECT_EQ(good.exit_code, 0) << good.output;
+  EXPECT_NE(good.output.find("\"status\":\"done\""), std::string::npos) << good.output;
+  ASSERT_EQ(kill(pid, SIGTERM), 0);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  EXPECT_TRUE(has_event(live, "plugin_swap", "zscore_skip"));
+}
+
+}  // namespace
