@@ -4,9 +4,11 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <set>
 
 #include "core/checkpoint/checkpoint_error.h"
 #include "core/checkpoint/durable_fs.h"
+#include "core/checkpoint/h5_file.h"
 #include "core/checkpoint/sha256.h"
 
 namespace keel::checkpoint {
@@ -15,6 +17,7 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr const char* kLatestName = "latest";
+constexpr const char* kLatestTmpPrefix = "latest.tmp-";  // write_file_atomically's temp files for `latest`
 constexpr const char* kTmpSuffix = ".tmp";
 constexpr const char* kDeletingSuffix = ".deleting";
 
@@ -22,6 +25,30 @@ void remove_tree(const std::string& path) {
   std::error_code ec;
   fs::remove_all(path, ec);
   if (ec) throw CheckpointError("cannot remove " + path + ": " + ec.message());
+}
+
+// True when write_rank_file marked `path` (root attribute tensors_finite = 1: it checked every model and
+// optimizer tensor finite before writing). Files it did not write (or an older Keel) count as unchecked.
+bool rank_file_checked_finite(const std::string& path) {
+  try {
+    const H5Reader in(path);
+    return in.int_attribute("/", "tensors_finite") == 1;
+  } catch (const CheckpointError&) {
+    return false;
+  }
+}
+
+// Removes latest.tmp-PID files that a save killed while replacing `latest` left behind.
+void remove_stale_latest_tmp(const std::string& root) {
+  std::error_code ec;
+  for (fs::directory_iterator it(root, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.rfind(kLatestTmpPrefix, 0) == 0 && !it->is_directory()) {
+      std::error_code remove_error;
+      fs::remove(it->path(), remove_error);
+      if (remove_error) throw CheckpointError("cannot remove " + it->path().string() + ": " + remove_error.message());
+    }
+  }
 }
 
 }  // namespace
@@ -68,6 +95,27 @@ std::string CheckpointStore::commit(int64_t step, Manifest manifest,
   const std::string final_dir = root_ + "/" + name;
   manifest.step = step;
   manifest.files.clear();
+  // A committed checkpoint lists every file it holds (an unlisted one makes it invalid): refuse to commit one.
+  {
+    std::set<std::string> listed;
+    for (const auto& f : files) listed.insert(f.first);
+    std::error_code ec;
+    for (fs::directory_iterator it(tmp, ec), end; !ec && it != end; it.increment(ec)) {
+      const std::string name = it->path().filename().string();
+      if (!listed.count(name)) {
+        throw CheckpointError("cannot commit checkpoint step " + std::to_string(step) + ": " + it->path().string() +
+                              " is not one of the files being committed");
+      }
+    }
+    if (ec) throw CheckpointError("cannot list " + tmp + ": " + ec.message());
+  }
+  bool finite = false;
+  for (const auto& [file, rank] : files) {
+    if (rank < 0) continue;
+    finite = rank_file_checked_finite(tmp + "/" + file);
+    if (!finite) break;
+  }
+  manifest.tensors_finite = finite;
   for (const auto& [file, rank] : files) {
     const std::string path = tmp + "/" + file;
     fsync_path(path);
@@ -82,7 +130,8 @@ std::string CheckpointStore::commit(int64_t step, Manifest manifest,
   write_file_atomically(tmp + "/" + kManifestName, manifest_to_json(manifest));
   fsync_path(tmp);
   rename_durably(tmp, final_dir);
-  verified_.insert(final_dir);
+  verified_[final_dir] = finite;
+  remove_stale_latest_tmp(root_);
   write_file_atomically(root_ + "/" + kLatestName, name + "\n");
   return final_dir;
 }
@@ -107,17 +156,19 @@ bool CheckpointStore::is_valid(const CheckpointEntry& entry) const {
   try {
     const Manifest m = verify_checkpoint_dir(entry.dir);
     if (m.step != entry.step) return false;
+    verified_[entry.dir] = m.tensors_finite.value_or(false);
   } catch (const CheckpointError&) {
     return false;
   }
-  verified_.insert(entry.dir);
   return true;
 }
 
 std::vector<CheckpointEntry> CheckpointStore::list_valid() const {
   std::vector<CheckpointEntry> out;
-  for (const auto& e : list()) {
-    if (is_valid(e)) out.push_back(e);
+  for (auto e : list()) {
+    if (!is_valid(e)) continue;
+    e.tensors_finite = verified_.at(e.dir);
+    out.push_back(e);
   }
   return out;
 }
@@ -135,9 +186,16 @@ std::vector<std::string> CheckpointStore::prune(int64_t keep_last, int64_t miles
   if (keep_last <= 0) return removed;
   const std::vector<CheckpointEntry> valid = list_valid();
   const int64_t count = static_cast<int64_t>(valid.size());
+  // The newest checkpoint known to hold finite tensors survives retention: if everything newer is poisoned,
+  // it is the one to go back to.
+  int64_t newest_finite = -1;
+  for (int64_t i = 0; i < count; ++i) {
+    if (valid[static_cast<size_t>(i)].tensors_finite) newest_finite = i;
+  }
   for (int64_t i = 0; i < count - keep_last; ++i) {
     const CheckpointEntry& e = valid[static_cast<size_t>(i)];
     if (milestone_every > 0 && e.step % milestone_every == 0) continue;
+    if (i == newest_finite) continue;
     const std::string doomed = e.dir + kDeletingSuffix;
     rename_durably(e.dir, doomed);
     verified_.erase(e.dir);
@@ -160,7 +218,8 @@ ResolvedCheckpoint resolve_checkpoint(const std::string& path) {
   ResolvedCheckpoint out;
   if (!fs::is_directory(path)) throw CheckpointError(path + ": no such checkpoint or run directory");
   if (names_checkpoint_dir(path)) {
-    // An explicit checkpoint: load exactly this one or fail.
+    // An explicit checkpoint: load exactly this one or fail (verify_checkpoint_dir also refuses a step-N
+    // directory that holds another step).
     out.dir = path;
     out.manifest = verify_checkpoint_dir(path);
     return out;
@@ -170,30 +229,46 @@ ResolvedCheckpoint resolve_checkpoint(const std::string& path) {
   std::vector<CheckpointEntry> candidates = store.list();
   if (candidates.empty()) throw CheckpointError(path + ": no checkpoints in " + root);
   std::reverse(candidates.begin(), candidates.end());  // newest first
-  // `latest` first (it is normally the newest anyway), then the others newest first.
+  // The newest valid checkpoint, whatever `latest` says: a save killed between its rename and the move of
+  // `latest` leaves `latest` naming the previous one.
   std::optional<std::string> latest;
+  std::string latest_problem;
   try {
     latest = store.latest_pointer();
   } catch (const CheckpointError& e) {
-    out.warnings.push_back(e.what());
-  }
-  if (latest) {
-    std::stable_partition(candidates.begin(), candidates.end(), [&](const CheckpointEntry& e) { return e.dir == *latest; });
+    latest_problem = e.what();
   }
   std::vector<std::string> damaged;
+  bool latest_damaged = false;
   for (const auto& c : candidates) {
     try {
       out.manifest = verify_checkpoint_dir(c.dir);
       if (out.manifest.step != c.step) throw CheckpointError(c.dir + ": manifest says step " + std::to_string(out.manifest.step));
       out.dir = c.dir;
       for (const auto& d : damaged) out.warnings.push_back("skipped damaged checkpoint: " + d);
+      const std::string chosen = fs::path(c.dir).filename().string();
+      const std::string pointer = root + "/" + kLatestName;
+      if (!latest_problem.empty()) {
+        out.warnings.push_back(latest_problem + "; loading the newest valid checkpoint, " + chosen);
+      } else if (!latest) {
+        out.warnings.push_back(pointer + " is missing; loading the newest valid checkpoint, " + chosen);
+      } else if (*latest != c.dir && !latest_damaged) {
+        const std::string named = fs::path(*latest).filename().string();
+        if (!fs::exists(*latest)) {
+          out.warnings.push_back(pointer + " names " + named + ", which does not exist; loading the newest valid checkpoint, " + chosen);
+        } else {
+          out.warnings.push_back(pointer + " names " + named + ", but " + chosen +
+                                 " is newer and valid (a save was interrupted before it moved latest); loading " + chosen);
+        }
+      }
       return out;
     } catch (const CheckpointError& e) {
       damaged.push_back(e.what());
+      if (latest && *latest == c.dir) latest_damaged = true;
     }
   }
-  std::string message = path + ": no valid checkpoint (refusing to start from step 0):";
-  for (const auto& d : damaged) message += "\n  " + d;
+  std::string message = path + ": no valid checkpoint (refusing to start from step 0): ";
+  for (size_t i = 0; i < damaged.size(); ++i) message += (i ? "; " : "") + damaged[i];
   throw CheckpointError(message);
 }
 

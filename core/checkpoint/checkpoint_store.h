@@ -1,17 +1,20 @@
-// Why: the directory protocol that makes checkpoints atomic and retention safe (DESIGN.md, docs/checkpoints.md):
+// Why: the directory protocol that makes checkpoints atomic and retention safe (docs/checkpoints.md):
 //   save:   files go into ROOT/step-N.tmp/; manifest.json (sizes + SHA-256) is written last; files and the
 //           directory are fsynced; step-N.tmp is renamed to step-N; then ROOT/latest is atomically replaced.
-//   valid:  a step-N directory with a manifest whose files all match their sizes and checksums. Anything else
-//           (a .tmp, a directory without manifest, a damaged file) is never loaded and never counted.
-//   prune:  keep the newest K valid checkpoints plus every M-th step; a pruned directory is first renamed to
-//           step-N.deleting (atomic) and then removed, so a kill while pruning never leaves a half-deleted
-//           directory that looks like a checkpoint.
+//   valid:  a step-N directory holding step N, with a manifest that lists every file in it (config.ini and
+//           every rank file included), whose files all match their sizes and checksums. Anything else (a .tmp,
+//           a directory without manifest, a damaged or unlisted file) is never loaded and never counted.
+//   prune:  keep the newest K valid checkpoints plus every M-th step, plus the newest one whose tensors were
+//           checked finite; a pruned directory is first renamed to step-N.deleting (atomic) and then removed,
+//           so a kill while pruning never leaves a half-deleted directory that looks like a checkpoint.
+//   resume: from a run dir, the newest valid checkpoint, whatever `latest` says (a kill between the rename of
+//           step-N and the move of `latest` leaves `latest` one behind); a warning says so when they differ.
 // Torch-free: it moves files, the trainer decides what goes in them.
 #pragma once
 
 #include <cstdint>
 #include <optional>
-#include <set>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -31,6 +34,7 @@ bool names_checkpoint_dir(const std::string& path);
 struct CheckpointEntry {
   int64_t step = 0;
   std::string dir;
+  bool tensors_finite = false;  // filled in by list_valid(): the manifest says its tensors were checked finite
 };
 
 class CheckpointStore {
@@ -41,8 +45,10 @@ class CheckpointStore {
   // A fresh, empty ROOT/step-N.tmp/ (a stale one from a killed save is removed first). Throws if step-N exists.
   std::string begin(int64_t step);
   // Completes a save begun with begin(step): hashes `files` (name, rank) in the tmp dir, writes the manifest
-  // (`manifest.files` is filled in here), fsyncs, renames to step-N and points ROOT/latest at it. Returns the
-  // final directory.
+  // (`manifest.files` and `manifest.tensors_finite` are filled in here: true when every rank file says
+  // write_rank_file checked its tensors), fsyncs, renames to step-N and points ROOT/latest at it (removing
+  // stale latest.tmp-* files of killed saves). Throws CheckpointError if the tmp dir holds a file that is not
+  // in `files`. Returns the final directory.
   std::string commit(int64_t step, Manifest manifest, const std::vector<std::pair<std::string, int64_t>>& files);
   bool exists(int64_t step) const;
 
@@ -50,7 +56,8 @@ class CheckpointStore {
   std::vector<CheckpointEntry> list() const;
   // The valid ones, oldest first. Checksums are verified once per directory and process (then remembered).
   std::vector<CheckpointEntry> list_valid() const;
-  // Applies retention; returns the directories removed. keep_last == 0 keeps all.
+  // Applies retention; returns the directories removed. keep_last == 0 keeps all. The newest valid checkpoint
+  // whose tensors were checked finite is never removed, even when it is older than the newest keep_last.
   std::vector<std::string> prune(int64_t keep_last, int64_t milestone_every);
   // The directory ROOT/latest names, if the pointer exists.
   std::optional<std::string> latest_pointer() const;
@@ -58,16 +65,18 @@ class CheckpointStore {
  private:
   bool is_valid(const CheckpointEntry& entry) const;
   std::string root_;
-  mutable std::set<std::string> verified_;
+  mutable std::map<std::string, bool> verified_;  // valid directory -> its manifest's tensors_finite
 };
 
-// What `keel resume --from PATH` loads. PATH is a checkpoint directory (must be valid: no fallback) or a run
-// directory (its `latest`, else — with a warning naming what is damaged — the newest valid checkpoint; never
-// step 0). Throws CheckpointError naming every damaged candidate when nothing valid is found.
+// What `keel resume --from PATH` loads. PATH is a checkpoint directory (must be valid, and a step-N directory
+// must hold step N: no fallback) or a run directory (its newest valid checkpoint; never step 0). Throws
+// CheckpointError naming every damaged candidate when nothing valid is found.
 struct ResolvedCheckpoint {
   std::string dir;
   Manifest manifest;
-  std::vector<std::string> warnings;  // one line per damaged checkpoint passed over
+  // One line per damaged checkpoint passed over, and one when the checkpoint loaded is not the one `latest`
+  // names (missing, dangling, malformed or behind).
+  std::vector<std::string> warnings;
 };
 ResolvedCheckpoint resolve_checkpoint(const std::string& path);
 

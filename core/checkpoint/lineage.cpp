@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "core/checkpoint/checkpoint_error.h"
+#include "core/checkpoint/json_fields.h"
 
 namespace keel::checkpoint {
 using nlohmann::json;
@@ -64,25 +65,21 @@ std::string lineage_to_json(const Lineage& l) {
 
 Lineage parse_lineage(const std::string& text, const std::string& origin) {
   Lineage l;
-  try {
-    const json j = json::parse(text);
-    l.run_id = j.at("run_id").get<std::string>();
-    l.run_dir = j.value("run_dir", "");
-    l.created = j.value("created", "");
-    if (j.contains("parent") && !j.at("parent").is_null()) {
-      const json& p = j.at("parent");
-      l.parent_run_id = p.at("run_id").get<std::string>();
-      l.parent_run_dir = p.value("run_dir", "");
-      l.parent_checkpoint = p.value("checkpoint", "");
-      l.parent_step = p.at("step").get<int64_t>();
-    }
-    for (const auto& c : j.value("changes", json::array()))
-      l.changes.push_back({c.at("key").get<std::string>(), c.at("from").get<std::string>(), c.at("to").get<std::string>()});
-    l.notes = j.value("notes", std::vector<std::string>{});
-    l.data_change_allowed = j.value("data_change_allowed", false);
-  } catch (const json::exception& e) {
-    throw CheckpointError(origin + ": malformed lineage (" + e.what() + ")");
+  const json j = parse_json_object(text, origin);
+  const JsonFields f(j, origin);
+  l.run_id = f.string("run_id");
+  l.run_dir = f.string_or("run_dir", "");
+  l.created = f.string_or("created", "");
+  if (f.has("parent") && !f.value("parent").is_null()) {
+    const JsonFields p = f.object("parent");
+    l.parent_run_id = p.string("run_id");
+    l.parent_run_dir = p.string_or("run_dir", "");
+    l.parent_checkpoint = p.string_or("checkpoint", "");
+    l.parent_step = p.integer("step");
   }
+  for (const JsonFields& c : f.objects_or_empty("changes")) l.changes.push_back({c.string("key"), c.string("from"), c.string("to")});
+  l.notes = f.strings_or_empty("notes");
+  l.data_change_allowed = f.boolean_or("data_change_allowed", false);
   if (l.run_id.empty()) throw CheckpointError(origin + ": lineage field 'run_id' is empty");
   return l;
 }

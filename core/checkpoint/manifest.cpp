@@ -7,6 +7,7 @@
 
 #include "core/checkpoint/checkpoint_error.h"
 #include "core/checkpoint/durable_fs.h"
+#include "core/checkpoint/json_fields.h"
 #include "core/checkpoint/sha256.h"
 
 namespace keel::checkpoint {
@@ -28,7 +29,7 @@ const json& field(const json& object, const char* name, const std::string& path,
 
 std::string string_field(const json& object, const char* name, const std::string& origin, const std::string& path = "") {
   const json& v = field(object, name, path, origin);
-  if (!v.is_string()) bad_field(origin, path.empty() ? name : path + "." + name, "must be a string");
+  if (!v.is_string()) bad_field(origin, path.empty() ? name : path + "." + name, "must be a string, got " + describe_json_value(v));
   return v.get<std::string>();
 }
 
@@ -36,7 +37,7 @@ int64_t int_field(const json& object, const char* name, const std::string& origi
                   const std::string& path = "") {
   const json& v = field(object, name, path, origin);
   const std::string full = path.empty() ? name : path + "." + name;
-  if (!v.is_number_integer()) bad_field(origin, full, "must be an integer");
+  if (!v.is_number_integer()) bad_field(origin, full, "must be an integer, got " + describe_json_value(v));
   const int64_t x = v.get<int64_t>();
   if (x < min || x > max)
     bad_field(origin, full, "= " + std::to_string(x) + " is out of range [" + std::to_string(min) + ", " + std::to_string(max) + "]");
@@ -51,6 +52,18 @@ bool is_plain_file_name(const std::string& name) {
     if (!ok) return false;
   }
   return true;
+}
+
+// "step-00000100" -> 100: parse_step_dir_name's rule, repeated here because the manifest fuzz target compiles
+// this file without checkpoint_store.cpp.
+std::optional<int64_t> parse_step_number(const std::string& name) {
+  if (name.size() < 13 || name.size() > 24 || name.compare(0, 5, "step-") != 0) return std::nullopt;
+  int64_t step = 0;
+  for (size_t i = 5; i < name.size(); ++i) {
+    if (name[i] < '0' || name[i] > '9') return std::nullopt;
+    step = step * 10 + (name[i] - '0');
+  }
+  return step;
 }
 
 bool is_hex_sha256(const std::string& s) {
@@ -94,7 +107,9 @@ std::string manifest_to_json(const Manifest& m) {
                     {"data_fingerprint", json::parse(m.data_fingerprint.empty() ? "{}" : m.data_fingerprint)},
                     {"lineage", json::parse(m.lineage.empty() ? "{}" : m.lineage)},
                     {"files", files}};
-  return out.dump(2) + "\n";
+  json with_flags = out;
+  if (m.tensors_finite) with_flags["tensors_finite"] = *m.tensors_finite;
+  return with_flags.dump(2) + "\n";
 }
 
 Manifest parse_manifest(const std::string& text, const std::string& origin) {
@@ -127,7 +142,7 @@ Manifest parse_manifest(const std::string& text, const std::string& origin) {
   const json& model = field(j, "model", "", origin);
   if (!model.is_object()) bad_field(origin, "model", "must be an object");
   for (const auto& [k, v] : model.items()) {
-    if (!v.is_string()) bad_field(origin, "model." + k, "must be a string");
+    if (!v.is_string()) bad_field(origin, "model." + k, "must be a string, got " + describe_json_value(v));
     m.model[k] = v.get<std::string>();
   }
   const json& data = field(j, "data_fingerprint", "", origin);
@@ -159,7 +174,14 @@ Manifest parse_manifest(const std::string& text, const std::string& origin) {
     m.files.push_back(std::move(f));
   }
   if (static_cast<int64_t>(ranks.size()) != world) {
-    bad_field(origin, "files", "lists " + std::to_string(ranks.size()) + " rank files for world size " + std::to_string(world));
+    int64_t missing = 0;
+    while (ranks.count(missing)) ++missing;
+    bad_field(origin, "files", "lists " + std::to_string(ranks.size()) + " rank files for world size " +
+                                   std::to_string(world) + ": " + rank_file_name(missing) + " is not listed");
+  }
+  if (const auto it = j.find("tensors_finite"); it != j.end()) {
+    if (!it->is_boolean()) bad_field(origin, "tensors_finite", "must be true or false, got " + describe_json_value(*it));
+    m.tensors_finite = it->get<bool>();
   }
   return m;
 }
@@ -168,9 +190,34 @@ Manifest verify_checkpoint_dir(const std::string& dir) {
   const std::string manifest_path = dir + "/" + kManifestName;
   if (!fs::exists(manifest_path)) throw CheckpointError(dir + ": incomplete checkpoint (no " + kManifestName + ")");
   Manifest m = parse_manifest(read_small_file(manifest_path), manifest_path);
+  // The name of a step-N directory is what `--from` and retention go by: it must be the step inside.
+  const std::string dir_name = fs::path(dir).lexically_normal().filename().string();
+  if (const auto named = parse_step_number(dir_name); named && *named != m.step) {
+    throw CheckpointError(dir + ": the directory is named for step " + std::to_string(*named) + " but its " +
+                          kManifestName + " says step " + std::to_string(m.step) + " (files of another checkpoint?)");
+  }
+  // Every file is listed (so checksummed), and what a resume reads is listed: config.ini and every rank file.
+  const ManifestFile* config = nullptr;
+  std::set<std::string> listed;
+  for (const auto& f : m.files) {
+    listed.insert(f.name);
+    if (f.name == kConfigName) config = &f;
+  }
+  if (config == nullptr) {
+    throw CheckpointError(dir + "/" + kConfigName + ": not listed in " + kManifestName +
+                          " (every file of a checkpoint must be listed with its SHA-256)");
+  }
+  std::error_code ec;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name != kManifestName && !listed.count(name)) {
+      throw CheckpointError(dir + "/" + name + ": present but not listed in " + kManifestName +
+                            " (every file of a checkpoint must be listed with its SHA-256)");
+    }
+  }
+  if (ec) throw CheckpointError(dir + ": cannot list the directory: " + ec.message());
   for (const auto& f : m.files) {
     const std::string path = dir + "/" + f.name;
-    std::error_code ec;
     const auto size = fs::file_size(path, ec);
     if (ec) throw CheckpointError(path + ": listed in the manifest but missing (" + ec.message() + ")");
     if (static_cast<int64_t>(size) != f.bytes) {
@@ -179,6 +226,10 @@ Manifest verify_checkpoint_dir(const std::string& dir) {
     }
     const std::string sha = sha256_file(path);
     if (sha != f.sha256) throw CheckpointError(path + ": corrupted: SHA-256 " + sha + " does not match the manifest's " + f.sha256);
+  }
+  if (config->sha256 != m.config_hash) {
+    throw CheckpointError(dir + "/" + kConfigName + ": SHA-256 " + config->sha256 + " does not match the manifest's config_hash " +
+                          m.config_hash);
   }
   return m;
 }

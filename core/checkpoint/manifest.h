@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -39,6 +40,9 @@ struct Manifest {
   std::string data_fingerprint;               // the data loader's fingerprint (JSON text)
   std::string lineage;                        // the run's lineage (JSON text)
   std::vector<ManifestFile> files;
+  // True when every rank file's model and optimizer tensors were checked finite before the commit; absent in
+  // manifests of older Keel versions (unknown). Retention never prunes the newest checkpoint where it is true.
+  std::optional<bool> tensors_finite;
 
   const ManifestFile* rank_file(int64_t rank) const;
 };
@@ -49,8 +53,13 @@ std::string manifest_to_json(const Manifest& manifest);
 // Throws CheckpointError("ORIGIN: manifest field 'FIELD': ...") for anything malformed.
 Manifest parse_manifest(const std::string& text, const std::string& origin);
 
-// Reads DIR/manifest.json and checks every listed file's size and SHA-256. Throws CheckpointError naming the
-// directory and the first file that is missing, truncated or corrupted.
+// The config of a checkpoint, shared by all ranks and required in every manifest.
+constexpr const char* kConfigName = "config.ini";
+
+// Reads DIR/manifest.json and checks the directory against it: every listed file's size and SHA-256, that
+// config.ini and every rank file of the layout are listed, that nothing else is in the directory, that
+// config_hash is the SHA-256 of config.ini, and that a directory named step-N holds step N. Throws
+// CheckpointError naming the directory and the first file (or step) that does not match.
 Manifest verify_checkpoint_dir(const std::string& dir);
 
 }  // namespace keel::checkpoint

@@ -1,5 +1,6 @@
 // Why: see training_state.h. The HDF5 layout of a rank file (docs/checkpoints.md):
-//   /                      attrs format, format_version, keel_version, step, tokens_seen, rank, world_size
+//   /                      attrs format, format_version, keel_version, step, tokens_seen, rank, world_size,
+//                          tensors_finite (1: every model and optimizer tensor was checked finite before writing)
 //   /model/<param>         fp32 master weights
 //   /optimizer             attrs name, step; /optimizer/state_json; /optimizer/state/<param>/<exp_avg|...>
 //   /lr_schedule           JSON text
@@ -8,15 +9,22 @@
 //   /config                INI text (the resolved config)
 //   /lineage               JSON text
 //   /plugins/<slot>/<name> attrs version; state (JSON text), tensors/<tensor name>
+// Nothing non-finite is written: a NaN/Inf model or optimizer tensor, or a JSON text holding null (how nlohmann
+// writes a NaN), refuses the save before the file is created. Reading checks every JSON text field by field, so
+// that a damaged or hand-edited value is an error naming the file, the object and the field.
 #include "core/checkpoint/training_state.h"
 
+#include <cmath>
 #include <cstring>
+#include <filesystem>
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
 #include "core/checkpoint/checkpoint_error.h"
 #include "core/checkpoint/h5_file.h"
+#include "core/checkpoint/json_fields.h"
+#include "core/checkpoint/lineage.h"
 #include "core/checkpoint/manifest.h"
 
 namespace keel::checkpoint {
@@ -94,9 +102,94 @@ NamedTensors read_named(const H5Reader& in, const std::string& group,
   return out;
 }
 
+
+// True when no element is NaN or +-Inf. One reduction where the tensor lives (aminmax propagates NaN) and one
+// copy of its two results to the host: no per-element transfer and no full-size temporary, also for GBs of state.
+bool all_finite(const at::Tensor& tensor) {
+  if (!tensor.defined() || tensor.numel() == 0 || !at::isFloatingType(tensor.scalar_type())) return true;
+  const auto [lo, hi] = at::aminmax(tensor.detach());
+  const at::Tensor both = at::stack({lo.reshape({1}), hi.reshape({1})}).to(at::kCPU, at::kDouble);
+  const double* v = both.data_ptr<double>();
+  return std::isfinite(v[0]) && std::isfinite(v[1]);
+}
+
+// What write_rank_file refuses to write: a non-finite tensor, or JSON that is malformed or holds null.
+void check_savable(const TrainingState& s, const std::string& path) {
+  const std::string file = std::filesystem::path(path).filename().string();
+  const std::string prefix = "cannot save checkpoint step " + std::to_string(s.step) + ": ";
+  for (const auto& [name, tensor] : s.model) {
+    if (!all_finite(tensor)) throw CheckpointError(prefix + "model tensor " + name + " holds NaN/Inf (" + file + ")");
+  }
+  for (const auto& [name, tensor] : s.optimizer) {
+    if (!all_finite(tensor)) throw CheckpointError(prefix + "optimizer tensor " + name + " holds NaN/Inf (" + file + ")");
+  }
+  auto check_json = [&](const std::string& text, const std::string& what) {
+    if (text.empty()) return;
+    try {
+      const nlohmann::json j = parse_json_object(text, what);
+      if (const auto null = find_null(j)) {
+        throw CheckpointError(what + ": field '" + *null + "' is null (a NaN or Inf written as JSON)");
+      }
+    } catch (const CheckpointError& e) {
+      throw CheckpointError(prefix + e.what() + " (" + file + ")");
+    }
+  };
+  check_json(s.optimizer_json, "optimizer " + s.optimizer_name + " state");
+  check_json(s.lr_schedule, "/lr_schedule");
+  check_json(s.data_ledger, "/data/ledger");
+  for (const auto& p : s.plugins) check_json(p.json, "plugin " + p.name + " state");
+}
+
+// A plugin's (or the optimizer's) JSON state: an object of numbers and small lists (sdk PluginState); a null is
+// a NaN or Inf that was written as JSON.
+void check_state_json(const std::string& text, const std::string& origin) {
+  if (text.empty()) return;
+  const nlohmann::json j = parse_json_object(text, origin);
+  const JsonFields f(j, origin);
+  if (f.has("step") && f.integer("step") < 0) f.fail("step", "is negative");
+  if (const auto null = find_null(j)) throw CheckpointError(origin + ": field '" + *null + "': expected a number, got null");
+}
+
+void check_lr_schedule(const std::string& text, const std::string& origin) {
+  const nlohmann::json j = parse_json_object(text, origin);
+  const JsonFields f(j, origin);
+  for (const char* name : {"kind", "lr_schedule_plugin"}) f.string_or(name, "");
+  for (const char* name : {"lr", "min_lr", "lr_factor"}) f.number_or(name, 0.0);
+  for (const char* name : {"warmup_steps", "decay_steps", "next_step", "lr_factor_until"}) f.integer_or(name, 0);
+  if (const auto null = find_null(j)) throw CheckpointError(origin + ": field '" + *null + "': expected a number, got null");
+}
+
+// Every field the data loader reads from the ledger (docs/data.md), typed; the loader checks the values.
+void check_ledger(const std::string& text, const std::string& origin) {
+  const nlohmann::json j = parse_json_object(text, origin);
+  const JsonFields f(j, origin);
+  f.string_or("format", "");
+  for (const char* name : {"version", "step", "next_sample", "global_batch", "seed", "seq_len", "chunks"}) f.integer_or(name, 0);
+  for (const JsonFields& source : f.objects_or_empty("sources")) {
+    source.string("name");
+    for (const char* name : {"epoch", "position", "consumed", "skipped", "samples_per_epoch"}) source.integer_or(name, 0);
+  }
+  for (const JsonFields& stage : f.objects_or_empty("mixture_history")) {
+    stage.integer("from_step");
+    stage.string_or("origin", "");
+    const JsonFields weights = stage.object("weights");
+    for (const auto& [name, value] : stage.value("weights").items()) weights.number(name);
+  }
+  for (const JsonFields& rule : f.objects_or_empty("skip")) {
+    rule.string("spec");
+    rule.integer("from_step");
+    rule.integer("to_step");
+  }
+  for (const auto& [name, value] : j.items()) {
+    if (name == "fingerprint") continue;  // the data's own description, compared as a whole
+    if (const auto null = find_null(value, name)) throw CheckpointError(origin + ": field '" + *null + "': expected a number, got null");
+  }
+}
+
 }  // namespace
 
 void write_rank_file(const std::string& path, const TrainingState& s, RankInfo rank) {
+  check_savable(s, path);  // before the file exists: a refused save leaves nothing behind
   H5Writer out(path);
   out.set_attribute("/", "format", kRankFileFormat);
   out.set_attribute("/", "format_version", int64_t{kCheckpointFormatVersion});
@@ -105,6 +198,7 @@ void write_rank_file(const std::string& path, const TrainingState& s, RankInfo r
   out.set_attribute("/", "tokens_seen", s.tokens_seen);
   out.set_attribute("/", "rank", rank.rank);
   out.set_attribute("/", "world_size", rank.world_size);
+  out.set_attribute("/", "tensors_finite", int64_t{1});
 
   write_named(out, "/model", s.model, s.placement, "model/");
   out.create_group("/optimizer");
@@ -162,6 +256,10 @@ TrainingState read_rank_file(const std::string& path) {
   s.data_ledger = in.read_text("/data/ledger");
   s.config_ini = in.read_text("/config");
   s.lineage = in.read_text("/lineage");
+  check_state_json(s.optimizer_json, path + ":/optimizer/state_json");
+  check_lr_schedule(s.lr_schedule, path + ":/lr_schedule");
+  check_ledger(s.data_ledger, path + ":/data/ledger");
+  parse_lineage(s.lineage, path + ":/lineage");
   for (const auto& slot : in.groups_under("/plugins")) {
     for (const auto& name : in.groups_under("/plugins/" + slot)) {
       PluginState p;
@@ -170,6 +268,7 @@ TrainingState read_rank_file(const std::string& path) {
       p.name = in.string_attribute(group, "name");
       p.version = in.string_attribute(group, "version");
       p.json = in.read_text(group + "/state");
+      check_state_json(p.json, path + ":" + group + "/state");
       if (in.exists(group + "/tensors")) p.tensors = read_named(in, group + "/tensors");
       s.plugins.push_back(std::move(p));
     }

@@ -1,8 +1,13 @@
 // Why: the checkpoint file formats, piece by piece: SHA-256 against FIPS test vectors, the manifest parser
 // (round trip, and a named refusal for each kind of bad field), the HDF5 tensor layer (every dtype, scalars,
-// sharding attributes, refusals) and the full rank file (every section round-trips, RNG restores exactly).
+// sharding attributes, refusals), the full rank file (every section round-trips, RNG restores exactly, a
+// NaN/Inf tensor or a null in its JSON is never written, a JSON type error on reading names file and field)
+// and the typed JSON helpers every checkpoint JSON read goes through.
+#include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <limits>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -10,6 +15,7 @@
 
 #include "core/checkpoint/checkpoint_error.h"
 #include "core/checkpoint/h5_file.h"
+#include "core/checkpoint/json_fields.h"
 #include "core/checkpoint/manifest.h"
 #include "core/checkpoint/sha256.h"
 #include "core/checkpoint/training_state.h"
@@ -31,6 +37,21 @@ Manifest sample_manifest() {
   m.lineage = R"({"run_id":"run-x"})";
   m.files = {{rank_file_name(0), 0, 123, sha256_hex("a")}, {"config.ini", -1, 6, sha256_hex("config")}};
   return m;
+}
+
+// A small rank-file state that write_rank_file accepts.
+TrainingState small_state() {
+  TrainingState s;
+  s.step = 40;
+  s.model = {{"embed.weight", torch::randn({5, 4})}, {"blocks.0.attn.wq.weight", torch::randn({4, 4})}};
+  s.optimizer_name = "adamw";
+  s.optimizer_json = R"({"step": 40})";
+  s.optimizer = {{"embed.weight/exp_avg", torch::randn({5, 4})}, {"embed.weight/exp_avg_sq", torch::rand({5, 4})}};
+  s.lr_schedule = R"({"kind": "warmup_cosine", "lr": 0.003, "lr_factor": 1.0, "lr_factor_until": -1})";
+  s.data_ledger = R"({"step": 40, "sources": [{"name": "prose", "epoch": 0}]})";
+  s.config_ini = "[model]\nlayers = 2\n";
+  s.lineage = R"({"run_id": "r"})";
+  return s;
 }
 
 }  // namespace
@@ -93,6 +114,15 @@ TEST(Manifest, EveryBadFieldIsRefusedByName) {
   EXPECT_NE(with([](auto& j) { j["model"]["model.layers"] = 2; }).find("model.model.layers"), std::string::npos);
   EXPECT_NE(with([](auto& j) { j["files"] = nlohmann::json::array(); }).find("'files'"), std::string::npos);
   EXPECT_NE(with([](auto& j) { j["files"].push_back(j["files"][1]); }).find("listed twice"), std::string::npos);
+  EXPECT_NE(with([](auto& j) { j["step"] = nullptr; }).find("'step' must be an integer, got null"), std::string::npos);
+  EXPECT_NE(with([](auto& j) { j["tensors_finite"] = 1; }).find("'tensors_finite' must be true or false"), std::string::npos);
+}
+
+TEST(Manifest, TensorsFiniteIsOptionalAndRoundTrips) {
+  Manifest m = sample_manifest();
+  EXPECT_FALSE(parse_manifest(manifest_to_json(m), "m.json").tensors_finite.has_value()) << "older manifests: unknown";
+  m.tensors_finite = true;
+  EXPECT_EQ(parse_manifest(manifest_to_json(m), "m.json").tensors_finite, true);
 }
 
 TEST(H5File, EveryDtypeRoundTripsWithShapeAndShardAttributes) {
@@ -216,4 +246,80 @@ TEST(TrainingStateFile, ForeignHdf5FileIsRefusedByName) {
     out.close();
   }
   EXPECT_NE(keel::testing::checkpoint_error_of([&] { read_rank_file(path); }).find("other.h5: not a Keel checkpoint"), std::string::npos);
+}
+
+TEST(TrainingStateFile, NonFiniteTensorsAndNullJsonAreNeverWritten) {
+  const std::string dir = keel::testing::test_dir();
+  const std::string path = dir + "/rank-00000.h5";
+  TrainingState poisoned = small_state();
+  poisoned.model[1].second[2][3] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_EQ(keel::testing::checkpoint_error_of([&] { write_rank_file(path, poisoned, {0, 1}); }),
+            "cannot save checkpoint step 40: model tensor blocks.0.attn.wq.weight holds NaN/Inf (rank-00000.h5)");
+  EXPECT_FALSE(std::filesystem::exists(path)) << "refused before the file is created";
+
+  poisoned = small_state();
+  poisoned.optimizer[1].second[0][0] = std::numeric_limits<float>::infinity();
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { write_rank_file(path, poisoned, {0, 1}); })
+                .find("optimizer tensor embed.weight/exp_avg_sq holds NaN/Inf (rank-00000.h5)"),
+            std::string::npos);
+  poisoned = small_state();
+  poisoned.optimizer[0].second = torch::full({5, 4}, -std::numeric_limits<float>::infinity()).to(torch::kBFloat16);
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { write_rank_file(path, poisoned, {0, 1}); }).find("embed.weight/exp_avg"),
+            std::string::npos);
+  // nlohmann writes a NaN as null: a poisoned LR factor is refused too.
+  poisoned = small_state();
+  poisoned.lr_schedule = nlohmann::json{{"lr", 0.003}, {"lr_factor", std::nan("")}}.dump();
+  EXPECT_EQ(keel::testing::checkpoint_error_of([&] { write_rank_file(path, poisoned, {0, 1}); }),
+            "cannot save checkpoint step 40: /lr_schedule: field 'lr_factor' is null (a NaN or Inf written as JSON) "
+            "(rank-00000.h5)");
+  poisoned = small_state();
+  poisoned.optimizer_json = R"({"step": nan})";  // a plugin that formats its own JSON with std::to_string
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { write_rank_file(path, poisoned, {0, 1}); })
+                .find("cannot save checkpoint step 40: optimizer adamw state: not valid JSON"),
+            std::string::npos);
+  EXPECT_FALSE(std::filesystem::exists(path));
+
+  // A clean state is written and marked as checked.
+  write_rank_file(path, small_state(), {0, 1});
+  EXPECT_EQ(H5Reader(path).int_attribute("/", "tensors_finite"), 1);
+  EXPECT_EQ(read_rank_file(path).step, 40);
+}
+
+TEST(TrainingStateFile, JsonTypeErrorsNameTheFileObjectAndField) {
+  const std::string dir = keel::testing::test_dir();
+  int n = 0;
+  auto read_error = [&](const std::function<void(TrainingState&)>& edit) {
+    TrainingState s = small_state();
+    edit(s);
+    const std::string path = dir + "/rank-" + std::to_string(n++) + ".h5";
+    write_rank_file(path, s, {0, 1});
+    return keel::testing::checkpoint_error_of([&] { read_rank_file(path); });
+  };
+  EXPECT_EQ(read_error([](TrainingState& s) { s.lr_schedule = R"({"lr": "fast"})"; }),
+            dir + "/rank-0.h5:/lr_schedule: field 'lr': expected a number, got a string");
+  EXPECT_EQ(read_error([](TrainingState& s) { s.optimizer_json = R"({"step": 1.5})"; }),
+            dir + "/rank-1.h5:/optimizer/state_json: field 'step': expected an integer, got 1.5");
+  EXPECT_EQ(read_error([](TrainingState& s) { s.data_ledger = R"({"sources": [{"name": "prose", "epoch": "one"}]})"; }),
+            dir + "/rank-2.h5:/data/ledger: field 'sources[0].epoch': expected an integer, got a string");
+  EXPECT_EQ(read_error([](TrainingState& s) { s.data_ledger = R"({"mixture_history": [{"from_step": 0, "weights": {"code": true}}]})"; }),
+            dir + "/rank-3.h5:/data/ledger: field 'mixture_history[0].weights.code': expected a number, got true");
+  EXPECT_EQ(read_error([](TrainingState& s) { s.lineage = R"({"run_id": 7})"; }),
+            dir + "/rank-4.h5:/lineage: field 'run_id': expected a string, got 7");
+  EXPECT_EQ(read_error([](TrainingState& s) { s.plugins.push_back({"spike_handler", "zscore_skip", "1", R"({"skipped": "x", "w": [1, 2]})", {}}); }),
+            "(no CheckpointError)");  // a plugin's own fields are the plugin's to type; only a null (a NaN) is Keel's business
+}
+
+TEST(JsonFields, TypedReadsNameOriginAndPath) {
+  const nlohmann::json j = parse_json_object(R"({"a": 1, "b": null, "c": {"d": "x"}, "e": [{"f": 2.5}], "g": [1, null]})", "F");
+  const JsonFields f(j, "F");
+  EXPECT_EQ(f.integer("a"), 1);
+  EXPECT_EQ(f.number_or("missing", 4.5), 4.5);
+  EXPECT_EQ(keel::testing::checkpoint_error_of([&] { f.number_or("b", 1.0); }), "F: field 'b': expected a number, got null");
+  EXPECT_EQ(keel::testing::checkpoint_error_of([&] { f.object("c").integer("d"); }), "F: field 'c.d': expected an integer, got a string");
+  EXPECT_EQ(keel::testing::checkpoint_error_of([&] { f.objects("e")[0].integer("f"); }), "F: field 'e[0].f': expected an integer, got 2.5");
+  EXPECT_EQ(keel::testing::checkpoint_error_of([&] { f.string("nope"); }), "F: field 'nope' is missing");
+  EXPECT_EQ(keel::testing::checkpoint_error_of([&] { f.object("a"); }), "F: field 'a': expected an object, got 1");
+  EXPECT_EQ(find_null(j).value_or(""), "b");
+  EXPECT_EQ(find_null(j["g"], "g").value_or(""), "g[1]");
+  EXPECT_EQ(keel::testing::checkpoint_error_of([] { parse_json_object("[1]", "F"); }), "F: expected a JSON object, got an array");
 }

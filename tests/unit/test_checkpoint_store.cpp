@@ -1,17 +1,23 @@
 // Why: the directory protocol of checkpoints without training anything: commit makes a valid step-N and moves
-// `latest`; a .tmp, a directory without manifest, a flipped byte or a truncated file is never valid, never
-// loaded and never counted; retention keeps exactly the newest K plus milestones, also after a kill mid-prune;
-// resolve_checkpoint falls back (with a warning naming the damage) only from a run dir. Also the lineage.
+// `latest`; a .tmp, a directory without manifest, a flipped byte, a truncated file, an unlisted file, an
+// edited config.ini or another step's files under a step-N name is never valid, never loaded and never
+// counted; retention keeps exactly the newest K plus milestones plus the newest finite one, also after a kill
+// mid-prune; resolve_checkpoint takes the newest valid checkpoint of a run dir whatever `latest` says (with a
+// warning) and never falls back from an explicit checkpoint. Also the lineage.
 #include <filesystem>
 #include <fstream>
+#include <functional>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include "../common/damage.h"
 
 #include "core/checkpoint/checkpoint_error.h"
 #include "core/checkpoint/checkpoint_store.h"
+#include "core/checkpoint/h5_file.h"
 #include "core/checkpoint/lineage.h"
+#include "core/checkpoint/durable_fs.h"
 #include "core/checkpoint/sha256.h"
 #include "test_support.h"
 
@@ -20,17 +26,34 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// A small but complete checkpoint: a fake rank file and config.ini, committed through the store.
-std::string save_fake(CheckpointStore& store, int64_t step) {
+constexpr const char* kFakeConfig = "[model]\nlayers = 2\n";
+
+// A small but complete checkpoint: a fake rank file and config.ini, committed through the store. With
+// `checked_finite` the rank file is an HDF5 file marked the way write_rank_file marks one whose tensors it
+// checked (torch-free, so the store is tested without LibTorch).
+std::string save_fake(CheckpointStore& store, int64_t step, bool checked_finite = false) {
   const std::string tmp = store.begin(step);
-  std::ofstream(tmp + "/" + rank_file_name(0), std::ios::binary) << "rank payload of step " << step;
-  std::ofstream(tmp + "/config.ini") << "[model]\nlayers = 2\n";
+  if (checked_finite) {
+    H5Writer out(tmp + "/" + rank_file_name(0));
+    out.set_attribute("/", "tensors_finite", int64_t{1});
+    out.close();
+  } else {
+    std::ofstream(tmp + "/" + rank_file_name(0), std::ios::binary) << "rank payload of step " << step;
+  }
+  std::ofstream(tmp + "/config.ini") << kFakeConfig;
   Manifest m;
   m.keel_version = "test";
   m.run_id = "run-test";
   m.created = "2026-11-22T00:00:00Z";
-  m.config_hash = sha256_hex("x");
+  m.config_hash = sha256_hex(kFakeConfig);
   return store.commit(step, m, {{rank_file_name(0), 0}, {"config.ini", -1}});
+}
+
+// Rewrites DIR/manifest.json after `edit` (nothing else is recomputed).
+void edit_manifest(const std::string& dir, const std::function<void(nlohmann::json&)>& edit) {
+  nlohmann::json j = nlohmann::json::parse(read_small_file(dir + "/manifest.json"));
+  edit(j);
+  std::ofstream(dir + "/manifest.json", std::ios::trunc) << j.dump(2);
 }
 
 std::vector<int64_t> steps_of(const std::vector<CheckpointEntry>& entries) {
@@ -141,6 +164,122 @@ TEST(ResolveCheckpoint, RunDirFallsBackToNewestValidWithAWarning) {
   EXPECT_NE(keel::testing::checkpoint_error_of([&] { resolve_checkpoint(run + "/nope"); }).find("no such checkpoint"), std::string::npos);
 }
 
+TEST(CheckpointStore, EveryFileMustBeListedAndConfigHashAndStepMustMatch) {
+  const std::string root = keel::testing::test_dir() + "/checkpoints";
+  CheckpointStore store(root);
+  for (int64_t step = 1; step <= 5; ++step) save_fake(store, step);
+  // 1: config.ini dropped from the manifest (nothing recomputed) and then edited.
+  edit_manifest(root + "/step-00000001", [](nlohmann::json& j) { j["files"].erase(1); });
+  std::ofstream(root + "/step-00000001/config.ini", std::ios::app) << "# edited\n";
+  const std::string unlisted = keel::testing::checkpoint_error_of([&] { verify_checkpoint_dir(root + "/step-00000001"); });
+  EXPECT_NE(unlisted.find("step-00000001/config.ini: not listed in manifest.json"), std::string::npos) << unlisted;
+  // 2: a file nobody listed.
+  std::ofstream(root + "/step-00000002/notes.txt") << "hand-made";
+  const std::string extra = keel::testing::checkpoint_error_of([&] { verify_checkpoint_dir(root + "/step-00000002"); });
+  EXPECT_NE(extra.find("step-00000002/notes.txt: present but not listed in manifest.json"), std::string::npos) << extra;
+  // 3: config.ini edited and re-hashed in files[], but config_hash not.
+  std::ofstream(root + "/step-00000003/config.ini", std::ios::trunc) << "[optim]\nlr = 0.5\n";
+  edit_manifest(root + "/step-00000003", [&](nlohmann::json& j) {
+    j["files"][1]["bytes"] = fs::file_size(root + "/step-00000003/config.ini");
+    j["files"][1]["sha256"] = sha256_file(root + "/step-00000003/config.ini");
+  });
+  const std::string hash = keel::testing::checkpoint_error_of([&] { verify_checkpoint_dir(root + "/step-00000003"); });
+  EXPECT_NE(hash.find("step-00000003/config.ini: SHA-256"), std::string::npos) << hash;
+  EXPECT_NE(hash.find("config_hash"), std::string::npos) << hash;
+  // 4: step 4's files under the name of step 7.
+  fs::copy(root + "/step-00000004", root + "/step-00000007");
+  const std::string renamed = keel::testing::checkpoint_error_of([&] { verify_checkpoint_dir(root + "/step-00000007"); });
+  EXPECT_NE(renamed.find("step-00000007: the directory is named for step 7 but its manifest.json says step 4"),
+            std::string::npos) << renamed;
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { resolve_checkpoint(root + "/step-00000007"); }).find("says step 4"),
+            std::string::npos);
+  CheckpointStore fresh(root);
+  EXPECT_EQ(steps_of(fresh.list_valid()), (std::vector<int64_t>{4, 5}));
+  // 5: a rank file missing from the manifest of a 1-rank layout is named.
+  edit_manifest(root + "/step-00000005", [](nlohmann::json& j) { j["files"].erase(0); });
+  const std::string no_rank = keel::testing::checkpoint_error_of([&] { verify_checkpoint_dir(root + "/step-00000005"); });
+  EXPECT_NE(no_rank.find("rank-00000.h5 is not listed"), std::string::npos) << no_rank;
+}
+
+TEST(CheckpointStore, CommitRefusesAnUnlistedFileAndCleansStaleLatestTmp) {
+  const std::string root = keel::testing::test_dir() + "/checkpoints";
+  CheckpointStore store(root);
+  save_fake(store, 1);
+  std::ofstream(root + "/latest.tmp-12345") << "step-00000000\n";  // a save killed while replacing `latest`
+  const std::string tmp = store.begin(2);
+  std::ofstream(tmp + "/" + rank_file_name(0)) << "rank";
+  std::ofstream(tmp + "/config.ini") << kFakeConfig;
+  std::ofstream(tmp + "/stray.bin") << "?";
+  Manifest m;
+  m.config_hash = sha256_hex(kFakeConfig);
+  const std::string refused =
+      keel::testing::checkpoint_error_of([&] { store.commit(2, m, {{rank_file_name(0), 0}, {"config.ini", -1}}); });
+  EXPECT_NE(refused.find("stray.bin is not one of the files being committed"), std::string::npos) << refused;
+  EXPECT_FALSE(fs::exists(root + "/step-00000002"));
+  EXPECT_TRUE(fs::exists(root + "/latest.tmp-12345")) << "readers and a refused commit leave it alone";
+  EXPECT_EQ(store.latest_pointer(), root + "/step-00000001");
+  fs::remove(tmp + "/stray.bin");
+  store.commit(2, m, {{rank_file_name(0), 0}, {"config.ini", -1}});
+  EXPECT_FALSE(fs::exists(root + "/latest.tmp-12345")) << "removed when `latest` is next written";
+  EXPECT_EQ(store.latest_pointer(), root + "/step-00000002");
+}
+
+TEST(CheckpointStore, RetentionNeverPrunesTheNewestFiniteCheckpoint) {
+  const std::string root = keel::testing::test_dir() + "/checkpoints";
+  CheckpointStore store(root);
+  save_fake(store, 1, /*checked_finite=*/true);
+  EXPECT_EQ(verify_checkpoint_dir(root + "/step-00000001").tensors_finite, true);
+  // Checkpoints whose tensors were not checked (an older Keel, or files not written by write_rank_file).
+  for (int64_t step = 2; step <= 5; ++step) {
+    save_fake(store, step);
+    store.prune(/*keep_last=*/2, 0);
+  }
+  EXPECT_EQ(verify_checkpoint_dir(root + "/step-00000005").tensors_finite, false);
+  EXPECT_EQ(steps_of(store.list()), (std::vector<int64_t>{1, 4, 5}));
+  // Once a newer finite checkpoint exists, the old one is an ordinary candidate again.
+  save_fake(store, 6, true);
+  store.prune(2, 0);
+  EXPECT_EQ(steps_of(store.list()), (std::vector<int64_t>{5, 6}));
+}
+
+TEST(ResolveCheckpoint, RunDirTakesTheNewestValidCheckpointWhateverLatestSays) {
+  const std::string run = keel::testing::test_dir();
+  const std::string root = run + "/checkpoints";
+  CheckpointStore store(root);
+  save_fake(store, 5);
+  save_fake(store, 10);
+  // A kill between the rename of step-10 and the move of `latest`, and the temp file of that move.
+  write_file_atomically(root + "/latest", "step-00000005\n");
+  std::ofstream(root + "/latest.tmp-12345") << "step-00000010\n";
+  ResolvedCheckpoint r = resolve_checkpoint(run);
+  EXPECT_EQ(r.dir, root + "/step-00000010");
+  ASSERT_EQ(r.warnings.size(), 1u);
+  EXPECT_NE(r.warnings[0].find("latest names step-00000005, but step-00000010 is newer and valid"), std::string::npos)
+      << r.warnings[0];
+  // Dangling.
+  write_file_atomically(root + "/latest", "step-00000040\n");
+  r = resolve_checkpoint(run);
+  EXPECT_EQ(r.dir, root + "/step-00000010");
+  ASSERT_EQ(r.warnings.size(), 1u);
+  EXPECT_NE(r.warnings[0].find("latest names step-00000040, which does not exist"), std::string::npos) << r.warnings[0];
+  // Missing.
+  fs::remove(root + "/latest");
+  r = resolve_checkpoint(run);
+  EXPECT_EQ(r.dir, root + "/step-00000010");
+  ASSERT_EQ(r.warnings.size(), 1u);
+  EXPECT_NE(r.warnings[0].find("latest is missing; loading the newest valid checkpoint, step-00000010"), std::string::npos)
+      << r.warnings[0];
+  // Malformed.
+  write_file_atomically(root + "/latest", "garbage\n");
+  r = resolve_checkpoint(run);
+  EXPECT_EQ(r.dir, root + "/step-00000010");
+  ASSERT_EQ(r.warnings.size(), 1u);
+  EXPECT_NE(r.warnings[0].find("does not name a step-XXXXXXXX directory"), std::string::npos) << r.warnings[0];
+  // In agreement: no warning.
+  write_file_atomically(root + "/latest", "step-00000010\n");
+  EXPECT_TRUE(resolve_checkpoint(run).warnings.empty());
+}
+
 TEST(Lineage, DiffKindJsonAndTree) {
   const auto changes = diff_configs({{"optim.lr", "0.001"}, {"train.steps", "10"}, {"model.layers", "2"}},
                                     {{"optim.lr", "0.0005"}, {"train.steps", "20"}, {"model.layers", "2"}});
@@ -174,6 +313,15 @@ TEST(Lineage, DiffKindJsonAndTree) {
   EXPECT_EQ(back.parent_step, 10);
   EXPECT_EQ(back.changes.at(0).to, "0.0005");
   EXPECT_NE(keel::testing::checkpoint_error_of([] { parse_lineage("{}", "x/lineage.json"); }).find("x/lineage.json"), std::string::npos);
+  // A type error names the file and the field, not nlohmann's exception.
+  const std::string null_step = keel::testing::checkpoint_error_of([] {
+    parse_lineage(R"({"run_id": "r", "parent": {"run_id": "p", "step": null}})", "x/lineage.json");
+  });
+  EXPECT_EQ(null_step, "x/lineage.json: field 'parent.step': expected an integer, got null");
+  const std::string bad_change = keel::testing::checkpoint_error_of([] {
+    parse_lineage(R"({"run_id": "r", "changes": [{"key": "a", "from": "1", "to": 2}]})", "x/lineage.json");
+  });
+  EXPECT_EQ(bad_change, "x/lineage.json: field 'changes[0].to': expected a string, got 2");
 
   const std::string tree = format_lineage_tree({branch, root, cont});
   EXPECT_EQ(tree.find("runs/base"), 0u) << tree;
