@@ -168,7 +168,9 @@ const std::vector<KeyDef>& key_table() {
       KEEL_DOUBLE("optim.weight_decay", optim.weight_decay, "decoupled weight decay (matrices only)"),
       KEEL_DOUBLE("optim.grad_clip", optim.grad_clip, "global grad-norm clip; 0 disables"),
 
-      KEEL_STRING("data.dir", data.dir, "directory of the prepared tokenizer and shards"),
+      KEEL_STRING("data.dir", data.dir,
+                  "directory of the prepared tokenizer and shards; relative: to the config file's directory "
+                  "(to the current directory in --set)"),
       KeyDef{"data.seed", "seed of the data order (permutations, source picks)",
              [](Config& c, const std::string& o, const std::string& v) {
                c.data.seed = parse_uint64(o, "data.seed", v);
@@ -218,7 +220,7 @@ const std::vector<KeyDef>& key_table() {
 // Keys of `[source.NAME]` sections: source.NAME.FIELD.
 const std::vector<std::pair<std::string, std::string>>& source_fields() {
   static const std::vector<std::pair<std::string, std::string>> fields = {
-      {"inputs", "comma-separated files, directories or globs"},
+      {"inputs", "comma-separated files, directories or globs; relative: as data.dir"},
       {"include", "filename glob inside directories, e.g. *.py"},
       {"split", "file (one document per file) or fortune ('%' lines separate documents)"},
       {"max_mb", "stop reading raw text after this many MiB; 0 = all"},
@@ -297,26 +299,61 @@ void apply_override(Config& config, const std::string& key_equals_value, const s
           origin + " " + trim(key_equals_value.substr(0, eq)));
 }
 
-Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
-  // A directory opens as a stream that reads nothing; without this check it would parse as an empty config.
-  std::error_code ec;
-  if (std::filesystem::is_directory(path, ec)) throw ConfigError("config path is a directory, not a file: " + path);
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw ConfigError("config file not found or unreadable: " + path);
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (in.bad()) throw ConfigError("config file unreadable: " + path);
-  return parse_config_text(text.str(), path, overrides);
+namespace {
+
+// The first line of every config that to_ini() writes (run dirs, checkpoints).
+const char* const kResolvedHeader = "# resolved Keel config (every key, defaults included)";
+
+// `value` made absolute against `base` (already absolute), written without "." and ".." where it can be. The
+// result must read back from the resolved config.ini like any value: no '#', no control characters.
+std::string absolute_against(const std::string& value, const std::filesystem::path& base, const std::string& key,
+                             const std::string& origin) {
+  namespace fs = std::filesystem;
+  const fs::path path(value);
+  if (value.empty() || path.is_absolute()) return value;
+  fs::path out = (base / path).lexically_normal();
+  if (out.filename().empty() && out.has_parent_path() && out != out.root_path()) out = out.parent_path();  // "d/"
+  const std::string resolved = out.string();
+  for (const char ch : resolved) {
+    const auto byte = static_cast<unsigned char>(ch);
+    if (ch == '#' || (byte < 0x20 && ch != '\t') || byte == 0x7f) {
+      throw ConfigError(origin + ": " + key + ": '" + value + "' resolves to " + resolved +
+                        ", which contains '#' or a control character (a config file cannot hold it): give an "
+                        "absolute path");
+    }
+  }
+  return resolved;
 }
 
-Config parse_config_text(const std::string& text, const std::string& source_name,
-                         const std::vector<std::string>& overrides) {
+// Every relative path of the config (data.dir, each source's inputs) made absolute against `base`. Idempotent:
+// paths already absolute stay as they are, so a later call only resolves values set since.
+void resolve_paths(Config& config, const std::filesystem::path& base, const std::string& origin) {
+  config.data.dir = absolute_against(config.data.dir, base, "data.dir", origin);
+  for (auto& source : config.data.sources) {
+    for (auto& input : source.inputs)
+      input = absolute_against(input, base, "source." + source.name + ".inputs", origin);
+  }
+}
+
+std::filesystem::path current_dir(const std::string& origin) {
+  std::error_code ec;
+  const auto dir = std::filesystem::current_path(ec);
+  if (ec) throw ConfigError(origin + ": cannot resolve relative paths: the current directory: " + ec.message());
+  return dir;
+}
+
+// parse_config_text with the directory that the text's own relative paths resolve against (empty = the current
+// directory). Overrides always resolve against the current directory: the user typed them there.
+Config parse_config(const std::string& text, const std::string& source_name, const std::vector<std::string>& overrides,
+                    const std::filesystem::path& file_base) {
   std::istringstream in(text);
   Config config;
   config.source_file = source_name;
   std::string line;
   std::string section;
   int line_number = 0;
+  // First line of each section header and each key: a repeated one is an error, not "the last one wins".
+  std::map<std::string, int> section_lines, key_lines;
   while (std::getline(in, line)) {
     ++line_number;
     const std::string origin = source_name + ":" + std::to_string(line_number);
@@ -330,6 +367,11 @@ Config parse_config_text(const std::string& text, const std::string& source_name
       if (line.back() != ']') throw ConfigError(origin + ": malformed section header '" + line + "'");
       section = trim(line.substr(1, line.size() - 2));
       if (section.empty()) throw ConfigError(origin + ": empty section name");
+      const auto [seen, first] = section_lines.emplace(section, line_number);
+      if (!first) {
+        throw ConfigError(origin + ": section [" + section + "] already appears on line " +
+                          std::to_string(seen->second));
+      }
       continue;
     }
     const auto eq = line.find('=');
@@ -337,11 +379,48 @@ Config parse_config_text(const std::string& text, const std::string& source_name
     const std::string key = trim(line.substr(0, eq));
     if (key.empty()) throw ConfigError(origin + ": missing key before '='");
     const std::string full_key = section.empty() ? key : section + "." + key;
+    const auto [seen, first] = key_lines.emplace(full_key, line_number);
+    if (!first) {
+      throw ConfigError(origin + ": key " + full_key + " is already set on line " + std::to_string(seen->second));
+    }
     set_key(config, full_key, trim(line.substr(eq + 1)), origin);
   }
-  for (const auto& override_text : overrides) apply_override(config, override_text, "--set");
+  resolve_paths(config, file_base.empty() ? current_dir(source_name) : file_base, source_name);
+  for (const auto& override_text : overrides) {
+    apply_override(config, override_text, "--set");
+    resolve_paths(config, current_dir("--set"), "--set");
+  }
   validate(config);
   return config;
+}
+
+}  // namespace
+
+Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  // A directory opens as a stream that reads nothing; without this check it would parse as an empty config.
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) throw ConfigError("config path is a directory, not a file: " + path);
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw ConfigError("config file not found or unreadable: " + path);
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (in.bad()) throw ConfigError("config file unreadable: " + path);
+  // Relative paths in a config file are relative to the file's directory. A resolved config.ini (run dirs,
+  // checkpoints) holds absolute paths; one written before paths were resolved holds paths relative to the
+  // directory Keel ran in, so those keep resolving against the current directory.
+  std::filesystem::path base;
+  if (text.str().rfind(kResolvedHeader, 0) != 0) {
+    const std::filesystem::path dir = std::filesystem::absolute(path, ec).parent_path();
+    if (ec) throw ConfigError(path + ": cannot resolve its directory: " + ec.message());
+    base = std::filesystem::weakly_canonical(dir, ec);
+    if (ec) base = dir;
+  }
+  return parse_config(text.str(), path, overrides, base);
+}
+
+Config parse_config_text(const std::string& text, const std::string& source_name,
+                         const std::vector<std::string>& overrides) {
+  return parse_config(text, source_name, overrides, {});
 }
 
 void validate(const Config& c) {
@@ -374,6 +453,9 @@ void validate(const Config& c) {
   require(o.beta1 >= 0.0 && o.beta1 < 1.0 && o.beta2 >= 0.0 && o.beta2 < 1.0, "optim.beta1/beta2 must be in [0, 1)");
   require(o.eps > 0.0 && o.weight_decay >= 0.0 && o.grad_clip >= 0.0, "optim.eps > 0, optim.weight_decay >= 0, optim.grad_clip >= 0");
   require(c.data.chunks >= 1, "data.chunks must be >= 1");
+  require(!c.data.dir.empty(), "data.dir must not be empty");
+  require(c.data.tokenizer_sample_mb >= 1 && c.data.tokenizer_sample_mb <= (int64_t{1} << 20),
+          "data.tokenizer_sample_mb must be in [1, 1048576]");
   const auto& par = c.parallel;
   require(par.dp >= 1 && par.tp >= 1 && par.pp >= 1, "parallel.dp, parallel.tp and parallel.pp must be >= 1");
   require(par.zero == 0 || par.zero == 1, "parallel.zero must be 0 or 1");
@@ -430,7 +512,7 @@ std::vector<std::pair<std::string, std::string>> flatten(const Config& config) {
 
 std::string to_ini(const Config& config) {
   std::ostringstream out;
-  out << "# resolved Keel config (every key, defaults included)\n";
+  out << kResolvedHeader << "\n";
   std::string current_section;
   for (const auto& [key, value] : flatten(config)) {
     const auto dot = key.rfind('.');

@@ -71,7 +71,7 @@ struct SourceConfig {
 };
 
 struct DataConfig {
-  std::string dir = "data/bundled";    // prepared tokenizer + shards go here
+  std::string dir = "data/bundled";    // prepared tokenizer + shards go here; absolute after load_config
   std::vector<SourceConfig> sources;
   uint64_t seed = 42;                  // data order seed (permutations, source picks)
   std::string mixture;                 // "prose=0.7,code=0.3"; empty = proportional to source size
@@ -143,12 +143,17 @@ struct Config {
   int64_t rank_micro_batch() const { return global_batch() / parallel.dp / microbatches_per_rank(); }
 };
 
-// Parse an INI file ("[model]\nlayers = 4"), then apply "key=value" overrides in order, then validate.
-// Throws ConfigError naming the file:line and key for unknown keys, bad values or a missing file.
+// Parse an INI file ("[model]\nlayers = 4"), then apply "key=value" overrides in order (a key set twice by
+// overrides: the last wins), then validate. Throws ConfigError naming the file:line and key for unknown keys,
+// bad values, a key or section header that appears twice in the file, or a missing file.
+// Paths come back absolute: a relative data.dir or source input (and the default data.dir) resolves against
+// the config file's directory, one given in an override against the current directory. A resolved config.ini
+// (to_ini's header line: run dirs, checkpoints) resolves against the current directory instead, as Keel wrote
+// relative paths there before it resolved them.
 Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
 // The same from INI text already in memory; `source_name` names it in messages ("NAME:LINE") and becomes
-// source_file. load_config reads the file and calls this; the fuzzer (tests/fuzz/) feeds it bytes directly.
-// Any input, however malformed, either parses or throws ConfigError.
+// source_file; relative paths resolve against the current directory. The fuzzer (tests/fuzz/) feeds it bytes
+// directly. Any input, however malformed, either parses or throws ConfigError.
 Config parse_config_text(const std::string& text, const std::string& source_name,
                          const std::vector<std::string>& overrides = {});
 // Apply one "section.key=value" override (also used by tests).

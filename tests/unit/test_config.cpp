@@ -1,10 +1,14 @@
-// Why: a typo in an experiment config must stop the run before it starts, naming the file, line and key.
+// Why: a typo in an experiment config must stop the run before it starts, naming the file, line and key; so must a
+// key written twice, and a model too large for the machine (whose parameter count must match the real model's).
 #include <filesystem>
 #include <fstream>
 
 #include <gtest/gtest.h>
+#include <torch/torch.h>
 
 #include "core/config/config.h"
+#include "core/config/memory_estimate.h"
+#include "core/model/llama.h"
 
 namespace {
 
@@ -112,7 +116,7 @@ TEST(Config, RefusesValuesThatCannotRoundTrip) {
     EXPECT_NE(message.find("cannot contain '#' or control characters"), std::string::npos) << message;
   }
   keel::Config tab = keel::parse_config_text("[data]\ndir = a\tb\n", "t.ini");
-  EXPECT_EQ(tab.data.dir, "a\tb");
+  EXPECT_EQ(tab.data.dir, (std::filesystem::current_path() / "a\tb").string());
 }
 
 TEST(Config, SeedsAreUnsigned64BitAndRoundTrip) {
@@ -139,4 +143,162 @@ TEST(Config, SubnormalAndHugeValuesRoundTripOrAreRefused) {
   EXPECT_EQ(keel::flatten(keel::parse_config_text(keel::to_ini(c), "again.ini")), keel::flatten(c));
   const std::string message = error_of([] { keel::parse_config_text("[optim]\nlr = 1e999\n", "t.ini"); });
   EXPECT_NE(message.find("optim.lr: expected a finite number"), std::string::npos) << message;
+}
+
+TEST(Config, RepeatedKeyOrSectionNamesBothLines) {
+  std::string message =
+      error_of([] { keel::parse_config_text("[optim]\nlr = 1e-3\n\nwarmup_steps = 5\nlr = 2e-3\n", "x.ini"); });
+  EXPECT_EQ(message, "x.ini:5: key optim.lr is already set on line 2");
+  message = error_of(
+      [] { keel::parse_config_text("[optim]\nlr = 1e-3\n[model]\nlayers = 2\n[optim]\neps = 1e-6\n", "x.ini"); });
+  EXPECT_EQ(message, "x.ini:5: section [optim] already appears on line 1");
+  // The same key spelled through another section header is the same key.
+  message = error_of([] { keel::parse_config_text("[source.a]\ninputs = /x\n[source]\na.inputs = /y\n", "x.ini"); });
+  EXPECT_EQ(message, "x.ini:4: key source.a.inputs is already set on line 2");
+  message = error_of(
+      [] { keel::parse_config_text("[source.a]\ninputs = /x\n[source.b]\ninputs = /y\n[source.a]\n", "x.ini"); });
+  EXPECT_EQ(message, "x.ini:5: section [source.a] already appears on line 1");
+  // Different sources and plugins are different sections; overrides may repeat a file's key, the last one wins.
+  const keel::Config c = keel::parse_config_text(
+      "[source.a]\ninputs = /x\n[source.b]\ninputs = /y\n[plugin.p]\nk = 1\n[plugin.q]\nk = 2\n[optim]\nlr = 1e-3\n",
+      "x.ini", {"optim.lr=2e-3", "optim.lr=3e-3"});
+  EXPECT_EQ(c.data.sources.size(), 2u);
+  EXPECT_EQ(c.plugin_args.size(), 2u);
+  EXPECT_EQ(c.optim.lr, 3e-3);
+}
+
+TEST(Config, RelativePathsResolveAgainstTheConfigFileOrTheCurrentDirectory) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / "keel-config-test" / "nested";
+  fs::create_directories(dir);
+  const std::string path = (dir / "rel.ini").string();
+  std::ofstream(path) << "[data]\ndir = ./corpus/../data/\n[source.a]\ninputs = raw/*.txt, /abs/b.txt\n";
+  keel::Config c = keel::load_config(path);
+  EXPECT_EQ(c.data.dir, (fs::weakly_canonical(dir) / "data").string());
+  EXPECT_EQ(c.data.sources[0].inputs,
+            (std::vector<std::string>{(fs::weakly_canonical(dir) / "raw/*.txt").string(), "/abs/b.txt"}));
+  // --set is typed in the current directory.
+  c = keel::load_config(path, {"data.dir=mine", "source.a.inputs=in.txt"});
+  EXPECT_EQ(c.data.dir, (fs::current_path() / "mine").string());
+  EXPECT_EQ(c.data.sources[0].inputs, (std::vector<std::string>{(fs::current_path() / "in.txt").string()}));
+  // A config without data.dir: the default, next to the file.
+  std::ofstream(dir / "default.ini") << "[model]\nlayers = 2\n";
+  EXPECT_EQ(keel::load_config((dir / "default.ini").string()).data.dir,
+            (fs::weakly_canonical(dir) / "data/bundled").string());
+  // The resolved config.ini of a run keeps absolute paths; an old one (relative paths, written when they meant
+  // the current directory) still resolves against the current directory.
+  const std::string resolved = (dir / "config.ini").string();
+  std::ofstream(resolved) << keel::to_ini(keel::load_config(path));
+  EXPECT_EQ(keel::load_config(resolved).data.dir, (fs::weakly_canonical(dir) / "data").string());
+  std::string old_text = keel::to_ini(keel::parse_config_text("", "t.ini"));
+  old_text.replace(old_text.find((fs::current_path() / "data/bundled").string()),
+                   (fs::current_path() / "data/bundled").string().size(), "data/bundled");
+  std::ofstream(resolved) << old_text;
+  EXPECT_EQ(keel::load_config(resolved).data.dir, (fs::current_path() / "data/bundled").string());
+  EXPECT_NE(error_of([] { keel::parse_config_text("[data]\ndir =\n", "t.ini"); }).find("data.dir must not be empty"),
+            std::string::npos);
+  // A directory whose name holds '#' cannot be written back into config.ini: refused, naming the key.
+  const fs::path hashed = dir / "a#b";
+  fs::create_directories(hashed);
+  std::ofstream(hashed / "h.ini") << "[data]\ndir = d\n";
+  EXPECT_NE(error_of([&] { keel::load_config((hashed / "h.ini").string()); }).find("data.dir: 'd' resolves to "),
+            std::string::npos);
+}
+
+TEST(Config, NonsensicalSizesAreRefusedAtLoad) {
+  for (const char* bad : {"model.layers=0", "model.layers=-3", "model.d_model=0", "model.heads=0", "model.heads=3",
+                          "model.kv_heads=3", "model.ffn_hidden=0", "model.vocab=8", "model.seq_len=1",
+                          "data.tokenizer_sample_mb=0"}) {
+    const std::string message = error_of([&] { keel::parse_config_text("", "t.ini", {bad}); });
+    const std::string key = std::string(bad).substr(0, std::string(bad).find('='));
+    EXPECT_NE(message.find(key), std::string::npos) << bad << ": " << message;
+  }
+}
+
+// Hand-counted: the default model (L 2, C 64, H 4, K 4, F 176, V 2048, rmsnorm, untied).
+//   embedding 2048*64 = 131072, head 131072, final norm 64;
+//   per block: wq 64*64 + wk 64*64 + wv 64*64 + wo 64*64 = 16384, SwiGLU 3*64*176 = 33792, norms 2*64 = 128.
+TEST(MemoryEstimate, CountsParametersByHand) {
+  keel::ModelConfig m;
+  EXPECT_EQ(keel::count_parameters(m), 131072.0 + 131072.0 + 64.0 + 2 * (16384.0 + 33792.0 + 128.0));
+  m.kv_heads = 1;  // GQA: wk, wv [16, 64]
+  m.tie_embeddings = true;
+  m.qk_norm = true;  // q_norm, k_norm [16] per block
+  m.norm = "layernorm";  // weight and bias
+  EXPECT_EQ(keel::count_parameters(m),
+            131072.0 + 128.0 + 2 * (64.0 * 64 * 2 + 2 * 64.0 * 16 + 33792.0 + 256.0 + 32.0));
+}
+
+TEST(MemoryEstimate, CountMatchesTheRealModel) {
+  keel::ModelConfig a;
+  keel::ModelConfig b;
+  b.layers = 3;
+  b.d_model = 96;
+  b.heads = 6;
+  b.kv_heads = 2;
+  b.ffn_hidden = 200;
+  b.vocab = 500;
+  b.qk_norm = true;
+  b.norm = "layernorm";
+  keel::ModelConfig c = b;
+  c.tie_embeddings = true;
+  c.norm = "rmsnorm";
+  for (const auto& m : {a, b, c}) {
+    keel::model::Llama model(m);
+    EXPECT_EQ(keel::count_parameters(m), static_cast<double>(model->num_parameters())) << m.layers << " " << m.d_model;
+  }
+  // Two pipeline stages: a rank holds the larger one.
+  keel::Config config;
+  config.model = b;
+  config.model.layers = 4;
+  config.parallel.pp = 2;
+  keel::model::Llama first(config.model, keel::parallel::TensorParallel{}, keel::model::StageSpec{0, 2, true, false});
+  keel::model::Llama last(config.model, keel::parallel::TensorParallel{}, keel::model::StageSpec{2, 2, false, true});
+  EXPECT_EQ(keel::estimate_memory(config).rank_parameters,
+            static_cast<double>(std::max(first->num_parameters(), last->num_parameters())));
+}
+
+TEST(MemoryEstimate, BytesPerRankAndRefusal) {
+  keel::Config c;  // bf16-mixed, AdamW
+  const double p = keel::count_parameters(c.model);
+  const double rope = 2.0 * 64 * 8 * 4;  // cos and sin, [seq_len, head_dim / 2] fp32
+  EXPECT_EQ(keel::estimate_memory(c).rank_bytes, p * 18 + rope);
+  c.train.precision = "fp32";
+  EXPECT_EQ(keel::estimate_memory(c).rank_bytes, p * 16 + rope);
+  c.plugins.optimizer = "lion";
+  EXPECT_EQ(keel::estimate_memory(c).rank_bytes, p * 12 + rope);
+  c.plugins.optimizer = "adamw";
+  c.parallel.dp = 4;
+  c.train.grad_accum = 4;
+  c.parallel.zero = 1;  // the two moments split over 4 DP ranks
+  EXPECT_EQ(keel::estimate_memory(c).rank_bytes, p * 10 + rope);
+
+  keel::Config big = keel::parse_config_text("", "big.ini", {"model.layers=100000"});
+  const keel::MemoryBudget ram{24.0 * 1024 * 1024 * 1024, "RAM (MemTotal in /proc/meminfo)", 1};
+  const std::string message = error_of([&] { keel::check_memory_fits(big, ram); });
+  EXPECT_EQ(message.rfind("big.ini: model.layers=100000 model.d_model=64", 0), 0u) << message;
+  EXPECT_NE(message.find("5.03B parameters, an estimated 84.3 GiB"), std::string::npos) << message;
+  EXPECT_NE(message.find("more than the 24.0 GiB of RAM"), std::string::npos) << message;
+  EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+  // Ranks on one machine add up: the tiny model fits once, not 10^6 times.
+  keel::Config tiny;
+  EXPECT_EQ(error_of([&] { keel::check_memory_fits(tiny, ram); }), "");
+  const keel::MemoryBudget crowded{ram.bytes, ram.what, 1000000};
+  EXPECT_NE(error_of([&] { keel::check_memory_fits(tiny, crowded); }).find("1000000 ranks x"), std::string::npos);
+}
+
+// Every shipped config fits the machine it is meant for: CPU configs in this 24 GiB development machine's RAM,
+// the bench/gpu configs in one 139 GiB GPU.
+TEST(MemoryEstimate, ShippedConfigsFit) {
+  const keel::MemoryBudget ram{24.0 * 1024 * 1024 * 1024, "RAM", 1}, gpu{139.0 * 1024 * 1024 * 1024, "GPU", 1};
+  for (const char* name : {"experiments/tiny.ini", "experiments/small.ini", "experiments/datamix-ab/datamix.ini",
+                           "experiments/datamix-ab/datamix-tiny.ini", "experiments/k2-spike-resume/k2.ini",
+                           "experiments/k2-spike-resume/k2-tiny.ini"}) {
+    const keel::Config c = keel::load_config(std::string(KEEL_SOURCE_DIR) + "/" + name);
+    EXPECT_EQ(error_of([&] { keel::check_memory_fits(c, ram); }), "") << name;
+  }
+  for (const char* name : {"bench/gpu/llama-134m.ini", "bench/gpu/llama-953m.ini"}) {
+    const keel::Config c = keel::load_config(std::string(KEEL_SOURCE_DIR) + "/" + name);
+    EXPECT_EQ(error_of([&] { keel::check_memory_fits(c, gpu); }), "") << name;
+  }
 }

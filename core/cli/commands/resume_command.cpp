@@ -21,6 +21,7 @@
 #include "core/cli/commands/commands.h"
 #include "core/cli/commands/common.h"
 #include "core/cli/commands/run_launcher.h"
+#include "core/config/memory_estimate.h"
 #include "core/parallel/rendezvous.h"
 
 namespace keel::cli {
@@ -88,6 +89,7 @@ int cmd_resume(const Args& args) {
   const std::string ckpt_config = ckpt.dir + "/config.ini";
   const Config parent = load_config(ckpt_config);
   Config config = load_config(ckpt_config, overrides);
+  check_memory_fits(config);  // an absurd model size, before any tensor is read
   const auto parent_flat = flatten(parent), flat = flatten(config);
   for (const auto& [key, value] : flat) {
     if (key.rfind("model.", 0) != 0) continue;

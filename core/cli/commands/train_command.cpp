@@ -8,6 +8,7 @@
 #include "core/cli/commands/commands.h"
 #include "core/cli/commands/common.h"
 #include "core/cli/commands/run_launcher.h"
+#include "core/config/memory_estimate.h"
 
 namespace keel::cli {
 
@@ -28,6 +29,7 @@ int cmd_train(const Args& args) {
   }
   append_plugin_overrides(plugins, plugin_args, overrides);
   Config config = load_config(config_path, overrides);  // all config errors before touching the run dir
+  check_memory_fits(config);  // an absurd model size, before anything is built or written
   if (config.train.device == "cuda" && !torch::cuda::is_available())
     throw std::runtime_error("train.device = cuda but no CUDA device is available to this build of keel");
   // Data next: an unprepared corpus is the most common first-run error; report it before claiming the run dir.
