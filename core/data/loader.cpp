@@ -11,10 +11,12 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <optional>
 #include <sstream>
 
 #include "core/data/hash.h"
 #include "core/data/prepare.h"
+#include "core/data/regular_file.h"
 #include "core/data/tokenizer.h"
 
 namespace fs = std::filesystem;
@@ -100,7 +102,7 @@ double source_pick_uniform(uint64_t seed, int64_t global_sample) {
 }
 
 DataLoader::DataLoader(const keel::Config& config, int64_t global_batch)
-    : dir_(config.data.dir),
+    : dir_(config.data.dir.empty() ? config.data.dir : fs::absolute(config.data.dir).string()),
       config_file_(config.source_file.empty() ? "FILE" : config.source_file),
       seed_(config.data.seed),
       seq_len_(config.model.seq_len),
@@ -109,13 +111,26 @@ DataLoader::DataLoader(const keel::Config& config, int64_t global_batch)
   if (global_batch <= 0) throw DataError("global batch must be > 0, got " + std::to_string(global_batch));
   if (seq_len_ <= 0) throw DataError("model.seq_len must be > 0, got " + std::to_string(seq_len_));
   const std::string prepare_hint = "run `keel data prepare --config " + config_file_ + "`";
+  // Damaged prepared data is rebuilt by the command below; the data dir is named so that the fix lands here.
+  const std::string rebuild_hint =
+      "rebuild with: keel data prepare --config " + config_file_ + " --set data.dir=" + dir_ + " --force";
+  auto damaged = [&](const std::string& path, const std::string& what) {
+    const bool not_a_file = !non_regular_error(path).empty();
+    return DataError(what + "; " + (not_a_file ? "move it away, then " : "") + rebuild_hint);
+  };
   const std::string manifest_path = dir_ + "/prepared.json";
   json manifest;
   {
-    std::ifstream f(manifest_path);
-    if (!f) throw DataError("data not prepared in " + dir_ + ": " + prepare_hint);
+    std::error_code ec;
+    if (!fs::exists(manifest_path, ec)) throw DataError("data not prepared in " + dir_ + ": " + prepare_hint);
+    std::string text;
     try {
-      manifest = json::parse(f);
+      text = read_regular_file<DataError>(manifest_path);
+    } catch (const DataError& e) {
+      throw damaged(manifest_path, e.what());
+    }
+    try {
+      manifest = json::parse(text);
     } catch (const std::exception& e) {
       throw DataError(manifest_path + ": unreadable (" + e.what() + "): " + prepare_hint);
     }
@@ -157,16 +172,14 @@ DataLoader::DataLoader(const keel::Config& config, int64_t global_batch)
       for (const auto& sh : s.at("shards")) {
         const std::string path = dir_ + "/" + sh.at("file").get<std::string>();
         if (!fs::exists(path)) throw DataError(path + ": shard listed in prepared.json is missing: " + prepare_hint);
-        ShardReader reader(path, vocab_);
-        if (reader.num_tokens() != sh.at("tokens").get<int64_t>()) {
-          throw DataError(path + ": offset 24: shard has " + std::to_string(reader.num_tokens()) +
-                          " tokens, prepared.json says " + std::to_string(sh.at("tokens").get<int64_t>()) + ": " +
-                          prepare_hint);
+        const int64_t listed_tokens = sh.at("tokens").get<int64_t>();
+        std::optional<ShardReader> opened;
+        try {
+          opened.emplace(open_prepared_shard(path, vocab_, listed_tokens, eos_id_));
+        } catch (const DataError& e) {
+          throw damaged(path, e.what());
         }
-        if (reader.eos_id() != eos_id_) {
-          throw DataError(path + ": offset 20: eos_id " + std::to_string(reader.eos_id()) +
-                          " != prepared.json eos_id " + std::to_string(eos_id_));
-        }
+        ShardReader& reader = *opened;
         src.shard_begin.push_back(src.tokens);
         src.tokens += reader.num_tokens();
         src.shards.push_back(std::move(reader));

@@ -25,6 +25,7 @@
 
 #include "core/data/data_error.h"
 #include "core/data/hash.h"
+#include "core/data/regular_file.h"
 #include "core/data/shard.h"
 #include "core/data/tokenizer.h"
 
@@ -47,6 +48,7 @@ std::string fingerprint_of(const json& j) { return hex64(fnv1a64(j.dump())); }
 
 double mib(int64_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0); }
 
+// Only called for regular files (list_source_files checks first), so the open never waits on a FIFO.
 bool is_binary_file(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) return true;  // unreadable: treat as not text
@@ -55,12 +57,14 @@ bool is_binary_file(const std::string& path) {
   return std::memchr(buf, '\0', static_cast<size_t>(f.gcount())) != nullptr;
 }
 
-std::string read_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw DataError(path + ": cannot read input file");
-  std::ostringstream text;
-  text << f.rdbuf();
-  return text.str();
+// A whole file, refused by name (and never waited on) when it is a FIFO, a directory or a device.
+std::string read_file(const std::string& path) { return read_regular_file<DataError>(path); }
+
+// Files of DIR that prepare rewrites by renaming over them: something other than a file there was not written by
+// Keel, and is refused rather than replaced.
+void refuse_non_regular(const std::string& path, const std::string& noun = "a regular file") {
+  const std::string message = non_regular_error(path, noun);
+  if (!message.empty()) throw DataError(message + ": Keel does not replace it; move it away and prepare again");
 }
 
 bool has_glob_chars(const std::string& s) { return s.find_first_of("*?[") != std::string::npos; }
@@ -200,13 +204,27 @@ void tokenize_into(const std::vector<std::string>& docs, const Tokenizer& tokeni
   sink.finish();
 }
 
-bool shards_present(const std::string& dir, const json& source) {
-  for (const auto& s : source.at("shards")) {
+// Why a source's prepared shards cannot be kept ("" when they can): each shard is opened and checked exactly as
+// a run opens it (open_prepared_shard: header, size, every token id < vocab, token count, EOS id), so prepare never
+// calls data "up to date" that `keel train` would refuse.
+std::string shards_problem(const std::string& dir, const json& source, int64_t vocab, int64_t eos_id) {
+  if (!source.contains("shards") || !source["shards"].is_array()) return "prepared.json lists no shards";
+  for (const auto& s : source["shards"]) {
+    if (!s.is_object() || !s.contains("file") || !s["file"].is_string() || !s.contains("tokens") ||
+        !s["tokens"].is_number_integer()) {
+      return "prepared.json has a malformed shard entry " + s.dump();
+    }
+    const std::string path = dir + "/" + s["file"].get<std::string>();
     std::error_code ec;
-    const auto size = fs::file_size(dir + "/" + s.at("file").get<std::string>(), ec);
-    if (ec || static_cast<int64_t>(size) != s.at("bytes").get<int64_t>()) return false;
+    if (!fs::exists(path, ec)) return path + ": missing";
+    refuse_non_regular(path, "a shard file");  // throws
+    try {
+      open_prepared_shard(path, vocab, s["tokens"].get<int64_t>(), eos_id);
+    } catch (const DataError& e) {
+      return e.what();
+    }
   }
-  return true;
+  return "";
 }
 
 }  // namespace
@@ -253,6 +271,12 @@ std::vector<InputFile> list_source_files(const keel::SourceConfig& source) {
     const std::string canonical = fs::canonical(p, ec).string();
     if (ec || !seen.insert(canonical).second) return true;  // broken link or duplicate
     if (source.split == "fortune" && p.extension() == ".dat") return true;  // strfile index
+    // A named input (or a glob's match) that is a FIFO, socket or device: refused, never read (a FIFO would block
+    // prepare, and inputs are read twice and fingerprinted by size).
+    if (const std::string kind = non_regular_error(p.string()); !kind.empty()) {
+      throw DataError("source " + source.name + ": input " + kind +
+                      " (inputs are regular files, directories or globs of them)");
+    }
     if (is_binary_file(p.string())) {
       spdlog::debug("source {}: skipping binary file {}", source.name, p.string());
       return true;
@@ -285,9 +309,18 @@ std::vector<InputFile> list_source_files(const keel::SourceConfig& source) {
         for (fs::recursive_directory_iterator it(path, fs::directory_options::skip_permission_denied, ec), end;
              !ec && it != end; it.increment(ec)) {
           std::error_code type_ec;
-          if (!it->is_regular_file(type_ec)) continue;  // follows symlinks; directories, sockets, broken links out
+          // Follows symlinks; directories, FIFOs, sockets, devices and broken links are left out (the rest with a
+          // warning: a FIFO is never opened, so it cannot block prepare).
           const std::string name = it->path().filename().string();
-          if (::fnmatch(source.include.c_str(), name.c_str(), 0) == 0) found.push_back(it->path().string());
+          if (::fnmatch(source.include.c_str(), name.c_str(), 0) != 0) continue;
+          if (!it->is_regular_file(type_ec)) {
+            if (const std::string kind = non_regular_error(it->path().string());
+                !kind.empty() && !it->is_directory(type_ec)) {
+              spdlog::warn("source {}: skipping {}", source.name, kind);
+            }
+            continue;
+          }
+          found.push_back(it->path().string());
         }
         std::sort(found.begin(), found.end());
         for (const auto& f : found) {
@@ -347,9 +380,14 @@ PrepareReport prepare_data(const keel::Config& config, const PrepareOptions& opt
   }
   report.fingerprint = fingerprint_of({{"vocab", config.model.vocab}, {"sources", all_fp}});
 
-  // 2. Up to date?
+  // 2. Up to date? Something other than a file in the place of a file prepare writes is refused first, before
+  // anything is read or written (a FIFO would block the read; a rename would replace it).
   const std::string manifest_path = dir + "/prepared.json";
   const std::string model_path = dir + "/tokenizer.model";
+  const std::string tokenizer_json_path = dir + "/tokenizer.json";
+  for (const auto& path : {manifest_path, model_path, tokenizer_json_path, dir + "/tokenizer.vocab"}) {
+    refuse_non_regular(path);
+  }
   json old_manifest;
   if (fs::exists(manifest_path)) {
     try {
@@ -359,20 +397,38 @@ PrepareReport prepare_data(const keel::Config& config, const PrepareOptions& opt
       old_manifest = json();
     }
   }
-  auto old_source = [&](const std::string& name, const std::string& fp) -> const json* {
-    if (!old_manifest.is_object() || !old_manifest.contains("sources")) return nullptr;
-    for (const auto& s : old_manifest["sources"]) {
-      if (s.value("name", "") == name && s.value("fingerprint", "") == fp && shards_present(dir, s)) return &s;
+  // Per configured source, its entry in the old manifest when the fingerprint matches and every shard passes the
+  // checks a run makes when it opens them; a damaged shard is named (with its byte offset) and its source redone.
+  std::vector<const json*> old_sources(data.sources.size(), nullptr);
+  if (!options.force && old_manifest.is_object() && old_manifest.contains("sources") &&
+      old_manifest["sources"].is_array() && old_manifest.contains("eos_id") &&
+      old_manifest["eos_id"].is_number_integer()) {
+    const int64_t old_eos = old_manifest["eos_id"].get<int64_t>();
+    for (size_t i = 0; i < data.sources.size(); ++i) {
+      for (const auto& s : old_manifest["sources"]) {
+        if (!s.is_object() || s.value("name", json()) != data.sources[i].name ||
+            s.value("fingerprint", json()) != source_fp[i]) {
+          continue;
+        }
+        const std::string problem = shards_problem(dir, s, config.model.vocab, old_eos);
+        if (problem.empty()) {
+          old_sources[i] = &s;
+        } else {
+          spdlog::warn("source {}: prepared shard damaged: {}; preparing this source again", data.sources[i].name,
+                       problem);
+        }
+        break;
+      }
     }
-    return nullptr;
-  };
-  if (!options.force && old_manifest.is_object() && old_manifest.value("fingerprint", "") == report.fingerprint &&
+  }
+  auto old_source = [&](size_t i) { return old_sources[i]; };
+  if (!options.force && old_manifest.is_object() && old_manifest.value("fingerprint", json()) == report.fingerprint &&
       fs::exists(model_path)) {
     bool all_present = true;
-    for (size_t i = 0; i < data.sources.size(); ++i) all_present &= old_source(data.sources[i].name, source_fp[i]) != nullptr;
+    for (size_t i = 0; i < data.sources.size(); ++i) all_present &= old_source(i) != nullptr;
     if (all_present) {
       report.up_to_date = true;
-      report.eos_id = old_manifest.value("eos_id", kEosId);
+      report.eos_id = old_manifest["eos_id"].get<int32_t>();
       for (const auto& s : old_manifest["sources"]) {
         report.sources.push_back({s["name"], static_cast<int64_t>(s["files"].size()), s["documents"],
                                   s["raw_bytes"], s["tokens"], static_cast<int64_t>(s["shards"].size()), true});
@@ -385,7 +441,6 @@ PrepareReport prepare_data(const keel::Config& config, const PrepareOptions& opt
   fs::create_directories(dir);
 
   // 3. Documents (only where needed) and tokenizer.
-  const std::string tokenizer_json_path = dir + "/tokenizer.json";
   bool reuse_tokenizer = false;
   if (!options.force && fs::exists(model_path) && fs::exists(tokenizer_json_path)) {
     try {
@@ -397,7 +452,7 @@ PrepareReport prepare_data(const keel::Config& config, const PrepareOptions& opt
   std::vector<const json*> reused(data.sources.size(), nullptr);
   std::vector<SourceDocs> docs(data.sources.size());
   for (size_t i = 0; i < data.sources.size(); ++i) {
-    if (!options.force && reuse_tokenizer) reused[i] = old_source(data.sources[i].name, source_fp[i]);
+    if (!options.force && reuse_tokenizer) reused[i] = old_source(i);
     if (reused[i] != nullptr) continue;  // neither the tokenizer nor the shards need this source's text
     docs[i] = read_documents(files[i], data.sources[i].split);
     spdlog::info("source {}: {} files, {:.2f} MiB, {} documents", data.sources[i].name, files[i].size(),

@@ -15,6 +15,8 @@
 #include <sstream>
 #include <utility>
 
+#include "core/data/regular_file.h"
+
 namespace keel::data {
 namespace {
 
@@ -74,7 +76,16 @@ int64_t write_shard(const std::string& path, const std::vector<int32_t>& tokens,
     }
   }
 
+  // Something other than a file in the shard's place (or its temp file's) was not written by Keel: refuse to
+  // replace it (rename would swap out a FIFO silently and fail on a directory).
   const std::string tmp = path + ".tmp";
+  for (const std::string& p : {path, tmp}) {
+    struct stat st {};
+    if (::lstat(p.c_str(), &st) == 0 && !S_ISREG(st.st_mode) && !S_ISLNK(st.st_mode)) {
+      throw DataError(p + ": is " + non_regular_kind(st.st_mode) +
+                      ", not a shard file: Keel does not replace it; move it away and prepare again");
+    }
+  }
   {
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
     if (!f) throw DataError(tmp + ": cannot open for writing: " + std::strerror(errno));
@@ -88,14 +99,35 @@ int64_t write_shard(const std::string& path, const std::vector<int32_t>& tokens,
   return static_cast<int64_t>(bytes.size());
 }
 
+ShardReader open_prepared_shard(const std::string& path, int64_t vocab, int64_t tokens, int64_t eos_id) {
+  ShardReader reader(path, vocab);
+  if (reader.num_tokens() != tokens) {
+    fail(path, 24,
+         "shard has " + std::to_string(reader.num_tokens()) + " tokens, prepared.json says " + std::to_string(tokens));
+  }
+  if (reader.eos_id() != eos_id) {
+    fail(path, 20, "eos_id " + std::to_string(reader.eos_id()) + " != prepared.json eos_id " + std::to_string(eos_id));
+  }
+  return reader;
+}
+
 ShardReader::ShardReader(const std::string& path, int64_t expected_vocab) : path_(path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) fail(path, 0, std::string("cannot open shard: ") + std::strerror(errno));
+  // O_NONBLOCK: a FIFO in a shard's place must be refused, not waited on (the flag means nothing for a file).
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) {
+    const int err = errno;
+    require_regular_file<DataError>(path, "a shard file");  // a socket cannot be opened: say what it is
+    fail(path, 0, std::string("cannot open shard: ") + std::strerror(err));
+  }
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
     const int err = errno;
     ::close(fd);
     fail(path, 0, std::string("cannot stat shard: ") + std::strerror(err));
+  }
+  if (const std::string kind = non_regular_kind(st.st_mode); !kind.empty()) {
+    ::close(fd);
+    throw DataError(path + ": is " + kind + ", not a shard file");
   }
   file_bytes_ = st.st_size;
   if (file_bytes_ < kShardHeaderBytes) {

@@ -80,4 +80,10 @@ class ShardReader {
   size_t map_bytes_ = 0;
 };
 
+// Opens a shard of prepared data exactly as a run does: ShardReader(path, vocab), then its token count and EOS id
+// against what prepared.json records for it. `keel train` and the up-to-date check of `keel data prepare` both call
+// this, so prepare never calls data "up to date" that train would refuse. Throws DataError "PATH: offset N: what"
+// (or "PATH: is a directory, not a shard file").
+ShardReader open_prepared_shard(const std::string& path, int64_t vocab, int64_t tokens, int64_t eos_id);
+
 }  // namespace keel::data

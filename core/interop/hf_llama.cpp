@@ -22,6 +22,7 @@
 #include "core/checkpoint/sha256.h"
 #include "core/checkpoint/training_state.h"
 #include "core/data/loader.h"
+#include "core/data/regular_file.h"
 #include "core/interop/safetensors.h"
 #include "core/metrics/hdf5_handle.h"
 #include "core/model/llama.h"
@@ -80,6 +81,13 @@ torch::Tensor to_fp32(const SafetensorsTensor& t) {
   return view.to(torch::kFloat).clone();
 }
 
+// A small text file of an HF directory (config.json, the index): a FIFO, a directory or a device in its place is
+// refused by name before it is opened (a FIFO would block the read forever).
+std::string read_hf_text_file(const std::string& path) {
+  data::require_regular_file<std::runtime_error>(path);
+  return checkpoint::read_small_file(path);
+}
+
 // Every tensor of HF_DIR by name: model.safetensors, or the shards model.safetensors.index.json lists.
 std::map<std::string, SafetensorsTensor> read_hf_weights(const std::string& hf_dir) {
   std::map<std::string, SafetensorsTensor> tensors;
@@ -89,7 +97,7 @@ std::map<std::string, SafetensorsTensor> read_hf_weights(const std::string& hf_d
     return tensors;
   }
   if (!fs::exists(index_path)) throw std::runtime_error(hf_dir + ": neither " + kWeightsFile + " nor " + kIndexFile + " found");
-  const json index = json::parse(checkpoint::read_small_file(index_path), nullptr, /*allow_exceptions=*/false);
+  const json index = json::parse(read_hf_text_file(index_path), nullptr, /*allow_exceptions=*/false);
   if (index.is_discarded() || !index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object()) {
     throw std::runtime_error(index_path + ": not a JSON object with a 'weight_map' object");
   }
@@ -261,7 +269,7 @@ std::string export_hf(const std::string& checkpoint_dir, const std::string& out_
 std::string import_hf(const std::string& hf_dir, const std::string& run_dir, const ImportOptions& options) {
   // 1. Config: model.* from config.json, the rest from --config, then --set.
   const std::string hf_config_path = hf_dir + "/" + kHfConfigFile;
-  std::vector<std::string> overrides = keel_model_overrides_from_hf_config(checkpoint::read_small_file(hf_config_path), hf_config_path);
+  std::vector<std::string> overrides = keel_model_overrides_from_hf_config(read_hf_text_file(hf_config_path), hf_config_path);
   overrides.insert(overrides.end(), options.overrides.begin(), options.overrides.end());
   const Config config = load_config(options.config_path, overrides);
   check_hf_expressible(config.model, "the imported config");
@@ -298,7 +306,8 @@ std::string import_hf(const std::string& hf_dir, const std::string& run_dir, con
   // 3. The data this run will train on (its ledger at step 0 and fingerprint), before the run dir is claimed.
   data::DataLoader loader(config, config.global_batch());
   refuse_non_empty_dir(run_dir, "--run-dir");
-  const train::RunPaths paths = train::create_run_dir(run_dir, /*force=*/false);
+  const train::RunDirClaim claim = train::create_run_dir(run_dir, /*force=*/false);  // locked until the import ends
+  const train::RunPaths& paths = claim.paths;
 
   checkpoint::Lineage lineage;
   lineage.run_id = checkpoint::new_run_id();

@@ -3,12 +3,12 @@
 #include "core/interop/safetensors.h"
 
 #include <algorithm>
-#include <fstream>
 #include <limits>
 #include <set>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
+
+#include "core/data/regular_file.h"
 
 namespace keel::interop {
 namespace {
@@ -198,12 +198,8 @@ SafetensorsFile parse_safetensors(const std::string& file_bytes, const std::stri
 }
 
 SafetensorsFile read_safetensors(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw SafetensorsError(path + ": cannot open");
-  std::ostringstream bytes;
-  bytes << in.rdbuf();
-  if (in.bad()) throw SafetensorsError(path + ": read failed");
-  return parse_safetensors(bytes.str(), path);
+  // Never waits on a FIFO, and names a directory or device in the file's place instead of reading it.
+  return parse_safetensors(data::read_regular_file<SafetensorsError>(path), path);
 }
 
 std::string serialize_safetensors(const SafetensorsFile& file) {

@@ -1,6 +1,7 @@
 // Why: a token shard is the one data file every run trusts blindly, so each way a shard can be wrong (not a
-// shard, newer version, unknown dtype, truncated, a token past the vocab, prepared for another vocab) must be
-// refused at open time with the file and byte offset named.
+// shard, newer version, unknown dtype, truncated, a token past the vocab, prepared for another vocab, a FIFO or a
+// directory in its place) must be refused at open time with the file and byte offset named, and without blocking.
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -164,4 +165,46 @@ TEST_F(ShardRejection, VocabMismatch) {
 TEST_F(ShardRejection, MissingFile) {
   const std::string message = error_of([&] { ShardReader reader(path_ + ".nope", 2048); });
   EXPECT_NE(message.find(path_ + ".nope: offset 0: cannot open"), std::string::npos) << message;
+}
+
+// Something other than a file in a shard's place: named at once, never waited on (a FIFO with no writer would
+// block a plain open forever) and never mmap'ed (a directory used to say "cannot mmap shard: No such device").
+TEST_F(ShardRejection, FifoIsRefusedWithoutBlocking) {
+  fs::remove(path_);
+  ASSERT_EQ(::mkfifo(path_.c_str(), 0600), 0);
+  EXPECT_EQ(error_of([&] { ShardReader reader(path_, 2048); }), path_ + ": is a FIFO, not a shard file");
+}
+
+TEST_F(ShardRejection, DirectoryIsRefusedByName) {
+  fs::remove(path_);
+  fs::create_directories(path_);
+  EXPECT_EQ(error_of([&] { ShardReader reader(path_, 2048); }), path_ + ": is a directory, not a shard file");
+}
+
+TEST_F(ShardRejection, WriteDoesNotReplaceADirectoryOrFifo) {
+  fs::remove(path_);
+  fs::create_directories(path_ + "/keep");
+  const std::string message = error_of([&] { keel::data::write_shard(path_, {1, 2, 3}, 2048, 1); });
+  EXPECT_NE(message.find(path_ + ": is a directory, not a shard file"), std::string::npos) << message;
+  EXPECT_TRUE(fs::is_directory(path_ + "/keep"));
+  fs::remove_all(path_);
+  ASSERT_EQ(::mkfifo(path_.c_str(), 0600), 0);
+  EXPECT_NE(error_of([&] { keel::data::write_shard(path_, {1, 2, 3}, 2048, 1); }).find("is a FIFO"),
+            std::string::npos);
+  EXPECT_TRUE(fs::is_fifo(path_));
+}
+
+// The checks of a prepared shard against its prepared.json entry, shared by the loader and prepare's up-to-date test.
+TEST_F(ShardRejection, PreparedShardChecksTokenCountAndEos) {
+  write_bytes(path_, bytes_);
+  EXPECT_EQ(keel::data::open_prepared_shard(path_, 2048, 100, 1).num_tokens(), 100);
+  expect_error(error_of([&] { keel::data::open_prepared_shard(path_, 2048, 99, 1); }), "24",
+               "shard has 100 tokens, prepared.json says 99");
+  expect_error(error_of([&] { keel::data::open_prepared_shard(path_, 2048, 100, 2); }), "20",
+               "eos_id 1 != prepared.json eos_id 2");
+  bytes_[146] = static_cast<char>(0xff);
+  bytes_[147] = static_cast<char>(0xff);
+  write_bytes(path_, bytes_);
+  expect_error(error_of([&] { keel::data::open_prepared_shard(path_, 2048, 100, 1); }), "146",
+               "token id 65535 >= vocab 2048");
 }

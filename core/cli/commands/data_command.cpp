@@ -21,7 +21,8 @@ int cmd_data(const Args& args) {
   int64_t show_tokens = 16;
   po::options_description options("keel data " + sub);
   add_config_options(options, config_path, overrides);
-  if (sub == "prepare") options.add_options()("force", "re-tokenize even if the prepared data looks up to date");
+  if (sub == "prepare")
+    options.add_options()("force", "rebuild the tokenizer and every shard even if the prepared data looks up to date");
   if (sub == "show-batch")
     options.add_options()
         ("step", po::value<int64_t>(&step)->required(), "step whose global batch to show")
