@@ -77,7 +77,8 @@ double JsonFields::number_or(const std::string& name, double fallback) const {
 int64_t JsonFields::integer(const std::string& name) const {
   const json& v = require(name);
   if (v.is_number_unsigned()) {
-    if (v.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) fail(name, v.dump() + " is out of range");
+    if (v.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+      fail(name, v.dump() + " is out of range");
     return static_cast<int64_t>(v.get<uint64_t>());
   }
   if (!v.is_number_integer()) wrong_type(name, "an integer", v);
@@ -104,11 +105,15 @@ bool JsonFields::boolean(const std::string& name) const {
   return v.get<bool>();
 }
 
-bool JsonFields::boolean_or(const std::string& name, bool fallback) const { return has(name) ? boolean(name) : fallback; }
+bool JsonFields::boolean_or(const std::string& name, bool fallback) const {
+  return has(name) ? boolean(name) : fallback;
+}
 
 const json& JsonFields::value(const std::string& name) const { return require(name); }
 
-JsonFields JsonFields::object(const std::string& name) const { return JsonFields(require(name), origin_, path_of(name)); }
+JsonFields JsonFields::object(const std::string& name) const {
+  return JsonFields(require(name), origin_, path_of(name));
+}
 
 std::vector<JsonFields> JsonFields::objects(const std::string& name) const {
   const json& v = require(name);

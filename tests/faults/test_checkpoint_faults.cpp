@@ -3,13 +3,13 @@
 // edited config.ini, step 20's files under the name step-00000030, `latest` left one behind (or dangling) by a
 // kill with its temp file still there, and a rank file whose JSON holds a null where a number belongs. Each
 // refusal is one line naming the file and the field or step, with a non-zero exit and no new run dir.
+#include <gtest/gtest.h>
+
 #include <filesystem>
 #include <fstream>
 #include <functional>
-#include <string>
-
-#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "core/checkpoint/lineage.h"
 #include "core/checkpoint/sha256.h"
@@ -27,8 +27,9 @@ class CheckpointFaults : public ::testing::Test {
   // One trained run for the whole suite; each test works on its own copy.
   static void SetUpTestSuite() {
     base_ = new std::string(keel::testing::fresh_dir("ckpt-faults-base"));
-    const auto r = run_keel("train --config " + keel::testing::tiny_config() + " " + keel::testing::test_data_override() +
-                            " --run-dir " + *base_ + " --set checkpoint.every=10");
+    const auto r =
+        run_keel("train --config " + keel::testing::tiny_config() + " " + keel::testing::test_data_override() +
+                 " --run-dir " + *base_ + " --set checkpoint.every=10");
     ASSERT_EQ(r.exit_code, 0) << r.output;
   }
   static void TearDownTestSuite() {
