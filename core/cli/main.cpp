@@ -2,6 +2,10 @@
 // stderr and a non-zero exit status. A DistributedError (a rank of the job is dead or hung) ends the process at
 // once with std::_Exit: the c10d/Gloo/NCCL objects still alive, and static destructors, may wait on the missing
 // rank, and the launcher (keel launch, torchrun, srun) is waiting for this exit to stop the other ranks.
+// SIGPIPE is ignored: a rank whose launcher died (its stdout/stderr pipes have no reader any more) must keep
+// training until the stop signal's checkpoint is saved; a write to a closed pipe then fails with EPIPE, which
+// the console sinks and std::cout drop, while train.log and the run's files are written as before.
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -17,6 +21,7 @@
 
 
 int main(int argc, char** argv) {
+  std::signal(SIGPIPE, SIG_IGN);
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
     std::cout << keel::cli::usage();

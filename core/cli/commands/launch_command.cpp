@@ -5,10 +5,14 @@
 //   - every line a child writes comes out on the launcher's stdout/stderr as "[rank K] line", whole lines only;
 //   - SIGINT/SIGTERM to the launcher are passed on to every rank (keel train then checkpoints and exits 0); the
 //     children have their own process groups so that a terminal's Ctrl-C reaches them once, through here;
+//   - a launcher that dies without passing anything on (SIGKILL, SIGHUP, a crash) makes the kernel send each rank
+//     SIGTERM (PR_SET_PDEATHSIG), so that keel train still checkpoints and exits 0; keel ignores SIGPIPE, so the
+//     pipes that lost their reader cost a rank only its console lines (rank 0 also logs to train.log);
 //   - the first rank that fails (non-zero status or a signal) stops the job: the others get SIGTERM, then
 //     SIGKILL after --grace-s, and the launcher exits with that rank's status (128 + signal for a signal).
 // One thread does it all: a poll() loop over the children's pipes and a self-pipe that the signal handlers
-// write to, so that output, signals and exits are handled in one order, and no lock is needed.
+// write to, so that output, signals and exits are handled in one order, and no lock is needed. It is the main
+// thread: PR_SET_PDEATHSIG fires when the thread that forked a rank ends, not when the process does.
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -16,6 +20,7 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -272,9 +277,13 @@ struct RankProcess {
   std::optional<PrefixedLines> out, err;
 };
 
-// Starts one rank: its own process group, stdin from /dev/null, stdout/stderr into pipes. Only
-// async-signal-safe calls between fork() and exec (keel may already run threads).
+// Starts one rank: its own process group, stdin from /dev/null, stdout/stderr into pipes, SIGTERM when the
+// launcher dies. Only async-signal-safe calls between fork() and exec (keel may already run threads).
 RankProcess start_rank(int rank, const std::string& program, const LaunchOptions& o, int dev_null) {
+  // The death signal is tied to the forking thread: from any other thread the ranks would get SIGTERM when that
+  // thread ends, while the launcher is still running.
+  if (::syscall(SYS_gettid) != ::getpid())
+    throw std::logic_error("keel launch must start the ranks from its main thread");
   const std::vector<std::string> env_strings = rank_environment(rank, o);
   std::vector<char*> env, argv;
   for (const auto& e : env_strings) env.push_back(const_cast<char*>(e.c_str()));
@@ -294,8 +303,11 @@ RankProcess start_rank(int rank, const std::string& program, const LaunchOptions
   const pid_t pid = ::fork();
   if (pid == 0) {
     ::setpgid(0, 0);
-    ::prctl(PR_SET_PDEATHSIG, SIGTERM);  // the launcher killed outright: the rank is told to stop too
-    if (::getppid() != launcher) ::_exit(143);
+    // The launcher killed outright: the rank is told to stop as by Ctrl-C (a pending SIGTERM is delivered at the
+    // unblocking below, before exec, while its action is the default). If the launcher died before prctl(), no
+    // signal will come: leave now, as that SIGTERM would have made us.
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (::getppid() != launcher) ::_exit(128 + SIGTERM);
     struct sigaction default_action {};
     default_action.sa_handler = SIG_DFL;
     for (int signo : {SIGINT, SIGTERM, SIGCHLD, SIGPIPE}) ::sigaction(signo, &default_action, nullptr);
