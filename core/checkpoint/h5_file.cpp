@@ -19,11 +19,12 @@ constexpr int kMaxRank = 8;
 constexpr size_t kMaxTextBytes = size_t{256} << 20;
 constexpr size_t kMaxListedObjects = 1 << 20;
 
+// One line whatever the file holds: object names read from a damaged file may contain newlines.
 [[noreturn]] void fail(const std::string& file, const std::string& object, const std::string& what) {
   std::string message = file + ": " + what + " (object '" + object + "')";
   const std::string detail = metrics::detail::hdf5_error_text();
   if (!detail.empty()) message += " (HDF5: " + detail + ")";
-  throw CheckpointError(message);
+  throw CheckpointError(metrics::detail::one_line(message));
 }
 
 hid_t check(hid_t id, const std::string& file, const std::string& object, const char* what) {

@@ -2,9 +2,12 @@
 // model, per-window NLL, the Analysis360 memorization score, and the report's HDF5 file and console table.
 #include "core/eval/eval.h"
 
+#include <fcntl.h>
 #include <torch/torch.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -17,6 +20,7 @@
 
 #include "core/checkpoint/checkpoint_error.h"
 #include "core/checkpoint/h5_file.h"
+#include "core/metrics/hdf5_handle.h"
 
 namespace keel::eval {
 namespace {
@@ -218,12 +222,9 @@ std::vector<data::SampleRef> pick_memorization_samples(const std::vector<data::S
   return out;
 }
 
-void write_report(const std::string& path, const EvalReport& r) {
-  namespace fs = std::filesystem;
-  if (fs::exists(path))
-    throw std::runtime_error(path + ": exists (eval results are written once; remove it or pass another --out)");
-  const fs::path parent = fs::path(path).parent_path();
-  if (!parent.empty()) fs::create_directories(parent);
+namespace {
+
+void write_report_file(const std::string& path, const EvalReport& r) {
   checkpoint::H5Writer h5(path);
   h5.set_attribute("/", "format", "keel-eval");
   h5.set_attribute("/", "version", int64_t{1});
@@ -266,6 +267,58 @@ void write_report(const std::string& path, const EvalReport& r) {
   h5.set_attribute("/", "k", r.memorization_options.prompt_tokens);
   h5.set_attribute("/", "l", r.memorization_options.continuation_tokens);
   h5.close();
+}
+
+// fsync of a written file, so a disk that accepts the bytes late (NFS, quota) fails here, before the rename.
+void sync_file(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw std::runtime_error(std::strerror(errno));
+  const int rc = ::fsync(fd);
+  const int saved = errno;
+  ::close(fd);
+  if (rc != 0) throw std::runtime_error(std::strerror(saved));
+}
+
+}  // namespace
+
+void write_report(const std::string& path, const EvalReport& r) {
+  namespace fs = std::filesystem;
+  if (fs::exists(path))
+    throw std::runtime_error(path + ": exists (eval results are written once; remove it or pass another --out)");
+  const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
+  std::string reason;
+  metrics::detail::clear_last_os_error();
+  try {
+    const fs::path parent = fs::path(path).parent_path();
+    std::error_code ec;
+    if (!parent.empty()) fs::create_directories(parent, ec);
+    if (ec) throw std::runtime_error(ec.message());
+    fs::remove(tmp, ec);  // debris of an earlier process with this pid
+    write_report_file(tmp, r);
+    sync_file(tmp);
+    // link() refuses an existing name, so a file that appeared meanwhile is never replaced.
+    if (::link(tmp.c_str(), path.c_str()) != 0) {
+      const int saved = errno;
+      if (saved == EEXIST) throw std::runtime_error("it appeared while evaluating (not replaced)");
+      if (saved != EPERM && saved != EOPNOTSUPP && saved != ENOSYS) throw std::runtime_error(std::strerror(saved));
+      if (::rename(tmp.c_str(), path.c_str()) != 0) throw std::runtime_error(std::strerror(errno));  // no links
+    }
+    fs::remove(tmp, ec);
+    return;
+  } catch (const std::exception& e) {
+    // HDF5's OS error when there was one ("No space left on device"), else the message, which names the
+    // temporary file where the user knows only PATH.
+    reason = metrics::detail::last_os_error();
+    if (reason.empty()) {
+      reason = metrics::detail::one_line(e.what());
+      for (size_t at = reason.find(tmp); at != std::string::npos; at = reason.find(tmp, at + path.size())) {
+        reason.replace(at, tmp.size(), path);
+      }
+    }
+  }
+  std::error_code ignored;
+  fs::remove(tmp, ignored);
+  throw std::runtime_error("eval: cannot write " + path + ": " + reason);
 }
 
 std::string format_report(const EvalReport& r) {

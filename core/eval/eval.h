@@ -1,5 +1,5 @@
 // Why: `keel eval` answers "how good is this checkpoint, and how much of its training data can it recite?"
-// (issue 7, part 3; LLM360 releases perplexity and Analysis360's memorization score per checkpoint). Two
+// (LLM360 releases perplexity and Analysis360's memorization score per checkpoint). Two
 // measurements, both in fp32 under no_grad on one process, whatever layout trained the checkpoint:
 //   - per-source NLL / perplexity on a fixed, deterministic set of eval samples per source: the last N
 //     positions of the source's epoch-0 order (the samples training reaches last). Keel has no held-out split,
@@ -112,7 +112,9 @@ struct EvalReport {
   MemorizationOptions memorization_options;
 };
 
-// Writes `report` to a new HDF5 file (refuses an existing one); layout in docs/eval.md.
+// Writes `report` to a new HDF5 file (refuses an existing one); layout in docs/eval.md. The file is written as
+// PATH.tmp-PID, flushed to disk and then renamed to PATH, so PATH is complete or absent: a full disk or an
+// unwritable directory throws std::runtime_error("eval: cannot write PATH: <OS error>") and leaves nothing.
 void write_report(const std::string& path, const EvalReport& report);
 // The short table `keel eval` prints.
 std::string format_report(const EvalReport& report);

@@ -23,7 +23,19 @@ bool Hid::reset() {
     case H5I_GENPROP_LST: status = H5Pclose(id); break;
     default: status = H5Idec_ref(id); break;
   }
+  if (status < 0) silence_hdf5_for_good();
   return status >= 0;
+}
+
+namespace {
+
+bool silenced_for_good = false;
+
+}  // namespace
+
+void silence_hdf5_for_good() {
+  silenced_for_good = true;
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
 }
 
 QuietHdf5Errors::QuietHdf5Errors() {
@@ -31,35 +43,92 @@ QuietHdf5Errors::QuietHdf5Errors() {
   H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
 }
 
-QuietHdf5Errors::~QuietHdf5Errors() { H5Eset_auto2(H5E_DEFAULT, old_func_, old_data_); }
+QuietHdf5Errors::~QuietHdf5Errors() {
+  if (!silenced_for_good) H5Eset_auto2(H5E_DEFAULT, old_func_, old_data_);
+}
+
+std::string one_line(const std::string& text) {
+  std::string line = text;
+  for (char& c : line) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = ' ';
+  }
+  return line;
+}
 
 namespace {
 
-herr_t collect_error(unsigned n, const H5E_error2_t* err, void* client_data) {
+// HDF5's low-level I/O errors read "file write failed: time = ..., filename = '...', file descriptor = 5,
+// errno = 28, error message = 'No space left on device', buf = ..., ...": the OS message, or "" if none.
+std::string os_error_of(const std::string& desc) {
+  const std::string key = "error message = '";
+  const size_t begin = desc.find(key);
+  if (begin == std::string::npos) return "";
+  const size_t end = desc.find('\'', begin + key.size());
+  if (end == std::string::npos) return "";
+  return desc.substr(begin + key.size(), end - begin - key.size());
+}
+
+// One stack entry, short: "file write failed: No space left on device" for an I/O error, else its text.
+std::string short_description(const std::string& desc) {
+  const std::string os_error = os_error_of(desc);
+  if (os_error.empty()) return desc;
+  const size_t colon = desc.find(": ");
+  return (colon == std::string::npos ? std::string("I/O failed") : desc.substr(0, colon)) + ": " + os_error;
+}
+
+herr_t collect_error(unsigned /*n*/, const H5E_error2_t* err, void* client_data) {
   auto* messages = static_cast<std::vector<std::string>*>(client_data);
-  if (err != nullptr && err->desc != nullptr && err->desc[0] != '\0') messages->emplace_back(err->desc);
+  if (err != nullptr && err->desc != nullptr && err->desc[0] != '\0') messages->emplace_back(one_line(err->desc));
   return 0;
 }
 
-}  // namespace
-
-std::string hdf5_error_text() {
+std::vector<std::string> error_stack() {
   std::vector<std::string> messages;
   // H5E_WALK_UPWARD starts at the innermost (most specific) error.
   H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, collect_error, &messages);
+  return messages;
+}
+
+std::string last_os_error_found;  // NOLINT: one HDF5-using thread per process (see metrics_writer.h)
+
+}  // namespace
+
+std::string last_os_error() { return last_os_error_found; }
+
+void clear_last_os_error() { last_os_error_found.clear(); }
+
+std::string hdf5_os_error_text() {
+  for (const auto& message : error_stack()) {
+    const std::string os_error = os_error_of(message);
+    if (!os_error.empty()) {
+      last_os_error_found = os_error;
+      // After an I/O error HDF5 1.10 can keep internal state of the file (even when every id closed) that it
+      // reports at exit as "infinite loop closing library"; the error itself is being reported now.
+      silence_hdf5_for_good();
+      return os_error;
+    }
+  }
+  return "";
+}
+
+std::string hdf5_error_text() {
+  const std::vector<std::string> messages = error_stack();
   std::string text;
   for (size_t i = 0; i < messages.size() && i < 3; ++i) {
     if (!text.empty()) text += "; ";
-    text += messages[i];
+    text += short_description(messages[i]);
   }
+  hdf5_os_error_text();  // silences HDF5 for good after an I/O error
   return text;
 }
 
 void fail(const std::string& file, const std::string& object, const std::string& what) {
-  std::string message = "metrics: " + what + " failed for '" + object + "' in " + file;
+  std::string call = what + " failed for '" + object + "'";
   const std::string detail = hdf5_error_text();
-  if (!detail.empty()) message += " (HDF5: " + detail + ")";
-  throw std::runtime_error(message);
+  if (!detail.empty()) call += " (HDF5: " + detail + ")";
+  const std::string message = one_line("metrics: " + what + " failed for '" + object + "' in " + file +
+                                       (detail.empty() ? "" : " (HDF5: " + detail + ")"));
+  throw Hdf5Error(message, hdf5_os_error_text(), one_line(call));
 }
 
 hid_t check_id(hid_t id, const std::string& file, const std::string& object, const char* what) {

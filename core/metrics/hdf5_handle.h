@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -37,7 +38,8 @@ class Hid {
   hid_t get() const { return id_; }
   bool valid() const { return id_ >= 0; }
   // Closes the id now; returns false if HDF5 reported an error while closing (e.g. H5Fclose failing to
-  // write the last metadata). The id is forgotten either way.
+  // write the last metadata). The id is forgotten either way; HDF5 may keep it, so a failed close also
+  // calls silence_hdf5_for_good().
   bool reset();
 
  private:
@@ -45,7 +47,9 @@ class Hid {
 };
 
 // Silences HDF5's automatic error-stack printing to stderr for the lifetime of the object (restored after),
-// so that failures surface once, as our exception, instead of as a page of HDF5 trace.
+// so that failures surface once, as our exception, instead of as a page of HDF5 trace. Once a file has failed
+// to close (silence_hdf5_for_good), it is not restored: HDF5 1.10 keeps such a file's id and, at exit, prints
+// "infinite loop closing library" for it unless its error printing is off.
 class QuietHdf5Errors {
  public:
   QuietHdf5Errors();
@@ -58,10 +62,42 @@ class QuietHdf5Errors {
   void* old_data_ = nullptr;
 };
 
-// The innermost messages on HDF5's current error stack, e.g. "unable to open file: No such file", or "" .
-std::string hdf5_error_text();
+// Turns HDF5's error printing off for the rest of the process (see QuietHdf5Errors). Called when a file id
+// could not be closed; the error that caused it has been reported once already, as an exception.
+void silence_hdf5_for_good();
 
-// Throws std::runtime_error("metrics: <what> failed for '<object>' in <file>: <hdf5 message>") when the
+// `text` on one line: every control character (newline, tab, ...) becomes a space.
+std::string one_line(const std::string& text);
+
+// The innermost messages on HDF5's current error stack, on one line, e.g. "unable to open file: No such file
+// or directory"; an OS error inside HDF5's long "file write failed: time = ..., errno = 28, error message =
+// '...', ..." becomes "file write failed: No space left on device". "" when the stack is empty.
+std::string hdf5_error_text();
+// The operating system's message on HDF5's current error stack ("No space left on device"), or "". Both
+// functions turn HDF5's error printing off for good when the stack holds an I/O error: HDF5 1.10 can keep
+// state of such a file that it would report at exit as "infinite loop closing library".
+std::string hdf5_os_error_text();
+// The OS error the last of those two calls found ("" if none since clear_last_os_error()): for a caller that
+// catches another layer's exception after HDF5's error stack is gone (e.g. a checkpoint::H5Writer error).
+std::string last_os_error();
+void clear_last_os_error();
+
+// What fail() throws: a one-line std::runtime_error, plus the OS error HDF5 met (if any) and the failing call
+// without the file name, so a caller that names the file itself can say "cannot write FILE: <reason()>".
+class Hdf5Error : public std::runtime_error {
+ public:
+  Hdf5Error(const std::string& message, std::string os_error, std::string call)
+      : std::runtime_error(message), os_error_(std::move(os_error)), call_(std::move(call)) {}
+  const std::string& os_error() const { return os_error_; }
+  // The OS error when there is one, else "<what> failed for '<object>' (HDF5: ...)".
+  const std::string& reason() const { return os_error_.empty() ? call_ : os_error_; }
+
+ private:
+  std::string os_error_;
+  std::string call_;
+};
+
+// Throws Hdf5Error("metrics: <what> failed for '<object>' in <file> (HDF5: <hdf5 message>)") when the
 // return value of an HDF5 call signals failure (negative), otherwise returns it unchanged.
 hid_t check_id(hid_t id, const std::string& file, const std::string& object, const char* what);
 herr_t check(herr_t status, const std::string& file, const std::string& object, const char* what);

@@ -8,13 +8,27 @@
 // flush longer than others (OpenMode::kAppend trims them back), but never a file that refuses to open —
 // provided the rows hold no pointers into HDF5's global heap, which is why /events uses fixed-length strings.
 // DISABLED_SigkillStress in tests/unit/test_metrics_writer.cpp kills a writer mid-flush hundreds of times.
+//
+// A full disk is the other risky moment. HDF5 1.10 handles a failed write badly: a dataset or file whose
+// close cannot write its last bytes stays half-open, its rows can be left as fill values under an extent that
+// was already set, and at exit the library prints "infinite loop closing library". So a flush first reserves,
+// outside HDF5, every byte it can add to the file (posix_fallocate past the end; HDF5 cuts the file back to
+// what it used when it closes it), and HDF5's chunk cache is off for the datasets it writes, so that an I/O
+// error surfaces in H5Dwrite rather than in a close. If the disk is full, the reservation fails before HDF5
+// has touched the file. If HDF5 still fails, every dataset this flush extended is cut back to its old length
+// before the file is closed, so the file never claims rows that hold fill values.
 #include "core/metrics/metrics_writer.h"
 
+#include <fcntl.h>
 #include <spdlog/spdlog.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstddef>
+#include <cstring>
 #include <filesystem>
 #include <iterator>
 #include <limits>
@@ -31,11 +45,23 @@ using detail::check_id;
 using detail::check_tri;
 using detail::fail;
 using detail::Hid;
+// (dataset path, rows it had before this flush extended it)
+using Extended = std::vector<std::pair<std::string, uint64_t>>;
 
 constexpr hsize_t kChunkRows = 1024;         // 1-D series: 8 KiB chunks of int64/float64
 constexpr hsize_t kEventChunkRows = 64;
 constexpr size_t kMatrixChunkFloats = 65536;  // per-tensor matrices: chunks of <= 256 KiB
 constexpr int kFormatVersion = 1;
+// Room reserved for HDF5's own metadata in one flush (chunk-index nodes, object headers, a new series'
+// links), on top of the new chunks: per flush, and per dataset written.
+constexpr uint64_t kMetadataReserveBytes = 16 * 1024;
+constexpr uint64_t kMetadataReservePerDataset = 2 * 1024;
+
+// An operating-system call failed; what() is the OS's message ("No space left on device").
+class OsFailure : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
 
 // The commit column of the step table: written last in every flush.
 constexpr const char* kStepPath = "/train/step";
@@ -88,15 +114,20 @@ hsize_t dataset_rows(hid_t file_id, const std::string& path, const std::string& 
   return dims[0];
 }
 
-// Sets the dataset's row count to `base + n` and writes `n` rows from `data` at row `base`.
-// cols == 0 for 1-D datasets. `n` may be 0 (only resizes).
+// Sets the dataset's row count to `base + n` and writes `n` rows from `data` at row `base`, recording the
+// extension in `extended` first (flush() cuts it back if anything fails). cols == 0 for 1-D datasets. The
+// dataset is opened without a chunk cache, so its chunks are written inside H5Dwrite (an I/O error surfaces
+// there) and its close has nothing left to write.
 void write_rows(hid_t file_id, const std::string& path, hid_t mem_type, const void* data, hsize_t base, hsize_t n,
-                hsize_t cols, const std::string& file) {
-  Hid dset(check_id(H5Dopen2(file_id, path.c_str(), H5P_DEFAULT), file, path, "H5Dopen2"));
+                hsize_t cols, const std::string& file, Extended& extended) {
+  Hid dapl(check_id(H5Pcreate(H5P_DATASET_ACCESS), file, path, "H5Pcreate(dataset access)"));
+  check(H5Pset_chunk_cache(dapl.get(), 0, 0, H5D_CHUNK_CACHE_W0_DEFAULT), file, path, "H5Pset_chunk_cache");
+  Hid dset(check_id(H5Dopen2(file_id, path.c_str(), dapl.get()), file, path, "H5Dopen2"));
   const int rank = cols == 0 ? 1 : 2;
   const hsize_t new_dims[2] = {base + n, cols};
-  check(H5Dset_extent(dset.get(), new_dims), file, path, "H5Dset_extent");
   if (n == 0) return;
+  extended.emplace_back(path, base);
+  check(H5Dset_extent(dset.get(), new_dims), file, path, "H5Dset_extent");
   Hid file_space(check_id(H5Dget_space(dset.get()), file, path, "H5Dget_space"));
   const hsize_t start[2] = {base, 0};
   const hsize_t count[2] = {n, cols};
@@ -105,6 +136,7 @@ void write_rows(hid_t file_id, const std::string& path, hid_t mem_type, const vo
   Hid mem_space(check_id(H5Screate_simple(rank, count, nullptr), file, path, "H5Screate_simple"));
   check(H5Dwrite(dset.get(), mem_type, mem_space.get(), file_space.get(), H5P_DEFAULT, data), file, path,
         "H5Dwrite");
+  if (!dset.reset()) fail(file, path, "H5Dclose");
 }
 
 // Truncates every dataset in `paths` to `rows` rows if it has more.
@@ -119,6 +151,50 @@ void truncate_rows(hid_t file_id, const std::vector<std::string>& paths, hsize_t
       check(H5Dset_extent(dset.get(), dims), file, path, "H5Dset_extent(truncate)");
     }
   }
+}
+
+// After a failed flush: every dataset the flush extended goes back to the rows it had. Best effort (the
+// failure is already being reported); errors here are dropped.
+void cut_back(hid_t file_id, const Extended& extended, const std::string& file) {
+  for (auto it = extended.rbegin(); it != extended.rend(); ++it) {
+    try {
+      truncate_rows(file_id, {it->first}, it->second, file);
+    } catch (const std::exception&) {
+    }
+  }
+}
+
+// Bytes of the chunks (of `chunk_rows` rows of `row_bytes` each) that rows [base, base + n) need and that do
+// not exist yet: a chunk exists once a row below `base` lies in it.
+uint64_t new_chunk_bytes(uint64_t base, uint64_t n, uint64_t chunk_rows, uint64_t row_bytes) {
+  if (n == 0) return 0;
+  const uint64_t first_new = (base + chunk_rows - 1) / chunk_rows;
+  const uint64_t last = (base + n - 1) / chunk_rows;
+  return last >= first_new ? (last - first_new + 1) * chunk_rows * row_bytes : 0;
+}
+
+// Allocates `bytes` more disk blocks past the end of `path` (the file grows; HDF5 truncates it to what it
+// used when it closes it), so that HDF5's writes in the coming flush land in blocks the disk has already
+// given. Throws OsFailure when the disk has no room, leaving the file as it was. A file system that cannot
+// preallocate gets no reservation.
+void reserve_space(const std::string& path, uint64_t bytes) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0) throw OsFailure(std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    const int saved = errno;
+    ::close(fd);
+    throw OsFailure(std::strerror(saved));
+  }
+  const int rc = ::posix_fallocate(fd, st.st_size, static_cast<off_t>(bytes));
+  if (rc != 0 && rc != EOPNOTSUPP && rc != EINVAL && rc != ENOSYS && rc != ENODEV) {
+    if (::ftruncate(fd, st.st_size) != 0) {
+      // The file keeps some zero bytes past HDF5's end of file; every reader ignores them.
+    }
+    ::close(fd);
+    throw OsFailure(std::strerror(rc));
+  }
+  if (::close(fd) != 0) throw OsFailure(std::strerror(errno));
 }
 
 struct TrainColumn {
@@ -184,8 +260,12 @@ MetricsWriter::MetricsWriter(std::string path, OpenMode mode,
     bool created = false;
     try {
       create_file(config_attributes, created);
-    } catch (...) {
+    } catch (const detail::Hdf5Error& e) {
       if (created) std::filesystem::remove(path_, ec);  // no half-made file blocking the next kCreate
+      if (e.os_error().empty()) throw;
+      throw MetricsWriteError("metrics: cannot create " + path_ + ": " + e.os_error());
+    } catch (...) {
+      if (created) std::filesystem::remove(path_, ec);
       throw;
     }
   } else {
@@ -194,10 +274,11 @@ MetricsWriter::MetricsWriter(std::string path, OpenMode mode,
 }
 
 MetricsWriter::~MetricsWriter() {
+  if (failed_) return;  // reported once already, by the MetricsWriteError that flush() threw
   try {
     flush();
   } catch (const std::exception& e) {
-    spdlog::error("{} ({} buffered rows lost)", e.what(), steps_.size());
+    spdlog::error("{}", e.what());
   } catch (...) {
     spdlog::error("metrics: unknown error while flushing {}", path_);
   }
@@ -311,6 +392,7 @@ void MetricsWriter::open_existing(const std::vector<std::pair<std::string, std::
                            " rows after an interrupted flush; truncated to " + std::to_string(min_rows)});
   }
   rows_in_file_ = static_cast<int64_t>(min_rows);
+  events_in_file_ = static_cast<int64_t>(dataset_rows(f, "/events", path_));
 
   // Config: keep what the file says; add new keys; record changed values as events.
   {
@@ -389,35 +471,110 @@ void MetricsWriter::clear_train_buffer() {
   tensor_param_norms_.clear();
 }
 
+uint64_t MetricsWriter::flush_bound_bytes() const {
+  uint64_t bytes = kMetadataReserveBytes;
+  uint64_t datasets = 0;
+  if (!steps_.empty()) {
+    const uint64_t base = static_cast<uint64_t>(rows_in_file_);
+    const uint64_t n = steps_.size();
+    bytes += new_chunk_bytes(base, n, kChunkRows, sizeof(int64_t));  // /train/step
+    for (const auto& column : train_columns()) {
+      bytes += new_chunk_bytes(base, n, kChunkRows, H5Tget_size(column.file_type));
+    }
+    datasets += 1 + train_columns().size();
+    if (!tensor_names_.empty()) {
+      const uint64_t cols = tensor_names_.size();
+      bytes += 2 * new_chunk_bytes(base, n, matrix_chunk_rows(cols), cols * sizeof(float));
+      datasets += 2;
+    }
+  }
+  if (!events_.empty()) {
+    bytes += new_chunk_bytes(static_cast<uint64_t>(events_in_file_), events_.size(), kEventChunkRows,
+                             sizeof(detail::EventRecord));
+    datasets += 1;
+  }
+  for (const auto& [name, points] : extras_) {
+    // Rows already in the file are not tracked per series: count every chunk the new points can touch.
+    const uint64_t chunks = (points.size() + kChunkRows - 1) / kChunkRows + 1;
+    bytes += 2 * chunks * kChunkRows * sizeof(double);
+    datasets += 2;
+  }
+  return bytes + datasets * kMetadataReservePerDataset;
+}
+
 void MetricsWriter::flush() {
   if (steps_.empty() && events_.empty() && extras_.empty()) return;
   detail::QuietHdf5Errors quiet;
-  Hid file_id = open_file_rw(path_);
-  const hid_t f = file_id.get();
+  const int64_t first_row = rows_in_file_;
+  const int64_t rows = static_cast<int64_t>(steps_.size());
+  const size_t events = events_.size();
+  std::string reason;
+  try {
+    reserve_space(path_, flush_bound_bytes());
+    Hid file_id = open_file_rw(path_);
+    Extended extended;
+    try {
+      write_buffered(file_id.get(), extended);
+    } catch (...) {
+      cut_back(file_id.get(), extended, path_);
+      file_id.reset();
+      throw;
+    }
+    close_file(file_id, path_);
+    failed_ = false;
+    return;
+  } catch (const OsFailure& e) {
+    reason = e.what();
+  } catch (const detail::Hdf5Error& e) {
+    reason = e.reason();
+  } catch (const std::exception& e) {
+    reason = detail::one_line(e.what());
+  }
+  failed_ = true;
+  // What the file lacks: the rows that were buffered (when this flush wrote them, the failure came after and
+  // cut them back), else the buffered events and scalars.
+  std::string lost;
+  if (rows > 0) {
+    lost = rows == 1 ? "row " + std::to_string(first_row)
+                     : "rows " + std::to_string(first_row) + "-" + std::to_string(first_row + rows - 1);
+  } else if (events > 0) {
+    lost = std::to_string(events) + (events == 1 ? " event" : " events");
+  } else {
+    lost = "buffered scalars";
+  }
+  throw MetricsWriteError("metrics: cannot write " + path_ + ": " + reason + " (" + lost + " not written)");
+}
 
-  // Step table: every column is written at base = rows of /train/step; /train/step itself last.
-  if (!steps_.empty()) {
-    const hsize_t base = dataset_rows(f, kStepPath, path_);
-    const hsize_t n = steps_.size();
-    write_rows(f, "/train/loss", H5T_NATIVE_DOUBLE, loss_.data(), base, n, 0, path_);
-    write_rows(f, "/train/grad_norm", H5T_NATIVE_DOUBLE, grad_norm_.data(), base, n, 0, path_);
-    write_rows(f, "/train/lr", H5T_NATIVE_DOUBLE, lr_.data(), base, n, 0, path_);
-    write_rows(f, "/train/tokens", H5T_NATIVE_INT64, tokens_.data(), base, n, 0, path_);
-    write_rows(f, "/train/tokens_per_s", H5T_NATIVE_DOUBLE, tokens_per_s_.data(), base, n, 0, path_);
-    write_rows(f, "/train/step_time_s", H5T_NATIVE_DOUBLE, step_time_s_.data(), base, n, 0, path_);
-    write_rows(f, "/train/skipped", H5T_NATIVE_UINT8, skipped_.data(), base, n, 0, path_);
+void MetricsWriter::write_buffered(int64_t file_id, Extended& extended) {
+  const hid_t f = file_id;
+  // Everything is written first and dropped from the buffers only once the file is written: a failure
+  // anywhere leaves all buffers as they were, and the file is cut back to the same rows.
+  const hsize_t base = dataset_rows(f, kStepPath, path_);
+  const hsize_t n = steps_.size();
+  if (n > 0) {
+    // Step table: every column is written at base = rows of /train/step; /train/step itself last.
+    write_rows(f, "/train/loss", H5T_NATIVE_DOUBLE, loss_.data(), base, n, 0, path_, extended);
+    write_rows(f, "/train/grad_norm", H5T_NATIVE_DOUBLE, grad_norm_.data(), base, n, 0, path_, extended);
+    write_rows(f, "/train/lr", H5T_NATIVE_DOUBLE, lr_.data(), base, n, 0, path_, extended);
+    write_rows(f, "/train/tokens", H5T_NATIVE_INT64, tokens_.data(), base, n, 0, path_, extended);
+    write_rows(f, "/train/tokens_per_s", H5T_NATIVE_DOUBLE, tokens_per_s_.data(), base, n, 0, path_, extended);
+    write_rows(f, "/train/step_time_s", H5T_NATIVE_DOUBLE, step_time_s_.data(), base, n, 0, path_, extended);
+    write_rows(f, "/train/skipped", H5T_NATIVE_UINT8, skipped_.data(), base, n, 0, path_, extended);
     if (!tensor_names_.empty()) {
       const hsize_t cols = tensor_names_.size();
-      write_rows(f, kTensorGradPath, H5T_NATIVE_FLOAT, tensor_grad_norms_.data(), base, n, cols, path_);
-      write_rows(f, kTensorParamPath, H5T_NATIVE_FLOAT, tensor_param_norms_.data(), base, n, cols, path_);
+      write_rows(f, kTensorGradPath, H5T_NATIVE_FLOAT, tensor_grad_norms_.data(), base, n, cols, path_, extended);
+      write_rows(f, kTensorParamPath, H5T_NATIVE_FLOAT, tensor_param_norms_.data(), base, n, cols, path_,
+                 extended);
     }
-    write_rows(f, kStepPath, H5T_NATIVE_INT64, steps_.data(), base, n, 0, path_);
-    rows_in_file_ = static_cast<int64_t>(base + n);
-    clear_train_buffer();
+    // The other columns' new lengths reach the file before /train/step's: HDF5 writes its cached metadata in
+    // no particular order when the file closes, so without this a kill inside the close could leave
+    // /train/step longer than a column.
+    check(H5Fflush(f, H5F_SCOPE_LOCAL), path_, "/", "H5Fflush");
+    write_rows(f, kStepPath, H5T_NATIVE_INT64, steps_.data(), base, n, 0, path_, extended);
   }
 
+  const hsize_t event_base = dataset_rows(f, "/events", path_);
   if (!events_.empty()) {
-    const hsize_t base = dataset_rows(f, "/events", path_);
     std::vector<detail::EventRecord> records(events_.size());
     for (size_t i = 0; i < events_.size(); ++i) {
       records[i].step = events_[i].step;
@@ -425,12 +582,13 @@ void MetricsWriter::flush() {
       detail::copy_truncated(events_[i].text, records[i].text, sizeof(records[i].text));
     }
     Hid mem_type = detail::make_event_type(/*in_file=*/false, path_);
-    write_rows(f, "/events", mem_type.get(), records.data(), base, records.size(), 0, path_);
-    events_.clear();
+    write_rows(f, "/events", mem_type.get(), records.data(), event_base, records.size(), 0, path_, extended);
   }
 
-  while (!extras_.empty()) {
-    const auto& [name, points] = extras_.front();
+  // Extra series: every value column first, then (after a metadata flush, as for /train/step) every
+  // <name>_step commit column.
+  std::vector<hsize_t> extra_bases;
+  for (const auto& [name, points] : extras_) {
     const std::string value_path = "/train/extra/" + name;
     const std::string step_path = value_path + "_step";
     if (!detail::link_exists(f, value_path, path_)) {
@@ -439,21 +597,29 @@ void MetricsWriter::flush() {
     if (!detail::link_exists(f, step_path, path_)) {
       create_extendible(f, step_path, H5T_STD_I64LE, 0, kChunkRows, false, path_);
     }
-    const hsize_t base = dataset_rows(f, step_path, path_);
+    extra_bases.push_back(dataset_rows(f, step_path, path_));
     std::vector<double> values;
-    std::vector<int64_t> steps;
     values.reserve(points.size());
+    for (const auto& p : points) values.push_back(p.value);
+    write_rows(f, value_path, H5T_NATIVE_DOUBLE, values.data(), extra_bases.back(), values.size(), 0, path_,
+               extended);
+  }
+  if (!extras_.empty()) check(H5Fflush(f, H5F_SCOPE_LOCAL), path_, "/", "H5Fflush");
+  for (size_t i = 0; i < extras_.size(); ++i) {
+    const auto& [name, points] = extras_[i];
+    std::vector<int64_t> steps;
     steps.reserve(points.size());
-    for (const auto& p : points) {
-      values.push_back(p.value);
-      steps.push_back(p.step);
-    }
-    write_rows(f, value_path, H5T_NATIVE_DOUBLE, values.data(), base, values.size(), 0, path_);
-    write_rows(f, step_path, H5T_NATIVE_INT64, steps.data(), base, steps.size(), 0, path_);
-    extras_.erase(extras_.begin());
+    for (const auto& p : points) steps.push_back(p.step);
+    write_rows(f, "/train/extra/" + name + "_step", H5T_NATIVE_INT64, steps.data(), extra_bases[i], steps.size(), 0,
+               path_, extended);
   }
 
-  close_file(file_id, path_);
+  // Written: now the buffers can go.
+  rows_in_file_ = static_cast<int64_t>(base + n);
+  events_in_file_ = static_cast<int64_t>(event_base + events_.size());
+  clear_train_buffer();
+  events_.clear();
+  extras_.clear();
 }
 
 }  // namespace keel::metrics

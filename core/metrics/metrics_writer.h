@@ -1,9 +1,10 @@
-// Why: everything a run does must be readable later without Keel (DESIGN.md, "Files a user can read without
-// Keel"), including after the run is killed. MetricsWriter owns RUN_DIR/metrics.h5: it buffers step rows,
-// events and plugin scalars in memory and, every `flush_every` steps, opens the file, appends the buffered
-// rows and closes it again. Between flushes the file is closed and fully consistent, so a SIGKILL loses at
-// most the rows since the last flush and h5py/h5dump read everything before it. The layout is documented in
-// docs/metrics.md. Plain C++ and the HDF5 C API: no LibTorch, so this header can be included anywhere.
+// Why: everything a run does must be readable later without Keel, including after the run is killed or its
+// disk fills up. MetricsWriter owns RUN_DIR/metrics.h5: it buffers step rows, events and plugin scalars in
+// memory and, every `flush_every` steps, opens the file, appends the buffered rows and closes it again. Between
+// flushes the file is closed and fully consistent, so a SIGKILL loses at most the rows since the last flush
+// and h5py/h5dump read everything before it. A flush that cannot write (a full disk) throws MetricsWriteError
+// and leaves the file as the last good flush left it. The layout is documented in docs/metrics.md. Plain C++
+// and the HDF5 C API: no LibTorch, so this header can be included anywhere.
 //
 // Not thread-safe; HDF5 (Debian's serial build) is not thread-safe either, so all HDF5 users in one process
 // must call it from one thread at a time.
@@ -11,11 +12,20 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
 namespace keel::metrics {
+
+// A flush that could not write metrics.h5. One line naming the file, the OS error (or HDF5's reason) and the
+// rows that are not in the file: "metrics: cannot write /x/run/metrics.h5: No space left on device (rows
+// 1020-1024 not written)". The file still holds every row of the earlier flushes, readable by h5py.
+class MetricsWriteError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
 
 // One optimizer step as it goes into /train/*. Per-tensor norms are in the column order of the writer's
 // tensor_names; leave them empty to store NaN for that step (e.g. a step that computed no norms).
@@ -53,7 +63,9 @@ class MetricsWriter {
   MetricsWriter(std::string path, OpenMode mode,
                 std::vector<std::pair<std::string, std::string>> config_attributes,
                 std::vector<std::string> tensor_names, int64_t flush_every);
-  ~MetricsWriter();  // flushes; never throws (a failure is reported on stderr)
+  // Flushes; never throws (a failure is logged with spdlog::error). After a flush has thrown
+  // MetricsWriteError it does not try again: that failure was reported once, by the exception.
+  ~MetricsWriter();
 
   MetricsWriter(const MetricsWriter&) = delete;
   MetricsWriter& operator=(const MetricsWriter&) = delete;
@@ -70,9 +82,14 @@ class MetricsWriter {
   // Buffers one value of the plugin/extra series /train/extra/<name> (with /train/extra/<name>_step).
   // name: non-empty, no '/', not ending in "_step", not "." or "..".
   void scalar(int64_t step, const std::string& name, double value);
-  // Writes everything buffered and closes the file. No-op if nothing is buffered. Safe to retry after a
-  // failure: rows are written at fixed offsets and dropped from the buffer only once written.
+  // Writes everything buffered and closes the file. No-op if nothing is buffered. Before touching the file
+  // it reserves on disk the most this flush can add (new chunks plus metadata room), so a full disk fails
+  // here, before HDF5 has written anything. Throws MetricsWriteError if the file cannot be written; the file
+  // then keeps exactly the rows of the earlier flushes (datasets extended by this flush are cut back). Safe
+  // to retry: rows are written at fixed offsets and dropped from the buffer only once written.
   void flush();
+  // True once a flush has thrown MetricsWriteError and no later flush has succeeded.
+  bool failed() const { return failed_; }
 
   const std::string& path() const { return path_; }
   const std::vector<std::string>& tensor_names() const { return tensor_names_; }
@@ -94,11 +111,15 @@ class MetricsWriter {
   void create_file(const std::vector<std::pair<std::string, std::string>>& config_attributes, bool& created);
   void open_existing(const std::vector<std::pair<std::string, std::string>>& config_attributes);
   void clear_train_buffer();
+  void write_buffered(int64_t file_id, std::vector<std::pair<std::string, uint64_t>>& extended);
+  uint64_t flush_bound_bytes() const;
 
   std::string path_;
   std::vector<std::string> tensor_names_;
   int64_t flush_every_;
   int64_t rows_in_file_ = 0;
+  int64_t events_in_file_ = 0;
+  bool failed_ = false;
 
   // Column buffers of /train/* (one entry per buffered step).
   std::vector<int64_t> steps_;

@@ -25,7 +25,9 @@ void append_plugin_overrides(const std::vector<std::string>& plugins, const std:
 // unless `positional` is given: then they are collected there, in order.
 po::variables_map parse_args(const std::vector<std::string>& args, const po::options_description& options,
                              const std::string& command, std::vector<std::string>* positional = nullptr);
-// Log to the console (and to `log_file` when given) with spdlog.
+// Log to the console (and to `log_file` when given) with spdlog. `log_file` becomes the run log of
+// core/metrics/run_log.h: a failed write to it is remembered for metrics::throw_if_run_log_failed(); one that
+// cannot be opened throws metrics::RunLogError naming it.
 // `rank_tag` ("rank 3") goes into every line of a multi-rank job's log.
 void setup_logging(const std::string& log_file = "", const std::string& rank_tag = "");
 // Prints "keel COMMAND: error: MESSAGE", flushes everything this process has to say, then exits with `status`
