@@ -11,9 +11,15 @@
 #include "core/data/loader.h"
 #include "core/parallel/process_groups.h"
 #include "core/train/run_dir.h"
+#include "core/train/test_fault.h"
 
 namespace keel::checkpoint {
 struct TrainingState;
+}
+namespace keel::train {
+struct TrainerState;
+struct StepRecord;
+class StepReduction;
 }
 
 namespace keel::train {
@@ -37,8 +43,10 @@ class Trainer {
   // `groups` is this rank's place in the DP x TP x PP job (ProcessGroups::single() for one process): the model
   // gets its TP group and pipeline stage, the gradient reducer and ZeRO-1 the DP group, decisions and
   // checkpoints the world group. Rank 0 alone writes metrics.h5 and lineage.json.
+  // `fault` is a test's seam (trainer_state.h: a NaN gradient or a failing save at one rank and step); none by
+  // default.
   Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader> loader, checkpoint::Lineage lineage,
-          parallel::ProcessGroups groups = parallel::ProcessGroups::single());
+          parallel::ProcessGroups groups = parallel::ProcessGroups::single(), TestFault fault = {});
   ~Trainer();
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;
@@ -62,20 +70,13 @@ class Trainer {
   std::string save_checkpoint(const std::string& reason);
 
  private:
-  struct StepRecord;
+  // One step, stage by stage (step_stages.h).
   StepRecord train_step(int64_t step);
-  // Loads `state` into the model, optimizer, data loader, RNG (and plugins); returns lines for the lineage.
-  // `origin` (the checkpoint directory) names where a mismatch was found.
-  std::vector<std::string> apply_state(const checkpoint::TrainingState& state, const std::string& origin,
-                                       bool allow_data_change, bool restore_plugins);
-  // Back to the newest checkpoint at or before `step`, with the decision's intervention; returns its step.
-  int64_t roll_back(int64_t step, const StepRecord& record);
-  void apply_control_requests();
   // A rank failed after its step's update (metrics.h5 or train.log not writable, an observer threw): every rank
   // saves a checkpoint of the state after `step` (when it can), records the error, and throws it.
   [[noreturn]] void fail_after_update(int64_t step, const std::string& failure);
-  struct State;
-  std::unique_ptr<State> state_;
+  std::unique_ptr<TrainerState> state_;
+  std::unique_ptr<StepReduction> reduction_;
 };
 
 // Sets up SIGINT/SIGTERM so the trainer stops at the next step boundary; returns whether one arrived.

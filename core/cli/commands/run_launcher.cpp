@@ -37,7 +37,9 @@ int train_and_report(RunRequest& r, const train::RunDirClaim& claim, const paral
   std::unique_ptr<train::Trainer> trainer;
   std::string error;
   try {
-    trainer = std::make_unique<train::Trainer>(r.config, paths, std::move(r.loader), r.lineage, groups);
+    // The test-only fault seam (docs/testing.md); unset outside tests.
+    const train::TestFault fault = train::parse_test_fault(std::getenv("KEEL_TEST_FAULT"));
+    trainer = std::make_unique<train::Trainer>(r.config, paths, std::move(r.loader), r.lineage, groups, fault);
     if (r.resume) trainer->restore(*r.resume, r.allow_data_change);
   } catch (const parallel::DistributedError&) {
     throw;
@@ -80,6 +82,9 @@ int launch_run(RunRequest r) {
                                                                   : r.config.parallel.backend;
   const parallel::ProcessGroups groups = parallel::join_process_groups(world, r.config.parallel, backend);
   const bool rank0 = groups.is_rank0();
+  // From here a stop signal is a request to stop at a step boundary, not a kill; before the run dir is claimed
+  // it stops the command with nothing written.
+  train::install_stop_signal_handlers();
 
   std::string error;
   try {
@@ -88,6 +93,7 @@ int launch_run(RunRequest r) {
     error = e.what();
   }
   agree_across_ranks(groups, error);
+  agree_across_ranks(groups, train::stop_requested() ? "stopped by a signal before the run dir was claimed; nothing was written" : "");
   train::RunDirClaim claim;  // rank 0 holds the run dir's lock until the run ends
   claim.paths = train::RunPaths{r.run_dir};
   if (rank0) {  // rank 0 claims the run dir; the others write into it (rank files) or not at all
@@ -120,7 +126,6 @@ int launch_run(RunRequest r) {
   r.lineage.run_id = groups.world->broadcast_string(checkpoint::new_run_id(), 0);
   r.lineage.run_dir = r.run_dir;
   r.lineage.created = metrics::detail::utc_now_iso8601();
-  train::install_stop_signal_handlers();
   // A dead or hung rank: leave at once, before any destructor of the process groups can wait on it.
   try {
     return train_and_report(r, claim, groups);

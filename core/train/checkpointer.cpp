@@ -1,0 +1,335 @@
+// Why: see checkpointer.h.
+#include "core/train/checkpointer.h"
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include "core/checkpoint/checkpoint_error.h"
+#include "core/checkpoint/json_fields.h"
+#include "core/checkpoint/manifest.h"
+#include "core/checkpoint/resharding.h"
+#include "core/checkpoint/sha256.h"
+#include "core/metrics/hdf5_handle.h"
+
+namespace keel::train {
+namespace {
+
+constexpr int64_t kMaxRollbacks = 100;  // a spike handler that keeps rolling back is a bug, not a recovery
+
+}  // namespace
+
+std::string save_checkpoint(TrainerState& s, const std::string& reason) {
+  const Config& c = s.config;
+  const parallel::ProcessGroups& g = s.groups;
+  const int64_t step = s.loader->step();  // steps completed
+  const std::string final_dir = s.paths.checkpoints() + "/" + checkpoint::step_dir_name(step);
+  // Rank 0 owns the directory protocol (begin, commit, prune); every rank writes its own file in between.
+  const bool exists = g.world->broadcast_string(s.rank0() && s.checkpoints->exists(step) ? "1" : "0", 0) == "1";
+  if (exists) return final_dir;
+  const auto start = std::chrono::steady_clock::now();
+  std::string tmp, error;
+  if (s.rank0()) {
+    try {
+      tmp = s.checkpoints->begin(step);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  s.agree_or_throw(error, "checkpoint step " + std::to_string(step) + " not started");
+  tmp = g.world->broadcast_string(tmp, 0);
+
+  // This rank's file: its shards (model tensors from DP rank 0; TP-replicated ones from TP rank 0 only, so that
+  // every element is written once), its optimizer state (all of it, or its ZeRO-1 share), its RNG, and the
+  // run's metadata, identical on every rank.
+  checkpoint::TrainingState st;
+  const std::string rank_file = checkpoint::rank_file_name(g.rank);
+  try {
+    st.step = step;
+    st.tokens_seen = s.tokens_seen;
+    auto writes = [&](size_t i) { return s.specs[i].sharded() || g.coords.tp == 0; };
+    std::map<std::string, size_t> index_of;
+    for (size_t i = 0; i < s.params.size(); ++i) {
+      index_of[s.params[i].name] = i;
+      if (g.coords.dp != 0 || !writes(i)) continue;
+      const auto& p = s.params[i];
+      st.model.emplace_back(p.name, p.param.detach());
+      st.placement["model/" + p.name] = {model::global_shape(p.param.sizes(), s.specs[i], g.layout.tp()),
+                                         model::shard_offset(p.param.sizes(), s.specs[i], g.coords.tp)};
+    }
+    plugin_host::LoadedPlugin& optimizer = s.plugins->optimizer();
+    const sdk::PluginState optimizer_state = optimizer.object->save_state();
+    st.optimizer_name = optimizer.name();
+    st.optimizer_json = optimizer_state.json;
+    st.optimizer_step = sdk::json_int(optimizer_state.json, "step", 0);
+    for (const auto& [name, tensor] : optimizer_state.tensors) {
+      // "<param>/<state>": placed like its parameter when it has the parameter's shape.
+      const auto slash = name.rfind('/');
+      const auto it = slash == std::string::npos ? index_of.end() : index_of.find(name.substr(0, slash));
+      if (it == index_of.end()) throw checkpoint::CheckpointError("optimizer state tensor '" + name + "' names no parameter");
+      const size_t i = it->second;
+      if ((!s.zero_enabled() && g.coords.dp != 0) || !writes(i)) continue;
+      st.optimizer.emplace_back(name, tensor);
+      if (tensor.sizes() == s.params[i].param.sizes()) {
+        st.placement["optimizer/" + name] = {model::global_shape(tensor.sizes(), s.specs[i], g.layout.tp()),
+                                             model::shard_offset(tensor.sizes(), s.specs[i], g.coords.tp)};
+      }
+    }
+    st.lr_schedule = nlohmann::json{{"kind", "warmup_cosine"},
+                                    {"lr", c.optim.lr},
+                                    {"min_lr", c.optim.min_lr},
+                                    {"warmup_steps", c.optim.warmup_steps},
+                                    {"decay_steps", c.lr_decay_steps()},
+                                    {"next_step", step},
+                                    {"lr_factor", s.lr_factor},
+                                    {"lr_factor_until", s.lr_factor_until},
+                                    {"lr_schedule_plugin", c.plugins.lr_schedule}}
+                         .dump();
+    for (plugin_host::LoadedPlugin* p : s.plugins->all()) {
+      if (p == &optimizer) continue;
+      sdk::PluginState ps = p->object->save_state();
+      st.plugins.push_back({p->slot, p->name(), p->description.version, ps.json, ps.tensors});
+    }
+    checkpoint::capture_rng(st);
+    st.data_ledger = s.loader->state().dump();
+    st.config_ini = to_ini(c);
+    st.lineage = checkpoint::lineage_to_json(s.lineage);
+    if (s.fault.at("save_fail", g.rank, step)) throw checkpoint::CheckpointError(tmp + "/" + rank_file + ": injected failure (KEEL_TEST_FAULT)");
+    checkpoint::write_rank_file(tmp + "/" + rank_file, st, {g.rank, g.world_size()});
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  // A file missing on any rank: no rank commits; the previous checkpoint stays the latest.
+  const std::vector<std::string> errors = g.world->all_gather_strings(error);
+  for (size_t r = 0; r < errors.size(); ++r) {
+    if (errors[r].empty()) continue;
+    const auto latest = s.rank0() ? s.checkpoints->latest_pointer() : std::nullopt;
+    std::error_code ec;
+    if (s.rank0()) std::filesystem::remove_all(tmp, ec);
+    throw checkpoint::CheckpointError("checkpoint step " + std::to_string(step) + " was not committed by any rank: " +
+                                      g.layout.describe_rank(static_cast<int64_t>(r)) + " could not write its file: " +
+                                      errors[r] + (latest ? "; the latest checkpoint is still " + *latest : ""));
+  }
+
+  std::string dir;
+  if (s.rank0()) {
+    try {
+      {
+        std::ofstream out(tmp + "/config.ini", std::ios::binary);
+        out << st.config_ini;
+        if (!out) throw checkpoint::CheckpointError(tmp + "/config.ini: write failed");
+      }
+      checkpoint::Manifest manifest;
+      manifest.keel_version = KEEL_VERSION;
+      manifest.created = metrics::detail::utc_now_iso8601();
+      manifest.run_id = s.lineage.run_id;
+      manifest.layout = {g.layout.dp(), g.layout.tp(), g.layout.pp()};
+      manifest.config_hash = checkpoint::sha256_hex(st.config_ini);
+      for (const auto& [key, value] : flatten(c)) {
+        if (key.rfind("model.", 0) == 0) manifest.model[key] = value;
+      }
+      manifest.data_fingerprint = s.loader->fingerprint().dump();
+      manifest.lineage = st.lineage;
+      std::vector<std::pair<std::string, int64_t>> files;
+      for (int64_t r = 0; r < g.world_size(); ++r) files.emplace_back(checkpoint::rank_file_name(r), r);
+      files.emplace_back("config.ini", -1);
+      dir = s.checkpoints->commit(step, manifest, files);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  s.agree_or_throw(error, "checkpoint step " + std::to_string(step) + " not committed");
+  dir = g.world->broadcast_string(dir, 0);
+  const std::vector<std::string> pruned =
+      s.rank0() ? s.checkpoints->prune(c.checkpoint.keep_last, c.checkpoint.milestone_every) : std::vector<std::string>{};
+
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  s.last_checkpoint = dir;
+  s.event(step, "checkpoint", dir + " (" + reason + ")");
+  for (const auto& p : pruned) s.event(step, "checkpoint_pruned", p);
+  if (s.rank0()) {
+    spdlog::info("checkpoint {} saved in {:.2f} s ({}){}", dir, seconds, reason,
+                 pruned.empty() ? "" : fmt::format("; pruned {}", pruned.size()));
+  }
+  return dir;
+}
+
+std::vector<std::string> apply_checkpoint(TrainerState& s, const checkpoint::TrainingState& st, const std::string& origin,
+                                          bool allow_data_change, bool restore_plugins) {
+  using checkpoint::CheckpointError;
+  std::vector<std::string> notes;
+  // 1. Check what can be checked before anything changes: model tensors by name, shape and dtype; the ledger.
+  auto find = [](const checkpoint::NamedTensors& list, const std::string& name) -> const torch::Tensor* {
+    for (const auto& [n, t] : list) {
+      if (n == name) return &t;
+    }
+    return nullptr;
+  };
+  // `st` holds whole tensors (read_full_state); this rank takes its TP shard of each of its stage's parameters.
+  const parallel::ProcessGroups& g = s.groups;
+  {
+    // Name the tensors that do not match, not just their counts.
+    std::set<std::string> in_checkpoint, in_model(s.tensor_names.begin(), s.tensor_names.end());
+    for (const auto& [name, tensor] : st.model) in_checkpoint.insert(name);
+    std::string missing, extra;
+    for (const auto& name : s.tensor_names)
+      if (!in_checkpoint.count(name)) missing += (missing.empty() ? "" : ", ") + name;
+    for (const auto& name : in_checkpoint)
+      if (!in_model.count(name)) extra += (extra.empty() ? "" : ", ") + name;
+    if (!missing.empty() || !extra.empty()) {
+      throw CheckpointError(origin + ": " + (missing.empty() ? "" : "no model tensor " + missing + " in its rank files") +
+                            (missing.empty() || extra.empty() ? "" : "; ") +
+                            (extra.empty() ? "" : "model tensor " + extra + " is not in this model") + " (checkpoint " +
+                            std::to_string(st.model.size()) + " tensors, model " + std::to_string(s.tensor_names.size()) +
+                            ")");
+    }
+  }
+  std::vector<torch::Tensor> shards;  // per entry of s.params
+  for (size_t i = 0; i < s.params.size(); ++i) {
+    const auto& p = s.params[i];
+    const torch::Tensor* t = find(st.model, p.name);
+    if (!t) throw CheckpointError(origin + ": no model tensor '" + p.name + "'");
+    const std::vector<int64_t> whole = model::global_shape(p.param.sizes(), s.specs[i], g.layout.tp());
+    if (t->sizes().vec() != whole) {
+      throw CheckpointError(origin + ": model tensor '" + p.name + "' has shape " + c10::str(t->sizes()) +
+                            ", the model needs " + c10::str(at::IntArrayRef(whole)));
+    }
+    if (t->scalar_type() != torch::kFloat) {
+      throw CheckpointError(origin + ": model tensor '" + p.name + "' is " + c10::toString(t->scalar_type()) +
+                            ", expected float32 (fp32 master weights)");
+    }
+    shards.push_back(model::shard_of(*t, s.specs[i], g.coords.tp, g.layout.tp()));
+  }
+  // The optimizer state of the parameters this rank's optimizer updates, cut like their parameters.
+  checkpoint::NamedTensors optimizer_tensors;
+  for (const auto& [name, tensor] : st.optimizer) {
+    const auto slash = name.rfind('/');
+    if (slash == std::string::npos) continue;
+    const std::string param = name.substr(0, slash);
+    for (size_t i = 0; i < s.params.size(); ++i) {
+      if (s.params[i].name != param) continue;
+      bool bound = false;
+      for (const auto& op : s.optimizer_params) bound = bound || op.name == param;
+      if (!bound) break;
+      const bool placed = tensor.sizes().vec() == model::global_shape(s.params[i].param.sizes(), s.specs[i], g.layout.tp());
+      optimizer_tensors.emplace_back(name, placed ? model::shard_of(tensor, s.specs[i], g.coords.tp, g.layout.tp()) : tensor);
+      break;
+    }
+  }
+  const nlohmann::json ledger = checkpoint::parse_json_object(st.data_ledger, origin + ": data ledger");
+  if (checkpoint::JsonFields(ledger, origin + ": data ledger").integer_or("step", -1) != st.step)
+    throw CheckpointError(origin + ": the data ledger is not at step " + std::to_string(st.step));
+  const nlohmann::json schedule = checkpoint::parse_json_object(st.lr_schedule, origin + ": lr_schedule");
+  const checkpoint::JsonFields schedule_fields(schedule, origin + ": lr_schedule");
+  const double lr_factor = schedule_fields.number_or("lr_factor", 1.0);
+  const int64_t lr_factor_until = schedule_fields.integer_or("lr_factor_until", -1);
+
+  // 2. The optimizer: its own state if it is the same plugin, otherwise it adopts what it can by name.
+  torch::NoGradGuard no_grad;
+  plugin_host::LoadedPlugin& optimizer = s.plugins->optimizer();
+  try {
+    if (st.optimizer_name == optimizer.name()) {
+      optimizer.object->load_state({st.optimizer_json, optimizer_tensors});
+    } else {
+      for (const auto& line : optimizer.object->adopt_state(optimizer_tensors))
+        notes.push_back("optimizer " + st.optimizer_name + " -> " + optimizer.name() + ": " + line);
+    }
+  } catch (const std::exception& e) {
+    throw CheckpointError("optimizer " + optimizer.name() + " cannot load the checkpoint's " + st.optimizer_name +
+                          " state: " + e.what());
+  }
+
+  // 3. Weights, data position, RNG, counters.
+  for (size_t i = 0; i < s.params.size(); ++i) s.params[i].param.copy_(shards[i]);
+  const nlohmann::json fingerprint_now = s.loader->fingerprint();
+  s.loader->load_state(ledger, allow_data_change);
+  if (allow_data_change && ledger.value("fingerprint", nlohmann::json()) != fingerprint_now) {
+    notes.push_back("data changed (allowed by --allow-data-change): checkpoint data " +
+                    ledger.value("fingerprint", nlohmann::json()).dump() + ", now " + fingerprint_now.dump());
+  }
+  s.tokens_seen = st.tokens_seen;
+  s.lr_factor = lr_factor;
+  s.lr_factor_until = lr_factor_until;
+  checkpoint::restore_rng(st);  // empty when the layout changed: the generators keep their per-rank seeding
+
+  // 4. The other plugins' own state, matched by slot and name.
+  if (restore_plugins) {
+    for (plugin_host::LoadedPlugin* p : s.plugins->all()) {
+      if (p == &optimizer) continue;
+      bool found = false;
+      for (const auto& ps : st.plugins) {
+        if (ps.slot != p->slot || ps.name != p->name()) continue;
+        found = true;
+        try {
+          p->object->load_state({ps.json, ps.tensors});
+        } catch (const std::exception& e) {
+          throw CheckpointError("plugin " + p->name() + " cannot load its checkpointed state: " + e.what());
+        }
+      }
+      if (!found) notes.push_back("plugin " + p->name() + " (" + p->slot + ") starts fresh: not in the checkpoint");
+    }
+    for (const auto& ps : st.plugins) {
+      bool loaded = false;
+      for (plugin_host::LoadedPlugin* p : s.plugins->all()) loaded = loaded || (p->slot == ps.slot && p->name() == ps.name);
+      if (!loaded) notes.push_back("plugin " + ps.name + " (" + ps.slot + ") of the checkpoint is not loaded now");
+    }
+  }
+  return notes;
+}
+
+int64_t roll_back(TrainerState& s, int64_t step, const StepRecord& r) {
+  const sdk::Decision& d = r.decision;
+  // The newest valid checkpoint at or before this step (the update of `step` was not applied).
+  std::optional<checkpoint::CheckpointEntry> target;  // chosen by rank 0, the same on every rank
+  std::string target_dir;
+  if (s.rank0()) {
+    for (const auto& e : s.checkpoints->list_valid()) {
+      if (e.step <= step) target_dir = e.dir;
+    }
+  }
+  target_dir = s.groups.world->broadcast_string(target_dir, 0);
+  if (!target_dir.empty()) target = checkpoint::CheckpointEntry{0, target_dir};
+  if (!target) {
+    s.event(step, "rollback_unavailable", "no checkpoint to roll back to; the update was skipped instead");
+    spdlog::warn("step {}: {} asked for a rollback but this run has no checkpoint yet: update skipped", step, r.decided_by);
+    return step + 1;
+  }
+  if (++s.rollbacks > kMaxRollbacks)
+    throw std::runtime_error("more than " + std::to_string(kMaxRollbacks) + " rollbacks in one run: stopping");
+  const checkpoint::Manifest manifest = checkpoint::verify_checkpoint_dir(target->dir);
+  const checkpoint::TrainingState st = checkpoint::read_full_state(target->dir, manifest, s.groups.rank);
+  apply_checkpoint(s, st, target->dir, /*allow_data_change=*/false, /*restore_plugins=*/false);  // plugins keep their memory
+  // The intervention first: the reason can be long, and events keep 511 bytes.
+  std::string what = "step " + std::to_string(step) + " -> checkpoint step " + std::to_string(st.step);
+  if (!d.skip_data.empty()) {
+    s.loader->add_skip(st.step, d.skip_data, "rollback at step " + std::to_string(step) + " by " + r.decided_by);
+    what += "; skip " + d.skip_data;
+  }
+  if (d.reset_optimizer_moments) {
+    s.plugins->optimizer().object->reset_moments();
+    what += "; optimizer moments reset";
+  }
+  if (d.lr_factor != 1.0 && d.lr_factor_steps > 0) {
+    s.lr_factor = d.lr_factor;
+    s.lr_factor_until = st.step + d.lr_factor_steps;
+    what += "; LR x" + std::to_string(d.lr_factor) + " until step " + std::to_string(s.lr_factor_until);
+  }
+  if (plugin_host::LoadedPlugin* handler = s.plugins->spike_handler()) {
+    sdk::StepContext ctx;
+    ctx.step = st.step;
+    s.call(*handler, ctx, [&](sdk::Plugin& p) { p.on_rollback(st.step); });
+  }
+  what += " (" + r.decided_by + ": " + d.reason + ")";
+  s.event(step, "rollback", what);
+  s.lineage.notes.push_back("rollback: " + what);
+  s.write_lineage();
+  spdlog::warn("rollback: {}", what);
+  return st.step;
+}
+
+}  // namespace keel::train
