@@ -9,11 +9,19 @@ steps=${2:-30}
 bash scripts/build.sh --target keel >/dev/null
 keel=./build/bin/keel
 $keel data prepare --config "$config" >/dev/null
-value() { $keel config show --config "$config" | awk -F' = ' -v k="$1" -v s="$2" '/^\[/{sec=$0} sec=="["s"]" && $1==k {print $2}'; }
+# The value at KEY.KEY... of the JSON object on stdin (the --json output of keel config show / inspect).
+json_get() {
+  /usr/bin/python3 -c 'import json, sys
+value = json.load(sys.stdin)
+for key in sys.argv[1].split("."): value = value[key]
+print(value)' "$1"
+}
+config_json=$($keel config show --config "$config" --json)
+value() { json_get "config.$2.$1" <<< "$config_json"; }  # KEY SECTION
 threads=$(nproc)
 run_dir=$(mktemp -d)/bench
 $keel train --config "$config" --run-dir "$run_dir" --set train.steps="$steps" --set train.threads="$threads" >/dev/null 2>&1
-keel_tps=$($keel inspect "$run_dir" | awk '/tokens\/s: median/ {print $3}')
+keel_tps=$($keel inspect "$run_dir" --json | json_get metrics.tokens_per_s.median)
 ref_tps=$(/usr/bin/python3 bench/reference_llama.py --layers "$(value layers model)" --d_model "$(value d_model model)" \
   --heads "$(value heads model)" --kv_heads "$(value kv_heads model)" --ffn_hidden "$(value ffn_hidden model)" \
   --vocab "$(value vocab model)" --seq_len "$(value seq_len model)" --micro_batch "$(value micro_batch train)" \

@@ -1,6 +1,7 @@
 # Why: what every experiments/*/run.sh does the same way, in one place: errors and usage, finding a python3 with
 # h5py and a built keel, refusing an existing output dir, running a function over items N at a time, evaluating
-# a run's milestone checkpoints, reading a key from a run's config.ini, and writing the report. Sourced, never run.
+# a run's milestone checkpoints, reading a key from a run's config.ini (through `keel config show --json`), and
+# writing the report. Sourced, never run.
 # The caller sets `xp_name` (for messages) before sourcing, and `out`, `jobs` before using what needs them.
 
 die() { echo "$xp_name: error: $*" >&2; exit 1; }
@@ -52,11 +53,21 @@ run_parallel() {
   (( ${#failed[@]} == 0 )) || die "$func failed for: ${failed[*]} (logs in $out/logs/)"
 }
 
-# The integer value of [SECTION] KEY in a run's config.ini (as Keel wrote it), or an error naming both.
+# The value of SECTION.KEY in a config file (a run's config.ini), as `keel config show --json` resolves it, or an
+# error naming both. Needs `keel` and `python` (find_keel, find_python).
+config_value() {  # CONFIG_INI SECTION KEY
+  local value
+  value=$("$keel" config show --config "$1" --json | "$python" -c '
+import json, sys
+value = json.load(sys.stdin)["config"][sys.argv[1]][sys.argv[2]]
+print(str(value).lower() if isinstance(value, bool) else value)' "$2" "$3") || die "cannot read $2.$3 from $1"
+  echo "$value"
+}
+# The same for an integer key.
 config_int() {  # CONFIG_INI SECTION KEY
   local value
-  value=$(sed -n "/^\[$2\]/,/^\[/p" "$1" | grep -E "^\s*$3\s*=" | head -1 | sed -E 's/^[^=]*=\s*([0-9]+).*/\1/')
-  [[ $value =~ ^[0-9]+$ ]] || die "cannot read $2.$3 from $1"
+  value=$(config_value "$@")
+  [[ $value =~ ^[0-9]+$ ]] || die "$2.$3 in $1 is '$value', expected an integer"
   echo "$value"
 }
 
@@ -70,12 +81,18 @@ eval_milestones() {  # RUN_DIR AFTER EVERY
   done
 }
 
-# keel report of RUN_DIR... into $out/report.html, then the closing lines every experiment prints.
+# keel report of RUN_DIR... into $out/report.html, and its A/B table as JSON into $out/ab.json (`keel report
+# --json`: the statistics a summary reads instead of computing its own).
 write_report() {  # BASELINE TITLE RUN_DIR...
   local baseline=$1 title=$2
   shift 2
-  "$keel" report "$@" -o "$out/report.html" --baseline "$baseline" --title "$title" > "$out/logs/report.log" 2>&1 ||
+  "$keel" report "$@" -o "$out/report.html" --baseline "$baseline" --title "$title" --json > "$out/ab.json" \
+    2> "$out/logs/report.log" ||
     { tail -5 "$out/logs/report.log"; die "keel report failed (log: $out/logs/report.log)"; }
+}
+
+# The closing lines every experiment prints.
+report_done() {
   say "done"
   echo "summary:  $out/summary.txt"
   echo "report:   $out/report.html"

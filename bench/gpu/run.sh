@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Why: issue 6's benchmark, in one invocation on one GPU: Keel's training step and a PyTorch reference of the same
+# Why: the GPU benchmark, in one invocation on one GPU: Keel's training step and a PyTorch reference of the same
 # model (eager and torch.compile; bench/gpu/llama_reference.py) on the same config, side by side. Prints tokens/s,
 # MFU (PaLM formula: 6·N_non-embedding + 12·L·H·Q·T FLOPs per token) against the H100's 989 TFLOP/s spec and
 # against a bf16 8192³ matmul measured in the same run, peak memory, and Keel's ratio to each reference.
@@ -29,8 +29,16 @@ gpu=$(python3 -c 'import torch; print(torch.cuda.get_device_name())')
 echo "device: $gpu; torch $(python3 -c 'import torch; print(torch.__version__)'); bf16 8192^3 matmul: $matmul_tflops TFLOP/s;" \
      "keel $(git rev-parse --short HEAD 2>/dev/null || echo '?'); $(date -u +%F)"
 
-value() { "$keel" config show --config "$1" | awk -F' = ' -v k="$2" -v s="$3" '/^\[/{sec=$0} sec=="["s"]" && $1==k {print $2}'; }
+# The value at KEY.KEY... of the JSON object on stdin (the --json output of keel config show / inspect).
+json_get() {
+  python3 -c 'import json, sys
+value = json.load(sys.stdin)
+for key in sys.argv[1].split("."): value = value[key]
+print(value)' "$1"
+}
+value() { json_get "config.$3.$2" <<< "$config_json"; }  # CONFIG KEY SECTION (CONFIG: the one in $config_json)
 for config in "${configs[@]}"; do
+  config_json=$("$keel" config show --config "$config" --json)
   L=$(value "$config" layers model); C=$(value "$config" d_model model); H=$(value "$config" heads model)
   K=$(value "$config" kv_heads model); F=$(value "$config" ffn_hidden model); V=$(value "$config" vocab model)
   T=$(value "$config" seq_len model); B=$(value "$config" micro_batch train)
@@ -50,7 +58,10 @@ import sys, h5py
 v = sorted(h5py.File(sys.argv[1])["/train/tokens_per_s"][10:]); print(f"{v[len(v) // 2]:.0f}")
 PY
 )
-  keel_peak=$(sed -n 's/.*peak CUDA memory (caching allocator[^:]*: \([0-9.]*\) GiB.*/\1/p' "$run_dir.out" | tail -1)
+  # Peak CUDA memory (caching allocator, as torch.cuda.max_memory_allocated) from the run_end event, in GiB.
+  keel_peak=$("$keel" inspect "$run_dir" --json | python3 -c 'import json, sys
+bytes = (json.load(sys.stdin)["run_end"] or {}).get("peak_cuda_memory_bytes")
+print("?" if bytes is None else f"{bytes / 2**30:.2f}")')
   rows=("keel|$keel_tps|$keel_peak")
   if [ "${KEEL_BENCH_SKIP_REFERENCE:-0}" != 1 ]; then
     args="--layers $L --d_model $C --heads $H --kv_heads $K --ffn_hidden $F --vocab $V --seq_len $T --micro_batch $B --steps $steps"

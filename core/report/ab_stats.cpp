@@ -54,7 +54,9 @@ Difference paired_difference(const std::vector<double>& arm, const std::vector<d
   out.n = s.n;
   out.mean = s.mean;
   out.sd = s.sd;
-  const double half = t_quantile_975(static_cast<double>(s.n - 1)) * s.sd / std::sqrt(static_cast<double>(s.n));
+  out.df = s.n >= 2 ? static_cast<double>(s.n - 1) : kNaN;
+  out.t = t_quantile_975(out.df);
+  const double half = out.t * s.sd / std::sqrt(static_cast<double>(s.n));
   out.ci_low = s.n >= 2 ? s.mean - half : kNaN;
   out.ci_high = s.n >= 2 ? s.mean + half : kNaN;
   return out;
@@ -68,6 +70,7 @@ Difference welch_difference(const std::vector<double>& arm, const std::vector<do
   out.mean = a.mean - b.mean;
   out.sd = kNaN;
   out.ci_low = out.ci_high = kNaN;
+  out.df = out.t = kNaN;
   if (a.n >= 2 && b.n >= 2) {
     const double va = a.sd * a.sd / static_cast<double>(a.n), vb = b.sd * b.sd / static_cast<double>(b.n);
     const double se = std::sqrt(va + vb);
@@ -75,9 +78,11 @@ Difference welch_difference(const std::vector<double>& arm, const std::vector<do
       out.ci_low = out.ci_high = out.mean;
     } else {
       // Welch–Satterthwaite degrees of freedom.
-      const double df = (va + vb) * (va + vb) /
-                        (va * va / static_cast<double>(a.n - 1) + vb * vb / static_cast<double>(b.n - 1));
-      const double half = t_quantile_975(df) * se;
+      const double df =
+          (va + vb) * (va + vb) / (va * va / static_cast<double>(a.n - 1) + vb * vb / static_cast<double>(b.n - 1));
+      out.df = df;
+      out.t = t_quantile_975(df);
+      const double half = out.t * se;
       out.ci_low = out.mean - half;
       out.ci_high = out.mean + half;
     }
@@ -94,7 +99,8 @@ std::string MetricKey::label() const {
 bool MetricKey::operator<(const MetricKey& o) const {
   // Train loss first, then per eval step, per source: loss before perplexity.
   const auto rank = [](const MetricKey& k) { return k.kind == "final_train_loss" ? 0 : 1; };
-  return std::make_tuple(rank(*this), eval_step, source, kind) < std::make_tuple(rank(o), o.eval_step, o.source, o.kind);
+  return std::make_tuple(rank(*this), eval_step, source, kind) <
+         std::make_tuple(rank(o), o.eval_step, o.source, o.kind);
 }
 
 std::map<MetricKey, double> run_metrics(const RunData& run) {
@@ -125,14 +131,17 @@ AbTable build_ab_table(const std::vector<RunData>& runs, const std::string& base
     for (const auto& a : table.arms) known += (known.empty() ? "" : ", ") + a;
     throw std::invalid_argument("--baseline " + baseline + ": no such arm (arms: " + known + ")");
   }
-  if (runs.size() < 2) table.notes.push_back("one run only: there is nothing to compare it with");
-  else if (table.arms.size() < 2) table.notes.push_back("all runs are seeds of one arm (" + table.arms.front() +
-                                                        "): the table shows the seed spread, no differences");
+  if (runs.size() < 2)
+    table.notes.push_back("one run only: there is nothing to compare it with");
+  else if (table.arms.size() < 2)
+    table.notes.push_back("all runs are seeds of one arm (" + table.arms.front() +
+                          "): the table shows the seed spread, no differences");
   bool any_eval = false;
   for (const auto& run : runs) any_eval = any_eval || !run.evals.empty();
   if (!any_eval) {
-    table.notes.push_back("no eval files (RUN_DIR/eval/step-N.h5): run `keel eval RUN_DIR` for validation loss and "
-                          "perplexity; the table shows the train loss only");
+    table.notes.push_back(
+        "no eval files (RUN_DIR/eval/step-N.h5): run `keel eval RUN_DIR` for validation loss and "
+        "perplexity; the table shows the train loss only");
   }
 
   // Per arm: the metrics present in every run of the arm, with one value per run.
@@ -165,16 +174,23 @@ AbTable build_ab_table(const std::vector<RunData>& runs, const std::string& base
       const auto base = base_metrics.find(key);
       if (base == base_metrics.end()) continue;
       std::vector<double> paired_arm, paired_base;
+      std::vector<int64_t> paired_seeds;
       for (size_t i = 0; i < m.seeds.size(); ++i) {
         if (m.seeds[i] < 0) continue;
         const auto& bs = base->second.seeds;
         const auto j = std::find(bs.begin(), bs.end(), m.seeds[i]);
         if (j == bs.end()) continue;
         paired_arm.push_back(m.values[i]);
+        paired_seeds.push_back(m.seeds[i]);
         paired_base.push_back(base->second.values[static_cast<size_t>(j - bs.begin())]);
       }
       m.difference = paired_arm.empty() ? welch_difference(m.values, base->second.values)
                                         : paired_difference(paired_arm, paired_base);
+      if (m.difference.paired) {
+        m.difference.pair_seeds = paired_seeds;
+        for (size_t i = 0; i < paired_arm.size(); ++i)
+          m.difference.pair_values.push_back(paired_arm[i] - paired_base[i]);
+      }
       m.has_difference = true;
     }
   }
@@ -191,6 +207,47 @@ AbTable build_ab_table(const std::vector<RunData>& runs, const std::string& base
     }
   }
   return table;
+}
+
+namespace {
+nlohmann::json number(double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr); }
+}  // namespace
+
+nlohmann::json ab_table_json(const AbTable& t) {
+  nlohmann::json j{{"baseline", t.baseline},
+                   {"arms", t.arms},
+                   {"confidence", 0.95},
+                   {"notes", t.notes},
+                   {"rows", nlohmann::json::array()}};
+  for (const auto& r : t.rows) {
+    nlohmann::json values = nlohmann::json::array();
+    for (double v : r.values) values.push_back(number(v));
+    nlohmann::json row{{"arm", r.arm},
+                       {"metric",
+                        {{"kind", r.metric.kind},
+                         {"eval_step", r.metric.eval_step},
+                         {"source", r.metric.source},
+                         {"label", r.metric.label()}}},
+                       {"seeds", r.seeds},
+                       {"runs", r.runs},
+                       {"values", values},
+                       {"n", r.summary.n},
+                       {"mean", number(r.summary.mean)},
+                       {"sd", number(r.summary.sd)},
+                       {"difference", nullptr}};
+    if (r.has_difference) {
+      const Difference& d = r.difference;
+      nlohmann::json pairs = nlohmann::json::array();
+      for (size_t i = 0; i < d.pair_seeds.size() && i < d.pair_values.size(); ++i)
+        pairs.push_back({{"seed", d.pair_seeds[i]}, {"value", number(d.pair_values[i])}});
+      row["difference"] = {{"test", d.test()},         {"paired", d.paired},         {"n", d.n},
+                           {"mean", number(d.mean)},   {"sd", number(d.sd)},         {"df", number(d.df)},
+                           {"t", number(d.t)},         {"ci_low", number(d.ci_low)}, {"ci_high", number(d.ci_high)},
+                           {"pairs", std::move(pairs)}};
+    }
+    j["rows"].push_back(std::move(row));
+  }
+  return j;
 }
 
 }  // namespace keel::report

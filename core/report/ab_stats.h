@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -35,6 +36,13 @@ struct Difference {
   double sd = 0.0;      // sd of the paired differences (NaN for n < 2 or unpaired)
   double ci_low = 0.0;  // 95% CI
   double ci_high = 0.0;
+  double df = 0.0;  // degrees of freedom of the t quantile (n - 1, or Welch-Satterthwaite); NaN without one
+  double t = 0.0;   // that quantile, t(0.975, df); the interval is mean ± t * standard error
+  // Paired only (filled by build_ab_table): the seed index and the difference arm - baseline of every pair.
+  std::vector<int64_t> pair_seeds;
+  std::vector<double> pair_values;
+  // "paired_t" (Student's t on the paired differences) or "welch_t" (Welch's t on two independent samples).
+  std::string test() const { return paired ? "paired_t" : "welch_t"; }
 };
 // Paired: mean ± t(0.975, n-1) * sd / sqrt(n) of arm[i] - baseline[i]. Throws std::invalid_argument if the
 // vectors differ in length.
@@ -44,7 +52,7 @@ Difference welch_difference(const std::vector<double>& arm, const std::vector<do
 
 // What one row of the A/B table measures.
 struct MetricKey {
-  std::string kind;     // "final_train_loss", "eval_loss" or "eval_perplexity"
+  std::string kind;        // "final_train_loss", "eval_loss" or "eval_perplexity"
   int64_t eval_step = -1;  // the checkpoint step of an eval metric
   std::string source;      // the data source of an eval metric
   std::string label() const;
@@ -65,9 +73,9 @@ struct ArmMetric {
 
 struct AbTable {
   std::string baseline;
-  std::vector<std::string> arms;  // in the order first given
-  std::vector<ArmMetric> rows;    // grouped by metric (in MetricKey order), then by arm
-  std::vector<std::string> notes; // why something is missing (one run, no eval files, ...)
+  std::vector<std::string> arms;   // in the order first given
+  std::vector<ArmMetric> rows;     // grouped by metric (in MetricKey order), then by arm
+  std::vector<std::string> notes;  // why something is missing (one run, no eval files, ...)
 };
 
 // The metric values of one run: final train loss and, per eval file, per-source loss (NLL) and perplexity.
@@ -76,5 +84,11 @@ std::map<MetricKey, double> run_metrics(const RunData& run);
 // Builds the table. `baseline` empty = the first arm given; an unknown baseline throws std::invalid_argument
 // listing the arms. Eval metrics of an arm are those present in every run of the arm.
 AbTable build_ab_table(const std::vector<RunData>& runs, const std::string& baseline);
+
+// The table as JSON, the one form scripts read (`keel report --json`, docs/report.md): {baseline, arms,
+// confidence, notes, rows: [{arm, metric, seeds, runs, values, n, mean, sd, difference}]}, where difference is
+// null for the baseline's rows or {test, paired, n, mean, sd, df, t, ci_low, ci_high, pairs: [{seed, value}]}.
+// NaN and infinities become null.
+nlohmann::json ab_table_json(const AbTable& table);
 
 }  // namespace keel::report

@@ -4,7 +4,7 @@
 # on a text-heavy mix to an intermediate checkpoint, branches one arm per mixture from that checkpoint (only
 # data.mixture differs; same weights, optimizer state and data order), evaluates every arm's per-source
 # validation loss at fixed steps (keel eval), and reports arm-minus-baseline differences with their spread over
-# seeds (summary.txt from analyze.py, report.html from keel report).
+# seeds (report.html and the A/B table ab.json from keel report, summary.txt from analyze.py reading ab.json).
 #
 #   experiments/datamix-ab/run.sh [--tiny] [--seeds N] [--out DIR]
 #
@@ -101,13 +101,14 @@ eval_run() { eval_milestones "$out/$1" "$branch_step" "$milestone"; }  # arm-see
 say "evaluating every arm run at the steps after $branch_step divisible by $milestone"
 run_parallel eval_run "${runs[@]}"
 
-"$python" "$here/analyze.py" "$out" "$baseline" "${arms[@]}" > "$out/summary.txt"
-cat "$out/summary.txt"
-echo
-
+# The report, and its A/B table as JSON (ab.json), whose statistics summary.txt prints.
 run_dirs=()
 for run in "${runs[@]}"; do run_dirs+=("$out/$run"); done
 write_report "$baseline" "datamix-ab: text vs code mixture branched at step $branch_step, $seeds seeds" \
   "${run_dirs[@]}"
+"$python" "$here/analyze.py" "$out" "$out/ab.json" > "$out/summary.txt"
+cat "$out/summary.txt"
+echo
+report_done
 echo "runs:     $out/<arm>-seed<N> (arms ${arms[*]}; bases $out/base-seed<N>)"
 echo "logs:     $out/logs/"

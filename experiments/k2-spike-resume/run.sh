@@ -58,7 +58,7 @@ say "control spiked at step $spike_step; arms resume from $resume_ckpt"
 # The arms: everything as the control except what the arm names. checkpoint.every=10 gives rollback_skip a
 # checkpoint of its own right before the spike (it rolls back within its run dir); the other arms get the same
 # setting so that every arm writes the same checkpoints.
-clean_schedule=$(grep -E '^\s*mixture\s*=' "$out/control/config.ini" | head -1 | sed -E 's/^[^=]*=\s*//')
+clean_schedule=$(config_value "$out/control/config.ini" data mixture)
 arm_args() {
   case $1 in
     clean) echo "--set data.schedule=0:$clean_schedule" ;;   # no bad chunk: the reference
@@ -83,7 +83,7 @@ say "resuming ${#arms[@]} arms, $jobs at a time: ${arms[*]}"
 run_parallel resume_arm "${arms[@]}"
 
 # Validation loss per source at the milestone checkpoints after the resume point, the same steps in every arm.
-resume_step=$((10#$(basename "$resume_ckpt" | sed 's/^step-//')))
+resume_step=$((10#${resume_ckpt##*/step-}))
 milestone=$(config_int "$out/control/config.ini" checkpoint milestone_every)
 (( milestone > 0 )) || die "checkpoint.milestone_every must be > 0 in $out/control/config.ini"
 eval_arm() { eval_milestones "$out/$1" "$resume_step" "$milestone"; }
@@ -98,5 +98,6 @@ run_dirs=("$out/control")
 for arm in "${arms[@]}"; do run_dirs+=("$out/$arm"); done
 write_report control "k2-spike-resume: a bad data chunk, and resuming before it with stability plugins" \
   "${run_dirs[@]}"
+report_done
 echo "runs:     ${run_dirs[*]}"
 echo "logs:     $out/logs/"

@@ -59,22 +59,27 @@ void append_plugin_overrides(const std::vector<std::string>& plugins, const std:
 po::variables_map parse_args(const std::vector<std::string>& args, const po::options_description& options,
                              const std::string& command, std::vector<std::string>* positional) {
   po::variables_map vm;
+  std::vector<std::string> stray;  // positional arguments of a command that takes none
   try {
-    if (positional == nullptr) {
-      po::store(po::command_line_parser(args).options(options).run(), vm);
-    } else {
-      po::options_description all;
-      all.add(options).add_options()("positional-argument", po::value<std::vector<std::string>>(positional));
-      po::positional_options_description pos;
-      pos.add("positional-argument", -1);
-      po::store(po::command_line_parser(args).options(all).positional(pos).run(), vm);
-    }
+    po::options_description all;
+    all.add(options).add_options()("positional-argument",
+                                   po::value<std::vector<std::string>>(positional ? positional : &stray));
+    po::positional_options_description pos;
+    pos.add("positional-argument", -1);
+    po::store(po::command_line_parser(args).options(all).positional(pos).run(), vm);
     if (vm.count("help")) return vm;
     po::notify(vm);
   } catch (const po::error& e) {
-    throw std::runtime_error("keel " + command + ": " + e.what());
+    throw std::runtime_error(std::string(e.what()) + " (see keel " + command + " --help)");
+  }
+  if (!stray.empty()) {
+    throw std::runtime_error("unexpected argument '" + stray.front() + "' (see keel " + command + " --help)");
   }
   return vm;
+}
+
+void print_json(const nlohmann::json& value) {
+  std::cout << value.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
 }
 
 void setup_logging(const std::string& log_file, const std::string& rank_tag) {

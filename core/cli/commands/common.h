@@ -5,6 +5,7 @@
 #include <vector>
 
 #include <boost/program_options.hpp>
+#include <nlohmann/json.hpp>
 
 #include "core/config/config.h"
 
@@ -22,9 +23,13 @@ void add_plugin_options(po::options_description& options, std::vector<std::strin
 void append_plugin_overrides(const std::vector<std::string>& plugins, const std::vector<std::string>& plugin_args,
                              std::vector<std::string>& overrides);
 // Parses args against `options`; unknown options are errors naming them. Positional arguments are errors too,
-// unless `positional` is given: then they are collected there, in order.
+// unless `positional` is given: then they are collected there, in order. Errors are thrown as one line,
+// "MESSAGE (see keel COMMAND --help)", which main prints after "keel COMMAND: error: ". With --help among the
+// args, required options and their checks are skipped: the caller prints its help and exits 0.
 po::variables_map parse_args(const std::vector<std::string>& args, const po::options_description& options,
                              const std::string& command, std::vector<std::string>* positional = nullptr);
+// The --json output of a command: `value` on stdout, indented, then a newline (invalid UTF-8 replaced).
+void print_json(const nlohmann::json& value);
 // Log to the console (and to `log_file` when given) with spdlog. `log_file` becomes the run log of
 // core/metrics/run_log.h: a failed write to it is remembered for metrics::throw_if_run_log_failed(); one that
 // cannot be opened throws metrics::RunLogError naming it.
