@@ -22,6 +22,87 @@ namespace {
 
 constexpr int64_t kMaxRollbacks = 100;  // a spike handler that keeps rolling back is a bug, not a recovery
 
+// This rank's part of a checkpoint: its shards (model tensors from DP rank 0; TP-replicated ones from TP rank 0
+// only, so that every element is written once), its optimizer state (all of it, or its ZeRO-1 share), and the
+// LR schedule and plugin states, identical on every rank. RNG, ledger, config and lineage are added by the caller.
+checkpoint::TrainingState capture_rank_state(TrainerState& s, int64_t step) {
+  const Config& c = s.config;
+  const parallel::ProcessGroups& g = s.groups;
+  checkpoint::TrainingState st;
+  st.step = step;
+  st.tokens_seen = s.tokens_seen;
+  auto writes = [&](size_t i) { return s.specs[i].sharded() || g.coords.tp == 0; };
+  std::map<std::string, size_t> index_of;
+  for (size_t i = 0; i < s.params.size(); ++i) {
+    index_of[s.params[i].name] = i;
+    if (g.coords.dp != 0 || !writes(i)) continue;
+    const auto& p = s.params[i];
+    st.model.emplace_back(p.name, p.param.detach());
+    st.placement["model/" + p.name] = {model::global_shape(p.param.sizes(), s.specs[i], g.layout.tp()),
+                                       model::shard_offset(p.param.sizes(), s.specs[i], g.coords.tp)};
+  }
+  plugin_host::LoadedPlugin& optimizer = s.plugins->optimizer();
+  const sdk::PluginState optimizer_state = optimizer.object->save_state();
+  st.optimizer_name = optimizer.name();
+  st.optimizer_json = optimizer_state.json;
+  st.optimizer_step = sdk::json_int(optimizer_state.json, "step", 0);
+  for (const auto& [name, tensor] : optimizer_state.tensors) {
+    // "<param>/<state>": placed like its parameter when it has the parameter's shape.
+    const auto slash = name.rfind('/');
+    const auto it = slash == std::string::npos ? index_of.end() : index_of.find(name.substr(0, slash));
+    if (it == index_of.end()) throw checkpoint::CheckpointError("optimizer state tensor '" + name + "' names no parameter");
+    const size_t i = it->second;
+    if ((!s.zero_enabled() && g.coords.dp != 0) || !writes(i)) continue;
+    st.optimizer.emplace_back(name, tensor);
+    if (tensor.sizes() == s.params[i].param.sizes()) {
+      st.placement["optimizer/" + name] = {model::global_shape(tensor.sizes(), s.specs[i], g.layout.tp()),
+                                           model::shard_offset(tensor.sizes(), s.specs[i], g.coords.tp)};
+    }
+  }
+  st.lr_schedule = nlohmann::json{{"kind", "warmup_cosine"},
+                                  {"lr", c.optim.lr},
+                                  {"min_lr", c.optim.min_lr},
+                                  {"warmup_steps", c.optim.warmup_steps},
+                                  {"decay_steps", c.lr_decay_steps()},
+                                  {"next_step", step},
+                                  {"lr_factor", s.lr_factor},
+                                  {"lr_factor_until", s.lr_factor_until},
+                                  {"lr_schedule_plugin", c.plugins.lr_schedule}}
+                       .dump();
+  for (plugin_host::LoadedPlugin* p : s.plugins->all()) {
+    if (p == &optimizer) continue;
+    sdk::PluginState ps = p->object->save_state();
+    st.plugins.push_back({p->slot, p->name(), p->description.version, ps.json, ps.tensors});
+  }
+  return st;
+}
+
+// The state of every loaded plugin except the optimizer, matched by slot and name; notes for the lineage say
+// which start fresh and which of the checkpoint's are not loaded now.
+void restore_plugin_states(TrainerState& s, const checkpoint::TrainingState& st, std::vector<std::string>& notes) {
+  using checkpoint::CheckpointError;
+  plugin_host::LoadedPlugin& optimizer = s.plugins->optimizer();
+  for (plugin_host::LoadedPlugin* p : s.plugins->all()) {
+    if (p == &optimizer) continue;
+    bool found = false;
+    for (const auto& ps : st.plugins) {
+      if (ps.slot != p->slot || ps.name != p->name()) continue;
+      found = true;
+      try {
+        p->object->load_state({ps.json, ps.tensors});
+      } catch (const std::exception& e) {
+        throw CheckpointError("plugin " + p->name() + " cannot load its checkpointed state: " + e.what());
+      }
+    }
+    if (!found) notes.push_back("plugin " + p->name() + " (" + p->slot + ") starts fresh: not in the checkpoint");
+  }
+  for (const auto& ps : st.plugins) {
+    bool loaded = false;
+    for (plugin_host::LoadedPlugin* p : s.plugins->all()) loaded = loaded || (p->slot == ps.slot && p->name() == ps.name);
+    if (!loaded) notes.push_back("plugin " + ps.name + " (" + ps.slot + ") of the checkpoint is not loaded now");
+  }
+}
+
 }  // namespace
 
 std::string save_checkpoint(TrainerState& s, const std::string& reason) {
@@ -50,51 +131,7 @@ std::string save_checkpoint(TrainerState& s, const std::string& reason) {
   checkpoint::TrainingState st;
   const std::string rank_file = checkpoint::rank_file_name(g.rank);
   try {
-    st.step = step;
-    st.tokens_seen = s.tokens_seen;
-    auto writes = [&](size_t i) { return s.specs[i].sharded() || g.coords.tp == 0; };
-    std::map<std::string, size_t> index_of;
-    for (size_t i = 0; i < s.params.size(); ++i) {
-      index_of[s.params[i].name] = i;
-      if (g.coords.dp != 0 || !writes(i)) continue;
-      const auto& p = s.params[i];
-      st.model.emplace_back(p.name, p.param.detach());
-      st.placement["model/" + p.name] = {model::global_shape(p.param.sizes(), s.specs[i], g.layout.tp()),
-                                         model::shard_offset(p.param.sizes(), s.specs[i], g.coords.tp)};
-    }
-    plugin_host::LoadedPlugin& optimizer = s.plugins->optimizer();
-    const sdk::PluginState optimizer_state = optimizer.object->save_state();
-    st.optimizer_name = optimizer.name();
-    st.optimizer_json = optimizer_state.json;
-    st.optimizer_step = sdk::json_int(optimizer_state.json, "step", 0);
-    for (const auto& [name, tensor] : optimizer_state.tensors) {
-      // "<param>/<state>": placed like its parameter when it has the parameter's shape.
-      const auto slash = name.rfind('/');
-      const auto it = slash == std::string::npos ? index_of.end() : index_of.find(name.substr(0, slash));
-      if (it == index_of.end()) throw checkpoint::CheckpointError("optimizer state tensor '" + name + "' names no parameter");
-      const size_t i = it->second;
-      if ((!s.zero_enabled() && g.coords.dp != 0) || !writes(i)) continue;
-      st.optimizer.emplace_back(name, tensor);
-      if (tensor.sizes() == s.params[i].param.sizes()) {
-        st.placement["optimizer/" + name] = {model::global_shape(tensor.sizes(), s.specs[i], g.layout.tp()),
-                                             model::shard_offset(tensor.sizes(), s.specs[i], g.coords.tp)};
-      }
-    }
-    st.lr_schedule = nlohmann::json{{"kind", "warmup_cosine"},
-                                    {"lr", c.optim.lr},
-                                    {"min_lr", c.optim.min_lr},
-                                    {"warmup_steps", c.optim.warmup_steps},
-                                    {"decay_steps", c.lr_decay_steps()},
-                                    {"next_step", step},
-                                    {"lr_factor", s.lr_factor},
-                                    {"lr_factor_until", s.lr_factor_until},
-                                    {"lr_schedule_plugin", c.plugins.lr_schedule}}
-                         .dump();
-    for (plugin_host::LoadedPlugin* p : s.plugins->all()) {
-      if (p == &optimizer) continue;
-      sdk::PluginState ps = p->object->save_state();
-      st.plugins.push_back({p->slot, p->name(), p->description.version, ps.json, ps.tensors});
-    }
+    st = capture_rank_state(s, step);
     checkpoint::capture_rng(st);
     st.data_ledger = s.loader->state().dump();
     st.config_ini = to_ini(c);
@@ -258,27 +295,7 @@ std::vector<std::string> apply_checkpoint(TrainerState& s, const checkpoint::Tra
   checkpoint::restore_rng(st);  // empty when the layout changed: the generators keep their per-rank seeding
 
   // 4. The other plugins' own state, matched by slot and name.
-  if (restore_plugins) {
-    for (plugin_host::LoadedPlugin* p : s.plugins->all()) {
-      if (p == &optimizer) continue;
-      bool found = false;
-      for (const auto& ps : st.plugins) {
-        if (ps.slot != p->slot || ps.name != p->name()) continue;
-        found = true;
-        try {
-          p->object->load_state({ps.json, ps.tensors});
-        } catch (const std::exception& e) {
-          throw CheckpointError("plugin " + p->name() + " cannot load its checkpointed state: " + e.what());
-        }
-      }
-      if (!found) notes.push_back("plugin " + p->name() + " (" + p->slot + ") starts fresh: not in the checkpoint");
-    }
-    for (const auto& ps : st.plugins) {
-      bool loaded = false;
-      for (plugin_host::LoadedPlugin* p : s.plugins->all()) loaded = loaded || (p->slot == ps.slot && p->name() == ps.name);
-      if (!loaded) notes.push_back("plugin " + ps.name + " (" + ps.slot + ") of the checkpoint is not loaded now");
-    }
-  }
+  if (restore_plugins) restore_plugin_states(s, st, notes);
   return notes;
 }
 

@@ -126,6 +126,24 @@ TEST(DiskFaults, FullDiskUnderMetricsStopsTrainingNamingTheFile) {
   EXPECT_LT(MetricsReader(run + "/metrics.h5").read_int64("/train/step").size(), 3000U);
 }
 
+// train.log on a full disk (metrics.h5 flushed rarely, so that the log is what fills the disk): the run stops
+// naming train.log instead of dropping its log lines.
+TEST(DiskFaults, FullDiskUnderTrainLogStopsTrainingNamingTheFile) {
+  SmallDisk disk("disk-trainlog", 192 * 1024);
+  SKIP_UNLESS_MOUNTED(disk);
+  const std::string run = disk.dir() + "/run";
+  const auto r = run_keel("train --config " + tiny_config() + " " + test_data_override() + " --run-dir " + run +
+                          " --set train.steps=100000 --set train.micro_batch=1 --set train.grad_accum=1"
+                          " --set model.seq_len=8 --set model.layers=1 --set model.d_model=16 --set model.heads=2"
+                          " --set model.kv_heads=1 --set model.ffn_hidden=32 --set train.log_every=1"
+                          " --set metrics.flush_every=100000 --set checkpoint.every=0 --set checkpoint.at_end=false");
+  EXPECT_NE(r.exit_code, 0) << last_line(r.output);
+  const std::string line = last_line(r.output);
+  EXPECT_NE(line.find(run + "/train.log"), std::string::npos) << line;
+  EXPECT_NE(line.find("No space left on device"), std::string::npos) << line;
+  EXPECT_EQ(r.output.find("LOG ERROR"), std::string::npos);
+}
+
 // The writer itself: the first failed flush throws MetricsWriteError naming the file, the OS error and the
 // rows; the file keeps exactly the rows of earlier flushes; the destructor says nothing more; once there is
 // room again, a retry writes the rows that failed.
