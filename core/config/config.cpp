@@ -314,6 +314,11 @@ std::string absolute_against(const std::string& value, const std::filesystem::pa
   fs::path out = (base / path).lexically_normal();
   if (out.filename().empty() && out.has_parent_path() && out != out.root_path()) out = out.parent_path();  // "d/"
   const std::string resolved = out.string();
+  // An INI value loses trailing blanks when read back ("d/x /" resolves to "d/x "): refuse it like '#'.
+  if (!resolved.empty() && (resolved.back() == ' ' || resolved.back() == '\t')) {
+    throw ConfigError(origin + ": " + key + ": '" + value + "' resolves to '" + resolved +
+                      "', which ends in a blank (a config file cannot hold it): give an absolute path");
+  }
   for (const char ch : resolved) {
     const auto byte = static_cast<unsigned char>(ch);
     if (ch == '#' || (byte < 0x20 && ch != '\t') || byte == 0x7f) {
