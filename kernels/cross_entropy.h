@@ -6,9 +6,9 @@
 // Single vocabulary shard only (tp.size == 1); the tensor-parallel head keeps model::vocab_parallel_cross_entropy.
 #pragma once
 
-#include <cstdint>
-
 #include <ATen/core/Tensor.h>
+
+#include <cstdint>
 
 namespace keel::kernels {
 

@@ -1,11 +1,11 @@
 // Why: see dispatch.h.
 #include "kernels/dispatch.h"
 
+#include <ATen/core/Tensor.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-
-#include <ATen/core/Tensor.h>
 #ifdef KEEL_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif

@@ -3,10 +3,10 @@
 // pointers and host scalars, so it never waits on the device.
 #include "kernels/optimizer_step.h"
 
+#include <ATen/ATen.h>
+
 #include <cmath>
 #include <string>
-
-#include <ATen/ATen.h>
 
 #include "kernels/dispatch.h"
 
@@ -32,8 +32,8 @@ void check_lists(const char* op, const std::vector<NamedList>& lists, const std:
     TORCH_CHECK(list.tensors->size() == params.size(), op, ": ", list.name, " has ", list.tensors->size(),
                 " tensors but params has ", params.size());
   }
-  TORCH_CHECK(decay.size() == params.size(), op, ": decay has ", decay.size(), " flags but params has ",
-              params.size(), " tensors");
+  TORCH_CHECK(decay.size() == params.size(), op, ": decay has ", decay.size(), " flags but params has ", params.size(),
+              " tensors");
   for (size_t i = 0; i < params.size(); ++i) {
     for (const NamedList& list : lists) {
       const at::Tensor& t = (*list.tensors)[i];
@@ -42,8 +42,8 @@ void check_lists(const char* op, const std::vector<NamedList>& lists, const std:
                   ", expected fp32");
       TORCH_CHECK(t.sizes() == params[i].sizes(), op, ": ", list.name, "[", i, "] has shape ", t.sizes(),
                   " but params[", i, "] has ", params[i].sizes());
-      TORCH_CHECK(t.device() == params[i].device(), op, ": ", list.name, "[", i, "] is on ", t.device(),
-                  " but params[", i, "] is on ", params[i].device());
+      TORCH_CHECK(t.device() == params[i].device(), op, ": ", list.name, "[", i, "] is on ", t.device(), " but params[",
+                  i, "] is on ", params[i].device());
     }
   }
 }
@@ -52,8 +52,7 @@ void check_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
                  const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                  const std::vector<bool>& decay, const AdamWHyper& hyper) {
   check_lists("adamw_step",
-              {{"params", &params}, {"grads", &grads}, {"exp_avgs", &exp_avgs}, {"exp_avg_sqs", &exp_avg_sqs}},
-              decay);
+              {{"params", &params}, {"grads", &grads}, {"exp_avgs", &exp_avgs}, {"exp_avg_sqs", &exp_avg_sqs}}, decay);
   TORCH_CHECK(hyper.step >= 1, "adamw_step: hyper.step must be >= 1 (the count including this update), got ",
               hyper.step);
 }

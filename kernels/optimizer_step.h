@@ -5,9 +5,9 @@
 // the table host_kernels() returns, which Keel hands them as StepContext::kernels (sdk/include/keel/plugin.h).
 #pragma once
 
-#include <vector>
-
 #include <ATen/core/Tensor.h>
+
+#include <vector>
 
 #include "keel/plugin.h"
 

@@ -14,6 +14,7 @@ packages=(
   fortunes fortunes-min python3                   # the bundled corpus: English prose + Python stdlib sources
   python3-torch                                   # bench/: the PyTorch reference run side by side
   clang libclang-rt-14-dev                        # scripts/fuzz.sh: libFuzzer targets (tests/fuzz/)
+  clang-format                                    # scripts/format.sh --check (run first by scripts/test.sh)
   chromium                                        # keel report's page is tested in headless Chromium
 )
 

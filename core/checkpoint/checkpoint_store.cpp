@@ -243,7 +243,8 @@ ResolvedCheckpoint resolve_checkpoint(const std::string& path) {
   for (const auto& c : candidates) {
     try {
       out.manifest = verify_checkpoint_dir(c.dir);
-      if (out.manifest.step != c.step) throw CheckpointError(c.dir + ": manifest says step " + std::to_string(out.manifest.step));
+      if (out.manifest.step != c.step)
+        throw CheckpointError(c.dir + ": manifest says step " + std::to_string(out.manifest.step));
       out.dir = c.dir;
       for (const auto& d : damaged) out.warnings.push_back("skipped damaged checkpoint: " + d);
       const std::string chosen = fs::path(c.dir).filename().string();
@@ -255,10 +256,12 @@ ResolvedCheckpoint resolve_checkpoint(const std::string& path) {
       } else if (*latest != c.dir && !latest_damaged) {
         const std::string named = fs::path(*latest).filename().string();
         if (!fs::exists(*latest)) {
-          out.warnings.push_back(pointer + " names " + named + ", which does not exist; loading the newest valid checkpoint, " + chosen);
+          out.warnings.push_back(pointer + " names " + named +
+                                 ", which does not exist; loading the newest valid checkpoint, " + chosen);
         } else {
           out.warnings.push_back(pointer + " names " + named + ", but " + chosen +
-                                 " is newer and valid (a save was interrupted before it moved latest); loading " + chosen);
+                                 " is newer and valid (a save was interrupted before it moved latest); loading " +
+                                 chosen);
         }
       }
       return out;

@@ -42,15 +42,22 @@ struct TypeSpec {
 
 TypeSpec type_spec(DType dtype) {
   switch (dtype) {
-    case DType::kFloat32: return {H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, H5T_FLOAT, 4, true};
-    case DType::kFloat64: return {H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, H5T_FLOAT, 8, true};
+    case DType::kFloat32:
+      return {H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, H5T_FLOAT, 4, true};
+    case DType::kFloat64:
+      return {H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, H5T_FLOAT, 8, true};
     // h5py and h5dump have no 16-bit float types that everybody reads; the raw bits are stored as uint16 and
     // the `dtype` attribute says how to view them (numpy: `.view(ml_dtypes.bfloat16)` or shift into fp32).
-    case DType::kBFloat16: return {H5T_STD_U16LE, H5T_NATIVE_UINT16, H5T_INTEGER, 2, false};
-    case DType::kFloat16: return {H5T_STD_U16LE, H5T_NATIVE_UINT16, H5T_INTEGER, 2, false};
-    case DType::kInt64: return {H5T_STD_I64LE, H5T_NATIVE_INT64, H5T_INTEGER, 8, true};
-    case DType::kInt32: return {H5T_STD_I32LE, H5T_NATIVE_INT32, H5T_INTEGER, 4, true};
-    case DType::kUInt8: return {H5T_STD_U8LE, H5T_NATIVE_UINT8, H5T_INTEGER, 1, false};
+    case DType::kBFloat16:
+      return {H5T_STD_U16LE, H5T_NATIVE_UINT16, H5T_INTEGER, 2, false};
+    case DType::kFloat16:
+      return {H5T_STD_U16LE, H5T_NATIVE_UINT16, H5T_INTEGER, 2, false};
+    case DType::kInt64:
+      return {H5T_STD_I64LE, H5T_NATIVE_INT64, H5T_INTEGER, 8, true};
+    case DType::kInt32:
+      return {H5T_STD_I32LE, H5T_NATIVE_INT32, H5T_INTEGER, 4, true};
+    case DType::kUInt8:
+      return {H5T_STD_U8LE, H5T_NATIVE_UINT8, H5T_INTEGER, 1, false};
   }
   throw CheckpointError("unknown dtype");
 }
@@ -74,7 +81,8 @@ Hid fixed_string_type(size_t size, const std::string& file, const std::string& o
 Hid simple_space(const std::vector<int64_t>& shape, const std::string& file, const std::string& object) {
   if (shape.empty()) return Hid(check(H5Screate(H5S_SCALAR), file, object, "H5Screate"));
   std::vector<hsize_t> dims(shape.begin(), shape.end());
-  return Hid(check(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), file, object, "H5Screate_simple"));
+  return Hid(
+      check(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), file, object, "H5Screate_simple"));
 }
 
 // The shape of a dataspace, refusing anything a checkpoint never contains.
@@ -85,7 +93,8 @@ std::vector<int64_t> read_shape(hid_t space, const std::string& file, const std:
   const int rank = H5Sget_simple_extent_ndims(space);
   if (rank < 0 || rank > kMaxRank) fail(file, object, "rank " + std::to_string(rank) + " is not in [0, 8]");
   std::vector<hsize_t> dims(static_cast<size_t>(rank));
-  if (rank > 0 && H5Sget_simple_extent_dims(space, dims.data(), nullptr) < 0) fail(file, object, "H5Sget_simple_extent_dims");
+  if (rank > 0 && H5Sget_simple_extent_dims(space, dims.data(), nullptr) < 0)
+    fail(file, object, "H5Sget_simple_extent_dims");
   return std::vector<int64_t>(dims.begin(), dims.end());
 }
 
@@ -118,7 +127,8 @@ struct H5Writer::Impl {
 H5Writer::H5Writer(const std::string& path) : impl_(std::make_unique<Impl>()) {
   impl_->path = path;
   Hid fapl = metrics::detail::make_fapl(path);
-  impl_->file = Hid(check(H5Fcreate(path.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, fapl.get()), path, "/", "cannot create file"));
+  impl_->file =
+      Hid(check(H5Fcreate(path.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, fapl.get()), path, "/", "cannot create file"));
   impl_->lcpl = Hid(check(H5Pcreate(H5P_LINK_CREATE), path, "/", "H5Pcreate"));
   check(H5Pset_create_intermediate_group(impl_->lcpl.get(), 1), path, "/", "H5Pset_create_intermediate_group");
 }
@@ -132,8 +142,8 @@ void H5Writer::write_tensor(const std::string& object, const RawTensor& t) {
     fail(file, object, "tensor has " + std::to_string(t.bytes.size()) + " bytes for its shape");
   if (t.shape.size() > kMaxRank) fail(file, object, "rank above 8");
   Hid space = simple_space(t.shape, file, object);
-  Hid dset(check(H5Dcreate2(impl_->file.get(), object.c_str(), spec.file_type, space.get(), impl_->lcpl.get(), H5P_DEFAULT,
-                            H5P_DEFAULT),
+  Hid dset(check(H5Dcreate2(impl_->file.get(), object.c_str(), spec.file_type, space.get(), impl_->lcpl.get(),
+                            H5P_DEFAULT, H5P_DEFAULT),
                  file, object, "cannot create dataset"));
   if (!t.bytes.empty()) {
     check(H5Dwrite(dset.get(), spec.mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.bytes.data()), file, object, "H5Dwrite");
@@ -175,8 +185,8 @@ void H5Writer::set_attribute(const std::string& object, const std::string& name,
   const std::string& file = impl_->path;
   Hid type = fixed_string_type(value.size(), file, object);
   Hid space(check(H5Screate(H5S_SCALAR), file, object, "H5Screate"));
-  Hid attr(check(H5Acreate_by_name(impl_->file.get(), object.c_str(), name.c_str(), type.get(), space.get(), H5P_DEFAULT,
-                                   H5P_DEFAULT, H5P_DEFAULT),
+  Hid attr(check(H5Acreate_by_name(impl_->file.get(), object.c_str(), name.c_str(), type.get(), space.get(),
+                                   H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
                  file, object, "cannot create attribute"));
   const std::string padded = value.empty() ? std::string(1, '\0') : value;
   check(H5Awrite(attr.get(), type.get(), padded.data()), file, object, "H5Awrite");
@@ -368,7 +378,8 @@ std::pair<Hid, Hid> open_scalar_attribute(hid_t file_id, const std::string& file
                  "H5Aopen_by_name"));
   Hid type(check(H5Aget_type(attr.get()), file, object, "H5Aget_type"));
   Hid space(check(H5Aget_space(attr.get()), file, object, "H5Aget_space"));
-  if (H5Sget_simple_extent_type(space.get()) != H5S_SCALAR) fail(file, object, "attribute '" + name + "' is not scalar");
+  if (H5Sget_simple_extent_type(space.get()) != H5S_SCALAR)
+    fail(file, object, "attribute '" + name + "' is not scalar");
   return {std::move(attr), std::move(type)};
 }
 
@@ -381,7 +392,8 @@ std::string H5Reader::string_attribute(const std::string& object, const std::str
   if (H5Tget_class(type.get()) != H5T_STRING || H5Tis_variable_str(type.get()) != 0)
     fail(file, object, "attribute '" + name + "' is not a fixed-length scalar string");
   const size_t size = H5Tget_size(type.get());
-  if (size == 0 || size > kMaxTextBytes || size > impl_->file_size) fail(file, object, "attribute '" + name + "' size out of range");
+  if (size == 0 || size > kMaxTextBytes || size > impl_->file_size)
+    fail(file, object, "attribute '" + name + "' size out of range");
   std::string value(size, '\0');
   check(H5Aread(attr.get(), type.get(), value.data()), file, object, "H5Aread");  // the file's type: see read_text
   value.resize(std::strlen(value.c_str()));

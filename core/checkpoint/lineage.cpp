@@ -46,14 +46,10 @@ std::string new_run_id() {
 std::string lineage_to_json(const Lineage& l) {
   json changes = json::array();
   for (const auto& c : l.changes) changes.push_back({{"key", c.key}, {"from", c.from}, {"to", c.to}});
-  json j = {{"run_id", l.run_id},
-            {"run_dir", l.run_dir},
-            {"created", l.created},
-            {"kind", l.kind()},
-            {"parent", nullptr},
-            {"changes", changes},
-            {"notes", l.notes},
-            {"data_change_allowed", l.data_change_allowed}};
+  json j = {{"run_id", l.run_id},   {"run_dir", l.run_dir},
+            {"created", l.created}, {"kind", l.kind()},
+            {"parent", nullptr},    {"changes", changes},
+            {"notes", l.notes},     {"data_change_allowed", l.data_change_allowed}};
   if (!l.is_root()) {
     j["parent"] = {{"run_id", l.parent_run_id},
                    {"run_dir", l.parent_run_dir},
@@ -77,7 +73,8 @@ Lineage parse_lineage(const std::string& text, const std::string& origin) {
     l.parent_checkpoint = p.string_or("checkpoint", "");
     l.parent_step = p.integer("step");
   }
-  for (const JsonFields& c : f.objects_or_empty("changes")) l.changes.push_back({c.string("key"), c.string("from"), c.string("to")});
+  for (const JsonFields& c : f.objects_or_empty("changes"))
+    l.changes.push_back({c.string("key"), c.string("from"), c.string("to")});
   l.notes = f.strings_or_empty("notes");
   l.data_change_allowed = f.boolean_or("data_change_allowed", false);
   if (l.run_id.empty()) throw CheckpointError(origin + ": lineage field 'run_id' is empty");
@@ -120,8 +117,8 @@ std::string format_lineage_tree(const std::vector<Lineage>& runs) {
   for (auto& [id, list] : children) std::sort(list.begin(), list.end(), by_created);
 
   std::ostringstream out;
-  std::function<void(size_t, const std::string&, bool, bool)> print = [&](size_t i, const std::string& prefix, bool last,
-                                                                          bool top) {
+  std::function<void(size_t, const std::string&, bool, bool)> print = [&](size_t i, const std::string& prefix,
+                                                                          bool last, bool top) {
     const Lineage& l = runs[i];
     out << prefix << (top ? "" : (last ? "└── " : "├── ")) << l.run_dir << "  [" << l.run_id << "]  " << l.kind();
     if (!l.is_root()) {
@@ -134,7 +131,8 @@ std::string format_lineage_tree(const std::vector<Lineage>& runs) {
     for (const auto& n : l.notes) out << detail_prefix << "  " << n << "\n";
     const auto it = children.find(l.run_id);
     if (it == children.end()) return;
-    for (size_t k = 0; k < it->second.size(); ++k) print(it->second[k], detail_prefix, k + 1 == it->second.size(), false);
+    for (size_t k = 0; k < it->second.size(); ++k)
+      print(it->second[k], detail_prefix, k + 1 == it->second.size(), false);
   };
   for (size_t r : roots) print(r, "", true, true);
   return out.str();

@@ -20,11 +20,11 @@ struct ConfigChange {
 struct Lineage {
   std::string run_id;
   std::string run_dir;
-  std::string created;              // UTC ISO 8601
-  std::string parent_run_id;        // empty for a root run
+  std::string created;        // UTC ISO 8601
+  std::string parent_run_id;  // empty for a root run
   std::string parent_run_dir;
-  std::string parent_checkpoint;    // checkpoint directory it resumed from
-  int64_t parent_step = -1;         // steps completed in that checkpoint
+  std::string parent_checkpoint;      // checkpoint directory it resumed from
+  int64_t parent_step = -1;           // steps completed in that checkpoint
   std::vector<ConfigChange> changes;  // config keys that differ from the parent checkpoint's config
   std::vector<std::string> notes;     // data-ledger changes, allowed data changes, skipped damaged checkpoints
   bool data_change_allowed = false;

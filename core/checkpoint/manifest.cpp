@@ -27,9 +27,11 @@ const json& field(const json& object, const char* name, const std::string& path,
   return *it;
 }
 
-std::string string_field(const json& object, const char* name, const std::string& origin, const std::string& path = "") {
+std::string string_field(const json& object, const char* name, const std::string& origin,
+                         const std::string& path = "") {
   const json& v = field(object, name, path, origin);
-  if (!v.is_string()) bad_field(origin, path.empty() ? name : path + "." + name, "must be a string, got " + describe_json_value(v));
+  if (!v.is_string())
+    bad_field(origin, path.empty() ? name : path + "." + name, "must be a string, got " + describe_json_value(v));
   return v.get<std::string>();
 }
 
@@ -40,15 +42,16 @@ int64_t int_field(const json& object, const char* name, const std::string& origi
   if (!v.is_number_integer()) bad_field(origin, full, "must be an integer, got " + describe_json_value(v));
   const int64_t x = v.get<int64_t>();
   if (x < min || x > max)
-    bad_field(origin, full, "= " + std::to_string(x) + " is out of range [" + std::to_string(min) + ", " + std::to_string(max) + "]");
+    bad_field(origin, full,
+              "= " + std::to_string(x) + " is out of range [" + std::to_string(min) + ", " + std::to_string(max) + "]");
   return x;
 }
 
 bool is_plain_file_name(const std::string& name) {
   if (name.empty() || name.size() > 255 || name == "." || name == "..") return false;
   for (char c : name) {
-    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
-                    c == '_' || c == '.';
+    const bool ok =
+        (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.';
     if (!ok) return false;
   }
   return true;
@@ -91,22 +94,24 @@ std::string rank_file_name(int64_t rank) {
 
 std::string manifest_to_json(const Manifest& m) {
   json files = json::array();
-  for (const auto& f : m.files) files.push_back({{"name", f.name}, {"rank", f.rank}, {"bytes", f.bytes}, {"sha256", f.sha256}});
+  for (const auto& f : m.files)
+    files.push_back({{"name", f.name}, {"rank", f.rank}, {"bytes", f.bytes}, {"sha256", f.sha256}});
   json model = json::object();
   for (const auto& [k, v] : m.model) model[k] = v;
-  const json out = {{"format", "keel-checkpoint"},
-                    {"format_version", m.format_version},
-                    {"keel_version", m.keel_version},
-                    {"step", m.step},
-                    {"created", m.created},
-                    {"run_id", m.run_id},
-                    {"layout", {{"dp", m.layout.dp}, {"tp", m.layout.tp}, {"pp", m.layout.pp},
-                                {"world_size", m.layout.world_size()}}},
-                    {"config_hash", m.config_hash},
-                    {"model", model},
-                    {"data_fingerprint", json::parse(m.data_fingerprint.empty() ? "{}" : m.data_fingerprint)},
-                    {"lineage", json::parse(m.lineage.empty() ? "{}" : m.lineage)},
-                    {"files", files}};
+  const json out = {
+      {"format", "keel-checkpoint"},
+      {"format_version", m.format_version},
+      {"keel_version", m.keel_version},
+      {"step", m.step},
+      {"created", m.created},
+      {"run_id", m.run_id},
+      {"layout",
+       {{"dp", m.layout.dp}, {"tp", m.layout.tp}, {"pp", m.layout.pp}, {"world_size", m.layout.world_size()}}},
+      {"config_hash", m.config_hash},
+      {"model", model},
+      {"data_fingerprint", json::parse(m.data_fingerprint.empty() ? "{}" : m.data_fingerprint)},
+      {"lineage", json::parse(m.lineage.empty() ? "{}" : m.lineage)},
+      {"files", files}};
   json with_flags = out;
   if (m.tensors_finite) with_flags["tensors_finite"] = *m.tensors_finite;
   return with_flags.dump(2) + "\n";
@@ -124,8 +129,9 @@ Manifest parse_manifest(const std::string& text, const std::string& origin) {
   if (string_field(j, "format", origin) != "keel-checkpoint") bad_field(origin, "format", "is not \"keel-checkpoint\"");
   m.format_version = static_cast<int>(int_field(j, "format_version", origin, 1, 1 << 20));
   if (m.format_version != kCheckpointFormatVersion) {
-    bad_field(origin, "format_version", "= " + std::to_string(m.format_version) + ", this Keel reads version " +
-                                             std::to_string(kCheckpointFormatVersion));
+    bad_field(origin, "format_version",
+              "= " + std::to_string(m.format_version) + ", this Keel reads version " +
+                  std::to_string(kCheckpointFormatVersion));
   }
   m.keel_version = string_field(j, "keel_version", origin);
   m.step = int_field(j, "step", origin, 0, INT64_MAX / 2);
@@ -165,7 +171,8 @@ Manifest parse_manifest(const std::string& text, const std::string& origin) {
     if (!names.insert(f.name).second) bad_field(origin, path + ".name", "= \"" + f.name + "\" is listed twice");
     f.rank = int_field(files[i], "rank", origin, -1, world - 1, path);
     if (f.rank >= 0) {
-      if (!ranks.insert(f.rank).second) bad_field(origin, path + ".rank", "= " + std::to_string(f.rank) + " is listed twice");
+      if (!ranks.insert(f.rank).second)
+        bad_field(origin, path + ".rank", "= " + std::to_string(f.rank) + " is listed twice");
       if (f.name != rank_file_name(f.rank)) bad_field(origin, path + ".name", "must be " + rank_file_name(f.rank));
     }
     f.bytes = int_field(files[i], "bytes", origin, 0, INT64_MAX / 2, path);
@@ -176,11 +183,13 @@ Manifest parse_manifest(const std::string& text, const std::string& origin) {
   if (static_cast<int64_t>(ranks.size()) != world) {
     int64_t missing = 0;
     while (ranks.count(missing)) ++missing;
-    bad_field(origin, "files", "lists " + std::to_string(ranks.size()) + " rank files for world size " +
-                                   std::to_string(world) + ": " + rank_file_name(missing) + " is not listed");
+    bad_field(origin, "files",
+              "lists " + std::to_string(ranks.size()) + " rank files for world size " + std::to_string(world) + ": " +
+                  rank_file_name(missing) + " is not listed");
   }
   if (const auto it = j.find("tensors_finite"); it != j.end()) {
-    if (!it->is_boolean()) bad_field(origin, "tensors_finite", "must be true or false, got " + describe_json_value(*it));
+    if (!it->is_boolean())
+      bad_field(origin, "tensors_finite", "must be true or false, got " + describe_json_value(*it));
     m.tensors_finite = it->get<bool>();
   }
   return m;
@@ -225,11 +234,12 @@ Manifest verify_checkpoint_dir(const std::string& dir) {
                             std::to_string(f.bytes));
     }
     const std::string sha = sha256_file(path);
-    if (sha != f.sha256) throw CheckpointError(path + ": corrupted: SHA-256 " + sha + " does not match the manifest's " + f.sha256);
+    if (sha != f.sha256)
+      throw CheckpointError(path + ": corrupted: SHA-256 " + sha + " does not match the manifest's " + f.sha256);
   }
   if (config->sha256 != m.config_hash) {
-    throw CheckpointError(dir + "/" + kConfigName + ": SHA-256 " + config->sha256 + " does not match the manifest's config_hash " +
-                          m.config_hash);
+    throw CheckpointError(dir + "/" + kConfigName + ": SHA-256 " + config->sha256 +
+                          " does not match the manifest's config_hash " + m.config_hash);
   }
   return m;
 }

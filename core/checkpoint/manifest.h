@@ -17,8 +17,8 @@ constexpr int kCheckpointFormatVersion = 1;
 constexpr const char* kManifestName = "manifest.json";
 
 struct ManifestFile {
-  std::string name;    // plain file name inside the checkpoint directory
-  int64_t rank = -1;   // the rank that wrote it; -1 for files shared by all ranks (config.ini)
+  std::string name;   // plain file name inside the checkpoint directory
+  int64_t rank = -1;  // the rank that wrote it; -1 for files shared by all ranks (config.ini)
   int64_t bytes = 0;
   std::string sha256;  // lower-case hex
 };
@@ -31,14 +31,14 @@ struct Layout {
 struct Manifest {
   int format_version = kCheckpointFormatVersion;
   std::string keel_version;
-  int64_t step = 0;  // optimizer steps completed; training resumes at step index `step`
+  int64_t step = 0;     // optimizer steps completed; training resumes at step index `step`
   std::string created;  // UTC ISO 8601
   std::string run_id;
   Layout layout;
-  std::string config_hash;                    // SHA-256 of config.ini
-  std::map<std::string, std::string> model;   // model.* keys of the resolved config (checked before loading)
-  std::string data_fingerprint;               // the data loader's fingerprint (JSON text)
-  std::string lineage;                        // the run's lineage (JSON text)
+  std::string config_hash;                   // SHA-256 of config.ini
+  std::map<std::string, std::string> model;  // model.* keys of the resolved config (checked before loading)
+  std::string data_fingerprint;              // the data loader's fingerprint (JSON text)
+  std::string lineage;                       // the run's lineage (JSON text)
   std::vector<ManifestFile> files;
   // True when every rank file's model and optimizer tensors were checked finite before the commit; absent in
   // manifests of older Keel versions (unknown). Retention never prunes the newest checkpoint where it is true.

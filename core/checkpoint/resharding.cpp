@@ -3,9 +3,9 @@
 // doubled piece is an error, not a silently zero or overwritten block.
 #include "core/checkpoint/resharding.h"
 
-#include <map>
-
 #include <torch/torch.h>
+
+#include <map>
 
 #include "core/checkpoint/checkpoint_error.h"
 
@@ -19,12 +19,14 @@ struct Assembly {
 };
 
 // Adds every tensor of `pieces` (placements under `prefix`) into `assembled`, preserving first-seen order.
-void add_pieces(const NamedTensors& pieces, const std::map<std::string, Placement>& placement, const std::string& prefix,
-                const std::string& file, std::map<std::string, Assembly>& assembled, std::vector<std::string>& order) {
+void add_pieces(const NamedTensors& pieces, const std::map<std::string, Placement>& placement,
+                const std::string& prefix, const std::string& file, std::map<std::string, Assembly>& assembled,
+                std::vector<std::string>& order) {
   for (const auto& [name, piece] : pieces) {
     const auto it = placement.find(prefix + name);
     const std::vector<int64_t> global = it != placement.end() ? it->second.global_shape : piece.sizes().vec();
-    const std::vector<int64_t> offset = it != placement.end() ? it->second.offset : std::vector<int64_t>(piece.dim(), 0);
+    const std::vector<int64_t> offset =
+        it != placement.end() ? it->second.offset : std::vector<int64_t>(piece.dim(), 0);
     auto [slot, inserted] = assembled.try_emplace(name);
     Assembly& a = slot->second;
     if (inserted) {
@@ -32,9 +34,10 @@ void add_pieces(const NamedTensors& pieces, const std::map<std::string, Placemen
       a.first_file = file;
       order.push_back(name);
     } else if (a.full.sizes().vec() != global || a.full.scalar_type() != piece.scalar_type()) {
-      throw CheckpointError(file + ": tensor '" + prefix + name + "' has global shape " + c10::str(at::IntArrayRef(global)) +
-                            " " + c10::toString(piece.scalar_type()) + ", but " + a.first_file + " says " +
-                            c10::str(a.full.sizes()) + " " + c10::toString(a.full.scalar_type()));
+      throw CheckpointError(file + ": tensor '" + prefix + name + "' has global shape " +
+                            c10::str(at::IntArrayRef(global)) + " " + c10::toString(piece.scalar_type()) + ", but " +
+                            a.first_file + " says " + c10::str(a.full.sizes()) + " " +
+                            c10::toString(a.full.scalar_type()));
     }
     at::Tensor target = a.full;
     for (int64_t d = 0; d < piece.dim(); ++d) target = target.narrow(d, offset[d], piece.size(d));

@@ -14,12 +14,12 @@
 // that a damaged or hand-edited value is an error naming the file, the object and the field.
 #include "core/checkpoint/training_state.h"
 
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/torch.h>
+
 #include <cmath>
 #include <cstring>
 #include <filesystem>
-
-#include <ATen/CPUGeneratorImpl.h>
-#include <torch/torch.h>
 
 #include "core/checkpoint/checkpoint_error.h"
 #include "core/checkpoint/h5_file.h"
@@ -34,26 +34,41 @@ constexpr const char* kRankFileFormat = "keel-checkpoint-rank";
 
 DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    case at::kLong: return DType::kInt64;
-    case at::kInt: return DType::kInt32;
-    case at::kByte: return DType::kUInt8;
-    default: throw CheckpointError(std::string("cannot checkpoint a tensor of dtype ") + c10::toString(t.scalar_type()));
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kDouble:
+      return DType::kFloat64;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kLong:
+      return DType::kInt64;
+    case at::kInt:
+      return DType::kInt32;
+    case at::kByte:
+      return DType::kUInt8;
+    default:
+      throw CheckpointError(std::string("cannot checkpoint a tensor of dtype ") + c10::toString(t.scalar_type()));
   }
 }
 
 at::ScalarType scalar_type_of(DType d) {
   switch (d) {
-    case DType::kFloat32: return at::kFloat;
-    case DType::kFloat64: return at::kDouble;
-    case DType::kBFloat16: return at::kBFloat16;
-    case DType::kFloat16: return at::kHalf;
-    case DType::kInt64: return at::kLong;
-    case DType::kInt32: return at::kInt;
-    case DType::kUInt8: return at::kByte;
+    case DType::kFloat32:
+      return at::kFloat;
+    case DType::kFloat64:
+      return at::kDouble;
+    case DType::kBFloat16:
+      return at::kBFloat16;
+    case DType::kFloat16:
+      return at::kHalf;
+    case DType::kInt64:
+      return at::kLong;
+    case DType::kInt32:
+      return at::kInt;
+    case DType::kUInt8:
+      return at::kByte;
   }
   throw CheckpointError("unknown dtype");
 }
@@ -92,16 +107,17 @@ void write_named(H5Writer& out, const std::string& group, const NamedTensors& te
 }
 
 NamedTensors read_named(const H5Reader& in, const std::string& group,
-                        std::map<std::string, Placement>* placement = nullptr, const std::string& placement_prefix = "") {
+                        std::map<std::string, Placement>* placement = nullptr,
+                        const std::string& placement_prefix = "") {
   NamedTensors out;
   for (const auto& name : in.datasets_under(group)) {
     RawTensor raw = in.read_tensor(group + "/" + name);
-    if (placement && raw.global_shape != raw.shape) placement->emplace(placement_prefix + name, Placement{raw.global_shape, raw.offset});
+    if (placement && raw.global_shape != raw.shape)
+      placement->emplace(placement_prefix + name, Placement{raw.global_shape, raw.offset});
     out.emplace_back(name, from_raw(raw));
   }
   return out;
 }
-
 
 // True when no element is NaN or +-Inf. One reduction where the tensor lives (aminmax propagates NaN) and one
 // copy of its two results to the host: no per-element transfer and no full-size temporary, also for GBs of state.
@@ -121,7 +137,8 @@ void check_savable(const TrainingState& s, const std::string& path) {
     if (!all_finite(tensor)) throw CheckpointError(prefix + "model tensor " + name + " holds NaN/Inf (" + file + ")");
   }
   for (const auto& [name, tensor] : s.optimizer) {
-    if (!all_finite(tensor)) throw CheckpointError(prefix + "optimizer tensor " + name + " holds NaN/Inf (" + file + ")");
+    if (!all_finite(tensor))
+      throw CheckpointError(prefix + "optimizer tensor " + name + " holds NaN/Inf (" + file + ")");
   }
   auto check_json = [&](const std::string& text, const std::string& what) {
     if (text.empty()) return;
@@ -147,7 +164,8 @@ void check_state_json(const std::string& text, const std::string& origin) {
   const nlohmann::json j = parse_json_object(text, origin);
   const JsonFields f(j, origin);
   if (f.has("step") && f.integer("step") < 0) f.fail("step", "is negative");
-  if (const auto null = find_null(j)) throw CheckpointError(origin + ": field '" + *null + "': expected a number, got null");
+  if (const auto null = find_null(j))
+    throw CheckpointError(origin + ": field '" + *null + "': expected a number, got null");
 }
 
 void check_lr_schedule(const std::string& text, const std::string& origin) {
@@ -156,7 +174,8 @@ void check_lr_schedule(const std::string& text, const std::string& origin) {
   for (const char* name : {"kind", "lr_schedule_plugin"}) f.string_or(name, "");
   for (const char* name : {"lr", "min_lr", "lr_factor"}) f.number_or(name, 0.0);
   for (const char* name : {"warmup_steps", "decay_steps", "next_step", "lr_factor_until"}) f.integer_or(name, 0);
-  if (const auto null = find_null(j)) throw CheckpointError(origin + ": field '" + *null + "': expected a number, got null");
+  if (const auto null = find_null(j))
+    throw CheckpointError(origin + ": field '" + *null + "': expected a number, got null");
 }
 
 // Every field the data loader reads from the ledger (docs/data.md), typed; the loader checks the values.
@@ -164,10 +183,12 @@ void check_ledger(const std::string& text, const std::string& origin) {
   const nlohmann::json j = parse_json_object(text, origin);
   const JsonFields f(j, origin);
   f.string_or("format", "");
-  for (const char* name : {"version", "step", "next_sample", "global_batch", "seed", "seq_len", "chunks"}) f.integer_or(name, 0);
+  for (const char* name : {"version", "step", "next_sample", "global_batch", "seed", "seq_len", "chunks"})
+    f.integer_or(name, 0);
   for (const JsonFields& source : f.objects_or_empty("sources")) {
     source.string("name");
-    for (const char* name : {"epoch", "position", "consumed", "skipped", "samples_per_epoch"}) source.integer_or(name, 0);
+    for (const char* name : {"epoch", "position", "consumed", "skipped", "samples_per_epoch"})
+      source.integer_or(name, 0);
   }
   for (const JsonFields& stage : f.objects_or_empty("mixture_history")) {
     stage.integer("from_step");
@@ -182,7 +203,8 @@ void check_ledger(const std::string& text, const std::string& origin) {
   }
   for (const auto& [name, value] : j.items()) {
     if (name == "fingerprint") continue;  // the data's own description, compared as a whole
-    if (const auto null = find_null(value, name)) throw CheckpointError(origin + ": field '" + *null + "': expected a number, got null");
+    if (const auto null = find_null(value, name))
+      throw CheckpointError(origin + ": field '" + *null + "': expected a number, got null");
   }
 }
 
@@ -210,7 +232,8 @@ void write_rank_file(const std::string& path, const TrainingState& s, RankInfo r
 
   out.create_group("/rng");
   if (s.cpu_rng.defined()) out.write_tensor("/rng/cpu", to_raw(s.cpu_rng));
-  for (size_t i = 0; i < s.cuda_rng.size(); ++i) out.write_tensor("/rng/cuda/" + std::to_string(i), to_raw(s.cuda_rng[i]));
+  for (size_t i = 0; i < s.cuda_rng.size(); ++i)
+    out.write_tensor("/rng/cuda/" + std::to_string(i), to_raw(s.cuda_rng[i]));
 
   out.write_text("/data/ledger", s.data_ledger);
   out.write_text("/config", s.config_ini);
@@ -231,7 +254,8 @@ void write_rank_file(const std::string& path, const TrainingState& s, RankInfo r
 TrainingState read_rank_file(const std::string& path) {
   H5Reader in(path);
   if (in.string_attribute("/", "format") != kRankFileFormat) {
-    throw CheckpointError(path + ": not a Keel checkpoint rank file (attribute 'format' is not " + kRankFileFormat + ")");
+    throw CheckpointError(path + ": not a Keel checkpoint rank file (attribute 'format' is not " + kRankFileFormat +
+                          ")");
   }
   const int64_t version = in.int_attribute("/", "format_version");
   if (version != kCheckpointFormatVersion) {
@@ -278,7 +302,8 @@ TrainingState read_rank_file(const std::string& path) {
 
 // at::Generator is a shared handle: a copy reads and sets the default generator itself.
 at::Generator cuda_generator(int64_t device) {
-  return at::globalContext().defaultGenerator(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device)));
+  return at::globalContext().defaultGenerator(
+      c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device)));
 }
 
 void capture_rng(TrainingState& state) {

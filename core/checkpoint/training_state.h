@@ -4,13 +4,13 @@
 // HDF5 layout documented in docs/checkpoints.md (and back), and is the only torch-aware part of checkpointing.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <map>
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <ATen/core/Tensor.h>
 
 namespace keel::checkpoint {
 
@@ -32,19 +32,19 @@ struct Placement {
 };
 
 struct TrainingState {
-  int64_t step = 0;         // optimizer steps completed
-  int64_t tokens_seen = 0;  // tokens consumed by those steps
-  NamedTensors model;       // fp32 master weights, model order
-  std::string optimizer_name;   // the optimizer plugin's name ("adamw", "lion", ...)
-  int64_t optimizer_step = 0;   // its step count ("step" of its JSON state), for readers
-  std::string optimizer_json;   // the optimizer plugin's JSON state
-  NamedTensors optimizer;       // "<param>/exp_avg", "<param>/exp_avg_sq", ...
-  std::string lr_schedule;  // JSON: kind, lr, min_lr, warmup_steps, decay_steps (resolved)
-  at::Tensor cpu_rng;       // uint8, the default CPU generator's state
+  int64_t step = 0;                  // optimizer steps completed
+  int64_t tokens_seen = 0;           // tokens consumed by those steps
+  NamedTensors model;                // fp32 master weights, model order
+  std::string optimizer_name;        // the optimizer plugin's name ("adamw", "lion", ...)
+  int64_t optimizer_step = 0;        // its step count ("step" of its JSON state), for readers
+  std::string optimizer_json;        // the optimizer plugin's JSON state
+  NamedTensors optimizer;            // "<param>/exp_avg", "<param>/exp_avg_sq", ...
+  std::string lr_schedule;           // JSON: kind, lr, min_lr, warmup_steps, decay_steps (resolved)
+  at::Tensor cpu_rng;                // uint8, the default CPU generator's state
   std::vector<at::Tensor> cuda_rng;  // uint8, one per CUDA device (empty on CPU-only builds or machines)
-  std::string data_ledger;  // JSON: the data loader's state()
-  std::string config_ini;   // the resolved config
-  std::string lineage;      // JSON: see lineage.h
+  std::string data_ledger;           // JSON: the data loader's state()
+  std::string config_ini;            // the resolved config
+  std::string lineage;               // JSON: see lineage.h
   std::vector<PluginState> plugins;
   // Placement of the model and optimizer tensors, keyed "model/<param>" and "optimizer/<param>/<state>";
   // a tensor without an entry is whole (global shape = its shape, offset 0).

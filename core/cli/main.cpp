@@ -5,6 +5,9 @@
 // SIGPIPE is ignored: a rank whose launcher died (its stdout/stderr pipes have no reader any more) must keep
 // training until the stop signal's checkpoint is saved; a write to a closed pipe then fails with EPIPE, which
 // the console sinks and std::cout drop, while train.log and the run's files are written as before.
+#include <c10/util/Exception.h>
+#include <spdlog/spdlog.h>
+
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -12,13 +15,9 @@
 #include <string>
 #include <vector>
 
-#include <c10/util/Exception.h>
-#include <spdlog/spdlog.h>
-
 #include "core/cli/commands/commands.h"
 #include "core/cli/commands/common.h"
 #include "core/parallel/communicator.h"
-
 
 int main(int argc, char** argv) {
   std::signal(SIGPIPE, SIG_IGN);

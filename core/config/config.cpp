@@ -109,22 +109,34 @@ struct KeyDef {
   std::function<std::string(const Config&)> get;
 };
 
-#define KEEL_INT(KEY, FIELD, DOC)                                                                          \
-  KeyDef { KEY, DOC, [](Config& c, const std::string& o, const std::string& v) { c.FIELD = parse_int(o, KEY, v); }, \
-           [](const Config& c) { return std::to_string(c.FIELD); } }
-#define KEEL_DOUBLE(KEY, FIELD, DOC)                                                                       \
-  KeyDef { KEY, DOC, [](Config& c, const std::string& o, const std::string& v) { c.FIELD = parse_double(o, KEY, v); }, \
-           [](const Config& c) { return format_double(c.FIELD); } }
-#define KEEL_BOOL(KEY, FIELD, DOC)                                                                         \
-  KeyDef { KEY, DOC, [](Config& c, const std::string& o, const std::string& v) { c.FIELD = parse_bool(o, KEY, v); }, \
-           [](const Config& c) { return std::string(c.FIELD ? "true" : "false"); } }
-#define KEEL_STRING(KEY, FIELD, DOC)                                                                       \
-  KeyDef { KEY, DOC, [](Config& c, const std::string&, const std::string& v) { c.FIELD = v; },             \
-           [](const Config& c) { return c.FIELD; } }
-#define KEEL_CHOICE(KEY, FIELD, DOC, ...)                                                                  \
-  KeyDef { KEY, DOC, [](Config& c, const std::string& o, const std::string& v) {                           \
-             c.FIELD = parse_choice(o, KEY, v, {__VA_ARGS__}); },                                           \
-           [](const Config& c) { return c.FIELD; } }
+#define KEEL_INT(KEY, FIELD, DOC)                                                                            \
+  KeyDef {                                                                                                   \
+    KEY, DOC, [](Config& c, const std::string& o, const std::string& v) { c.FIELD = parse_int(o, KEY, v); }, \
+        [](const Config& c) { return std::to_string(c.FIELD); }                                              \
+  }
+#define KEEL_DOUBLE(KEY, FIELD, DOC)                                                                            \
+  KeyDef {                                                                                                      \
+    KEY, DOC, [](Config& c, const std::string& o, const std::string& v) { c.FIELD = parse_double(o, KEY, v); }, \
+        [](const Config& c) { return format_double(c.FIELD); }                                                  \
+  }
+#define KEEL_BOOL(KEY, FIELD, DOC)                                                                            \
+  KeyDef {                                                                                                    \
+    KEY, DOC, [](Config& c, const std::string& o, const std::string& v) { c.FIELD = parse_bool(o, KEY, v); }, \
+        [](const Config& c) { return std::string(c.FIELD ? "true" : "false"); }                               \
+  }
+#define KEEL_STRING(KEY, FIELD, DOC)                                                    \
+  KeyDef {                                                                              \
+    KEY, DOC, [](Config& c, const std::string&, const std::string& v) { c.FIELD = v; }, \
+        [](const Config& c) { return c.FIELD; }                                         \
+  }
+#define KEEL_CHOICE(KEY, FIELD, DOC, ...)                           \
+  KeyDef {                                                          \
+    KEY, DOC,                                                       \
+        [](Config& c, const std::string& o, const std::string& v) { \
+          c.FIELD = parse_choice(o, KEY, v, {__VA_ARGS__});         \
+        },                                                          \
+        [](const Config& c) { return c.FIELD; }                     \
+  }
 
 const std::vector<KeyDef>& key_table() {
   static const std::vector<KeyDef> table = {
@@ -171,11 +183,10 @@ const std::vector<KeyDef>& key_table() {
       KEEL_STRING("data.dir", data.dir,
                   "directory of the prepared tokenizer and shards; relative: to the config file's directory "
                   "(to the current directory in --set)"),
-      KeyDef{"data.seed", "seed of the data order (permutations, source picks)",
-             [](Config& c, const std::string& o, const std::string& v) {
-               c.data.seed = parse_uint64(o, "data.seed", v);
-             },
-             [](const Config& c) { return std::to_string(c.data.seed); }},
+      KeyDef{
+          "data.seed", "seed of the data order (permutations, source picks)",
+          [](Config& c, const std::string& o, const std::string& v) { c.data.seed = parse_uint64(o, "data.seed", v); },
+          [](const Config& c) { return std::to_string(c.data.seed); }},
       KEEL_STRING("data.mixture", data.mixture, "source weights, e.g. prose=0.7,code=0.3"),
       KEEL_STRING("data.schedule", data.schedule, "stages, e.g. 0:prose=0.7,code=0.3;500:prose=0.3,code=0.7"),
       KEEL_STRING("data.skip", data.skip, "skip list, e.g. prose:chunk:3;code:samples:100-200"),
@@ -199,7 +210,8 @@ const std::vector<KeyDef>& key_table() {
                   "gloo", "nccl"),
 
       KEEL_STRING("plugins.optimizer", plugins.optimizer, "optimizer plugin: adamw, lion, or a path to a .so"),
-      KEEL_STRING("plugins.lr_schedule", plugins.lr_schedule, "LR schedule plugin; empty = warm-up + cosine of optim.*"),
+      KEEL_STRING("plugins.lr_schedule", plugins.lr_schedule,
+                  "LR schedule plugin; empty = warm-up + cosine of optim.*"),
       KEEL_STRING("plugins.spike_handler", plugins.spike_handler,
                   "spike handler plugin (zscore_skip, rollback_skip, lr_cooldown, ...); empty = skip non-finite steps"),
       KEEL_STRING("plugins.grad_transform", plugins.grad_transform,
@@ -240,18 +252,24 @@ bool set_source_key(Config& config, const std::string& key, const std::string& v
   if (key.rfind("source.", 0) != 0) return false;
   const std::string rest = key.substr(7);
   const auto dot = rest.rfind('.');
-  if (dot == std::string::npos || dot == 0) throw ConfigError(origin + ": bad source key '" + key + "' (use [source.NAME])");
+  if (dot == std::string::npos || dot == 0)
+    throw ConfigError(origin + ": bad source key '" + key + "' (use [source.NAME])");
   const std::string name = rest.substr(0, dot);
   const std::string field = rest.substr(dot + 1);
   for (char ch : name)
     if (!(std::isalnum(static_cast<unsigned char>(ch)) || ch == '_' || ch == '-'))
       throw ConfigError(origin + ": " + key + ": source names use letters, digits, '_' and '-'");
   SourceConfig& source = source_named(config, name);
-  if (field == "inputs") source.inputs = split_list(value);
-  else if (field == "include") source.include = value;
-  else if (field == "split") source.split = parse_choice(origin, key, value, {"file", "fortune"});
-  else if (field == "max_mb") source.max_mb = parse_double(origin, key, value);
-  else throw ConfigError(origin + ": unknown key '" + key + "'");
+  if (field == "inputs")
+    source.inputs = split_list(value);
+  else if (field == "include")
+    source.include = value;
+  else if (field == "split")
+    source.split = parse_choice(origin, key, value, {"file", "fortune"});
+  else if (field == "max_mb")
+    source.max_mb = parse_double(origin, key, value);
+  else
+    throw ConfigError(origin + ": unknown key '" + key + "'");
   return true;
 }
 
@@ -278,7 +296,8 @@ void set_key(Config& config, const std::string& key, const std::string& value, c
       });
     };
     if (!plain(name) || !plain(field))
-      throw ConfigError(origin + ": bad plugin argument '" + key + "' (use plugin.NAME.key, letters, digits, '_', '-')");
+      throw ConfigError(origin + ": bad plugin argument '" + key +
+                        "' (use plugin.NAME.key, letters, digits, '_', '-')");
     config.plugin_args[name][field] = value;
     return;
   }
@@ -293,8 +312,7 @@ void set_key(Config& config, const std::string& key, const std::string& value, c
 
 void apply_override(Config& config, const std::string& key_equals_value, const std::string& origin) {
   const auto eq = key_equals_value.find('=');
-  if (eq == std::string::npos)
-    throw ConfigError(origin + ": expected key=value, got '" + key_equals_value + "'");
+  if (eq == std::string::npos) throw ConfigError(origin + ": expected key=value, got '" + key_equals_value + "'");
   set_key(config, trim(key_equals_value.substr(0, eq)), trim(key_equals_value.substr(eq + 1)),
           origin + " " + trim(key_equals_value.substr(0, eq)));
 }
@@ -435,14 +453,17 @@ void validate(const Config& c) {
   const auto& m = c.model;
   require(m.layers >= 1, "model.layers must be >= 1");
   require(m.d_model >= 1 && m.heads >= 1, "model.d_model and model.heads must be >= 1");
-  require(m.d_model % m.heads == 0, "model.d_model (" + std::to_string(m.d_model) + ") must be divisible by model.heads (" +
-                                        std::to_string(m.heads) + ")");
-  require(m.kv_heads >= 1 && m.heads % m.kv_heads == 0,
-          "model.heads (" + std::to_string(m.heads) + ") must be divisible by model.kv_heads (" + std::to_string(m.kv_heads) + ")");
+  require(m.d_model % m.heads == 0, "model.d_model (" + std::to_string(m.d_model) +
+                                        ") must be divisible by model.heads (" + std::to_string(m.heads) + ")");
+  require(m.kv_heads >= 1 && m.heads % m.kv_heads == 0, "model.heads (" + std::to_string(m.heads) +
+                                                            ") must be divisible by model.kv_heads (" +
+                                                            std::to_string(m.kv_heads) + ")");
   require(m.head_dim() % 2 == 0, "head dim model.d_model/model.heads must be even for RoPE");
-  require(m.ffn_hidden >= 1 && m.vocab >= 16 && m.seq_len >= 2, "model.ffn_hidden, model.vocab (>= 16), model.seq_len (>= 2)");
+  require(m.ffn_hidden >= 1 && m.vocab >= 16 && m.seq_len >= 2,
+          "model.ffn_hidden, model.vocab (>= 16), model.seq_len (>= 2)");
   require(m.rotary_fraction >= 0.0 && m.rotary_fraction <= 1.0, "model.rotary_fraction must be in [0, 1]");
-  require(m.rope_theta > 0.0 && m.init_std > 0.0 && m.norm_eps > 0.0, "model.rope_theta, model.init_std, model.norm_eps must be > 0");
+  require(m.rope_theta > 0.0 && m.init_std > 0.0 && m.norm_eps > 0.0,
+          "model.rope_theta, model.init_std, model.norm_eps must be > 0");
   require(m.z_loss >= 0.0, "model.z_loss must be >= 0");
   require(c.train.steps >= 0, "train.steps must be >= 0");
   require(c.train.micro_batch >= 1 && c.train.grad_accum >= 1, "train.micro_batch and train.grad_accum must be >= 1");
@@ -456,7 +477,8 @@ void validate(const Config& c) {
   require(o.lr > 0.0 && o.min_lr >= 0.0 && o.min_lr <= o.lr, "optim.lr > 0 and 0 <= optim.min_lr <= optim.lr");
   require(o.warmup_steps >= 0 && o.decay_steps >= 0, "optim.warmup_steps and optim.decay_steps must be >= 0");
   require(o.beta1 >= 0.0 && o.beta1 < 1.0 && o.beta2 >= 0.0 && o.beta2 < 1.0, "optim.beta1/beta2 must be in [0, 1)");
-  require(o.eps > 0.0 && o.weight_decay >= 0.0 && o.grad_clip >= 0.0, "optim.eps > 0, optim.weight_decay >= 0, optim.grad_clip >= 0");
+  require(o.eps > 0.0 && o.weight_decay >= 0.0 && o.grad_clip >= 0.0,
+          "optim.eps > 0, optim.weight_decay >= 0, optim.grad_clip >= 0");
   require(c.data.chunks >= 1, "data.chunks must be >= 1");
   require(!c.data.dir.empty(), "data.dir must not be empty");
   require(c.data.tokenizer_sample_mb >= 1 && c.data.tokenizer_sample_mb <= (int64_t{1} << 20),
@@ -470,9 +492,9 @@ void validate(const Config& c) {
   require(batch % par.dp == 0, "the global batch (train.micro_batch x train.grad_accum = " + std::to_string(batch) +
                                    " sequences) must be divisible by parallel.dp (" + std::to_string(par.dp) + ")");
   if (par.microbatches == 0) {
-    require(c.train.grad_accum % par.dp == 0,
-            "train.grad_accum (" + std::to_string(c.train.grad_accum) + ") must be divisible by parallel.dp (" +
-                std::to_string(par.dp) + "), or set parallel.microbatches");
+    require(c.train.grad_accum % par.dp == 0, "train.grad_accum (" + std::to_string(c.train.grad_accum) +
+                                                  ") must be divisible by parallel.dp (" + std::to_string(par.dp) +
+                                                  "), or set parallel.microbatches");
   } else {
     require((batch / par.dp) % par.microbatches == 0,
             "each DP rank's share of the batch (" + std::to_string(batch / par.dp) +
@@ -481,10 +503,11 @@ void validate(const Config& c) {
   require(m.layers % par.pp == 0, "model.layers (" + std::to_string(m.layers) + ") must be divisible by parallel.pp (" +
                                       std::to_string(par.pp) + ")");
   for (const auto& [value, key] : {std::pair<int64_t, const char*>{m.heads, "model.heads"},
-                                   {m.kv_heads, "model.kv_heads"}, {m.ffn_hidden, "model.ffn_hidden"},
+                                   {m.kv_heads, "model.kv_heads"},
+                                   {m.ffn_hidden, "model.ffn_hidden"},
                                    {m.vocab, "model.vocab"}}) {
-    require(value % par.tp == 0, std::string(key) + " (" + std::to_string(value) + ") must be divisible by parallel.tp (" +
-                                     std::to_string(par.tp) + ")");
+    require(value % par.tp == 0, std::string(key) + " (" + std::to_string(value) +
+                                     ") must be divisible by parallel.tp (" + std::to_string(par.tp) + ")");
   }
   require(!(m.tie_embeddings && par.pp > 1),
           "model.tie_embeddings = true needs parallel.pp = 1 (the embedding and the head live on different stages)");
@@ -535,7 +558,8 @@ std::vector<std::pair<std::string, std::string>> documented_keys() {
   std::vector<std::pair<std::string, std::string>> out;
   for (const auto& def : key_table()) out.emplace_back(def.name, def.doc);
   for (const auto& [field, doc] : source_fields()) out.emplace_back("source.NAME." + field, doc);
-  out.emplace_back("plugin.NAME.KEY", "argument KEY of plugin NAME (also --plugin-arg NAME.KEY=value); see docs/plugins.md");
+  out.emplace_back("plugin.NAME.KEY",
+                   "argument KEY of plugin NAME (also --plugin-arg NAME.KEY=value); see docs/plugins.md");
   return out;
 }
 

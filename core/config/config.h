@@ -23,8 +23,8 @@ struct ModelConfig {
   int64_t layers = 2;
   int64_t d_model = 64;
   int64_t heads = 4;
-  int64_t kv_heads = 4;       // < heads: grouped-query attention
-  int64_t ffn_hidden = 176;   // SwiGLU hidden size
+  int64_t kv_heads = 4;      // < heads: grouped-query attention
+  int64_t ffn_hidden = 176;  // SwiGLU hidden size
   int64_t vocab = 2048;
   int64_t seq_len = 64;
   std::string norm = "rmsnorm";  // rmsnorm | layernorm
@@ -33,32 +33,32 @@ struct ModelConfig {
   double rope_theta = 10000.0;
   bool tie_embeddings = false;
   bool qk_norm = false;
-  double z_loss = 0.0;        // coefficient of the z-loss term (log Z)^2; 0 disables it
+  double z_loss = 0.0;  // coefficient of the z-loss term (log Z)^2; 0 disables it
   double init_std = 0.02;
   int64_t head_dim() const { return d_model / heads; }
 };
 
 struct TrainConfig {
-  int64_t steps = 100;        // total number of optimizer steps of the run
-  int64_t micro_batch = 4;    // sequences per micro-batch (single process; see ParallelConfig::microbatches)
-  int64_t grad_accum = 1;     // micro-batches per step
-  uint64_t seed = 1234;       // model init and everything random except the data order
+  int64_t steps = 100;                   // total number of optimizer steps of the run
+  int64_t micro_batch = 4;               // sequences per micro-batch (single process; see ParallelConfig::microbatches)
+  int64_t grad_accum = 1;                // micro-batches per step
+  uint64_t seed = 1234;                  // model init and everything random except the data order
   std::string precision = "bf16-mixed";  // fp32 | bf16-mixed
-  int64_t log_every = 10;     // console progress line every N steps
-  std::string device = "cpu"; // cpu | cuda
-  int64_t threads = 0;        // intra-op threads; 0 = all CPUs
+  int64_t log_every = 10;                // console progress line every N steps
+  std::string device = "cpu";            // cpu | cuda
+  int64_t threads = 0;                   // intra-op threads; 0 = all CPUs
 };
 
 struct OptimConfig {
   double lr = 3e-4;
-  double min_lr = 3e-5;       // cosine floor
+  double min_lr = 3e-5;  // cosine floor
   int64_t warmup_steps = 2000;
-  int64_t decay_steps = 0;    // length of warmup + cosine; 0 = train.steps
+  int64_t decay_steps = 0;  // length of warmup + cosine; 0 = train.steps
   double beta1 = 0.9;
   double beta2 = 0.95;
   double eps = 1e-8;
   double weight_decay = 0.1;
-  double grad_clip = 1.0;     // global-norm clip; 0 disables it
+  double grad_clip = 1.0;  // global-norm clip; 0 disables it
 };
 
 // One named corpus source: raw inputs and how to split them into documents.
@@ -71,19 +71,19 @@ struct SourceConfig {
 };
 
 struct DataConfig {
-  std::string dir = "data/bundled";    // prepared tokenizer + shards go here; absolute after load_config
+  std::string dir = "data/bundled";  // prepared tokenizer + shards go here; absolute after load_config
   std::vector<SourceConfig> sources;
-  uint64_t seed = 42;                  // data order seed (permutations, source picks)
-  std::string mixture;                 // "prose=0.7,code=0.3"; empty = proportional to source size
-  std::string schedule;                // stages "0:prose=0.7,code=0.3;500:prose=0.3,code=0.7"; overrides mixture
-  std::string skip;                    // skip list "prose:chunk:3;code:samples:100-200"
-  int64_t chunks = 360;                // chunks per source epoch (LLM360 Amber: 360)
-  int64_t tokenizer_sample_mb = 4;     // raw text used to train the tokenizer
+  uint64_t seed = 42;               // data order seed (permutations, source picks)
+  std::string mixture;              // "prose=0.7,code=0.3"; empty = proportional to source size
+  std::string schedule;             // stages "0:prose=0.7,code=0.3;500:prose=0.3,code=0.7"; overrides mixture
+  std::string skip;                 // skip list "prose:chunk:3;code:samples:100-200"
+  int64_t chunks = 360;             // chunks per source epoch (LLM360 Amber: 360)
+  int64_t tokenizer_sample_mb = 4;  // raw text used to train the tokenizer
 };
 
 struct MetricsConfig {
-  int64_t flush_every = 10;   // metrics.h5 is closed and consistent after every flush
-  bool per_tensor = true;     // per-parameter grad/param norm matrices
+  int64_t flush_every = 10;  // metrics.h5 is closed and consistent after every flush
+  bool per_tensor = true;    // per-parameter grad/param norm matrices
 };
 
 struct CheckpointConfig {
@@ -95,15 +95,15 @@ struct CheckpointConfig {
 
 // The 3D layout (docs/parallel.md). dp x tp x pp must equal the number of ranks the job was started with.
 struct ParallelConfig {
-  int64_t dp = 1;               // data-parallel replicas; each reads a disjoint slice of the global batch
-  int64_t tp = 1;               // tensor-parallel ranks (heads, FFN and vocabulary split Megatron-style)
-  int64_t pp = 1;               // pipeline stages (model.layers split evenly)
-  int64_t microbatches = 0;     // micro-batches per DP rank and step; 0 = train.grad_accum / dp
-  int64_t zero = 0;             // 1 = ZeRO-1: optimizer state sharded across the DP ranks
+  int64_t dp = 1;                 // data-parallel replicas; each reads a disjoint slice of the global batch
+  int64_t tp = 1;                 // tensor-parallel ranks (heads, FFN and vocabulary split Megatron-style)
+  int64_t pp = 1;                 // pipeline stages (model.layers split evenly)
+  int64_t microbatches = 0;       // micro-batches per DP rank and step; 0 = train.grad_accum / dp
+  int64_t zero = 0;               // 1 = ZeRO-1: optimizer state sharded across the DP ranks
   std::string schedule = "1f1b";  // pipeline schedule: 1f1b | gpipe
-  double timeout_s = 300.0;     // a collective or rendezvous that waits longer fails, naming the missing rank
-  double bucket_mb = 25.0;      // DP gradient all-reduce bucket size
-  std::string backend = "auto"; // auto (gloo on cpu, nccl on cuda) | gloo | nccl
+  double timeout_s = 300.0;       // a collective or rendezvous that waits longer fails, naming the missing rank
+  double bucket_mb = 25.0;        // DP gradient all-reduce bucket size
+  std::string backend = "auto";   // auto (gloo on cpu, nccl on cuda) | gloo | nccl
   int64_t world_size() const { return dp * tp * pp; }
 };
 
@@ -128,7 +128,7 @@ struct Config {
   PluginsConfig plugins;
   // [plugin.NAME] sections: arguments of plugin NAME (key -> value), checked by the plugin when it loads.
   std::map<std::string, std::map<std::string, std::string>> plugin_args;
-  std::string source_file;    // where it was loaded from (for messages)
+  std::string source_file;  // where it was loaded from (for messages)
 
   // Global batch in sequences: the same for every layout (DP ranks split it, docs/parallel.md).
   int64_t global_batch() const { return train.micro_batch * train.grad_accum; }

@@ -88,8 +88,8 @@ std::string escape_text(const std::string& text) {
 std::vector<int64_t> epoch_permutation(uint64_t seed, const std::string& source, int64_t epoch, int64_t n) {
   std::vector<int64_t> order(static_cast<size_t>(n));
   std::iota(order.begin(), order.end(), int64_t(0));
-  SplitMix64 rng(hash_combine(hash_combine(mix64(seed ^ kPermutationSalt), fnv1a64(source)),
-                              static_cast<uint64_t>(epoch)));
+  SplitMix64 rng(
+      hash_combine(hash_combine(mix64(seed ^ kPermutationSalt), fnv1a64(source)), static_cast<uint64_t>(epoch)));
   for (int64_t i = n - 1; i > 0; --i) {
     const auto j = static_cast<int64_t>(bounded(rng.next(), static_cast<uint64_t>(i) + 1));
     std::swap(order[i], order[j]);
@@ -162,8 +162,8 @@ DataLoader::DataLoader(const keel::Config& config, int64_t global_batch)
           for (const auto& n : v) out += (out.empty() ? "" : ", ") + n;
           return out;
         };
-        throw DataError("data in " + dir_ + " was prepared for sources [" + list(names_) +
-                        "] but the config lists [" + list(want) + "]: " + prepare_hint);
+        throw DataError("data in " + dir_ + " was prepared for sources [" + list(names_) + "] but the config lists [" +
+                        list(want) + "]: " + prepare_hint);
       }
     }
     for (const auto& s : manifest.at("sources")) {
@@ -222,9 +222,7 @@ void DataLoader::reset_cursors() {
   next_sample_ = 0;
 }
 
-std::vector<double> DataLoader::weights_at(int64_t step) const {
-  return normalized(stage_at(stages_, step).weights);
-}
+std::vector<double> DataLoader::weights_at(int64_t step) const { return normalized(stage_at(stages_, step).weights); }
 
 std::vector<double> DataLoader::cdf_at(int64_t step) const {
   std::vector<double> cdf = weights_at(step);
@@ -257,8 +255,7 @@ SampleRef DataLoader::next_sample(int32_t index) {
       ++s.epoch;
       s.position = 0;
     }
-    const auto chunk =
-        static_cast<int64_t>(static_cast<__int128>(s.position) * chunks_ / n);  // chunk of this position
+    const auto chunk = static_cast<int64_t>(static_cast<__int128>(s.position) * chunks_ / n);  // chunk of this position
     // A skipped chunk is jumped over at once: positions [ceil(c*n/C), ceil((c+1)*n/C)) form chunk c.
     bool jumped = false;
     for (const auto& r : skip_) {
@@ -379,9 +376,9 @@ void DataLoader::check_from_step(int64_t from_step, const std::string& what) con
 void DataLoader::set_mixture(int64_t from_step, const std::string& weights, const std::string& origin) {
   check_from_step(from_step, origin);
   MixtureStage stage{from_step, parse_weights(weights, names_, origin), origin};
-  stages_.erase(std::remove_if(stages_.begin(), stages_.end(),
-                               [&](const MixtureStage& s) { return s.from_step >= from_step; }),
-                stages_.end());
+  stages_.erase(
+      std::remove_if(stages_.begin(), stages_.end(), [&](const MixtureStage& s) { return s.from_step >= from_step; }),
+      stages_.end());
   stages_.push_back(std::move(stage));
 }
 
@@ -408,9 +405,9 @@ std::vector<std::string> DataLoader::adopt_config(const keel::Config& config) {
   };
   if (future(cfg) != future(stages_)) {
     const std::string was = format_weights(weights_at(now), names_);
-    stages_.erase(std::remove_if(stages_.begin(), stages_.end(),
-                                 [&](const MixtureStage& s) { return s.from_step >= now; }),
-                  stages_.end());
+    stages_.erase(
+        std::remove_if(stages_.begin(), stages_.end(), [&](const MixtureStage& s) { return s.from_step >= now; }),
+        stages_.end());
     MixtureStage first = stage_at(cfg, now);
     first.from_step = now;
     first.origin += " (adopted at resume)";
@@ -418,8 +415,8 @@ std::vector<std::string> DataLoader::adopt_config(const keel::Config& config) {
     for (const auto& s : cfg) {
       if (s.from_step > now) stages_.push_back(s);
     }
-    changes.push_back("mixture from step " + std::to_string(now) + ": " +
-                      format_weights(weights_at(now), names_) + " (was " + was + ")");
+    changes.push_back("mixture from step " + std::to_string(now) + ": " + format_weights(weights_at(now), names_) +
+                      " (was " + was + ")");
   }
   // Skip rules: config rules not active now start now; active rules the config no longer lists end now.
   const auto wanted = parse_skip(config.data.skip, names_, now, "data.skip");
@@ -498,8 +495,8 @@ void DataLoader::load_state(const json& ledger, bool allow_data_change) {
     }
     auto require_same = [&](const char* key, const json& mine, const char* config_key) {
       if (ledger.at(key) != mine) {
-        throw DataError("data ledger: " + std::string(key) + " " + ledger.at(key).dump() + " != " + config_key +
-                        " " + mine.dump() + " of this run");
+        throw DataError("data ledger: " + std::string(key) + " " + ledger.at(key).dump() + " != " + config_key + " " +
+                        mine.dump() + " of this run");
       }
     };
     require_same("seed", seed_, "data.seed");
@@ -518,11 +515,12 @@ void DataLoader::load_state(const json& ledger, bool allow_data_change) {
       for (const auto& name : names_) st.weights.push_back(h.at("weights").value(name, 0.0));
       stages.push_back(std::move(st));
     }
-    if (stages.empty() || stages.front().from_step != 0) throw DataError("data ledger: mixture history must start at step 0");
+    if (stages.empty() || stages.front().from_step != 0)
+      throw DataError("data ledger: mixture history must start at step 0");
     std::vector<SkipRule> skip;
     for (const auto& r : ledger.at("skip")) {
-      for (auto& rule : parse_skip(r.at("spec").get<std::string>(), names_, r.at("from_step").get<int64_t>(),
-                                   "data ledger skip")) {
+      for (auto& rule :
+           parse_skip(r.at("spec").get<std::string>(), names_, r.at("from_step").get<int64_t>(), "data ledger skip")) {
         rule.to_step = r.at("to_step").get<int64_t>();
         skip.push_back(std::move(rule));
       }

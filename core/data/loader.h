@@ -112,9 +112,9 @@ class DataLoader {
     int64_t samples = 0;  // samples per epoch: (tokens - 1) / seq_len
     // Cursor.
     int64_t epoch = 0;
-    int64_t position = 0;  // next position in this epoch's order
-    int64_t consumed = 0;  // samples returned, all epochs
-    int64_t skipped = 0;   // samples passed over by skip rules, all epochs
+    int64_t position = 0;        // next position in this epoch's order
+    int64_t consumed = 0;        // samples returned, all epochs
+    int64_t skipped = 0;         // samples passed over by skip rules, all epochs
     std::vector<int64_t> order;  // the permutation of `order_epoch`
     int64_t order_epoch = -1;
   };

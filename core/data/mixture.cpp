@@ -39,8 +39,7 @@ int32_t source_index(const std::string& name, const std::vector<std::string>& so
                      const std::string& text) {
   const auto it = std::find(sources.begin(), sources.end(), name);
   if (it == sources.end()) {
-    throw DataError(origin + ": unknown source '" + name + "' in \"" + text + "\" (sources: " + known(sources) +
-                    ")");
+    throw DataError(origin + ": unknown source '" + name + "' in \"" + text + "\" (sources: " + known(sources) + ")");
   }
   return static_cast<int32_t>(it - sources.begin());
 }
@@ -74,8 +73,8 @@ std::vector<double> parse_weights(const std::string& text, const std::vector<std
     char* end = nullptr;
     const double w = std::strtod(value.c_str(), &end);
     if (value.empty() || *end != '\0' || !std::isfinite(w) || w < 0) {
-      throw DataError(origin + ": weight of '" + name + "' must be a finite number >= 0, got '" + value +
-                      "' in \"" + text + "\"");
+      throw DataError(origin + ": weight of '" + name + "' must be a finite number >= 0, got '" + value + "' in \"" +
+                      text + "\"");
     }
     weights[i] = w;
   }
@@ -102,8 +101,8 @@ std::vector<MixtureStage> parse_schedule(const std::string& text, const std::vec
     stage.origin = origin;
     for (const auto& s : stages) {
       if (s.from_step == stage.from_step) {
-        throw DataError(origin + ": two stages start at step " + std::to_string(stage.from_step) + " in \"" +
-                        text + "\"");
+        throw DataError(origin + ": two stages start at step " + std::to_string(stage.from_step) + " in \"" + text +
+                        "\"");
       }
     }
     stages.push_back(std::move(stage));
@@ -113,8 +112,8 @@ std::vector<MixtureStage> parse_schedule(const std::string& text, const std::vec
   return stages;
 }
 
-std::vector<SkipRule> parse_skip(const std::string& text, const std::vector<std::string>& sources,
-                                 int64_t from_step, const std::string& origin) {
+std::vector<SkipRule> parse_skip(const std::string& text, const std::vector<std::string>& sources, int64_t from_step,
+                                 const std::string& origin) {
   std::vector<SkipRule> rules;
   for (const auto& item : split(text, ';')) {
     if (item.empty()) continue;
@@ -130,8 +129,7 @@ std::vector<SkipRule> parse_skip(const std::string& text, const std::vector<std:
     } else if (parts[1] == "samples" || parts[1] == "sample") {
       rule.kind = SkipRule::Kind::kSamples;
     } else {
-      throw DataError(origin + ": skip kind must be 'chunk' or 'samples', got '" + parts[1] + "' in \"" + text +
-                      "\"");
+      throw DataError(origin + ": skip kind must be 'chunk' or 'samples', got '" + parts[1] + "' in \"" + text + "\"");
     }
     const size_t dash = parts[2].find('-');
     rule.first = parse_int(trim(parts[2].substr(0, dash)), origin, text);

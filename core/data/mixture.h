@@ -38,8 +38,8 @@ std::vector<double> parse_weights(const std::string& text, const std::vector<std
 std::vector<MixtureStage> parse_schedule(const std::string& text, const std::vector<std::string>& sources,
                                          const std::string& origin);
 // "prose:chunk:3;prose:chunk:10-12;code:samples:100-200" → rules applying from `from_step`.
-std::vector<SkipRule> parse_skip(const std::string& text, const std::vector<std::string>& sources,
-                                 int64_t from_step, const std::string& origin);
+std::vector<SkipRule> parse_skip(const std::string& text, const std::vector<std::string>& sources, int64_t from_step,
+                                 const std::string& origin);
 // The weights as text again: "prose=0.7,code=0.3".
 std::string format_weights(const std::vector<double>& weights, const std::vector<std::string>& sources);
 

@@ -85,9 +85,9 @@ void write_text_atomically(const std::string& path, const std::string& text) {
 }
 
 void check_source_name(const std::string& name) {
-  const bool ok = !name.empty() && name != "." && name != ".." &&
-                  name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-") ==
-                      std::string::npos;
+  const bool ok =
+      !name.empty() && name != "." && name != ".." &&
+      name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-") == std::string::npos;
   if (!ok) throw DataError("source name '" + name + "' must be non-empty and use only [A-Za-z0-9_.-]");
 }
 
@@ -269,7 +269,7 @@ std::vector<InputFile> list_source_files(const keel::SourceConfig& source) {
     if (max_bytes >= 0 && total >= max_bytes) return false;
     std::error_code ec;
     const std::string canonical = fs::canonical(p, ec).string();
-    if (ec || !seen.insert(canonical).second) return true;  // broken link or duplicate
+    if (ec || !seen.insert(canonical).second) return true;                  // broken link or duplicate
     if (source.split == "fortune" && p.extension() == ".dat") return true;  // strfile index
     // A named input (or a glob's match) that is a FIFO, socket or device: refused, never read (a FIFO would block
     // prepare, and inputs are read twice and fingerprinted by size).
@@ -359,8 +359,8 @@ PrepareReport prepare_data(const keel::Config& config, const PrepareOptions& opt
     files[i] = list_source_files(src);
     json file_list = json::array();
     for (const auto& f : files[i]) file_list.push_back({{"path", f.path}, {"bytes", f.bytes}});
-    settings[i] = {{"name", src.name},       {"split", src.split},   {"include", src.include},
-                   {"max_mb", src.max_mb},   {"inputs", src.inputs}, {"files", file_list}};
+    settings[i] = {{"name", src.name},     {"split", src.split},   {"include", src.include},
+                   {"max_mb", src.max_mb}, {"inputs", src.inputs}, {"files", file_list}};
     inputs_of_all.push_back(settings[i]);
   }
   const int64_t sample_bytes = std::max<int64_t>(1, data.tokenizer_sample_mb) * 1024 * 1024;
@@ -430,8 +430,8 @@ PrepareReport prepare_data(const keel::Config& config, const PrepareOptions& opt
       report.up_to_date = true;
       report.eos_id = old_manifest["eos_id"].get<int32_t>();
       for (const auto& s : old_manifest["sources"]) {
-        report.sources.push_back({s["name"], static_cast<int64_t>(s["files"].size()), s["documents"],
-                                  s["raw_bytes"], s["tokens"], static_cast<int64_t>(s["shards"].size()), true});
+        report.sources.push_back({s["name"], static_cast<int64_t>(s["files"].size()), s["documents"], s["raw_bytes"],
+                                  s["tokens"], static_cast<int64_t>(s["shards"].size()), true});
       }
       report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       spdlog::info("data in {} is up to date (fingerprint {}): nothing to do", dir, report.fingerprint);
@@ -465,8 +465,8 @@ PrepareReport prepare_data(const keel::Config& config, const PrepareOptions& opt
     const auto sample = tokenizer_sample(docs, sample_bytes);
     int64_t bytes = 0;
     for (const auto& s : sample) bytes += static_cast<int64_t>(s.size());
-    spdlog::info("training BPE tokenizer (vocab {}) on {:.2f} MiB from {} documents", config.model.vocab,
-                 mib(bytes), sample.size());
+    spdlog::info("training BPE tokenizer (vocab {}) on {:.2f} MiB from {} documents", config.model.vocab, mib(bytes),
+                 sample.size());
     train_tokenizer(sample, dir + "/tokenizer.tmp", config.model.vocab);
     std::error_code ec;
     fs::rename(dir + "/tokenizer.tmp.model", model_path, ec);
@@ -479,7 +479,8 @@ PrepareReport prepare_data(const keel::Config& config, const PrepareOptions& opt
     tj["sample_bytes_used"] = bytes;
     write_text_atomically(tokenizer_json_path, tj.dump(2) + "\n");
     report.tokenizer_trained = true;
-    spdlog::info("tokenizer trained in {:.1f} s", std::chrono::duration<double>(std::chrono::steady_clock::now() - t_tok).count());
+    spdlog::info("tokenizer trained in {:.1f} s",
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t_tok).count());
   }
   const Tokenizer tokenizer(model_path);
   if (tokenizer.vocab_size() > config.model.vocab) {
@@ -489,16 +490,16 @@ PrepareReport prepare_data(const keel::Config& config, const PrepareOptions& opt
   report.eos_id = tokenizer.eos_id();
 
   // 4. Shards, per source.
-  json manifest = {{"format", "keel-prepared-data"},
-                   {"format_version", kPreparedFormatVersion},
-                   {"keel_version", KEEL_VERSION},
-                   {"fingerprint", report.fingerprint},
-                   {"vocab", config.model.vocab},
-                   {"eos_id", tokenizer.eos_id()},
-                   {"tokenizer", {{"file", "tokenizer.model"}, {"pieces", tokenizer.vocab_size()},
-                                  {"fingerprint", tokenizer_fp}}},
-                   {"shard_max_tokens", kShardMaxTokens},
-                   {"sources", json::array()}};
+  json manifest = {
+      {"format", "keel-prepared-data"},
+      {"format_version", kPreparedFormatVersion},
+      {"keel_version", KEEL_VERSION},
+      {"fingerprint", report.fingerprint},
+      {"vocab", config.model.vocab},
+      {"eos_id", tokenizer.eos_id()},
+      {"tokenizer", {{"file", "tokenizer.model"}, {"pieces", tokenizer.vocab_size()}, {"fingerprint", tokenizer_fp}}},
+      {"shard_max_tokens", kShardMaxTokens},
+      {"sources", json::array()}};
   for (size_t i = 0; i < data.sources.size(); ++i) {
     const auto& src = data.sources[i];
     PrepareSourceReport sr;

@@ -37,8 +37,7 @@ void store_u64(unsigned char* p, uint64_t v) {
 
 }  // namespace
 
-int64_t write_shard(const std::string& path, const std::vector<int32_t>& tokens, int64_t vocab_size,
-                    int64_t eos_id) {
+int64_t write_shard(const std::string& path, const std::vector<int32_t>& tokens, int64_t vocab_size, int64_t eos_id) {
   if (vocab_size <= 0 || vocab_size > (int64_t(1) << 32) - 1) {
     throw DataError(path + ": cannot write shard: vocab_size " + std::to_string(vocab_size) + " out of range");
   }
@@ -132,8 +131,9 @@ ShardReader::ShardReader(const std::string& path, int64_t expected_vocab) : path
   file_bytes_ = st.st_size;
   if (file_bytes_ < kShardHeaderBytes) {
     ::close(fd);
-    fail(path, file_bytes_, "truncated: file is " + std::to_string(file_bytes_) + " bytes, shorter than the " +
-                                std::to_string(kShardHeaderBytes) + "-byte header");
+    fail(path, file_bytes_,
+         "truncated: file is " + std::to_string(file_bytes_) + " bytes, shorter than the " +
+             std::to_string(kShardHeaderBytes) + "-byte header");
   }
   void* map = ::mmap(nullptr, static_cast<size_t>(file_bytes_), PROT_READ, MAP_PRIVATE, fd, 0);
   const int map_err = errno;
@@ -159,8 +159,9 @@ ShardReader::ShardReader(const std::string& path, int64_t expected_vocab) : path
     }
     header_.version = load_u32(map_ + 8);
     if (header_.version != kShardVersion) {
-      fail(path, 8, "unsupported version " + std::to_string(header_.version) + " (this Keel reads version " +
-                        std::to_string(kShardVersion) + ")");
+      fail(path, 8,
+           "unsupported version " + std::to_string(header_.version) + " (this Keel reads version " +
+               std::to_string(kShardVersion) + ")");
     }
     header_.dtype = load_u32(map_ + 12);
     if (header_.dtype != kShardDtypeU16 && header_.dtype != kShardDtypeU32) {
@@ -168,16 +169,16 @@ ShardReader::ShardReader(const std::string& path, int64_t expected_vocab) : path
     }
     header_.vocab_size = load_u32(map_ + 16);
     if (expected_vocab != kAnyVocab && static_cast<int64_t>(header_.vocab_size) != expected_vocab) {
-      fail(path, 16, "vocab_size " + std::to_string(header_.vocab_size) + " != expected vocab " +
-                         std::to_string(expected_vocab) + " (shard prepared for another model.vocab?)");
+      fail(path, 16,
+           "vocab_size " + std::to_string(header_.vocab_size) + " != expected vocab " + std::to_string(expected_vocab) +
+               " (shard prepared for another model.vocab?)");
     }
     if (header_.dtype == kShardDtypeU16 && header_.vocab_size > 65536) {
       fail(path, 16, "vocab_size " + std::to_string(header_.vocab_size) + " does not fit dtype 1 (uint16)");
     }
     header_.eos_id = load_u32(map_ + 20);
     if (header_.eos_id >= header_.vocab_size) {
-      fail(path, 20, "eos_id " + std::to_string(header_.eos_id) + " >= vocab " +
-                         std::to_string(header_.vocab_size));
+      fail(path, 20, "eos_id " + std::to_string(header_.eos_id) + " >= vocab " + std::to_string(header_.vocab_size));
     }
     header_.num_tokens = load_u64(map_ + 24);
     const int64_t width = header_.token_bytes();
@@ -187,13 +188,11 @@ ShardReader::ShardReader(const std::string& path, int64_t expected_vocab) : path
                                         : kShardHeaderBytes + header_.num_tokens * static_cast<uint64_t>(width);
     if (expected_bytes != static_cast<uint64_t>(file_bytes_)) {
       std::ostringstream what;
-      what << (static_cast<uint64_t>(file_bytes_) < expected_bytes ? "truncated" : "trailing bytes")
-           << ": file is " << file_bytes_ << " bytes, header says " << header_.num_tokens << " tokens of "
-           << width << " bytes = " << (expected_bytes == UINT64_MAX ? std::string("overflow")
-                                                                    : std::to_string(expected_bytes))
+      what << (static_cast<uint64_t>(file_bytes_) < expected_bytes ? "truncated" : "trailing bytes") << ": file is "
+           << file_bytes_ << " bytes, header says " << header_.num_tokens << " tokens of " << width
+           << " bytes = " << (expected_bytes == UINT64_MAX ? std::string("overflow") : std::to_string(expected_bytes))
            << " bytes";
-      fail(path, std::min<int64_t>(file_bytes_, expected_bytes == UINT64_MAX ? 24 : expected_bytes),
-           what.str());
+      fail(path, std::min<int64_t>(file_bytes_, expected_bytes == UINT64_MAX ? 24 : expected_bytes), what.str());
     }
     // Every token id < vocab_size: one linear scan (~10 ms per 16M tokens), so training never indexes past
     // the embedding table.
@@ -204,8 +203,8 @@ ShardReader::ShardReader(const std::string& path, int64_t expected_vocab) : path
       const uint32_t t = width == 2 ? (uint32_t(p[2 * i]) | uint32_t(p[2 * i + 1]) << 8) : load_u32(p + 4 * i);
       if (t >= vocab) {
         fail(path, kShardHeaderBytes + static_cast<int64_t>(i) * width,
-             "token id " + std::to_string(t) + " >= vocab " + std::to_string(vocab) + " (token " +
-                 std::to_string(i) + ")");
+             "token id " + std::to_string(t) + " >= vocab " + std::to_string(vocab) + " (token " + std::to_string(i) +
+                 ")");
       }
     }
   } catch (...) {
@@ -243,8 +242,8 @@ void ShardReader::close() {
 
 int32_t ShardReader::token(int64_t i) const {
   if (i < 0 || i >= num_tokens()) {
-    throw DataError(path_ + ": token index " + std::to_string(i) + " out of range [0, " +
-                    std::to_string(num_tokens()) + ")");
+    throw DataError(path_ + ": token index " + std::to_string(i) + " out of range [0, " + std::to_string(num_tokens()) +
+                    ")");
   }
   const unsigned char* p = map_ + kShardHeaderBytes;
   if (header_.dtype == kShardDtypeU16) return static_cast<int32_t>(uint32_t(p[2 * i]) | uint32_t(p[2 * i + 1]) << 8);

@@ -41,8 +41,7 @@ struct ShardHeader {
 // Write `tokens` as a shard (uint16 when vocab_size <= 65536, else uint32). Writes `path.tmp`, then renames it
 // over `path`, so a reader never sees a half-written shard. Throws DataError if a token is out of
 // [0, vocab_size), eos_id >= vocab_size, or on I/O failure. Returns the file size in bytes.
-int64_t write_shard(const std::string& path, const std::vector<int32_t>& tokens, int64_t vocab_size,
-                    int64_t eos_id);
+int64_t write_shard(const std::string& path, const std::vector<int32_t>& tokens, int64_t vocab_size, int64_t eos_id);
 
 // A validated, memory-mapped, read-only shard. Move-only.
 class ShardReader {

@@ -4,22 +4,20 @@
 // silently drops training sentences longer than max_sentence_length.
 #include "core/data/tokenizer.h"
 
+#include <spdlog/spdlog.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
-#include <iterator>
-#include <spdlog/spdlog.h>
-
 #include <cstdlib>
 #include <filesystem>
-#include <utility>
-
 #include <fstream>
+#include <iterator>
 #include <mutex>
 #include <sstream>
 #include <string_view>
+#include <utility>
 
 #include "core/data/data_error.h"
 #include "core/data/regular_file.h"
@@ -104,7 +102,8 @@ void run_spm(const std::vector<std::string>& args, const ScratchDir& scratch, co
   std::string text((std::istreambuf_iterator<char>(err)), std::istreambuf_iterator<char>());
   while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
   throw DataError(what + ": keel-spm failed (" +
-                  (WIFEXITED(status) ? "exit " + std::to_string(WEXITSTATUS(status)) : "signal " + std::to_string(WTERMSIG(status))) +
+                  (WIFEXITED(status) ? "exit " + std::to_string(WEXITSTATUS(status))
+                                     : "signal " + std::to_string(WTERMSIG(status))) +
                   "): " + text);
 }
 
@@ -116,16 +115,14 @@ std::unique_ptr<std::FILE, int (*)(std::FILE*)> open_file(const std::string& pat
 
 }  // namespace
 
-void train_tokenizer(const std::vector<std::string>& documents, const std::string& model_prefix,
-                     int64_t vocab_size) {
+void train_tokenizer(const std::vector<std::string>& documents, const std::string& model_prefix, int64_t vocab_size) {
   std::vector<std::string> sentences;
   for (const auto& doc : documents) append_pieces(doc, sentences);
   if (sentences.empty()) throw DataError(model_prefix + ".model: cannot train a tokenizer on empty text");
 
   // The full option list is the tokenizer's definition; see kTokenizerSettingsVersion.
   std::ostringstream args;
-  args << "--model_prefix=" << model_prefix << " --vocab_size=" << vocab_size
-       << " --model_type=bpe"
+  args << "--model_prefix=" << model_prefix << " --vocab_size=" << vocab_size << " --model_type=bpe"
        << " --byte_fallback=true"
        << " --character_coverage=0.9995"
        << " --normalization_rule_name=identity"
@@ -156,14 +153,14 @@ void train_tokenizer(const std::vector<std::string>& documents, const std::strin
     // SentencePiece keeps every character of the covered 99.95% of the text as a piece of its own; a corpus with
     // more distinct characters than that (many scripts at a small vocab) cannot fit. Say which key to change.
     if (std::string(e.what()).find("required_chars") == std::string::npos) throw;
-    throw DataError(std::string(e.what()) + " -- the text has more distinct characters than model.vocab = " +
-                    std::to_string(vocab_size) + " leaves room for: raise model.vocab, or drop or narrow the source " +
-                    "with many scripts");
+    throw DataError(std::string(e.what()) +
+                    " -- the text has more distinct characters than model.vocab = " + std::to_string(vocab_size) +
+                    " leaves room for: raise model.vocab, or drop or narrow the source " + "with many scripts");
   }
   Tokenizer trained(model_prefix + ".model");
   if (trained.vocab_size() < vocab_size) {
-    spdlog::warn("tokenizer {}.model has {} pieces, fewer than the requested vocab {} (too little text)",
-                 model_prefix, trained.vocab_size(), vocab_size);
+    spdlog::warn("tokenizer {}.model has {} pieces, fewer than the requested vocab {} (too little text)", model_prefix,
+                 trained.vocab_size(), vocab_size);
   }
 }
 
@@ -224,8 +221,9 @@ std::vector<std::vector<int32_t>> Tokenizer::encode_batch(const std::vector<std:
   out.reserve(texts.size());
   std::string record;
   while (spm_io::read_record(in.get(), record)) out.push_back(spm_io::ids_of(record));
-  if (out.size() != texts.size()) throw DataError(path_ + ": encode returned " + std::to_string(out.size()) + " of " +
-                                                  std::to_string(texts.size()) + " documents");
+  if (out.size() != texts.size())
+    throw DataError(path_ + ": encode returned " + std::to_string(out.size()) + " of " + std::to_string(texts.size()) +
+                    " documents");
   return out;
 }
 

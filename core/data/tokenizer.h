@@ -26,8 +26,7 @@ inline constexpr int kTokenizerSettingsVersion = 1;
 // Throws DataError on failure.
 void train_tokenizer(const std::string& text_file, const std::string& model_prefix, int64_t vocab_size);
 // The same from documents held in memory (what `keel data prepare` uses).
-void train_tokenizer(const std::vector<std::string>& documents, const std::string& model_prefix,
-                     int64_t vocab_size);
+void train_tokenizer(const std::vector<std::string>& documents, const std::string& model_prefix, int64_t vocab_size);
 
 class Tokenizer {
  public:

@@ -4,15 +4,15 @@
 // parameter (name, shape) before the run dir is claimed.
 #include "core/interop/hf_llama.h"
 
+#include <torch/torch.h>
+
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
 #include <stdexcept>
-
-#include <nlohmann/json.hpp>
-#include <torch/torch.h>
 
 #include "core/checkpoint/checkpoint_store.h"
 #include "core/checkpoint/durable_fs.h"
@@ -41,14 +41,10 @@ constexpr const char* kHfConfigFile = "config.json";
 // Keel's per-block tensor suffix -> HF's (the same [out, in] nn.Linear layout on both sides).
 const std::map<std::string, std::string>& block_names() {
   static const std::map<std::string, std::string> names = {
-      {"attn_norm.weight", "input_layernorm.weight"},
-      {"mlp_norm.weight", "post_attention_layernorm.weight"},
-      {"attn.wq.weight", "self_attn.q_proj.weight"},
-      {"attn.wk.weight", "self_attn.k_proj.weight"},
-      {"attn.wv.weight", "self_attn.v_proj.weight"},
-      {"attn.wo.weight", "self_attn.o_proj.weight"},
-      {"mlp.w_gate.weight", "mlp.gate_proj.weight"},
-      {"mlp.w_up.weight", "mlp.up_proj.weight"},
+      {"attn_norm.weight", "input_layernorm.weight"}, {"mlp_norm.weight", "post_attention_layernorm.weight"},
+      {"attn.wq.weight", "self_attn.q_proj.weight"},  {"attn.wk.weight", "self_attn.k_proj.weight"},
+      {"attn.wv.weight", "self_attn.v_proj.weight"},  {"attn.wo.weight", "self_attn.o_proj.weight"},
+      {"mlp.w_gate.weight", "mlp.gate_proj.weight"},  {"mlp.w_up.weight", "mlp.up_proj.weight"},
       {"mlp.w_down.weight", "mlp.down_proj.weight"},
   };
   return names;
@@ -63,7 +59,8 @@ void refuse_non_empty_dir(const std::string& dir, const std::string& what) {
 
 // An fp32 tensor as safetensors bytes in `dtype` (bf16 rounds to nearest even, as torch's .to() does).
 SafetensorsTensor to_safetensors(const std::string& name, const torch::Tensor& fp32, SafetensorsDtype dtype) {
-  const torch::Tensor t = fp32.to(torch::kCPU).to(dtype == SafetensorsDtype::kBF16 ? torch::kBFloat16 : torch::kFloat).contiguous();
+  const torch::Tensor t =
+      fp32.to(torch::kCPU).to(dtype == SafetensorsDtype::kBF16 ? torch::kBFloat16 : torch::kFloat).contiguous();
   SafetensorsTensor out;
   out.name = name;
   out.dtype = dtype;
@@ -76,7 +73,7 @@ SafetensorsTensor to_safetensors(const std::string& name, const torch::Tensor& f
 torch::Tensor to_fp32(const SafetensorsTensor& t) {
   const torch::ScalarType type = t.dtype == SafetensorsDtype::kF32   ? torch::kFloat
                                  : t.dtype == SafetensorsDtype::kF16 ? torch::kHalf
-                                                                      : torch::kBFloat16;
+                                                                     : torch::kBFloat16;
   torch::Tensor view = torch::from_blob(const_cast<char*>(t.bytes.data()), t.shape, torch::TensorOptions().dtype(type));
   return view.to(torch::kFloat).clone();
 }
@@ -96,29 +93,35 @@ std::map<std::string, SafetensorsTensor> read_hf_weights(const std::string& hf_d
     for (auto& t : read_safetensors(single).tensors) tensors.emplace(t.name, std::move(t));
     return tensors;
   }
-  if (!fs::exists(index_path)) throw std::runtime_error(hf_dir + ": neither " + kWeightsFile + " nor " + kIndexFile + " found");
+  if (!fs::exists(index_path))
+    throw std::runtime_error(hf_dir + ": neither " + kWeightsFile + " nor " + kIndexFile + " found");
   const json index = json::parse(read_hf_text_file(index_path), nullptr, /*allow_exceptions=*/false);
   if (index.is_discarded() || !index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object()) {
     throw std::runtime_error(index_path + ": not a JSON object with a 'weight_map' object");
   }
   std::map<std::string, std::set<std::string>> names_by_shard;
   for (const auto& [name, shard] : index["weight_map"].items()) {
-    if (!shard.is_string()) throw std::runtime_error(index_path + ": weight_map entry '" + name + "' is not a file name");
+    if (!shard.is_string())
+      throw std::runtime_error(index_path + ": weight_map entry '" + name + "' is not a file name");
     const std::string file = shard.get<std::string>();
     if (file.empty() || file.find('/') != std::string::npos || file == "." || file == "..") {
-      throw std::runtime_error(index_path + ": weight_map entry '" + name + "' names '" + file + "', not a plain file name");
+      throw std::runtime_error(index_path + ": weight_map entry '" + name + "' names '" + file +
+                               "', not a plain file name");
     }
     names_by_shard[file].insert(name);
   }
   for (const auto& [file, names] : names_by_shard) {
     const std::string path = hf_dir + "/" + file;
     for (auto& t : read_safetensors(path).tensors) {
-      if (!names.count(t.name)) throw std::runtime_error(path + ": tensor '" + t.name + "' is not listed for this file in " + index_path);
-      if (tensors.count(t.name)) throw std::runtime_error(path + ": tensor '" + t.name + "' appears in more than one shard");
+      if (!names.count(t.name))
+        throw std::runtime_error(path + ": tensor '" + t.name + "' is not listed for this file in " + index_path);
+      if (tensors.count(t.name))
+        throw std::runtime_error(path + ": tensor '" + t.name + "' appears in more than one shard");
       tensors.emplace(t.name, std::move(t));
     }
     for (const auto& name : names) {
-      if (!tensors.count(name)) throw std::runtime_error(index_path + ": tensor '" + name + "' is listed in " + file + " but not in it");
+      if (!tensors.count(name))
+        throw std::runtime_error(index_path + ": tensor '" + name + "' is listed in " + file + " but not in it");
     }
   }
   return tensors;
@@ -132,7 +135,8 @@ const json& field(const json& config, const char* name, const std::string& origi
 int64_t positive_int(const json& config, const char* name, const std::string& origin) {
   const json& v = field(config, name, origin);
   if (!v.is_number_integer() || v.get<int64_t>() <= 0) {
-    throw std::runtime_error(origin + ": field '" + std::string(name) + "' is " + v.dump() + ", expected a positive integer");
+    throw std::runtime_error(origin + ": field '" + std::string(name) + "' is " + v.dump() +
+                             ", expected a positive integer");
   }
   return v.get<int64_t>();
 }
@@ -140,7 +144,8 @@ int64_t positive_int(const json& config, const char* name, const std::string& or
 double positive_number(const json& config, const char* name, const std::string& origin) {
   const json& v = field(config, name, origin);
   if (!v.is_number() || v.get<double>() <= 0) {
-    throw std::runtime_error(origin + ": field '" + std::string(name) + "' is " + v.dump() + ", expected a positive number");
+    throw std::runtime_error(origin + ": field '" + std::string(name) + "' is " + v.dump() +
+                             ", expected a positive number");
   }
   return v.get<double>();
 }
@@ -149,7 +154,8 @@ double positive_number(const json& config, const char* name, const std::string& 
 
 void check_hf_expressible(const ModelConfig& model, const std::string& origin) {
   const std::string tail = ": Hugging Face LlamaForCausalLM cannot express this model";
-  if (model.norm != "rmsnorm") throw std::runtime_error(origin + ": model.norm = " + model.norm + tail + " (it uses RMSNorm)");
+  if (model.norm != "rmsnorm")
+    throw std::runtime_error(origin + ": model.norm = " + model.norm + tail + " (it uses RMSNorm)");
   if (model.rotary_fraction != 1.0) {
     throw std::runtime_error(origin + ": model.rotary_fraction = " + std::to_string(model.rotary_fraction) + tail +
                              " (it rotates every head dimension)");
@@ -201,27 +207,35 @@ std::vector<std::string> keel_model_overrides_from_hf_config(const std::string& 
   if (c.contains("architectures") && c["architectures"].is_array()) {
     for (const json& a : c["architectures"]) llama = llama || a == "LlamaForCausalLM";
   }
-  if (!llama) throw std::runtime_error(origin + ": field 'architectures' / 'model_type': not a LlamaForCausalLM / llama model");
+  if (!llama)
+    throw std::runtime_error(origin + ": field 'architectures' / 'model_type': not a LlamaForCausalLM / llama model");
   const int64_t hidden = positive_int(c, "hidden_size", origin);
   const int64_t heads = positive_int(c, "num_attention_heads", origin);
   const int64_t kv_heads = c.contains("num_key_value_heads") && !c["num_key_value_heads"].is_null()
-                               ? positive_int(c, "num_key_value_heads", origin) : heads;
-  if (c.contains("head_dim") && !c["head_dim"].is_null() && (hidden % heads != 0 || positive_int(c, "head_dim", origin) != hidden / heads)) {
-    throw std::runtime_error(origin + ": field 'head_dim' is " + c["head_dim"].dump() + "; Keel needs hidden_size / num_attention_heads");
+                               ? positive_int(c, "num_key_value_heads", origin)
+                               : heads;
+  if (c.contains("head_dim") && !c["head_dim"].is_null() &&
+      (hidden % heads != 0 || positive_int(c, "head_dim", origin) != hidden / heads)) {
+    throw std::runtime_error(origin + ": field 'head_dim' is " + c["head_dim"].dump() +
+                             "; Keel needs hidden_size / num_attention_heads");
   }
   if (c.contains("hidden_act") && c["hidden_act"] != "silu") {
-    throw std::runtime_error(origin + ": field 'hidden_act' is " + c["hidden_act"].dump() + "; Keel's MLP is SwiGLU (silu)");
+    throw std::runtime_error(origin + ": field 'hidden_act' is " + c["hidden_act"].dump() +
+                             "; Keel's MLP is SwiGLU (silu)");
   }
   if (c.contains("rope_scaling") && !c["rope_scaling"].is_null()) {
-    throw std::runtime_error(origin + ": field 'rope_scaling' is " + c["rope_scaling"].dump() + "; Keel has plain RoPE only");
+    throw std::runtime_error(origin + ": field 'rope_scaling' is " + c["rope_scaling"].dump() +
+                             "; Keel has plain RoPE only");
   }
   for (const char* bias : {"attention_bias", "mlp_bias"}) {
     if (c.contains(bias) && c[bias] != false) {
-      throw std::runtime_error(origin + ": field '" + std::string(bias) + "' is " + c[bias].dump() + "; Keel's projections have no bias");
+      throw std::runtime_error(origin + ": field '" + std::string(bias) + "' is " + c[bias].dump() +
+                               "; Keel's projections have no bias");
     }
   }
   const json tie = c.value("tie_word_embeddings", json(false));
-  if (!tie.is_boolean()) throw std::runtime_error(origin + ": field 'tie_word_embeddings' is " + tie.dump() + ", expected true or false");
+  if (!tie.is_boolean())
+    throw std::runtime_error(origin + ": field 'tie_word_embeddings' is " + tie.dump() + ", expected true or false");
   const double theta = c.contains("rope_theta") ? positive_number(c, "rope_theta", origin) : 10000.0;
   return {
       "model.layers=" + std::to_string(positive_int(c, "num_hidden_layers", origin)),
@@ -250,26 +264,32 @@ std::string export_hf(const std::string& checkpoint_dir, const std::string& out_
   const checkpoint::TrainingState state = checkpoint::read_full_state(checkpoint_dir, manifest, /*rng_rank=*/-1);
   const SafetensorsDtype dtype = options.bf16 ? SafetensorsDtype::kBF16 : SafetensorsDtype::kF32;
   SafetensorsFile file;
-  file.metadata = {{"format", "pt"}, {"keel_checkpoint", checkpoint_dir}, {"keel_step", std::to_string(manifest.step)},
+  file.metadata = {{"format", "pt"},
+                   {"keel_checkpoint", checkpoint_dir},
+                   {"keel_step", std::to_string(manifest.step)},
                    {"keel_run_id", manifest.run_id}};
   for (const auto& [name, tensor] : state.model) {
     if (tensor.scalar_type() != torch::kFloat) {
-      throw std::runtime_error(checkpoint_dir + ": tensor '" + name + "' is " + c10::toString(tensor.scalar_type()) + ", expected fp32 masters");
+      throw std::runtime_error(checkpoint_dir + ": tensor '" + name + "' is " + c10::toString(tensor.scalar_type()) +
+                               ", expected fp32 masters");
     }
     file.tensors.push_back(to_safetensors(hf_name_of(name), tensor, dtype));
   }
   // 2. The files, each atomically; config.json last (a directory with config.json is complete).
   fs::create_directories(out_dir);
   checkpoint::write_file_atomically(out_dir + "/" + kWeightsFile, serialize_safetensors(file));
-  checkpoint::write_file_atomically(out_dir + "/" + kHfConfigFile, hf_config_json(config.model, options.bf16 ? "bfloat16" : "float32"));
+  checkpoint::write_file_atomically(out_dir + "/" + kHfConfigFile,
+                                    hf_config_json(config.model, options.bf16 ? "bfloat16" : "float32"));
   return "exported " + std::to_string(file.tensors.size()) + " tensors of " + checkpoint_dir + " (step " +
-         std::to_string(manifest.step) + ") to " + out_dir + " as LlamaForCausalLM (" + (options.bf16 ? "bfloat16" : "float32") + ")";
+         std::to_string(manifest.step) + ") to " + out_dir + " as LlamaForCausalLM (" +
+         (options.bf16 ? "bfloat16" : "float32") + ")";
 }
 
 std::string import_hf(const std::string& hf_dir, const std::string& run_dir, const ImportOptions& options) {
   // 1. Config: model.* from config.json, the rest from --config, then --set.
   const std::string hf_config_path = hf_dir + "/" + kHfConfigFile;
-  std::vector<std::string> overrides = keel_model_overrides_from_hf_config(read_hf_text_file(hf_config_path), hf_config_path);
+  std::vector<std::string> overrides =
+      keel_model_overrides_from_hf_config(read_hf_text_file(hf_config_path), hf_config_path);
   overrides.insert(overrides.end(), options.overrides.begin(), options.overrides.end());
   const Config config = load_config(options.config_path, overrides);
   check_hf_expressible(config.model, "the imported config");
@@ -282,10 +302,12 @@ std::string import_hf(const std::string& hf_dir, const std::string& run_dir, con
   for (const auto& item : model->named_parameters()) {
     const std::string hf_name = hf_name_of(item.key());
     const auto it = hf.find(hf_name);
-    if (it == hf.end()) throw std::runtime_error(hf_dir + ": tensor '" + hf_name + "' (Keel '" + item.key() + "') is missing");
+    if (it == hf.end())
+      throw std::runtime_error(hf_dir + ": tensor '" + hf_name + "' (Keel '" + item.key() + "') is missing");
     if (it->second.shape != item.value().sizes().vec()) {
-      throw std::runtime_error(hf_dir + ": tensor '" + hf_name + "' has shape " + c10::str(at::IntArrayRef(it->second.shape)) +
-                               ", the model in config.json needs " + c10::str(item.value().sizes()));
+      throw std::runtime_error(hf_dir + ": tensor '" + hf_name + "' has shape " +
+                               c10::str(at::IntArrayRef(it->second.shape)) + ", the model in config.json needs " +
+                               c10::str(item.value().sizes()));
     }
     weights.emplace_back(item.key(), to_fp32(it->second));
     used.insert(hf_name);
@@ -296,7 +318,8 @@ std::string import_hf(const std::string& hf_dir, const std::string& run_dir, con
     if (name.size() > 21 && name.compare(name.size() - 21, 21, "rotary_emb.inv_freq") == 0) continue;
     if (name == "lm_head.weight" && config.model.tie_embeddings) {
       if (!torch::equal(to_fp32(tensor), weights.front().second)) {
-        throw std::runtime_error(hf_dir + ": tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight");
+        throw std::runtime_error(
+            hf_dir + ": tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight");
       }
       continue;
     }
@@ -317,7 +340,8 @@ std::string import_hf(const std::string& hf_dir, const std::string& run_dir, con
   lineage.parent_run_dir = hf_dir;
   lineage.parent_checkpoint = hf_dir;
   lineage.parent_step = 0;
-  lineage.notes.push_back("imported from Hugging Face LlamaForCausalLM " + hf_dir + " (weights as fp32 masters, fresh optimizer)");
+  lineage.notes.push_back("imported from Hugging Face LlamaForCausalLM " + hf_dir +
+                          " (weights as fp32 masters, fresh optimizer)");
   const std::string lineage_json = checkpoint::lineage_to_json(lineage);
   const std::string config_ini = to_ini(config);
   checkpoint::write_file_atomically(paths.config_ini(), config_ini);
@@ -332,10 +356,14 @@ std::string import_hf(const std::string& hf_dir, const std::string& run_dir, con
     state.optimizer.emplace_back(name + "/exp_avg", torch::zeros_like(w));
     state.optimizer.emplace_back(name + "/exp_avg_sq", torch::zeros_like(w));
   }
-  state.lr_schedule = json{{"kind", "warmup_cosine"},      {"lr", config.optim.lr},
-                           {"min_lr", config.optim.min_lr}, {"warmup_steps", config.optim.warmup_steps},
-                           {"decay_steps", config.lr_decay_steps()}, {"next_step", 0},
-                           {"lr_factor", 1.0},              {"lr_factor_until", -1},
+  state.lr_schedule = json{{"kind", "warmup_cosine"},
+                           {"lr", config.optim.lr},
+                           {"min_lr", config.optim.min_lr},
+                           {"warmup_steps", config.optim.warmup_steps},
+                           {"decay_steps", config.lr_decay_steps()},
+                           {"next_step", 0},
+                           {"lr_factor", 1.0},
+                           {"lr_factor_until", -1},
                            {"lr_schedule_plugin", config.plugins.lr_schedule}}
                           .dump();
   state.data_ledger = loader.state().dump();

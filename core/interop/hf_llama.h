@@ -38,8 +38,8 @@ struct ExportOptions {
 std::string export_hf(const std::string& checkpoint_dir, const std::string& out_dir, const ExportOptions& options);
 
 struct ImportOptions {
-  std::string config_path;              // data/train/optim keys come from here (model.* from config.json)
-  std::vector<std::string> overrides;   // --set key=value, applied last
+  std::string config_path;             // data/train/optim keys come from here (model.* from config.json)
+  std::vector<std::string> overrides;  // --set key=value, applied last
 };
 // `keel import-hf`: HF_DIR (config.json + model.safetensors, or model.safetensors.index.json and its shards)
 // -> a new run dir holding RUN_DIR/checkpoints/step-00000000 with the weights as fp32 masters, a fresh AdamW

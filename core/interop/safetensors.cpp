@@ -4,9 +4,8 @@
 
 #include <algorithm>
 #include <limits>
-#include <set>
-
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "core/data/regular_file.h"
 
@@ -68,10 +67,13 @@ Entry parse_entry(const std::string& name, const json& value, const std::string&
   const std::string where = origin + ": tensor '" + name + "'";
   if (!value.is_object()) throw SafetensorsError(where + ": entry is not a JSON object");
   for (const auto& [key, _] : value.items()) {
-    if (key != "dtype" && key != "shape" && key != "data_offsets") throw SafetensorsError(where + ": unknown field '" + key + "'");
+    if (key != "dtype" && key != "shape" && key != "data_offsets")
+      throw SafetensorsError(where + ": unknown field '" + key + "'");
   }
-  if (!value.contains("dtype") || !value["dtype"].is_string()) throw SafetensorsError(where + ": field 'dtype' missing or not a string");
-  if (!value.contains("shape") || !value["shape"].is_array()) throw SafetensorsError(where + ": field 'shape' missing or not an array");
+  if (!value.contains("dtype") || !value["dtype"].is_string())
+    throw SafetensorsError(where + ": field 'dtype' missing or not a string");
+  if (!value.contains("shape") || !value["shape"].is_array())
+    throw SafetensorsError(where + ": field 'shape' missing or not an array");
   if (!value.contains("data_offsets") || !value["data_offsets"].is_array() || value["data_offsets"].size() != 2) {
     throw SafetensorsError(where + ": field 'data_offsets' missing or not an array [begin, end]");
   }
@@ -108,9 +110,12 @@ Entry parse_entry(const std::string& name, const json& value, const std::string&
 
 std::string dtype_name(SafetensorsDtype dtype) {
   switch (dtype) {
-    case SafetensorsDtype::kF32: return "F32";
-    case SafetensorsDtype::kF16: return "F16";
-    case SafetensorsDtype::kBF16: return "BF16";
+    case SafetensorsDtype::kF32:
+      return "F32";
+    case SafetensorsDtype::kF16:
+      return "F16";
+    case SafetensorsDtype::kBF16:
+      return "BF16";
   }
   return "?";
 }
@@ -143,8 +148,9 @@ SafetensorsFile parse_safetensors(const std::string& file_bytes, const std::stri
     fail(origin, "header length " + std::to_string(header_length) + " is beyond the end of the file (" +
                      std::to_string(file_bytes.size()) + " bytes)");
   }
-  const json header = json::parse(file_bytes.begin() + 8, file_bytes.begin() + 8 + static_cast<std::ptrdiff_t>(header_length),
-                                  nullptr, /*allow_exceptions=*/false);
+  const json header =
+      json::parse(file_bytes.begin() + 8, file_bytes.begin() + 8 + static_cast<std::ptrdiff_t>(header_length), nullptr,
+                  /*allow_exceptions=*/false);
   if (header.is_discarded()) fail(origin, "header is not valid JSON");
   if (!header.is_object()) fail(origin, "header is not a JSON object");
 
@@ -164,9 +170,8 @@ SafetensorsFile parse_safetensors(const std::string& file_bytes, const std::stri
 
   // The byte ranges must tile the data section exactly: sorted by begin, each starts where the previous ended.
   const uint64_t data_size = file_bytes.size() - 8 - header_length;
-  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
-    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
-  });
+  std::sort(entries.begin(), entries.end(),
+            [](const Entry& a, const Entry& b) { return a.begin != b.begin ? a.begin < b.begin : a.end < b.end; });
   uint64_t expected_begin = 0;
   const Entry* previous = nullptr;
   for (const Entry& e : entries) {
@@ -187,7 +192,8 @@ SafetensorsFile parse_safetensors(const std::string& file_bytes, const std::stri
     previous = &e;
   }
   if (expected_begin != data_size) {
-    fail(origin, std::to_string(data_size - expected_begin) + " bytes at the end of the data section belong to no tensor");
+    fail(origin,
+         std::to_string(data_size - expected_begin) + " bytes at the end of the data section belong to no tensor");
   }
 
   const size_t data_start = 8 + header_length;
@@ -209,14 +215,15 @@ std::string serialize_safetensors(const SafetensorsFile& file) {
   std::set<std::string> names;
   for (const auto& t : file.tensors) {
     const std::string where = "safetensors writer: tensor '" + t.name + "'";
-    if (t.name == "__metadata__" || !names.insert(t.name).second) throw SafetensorsError(where + ": duplicate or reserved name");
+    if (t.name == "__metadata__" || !names.insert(t.name).second)
+      throw SafetensorsError(where + ": duplicate or reserved name");
     for (int64_t d : t.shape) {
       if (d < 0) throw SafetensorsError(where + ": negative dimension in shape " + shape_text(t.shape));
     }
     const uint64_t needed = byte_count(t.shape, dtype_size(t.dtype), where);
     if (t.bytes.size() != needed) {
-      throw SafetensorsError(where + ": has " + std::to_string(t.bytes.size()) + " bytes, shape " + shape_text(t.shape) +
-                             " of " + dtype_name(t.dtype) + " needs " + std::to_string(needed));
+      throw SafetensorsError(where + ": has " + std::to_string(t.bytes.size()) + " bytes, shape " +
+                             shape_text(t.shape) + " of " + dtype_name(t.dtype) + " needs " + std::to_string(needed));
     }
     header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + needed}}};
     offset += needed;

@@ -14,14 +14,30 @@ bool Hid::reset() {
   const hid_t id = std::exchange(id_, H5I_INVALID_HID);
   herr_t status = 0;
   switch (H5Iget_type(id)) {
-    case H5I_FILE: status = H5Fclose(id); break;
-    case H5I_GROUP: status = H5Gclose(id); break;
-    case H5I_DATASET: status = H5Dclose(id); break;
-    case H5I_DATASPACE: status = H5Sclose(id); break;
-    case H5I_DATATYPE: status = H5Tclose(id); break;
-    case H5I_ATTR: status = H5Aclose(id); break;
-    case H5I_GENPROP_LST: status = H5Pclose(id); break;
-    default: status = H5Idec_ref(id); break;
+    case H5I_FILE:
+      status = H5Fclose(id);
+      break;
+    case H5I_GROUP:
+      status = H5Gclose(id);
+      break;
+    case H5I_DATASET:
+      status = H5Dclose(id);
+      break;
+    case H5I_DATASPACE:
+      status = H5Sclose(id);
+      break;
+    case H5I_DATATYPE:
+      status = H5Tclose(id);
+      break;
+    case H5I_ATTR:
+      status = H5Aclose(id);
+      break;
+    case H5I_GENPROP_LST:
+      status = H5Pclose(id);
+      break;
+    default:
+      status = H5Idec_ref(id);
+      break;
   }
   if (status < 0) silence_hdf5_for_good();
   return status >= 0;
@@ -151,8 +167,7 @@ Hid make_fapl(const std::string& file) {
   check(H5Pset_fclose_degree(fapl.get(), H5F_CLOSE_STRONG), file, "/", "H5Pset_fclose_degree");
   // Default libver bounds (earliest): readable by every HDF5 1.8+ and h5py. Set explicitly so that a
   // changed library default cannot silently produce files old readers reject.
-  check(H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_EARLIEST, H5F_LIBVER_LATEST), file, "/",
-        "H5Pset_libver_bounds");
+  check(H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_EARLIEST, H5F_LIBVER_LATEST), file, "/", "H5Pset_libver_bounds");
   // HDF5 >= 1.10.7 takes an flock() on open; a reader holding the file would then make the trainer's flush
   // fail. The metrics file is only ever written by one process, so locking buys nothing here.
   // (The environment variable HDF5_USE_FILE_LOCKING=FALSE has the same effect for other programs.)
@@ -212,8 +227,7 @@ std::vector<std::string> read_string_attribute(hid_t loc, const std::string& nam
   Hid attr(check_id(H5Aopen(loc, name.c_str(), H5P_DEFAULT), file, what, "H5Aopen"));
   Hid file_type(check_id(H5Aget_type(attr.get()), file, what, "H5Aget_type"));
   if (H5Tget_class(file_type.get()) != H5T_STRING) {
-    throw std::runtime_error("metrics: attribute '" + name + "' on '" + object + "' in " + file +
-                             " is not a string");
+    throw std::runtime_error("metrics: attribute '" + name + "' on '" + object + "' in " + file + " is not a string");
   }
   Hid space(check_id(H5Aget_space(attr.get()), file, what, "H5Aget_space"));
   const hssize_t count = H5Sget_simple_extent_npoints(space.get());

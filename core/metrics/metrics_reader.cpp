@@ -36,7 +36,8 @@ std::vector<hsize_t> dataset_shape(hid_t dset, const std::string& dataset, const
   const int rank = H5Sget_simple_extent_ndims(space.get());
   if (rank < 0) fail(file, dataset, "H5Sget_simple_extent_ndims");
   std::vector<hsize_t> dims(static_cast<size_t>(rank));
-  if (rank > 0) check(H5Sget_simple_extent_dims(space.get(), dims.data(), nullptr), file, dataset, "H5Sget_simple_extent_dims");
+  if (rank > 0)
+    check(H5Sget_simple_extent_dims(space.get(), dims.data(), nullptr), file, dataset, "H5Sget_simple_extent_dims");
   return dims;
 }
 
@@ -45,10 +46,14 @@ std::string dtype_name(hid_t type) {
   switch (H5Tget_class(type)) {
     case H5T_INTEGER:
       return std::string(H5Tget_sign(type) == H5T_SGN_NONE ? "uint" : "int") + std::to_string(bits);
-    case H5T_FLOAT: return "float" + std::to_string(bits);
-    case H5T_STRING: return "string";
-    case H5T_COMPOUND: return "compound";
-    default: return "other";
+    case H5T_FLOAT:
+      return "float" + std::to_string(bits);
+    case H5T_STRING:
+      return "string";
+    case H5T_COMPOUND:
+      return "compound";
+    default:
+      return "other";
   }
 }
 
@@ -82,8 +87,8 @@ void require_class(hid_t dset, std::initializer_list<H5T_class_t> classes, const
   Hid type(check_id(H5Dget_type(dset), file, dataset, "H5Dget_type"));
   const H5T_class_t cls = H5Tget_class(type.get());
   if (std::find(classes.begin(), classes.end(), cls) == classes.end()) {
-    throw std::runtime_error("metrics: dataset '" + dataset + "' in " + file + " has dtype " +
-                             dtype_name(type.get()) + ", expected " + expected);
+    throw std::runtime_error("metrics: dataset '" + dataset + "' in " + file + " has dtype " + dtype_name(type.get()) +
+                             ", expected " + expected);
   }
 }
 
@@ -165,8 +170,8 @@ std::vector<std::pair<std::string, std::string>> MetricsReader::read_config() co
   Hid group(check_id(H5Gopen2(file_id.get(), "/config", H5P_DEFAULT), path_, "/config", "H5Gopen2"));
   std::vector<std::string> names;
   hsize_t idx = 0;
-  check(H5Aiterate2(group.get(), H5_INDEX_NAME, H5_ITER_INC, &idx, collect_attribute_name, &names), path_,
-        "/config", "H5Aiterate2");
+  check(H5Aiterate2(group.get(), H5_INDEX_NAME, H5_ITER_INC, &idx, collect_attribute_name, &names), path_, "/config",
+        "H5Aiterate2");
   std::sort(names.begin(), names.end());
   std::vector<std::pair<std::string, std::string>> config;
   for (const auto& name : names) {

@@ -48,7 +48,7 @@ using detail::Hid;
 // (dataset path, rows it had before this flush extended it)
 using Extended = std::vector<std::pair<std::string, uint64_t>>;
 
-constexpr hsize_t kChunkRows = 1024;         // 1-D series: 8 KiB chunks of int64/float64
+constexpr hsize_t kChunkRows = 1024;  // 1-D series: 8 KiB chunks of int64/float64
 constexpr hsize_t kEventChunkRows = 64;
 constexpr size_t kMatrixChunkFloats = 65536;  // per-tensor matrices: chunks of <= 256 KiB
 constexpr int kFormatVersion = 1;
@@ -67,8 +67,7 @@ class OsFailure : public std::runtime_error {
 constexpr const char* kStepPath = "/train/step";
 
 Hid create_group(hid_t loc, const std::string& path, const std::string& file) {
-  return Hid(check_id(H5Gcreate2(loc, path.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), file, path,
-                      "H5Gcreate2"));
+  return Hid(check_id(H5Gcreate2(loc, path.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), file, path, "H5Gcreate2"));
 }
 
 Hid open_group(hid_t loc, const std::string& path, const std::string& file) {
@@ -95,8 +94,8 @@ void create_extendible(hid_t loc, const std::string& path, hid_t file_type, hsiz
       check(H5Pset_fill_value(dcpl.get(), H5T_NATIVE_DOUBLE, &nan), file, path, "H5Pset_fill_value");
     }
   }
-  Hid dset(check_id(H5Dcreate2(loc, path.c_str(), file_type, space.get(), H5P_DEFAULT, dcpl.get(), H5P_DEFAULT),
-                    file, path, "H5Dcreate2"));
+  Hid dset(check_id(H5Dcreate2(loc, path.c_str(), file_type, space.get(), H5P_DEFAULT, dcpl.get(), H5P_DEFAULT), file,
+                    path, "H5Dcreate2"));
 }
 
 hsize_t matrix_chunk_rows(size_t cols) {
@@ -134,8 +133,7 @@ void write_rows(hid_t file_id, const std::string& path, hid_t mem_type, const vo
   check(H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, start, nullptr, count, nullptr), file, path,
         "H5Sselect_hyperslab");
   Hid mem_space(check_id(H5Screate_simple(rank, count, nullptr), file, path, "H5Screate_simple"));
-  check(H5Dwrite(dset.get(), mem_type, mem_space.get(), file_space.get(), H5P_DEFAULT, data), file, path,
-        "H5Dwrite");
+  check(H5Dwrite(dset.get(), mem_type, mem_space.get(), file_space.get(), H5P_DEFAULT, data), file, path, "H5Dwrite");
   if (!dset.reset()) fail(file, path, "H5Dclose");
 }
 
@@ -242,8 +240,8 @@ MetricsWriter::MetricsWriter(std::string path, OpenMode mode,
                              std::vector<std::string> tensor_names, int64_t flush_every)
     : path_(std::move(path)), tensor_names_(std::move(tensor_names)), flush_every_(flush_every) {
   if (flush_every_ < 1) {
-    throw std::invalid_argument("metrics: flush_every must be >= 1 (got " + std::to_string(flush_every_) +
-                                ") for " + path_);
+    throw std::invalid_argument("metrics: flush_every must be >= 1 (got " + std::to_string(flush_every_) + ") for " +
+                                path_);
   }
   for (const auto& [key, value] : config_attributes) {
     if (key.empty() || key.find('/') != std::string::npos) {
@@ -254,7 +252,8 @@ MetricsWriter::MetricsWriter(std::string path, OpenMode mode,
   if (mode == OpenMode::kCreate) {
     std::error_code ec;
     if (std::filesystem::exists(path_, ec)) {
-      throw std::runtime_error("metrics: " + path_ + " already exists (open it with OpenMode::kAppend to continue "
+      throw std::runtime_error("metrics: " + path_ +
+                               " already exists (open it with OpenMode::kAppend to continue "
                                "a run, or choose a new run directory)");
     }
     bool created = false;
@@ -335,7 +334,8 @@ void MetricsWriter::create_file(const std::vector<std::pair<std::string, std::st
 void MetricsWriter::open_existing(const std::vector<std::pair<std::string, std::string>>& config_attributes) {
   std::error_code ec;
   if (!std::filesystem::exists(path_, ec)) {
-    throw std::runtime_error("metrics: " + path_ + " does not exist (OpenMode::kAppend continues an existing "
+    throw std::runtime_error("metrics: " + path_ +
+                             " does not exist (OpenMode::kAppend continues an existing "
                              "metrics file; use OpenMode::kCreate for a new run)");
   }
   if (H5Fis_hdf5(path_.c_str()) <= 0) {
@@ -366,9 +366,8 @@ void MetricsWriter::open_existing(const std::vector<std::pair<std::string, std::
       const auto stored = detail::read_string_attribute(dset.get(), "names", path_, matrix);
       if (stored != tensor_names_) {
         throw std::runtime_error("metrics: tensor names of this run (" + std::to_string(tensor_names_.size()) +
-                                 " tensors) differ from the " + std::to_string(stored.size()) +
-                                 " names stored in '" + matrix + "' of " + path_ +
-                                 "; cannot append per-tensor norms to it");
+                                 " tensors) differ from the " + std::to_string(stored.size()) + " names stored in '" +
+                                 matrix + "' of " + path_ + "; cannot append per-tensor norms to it");
       }
       row_datasets.emplace_back(matrix);
     }
@@ -438,8 +437,7 @@ void MetricsWriter::append(const StepRow& row) {
   if (row.tensor_param_norms.empty()) {
     tensor_param_norms_.insert(tensor_param_norms_.end(), n, nan);
   } else {
-    tensor_param_norms_.insert(tensor_param_norms_.end(), row.tensor_param_norms.begin(),
-                               row.tensor_param_norms.end());
+    tensor_param_norms_.insert(tensor_param_norms_.end(), row.tensor_param_norms.begin(), row.tensor_param_norms.end());
   }
   if (static_cast<int64_t>(steps_.size()) >= flush_every_) flush();
 }
@@ -563,8 +561,7 @@ void MetricsWriter::write_buffered(int64_t file_id, Extended& extended) {
     if (!tensor_names_.empty()) {
       const hsize_t cols = tensor_names_.size();
       write_rows(f, kTensorGradPath, H5T_NATIVE_FLOAT, tensor_grad_norms_.data(), base, n, cols, path_, extended);
-      write_rows(f, kTensorParamPath, H5T_NATIVE_FLOAT, tensor_param_norms_.data(), base, n, cols, path_,
-                 extended);
+      write_rows(f, kTensorParamPath, H5T_NATIVE_FLOAT, tensor_param_norms_.data(), base, n, cols, path_, extended);
     }
     // The other columns' new lengths reach the file before /train/step's: HDF5 writes its cached metadata in
     // no particular order when the file closes, so without this a kill inside the close could leave
@@ -601,8 +598,7 @@ void MetricsWriter::write_buffered(int64_t file_id, Extended& extended) {
     std::vector<double> values;
     values.reserve(points.size());
     for (const auto& p : points) values.push_back(p.value);
-    write_rows(f, value_path, H5T_NATIVE_DOUBLE, values.data(), extra_bases.back(), values.size(), 0, path_,
-               extended);
+    write_rows(f, value_path, H5T_NATIVE_DOUBLE, values.data(), extra_bases.back(), values.size(), 0, path_, extended);
   }
   if (!extras_.empty()) check(H5Fflush(f, H5F_SCOPE_LOCAL), path_, "/", "H5Fflush");
   for (size_t i = 0; i < extras_.size(); ++i) {

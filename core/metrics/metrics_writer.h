@@ -34,10 +34,10 @@ struct StepRow {
   double loss = 0.0;
   double grad_norm = 0.0;
   double lr = 0.0;
-  int64_t tokens = 0;          // cumulative tokens consumed up to and including this step
+  int64_t tokens = 0;  // cumulative tokens consumed up to and including this step
   double tokens_per_s = 0.0;
   double step_time_s = 0.0;
-  bool skipped = false;        // the update was skipped (spike handler's SKIP_UPDATE, non-finite grads, ...)
+  bool skipped = false;  // the update was skipped (spike handler's SKIP_UPDATE, non-finite grads, ...)
   std::vector<float> tensor_grad_norms;
   std::vector<float> tensor_param_norms;
 };
@@ -60,8 +60,7 @@ class MetricsWriter {
   //   kAppend mode they must equal the names stored in the file.
   // flush_every: append() flushes after this many buffered rows (>= 1).
   // Throws std::runtime_error naming the file (and object) on any HDF5 or validation failure.
-  MetricsWriter(std::string path, OpenMode mode,
-                std::vector<std::pair<std::string, std::string>> config_attributes,
+  MetricsWriter(std::string path, OpenMode mode, std::vector<std::pair<std::string, std::string>> config_attributes,
                 std::vector<std::string> tensor_names, int64_t flush_every);
   // Flushes; never throws (a failure is logged with spdlog::error). After a flush has thrown
   // MetricsWriteError it does not try again: that failure was reported once, by the exception.

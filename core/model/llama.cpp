@@ -2,9 +2,9 @@
 // its shape in a comment.
 #include "core/model/llama.h"
 
-#include <cmath>
-
 #include <torch/torch.h>
+
+#include <cmath>
 
 #include "core/model/sharding.h"
 #include "core/torch_compat.h"
@@ -40,9 +40,10 @@ RotaryTables make_rotary_tables(int64_t head_dim, double rotary_fraction, double
   const int64_t half = tables.rotary_dims / 2;
   auto fp32 = torch::TensorOptions().dtype(torch::kFloat);
   // inv_freq[i] = theta^(-2i/rotary_dims), always fp32 (CrystalCoder: lower precision here hurt training).
-  torch::Tensor inv_freq = torch::pow(theta, -torch::arange(0, half, fp32) * 2.0 / std::max<int64_t>(tables.rotary_dims, 1));
+  torch::Tensor inv_freq =
+      torch::pow(theta, -torch::arange(0, half, fp32) * 2.0 / std::max<int64_t>(tables.rotary_dims, 1));
   torch::Tensor positions = torch::arange(0, max_len, fp32);  // [T]
-  torch::Tensor angles = torch::outer(positions, inv_freq);     // [T, half]
+  torch::Tensor angles = torch::outer(positions, inv_freq);   // [T, half]
   tables.cos = angles.cos();
   tables.sin = angles.sin();
   return tables;
@@ -54,7 +55,7 @@ torch::Tensor apply_rotary(const torch::Tensor& x, const RotaryTables& tables) {
   const int64_t T = x.size(1);
   const int64_t half = tables.rotary_dims / 2;
   torch::Tensor rot = x.narrow(-1, 0, tables.rotary_dims).to(torch::kFloat);  // [B, T, h, R]
-  torch::Tensor x1 = rot.narrow(-1, 0, half);                                   // [B, T, h, R/2]
+  torch::Tensor x1 = rot.narrow(-1, 0, half);                                 // [B, T, h, R/2]
   torch::Tensor x2 = rot.narrow(-1, half, half);
   torch::Tensor cos = tables.cos.narrow(0, 0, T).to(x.device()).view({1, T, 1, half});
   torch::Tensor sin = tables.sin.narrow(0, 0, T).to(x.device()).view({1, T, 1, half});
@@ -94,9 +95,9 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const RotaryTables&
     k = k.repeat_interleave(group, /*dim=*/1);  // [B, H, T, D]
     v = v.repeat_interleave(group, /*dim=*/1);
   }
-  torch::Tensor y = compat::causal_attention(q, k, v);                   // [B, H, T, D]
-  y = y.transpose(1, 2).reshape({B, T, local_heads_ * head_dim_});        // [B, T, H*D]
-  return wo_->forward(y);                                                 // [B, T, C]
+  torch::Tensor y = compat::causal_attention(q, k, v);              // [B, H, T, D]
+  y = y.transpose(1, 2).reshape({B, T, local_heads_ * head_dim_});  // [B, T, H*D]
+  return wo_->forward(y);                                           // [B, T, C]
 }
 
 SwiGluMlpImpl::SwiGluMlpImpl(const ModelConfig& c, const parallel::TensorParallel& tp) {
@@ -106,7 +107,8 @@ SwiGluMlpImpl::SwiGluMlpImpl(const ModelConfig& c, const parallel::TensorParalle
 }
 
 torch::Tensor SwiGluMlpImpl::forward(const torch::Tensor& x) const {
-  if (kernels::model_uses_fused_ops(x)) return w_down_->forward(kernels::swiglu(w_gate_->forward(x), w_up_->forward(x)));
+  if (kernels::model_uses_fused_ops(x))
+    return w_down_->forward(kernels::swiglu(w_gate_->forward(x), w_up_->forward(x)));
   return w_down_->forward(torch::silu(w_gate_->forward(x)) * w_up_->forward(x));  // [B, T, F] -> [B, T, C]
 }
 
@@ -123,7 +125,10 @@ torch::Tensor BlockImpl::forward(const torch::Tensor& x, const RotaryTables& rop
 }
 
 LlamaImpl::LlamaImpl(const ModelConfig& c, const parallel::TensorParallel& tp, StageSpec stage)
-    : config_(c), tp_(tp), stage_(stage), rope_(make_rotary_tables(c.head_dim(), c.rotary_fraction, c.rope_theta, c.seq_len)) {
+    : config_(c),
+      tp_(tp),
+      stage_(stage),
+      rope_(make_rotary_tables(c.head_dim(), c.rotary_fraction, c.rope_theta, c.seq_len)) {
   if (stage_.layers < 0) stage_.layers = c.layers - stage_.first_layer;
   TORCH_CHECK(stage_.first_layer >= 0 && stage_.first_layer + stage_.layers <= c.layers, "stage layers [",
               stage_.first_layer, ", ", stage_.first_layer + stage_.layers, ") outside model.layers ", c.layers);
@@ -164,8 +169,10 @@ void LlamaImpl::init_weights(uint64_t seed) {
     const ShardSpec& spec = specs.at(index++).second;
     const bool is_norm = name.find("norm") != std::string::npos;
     if (is_norm) {
-      if (name.size() >= 4 && name.compare(name.size() - 4, 4, "bias") == 0) p.zero_();
-      else p.fill_(1.0);
+      if (name.size() >= 4 && name.compare(name.size() - 4, 4, "bias") == 0)
+        p.zero_();
+      else
+        p.fill_(1.0);
       continue;
     }
     const bool is_output_proj = name.find(".wo.") != std::string::npos || name.find(".w_down.") != std::string::npos;
@@ -182,7 +189,7 @@ torch::Tensor LlamaImpl::embed(const torch::Tensor& tokens, torch::ScalarType co
 }
 
 torch::Tensor LlamaImpl::run_blocks(const torch::Tensor& x_in) const {
-  torch::Tensor x = x_in;  // [B, T, C]
+  torch::Tensor x = x_in;                  // [B, T, C]
   if (rope_.cos.device() != x.device()) {  // the tables follow the activations once, not per call
     rope_.cos = rope_.cos.to(x.device());
     rope_.sin = rope_.sin.to(x.device());
@@ -198,7 +205,8 @@ torch::Tensor LlamaImpl::logits(const torch::Tensor& x_in) const {
 }
 
 torch::Tensor LlamaImpl::forward(const torch::Tensor& tokens, torch::ScalarType compute_dtype) const {
-  TORCH_CHECK(stage_.has_embedding && stage_.has_head, "forward() needs the whole model (pipeline stages use embed/run_blocks/head_loss)");
+  TORCH_CHECK(stage_.has_embedding && stage_.has_head,
+              "forward() needs the whole model (pipeline stages use embed/run_blocks/head_loss)");
   return logits(run_blocks(embed(tokens, compute_dtype)));
 }
 
@@ -207,11 +215,12 @@ CrossEntropyParts LlamaImpl::head_loss(const torch::Tensor& x, const torch::Tens
   if (tp_.size == 1 && kernels::model_uses_fused_ops(x)) {
     // On a GPU with one vocabulary shard: the head and the loss fused, chunk by chunk, so that the [B*T, V]
     // logits (and their fp32 copy) never exist at once (kernels/cross_entropy.h).
-    torch::Tensor h = final_norm_->forward(x);                          // [B, T, C]
-    h = h.reshape({-1, h.size(-1)});                                    // [N, C]
-    const torch::Tensor& w = head_ ? head_->weight : embed_->weight;    // [V, C] fp32
-    const kernels::FusedCrossEntropy parts = kernels::fused_linear_cross_entropy(
-        h, w, targets.reshape({-1}), config_.z_loss, kernels::cross_entropy_chunk_rows(h.size(0), w.size(0), h.size(1)));
+    torch::Tensor h = final_norm_->forward(x);                        // [B, T, C]
+    h = h.reshape({-1, h.size(-1)});                                  // [N, C]
+    const torch::Tensor& w = head_ ? head_->weight : embed_->weight;  // [V, C] fp32
+    const kernels::FusedCrossEntropy parts =
+        kernels::fused_linear_cross_entropy(h, w, targets.reshape({-1}), config_.z_loss,
+                                            kernels::cross_entropy_chunk_rows(h.size(0), w.size(0), h.size(1)));
     return {parts.loss, parts.nll, parts.z_loss};
   }
   torch::Tensor logits_local = logits(x);  // [B, T, V/tp]

@@ -18,8 +18,8 @@ class NormImpl : public torch::nn::Module {
  public:
   NormImpl(int64_t dim, const std::string& kind, double eps);
   torch::Tensor forward(const torch::Tensor& x) const;  // [..., dim] -> [..., dim]
-  torch::Tensor weight;  // [dim]
-  torch::Tensor bias;    // [dim] (layernorm only)
+  torch::Tensor weight;                                 // [dim]
+  torch::Tensor bias;                                   // [dim] (layernorm only)
  private:
   bool rms_;
   double eps_;

@@ -19,13 +19,16 @@ std::vector<std::pair<std::string, ShardSpec>> shard_specs(const torch::nn::Modu
   for (const auto& item : module.named_modules("", /*include_self=*/false)) {
     const std::string prefix = item.key() + ".";
     const torch::nn::Module* m = item.value().get();
-    if (dynamic_cast<const ColumnParallelLinearImpl*>(m)) set(prefix, {0, false});
-    else if (dynamic_cast<const VocabParallelEmbeddingImpl*>(m)) set(prefix, {0, false});
-    else if (dynamic_cast<const RowParallelLinearImpl*>(m)) set(prefix, {1, false});
+    if (dynamic_cast<const ColumnParallelLinearImpl*>(m))
+      set(prefix, {0, false});
+    else if (dynamic_cast<const VocabParallelEmbeddingImpl*>(m))
+      set(prefix, {0, false});
+    else if (dynamic_cast<const RowParallelLinearImpl*>(m))
+      set(prefix, {1, false});
     else if (dynamic_cast<const NormImpl*>(m)) {
       const std::string& key = item.key();
-      const bool qk = key.size() >= 6 && (key.compare(key.size() - 6, 6, "q_norm") == 0 ||
-                                          key.compare(key.size() - 6, 6, "k_norm") == 0);
+      const bool qk = key.size() >= 6 &&
+                      (key.compare(key.size() - 6, 6, "q_norm") == 0 || key.compare(key.size() - 6, 6, "k_norm") == 0);
       if (qk) set(prefix, {-1, true});
     }
   }
@@ -47,7 +50,8 @@ std::vector<int64_t> shard_offset(at::IntArrayRef local_sizes, const ShardSpec& 
 at::Tensor shard_of(const at::Tensor& full, const ShardSpec& spec, int64_t tp_rank, int64_t tp_size) {
   if (!spec.sharded() || tp_size == 1) return full;
   const int64_t size = full.size(spec.dim);
-  TORCH_CHECK(size % tp_size == 0, "dimension ", spec.dim, " of size ", size, " does not split over ", tp_size, " ranks");
+  TORCH_CHECK(size % tp_size == 0, "dimension ", spec.dim, " of size ", size, " does not split over ", tp_size,
+              " ranks");
   return full.narrow(spec.dim, tp_rank * (size / tp_size), size / tp_size);
 }
 

@@ -3,12 +3,12 @@
 // checkpoint code (global shape and offset of each shard, resharding on resume). Torch-light.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <ATen/core/Tensor.h>
 
 namespace torch::nn {
 class Module;

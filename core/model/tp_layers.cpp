@@ -24,22 +24,22 @@ class VocabParallelCrossEntropy : public torch::autograd::Function<VocabParallel
                                double z_loss_coef, const parallel::TensorParallel& tp) {
     const int64_t local_vocab = logits.size(1);
     const int64_t vocab_start = tp.rank * local_vocab;
-    torch::Tensor logits_f = logits.to(torch::kFloat);                           // [N, V/tp] fp32
-    torch::Tensor max_logit = std::get<0>(logits_f.max(/*dim=*/-1));            // [N] this rank's max
-    tp.group->all_reduce(max_logit, parallel::ReduceOp::kMax);                   // [N] max over the vocabulary
-    torch::Tensor shifted = logits_f - max_logit.unsqueeze(-1);                  // [N, V/tp] <= 0
-    torch::Tensor exp_shifted = shifted.exp();                                   // [N, V/tp]
-    torch::Tensor owned = (targets >= vocab_start) & (targets < vocab_start + local_vocab);  // [N] bool
+    torch::Tensor logits_f = logits.to(torch::kFloat);                // [N, V/tp] fp32
+    torch::Tensor max_logit = std::get<0>(logits_f.max(/*dim=*/-1));  // [N] this rank's max
+    tp.group->all_reduce(max_logit, parallel::ReduceOp::kMax);        // [N] max over the vocabulary
+    torch::Tensor shifted = logits_f - max_logit.unsqueeze(-1);       // [N, V/tp] <= 0
+    torch::Tensor exp_shifted = shifted.exp();                        // [N, V/tp]
+    torch::Tensor owned = (targets >= vocab_start) & (targets < vocab_start + local_vocab);    // [N] bool
     torch::Tensor local_target = (targets - vocab_start).masked_fill(owned.logical_not(), 0);  // [N] column here
     torch::Tensor target_shifted =
         shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(owned.logical_not(), 0.0);  // [N]
     // One all-reduce for both sums: row 0 sum-exp, row 1 the target's shifted logit (found on exactly one rank).
     torch::Tensor sums = torch::stack({exp_shifted.sum(-1), target_shifted});  // [2, N]
     tp.group->all_reduce(sums, parallel::ReduceOp::kSum);
-    torch::Tensor log_sum_exp = sums[0].log();                                   // [N] log Z - max
-    torch::Tensor log_z = log_sum_exp + max_logit;                               // [N] log Z
-    torch::Tensor nll = (log_sum_exp - sums[1]).mean();                          // scalar: mean -log p(target)
-    torch::Tensor softmax = exp_shifted.div_(sums[0].unsqueeze(-1));             // [N, V/tp] this rank's columns
+    torch::Tensor log_sum_exp = sums[0].log();                        // [N] log Z - max
+    torch::Tensor log_z = log_sum_exp + max_logit;                    // [N] log Z
+    torch::Tensor nll = (log_sum_exp - sums[1]).mean();               // scalar: mean -log p(target)
+    torch::Tensor softmax = exp_shifted.div_(sums[0].unsqueeze(-1));  // [N, V/tp] this rank's columns
 
     torch::Tensor z_loss, loss;
     if (z_loss_coef > 0.0) {
@@ -70,8 +70,8 @@ class VocabParallelCrossEntropy : public torch::autograd::Function<VocabParallel
     torch::Tensor z_loss_weight = (grad_outputs[0] + grad_outputs[2]).to(torch::kFloat);  // scalar
     // d nll / d x_ij = (softmax_ij - [j == t_i]) / N;  d z_loss / d x_ij = 2 coef logZ_i softmax_ij / N.
     torch::Tensor softmax_scale = nll_weight + z_loss_weight * (2.0 * z_loss_coef) * log_z;  // [N]
-    torch::Tensor grad_logits = softmax * softmax_scale.unsqueeze(-1);                      // [N, V/tp]
-    torch::Tensor minus_one_hot = (-nll_weight * owned.to(torch::kFloat)).unsqueeze(-1);    // [N, 1]
+    torch::Tensor grad_logits = softmax * softmax_scale.unsqueeze(-1);                       // [N, V/tp]
+    torch::Tensor minus_one_hot = (-nll_weight * owned.to(torch::kFloat)).unsqueeze(-1);     // [N, 1]
     grad_logits.scatter_add_(1, local_target.unsqueeze(-1), minus_one_hot);
     grad_logits.div_(static_cast<double>(N));
     return {grad_logits.to(logits_dtype), torch::Tensor(), torch::Tensor(), torch::Tensor()};
@@ -101,7 +101,7 @@ RowParallelLinearImpl::RowParallelLinearImpl(int64_t in_features, int64_t out_fe
 
 torch::Tensor RowParallelLinearImpl::forward(const torch::Tensor& x) const {
   torch::Tensor partial = torch::nn::functional::linear(x, weight.to(x.scalar_type()));  // [..., out] this rank's part
-  return reduce_from_tp_region(partial, tp_);                                             // [..., out]
+  return reduce_from_tp_region(partial, tp_);                                            // [..., out]
 }
 
 VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(int64_t vocab, int64_t dim, const parallel::TensorParallel& tp)
@@ -116,8 +116,8 @@ torch::Tensor VocabParallelEmbeddingImpl::forward(const torch::Tensor& tokens, t
   // Gather in fp32 from the master, then cast: the backward scatter-adds fp32 gradients.
   if (tp_.single()) return torch::embedding(weight, tokens).to(dtype);  // [B, T, C]
   const int64_t local_vocab = weight.size(0);
-  torch::Tensor foreign = (tokens < vocab_start_) | (tokens >= vocab_start_ + local_vocab);  // [B, T] bool
-  torch::Tensor local_ids = (tokens - vocab_start_).masked_fill(foreign, 0);                 // [B, T] rows here
+  torch::Tensor foreign = (tokens < vocab_start_) | (tokens >= vocab_start_ + local_vocab);          // [B, T] bool
+  torch::Tensor local_ids = (tokens - vocab_start_).masked_fill(foreign, 0);                         // [B, T] rows here
   torch::Tensor rows = torch::embedding(weight, local_ids).masked_fill(foreign.unsqueeze(-1), 0.0);  // [B, T, C]
   // Exactly one rank contributes each token's row, so the sum is exact even in bf16.
   return reduce_from_tp_region(rows.to(dtype), tp_);  // [B, T, C]
@@ -142,8 +142,8 @@ CrossEntropyParts vocab_parallel_cross_entropy(const torch::Tensor& logits, cons
     return parts;
   }
   // One rank holds the whole vocabulary: plain autograd (the reference the TP path is tested against).
-  torch::Tensor logits_f = logits.to(torch::kFloat);              // [N, V] fp32 statistics
-  torch::Tensor log_z = torch::logsumexp(logits_f, /*dim=*/-1);   // [N]
+  torch::Tensor logits_f = logits.to(torch::kFloat);                                    // [N, V] fp32 statistics
+  torch::Tensor log_z = torch::logsumexp(logits_f, /*dim=*/-1);                         // [N]
   torch::Tensor target_logit = logits_f.gather(-1, targets.unsqueeze(-1)).squeeze(-1);  // [N]
   torch::Tensor nll = (log_z - target_logit).mean();
   parts.nll = nll;

@@ -50,7 +50,7 @@ class VocabParallelEmbeddingImpl : public torch::nn::Module {
   // this rank's vocabulary range (what vocab_parallel_cross_entropy reads).
   torch::Tensor project(const torch::Tensor& x) const;
   int64_t vocab_start() const { return vocab_start_; }  // first vocabulary id this rank owns
-  torch::Tensor weight;  // [V/tp, C] fp32
+  torch::Tensor weight;                                 // [V/tp, C] fp32
 
  private:
   parallel::TensorParallel tp_;

@@ -1,17 +1,18 @@
 // Why: see schedule.h.
 #include "core/optim/schedule.h"
 
+#include <torch/torch.h>
+
 #include <cmath>
 #include <stdexcept>
-
-#include <torch/torch.h>
 
 namespace keel::optim {
 
 double warmup_cosine_lr(int64_t step, double lr, double min_lr, int64_t warmup_steps, int64_t decay_steps) {
   if (step < warmup_steps) return lr * static_cast<double>(step + 1) / static_cast<double>(warmup_steps);
   if (decay_steps <= warmup_steps) return lr;
-  const double progress = std::min(1.0, static_cast<double>(step - warmup_steps) / static_cast<double>(decay_steps - warmup_steps));
+  const double progress =
+      std::min(1.0, static_cast<double>(step - warmup_steps) / static_cast<double>(decay_steps - warmup_steps));
   return min_lr + 0.5 * (lr - min_lr) * (1.0 + std::cos(M_PI * progress));
 }
 

@@ -3,11 +3,11 @@
 // clipping, which run before any plugin sees the gradients.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <ATen/core/Tensor.h>
 
 namespace keel::optim {
 

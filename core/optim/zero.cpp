@@ -1,11 +1,11 @@
 // Why: see zero.h.
 #include "core/optim/zero.h"
 
+#include <torch/torch.h>
+
 #include <algorithm>
 #include <numeric>
 #include <tuple>
-
-#include <torch/torch.h>
 
 namespace keel::optim {
 
@@ -37,8 +37,8 @@ ZeroPartition partition_for_zero(const std::vector<int64_t>& numels, int64_t dp_
   return partition;
 }
 
-void broadcast_from_owners(std::vector<at::Tensor>& params, const ZeroPartition& partition,
-                           parallel::Communicator& dp, int64_t coalesce_below_numel) {
+void broadcast_from_owners(std::vector<at::Tensor>& params, const ZeroPartition& partition, parallel::Communicator& dp,
+                           int64_t coalesce_below_numel) {
   TORCH_CHECK(partition.owner.size() == params.size(), "broadcast_from_owners: the partition covers ",
               partition.owner.size(), " parameters, got ", params.size());
   if (dp.single()) return;
@@ -54,8 +54,8 @@ void broadcast_from_owners(std::vector<at::Tensor>& params, const ZeroPartition&
   std::vector<parallel::PendingWork> works;
   for (size_t k = 0; k < params.size(); ++k) {
     const int64_t owner = partition.owner[k];
-    TORCH_CHECK(owner >= 0 && owner < dp.size(), "broadcast_from_owners: parameter ", k, " is owned by rank ",
-                owner, ", the DP group has ", dp.size());
+    TORCH_CHECK(owner >= 0 && owner < dp.size(), "broadcast_from_owners: parameter ", k, " is owned by rank ", owner,
+                ", the DP group has ", dp.size());
     at::Tensor values = params[k].detach();  // shares storage with the parameter
     if (values.numel() >= coalesce_below_numel) {
       works.push_back(dp.broadcast_async(values, owner));  // in place

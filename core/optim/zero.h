@@ -9,10 +9,10 @@
 // one tensor's size of perfect).
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <vector>
-
-#include <ATen/core/Tensor.h>
 
 #include "core/parallel/communicator.h"
 
@@ -22,7 +22,9 @@ struct ZeroPartition {
   std::vector<int64_t> owner;  // per parameter index: the DP rank that owns its optimizer state and update
   // The parameter indices `dp_rank` owns, ascending.
   std::vector<int64_t> owned_by(int64_t dp_rank) const;
-  bool owns(int64_t dp_rank, int64_t param_index) const { return owner.at(static_cast<size_t>(param_index)) == dp_rank; }
+  bool owns(int64_t dp_rank, int64_t param_index) const {
+    return owner.at(static_cast<size_t>(param_index)) == dp_rank;
+  }
 };
 
 // Greedy, largest first (ties: lower index first), each to the least-loaded rank (ties: lower rank). Depends on
@@ -34,7 +36,7 @@ ZeroPartition partition_for_zero(const std::vector<int64_t>& numels, int64_t dp_
 // elements is broadcast in place (no extra memory); smaller ones (norm weights, biases) are packed into one
 // flat buffer per (owner, dtype, device) so that they do not cost one collective's latency each. Every rank must
 // pass the same parameter shapes and partition. DP size 1: nothing.
-void broadcast_from_owners(std::vector<at::Tensor>& params, const ZeroPartition& partition,
-                           parallel::Communicator& dp, int64_t coalesce_below_numel = 65536);
+void broadcast_from_owners(std::vector<at::Tensor>& params, const ZeroPartition& partition, parallel::Communicator& dp,
+                           int64_t coalesce_below_numel = 65536);
 
 }  // namespace keel::optim

@@ -2,9 +2,9 @@
 // c10d op, wait with the group's timeout, copy back. Failures become DistributedError with a diagnosis.
 #include "core/parallel/communicator.h"
 
-#include <sstream>
-
 #include <torch/torch.h>
+
+#include <sstream>
 
 #include "core/parallel/c10d_compat.h"
 
@@ -20,9 +20,12 @@ std::string message_of(const std::exception& e) {
 
 ::c10d::ReduceOp to_c10d(ReduceOp op) {
   switch (op) {
-    case ReduceOp::kMax: return ::c10d::ReduceOp::MAX;
-    case ReduceOp::kMin: return ::c10d::ReduceOp::MIN;
-    default: return ::c10d::ReduceOp::SUM;
+    case ReduceOp::kMax:
+      return ::c10d::ReduceOp::MAX;
+    case ReduceOp::kMin:
+      return ::c10d::ReduceOp::MIN;
+    default:
+      return ::c10d::ReduceOp::SUM;
   }
 }
 
@@ -33,10 +36,15 @@ std::shared_ptr<Communicator> Communicator::solo(std::string name) {
                                         std::chrono::milliseconds(0), nullptr);
 }
 
-Communicator::Communicator(std::string name, std::vector<int64_t> global_ranks, int64_t rank, std::unique_ptr<Impl> impl,
-                           std::chrono::milliseconds timeout, std::shared_ptr<FaultMonitor> monitor)
-    : name_(std::move(name)), global_ranks_(std::move(global_ranks)), rank_(rank), impl_(std::move(impl)),
-      timeout_(timeout), monitor_(std::move(monitor)) {
+Communicator::Communicator(std::string name, std::vector<int64_t> global_ranks, int64_t rank,
+                           std::unique_ptr<Impl> impl, std::chrono::milliseconds timeout,
+                           std::shared_ptr<FaultMonitor> monitor)
+    : name_(std::move(name)),
+      global_ranks_(std::move(global_ranks)),
+      rank_(rank),
+      impl_(std::move(impl)),
+      timeout_(timeout),
+      monitor_(std::move(monitor)) {
   TORCH_CHECK(single() || impl_, "communicator ", name_, " of size ", size(), " has no backend");
 }
 
@@ -63,8 +71,9 @@ namespace {
 // or CUDA tensor (Gloo has no bf16 reduction, and its send/recv of CUDA tensors fails: LIBTORCH-NOTES.md).
 at::Tensor wire_tensor(const at::Tensor& t, bool native) {
   if (!native && (t.scalar_type() == at::kBFloat16 || !t.device().is_cpu())) {
-    return t.to(t.device().is_cpu() ? t.device() : at::Device(at::kCPU),
-                t.scalar_type() == at::kBFloat16 ? at::kFloat : t.scalar_type())
+    return t
+        .to(t.device().is_cpu() ? t.device() : at::Device(at::kCPU),
+            t.scalar_type() == at::kBFloat16 ? at::kFloat : t.scalar_type())
         .contiguous();
   }
   return t.is_contiguous() ? t : t.contiguous();
@@ -75,7 +84,8 @@ namespace {
 // The shared shape of the in-place collectives: launch on the wire tensor, wait with the timeout, copy back.
 // `fail(message)` throws the communicator's DistributedError.
 template <typename Launch, typename Fail>
-PendingWork launch_in_place(at::Tensor& tensor, bool native, std::chrono::milliseconds timeout, Launch launch, Fail fail) {
+PendingWork launch_in_place(at::Tensor& tensor, bool native, std::chrono::milliseconds timeout, Launch launch,
+                            Fail fail) {
   std::vector<at::Tensor> wire{wire_tensor(tensor, native)};
   c10::intrusive_ptr<::c10d::Work> work;
   try {
@@ -207,7 +217,8 @@ std::vector<std::string> Communicator::all_gather_strings(const std::string& val
   std::vector<at::Tensor> all = all_gather(bytes);
   std::vector<std::string> out;
   for (size_t i = 0; i < all.size(); ++i)
-    out.emplace_back(reinterpret_cast<const char*>(all[i].data_ptr<uint8_t>()), static_cast<size_t>(lengths[i].item<int64_t>()));
+    out.emplace_back(reinterpret_cast<const char*>(all[i].data_ptr<uint8_t>()),
+                     static_cast<size_t>(lengths[i].item<int64_t>()));
   return out;
 }
 

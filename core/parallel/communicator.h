@@ -8,6 +8,8 @@
 // checkpoint code; there is no global "current group".
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -15,8 +17,6 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
-
-#include <ATen/core/Tensor.h>
 
 namespace keel::parallel {
 

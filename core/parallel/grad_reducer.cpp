@@ -41,7 +41,8 @@ GradReducer::GradReducer(std::vector<at::Tensor> params, std::shared_ptr<Communi
     TORCH_CHECK(params_[k].is_leaf(), "GradReducer: parameter ", k, " is not a leaf tensor");
     const int64_t index = static_cast<int64_t>(k);
     // The lambda holds `this`, never the parameter: a parameter owning a hook that owns the parameter would leak.
-    hook_handles_[k] = params_[k].register_hook([this, index](const at::Tensor& incoming) { on_gradient(index, incoming); });
+    hook_handles_[k] =
+        params_[k].register_hook([this, index](const at::Tensor& incoming) { on_gradient(index, incoming); });
     hooked_[k] = true;
   }
 }
@@ -83,7 +84,8 @@ void GradReducer::on_gradient(int64_t param_index, const at::Tensor& incoming) {
   seen_[k] = true;
   at::NoGradGuard no_grad;
   Bucket& bucket = buckets_[static_cast<size_t>(location_[k].first)];
-  if (!bucket.flat.defined()) bucket.flat = at::empty({bucket.numel}, at::TensorOptions().dtype(at::kFloat).device(bucket.device));
+  if (!bucket.flat.defined())
+    bucket.flat = at::empty({bucket.numel}, at::TensorOptions().dtype(at::kFloat).device(bucket.device));
   // The hook runs before AccumulateGrad: .grad still holds the earlier micro-batches only.
   const size_t slot = static_cast<size_t>(location_[k].second);
   pack(bucket, slot, incoming);
@@ -101,7 +103,8 @@ void GradReducer::launch_ready_buckets_in_order() {
     int64_t hooked = 0;
     for (int64_t index : bucket.params) hooked += hooked_[static_cast<size_t>(index)] ? 1 : 0;
     if (bucket.ready < hooked) return;  // a gradient of this bucket is still to come
-    if (!bucket.flat.defined()) bucket.flat = at::empty({bucket.numel}, at::TensorOptions().dtype(at::kFloat).device(bucket.device));
+    if (!bucket.flat.defined())
+      bucket.flat = at::empty({bucket.numel}, at::TensorOptions().dtype(at::kFloat).device(bucket.device));
     for (size_t slot = 0; slot < bucket.params.size(); ++slot) {
       const size_t k = static_cast<size_t>(bucket.params[slot]);
       if (!seen_[k]) pack(bucket, slot, params_[k].grad());  // no gradient in this backward: .grad is final

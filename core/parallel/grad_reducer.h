@@ -17,12 +17,12 @@
 // (gradient transforms belong after the reduction, in the staged optimizer step).
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <vector>
-
-#include <ATen/core/Tensor.h>
 
 #include "core/parallel/communicator.h"
 
@@ -58,23 +58,23 @@ class GradReducer {
     std::vector<int64_t> offsets;  // element offset of each parameter in `flat`
     int64_t numel = 0;
     at::Device device = at::Device(at::kCPU);
-    at::Tensor flat;               // [numel] fp32 while a reduction is in flight
-    int64_t ready = 0;             // parameters packed so far (overlap mode)
+    at::Tensor flat;    // [numel] fp32 while a reduction is in flight
+    int64_t ready = 0;  // parameters packed so far (overlap mode)
     bool launched = false;
     PendingWork work;
   };
 
-  void pack(Bucket& bucket, size_t slot, const at::Tensor& grad);  // grad undefined = zeros
-  void launch_ready_buckets_in_order();                             // caller holds mutex_
+  void pack(Bucket& bucket, size_t slot, const at::Tensor& grad);     // grad undefined = zeros
+  void launch_ready_buckets_in_order();                               // caller holds mutex_
   void on_gradient(int64_t param_index, const at::Tensor& incoming);  // the autograd hook
 
   std::vector<at::Tensor> params_;
   std::shared_ptr<Communicator> dp_;
   std::vector<Bucket> buckets_;
   std::vector<std::pair<int64_t, int64_t>> location_;  // per parameter: (bucket, slot in bucket)
-  std::vector<unsigned> hook_handles_;                  // per parameter (unused where no grad is required)
-  std::vector<bool> hooked_;                            // per parameter
-  std::vector<bool> seen_;                              // per parameter: packed by a hook since prepare_overlap()
+  std::vector<unsigned> hook_handles_;                 // per parameter (unused where no grad is required)
+  std::vector<bool> hooked_;                           // per parameter
+  std::vector<bool> seen_;                             // per parameter: packed by a hook since prepare_overlap()
   std::mutex mutex_;
   bool armed_ = false;
   size_t next_to_launch_ = 0;

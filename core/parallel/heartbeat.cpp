@@ -7,14 +7,14 @@
 //      in a store call it is left to finish on its own (it owns what it uses).
 #include "core/parallel/heartbeat.h"
 
+#include <spdlog/spdlog.h>
+
 #include <condition_variable>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <spdlog/spdlog.h>
 
 #include "core/parallel/c10d_compat.h"
 
@@ -120,7 +120,10 @@ class HeartbeatMonitor final : public FaultMonitor {
  public:
   HeartbeatMonitor(const c10::intrusive_ptr<::c10d::Store>& job_store, int64_t rank, const Layout& layout,
                    std::chrono::milliseconds period)
-      : store_(connect_own_client(job_store)), rank_(rank), layout_(layout), period_(period),
+      : store_(connect_own_client(job_store)),
+        rank_(rank),
+        layout_(layout),
+        period_(period),
         state_(std::make_shared<BeatState>()) {
     beater_ = std::thread([state = state_, store = store_, key = heartbeat_key(rank_), period = period_] {
       beat_until_stopped(state, store, key, period);

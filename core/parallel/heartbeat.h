@@ -14,7 +14,6 @@
 
 #include <chrono>
 #include <memory>
-
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
 #include "core/parallel/communicator.h"

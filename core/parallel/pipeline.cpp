@@ -3,11 +3,11 @@
 // is three loops (warm-up forwards, steady one-forward-one-backward, cool-down backwards).
 #include "core/parallel/pipeline.h"
 
+#include <torch/torch.h>
+
 #include <algorithm>
 #include <deque>
 #include <stdexcept>
-
-#include <torch/torch.h>
 
 namespace keel::parallel {
 
@@ -39,7 +39,10 @@ struct InFlight {
 class StageRunner {
  public:
   StageRunner(const PipelineStage& stage, int64_t microbatches, Communicator& pp)
-      : stage_(stage), microbatches_(microbatches), pp_(pp), first_(pp.rank() == 0),
+      : stage_(stage),
+        microbatches_(microbatches),
+        pp_(pp),
+        first_(pp.rank() == 0),
         last_(pp.rank() == pp.size() - 1),
         activation_options_(at::TensorOptions().dtype(stage.activation_dtype).device(stage.device)) {
     activation_sends_.resize(static_cast<size_t>(microbatches));
@@ -67,8 +70,7 @@ class StageRunner {
                   ", the stage declares activation_shape ", shape_string(stage_.activation_shape));
       // The receiver's buffer has activation_dtype; a differentiable cast keeps both ends in agreement.
       if (output.scalar_type() != stage_.activation_dtype) output = output.to(stage_.activation_dtype);
-      activation_sends_[static_cast<size_t>(micro)] =
-          pp_.send(output.detach(), pp_.rank() + 1, activation_tag(micro));
+      activation_sends_[static_cast<size_t>(micro)] = pp_.send(output.detach(), pp_.rank() + 1, activation_tag(micro));
     }
     in_flight_.push_back(InFlight{micro, std::move(input), std::move(output)});
     stats_.peak_in_flight = std::max<int64_t>(stats_.peak_in_flight, static_cast<int64_t>(in_flight_.size()));
@@ -108,8 +110,8 @@ class StageRunner {
     for (auto& send : activation_sends_) send.wait();
     previous_gradient_send_.wait();
     last_gradient_send_.wait();
-    TORCH_CHECK(in_flight_.empty() && backwards_done_ == microbatches_, "pipeline schedule bug: ",
-                in_flight_.size(), " micro-batches still in flight");
+    TORCH_CHECK(in_flight_.empty() && backwards_done_ == microbatches_, "pipeline schedule bug: ", in_flight_.size(),
+                " micro-batches still in flight");
     return stats_;
   }
 
@@ -121,7 +123,7 @@ class StageRunner {
   Communicator& pp_;
   const bool first_, last_;
   const at::TensorOptions activation_options_;
-  std::deque<InFlight> in_flight_;            // oldest first: backwards run in micro-batch order
+  std::deque<InFlight> in_flight_;             // oldest first: backwards run in micro-batch order
   std::vector<PendingWork> activation_sends_;  // [microbatches], waited once the gradient comes back
   PendingWork previous_gradient_send_, last_gradient_send_;
   int64_t next_forward_ = 0;
@@ -142,8 +144,7 @@ PipelineRunStats run_pipeline(const PipelineStage& stage, int64_t microbatches, 
   const int64_t stage_index = pp.rank();
   int64_t warmup = 0;  // one stage: forward then backward per micro-batch, whatever the schedule
   if (stages > 1) {
-    warmup = schedule == PipelineSchedule::kGPipe ? microbatches
-                                                  : std::min(stages - stage_index - 1, microbatches);
+    warmup = schedule == PipelineSchedule::kGPipe ? microbatches : std::min(stages - stage_index - 1, microbatches);
   }
 
   StageRunner runner(stage, microbatches, pp);

@@ -59,16 +59,17 @@ std::shared_ptr<Communicator> make_group(const std::string& name, const std::vec
       impl->backend = c10::make_intrusive<::c10d::ProcessGroupGloo>(store, static_cast<int>(group_rank),
                                                                     static_cast<int>(members.size()), options);
 #else
-      throw std::invalid_argument("parallel.backend = gloo, but this build of Keel has no Gloo (its headers were not "
-                                  "found at build time; install libgloo-dev): use parallel.backend = nccl");
+      throw std::invalid_argument(
+          "parallel.backend = gloo, but this build of Keel has no Gloo (its headers were not "
+          "found at build time; install libgloo-dev): use parallel.backend = nccl");
 #endif
     }
   } catch (const std::invalid_argument&) {
     throw;
   } catch (const std::exception& e) {
     std::string diagnosis = conn.monitor ? conn.monitor->diagnose() : "";
-    throw DistributedError((diagnosis.empty() ? "" : diagnosis + "; ") + "creating the " + name + " group (" +
-                           backend + ") failed: " + e.what());
+    throw DistributedError((diagnosis.empty() ? "" : diagnosis + "; ") + "creating the " + name + " group (" + backend +
+                           ") failed: " + e.what());
   }
   return std::make_shared<Communicator>(name, members, group_rank, std::move(impl), timeout, conn.monitor);
 }
@@ -87,9 +88,10 @@ ProcessGroups ProcessGroups::single() {
 ProcessGroups join_process_groups(const WorldInfo& world, const ParallelConfig& config, const std::string& backend) {
   ProcessGroups g;
   g.layout = Layout(config.dp, config.tp, config.pp);
-  g.layout.require_world_size(world.world_size, world.source == "single"
-                                                    ? "one process; start N ranks with keel launch --nproc N, torchrun or srun"
-                                                    : "from the " + world.source + " environment variables");
+  g.layout.require_world_size(world.world_size,
+                              world.source == "single"
+                                  ? "one process; start N ranks with keel launch --nproc N, torchrun or srun"
+                                  : "from the " + world.source + " environment variables");
   g.world_info = world;
   g.rank = world.rank;
   g.coords = g.layout.coordinates_of(world.rank);
@@ -113,17 +115,20 @@ ProcessGroups join_process_groups(const WorldInfo& world, const ParallelConfig& 
     options.timeout = timeout;
     conn->store = c10::make_intrusive<::c10d::TCPStore>(world.master_addr, options);
   } catch (const std::exception& e) {
-    throw DistributedError("rank " + std::to_string(world.rank) + " could not join the job's store at " +
-                           world.master_addr + ":" + std::to_string(world.port) + " within parallel.timeout_s = " +
-                           std::to_string(config.timeout_s) + " s (is rank 0 running? are all " +
-                           std::to_string(world.world_size) + " ranks started?): " + e.what());
+    throw DistributedError(
+        "rank " + std::to_string(world.rank) + " could not join the job's store at " + world.master_addr + ":" +
+        std::to_string(world.port) + " within parallel.timeout_s = " + std::to_string(config.timeout_s) +
+        " s (is rank 0 running? are all " + std::to_string(world.world_size) + " ranks started?): " + e.what());
   }
   conn->monitor = start_heartbeat_monitor(conn->store, world.rank, g.layout, std::chrono::milliseconds(1000));
-  g.world = make_group("world", [&] {
-    std::vector<int64_t> all;
-    for (int64_t r = 0; r < world.world_size; ++r) all.push_back(r);
-    return all;
-  }(), world.rank, world, backend, *conn, timeout);
+  g.world = make_group(
+      "world",
+      [&] {
+        std::vector<int64_t> all;
+        for (int64_t r = 0; r < world.world_size; ++r) all.push_back(r);
+        return all;
+      }(),
+      world.rank, world, backend, *conn, timeout);
   g.dp = make_group("dp", g.layout.dp_group(world.rank), world.rank, world, backend, *conn, timeout);
   g.tp = make_group("tp", g.layout.tp_group(world.rank), world.rank, world, backend, *conn, timeout);
   g.pp = make_group("pp", g.layout.pp_group(world.rank), world.rank, world, backend, *conn, timeout);

@@ -17,8 +17,8 @@ int64_t parse_count(const char* name, const char* text, int64_t min) {
     used = 0;
   }
   if (s.empty() || used != s.size() || value < min)
-    throw std::invalid_argument(std::string("environment variable ") + name + "='" + s + "' is not an integer >= " +
-                                std::to_string(min));
+    throw std::invalid_argument(std::string("environment variable ") + name + "='" + s +
+                                "' is not an integer >= " + std::to_string(min));
   return value;
 }
 

@@ -21,8 +21,8 @@ struct TensorParallel {
   // for the error when it does not divide evenly.
   int64_t shard(int64_t full, const std::string& what) const {
     if (full % size != 0)
-      throw std::invalid_argument(what + " (" + std::to_string(full) + ") is not divisible by the tensor-parallel size (" +
-                                  std::to_string(size) + ")");
+      throw std::invalid_argument(what + " (" + std::to_string(full) +
+                                  ") is not divisible by the tensor-parallel size (" + std::to_string(size) + ")");
     return full / size;
   }
   bool single() const { return size == 1; }

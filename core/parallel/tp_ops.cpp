@@ -3,9 +3,9 @@
 // IValue both LibTorch 1.13 and 2.x accept), so a graph never outlives the group it reduces over.
 #include "core/parallel/tp_ops.h"
 
-#include <stdexcept>
-
 #include <torch/torch.h>
+
+#include <stdexcept>
 
 namespace keel::parallel {
 namespace {

@@ -6,9 +6,9 @@
 // their input untouched, with no autograd node and no communication, so single-rank runs are bit-identical.
 #pragma once
 
-#include <string>
-
 #include <ATen/core/Tensor.h>
+
+#include <string>
 
 #include "core/parallel/tensor_parallel.h"
 

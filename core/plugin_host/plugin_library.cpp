@@ -3,7 +3,6 @@
 
 #include <boost/dll/runtime_symbol_info.hpp>
 #include <boost/dll/shared_library.hpp>
-
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -26,8 +25,9 @@ std::string fingerprint_text(const sdk::BuildFingerprint& f) {
 
 const std::vector<std::pair<sdk::Slot, std::string>>& slot_table() {
   static const std::vector<std::pair<sdk::Slot, std::string>> table = {
-      {sdk::kOptimizer, "optimizer"},         {sdk::kLrSchedule, "lr_schedule"}, {sdk::kSpikeHandler, "spike_handler"},
-      {sdk::kGradTransform, "grad_transform"}, {sdk::kDataMixture, "data_mixture"}, {sdk::kObserver, "observers"}};
+      {sdk::kOptimizer, "optimizer"},        {sdk::kLrSchedule, "lr_schedule"},
+      {sdk::kSpikeHandler, "spike_handler"}, {sdk::kGradTransform, "grad_transform"},
+      {sdk::kDataMixture, "data_mixture"},   {sdk::kObserver, "observers"}};
   return table;
 }
 
@@ -60,7 +60,8 @@ std::shared_ptr<PluginLibrary> PluginLibrary::load(const std::string& path) {
   std::memcpy(&api_version, info, sizeof(api_version));
   if (api_version != sdk::kApiVersion) {
     throw PluginError("plugin " + path + ": built for plugin API version " + std::to_string(api_version) +
-                      ", this Keel speaks version " + std::to_string(sdk::kApiVersion) + ": rebuild it against this SDK");
+                      ", this Keel speaks version " + std::to_string(sdk::kApiVersion) +
+                      ": rebuild it against this SDK");
   }
   if (info->struct_size != sizeof(sdk::PluginInfo)) {
     throw PluginError("plugin " + path + ": handshake struct is " + std::to_string(info->struct_size) +
@@ -68,9 +69,9 @@ std::shared_ptr<PluginLibrary> PluginLibrary::load(const std::string& path) {
   }
   const sdk::BuildFingerprint mine = sdk::build_fingerprint();
   if (fingerprint_text(info->fingerprint) != fingerprint_text(mine)) {
-    throw PluginError("plugin " + path + ": built with a different toolchain:\n  plugin: " +
-                      fingerprint_text(info->fingerprint) + "\n  keel:   " + fingerprint_text(mine) +
-                      "\nrebuild the plugin against this Keel's SDK");
+    throw PluginError("plugin " + path +
+                      ": built with a different toolchain:\n  plugin: " + fingerprint_text(info->fingerprint) +
+                      "\n  keel:   " + fingerprint_text(mine) + "\nrebuild the plugin against this Keel's SDK");
   }
   if (info->name == nullptr || info->version == nullptr || info->create == nullptr || info->destroy == nullptr) {
     throw PluginError("plugin " + path + ": handshake has a null name, version or factory");
@@ -89,8 +90,8 @@ std::shared_ptr<sdk::Plugin> PluginLibrary::create(const sdk::Args& args) const 
   char error[1024] = {0};
   sdk::Plugin* object = impl_->info->create(&args, error, sizeof(error));
   if (object == nullptr) {
-    throw PluginError("plugin " + description_.name + " (" + description_.path + ") refused its arguments: " +
-                      (error[0] ? std::string(error) : std::string("no reason given")));
+    throw PluginError("plugin " + description_.name + " (" + description_.path +
+                      ") refused its arguments: " + (error[0] ? std::string(error) : std::string("no reason given")));
   }
   // The deleter owns a reference to the library: it is unloaded only after the last object is destroyed.
   std::shared_ptr<Impl> keep_loaded = impl_;

@@ -8,17 +8,24 @@
 #error "KEEL_REPORT_SOURCE_DIR must name core/report (set by core/CMakeLists.txt)"
 #endif
 
-#define KEEL_EMBED_FILE(symbol, relative_path)                                      \
-  __asm__(".pushsection .rodata\n"                                                  \
-          ".global " #symbol "_begin\n"                                             \
-          ".hidden " #symbol "_begin\n"                                             \
-          ".balign 16\n" #symbol "_begin:\n"                                        \
-          ".incbin \"" KEEL_REPORT_SOURCE_DIR "/" relative_path "\"\n"              \
-          ".global " #symbol "_end\n"                                               \
-          ".hidden " #symbol "_end\n" #symbol "_end:\n"                             \
-          ".byte 0\n"                                                               \
-          ".popsection\n");                                                         \
-  extern "C" const char symbol##_begin[];                                           \
+#define KEEL_EMBED_FILE(symbol, relative_path)              \
+  __asm__(                                                  \
+      ".pushsection .rodata\n"                              \
+      ".global " #symbol                                    \
+      "_begin\n"                                            \
+      ".hidden " #symbol                                    \
+      "_begin\n"                                            \
+      ".balign 16\n" #symbol                                \
+      "_begin:\n"                                           \
+      ".incbin \"" KEEL_REPORT_SOURCE_DIR "/" relative_path \
+      "\"\n"                                                \
+      ".global " #symbol                                    \
+      "_end\n"                                              \
+      ".hidden " #symbol "_end\n" #symbol                   \
+      "_end:\n"                                             \
+      ".byte 0\n"                                           \
+      ".popsection\n");                                     \
+  extern "C" const char symbol##_begin[];                   \
   extern "C" const char symbol##_end[];
 
 KEEL_EMBED_FILE(keel_report_page_template, "page/report.html")

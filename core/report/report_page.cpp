@@ -36,12 +36,17 @@ nlohmann::json steps_of(const std::vector<TrainRow>& rows) {
 }
 
 nlohmann::json lineage_json(const checkpoint::Lineage& l) {
-  nlohmann::json j{{"run_id", l.run_id}, {"run_dir", l.run_dir}, {"kind", l.kind()},
-                   {"notes", l.notes},   {"changes", nlohmann::json::array()}};
+  nlohmann::json j{{"run_id", l.run_id},
+                   {"run_dir", l.run_dir},
+                   {"kind", l.kind()},
+                   {"notes", l.notes},
+                   {"changes", nlohmann::json::array()}};
   for (const auto& c : l.changes) j["changes"].push_back({{"key", c.key}, {"from", c.from}, {"to", c.to}});
   j["parent"] = l.is_root() ? nlohmann::json(nullptr)
-                            : nlohmann::json{{"run_id", l.parent_run_id}, {"run_dir", l.parent_run_dir},
-                                             {"checkpoint", l.parent_checkpoint}, {"step", l.parent_step}};
+                            : nlohmann::json{{"run_id", l.parent_run_id},
+                                             {"run_dir", l.parent_run_dir},
+                                             {"checkpoint", l.parent_checkpoint},
+                                             {"step", l.parent_step}};
   return j;
 }
 
@@ -84,8 +89,11 @@ nlohmann::json run_json(const RunData& run) {
   for (const auto& e : run.evals) {
     nlohmann::json sources = nlohmann::json::array();
     for (const auto& s : e.sources) {
-      sources.push_back({{"source", s.source}, {"nll", number(s.nll)}, {"perplexity", number(s.perplexity)},
-                         {"tokens", s.tokens}, {"seen_in_training", s.seen_in_training}});
+      sources.push_back({{"source", s.source},
+                         {"nll", number(s.nll)},
+                         {"perplexity", number(s.perplexity)},
+                         {"tokens", s.tokens},
+                         {"seen_in_training", s.seen_in_training}});
     }
     j["evals"].push_back({{"step", e.step}, {"file", e.file}, {"sources", std::move(sources)}});
   }
@@ -110,8 +118,8 @@ nlohmann::json ab_json(const AbTable& t) {
                        {"mean", number(r.summary.mean)},
                        {"sd", number(r.summary.sd)}};
     if (r.has_difference) {
-      row["difference"] = {{"paired", r.difference.paired}, {"n", r.difference.n},
-                           {"mean", number(r.difference.mean)}, {"sd", number(r.difference.sd)},
+      row["difference"] = {{"paired", r.difference.paired},         {"n", r.difference.n},
+                           {"mean", number(r.difference.mean)},     {"sd", number(r.difference.sd)},
                            {"ci_low", number(r.difference.ci_low)}, {"ci_high", number(r.difference.ci_high)}};
     } else {
       row["difference"] = nullptr;
@@ -145,12 +153,23 @@ std::string html_escape(const std::string& text) {
   out.reserve(text.size());
   for (char c : text) {
     switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '"': out += "&quot;"; break;
-      case '\'': out += "&#39;"; break;
-      default: out += c;
+      case '&':
+        out += "&amp;";
+        break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '"':
+        out += "&quot;";
+        break;
+      case '\'':
+        out += "&#39;";
+        break;
+      default:
+        out += c;
     }
   }
   return out;
@@ -192,12 +211,18 @@ std::string render_page(const nlohmann::json& report, const std::string& title) 
     if (close == std::string_view::npos) throw std::logic_error("report template: unclosed {{ placeholder");
     out.append(tmpl.substr(pos, open - pos));
     const std::string_view name = tmpl.substr(open + 2, close - open - 2);
-    if (name == "TITLE") out += html_escape(title);
-    else if (name == "STYLE") out.append(page_style());
-    else if (name == "CHART_LIBRARY") out.append(chart_library());
-    else if (name == "DATA") out += data;
-    else if (name == "SCRIPT") out.append(page_script());
-    else throw std::logic_error("report template: unknown placeholder {{" + std::string(name) + "}}");
+    if (name == "TITLE")
+      out += html_escape(title);
+    else if (name == "STYLE")
+      out.append(page_style());
+    else if (name == "CHART_LIBRARY")
+      out.append(chart_library());
+    else if (name == "DATA")
+      out += data;
+    else if (name == "SCRIPT")
+      out.append(page_script());
+    else
+      throw std::logic_error("report template: unknown placeholder {{" + std::string(name) + "}}");
     pos = close + 2;
   }
   out.append(tmpl.substr(pos));

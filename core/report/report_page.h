@@ -4,10 +4,9 @@
 // browser (tests/unit/test_report.cpp) and the page script stays free of any Keel knowledge but this format.
 #pragma once
 
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "core/report/ab_stats.h"
 #include "core/report/run_data.h"

@@ -116,7 +116,8 @@ EvalResult read_eval_file(const std::string& path) {
   EvalResult out;
   out.file = path;
   try {
-    if (h5.string_attribute("/", "format") != "keel-eval") throw std::runtime_error("attribute format is not keel-eval");
+    if (h5.string_attribute("/", "format") != "keel-eval")
+      throw std::runtime_error("attribute format is not keel-eval");
     out.step = h5.int_attribute("/", "step");
     const nlohmann::json names = nlohmann::json::parse(h5.read_text("/source_names"));
     if (!names.is_array()) throw std::runtime_error("/source_names is not a JSON list");
@@ -159,8 +160,8 @@ RunData gather_run(const std::string& run_dir, const GatherOptions& options) {
                             skipped = series("/train/skipped");
   std::vector<TrainRow> all(steps.size());
   for (size_t i = 0; i < steps.size(); ++i) {
-    all[i] = {steps[i], at_or_nan(loss, i), at_or_nan(grad_norm, i), at_or_nan(lr, i), at_or_nan(tokens_per_s, i),
-              i < skipped.size() && skipped[i] != 0.0};
+    all[i] = {steps[i],         at_or_nan(loss, i),         at_or_nan(grad_norm, i),
+              at_or_nan(lr, i), at_or_nan(tokens_per_s, i), i < skipped.size() && skipped[i] != 0.0};
   }
   std::vector<size_t> kept_rows;
   split_superseded(all, run.rows, run.superseded, &kept_rows);

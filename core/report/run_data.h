@@ -39,9 +39,9 @@ struct TrainRow {
 // Per-tensor gradient norms bucketed along the steps: cells[t][c] is log10 of the largest finite norm of
 // tensor t in column c (spikes stay visible when many steps share a column), NaN when none was measured.
 struct TensorHeatmap {
-  std::vector<std::string> tensor_names;   // T
-  std::vector<int64_t> column_first_step;  // C: first step of each column
-  std::vector<int64_t> column_last_step;   // C: last step of each column
+  std::vector<std::string> tensor_names;             // T
+  std::vector<int64_t> column_first_step;            // C: first step of each column
+  std::vector<int64_t> column_last_step;             // C: last step of each column
   std::vector<std::vector<double>> log10_grad_norm;  // [T][C]
   bool empty() const { return tensor_names.empty() || column_first_step.empty(); }
 };
@@ -70,8 +70,8 @@ struct RunData {
   std::vector<TrainRow> superseded;  // earlier rows of steps that were re-run (a rollback's discarded rows)
   std::vector<metrics::Event> events;
   TensorHeatmap heatmap;
-  std::optional<checkpoint::Lineage> lineage;  // absent if the run dir has no lineage.json
-  std::vector<EvalResult> evals;               // steps ascending
+  std::optional<checkpoint::Lineage> lineage;               // absent if the run dir has no lineage.json
+  std::vector<EvalResult> evals;                            // steps ascending
   std::vector<std::pair<std::string, std::string>> config;  // /config attributes of metrics.h5
 };
 

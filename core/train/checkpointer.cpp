@@ -1,14 +1,14 @@
 // Why: see checkpointer.h.
 #include "core/train/checkpointer.h"
 
+#include <spdlog/spdlog.h>
+
 #include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <set>
-
 #include <nlohmann/json.hpp>
-#include <spdlog/spdlog.h>
+#include <set>
 
 #include "core/checkpoint/checkpoint_error.h"
 #include "core/checkpoint/json_fields.h"
@@ -50,7 +50,8 @@ checkpoint::TrainingState capture_rank_state(TrainerState& s, int64_t step) {
     // "<param>/<state>": placed like its parameter when it has the parameter's shape.
     const auto slash = name.rfind('/');
     const auto it = slash == std::string::npos ? index_of.end() : index_of.find(name.substr(0, slash));
-    if (it == index_of.end()) throw checkpoint::CheckpointError("optimizer state tensor '" + name + "' names no parameter");
+    if (it == index_of.end())
+      throw checkpoint::CheckpointError("optimizer state tensor '" + name + "' names no parameter");
     const size_t i = it->second;
     if ((!s.zero_enabled() && g.coords.dp != 0) || !writes(i)) continue;
     st.optimizer.emplace_back(name, tensor);
@@ -98,7 +99,8 @@ void restore_plugin_states(TrainerState& s, const checkpoint::TrainingState& st,
   }
   for (const auto& ps : st.plugins) {
     bool loaded = false;
-    for (plugin_host::LoadedPlugin* p : s.plugins->all()) loaded = loaded || (p->slot == ps.slot && p->name() == ps.name);
+    for (plugin_host::LoadedPlugin* p : s.plugins->all())
+      loaded = loaded || (p->slot == ps.slot && p->name() == ps.name);
     if (!loaded) notes.push_back("plugin " + ps.name + " (" + ps.slot + ") of the checkpoint is not loaded now");
   }
 }
@@ -136,7 +138,8 @@ std::string save_checkpoint(TrainerState& s, const std::string& reason) {
     st.data_ledger = s.loader->state().dump();
     st.config_ini = to_ini(c);
     st.lineage = checkpoint::lineage_to_json(s.lineage);
-    if (s.fault.at("save_fail", g.rank, step)) throw checkpoint::CheckpointError(tmp + "/" + rank_file + ": injected failure (KEEL_TEST_FAULT)");
+    if (s.fault.at("save_fail", g.rank, step))
+      throw checkpoint::CheckpointError(tmp + "/" + rank_file + ": injected failure (KEEL_TEST_FAULT)");
     checkpoint::write_rank_file(tmp + "/" + rank_file, st, {g.rank, g.world_size()});
   } catch (const std::exception& e) {
     error = e.what();
@@ -183,7 +186,8 @@ std::string save_checkpoint(TrainerState& s, const std::string& reason) {
   s.agree_or_throw(error, "checkpoint step " + std::to_string(step) + " not committed");
   dir = g.world->broadcast_string(dir, 0);
   const std::vector<std::string> pruned =
-      s.rank0() ? s.checkpoints->prune(c.checkpoint.keep_last, c.checkpoint.milestone_every) : std::vector<std::string>{};
+      s.rank0() ? s.checkpoints->prune(c.checkpoint.keep_last, c.checkpoint.milestone_every)
+                : std::vector<std::string>{};
 
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   s.last_checkpoint = dir;
@@ -196,8 +200,8 @@ std::string save_checkpoint(TrainerState& s, const std::string& reason) {
   return dir;
 }
 
-std::vector<std::string> apply_checkpoint(TrainerState& s, const checkpoint::TrainingState& st, const std::string& origin,
-                                          bool allow_data_change, bool restore_plugins) {
+std::vector<std::string> apply_checkpoint(TrainerState& s, const checkpoint::TrainingState& st,
+                                          const std::string& origin, bool allow_data_change, bool restore_plugins) {
   using checkpoint::CheckpointError;
   std::vector<std::string> notes;
   // 1. Check what can be checked before anything changes: model tensors by name, shape and dtype; the ledger.
@@ -219,11 +223,11 @@ std::vector<std::string> apply_checkpoint(TrainerState& s, const checkpoint::Tra
     for (const auto& name : in_checkpoint)
       if (!in_model.count(name)) extra += (extra.empty() ? "" : ", ") + name;
     if (!missing.empty() || !extra.empty()) {
-      throw CheckpointError(origin + ": " + (missing.empty() ? "" : "no model tensor " + missing + " in its rank files") +
-                            (missing.empty() || extra.empty() ? "" : "; ") +
-                            (extra.empty() ? "" : "model tensor " + extra + " is not in this model") + " (checkpoint " +
-                            std::to_string(st.model.size()) + " tensors, model " + std::to_string(s.tensor_names.size()) +
-                            ")");
+      throw CheckpointError(
+          origin + ": " + (missing.empty() ? "" : "no model tensor " + missing + " in its rank files") +
+          (missing.empty() || extra.empty() ? "" : "; ") +
+          (extra.empty() ? "" : "model tensor " + extra + " is not in this model") + " (checkpoint " +
+          std::to_string(st.model.size()) + " tensors, model " + std::to_string(s.tensor_names.size()) + ")");
     }
   }
   std::vector<torch::Tensor> shards;  // per entry of s.params
@@ -253,8 +257,10 @@ std::vector<std::string> apply_checkpoint(TrainerState& s, const checkpoint::Tra
       bool bound = false;
       for (const auto& op : s.optimizer_params) bound = bound || op.name == param;
       if (!bound) break;
-      const bool placed = tensor.sizes().vec() == model::global_shape(s.params[i].param.sizes(), s.specs[i], g.layout.tp());
-      optimizer_tensors.emplace_back(name, placed ? model::shard_of(tensor, s.specs[i], g.coords.tp, g.layout.tp()) : tensor);
+      const bool placed =
+          tensor.sizes().vec() == model::global_shape(s.params[i].param.sizes(), s.specs[i], g.layout.tp());
+      optimizer_tensors.emplace_back(name,
+                                     placed ? model::shard_of(tensor, s.specs[i], g.coords.tp, g.layout.tp()) : tensor);
       break;
     }
   }
@@ -313,14 +319,16 @@ int64_t roll_back(TrainerState& s, int64_t step, const StepRecord& r) {
   if (!target_dir.empty()) target = checkpoint::CheckpointEntry{0, target_dir};
   if (!target) {
     s.event(step, "rollback_unavailable", "no checkpoint to roll back to; the update was skipped instead");
-    spdlog::warn("step {}: {} asked for a rollback but this run has no checkpoint yet: update skipped", step, r.decided_by);
+    spdlog::warn("step {}: {} asked for a rollback but this run has no checkpoint yet: update skipped", step,
+                 r.decided_by);
     return step + 1;
   }
   if (++s.rollbacks > kMaxRollbacks)
     throw std::runtime_error("more than " + std::to_string(kMaxRollbacks) + " rollbacks in one run: stopping");
   const checkpoint::Manifest manifest = checkpoint::verify_checkpoint_dir(target->dir);
   const checkpoint::TrainingState st = checkpoint::read_full_state(target->dir, manifest, s.groups.rank);
-  apply_checkpoint(s, st, target->dir, /*allow_data_change=*/false, /*restore_plugins=*/false);  // plugins keep their memory
+  apply_checkpoint(s, st, target->dir, /*allow_data_change=*/false,
+                   /*restore_plugins=*/false);  // plugins keep their memory
   // The intervention first: the reason can be long, and events keep 511 bytes.
   std::string what = "step " + std::to_string(step) + " -> checkpoint step " + std::to_string(st.step);
   if (!d.skip_data.empty()) {

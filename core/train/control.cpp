@@ -63,7 +63,8 @@ SwapRequest parse_swap_request(const std::string& text) {
       request.slot = value.substr(0, eq);
       request.plugin = value.substr(eq + 1);
     } else if (verb == "arg") {
-      if (value.find('=') == std::string::npos) throw std::runtime_error("arg needs NAME.KEY=VALUE, got " + quote_request_text(value));
+      if (value.find('=') == std::string::npos)
+        throw std::runtime_error("arg needs NAME.KEY=VALUE, got " + quote_request_text(value));
       request.args.push_back(value);
     } else if (verb == "at_step") {
       if (value.empty() || value.size() > 18 || value.find_first_not_of("0123456789") != std::string::npos)

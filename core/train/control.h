@@ -15,10 +15,10 @@
 namespace keel::train {
 
 struct SwapRequest {
-  std::string slot;                  // "optimizer", "spike_handler", ...
-  std::string plugin;                // a built-in name or a path to a .so
-  std::vector<std::string> args;     // "NAME.KEY=VALUE", for [plugin.NAME]
-  int64_t at_step = -1;              // -1: the next boundary
+  std::string slot;               // "optimizer", "spike_handler", ...
+  std::string plugin;             // a built-in name or a path to a .so
+  std::vector<std::string> args;  // "NAME.KEY=VALUE", for [plugin.NAME]
+  int64_t at_step = -1;           // -1: the next boundary
   // The config overrides that describe the swap: "plugins.SLOT=PLUGIN", "plugin.NAME.KEY=VALUE"...
   std::vector<std::string> overrides() const;
 };

@@ -1,8 +1,9 @@
 // Why: see plugin_swap.h.
 #include "core/train/plugin_swap.h"
 
-#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
+
+#include <nlohmann/json.hpp>
 
 #include "core/train/checkpointer.h"
 #include "core/train/control.h"

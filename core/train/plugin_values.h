@@ -4,11 +4,11 @@
 // PluginError naming the plugin, its hook, the step and the value. One file, so the ranges live in one place.
 #pragma once
 
+#include <keel/plugin.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
-
-#include <keel/plugin.h>
 
 namespace keel::train {
 

@@ -41,8 +41,8 @@ std::unique_ptr<RunDirLock> RunDirLock::acquire(const std::string& dir) {
     const int error = errno;
     ::close(fd);
     if (error == EWOULDBLOCK) {
-      throw RunDirError("run dir " + dir + " is in use by pid " + read_pid_text(path) +
-                        " (a live keel run holds " + path + "); wait for it to end or choose another directory");
+      throw RunDirError("run dir " + dir + " is in use by pid " + read_pid_text(path) + " (a live keel run holds " +
+                        path + "); wait for it to end or choose another directory");
     }
     throw RunDirError("run dir " + dir + ": cannot lock " + path + ": " + std::strerror(error));
   }
@@ -98,7 +98,8 @@ RunDirClaim create_run_dir(const std::string& dir, bool force) {
   if (present.size() == 1 && present.count(".keel-run")) present.clear();  // left by a run that never started
   if (!present.empty()) {
     if (!force) {
-      throw RunDirError("run dir " + dir + " already holds a run; choose a new --run-dir or pass --force to replace it");
+      throw RunDirError("run dir " + dir +
+                        " already holds a run; choose a new --run-dir or pass --force to replace it");
     }
     if (!fs::is_regular_file(paths.marker_file(), ec)) {
       throw RunDirError("run dir " + dir + " was not created by keel (no " + paths.marker_file() +

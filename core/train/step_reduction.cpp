@@ -81,7 +81,7 @@ at::Tensor StepReduction::placed_squares(TrainerState& s, const std::vector<at::
       index.push_back(s.global_index[i]);
       counted.push_back(s.specs[i].sharded() || s.groups.coords.tp == 0 ? 1.0f : 0.0f);
     }
-    placement_index_ = torch::tensor(index, torch::kLong).to(s.device);      // [n_local]
+    placement_index_ = torch::tensor(index, torch::kLong).to(s.device);       // [n_local]
     placement_counted_ = torch::tensor(counted, torch::kFloat).to(s.device);  // [n_local]
   }
   at::Tensor local;  // [n_local]

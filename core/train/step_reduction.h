@@ -5,11 +5,11 @@
 // every rank must run (DP mean, TP sum of partial gradients, DP mean of the losses), and the read.
 #pragma once
 
+#include <torch/torch.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
-
-#include <torch/torch.h>
 
 #include "core/train/trainer_state.h"
 

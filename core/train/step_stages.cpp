@@ -1,11 +1,11 @@
 // Why: see step_stages.h.
 #include "core/train/step_stages.h"
 
+#include <spdlog/spdlog.h>
+
 #include <cmath>
 #include <limits>
-
 #include <nlohmann/json.hpp>
-#include <spdlog/spdlog.h>
 
 #include "core/data/mixture.h"
 #include "core/metrics/run_log.h"
@@ -19,9 +19,13 @@ namespace {
 
 // A decision crosses ranks as JSON (rank 0's is the one every rank applies).
 std::string decision_to_json(const sdk::Decision& d, const std::string& decided_by) {
-  return nlohmann::json{{"action", static_cast<int>(d.action)}, {"reason", d.reason}, {"skip_data", d.skip_data},
-                        {"reset_moments", d.reset_optimizer_moments}, {"lr_factor", d.lr_factor},
-                        {"lr_factor_steps", d.lr_factor_steps}, {"by", decided_by}}
+  return nlohmann::json{{"action", static_cast<int>(d.action)},
+                        {"reason", d.reason},
+                        {"skip_data", d.skip_data},
+                        {"reset_moments", d.reset_optimizer_moments},
+                        {"lr_factor", d.lr_factor},
+                        {"lr_factor_steps", d.lr_factor_steps},
+                        {"by", decided_by}}
       .dump();
 }
 sdk::Decision decision_from_json(const std::string& text, std::string& decided_by) {
@@ -62,9 +66,8 @@ void run_step_start_hooks(TrainerState& s, sdk::StepContext& ctx) {
   const Config& c = s.config;
   const int64_t step = ctx.step;
   if (plugin_host::LoadedPlugin* mixture = s.plugins->data_mixture()) {
-    const std::string weights = s.call(*mixture, ctx, [&](sdk::Plugin& p) {
-      return p.mixture_at(step, s.loader->source_names());
-    });
+    const std::string weights =
+        s.call(*mixture, ctx, [&](sdk::Plugin& p) { return p.mixture_at(step, s.loader->source_names()); });
     check_mixture(weights, mixture->name(), step, s.loader->source_names());
     if (!weights.empty()) {
       const auto wanted = data::parse_weights(weights, s.loader->source_names(), "plugin " + mixture->name());
@@ -116,7 +119,7 @@ torch::Tensor forward_backward(TrainerState& s, const torch::Tensor& window, tor
   stage.activation_dtype = s.compute_dtype;
   stage.device = s.device;
   stage.forward = [&](int64_t micro, const torch::Tensor& input) -> torch::Tensor {
-    torch::Tensor micro_window = window.narrow(0, micro * micro_batch, micro_batch);  // [b, T+1]
+    torch::Tensor micro_window = window.narrow(0, micro * micro_batch, micro_batch);                   // [b, T+1]
     torch::Tensor x = g.first_stage() ? s.model->embed(micro_window.narrow(1, 0, T), s.compute_dtype)  // [b, T, C]
                                       : input;
     x = s.model->run_blocks(x);  // [b, T, C]
@@ -189,13 +192,17 @@ void decide(TrainerState& s, StepRecord& r, const std::string& non_finite_ranks)
   // Non-finite weights (an earlier update poisoned them: an optimizer or grad transform plugin) make every
   // later step non-finite: stop instead of skipping forever. Checked only on this rare path.
   if (r.decided_by == "keel") s.stop_if_weights_not_finite(step);
-  if (!g.world->single()) r.decision = decision_from_json(g.world->broadcast_string(decision_to_json(r.decision, r.decided_by), 0), r.decided_by);
-  if (r.decision.action != sdk::Decision::Action::kRollback && r.decision.lr_factor != 1.0 && r.decision.lr_factor_steps > 0) {
+  if (!g.world->single())
+    r.decision =
+        decision_from_json(g.world->broadcast_string(decision_to_json(r.decision, r.decided_by), 0), r.decided_by);
+  if (r.decision.action != sdk::Decision::Action::kRollback && r.decision.lr_factor != 1.0 &&
+      r.decision.lr_factor_steps > 0) {
     s.lr_factor = r.decision.lr_factor;
     s.lr_factor_until = step + r.decision.lr_factor_steps;
     ctx.lr = ctx.lr * r.decision.lr_factor;
-    s.event(step, "lr_factor", "[" + r.decided_by + "] LR x" + std::to_string(r.decision.lr_factor) + " until step " +
-                                   std::to_string(s.lr_factor_until) + ": " + r.decision.reason);
+    s.event(step, "lr_factor",
+            "[" + r.decided_by + "] LR x" + std::to_string(r.decision.lr_factor) + " until step " +
+                std::to_string(s.lr_factor_until) + ": " + r.decision.reason);
   }
   if (r.decision.action != sdk::Decision::Action::kContinue &&
       r.decision.action != sdk::Decision::Action::kRollback) {  // a rollback logs its own event in roll_back()

@@ -5,11 +5,11 @@
 // value a plugin returns is checked at that boundary (plugin_values.h).
 #pragma once
 
+#include <torch/torch.h>
+
 #include <chrono>
 #include <cstdint>
 #include <string>
-
-#include <torch/torch.h>
 
 #include "core/train/step_reduction.h"
 #include "core/train/trainer_state.h"

@@ -5,17 +5,16 @@
 // (plugin_swap.h) happen between steps.
 #include "core/train/trainer.h"
 
-#include <atomic>
-#include <chrono>
-#include <csignal>
-#include <cmath>
-#include <filesystem>
-#include <thread>
-
-#include <unistd.h>
-
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <filesystem>
+#include <thread>
 
 #include "core/checkpoint/training_state.h"
 #include "core/metrics/progress.h"
@@ -89,12 +88,14 @@ Trainer::Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader
   torch::set_num_threads(static_cast<int>(threads));
   if (c.train.device == "cuda") {
     TORCH_CHECK(torch::cuda::is_available(), "train.device = cuda but no CUDA device is available to this build");
-    s.device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(g.world_info.local_rank % torch::cuda::device_count()));
+    s.device = torch::Device(torch::kCUDA,
+                             static_cast<c10::DeviceIndex>(g.world_info.local_rank % torch::cuda::device_count()));
   }
   s.compute_dtype = c.train.precision == "bf16-mixed" ? torch::kBFloat16 : torch::kFloat;
 
   s.loader = std::move(loader);
-  TORCH_CHECK(s.loader && s.loader->global_batch() == c.global_batch(), "trainer needs a data loader for the global batch");
+  TORCH_CHECK(s.loader && s.loader->global_batch() == c.global_batch(),
+              "trainer needs a data loader for the global batch");
 
   // LibTorch seeds its default generators nondeterministically; seed them so that anything random in a step
   // (now or in a plugin) is reproducible: rank r uses train.seed + r. Their state is saved in checkpoints.
@@ -141,16 +142,17 @@ Trainer::Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader
   s.plugins->optimizer().object->bind(s.optimizer_params);
 
   if (s.rank0()) {
-    s.metrics = std::make_unique<metrics::MetricsWriter>(s.paths.metrics_h5(), metrics::OpenMode::kCreate, flatten(c),
-                                                         c.metrics.per_tensor ? s.tensor_names : std::vector<std::string>{},
-                                                         c.metrics.flush_every);
+    s.metrics = std::make_unique<metrics::MetricsWriter>(
+        s.paths.metrics_h5(), metrics::OpenMode::kCreate, flatten(c),
+        c.metrics.per_tensor ? s.tensor_names : std::vector<std::string>{}, c.metrics.flush_every);
   }
   spdlog::info("model: {} layers, d_model {}, {} heads ({} kv), vocab {}, seq_len {}: {:.2f}M parameters on this rank",
                c.model.layers, c.model.d_model, c.model.heads, c.model.kv_heads, c.model.vocab, c.model.seq_len,
                s.model->num_parameters() / 1e6);
-  spdlog::info("batch: {} sequences = {} tokens per step; {} ({} micro-batches of {} per DP rank{}); precision {}; device {}",
-               c.global_batch(), c.tokens_per_step(), g.layout.describe(), c.microbatches_per_rank(), c.rank_micro_batch(),
-               g.layout.pp() > 1 ? ", " + c.parallel.schedule + " pipeline" : "", c.train.precision, c.train.device);
+  spdlog::info(
+      "batch: {} sequences = {} tokens per step; {} ({} micro-batches of {} per DP rank{}); precision {}; device {}",
+      c.global_batch(), c.tokens_per_step(), g.layout.describe(), c.microbatches_per_rank(), c.rank_micro_batch(),
+      g.layout.pp() > 1 ? ", " + c.parallel.schedule + " pipeline" : "", c.train.precision, c.train.device);
 }
 
 Trainer::~Trainer() = default;
@@ -160,8 +162,8 @@ TrainSummary Trainer::train() {
   TrainSummary summary;
   summary.metrics_path = s.paths.metrics_h5();
   s.write_lineage();
-  s.event(s.loader->step(), "run_start", "steps " + std::to_string(s.config.train.steps) + ", " +
-                                                      s.lineage.kind() + " run " + s.lineage.run_id);
+  s.event(s.loader->step(), "run_start",
+          "steps " + std::to_string(s.config.train.steps) + ", " + s.lineage.kind() + " run " + s.lineage.run_id);
   if (s.loader->step() >= s.config.train.steps) {
     spdlog::warn("nothing to do: the run is already at step {} and train.steps = {} (set train.steps higher)",
                  s.loader->step(), s.config.train.steps);
@@ -198,9 +200,9 @@ TrainSummary Trainer::train() {
       meter.update(r.step_time_s, static_cast<double>(ctx.tokens));
       const bool log_line = (step + 1) % c.train.log_every == 0 || step + 1 == c.train.steps || !r.updated();
       if (log_line && s.rank0())
-        spdlog::info(metrics::format_progress({step + 1, c.train.steps, ctx.loss, ctx.grad_norm, ctx.lr,
-                                               meter.tokens_per_s(), meter.eta_s(c.train.steps - step - 1),
-                                               !r.updated()}));
+        spdlog::info(
+            metrics::format_progress({step + 1, c.train.steps, ctx.loss, ctx.grad_norm, ctx.lr, meter.tokens_per_s(),
+                                      meter.eta_s(c.train.steps - step - 1), !r.updated()}));
       // Step boundary: decisions that leave the straight path, then signals, checkpoints and swap requests.
       if (r.decision.action == sdk::Decision::Action::kRollback) {
         step = roll_back(s, step, r) - 1;  // the loop's ++step continues at the checkpoint's step
@@ -216,16 +218,18 @@ TrainSummary Trainer::train() {
         summary.stopped_by_signal = true;
         // Steps are numbered from 0; checkpoint step-N holds the state after N steps (a resume starts at step N).
         const std::string name = checkpoint::step_dir_name(step + 1);
-        s.event(step, "stop", "stop signal received during step " + std::to_string(step) + ": saving " + name +
-                                  " and stopping");
-        spdlog::warn("stop signal received during step {}: saving checkpoint {} (a resume starts at step {}) and stopping",
-                     step, name, step + 1);
+        s.event(step, "stop",
+                "stop signal received during step " + std::to_string(step) + ": saving " + name + " and stopping");
+        spdlog::warn(
+            "stop signal received during step {}: saving checkpoint {} (a resume starts at step {}) and stopping", step,
+            name, step + 1);
         train::save_checkpoint(s, "stop signal");
         break;
       }
       const bool last = step + 1 == c.train.steps;
       const bool due = c.checkpoint.every > 0 && (step + 1) % c.checkpoint.every == 0;
-      if (due || (last && c.checkpoint.at_end)) train::save_checkpoint(s, last ? "end of run" : "every " + std::to_string(c.checkpoint.every));
+      if (due || (last && c.checkpoint.at_end))
+        train::save_checkpoint(s, last ? "end of run" : "every " + std::to_string(c.checkpoint.every));
       if (!last) apply_control_requests(s);
     }
   } catch (const parallel::DistributedError&) {
@@ -254,7 +258,8 @@ void Trainer::fail_after_update(int64_t step, const std::string& failure) {
   std::string message;
   for (size_t r = 0; r < failures.size() && message.empty(); ++r) {
     if (failures[r].empty()) continue;
-    message = (s.groups.world->single() ? "" : s.groups.layout.describe_rank(static_cast<int64_t>(r)) + ": ") + failures[r];
+    message =
+        (s.groups.world->single() ? "" : s.groups.layout.describe_rank(static_cast<int64_t>(r)) + ": ") + failures[r];
   }
   message = "step " + std::to_string(step) + ": " + message;
   spdlog::error("{}; saving a checkpoint of the state after step {} before stopping", message, step);
@@ -276,7 +281,8 @@ std::string Trainer::save_checkpoint(const std::string& reason) { return train::
 
 void Trainer::restore(const checkpoint::TrainingState& st, bool allow_data_change) {
   TrainerState& s = *state_;
-  const std::vector<std::string> notes = apply_checkpoint(s, st, s.lineage.parent_checkpoint, allow_data_change, /*restore_plugins=*/true);
+  const std::vector<std::string> notes =
+      apply_checkpoint(s, st, s.lineage.parent_checkpoint, allow_data_change, /*restore_plugins=*/true);
   for (const auto& note : notes) s.lineage.notes.push_back(note);
   for (const auto& change : s.loader->adopt_config(s.config)) s.lineage.notes.push_back("data: " + change);
   s.event(st.step, "resume", "from " + s.lineage.parent_checkpoint + " (" + s.lineage.kind() + ")");
@@ -290,15 +296,15 @@ StepRecord Trainer::train_step(int64_t step) {
   s.step_updated = false;
   StepRecord r;
   r.ctx = begin_context(s, step);
-  run_step_start_hooks(s, r.ctx);                       // 0. step start: mixture, LR
-  const torch::Tensor window = load_batch(s, r.ctx);    // 1. batch          [B/dp, T+1]
-  torch::Tensor own_losses;                             //    [2] this rank's [loss, z_loss]
+  run_step_start_hooks(s, r.ctx);                                  // 0. step start: mixture, LR
+  const torch::Tensor window = load_batch(s, r.ctx);               // 1. batch          [B/dp, T+1]
+  torch::Tensor own_losses;                                        //    [2] this rank's [loss, z_loss]
   torch::Tensor losses = forward_backward(s, window, own_losses);  // 2. loss  [2]
   const std::string non_finite_ranks = reduce_and_clip(s, *reduction_, r, own_losses, losses);  // 3. grads
-  transform_grads(s, r.ctx);                            // 4. grad transforms
-  decide(s, r, non_finite_ranks);                       // 5. step decision
-  apply_update(s, r);                                   // 6. optimizer step
-  end_step(s, r, start);                                // 7. step end: metrics, observers
+  transform_grads(s, r.ctx);                                                                    // 4. grad transforms
+  decide(s, r, non_finite_ranks);                                                               // 5. step decision
+  apply_update(s, r);                                                                           // 6. optimizer step
+  end_step(s, r, start);  // 7. step end: metrics, observers
   return r;
 }
 

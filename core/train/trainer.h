@@ -20,7 +20,7 @@ namespace keel::train {
 struct TrainerState;
 struct StepRecord;
 class StepReduction;
-}
+}  // namespace keel::train
 
 namespace keel::train {
 

@@ -61,7 +61,9 @@ void TrainerState::stop_if_weights_not_finite(int64_t step) {
 }
 
 BoundaryStatus TrainerState::boundary_status(bool failed, bool stop) {
-  const BoundaryStatus local = failed ? BoundaryStatus::kFailed : stop ? BoundaryStatus::kStop : BoundaryStatus::kContinue;
+  const BoundaryStatus local = failed ? BoundaryStatus::kFailed
+                               : stop ? BoundaryStatus::kStop
+                                      : BoundaryStatus::kContinue;
   if (groups.world->single()) return local;
   at::Tensor code = torch::full({1}, static_cast<float>(local));
   groups.world->all_reduce(code, parallel::ReduceOp::kMax);
@@ -72,7 +74,8 @@ void TrainerState::agree_or_throw(const std::string& error, const std::string& w
   const std::vector<std::string> errors = groups.world->all_gather_strings(error);
   for (size_t r = 0; r < errors.size(); ++r) {
     if (errors[r].empty()) continue;
-    throw checkpoint::CheckpointError(what + ": " + groups.layout.describe_rank(static_cast<int64_t>(r)) + ": " + errors[r]);
+    throw checkpoint::CheckpointError(what + ": " + groups.layout.describe_rank(static_cast<int64_t>(r)) + ": " +
+                                      errors[r]);
   }
 }
 

@@ -4,12 +4,12 @@
 // ranks, and the plugin-call boundary (every hook runs through call(), which names the plugin on an error).
 #pragma once
 
+#include <torch/torch.h>
+
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <torch/torch.h>
 
 #include "core/checkpoint/checkpoint_store.h"
 #include "core/checkpoint/lineage.h"

@@ -2,13 +2,13 @@
 // pair per thread (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax") and merges the pairs
 // over the block; the second writes the gradient over the logits. Loads and stores are 16-byte vectors where
 // the row is aligned, so a bf16 row moves 8 values per instruction.
-#include "kernels/cuda/cross_entropy.cuh"
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cmath>
 #include <cstdint>
+
+#include "kernels/cuda/cross_entropy.cuh"
 
 namespace keel::kernels::cuda {
 namespace {
@@ -19,11 +19,17 @@ __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
 template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half(x);
+}
 
 // 16 bytes of T: the unit of a vector load/store.
 template <typename T>

@@ -3,9 +3,9 @@
 // and chunk), and launches whenever the struct is full: a 7B model's ~300 tensors take a handful of launches.
 // The struct stays under the classic 4 KB kernel-parameter limit. Arithmetic is fp32 in the order of the
 // LibTorch reference (kernels/optimizer_step.cpp); float4 loads where a chunk's pointers are 16-byte aligned.
-#include "kernels/cuda/optimizer_step.cuh"
-
 #include <cstdint>
+
+#include "kernels/cuda/optimizer_step.cuh"
 
 namespace keel::kernels::cuda {
 namespace {
@@ -29,7 +29,7 @@ struct AdamWOp {
   __device__ __forceinline__ static void apply(float (&x)[4], float decay_factor, const AdamWScalars& s) {
     const float g = x[1];
     float p = x[0] * decay_factor;
-    float m = x[2] + s.one_minus_beta1 * (g - x[2]);      // lerp_(g, 1 - beta1)
+    float m = x[2] + s.one_minus_beta1 * (g - x[2]);       // lerp_(g, 1 - beta1)
     float v = x[3] * s.beta2 + s.one_minus_beta2 * g * g;  // mul_(beta2).addcmul_(g, g, 1 - beta2)
     const float denom = sqrtf(v) / s.bias_correction2_sqrt + s.eps;
     p = p + s.neg_step_size * (m / denom);  // addcdiv_(m, denom, -step_size)
@@ -54,7 +54,8 @@ struct LionOp {
 };
 
 template <typename Op, int Depth, int MaxTensors, int MaxBlocks, typename Scalars>
-__global__ void __launch_bounds__(kThreads) multi_tensor_kernel(TensorLists<Depth, MaxTensors, MaxBlocks, Scalars> lists) {
+__global__ void __launch_bounds__(kThreads)
+    multi_tensor_kernel(TensorLists<Depth, MaxTensors, MaxBlocks, Scalars> lists) {
   const int t = lists.block_tensor[blockIdx.x];
   const int64_t begin = static_cast<int64_t>(lists.block_chunk[blockIdx.x]) * kChunk;
   const int64_t remaining = lists.sizes[t] - begin;

@@ -19,7 +19,8 @@ class AdamW : public keel::sdk::Plugin {
       : beta1_(keel::sdk::arg_double(args, "beta1", keel::sdk::arg_double(args, "optim.beta1", 0.9))),
         beta2_(keel::sdk::arg_double(args, "beta2", keel::sdk::arg_double(args, "optim.beta2", 0.95))),
         eps_(keel::sdk::arg_double(args, "eps", keel::sdk::arg_double(args, "optim.eps", 1e-8))),
-        weight_decay_(keel::sdk::arg_double(args, "weight_decay", keel::sdk::arg_double(args, "optim.weight_decay", 0.1))) {
+        weight_decay_(
+            keel::sdk::arg_double(args, "weight_decay", keel::sdk::arg_double(args, "optim.weight_decay", 0.1))) {
     keel::sdk::require_known_args(args, {"beta1", "beta2", "eps", "weight_decay"});
     if (!(beta1_ >= 0 && beta1_ < 1 && beta2_ >= 0 && beta2_ < 1 && eps_ > 0 && weight_decay_ >= 0))
       throw std::invalid_argument("adamw: need 0 <= beta1, beta2 < 1, eps > 0, weight_decay >= 0");
@@ -30,7 +31,7 @@ class AdamW : public keel::sdk::Plugin {
     exp_avg_.clear();
     exp_avg_sq_.clear();
     for (const auto& p : params_) {
-      exp_avg_.push_back(at::zeros_like(p.param));     // [same shape as the param], fp32
+      exp_avg_.push_back(at::zeros_like(p.param));  // [same shape as the param], fp32
       exp_avg_sq_.push_back(at::zeros_like(p.param));
     }
   }
@@ -93,7 +94,8 @@ class AdamW : public keel::sdk::Plugin {
     }
     report.push_back("adamw: adopted exp_avg of " + std::to_string(adopted_m) + "/" + std::to_string(params_.size()) +
                      " tensors (the rest start at zero)");
-    report.push_back("adamw: adopted exp_avg_sq of " + std::to_string(adopted_v) + "/" + std::to_string(params_.size()) +
+    report.push_back("adamw: adopted exp_avg_sq of " + std::to_string(adopted_v) + "/" +
+                     std::to_string(params_.size()) +
                      " tensors (the rest start at zero); bias-correction step count starts at 0");
     return report;
   }
@@ -137,4 +139,5 @@ class AdamW : public keel::sdk::Plugin {
 
 }  // namespace
 
-KEEL_PLUGIN(AdamW, "adamw", "1.0", keel::sdk::kOptimizer, "AdamW (torch.optim.AdamW update rule) on fp32 master weights")
+KEEL_PLUGIN(AdamW, "adamw", "1.0", keel::sdk::kOptimizer,
+            "AdamW (torch.optim.AdamW update rule) on fp32 master weights")

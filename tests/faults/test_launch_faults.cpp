@@ -3,6 +3,7 @@
 // they get SIGTERM from the kernel (PR_SET_PDEATHSIG), finish the step, save a checkpoint that `keel resume`
 // continues from, and exit 0, exactly as after Ctrl-C. A launcher killed while the ranks are still joining the job
 // leaves nothing behind: no process and no run dir.
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -17,8 +18,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "core/metrics/metrics_reader.h"
 #include "faults/fault_support.h"

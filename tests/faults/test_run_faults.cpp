@@ -148,9 +148,9 @@ TEST(RunDirFaults, FailedResumeNamesTheTensorAndLeavesNoDebris) {
 
 TEST(PluginValueFaults, NonFiniteLearningRateStopsTheRunNamingThePlugin) {
   const std::string run_dir = fresh_dir("nan-lr");
-  const auto result = run_keel(train_args(run_dir, "--set train.steps=12 --set checkpoint.every=4 --plugin lr_schedule=" +
-                                                       fixture("lr_spike") +
-                                                       " --plugin-arg lr_spike.at_step=6 --plugin-arg lr_spike.factor=nan"));
+  const auto result = run_keel(
+      train_args(run_dir, "--set train.steps=12 --set checkpoint.every=4 --plugin lr_schedule=" + fixture("lr_spike") +
+                              " --plugin-arg lr_spike.at_step=6 --plugin-arg lr_spike.factor=nan"));
   EXPECT_NE(result.exit_code, 0) << result.output;
   const std::string line = last_line(result.output);
   EXPECT_NE(line.find("plugin lr_spike"), std::string::npos) << result.output;
@@ -161,14 +161,16 @@ TEST(PluginValueFaults, NonFiniteLearningRateStopsTheRunNamingThePlugin) {
   EXPECT_TRUE(fs::exists(run_dir + "/checkpoints/step-00000004/manifest.json"));
   EXPECT_FALSE(fs::exists(run_dir + "/checkpoints/step-00000008"));
   EXPECT_TRUE(has_event(run_dir, "error", "lr_spike"));
-  for (double loss : MetricsReader(run_dir + "/metrics.h5").read_double("/train/loss")) EXPECT_TRUE(std::isfinite(loss));
+  for (double loss : MetricsReader(run_dir + "/metrics.h5").read_double("/train/loss"))
+    EXPECT_TRUE(std::isfinite(loss));
 }
 
 TEST(PluginValueFaults, OutOfRangeDecisionValuesAreRefused) {
   for (const std::string factor : {"nan", "inf", "-1", "0"}) {
     const std::string run_dir = fresh_dir("bad-factor");
-    const auto result = run_keel(train_args(run_dir, "--set train.steps=8 --plugin spike_handler=" + fixture("bad_decision") +
-                                                         " --plugin-arg bad_decision.lr_factor=" + factor));
+    const auto result =
+        run_keel(train_args(run_dir, "--set train.steps=8 --plugin spike_handler=" + fixture("bad_decision") +
+                                         " --plugin-arg bad_decision.lr_factor=" + factor));
     EXPECT_NE(result.exit_code, 0) << factor << ": " << result.output;
     const std::string line = last_line(result.output);
     EXPECT_NE(line.find("plugin bad_decision"), std::string::npos) << result.output;
@@ -177,17 +179,19 @@ TEST(PluginValueFaults, OutOfRangeDecisionValuesAreRefused) {
     fs::remove_all(run_dir);
   }
   const std::string run_dir = fresh_dir("bad-skip");
-  const auto skip = run_keel(train_args(run_dir, "--set train.steps=8 --plugin spike_handler=" + fixture("bad_decision") +
-                                                     " --plugin-arg bad_decision.lr_factor=1" +
-                                                     " --plugin-arg bad_decision.skip_data=nosuchsource:chunk:1"));
+  const auto skip =
+      run_keel(train_args(run_dir, "--set train.steps=8 --plugin spike_handler=" + fixture("bad_decision") +
+                                       " --plugin-arg bad_decision.lr_factor=1" +
+                                       " --plugin-arg bad_decision.skip_data=nosuchsource:chunk:1"));
   EXPECT_NE(skip.exit_code, 0) << skip.output;
   EXPECT_NE(last_line(skip.output).find("skip_data"), std::string::npos) << skip.output;
 }
 
 TEST(PluginValueFaults, FailureAfterAnUpdateSavesThatStepAndExitsNonZero) {
   const std::string run_dir = fresh_dir("observer-throws");
-  const auto result = run_keel(train_args(run_dir, "--set train.steps=10 --plugin observers=" + fixture("throwing_observer") +
-                                                       " --plugin-arg throwing_observer.at_step=4"));
+  const auto result =
+      run_keel(train_args(run_dir, "--set train.steps=10 --plugin observers=" + fixture("throwing_observer") +
+                                       " --plugin-arg throwing_observer.at_step=4"));
   EXPECT_NE(result.exit_code, 0) << result.output;
   const std::string line = last_line(result.output);
   EXPECT_NE(line.find("throwing_observer"), std::string::npos) << result.output;
@@ -228,8 +232,9 @@ namespace {
 
 TEST(PluginValueFaults, PoisonedWeightsStopTheRunInsteadOfSkippingForever) {
   const std::string run_dir = fresh_dir("poisoned");
-  const auto result = run_keel(train_args(run_dir, "--set train.steps=20 --set checkpoint.every=4 --plugin grad_transform=" +
-                                                       fixture("poison_grads") + " --plugin-arg poison_grads.at_step=5"));
+  const auto result =
+      run_keel(train_args(run_dir, "--set train.steps=20 --set checkpoint.every=4 --plugin grad_transform=" +
+                                       fixture("poison_grads") + " --plugin-arg poison_grads.at_step=5"));
   EXPECT_NE(result.exit_code, 0) << result.output;
   const std::string line = last_line(result.output);
   EXPECT_NE(line.find("step 6: the weights are not finite"), std::string::npos) << result.output;
@@ -258,7 +263,8 @@ TEST(ControlFaults, RequestsThatCouldNeverApplyAreRefused) {
   const auto missing = run_keel("control " + live + " swap spike_handler=/nonexistent/libnothing.so");
   EXPECT_NE(missing.exit_code, 0);
   EXPECT_NE(last_line(missing.output).find("/nonexistent/libnothing.so"), std::string::npos) << missing.output;
-  const auto bad_arg = run_keel("control " + live + " swap spike_handler=zscore_skip --plugin-arg zscore_skip.nosuchkey=1");
+  const auto bad_arg =
+      run_keel("control " + live + " swap spike_handler=zscore_skip --plugin-arg zscore_skip.nosuchkey=1");
   EXPECT_NE(bad_arg.exit_code, 0);
   EXPECT_NE(last_line(bad_arg.output).find("nosuchkey"), std::string::npos) << bad_arg.output;
   const auto bad_slot = run_keel("control " + live + " swap nosuchslot=zscore_skip");

@@ -50,17 +50,26 @@ struct Bytes {
   bool done() const { return at >= size; }
 };
 
-const char* const kNames[] = {"model/w", "model/embed.weight", "optimizer/state/w/exp_avg", "rng/cpu", "config",
-                              "lineage", "data/ledger", "lr_schedule", "optimizer/state_json", "plugins/s/n/state",
-                              "plugins/s/n/tensors/t", "x"};
-const char* const kGroups[] = {"/model", "/optimizer", "/optimizer/state", "/rng", "/plugins", "/plugins/s",
-                               "/plugins/s/n", "/data"};
-const char* const kAttrs[] = {"dtype", "global_shape", "offset", "format", "format_version", "step", "name",
-                              "version", "tokens_seen", "keel_version"};
+const char* const kNames[] = {"model/w",
+                              "model/embed.weight",
+                              "optimizer/state/w/exp_avg",
+                              "rng/cpu",
+                              "config",
+                              "lineage",
+                              "data/ledger",
+                              "lr_schedule",
+                              "optimizer/state_json",
+                              "plugins/s/n/state",
+                              "plugins/s/n/tensors/t",
+                              "x"};
+const char* const kGroups[] = {"/model",   "/optimizer", "/optimizer/state", "/rng",
+                               "/plugins", "/plugins/s", "/plugins/s/n",     "/data"};
+const char* const kAttrs[] = {"dtype", "global_shape", "offset",  "format",      "format_version",
+                              "step",  "name",         "version", "tokens_seen", "keel_version"};
 const char* const kDtypes[] = {"float32", "float64", "bfloat16", "float16", "int64", "int32", "uint8", "bogus", ""};
 
 hid_t numeric_type(uint8_t b) {
-  const hid_t types[] = {H5T_IEEE_F32LE, H5T_IEEE_F64LE, H5T_STD_U16LE, H5T_STD_I64LE, H5T_STD_I32LE,
+  const hid_t types[] = {H5T_IEEE_F32LE, H5T_IEEE_F64LE, H5T_STD_U16LE,  H5T_STD_I64LE, H5T_STD_I32LE,
                          H5T_STD_U8LE,   H5T_STD_I8LE,   H5T_IEEE_F32BE, H5T_STD_I16BE, H5T_STD_U64LE};
   return types[b % (sizeof(types) / sizeof(types[0]))];
 }
@@ -133,8 +142,8 @@ void build(const std::string& path, Bytes& in) {
       H5Tclose(type);
       H5Sclose(space);
     } else if (kind == 2) {  // group
-      const hid_t g = H5Gcreate2(file, kGroups[in.next() % (sizeof(kGroups) / sizeof(kGroups[0]))], lcpl, H5P_DEFAULT,
-                                 H5P_DEFAULT);
+      const hid_t g =
+          H5Gcreate2(file, kGroups[in.next() % (sizeof(kGroups) / sizeof(kGroups[0]))], lcpl, H5P_DEFAULT, H5P_DEFAULT);
       if (g >= 0) H5Gclose(g);
     } else {  // attribute on the last object or the root
       const std::string object = (in.next() & 1) ? last : "/";
@@ -143,18 +152,21 @@ void build(const std::string& path, Bytes& in) {
       hsize_t elements = 0;
       const hid_t space = (how & 1) ? make_space(in, false, &elements) : H5Screate(H5S_SCALAR);
       if (elements == 0 && H5Sget_simple_extent_type(space) == H5S_SCALAR) elements = 1;
-      std::string value = (how & 2) ? kDtypes[in.next() % (sizeof(kDtypes) / sizeof(kDtypes[0]))] : "keel-checkpoint-rank";
+      std::string value =
+          (how & 2) ? kDtypes[in.next() % (sizeof(kDtypes) / sizeof(kDtypes[0]))] : "keel-checkpoint-rank";
       const hid_t type = (how & 4) ? H5Tcopy(numeric_type(in.next())) : string_type(in.next() & 6, value.size());
       H5Adelete_by_name(file, object.c_str(), name.c_str(), H5P_DEFAULT);
-      const hid_t attr = H5Acreate_by_name(file, object.c_str(), name.c_str(), type, space, H5P_DEFAULT, H5P_DEFAULT,
-                                           H5P_DEFAULT);
+      const hid_t attr =
+          H5Acreate_by_name(file, object.c_str(), name.c_str(), type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
       if (attr >= 0) {
         if (elements > 0 && elements < 4096) {
           std::vector<uint8_t> buffer(elements * H5Tget_size(type) + value.size() + 1, 0);
           if (how & 4) {
             for (auto& b : buffer) b = in.next();
           } else {
-            for (hsize_t e = 0; e < elements; ++e) value.copy(reinterpret_cast<char*>(buffer.data()) + e * H5Tget_size(type), std::min(value.size(), H5Tget_size(type)));
+            for (hsize_t e = 0; e < elements; ++e)
+              value.copy(reinterpret_cast<char*>(buffer.data()) + e * H5Tget_size(type),
+                         std::min(value.size(), H5Tget_size(type)));
           }
           if (H5Tis_variable_str(type) <= 0) H5Awrite(attr, type, buffer.data());
         }
@@ -172,7 +184,8 @@ void walk(const std::string& path) {
   refused_or_ok([&] {
     const H5Reader in(path);
     for (const char* attr : {"format", "keel_version"}) refused_or_ok([&] { in.string_attribute("/", attr); });
-    for (const char* attr : {"format_version", "step", "tokens_seen"}) refused_or_ok([&] { in.int_attribute("/", attr); });
+    for (const char* attr : {"format_version", "step", "tokens_seen"})
+      refused_or_ok([&] { in.int_attribute("/", attr); });
     for (const char* group : {"/plugins", "/plugins/s", "/model"}) refused_or_ok([&] { in.groups_under(group); });
     std::vector<std::string> names;
     refused_or_ok([&] { names = in.datasets_under("/"); });
@@ -184,7 +197,8 @@ void walk(const std::string& path) {
         if (t.global_shape.size() != t.shape.size() || t.offset.size() != t.shape.size())
           broken_promise("global_shape/offset rank differs from the tensor's");
         for (size_t d = 0; d < t.shape.size(); ++d) {
-          if (t.offset[d] < 0 || t.offset[d] + t.shape[d] > t.global_shape[d]) broken_promise("piece outside its tensor");
+          if (t.offset[d] < 0 || t.offset[d] + t.shape[d] > t.global_shape[d])
+            broken_promise("piece outside its tensor");
         }
       });
       refused_or_ok([&] { in.read_text(name); });

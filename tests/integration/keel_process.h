@@ -23,7 +23,8 @@ inline ProcessResult run_keel(const std::string& arguments) { return run_keel_wi
 
 // The same with extra environment variables ("A=1 B=2"; may be empty) for the command.
 inline ProcessResult run_keel_with_env(const std::string& env, const std::string& arguments) {
-  const std::string command = (env.empty() ? "" : "env " + env + " ") + std::string(KEEL_BINARY) + " " + arguments + " 2>&1";
+  const std::string command =
+      (env.empty() ? "" : "env " + env + " ") + std::string(KEEL_BINARY) + " " + arguments + " 2>&1";
   ProcessResult result;
   FILE* pipe = popen(command.c_str(), "r");
   if (pipe == nullptr) return result;
@@ -58,7 +59,8 @@ inline pid_t spawn_keel(const std::string& arguments) {
 
 // Starts `keel train` on the tiny config and the test data in the background; returns its pid.
 inline pid_t spawn_train(const std::string& run_dir, const std::string& extra) {
-  return spawn_keel("train --config " + tiny_config() + " " + test_data_override() + " --run-dir " + run_dir + " " + extra);
+  return spawn_keel("train --config " + tiny_config() + " " + test_data_override() + " --run-dir " + run_dir + " " +
+                    extra);
 }
 
 // Rows readable from a metrics file that may be mid-write: 0 on any read error.

@@ -3,21 +3,19 @@
 // SIGKILL during saves never leaves a loadable half-checkpoint; damage is named and, from a run dir, passed over;
 // model and data mismatches are refused before anything is written; SIGTERM saves and resumes exactly; a
 // branch records what changed.
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
+#include <torch/torch.h>
 
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
 
-#include <gtest/gtest.h>
-
 #include "../common/damage.h"
-#include <nlohmann/json.hpp>
-#include <torch/torch.h>
-
 #include "core/checkpoint/checkpoint_store.h"
 #include "core/checkpoint/durable_fs.h"
 #include "core/checkpoint/lineage.h"
@@ -52,7 +50,8 @@ void expect_same_tensors(const NamedTensors& a, const NamedTensors& b, const std
 // Rows [from, to) of a metrics column.
 std::vector<double> rows(const std::string& run_dir, const std::string& column, size_t from, size_t to) {
   const auto all = MetricsReader(run_dir + "/metrics.h5").read_double(column);
-  return std::vector<double>(all.begin() + static_cast<std::ptrdiff_t>(from), all.begin() + static_cast<std::ptrdiff_t>(to));
+  return std::vector<double>(all.begin() + static_cast<std::ptrdiff_t>(from),
+                             all.begin() + static_cast<std::ptrdiff_t>(to));
 }
 
 }  // namespace
@@ -80,7 +79,8 @@ TEST_P(BitExactResume, TwentyStepsEqualTenPlusResumeTen) {
   ASSERT_EQ(resumed_norms.rows, 10);
   ASSERT_EQ(straight_norms.cols, resumed_norms.cols);
   for (size_t i = 0; i < resumed_norms.values.size(); ++i)
-    ASSERT_EQ(straight_norms.values[static_cast<size_t>(10 * straight_norms.cols) + i], resumed_norms.values[i]) << "per-tensor grad norm " << i;
+    ASSERT_EQ(straight_norms.values[static_cast<size_t>(10 * straight_norms.cols) + i], resumed_norms.values[i])
+        << "per-tensor grad norm " << i;
 
   // The final state: weights, optimizer moments and step, RNG, tokens, data ledger.
   const TrainingState a = read_rank_file(straight + "/checkpoints/step-00000020/rank-00000.h5");
@@ -99,8 +99,9 @@ TEST_P(BitExactResume, TwentyStepsEqualTenPlusResumeTen) {
   EXPECT_EQ(lineage.parent_run_dir, first);
 }
 
-INSTANTIATE_TEST_SUITE_P(Precisions, BitExactResume, ::testing::Values("fp32", "bf16-mixed"),
-                         [](const auto& info) { return info.param == "fp32" ? std::string("fp32") : std::string("bf16"); });
+INSTANTIATE_TEST_SUITE_P(Precisions, BitExactResume, ::testing::Values("fp32", "bf16-mixed"), [](const auto& info) {
+  return info.param == "fp32" ? std::string("fp32") : std::string("bf16");
+});
 
 TEST(CheckpointSaves, SigkillDuringSavesNeverLeavesALoadableHalfCheckpoint) {
   std::mt19937 rng(20261122);
@@ -108,7 +109,8 @@ TEST(CheckpointSaves, SigkillDuringSavesNeverLeavesALoadableHalfCheckpoint) {
   for (int round = 0; round < 4; ++round) {
     const std::string run = fresh_dir("kill-save-" + std::to_string(round));
     // A checkpoint every step: most of the wall time is spent inside a save.
-    const pid_t pid = spawn_train(run, "--set train.steps=100000 --set checkpoint.every=1 --set checkpoint.keep_last=2");
+    const pid_t pid =
+        spawn_train(run, "--set train.steps=100000 --set checkpoint.every=1 --set checkpoint.keep_last=2");
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
     while (!fs::exists(run + "/checkpoints/latest") && std::chrono::steady_clock::now() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -127,8 +129,8 @@ TEST(CheckpointSaves, SigkillDuringSavesNeverLeavesALoadableHalfCheckpoint) {
     EXPECT_LE(CheckpointStore(run + "/checkpoints").list_valid().size(), 3u);
     if (round == 0) {
       const std::string resumed = fresh_dir("kill-save-resumed");
-      auto r = run_keel("resume --from " + run + " --run-dir " + resumed + " --set train.steps=" +
-                        std::to_string(state.step + 2));
+      auto r = run_keel("resume --from " + run + " --run-dir " + resumed +
+                        " --set train.steps=" + std::to_string(state.step + 2));
       EXPECT_EQ(r.exit_code, 0) << r.output;
     }
   }
@@ -136,8 +138,10 @@ TEST(CheckpointSaves, SigkillDuringSavesNeverLeavesALoadableHalfCheckpoint) {
 
 TEST(CheckpointSaves, RetentionInARealRun) {
   const std::string run = fresh_dir("retention");
-  auto r = run_keel("train " + base_args("--set train.steps=10 --set checkpoint.every=1 --set checkpoint.keep_last=2 "
-                                         "--set checkpoint.milestone_every=4") + " --run-dir " + run);
+  auto r = run_keel("train " +
+                    base_args("--set train.steps=10 --set checkpoint.every=1 --set checkpoint.keep_last=2 "
+                              "--set checkpoint.milestone_every=4") +
+                    " --run-dir " + run);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   std::vector<int64_t> steps;
   for (const auto& e : CheckpointStore(run + "/checkpoints").list()) steps.push_back(e.step);

@@ -3,13 +3,13 @@
 // imported run resumes and trains; a bf16 export imports as exactly the bf16-rounded masters; what HF LLaMA
 // cannot express (LayerNorm) is refused naming the key, and an HF directory with a missing tensor is refused
 // naming the tensor, before any run dir is written.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
-
-#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
-#include <torch/torch.h>
 
 #include "core/checkpoint/durable_fs.h"
 #include "core/checkpoint/manifest.h"
@@ -91,7 +91,8 @@ TEST(HfInterop, ExportImportIsBitIdenticalAndTheImportResumesAndTrains) {
   const auto trained = full_state(resumed + "/checkpoints/step-00000001");
   EXPECT_EQ(trained.step, 1);
   EXPECT_EQ(trained.optimizer_step, 1);
-  EXPECT_FALSE(torch::equal(*find(trained.model, "blocks.0.attn.wq.weight"), *find(back.model, "blocks.0.attn.wq.weight")))
+  EXPECT_FALSE(
+      torch::equal(*find(trained.model, "blocks.0.attn.wq.weight"), *find(back.model, "blocks.0.attn.wq.weight")))
       << "the resumed run did not update the weights";
   EXPECT_NE(trained.lineage.find(imported), std::string::npos) << trained.lineage;
 }
@@ -130,22 +131,25 @@ TEST(HfInterop, LayerNormModelsAndIncompleteHfDirectoriesAreRefusedByName) {
   EXPECT_FALSE(fs::exists(hf)) << "a refused export wrote its output directory";
 
   // An RMSNorm export with one tensor taken out of model.safetensors: the import names it, writes nothing.
-  const std::string good = fresh_dir("hfln-good"), partial = fresh_dir("hfln-partial"), target = fresh_dir("hfln-target");
+  const std::string good = fresh_dir("hfln-good"), partial = fresh_dir("hfln-partial"),
+                    target = fresh_dir("hfln-target");
   r = run_keel("train " + base_args("--set train.steps=1") + " --run-dir " + good);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   r = run_keel("export-hf " + good + "/checkpoints/step-00000001 " + hf);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   auto weights = keel::interop::read_safetensors(hf + "/model.safetensors");
-  weights.tensors.erase(std::remove_if(weights.tensors.begin(), weights.tensors.end(),
-                                       [](const auto& t) { return t.name == "model.layers.1.self_attn.k_proj.weight"; }),
-                        weights.tensors.end());
+  weights.tensors.erase(
+      std::remove_if(weights.tensors.begin(), weights.tensors.end(),
+                     [](const auto& t) { return t.name == "model.layers.1.self_attn.k_proj.weight"; }),
+      weights.tensors.end());
   fs::create_directories(partial);
   fs::copy_file(hf + "/config.json", partial + "/config.json");
   std::ofstream(partial + "/model.safetensors", std::ios::binary) << keel::interop::serialize_safetensors(weights);
   r = run_keel("import-hf " + partial + " --run-dir " + target + " " + base_args());
   EXPECT_NE(r.exit_code, 0);
-  EXPECT_NE(r.output.find("tensor 'model.layers.1.self_attn.k_proj.weight' (Keel 'blocks.1.attn.wk.weight') is missing"),
-            std::string::npos)
+  EXPECT_NE(
+      r.output.find("tensor 'model.layers.1.self_attn.k_proj.weight' (Keel 'blocks.1.attn.wk.weight') is missing"),
+      std::string::npos)
       << r.output;
   EXPECT_FALSE(fs::exists(target)) << "a refused import wrote its run dir";
 }

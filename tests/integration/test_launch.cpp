@@ -2,6 +2,7 @@
 // gets its variables, that output stays readable (prefixed whole lines), that one failed rank stops the whole
 // job promptly with that rank named, and that Ctrl-C/SIGTERM reach every rank. The ranks here are shell
 // one-liners, so the tests check the launcher alone, in seconds.
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -15,8 +16,6 @@
 #include <sstream>
 #include <string>
 #include <thread>
-
-#include <gtest/gtest.h>
 
 #include "tests/integration/keel_process.h"
 
@@ -105,8 +104,8 @@ LaunchResult launch(const std::string& arguments, double seconds = 60.0) {
 }
 
 TEST(Launch, EveryRankGetsItsVariablesAndPrefixedOutput) {
-  const LaunchResult r =
-      launch("--nproc 3 -- sh -c 'echo \"hello $RANK/$WORLD_SIZE $LOCAL_RANK $LOCAL_WORLD_SIZE $MASTER_ADDR:$MASTER_PORT\"'");
+  const LaunchResult r = launch(
+      "--nproc 3 -- sh -c 'echo \"hello $RANK/$WORLD_SIZE $LOCAL_RANK $LOCAL_WORLD_SIZE $MASTER_ADDR:$MASTER_PORT\"'");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const std::regex line(R"(\[rank (\d)\] hello (\d)/3 (\d) 3 127\.0\.0\.1:(\d+))");
   std::map<int, int> lines_per_rank;

@@ -3,8 +3,10 @@
 // saved in one layout resumes in another, and faults (a killed or hung rank, a failed save on one rank, a NaN
 // on one rank) end or skip cleanly with the rank named. Tiny shapes: the whole file runs in a few minutes on
 // two cores.
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
+#include <torch/torch.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -14,9 +16,6 @@
 #include <map>
 #include <sstream>
 #include <thread>
-
-#include <gtest/gtest.h>
-#include <torch/torch.h>
 
 #include "core/checkpoint/checkpoint_store.h"
 #include "core/checkpoint/manifest.h"
@@ -31,7 +30,8 @@ namespace fs = std::filesystem;
 using metrics::MetricsReader;
 
 // `keel launch --nproc N -- keel train` on the tiny config, `steps` steps, with extra --set flags.
-ProcessResult launch_train(int nproc, const std::string& run_dir, const std::string& extra, const std::string& env = "") {
+ProcessResult launch_train(int nproc, const std::string& run_dir, const std::string& extra,
+                           const std::string& env = "") {
   return run_keel_with_env(env, "launch --nproc " + std::to_string(nproc) + " -- " + KEEL_BINARY + " train --config " +
                                     tiny_config() + " " + test_data_override() + " --run-dir " + run_dir + " " + extra);
 }
@@ -50,7 +50,9 @@ std::map<std::string, torch::Tensor> final_weights(const std::string& run_dir) {
   return out;
 }
 
-std::vector<double> losses(const std::string& run_dir) { return MetricsReader(run_dir + "/metrics.h5").read_double("/train/loss"); }
+std::vector<double> losses(const std::string& run_dir) {
+  return MetricsReader(run_dir + "/metrics.h5").read_double("/train/loss");
+}
 
 const std::string kSteps = "--set train.steps=3 --set checkpoint.at_end=true --set metrics.per_tensor=false";
 
@@ -60,8 +62,8 @@ const std::string& reference_run(const std::string& precision) {
   auto it = runs.find(precision);
   if (it != runs.end()) return it->second;
   const std::string dir = fresh_dir("parallel-ref-" + precision);
-  const ProcessResult r = run_keel("train --config " + tiny_config() + " " + test_data_override() + " --run-dir " + dir +
-                                   " " + kSteps + " --set train.precision=" + precision);
+  const ProcessResult r = run_keel("train --config " + tiny_config() + " " + test_data_override() + " --run-dir " +
+                                   dir + " " + kSteps + " --set train.precision=" + precision);
   EXPECT_EQ(r.exit_code, 0) << r.output;
   return runs[precision] = dir;
 }
@@ -77,9 +79,10 @@ TEST_P(ParallelLayouts, MatchTheSingleProcessRun) {
   const LayoutCase c = GetParam();
   const bool fp32 = c.precision == "fp32";
   const std::string reference = reference_run(c.precision);
-  const std::string dir = fresh_dir("parallel-" + std::to_string(c.dp) + std::to_string(c.tp) + std::to_string(c.pp) + c.precision);
-  const ProcessResult r = launch_train(c.dp * c.tp * c.pp, dir,
-                                       kSteps + " --set train.precision=" + c.precision + " " + layout_flags(c.dp, c.tp, c.pp));
+  const std::string dir =
+      fresh_dir("parallel-" + std::to_string(c.dp) + std::to_string(c.tp) + std::to_string(c.pp) + c.precision);
+  const ProcessResult r = launch_train(
+      c.dp * c.tp * c.pp, dir, kSteps + " --set train.precision=" + c.precision + " " + layout_flags(c.dp, c.tp, c.pp));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   // Losses: fp32 differs only by reduction order; bf16 also by where the casts fall.
   const std::vector<double> want = losses(reference), got = losses(dir);
@@ -105,14 +108,15 @@ INSTANTIATE_TEST_SUITE_P(Layouts, ParallelLayouts,
                                            LayoutCase{1, 1, 2, "bf16-mixed"}, LayoutCase{2, 2, 2, "bf16-mixed"}),
                          [](const ::testing::TestParamInfo<LayoutCase>& info) {
                            const LayoutCase& c = info.param;
-                           return "dp" + std::to_string(c.dp) + "tp" + std::to_string(c.tp) + "pp" + std::to_string(c.pp) +
-                                  (c.precision == "fp32" ? "_fp32" : "_bf16");
+                           return "dp" + std::to_string(c.dp) + "tp" + std::to_string(c.tp) + "pp" +
+                                  std::to_string(c.pp) + (c.precision == "fp32" ? "_fp32" : "_bf16");
                          });
 
 TEST(ParallelRun, ZeroOneMatchesPlainDataParallel) {
   const std::string plain = fresh_dir("parallel-dp"), zero = fresh_dir("parallel-zero");
   ASSERT_EQ(launch_train(2, plain, kSteps + " --set train.precision=fp32 --set parallel.dp=2").exit_code, 0);
-  const ProcessResult r = launch_train(2, zero, kSteps + " --set train.precision=fp32 --set parallel.dp=2 --set parallel.zero=1");
+  const ProcessResult r =
+      launch_train(2, zero, kSteps + " --set train.precision=fp32 --set parallel.dp=2 --set parallel.zero=1");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(losses(zero), losses(plain));
   const auto a = final_weights(plain), b = final_weights(zero);
@@ -126,12 +130,13 @@ TEST(ParallelRun, ZeroOneMatchesPlainDataParallel) {
 TEST(ParallelRun, SavedAt2x1x2ResumesAt1x2x1WithTheSameLoss) {
   const std::string straight = fresh_dir("parallel-straight"), first = fresh_dir("parallel-first"),
                     second = fresh_dir("parallel-second");
-  const std::string common = " --set train.precision=fp32 --set train.steps=4 --set optim.decay_steps=4 --set metrics.per_tensor=false";
+  const std::string common =
+      " --set train.precision=fp32 --set train.steps=4 --set optim.decay_steps=4 --set metrics.per_tensor=false";
   ASSERT_EQ(launch_train(4, straight, common + " " + layout_flags(2, 1, 2)).exit_code, 0);
   ASSERT_EQ(launch_train(4, first, common + " --set train.steps=2 " + layout_flags(2, 1, 2)).exit_code, 0);
-  const ProcessResult r = run_keel_with_env(
-      "", "launch --nproc 2 -- " + std::string(KEEL_BINARY) + " resume --from " + first + " --run-dir " + second +
-              " --set train.steps=4 " + layout_flags(1, 2, 1));
+  const ProcessResult r =
+      run_keel_with_env("", "launch --nproc 2 -- " + std::string(KEEL_BINARY) + " resume --from " + first +
+                                " --run-dir " + second + " --set train.steps=4 " + layout_flags(1, 2, 1));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const std::vector<double> want = losses(straight), got = losses(second);
   ASSERT_EQ(got.size(), 2u);
@@ -145,8 +150,8 @@ TEST(ParallelRun, LayoutThatDoesNotMatchTheRanksIsRefusedNamingTheKeys) {
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("parallel.dp x parallel.tp x parallel.pp = 4 x 1 x 1 = 4"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(dir + "/metrics.h5"));
-  const ProcessResult alone = run_keel("train --config " + tiny_config() + " " + test_data_override() + " --run-dir " + dir +
-                                       " --set parallel.dp=2");
+  const ProcessResult alone = run_keel("train --config " + tiny_config() + " " + test_data_override() + " --run-dir " +
+                                       dir + " --set parallel.dp=2");
   EXPECT_NE(alone.exit_code, 0);
   EXPECT_NE(alone.output.find("the job has 1 rank (one process; start N ranks with keel launch"), std::string::npos)
       << alone.output;
@@ -185,16 +190,17 @@ TEST(ParallelRun, SaveFailingOnOneRankIsCommittedByNone) {
 }
 
 // Two ranks started torchrun-style without a launcher; returns their pids. Output goes to LOG_r.
-std::vector<pid_t> start_ranks(int world, const std::string& run_dir, const std::string& extra, const std::string& log) {
+std::vector<pid_t> start_ranks(int world, const std::string& run_dir, const std::string& extra,
+                               const std::string& log) {
   const int port = 20000 + static_cast<int>(::getpid() % 20000);
   std::vector<pid_t> pids;
   for (int rank = 0; rank < world; ++rank) {
     const pid_t pid = fork();
     if (pid == 0) {
       const std::string command = "RANK=" + std::to_string(rank) + " WORLD_SIZE=" + std::to_string(world) +
-                                  " MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " exec " + KEEL_BINARY +
-                                  " train --config " + tiny_config() + " " + test_data_override() + " --run-dir " + run_dir +
-                                  " " + extra + " > " + log + std::to_string(rank) + " 2>&1";
+                                  " MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " exec " +
+                                  KEEL_BINARY + " train --config " + tiny_config() + " " + test_data_override() +
+                                  " --run-dir " + run_dir + " " + extra + " > " + log + std::to_string(rank) + " 2>&1";
       execl("/bin/sh", "sh", "-c", command.c_str(), nullptr);
       _exit(127);
     }
@@ -245,7 +251,9 @@ void expect_survivor_names_missing_rank(const std::string& name, int signal) {
   EXPECT_NE(output.find("rank 1 (dp 1, tp 0, pp 0)"), std::string::npos) << output;
 }
 
-TEST(ParallelRun, KilledRankMakesTheOthersExitNamingIt) { expect_survivor_names_missing_rank("parallel-killed", SIGKILL); }
+TEST(ParallelRun, KilledRankMakesTheOthersExitNamingIt) {
+  expect_survivor_names_missing_rank("parallel-killed", SIGKILL);
+}
 
 TEST(ParallelRun, HungRankMakesTheOthersExitWithinTheTimeoutNamingIt) {
   expect_survivor_names_missing_rank("parallel-hung", SIGSTOP);

@@ -3,15 +3,14 @@
 // zscore_skip, which leaves the weights of that step bitwise unchanged, and by rollback_skip, which rolls back
 // and skips the data; plugin state survives save/resume bit-exactly; and a swap from a checkpoint
 // (`keel resume --plugin`) is bit-exact with the same swap made mid-run by `keel control ... --at-step`.
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
+#include <torch/torch.h>
 
 #include <chrono>
 #include <filesystem>
 #include <thread>
-
-#include <gtest/gtest.h>
-#include <torch/torch.h>
 
 #include "core/checkpoint/durable_fs.h"
 #include "core/checkpoint/lineage.h"
@@ -39,14 +38,17 @@ std::vector<std::string> event_kinds_at(const std::string& run, int64_t step) {
   }
   return out;
 }
-bool has(const std::vector<std::string>& v, const std::string& x) { return std::find(v.begin(), v.end(), x) != v.end(); }
+bool has(const std::vector<std::string>& v, const std::string& x) {
+  return std::find(v.begin(), v.end(), x) != v.end();
+}
 
 }  // namespace
 
 TEST(Plugins, BrokenOrWrongPluginsAreRefusedBeforeTheRunDirIsClaimed) {
   const std::string run = fresh_dir("plugin-refused");
   const std::vector<std::pair<std::string, std::string>> cases = {
-      {"--plugin spike_handler=" + fixture("bad_api_version"), "built for plugin API version 999, this Keel speaks version 2"},
+      {"--plugin spike_handler=" + fixture("bad_api_version"),
+       "built for plugin API version 999, this Keel speaks version 2"},
       {"--plugin observers=" + fixture("bad_fingerprint"), "built with a different toolchain"},
       {"--plugin observers=" + fixture("bad_fingerprint"), "LibTorch 0.4.1"},
       {"--plugin observers=" + fixture("no_entry_point"), "not a Keel plugin (it does not export keel_plugin_info)"},
@@ -68,8 +70,9 @@ TEST(Plugins, BrokenOrWrongPluginsAreRefusedBeforeTheRunDirIsClaimed) {
 TEST(Plugins, ZscoreSkipSkipsExactlyTheSpikeAndLeavesWeightsUnchanged) {
   const std::string run = fresh_dir("zscore-run");
   // lr_spike multiplies the LR at step 12, so the loss of step 13 jumps.
-  const auto r = run_keel("train " + args("--set train.steps=16") + " --run-dir " + run + " --plugin lr_schedule=" +
-                          fixture("lr_spike") + " --plugin spike_handler=zscore_skip --plugin-arg zscore_skip.threshold=4");
+  const auto r = run_keel("train " + args("--set train.steps=16") + " --run-dir " + run +
+                          " --plugin lr_schedule=" + fixture("lr_spike") +
+                          " --plugin spike_handler=zscore_skip --plugin-arg zscore_skip.threshold=4");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   MetricsReader reader(run + "/metrics.h5");
   const auto skipped = reader.read_int64("/train/skipped");
@@ -91,7 +94,8 @@ TEST(Plugins, RollbackSkipReturnsToTheCheckpointAndSkipsTheData) {
   const std::string run = fresh_dir("rollback-run");
   const auto r = run_keel("train " + args("--set train.steps=16 --set checkpoint.every=4") + " --run-dir " + run +
                           " --plugin lr_schedule=" + fixture("lr_spike") +
-                          " --plugin spike_handler=rollback_skip --plugin-arg rollback_skip.threshold=4 --plugin-arg rollback_skip.skip=samples");
+                          " --plugin spike_handler=rollback_skip --plugin-arg rollback_skip.threshold=4 --plugin-arg "
+                          "rollback_skip.skip=samples");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   MetricsReader reader(run + "/metrics.h5");
   const auto steps = reader.read_int64("/train/step");
@@ -133,7 +137,8 @@ TEST(Plugins, PluginStateSurvivesSaveAndResumeBitExactly) {
   EXPECT_EQ(a.plugins[0].json, b.plugins[0].json);
   ASSERT_EQ(a.plugins[0].tensors.size(), b.plugins[0].tensors.size());
   for (size_t i = 0; i < a.plugins[0].tensors.size(); ++i)
-    EXPECT_TRUE(torch::equal(a.plugins[0].tensors[i].second, b.plugins[0].tensors[i].second)) << a.plugins[0].tensors[i].first;
+    EXPECT_TRUE(torch::equal(a.plugins[0].tensors[i].second, b.plugins[0].tensors[i].second))
+        << a.plugins[0].tensors[i].first;
   EXPECT_EQ(MetricsReader(straight + "/metrics.h5").read_double("/train/loss").back(),
             MetricsReader(second + "/metrics.h5").read_double("/train/loss").back());
 }

@@ -33,7 +33,7 @@ std::string find_chromium() {
 
 struct BrowserResult {
   int exit_code = -1;
-  std::string dom;     // the DOM after the page's scripts ran
+  std::string dom;  // the DOM after the page's scripts ran
   std::string stderr_text;
 };
 
@@ -98,8 +98,9 @@ TEST(ReportRun, TwoArmsWithASpikeRollbackAndEvalDrawInABrowser) {
   const std::string common = "train --config " + tiny_config() + " " + test_data_override() +
                              " --set train.steps=16 --set checkpoint.every=8 ";
   // lr_spike multiplies the LR at step 12, the loss of step 13 jumps, rollback_skip returns to step 8.
-  auto r = run_keel(common + "--run-dir " + base + " --plugin lr_schedule=" + KEEL_TEST_PLUGIN_DIR +
-                    "/keel_plugin_lr_spike.so --plugin spike_handler=rollback_skip --plugin-arg rollback_skip.threshold=4");
+  auto r =
+      run_keel(common + "--run-dir " + base + " --plugin lr_schedule=" + KEEL_TEST_PLUGIN_DIR +
+               "/keel_plugin_lr_spike.so --plugin spike_handler=rollback_skip --plugin-arg rollback_skip.threshold=4");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   r = run_keel(common + "--run-dir " + lowlr + " --set optim.lr=1e-3");
   ASSERT_EQ(r.exit_code, 0) << r.output;

@@ -1,6 +1,8 @@
 // Why: the spine end to end through the `keel` binary on the bundled corpus: loss falls, metrics.h5 holds every
 // documented dataset, a SIGKILLed run leaves a readable file, SIGTERM stops cleanly, bad input is refused.
+#include <gtest/gtest.h>
 #include <signal.h>
+#include <torch/cuda.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -8,9 +10,6 @@
 #include <fstream>
 #include <numeric>
 #include <thread>
-
-#include <gtest/gtest.h>
-#include <torch/cuda.h>
 
 #include "core/metrics/metrics_reader.h"
 #include "keel_process.h"
@@ -110,7 +109,9 @@ TEST(TrainRun, SigtermFinishesTheStepAndExitsZero) {
 TEST(TrainRun, ExistingRunDirIsNotOverwrittenWithoutForce) {
   const std::string run_dir = fresh_dir("noforce");
   ASSERT_EQ(run_keel("train --config " + tiny_config() + " " + test_data_override() + " --run-dir " + run_dir +
-                     " --set train.steps=2").exit_code, 0);
+                     " --set train.steps=2")
+                .exit_code,
+            0);
   const auto before = std::filesystem::last_write_time(run_dir + "/metrics.h5");
   const auto size_before = std::filesystem::file_size(run_dir + "/metrics.h5");
   auto again = run_keel("train --config " + tiny_config() + " " + test_data_override() + " --run-dir " + run_dir +
@@ -153,7 +154,8 @@ TEST(Cli, ConfigErrorsExitNonZeroNamingKeyOrFile) {
 
 TEST(Cli, UnpreparedDataSaysWhichCommandToRun) {
   const std::string run_dir = fresh_dir("unprepared");
-  auto result = run_keel("train --config " + tiny_config() + " --set data.dir=/tmp/keel-no-such-data --run-dir " + run_dir);
+  auto result =
+      run_keel("train --config " + tiny_config() + " --set data.dir=/tmp/keel-no-such-data --run-dir " + run_dir);
   EXPECT_NE(result.exit_code, 0);
   EXPECT_NE(result.output.find("keel data prepare"), std::string::npos) << result.output;
 }

@@ -1,9 +1,9 @@
 // Why: a gradient transform that writes NaN into every gradient at step `at_step` (default 3), after Keel's
 // non-finite check: the optimizer then makes the weights NaN. Keel must notice at the next step and stop the
 // run naming the tensor and the plugins that could have done it, instead of skipping every later step.
-#include <cmath>
-
 #include <ATen/ATen.h>
+
+#include <cmath>
 
 #include "keel/plugin.h"
 
@@ -27,4 +27,5 @@ class PoisonGrads : public keel::sdk::Plugin {
 
 }  // namespace
 
-KEEL_PLUGIN(PoisonGrads, "poison_grads", "1.0", keel::sdk::kGradTransform, "test fixture: NaN gradients after the check")
+KEEL_PLUGIN(PoisonGrads, "poison_grads", "1.0", keel::sdk::kGradTransform,
+            "test fixture: NaN gradients after the check")

@@ -3,15 +3,15 @@
 // rethrows the first rank's failure so that a test sees it.
 #pragma once
 
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
 #include <vector>
-
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include "core/config/config.h"
 #include "core/parallel/process_groups.h"

@@ -3,15 +3,15 @@
 // sharding attributes, refusals), the full rank file (every section round-trips, RNG restores exactly, a
 // NaN/Inf tensor or a null in its JSON is never written, a JSON type error on reading names file and field)
 // and the typed JSON helpers every checkpoint JSON read goes through.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <limits>
-
-#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
-#include <torch/torch.h>
 
 #include "core/checkpoint/checkpoint_error.h"
 #include "core/checkpoint/h5_file.h"
@@ -76,7 +76,8 @@ TEST(Sha256, FileDigestEqualsMemoryDigestAndMissingFileIsNamed) {
   const std::string path = keel::testing::test_dir() + "/bytes.bin";
   std::ofstream(path, std::ios::binary) << std::string(70000, 'x');
   EXPECT_EQ(sha256_file(path), sha256_hex(std::string(70000, 'x')));
-  EXPECT_NE(keel::testing::checkpoint_error_of([&] { sha256_file(path + ".missing"); }).find("bytes.bin.missing"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { sha256_file(path + ".missing"); }).find("bytes.bin.missing"),
+            std::string::npos);
 }
 
 TEST(Manifest, RoundTrips) {
@@ -98,7 +99,8 @@ TEST(Manifest, EveryBadFieldIsRefusedByName) {
     edit(j);
     return keel::testing::checkpoint_error_of([&] { parse_manifest(j.dump(), "ckpt/manifest.json"); });
   };
-  EXPECT_NE(keel::testing::checkpoint_error_of([] { parse_manifest("{not json", "m.json"); }).find("not valid JSON"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([] { parse_manifest("{not json", "m.json"); }).find("not valid JSON"),
+            std::string::npos);
   EXPECT_NE(with([](auto& j) { j.erase("step"); }).find("'step' is missing"), std::string::npos);
   EXPECT_NE(with([](auto& j) { j["step"] = -1; }).find("'step'"), std::string::npos);
   EXPECT_NE(with([](auto& j) { j["step"] = "ten"; }).find("'step' must be an integer"), std::string::npos);
@@ -115,7 +117,8 @@ TEST(Manifest, EveryBadFieldIsRefusedByName) {
   EXPECT_NE(with([](auto& j) { j["files"] = nlohmann::json::array(); }).find("'files'"), std::string::npos);
   EXPECT_NE(with([](auto& j) { j["files"].push_back(j["files"][1]); }).find("listed twice"), std::string::npos);
   EXPECT_NE(with([](auto& j) { j["step"] = nullptr; }).find("'step' must be an integer, got null"), std::string::npos);
-  EXPECT_NE(with([](auto& j) { j["tensors_finite"] = 1; }).find("'tensors_finite' must be true or false"), std::string::npos);
+  EXPECT_NE(with([](auto& j) { j["tensors_finite"] = 1; }).find("'tensors_finite' must be true or false"),
+            std::string::npos);
 }
 
 TEST(Manifest, TensorsFiniteIsOptionalAndRoundTrips) {
@@ -178,14 +181,19 @@ TEST(H5File, MissingObjectsWrongKindsAndNonHdf5FilesAreNamed) {
     out.write_text("text", "abc");
     out.close();
   }
-  EXPECT_NE(keel::testing::checkpoint_error_of([&] { H5Writer again(dir + "/t.h5"); }).find("t.h5"), std::string::npos) << "refuses to overwrite";
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { H5Writer again(dir + "/t.h5"); }).find("t.h5"), std::string::npos)
+      << "refuses to overwrite";
   H5Reader in(dir + "/t.h5");
-  EXPECT_NE(keel::testing::checkpoint_error_of([&] { in.read_tensor("model/w"); }).find("'model/w'"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { in.read_tensor("model/w"); }).find("'model/w'"),
+            std::string::npos);
   EXPECT_NE(keel::testing::checkpoint_error_of([&] { in.read_tensor("text"); }).find("'text'"), std::string::npos);
-  EXPECT_NE(keel::testing::checkpoint_error_of([&] { in.read_text("text/inner"); }).find("text/inner"), std::string::npos);
-  EXPECT_NE(keel::testing::checkpoint_error_of([&] { in.int_attribute("/", "nope"); }).find("'nope'"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { in.read_text("text/inner"); }).find("text/inner"),
+            std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { in.int_attribute("/", "nope"); }).find("'nope'"),
+            std::string::npos);
   std::ofstream(dir + "/junk.h5") << "this is not HDF5";
-  EXPECT_NE(keel::testing::checkpoint_error_of([&] { H5Reader junk(dir + "/junk.h5"); }).find("junk.h5"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { H5Reader junk(dir + "/junk.h5"); }).find("junk.h5"),
+            std::string::npos);
 }
 
 TEST(TrainingStateFile, EverySectionRoundTripsAndRngRestoresExactly) {
@@ -245,7 +253,8 @@ TEST(TrainingStateFile, ForeignHdf5FileIsRefusedByName) {
     out.set_attribute("/", "format", "something-else");
     out.close();
   }
-  EXPECT_NE(keel::testing::checkpoint_error_of([&] { read_rank_file(path); }).find("other.h5: not a Keel checkpoint"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { read_rank_file(path); }).find("other.h5: not a Keel checkpoint"),
+            std::string::npos);
 }
 
 TEST(TrainingStateFile, NonFiniteTensorsAndNullJsonAreNeverWritten) {
@@ -253,29 +262,37 @@ TEST(TrainingStateFile, NonFiniteTensorsAndNullJsonAreNeverWritten) {
   const std::string path = dir + "/rank-00000.h5";
   TrainingState poisoned = small_state();
   poisoned.model[1].second[2][3] = std::numeric_limits<float>::quiet_NaN();
-  EXPECT_EQ(keel::testing::checkpoint_error_of([&] { write_rank_file(path, poisoned, {0, 1}); }),
+  EXPECT_EQ(keel::testing::checkpoint_error_of([&] {
+              write_rank_file(path, poisoned, {0, 1});
+            }),
             "cannot save checkpoint step 40: model tensor blocks.0.attn.wq.weight holds NaN/Inf (rank-00000.h5)");
   EXPECT_FALSE(std::filesystem::exists(path)) << "refused before the file is created";
 
   poisoned = small_state();
   poisoned.optimizer[1].second[0][0] = std::numeric_limits<float>::infinity();
-  EXPECT_NE(keel::testing::checkpoint_error_of([&] { write_rank_file(path, poisoned, {0, 1}); })
-                .find("optimizer tensor embed.weight/exp_avg_sq holds NaN/Inf (rank-00000.h5)"),
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] {
+              write_rank_file(path, poisoned, {0, 1});
+            }).find("optimizer tensor embed.weight/exp_avg_sq holds NaN/Inf (rank-00000.h5)"),
             std::string::npos);
   poisoned = small_state();
   poisoned.optimizer[0].second = torch::full({5, 4}, -std::numeric_limits<float>::infinity()).to(torch::kBFloat16);
-  EXPECT_NE(keel::testing::checkpoint_error_of([&] { write_rank_file(path, poisoned, {0, 1}); }).find("embed.weight/exp_avg"),
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] {
+              write_rank_file(path, poisoned, {0, 1});
+            }).find("embed.weight/exp_avg"),
             std::string::npos);
   // nlohmann writes a NaN as null: a poisoned LR factor is refused too.
   poisoned = small_state();
   poisoned.lr_schedule = nlohmann::json{{"lr", 0.003}, {"lr_factor", std::nan("")}}.dump();
-  EXPECT_EQ(keel::testing::checkpoint_error_of([&] { write_rank_file(path, poisoned, {0, 1}); }),
+  EXPECT_EQ(keel::testing::checkpoint_error_of([&] {
+              write_rank_file(path, poisoned, {0, 1});
+            }),
             "cannot save checkpoint step 40: /lr_schedule: field 'lr_factor' is null (a NaN or Inf written as JSON) "
             "(rank-00000.h5)");
   poisoned = small_state();
   poisoned.optimizer_json = R"({"step": nan})";  // a plugin that formats its own JSON with std::to_string
-  EXPECT_NE(keel::testing::checkpoint_error_of([&] { write_rank_file(path, poisoned, {0, 1}); })
-                .find("cannot save checkpoint step 40: optimizer adamw state: not valid JSON"),
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] {
+              write_rank_file(path, poisoned, {0, 1});
+            }).find("cannot save checkpoint step 40: optimizer adamw state: not valid JSON"),
             std::string::npos);
   EXPECT_FALSE(std::filesystem::exists(path));
 
@@ -301,25 +318,35 @@ TEST(TrainingStateFile, JsonTypeErrorsNameTheFileObjectAndField) {
             dir + "/rank-1.h5:/optimizer/state_json: field 'step': expected an integer, got 1.5");
   EXPECT_EQ(read_error([](TrainingState& s) { s.data_ledger = R"({"sources": [{"name": "prose", "epoch": "one"}]})"; }),
             dir + "/rank-2.h5:/data/ledger: field 'sources[0].epoch': expected an integer, got a string");
-  EXPECT_EQ(read_error([](TrainingState& s) { s.data_ledger = R"({"mixture_history": [{"from_step": 0, "weights": {"code": true}}]})"; }),
+  EXPECT_EQ(read_error([](TrainingState& s) {
+              s.data_ledger = R"({"mixture_history": [{"from_step": 0, "weights": {"code": true}}]})";
+            }),
             dir + "/rank-3.h5:/data/ledger: field 'mixture_history[0].weights.code': expected a number, got true");
   EXPECT_EQ(read_error([](TrainingState& s) { s.lineage = R"({"run_id": 7})"; }),
             dir + "/rank-4.h5:/lineage: field 'run_id': expected a string, got 7");
-  EXPECT_EQ(read_error([](TrainingState& s) { s.plugins.push_back({"spike_handler", "zscore_skip", "1", R"({"skipped": "x", "w": [1, 2]})", {}}); }),
-            "(no CheckpointError)");  // a plugin's own fields are the plugin's to type; only a null (a NaN) is Keel's business
+  EXPECT_EQ(read_error([](TrainingState& s) {
+              s.plugins.push_back({"spike_handler", "zscore_skip", "1", R"({"skipped": "x", "w": [1, 2]})", {}});
+            }),
+            "(no CheckpointError)");  // a plugin's own fields are the plugin's to type; only a null (a NaN) is Keel's
+                                      // business
 }
 
 TEST(JsonFields, TypedReadsNameOriginAndPath) {
-  const nlohmann::json j = parse_json_object(R"({"a": 1, "b": null, "c": {"d": "x"}, "e": [{"f": 2.5}], "g": [1, null]})", "F");
+  const nlohmann::json j =
+      parse_json_object(R"({"a": 1, "b": null, "c": {"d": "x"}, "e": [{"f": 2.5}], "g": [1, null]})", "F");
   const JsonFields f(j, "F");
   EXPECT_EQ(f.integer("a"), 1);
   EXPECT_EQ(f.number_or("missing", 4.5), 4.5);
-  EXPECT_EQ(keel::testing::checkpoint_error_of([&] { f.number_or("b", 1.0); }), "F: field 'b': expected a number, got null");
-  EXPECT_EQ(keel::testing::checkpoint_error_of([&] { f.object("c").integer("d"); }), "F: field 'c.d': expected an integer, got a string");
-  EXPECT_EQ(keel::testing::checkpoint_error_of([&] { f.objects("e")[0].integer("f"); }), "F: field 'e[0].f': expected an integer, got 2.5");
+  EXPECT_EQ(keel::testing::checkpoint_error_of([&] { f.number_or("b", 1.0); }),
+            "F: field 'b': expected a number, got null");
+  EXPECT_EQ(keel::testing::checkpoint_error_of([&] { f.object("c").integer("d"); }),
+            "F: field 'c.d': expected an integer, got a string");
+  EXPECT_EQ(keel::testing::checkpoint_error_of([&] { f.objects("e")[0].integer("f"); }),
+            "F: field 'e[0].f': expected an integer, got 2.5");
   EXPECT_EQ(keel::testing::checkpoint_error_of([&] { f.string("nope"); }), "F: field 'nope' is missing");
   EXPECT_EQ(keel::testing::checkpoint_error_of([&] { f.object("a"); }), "F: field 'a': expected an object, got 1");
   EXPECT_EQ(find_null(j).value_or(""), "b");
   EXPECT_EQ(find_null(j["g"], "g").value_or(""), "g[1]");
-  EXPECT_EQ(keel::testing::checkpoint_error_of([] { parse_json_object("[1]", "F"); }), "F: expected a JSON object, got an array");
+  EXPECT_EQ(keel::testing::checkpoint_error_of([] { parse_json_object("[1]", "F"); }),
+            "F: expected a JSON object, got an array");
 }

@@ -4,20 +4,19 @@
 // counted; retention keeps exactly the newest K plus milestones plus the newest finite one, also after a kill
 // mid-prune; resolve_checkpoint takes the newest valid checkpoint of a run dir whatever `latest` says (with a
 // warning) and never falls back from an explicit checkpoint. Also the lineage.
+#include <gtest/gtest.h>
+
 #include <filesystem>
 #include <fstream>
 #include <functional>
-
-#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
 #include "../common/damage.h"
-
 #include "core/checkpoint/checkpoint_error.h"
 #include "core/checkpoint/checkpoint_store.h"
+#include "core/checkpoint/durable_fs.h"
 #include "core/checkpoint/h5_file.h"
 #include "core/checkpoint/lineage.h"
-#include "core/checkpoint/durable_fs.h"
 #include "core/checkpoint/sha256.h"
 #include "test_support.h"
 
@@ -84,7 +83,8 @@ TEST(CheckpointStore, CommitMakesAValidCheckpointAndMovesLatest) {
   save_fake(store, 10);
   EXPECT_EQ(store.latest_pointer(), root + "/step-00000010");
   EXPECT_EQ(steps_of(store.list_valid()), (std::vector<int64_t>{5, 10}));
-  EXPECT_NE(keel::testing::checkpoint_error_of([&] { store.begin(10); }).find("step-00000010 already exists"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { store.begin(10); }).find("step-00000010 already exists"),
+            std::string::npos);
 }
 
 TEST(CheckpointStore, IncompleteOrDamagedDirectoriesAreNeverValid) {
@@ -94,17 +94,23 @@ TEST(CheckpointStore, IncompleteOrDamagedDirectoriesAreNeverValid) {
   save_fake(store, 2);
   save_fake(store, 3);
   save_fake(store, 4);
-  fs::create_directories(root + "/step-00000009.tmp");       // a save killed before its rename
-  fs::create_directories(root + "/step-00000008");           // no manifest
-  keel::testing::flip_byte(root + "/step-00000003/rank-00000.h5", 3);       // bit rot
-  fs::resize_file(root + "/step-00000004/config.ini", 4);    // truncated
-  CheckpointStore fresh(root);                               // no remembered verifications
+  fs::create_directories(root + "/step-00000009.tmp");                 // a save killed before its rename
+  fs::create_directories(root + "/step-00000008");                     // no manifest
+  keel::testing::flip_byte(root + "/step-00000003/rank-00000.h5", 3);  // bit rot
+  fs::resize_file(root + "/step-00000004/config.ini", 4);              // truncated
+  CheckpointStore fresh(root);                                         // no remembered verifications
   EXPECT_EQ(steps_of(fresh.list_valid()), (std::vector<int64_t>{1, 2}));
-  EXPECT_NE(keel::testing::checkpoint_error_of([&] { verify_checkpoint_dir(root + "/step-00000003"); }).find("rank-00000.h5: corrupted"),
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] {
+              verify_checkpoint_dir(root + "/step-00000003");
+            }).find("rank-00000.h5: corrupted"),
             std::string::npos);
-  EXPECT_NE(keel::testing::checkpoint_error_of([&] { verify_checkpoint_dir(root + "/step-00000004"); }).find("config.ini: truncated"),
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] {
+              verify_checkpoint_dir(root + "/step-00000004");
+            }).find("config.ini: truncated"),
             std::string::npos);
-  EXPECT_NE(keel::testing::checkpoint_error_of([&] { verify_checkpoint_dir(root + "/step-00000008"); }).find("incomplete checkpoint"),
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] {
+              verify_checkpoint_dir(root + "/step-00000008");
+            }).find("incomplete checkpoint"),
             std::string::npos);
 }
 
@@ -131,7 +137,8 @@ TEST(CheckpointStore, DamagedCheckpointsAreNotCountedAndAKillMidPruneIsFinished)
   // What a kill during prune leaves: a directory renamed for deletion and half removed.
   fs::rename(root + "/step-00000001", root + "/step-00000001.deleting");
   fs::remove(root + "/step-00000001.deleting/manifest.json");
-  keel::testing::flip_byte(root + "/step-00000004/rank-00000.h5", 0);  // the newest is damaged: it must not count as a keeper
+  keel::testing::flip_byte(root + "/step-00000004/rank-00000.h5",
+                           0);  // the newest is damaged: it must not count as a keeper
   CheckpointStore store(root);
   const auto removed = store.prune(2, 0);
   EXPECT_FALSE(fs::exists(root + "/step-00000001.deleting"));
@@ -154,14 +161,18 @@ TEST(ResolveCheckpoint, RunDirFallsBackToNewestValidWithAWarning) {
   ASSERT_EQ(r.warnings.size(), 1u);
   EXPECT_NE(r.warnings[0].find("step-00000010/rank-00000.h5: corrupted"), std::string::npos);
   // An explicit checkpoint never falls back.
-  EXPECT_NE(keel::testing::checkpoint_error_of([&] { resolve_checkpoint(run + "/checkpoints/step-00000010"); }).find("corrupted"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] {
+              resolve_checkpoint(run + "/checkpoints/step-00000010");
+            }).find("corrupted"),
+            std::string::npos);
   // Nothing valid: an error naming each damaged checkpoint, never step 0.
   keel::testing::flip_byte(run + "/checkpoints/step-00000005/config.ini", 0);
   const std::string all_bad = keel::testing::checkpoint_error_of([&] { resolve_checkpoint(run); });
   EXPECT_NE(all_bad.find("no valid checkpoint"), std::string::npos);
   EXPECT_NE(all_bad.find("step-00000005/config.ini"), std::string::npos);
   EXPECT_NE(all_bad.find("step-00000010/rank-00000.h5"), std::string::npos);
-  EXPECT_NE(keel::testing::checkpoint_error_of([&] { resolve_checkpoint(run + "/nope"); }).find("no such checkpoint"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([&] { resolve_checkpoint(run + "/nope"); }).find("no such checkpoint"),
+            std::string::npos);
 }
 
 TEST(CheckpointStore, EveryFileMustBeListedAndConfigHashAndStepMustMatch) {
@@ -171,7 +182,8 @@ TEST(CheckpointStore, EveryFileMustBeListedAndConfigHashAndStepMustMatch) {
   // 1: config.ini dropped from the manifest (nothing recomputed) and then edited.
   edit_manifest(root + "/step-00000001", [](nlohmann::json& j) { j["files"].erase(1); });
   std::ofstream(root + "/step-00000001/config.ini", std::ios::app) << "# edited\n";
-  const std::string unlisted = keel::testing::checkpoint_error_of([&] { verify_checkpoint_dir(root + "/step-00000001"); });
+  const std::string unlisted =
+      keel::testing::checkpoint_error_of([&] { verify_checkpoint_dir(root + "/step-00000001"); });
   EXPECT_NE(unlisted.find("step-00000001/config.ini: not listed in manifest.json"), std::string::npos) << unlisted;
   // 2: a file nobody listed.
   std::ofstream(root + "/step-00000002/notes.txt") << "hand-made";
@@ -188,16 +200,20 @@ TEST(CheckpointStore, EveryFileMustBeListedAndConfigHashAndStepMustMatch) {
   EXPECT_NE(hash.find("config_hash"), std::string::npos) << hash;
   // 4: step 4's files under the name of step 7.
   fs::copy(root + "/step-00000004", root + "/step-00000007");
-  const std::string renamed = keel::testing::checkpoint_error_of([&] { verify_checkpoint_dir(root + "/step-00000007"); });
+  const std::string renamed =
+      keel::testing::checkpoint_error_of([&] { verify_checkpoint_dir(root + "/step-00000007"); });
   EXPECT_NE(renamed.find("step-00000007: the directory is named for step 7 but its manifest.json says step 4"),
-            std::string::npos) << renamed;
-  EXPECT_NE(keel::testing::checkpoint_error_of([&] { resolve_checkpoint(root + "/step-00000007"); }).find("says step 4"),
-            std::string::npos);
+            std::string::npos)
+      << renamed;
+  EXPECT_NE(
+      keel::testing::checkpoint_error_of([&] { resolve_checkpoint(root + "/step-00000007"); }).find("says step 4"),
+      std::string::npos);
   CheckpointStore fresh(root);
   EXPECT_EQ(steps_of(fresh.list_valid()), (std::vector<int64_t>{4, 5}));
   // 5: a rank file missing from the manifest of a 1-rank layout is named.
   edit_manifest(root + "/step-00000005", [](nlohmann::json& j) { j["files"].erase(0); });
-  const std::string no_rank = keel::testing::checkpoint_error_of([&] { verify_checkpoint_dir(root + "/step-00000005"); });
+  const std::string no_rank =
+      keel::testing::checkpoint_error_of([&] { verify_checkpoint_dir(root + "/step-00000005"); });
   EXPECT_NE(no_rank.find("rank-00000.h5 is not listed"), std::string::npos) << no_rank;
 }
 
@@ -212,8 +228,9 @@ TEST(CheckpointStore, CommitRefusesAnUnlistedFileAndCleansStaleLatestTmp) {
   std::ofstream(tmp + "/stray.bin") << "?";
   Manifest m;
   m.config_hash = sha256_hex(kFakeConfig);
-  const std::string refused =
-      keel::testing::checkpoint_error_of([&] { store.commit(2, m, {{rank_file_name(0), 0}, {"config.ini", -1}}); });
+  const std::string refused = keel::testing::checkpoint_error_of([&] {
+    store.commit(2, m, {{rank_file_name(0), 0}, {"config.ini", -1}});
+  });
   EXPECT_NE(refused.find("stray.bin is not one of the files being committed"), std::string::npos) << refused;
   EXPECT_FALSE(fs::exists(root + "/step-00000002"));
   EXPECT_TRUE(fs::exists(root + "/latest.tmp-12345")) << "readers and a refused commit leave it alone";
@@ -267,7 +284,8 @@ TEST(ResolveCheckpoint, RunDirTakesTheNewestValidCheckpointWhateverLatestSays) {
   r = resolve_checkpoint(run);
   EXPECT_EQ(r.dir, root + "/step-00000010");
   ASSERT_EQ(r.warnings.size(), 1u);
-  EXPECT_NE(r.warnings[0].find("latest is missing; loading the newest valid checkpoint, step-00000010"), std::string::npos)
+  EXPECT_NE(r.warnings[0].find("latest is missing; loading the newest valid checkpoint, step-00000010"),
+            std::string::npos)
       << r.warnings[0];
   // Malformed.
   write_file_atomically(root + "/latest", "garbage\n");
@@ -312,15 +330,14 @@ TEST(Lineage, DiffKindJsonAndTree) {
   EXPECT_EQ(back.parent_run_id, "run-a");
   EXPECT_EQ(back.parent_step, 10);
   EXPECT_EQ(back.changes.at(0).to, "0.0005");
-  EXPECT_NE(keel::testing::checkpoint_error_of([] { parse_lineage("{}", "x/lineage.json"); }).find("x/lineage.json"), std::string::npos);
+  EXPECT_NE(keel::testing::checkpoint_error_of([] { parse_lineage("{}", "x/lineage.json"); }).find("x/lineage.json"),
+            std::string::npos);
   // A type error names the file and the field, not nlohmann's exception.
-  const std::string null_step = keel::testing::checkpoint_error_of([] {
-    parse_lineage(R"({"run_id": "r", "parent": {"run_id": "p", "step": null}})", "x/lineage.json");
-  });
+  const std::string null_step = keel::testing::checkpoint_error_of(
+      [] { parse_lineage(R"({"run_id": "r", "parent": {"run_id": "p", "step": null}})", "x/lineage.json"); });
   EXPECT_EQ(null_step, "x/lineage.json: field 'parent.step': expected an integer, got null");
-  const std::string bad_change = keel::testing::checkpoint_error_of([] {
-    parse_lineage(R"({"run_id": "r", "changes": [{"key": "a", "from": "1", "to": 2}]})", "x/lineage.json");
-  });
+  const std::string bad_change = keel::testing::checkpoint_error_of(
+      [] { parse_lineage(R"({"run_id": "r", "changes": [{"key": "a", "from": "1", "to": 2}]})", "x/lineage.json"); });
   EXPECT_EQ(bad_change, "x/lineage.json: field 'changes[0].to': expected a string, got 2");
 
   const std::string tree = format_lineage_tree({branch, root, cont});

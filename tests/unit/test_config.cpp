@@ -1,10 +1,10 @@
 // Why: a typo in an experiment config must stop the run before it starts, naming the file, line and key; so must a
 // key written twice, and a model too large for the machine (whose parameter count must match the real model's).
-#include <filesystem>
-#include <fstream>
-
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+
+#include <filesystem>
+#include <fstream>
 
 #include "core/config/config.h"
 #include "core/config/memory_estimate.h"
@@ -130,8 +130,9 @@ TEST(Config, SeedsAreUnsigned64BitAndRoundTrip) {
 }
 
 TEST(Config, TokensPerStepMustFitIn64Bits) {
-  const std::string message = error_of(
-      [] { keel::parse_config_text("", "t.ini", {"train.micro_batch=4611686018427387904", "train.grad_accum=4"}); });
+  const std::string message = error_of([] {
+    keel::parse_config_text("", "t.ini", {"train.micro_batch=4611686018427387904", "train.grad_accum=4"});
+  });
   EXPECT_NE(message.find("tokens per step"), std::string::npos) << message;
 }
 
@@ -206,9 +207,9 @@ TEST(Config, RelativePathsResolveAgainstTheConfigFileOrTheCurrentDirectory) {
 }
 
 TEST(Config, NonsensicalSizesAreRefusedAtLoad) {
-  for (const char* bad : {"model.layers=0", "model.layers=-3", "model.d_model=0", "model.heads=0", "model.heads=3",
-                          "model.kv_heads=3", "model.ffn_hidden=0", "model.vocab=8", "model.seq_len=1",
-                          "data.tokenizer_sample_mb=0"}) {
+  for (const char* bad :
+       {"model.layers=0", "model.layers=-3", "model.d_model=0", "model.heads=0", "model.heads=3", "model.kv_heads=3",
+        "model.ffn_hidden=0", "model.vocab=8", "model.seq_len=1", "data.tokenizer_sample_mb=0"}) {
     const std::string message = error_of([&] { keel::parse_config_text("", "t.ini", {bad}); });
     const std::string key = std::string(bad).substr(0, std::string(bad).find('='));
     EXPECT_NE(message.find(key), std::string::npos) << bad << ": " << message;
@@ -223,10 +224,9 @@ TEST(MemoryEstimate, CountsParametersByHand) {
   EXPECT_EQ(keel::count_parameters(m), 131072.0 + 131072.0 + 64.0 + 2 * (16384.0 + 33792.0 + 128.0));
   m.kv_heads = 1;  // GQA: wk, wv [16, 64]
   m.tie_embeddings = true;
-  m.qk_norm = true;  // q_norm, k_norm [16] per block
+  m.qk_norm = true;      // q_norm, k_norm [16] per block
   m.norm = "layernorm";  // weight and bias
-  EXPECT_EQ(keel::count_parameters(m),
-            131072.0 + 128.0 + 2 * (64.0 * 64 * 2 + 2 * 64.0 * 16 + 33792.0 + 256.0 + 32.0));
+  EXPECT_EQ(keel::count_parameters(m), 131072.0 + 128.0 + 2 * (64.0 * 64 * 2 + 2 * 64.0 * 16 + 33792.0 + 256.0 + 32.0));
 }
 
 TEST(MemoryEstimate, CountMatchesTheRealModel) {

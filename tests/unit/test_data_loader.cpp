@@ -2,6 +2,8 @@
 // seek(N) lands exactly where N sequential steps land, a ledger resumes exactly, mixtures are honoured, a
 // mixture change mid-run neither repeats nor drops a sample, skip lists are honoured, and every epoch gets a
 // fresh permutation. These tests use small synthetic shards, not the bundled corpus.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -9,11 +11,8 @@
 #include <fstream>
 #include <functional>
 #include <map>
-#include <set>
-
-#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
-#include <torch/torch.h>
+#include <set>
 
 #include "core/data/loader.h"
 #include "core/data/shard.h"
@@ -38,11 +37,14 @@ constexpr int32_t kEos = 1;
 int32_t token_at(int source, int64_t i) { return static_cast<int32_t>((i + 500 * source) % 1000); }
 
 // Writes DIR/prepared.json and shards for sources {name, tokens per shard}; returns a config pointing at it.
-keel::Config make_data(const std::vector<std::pair<std::string, std::vector<int64_t>>>& sources,
-                       int64_t seq_len = 4) {
+keel::Config make_data(const std::vector<std::pair<std::string, std::vector<int64_t>>>& sources, int64_t seq_len = 4) {
   const std::string dir = test_dir();
-  json manifest = {{"format", "keel-prepared-data"}, {"format_version", 1}, {"fingerprint", "synthetic"},
-                   {"vocab", kVocab}, {"eos_id", kEos}, {"sources", json::array()}};
+  json manifest = {{"format", "keel-prepared-data"},
+                   {"format_version", 1},
+                   {"fingerprint", "synthetic"},
+                   {"vocab", kVocab},
+                   {"eos_id", kEos},
+                   {"sources", json::array()}};
   keel::Config config;
   config.data.dir = dir;
   config.model.vocab = kVocab;
@@ -98,8 +100,8 @@ TEST(DataLoader, RefusesUnpreparedDataWithAHint) {
   config.data.dir = test_dir() + "/nothing-here";
   config.source_file = "experiments/tiny.ini";
   const std::string message = error_of([&] { DataLoader loader(config, 4); });
-  EXPECT_EQ(message, "data not prepared in " + config.data.dir +
-                         ": run `keel data prepare --config experiments/tiny.ini`");
+  EXPECT_EQ(message,
+            "data not prepared in " + config.data.dir + ": run `keel data prepare --config experiments/tiny.ini`");
 }
 
 TEST(DataLoader, RefusesVocabMismatchAndOtherSources) {
@@ -219,8 +221,7 @@ TEST(DataLoader, LedgerRefusesOtherDataOrSettings) {
             std::string::npos);
   EXPECT_NE(error_of([&] { DataLoader(config, 16).load_state(ledger); }).find("global_batch"), std::string::npos);
   ledger["fingerprint"]["sources"][0]["tokens"] = 1;
-  EXPECT_NE(error_of([&] { DataLoader(config, 8).load_state(ledger); }).find("other prepared data"),
-            std::string::npos);
+  EXPECT_NE(error_of([&] { DataLoader(config, 8).load_state(ledger); }).find("other prepared data"), std::string::npos);
 }
 
 TEST(DataLoader, MixtureWeightsAreRespected) {
@@ -315,8 +316,7 @@ TEST(DataLoader, SkipListThatRemovesEverythingIsAnError) {
   config.data.skip = "code:chunk:0-9";
   config.data.mixture = "code=1";
   DataLoader loader(config, 4);
-  EXPECT_NE(error_of([&] { loader.plan_next(); }).find("skip list leaves no sample of source code"),
-            std::string::npos);
+  EXPECT_NE(error_of([&] { loader.plan_next(); }).find("skip list leaves no sample of source code"), std::string::npos);
 }
 
 // A range up to the largest id must not overflow where the loader computes the end of a skipped chunk range
@@ -391,8 +391,7 @@ TEST(DataLoader, RefusesChangingThePast) {
   for (int i = 0; i < 10; ++i) loader.plan_next();
   EXPECT_NE(error_of([&] { loader.set_mixture(5, "prose=1"); }).find("already planned up to step 10"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { loader.set_mixture(10, "poetry=1"); }).find("unknown source 'poetry'"),
-            std::string::npos);
+  EXPECT_NE(error_of([&] { loader.set_mixture(10, "poetry=1"); }).find("unknown source 'poetry'"), std::string::npos);
 }
 
 TEST(DataMixture, ParsesAndRejects) {

@@ -1,14 +1,13 @@
 // Why: a token shard is the one data file every run trusts blindly, so each way a shard can be wrong (not a
 // shard, newer version, unknown dtype, truncated, a token past the vocab, prepared for another vocab, a FIFO or a
 // directory in its place) must be refused at open time with the file and byte offset named, and without blocking.
+#include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
 #include <functional>
-
-#include <gtest/gtest.h>
 
 #include "core/data/shard.h"
 #include "test_support.h"
@@ -60,11 +59,11 @@ TEST(Shard, RoundTripUint16) {
   // The documented layout, byte by byte.
   const auto b = read_bytes(path);
   EXPECT_EQ(std::string(b.begin(), b.begin() + 8), "KEELTOK1");
-  EXPECT_EQ(b[8], 1);    // version
-  EXPECT_EQ(b[12], 1);   // dtype uint16
+  EXPECT_EQ(b[8], 1);                                  // version
+  EXPECT_EQ(b[12], 1);                                 // dtype uint16
   EXPECT_EQ(static_cast<unsigned char>(b[16]), 0x00);  // vocab 2048 = 0x0800, little-endian
   EXPECT_EQ(b[17], 0x08);
-  EXPECT_EQ(b[20], 1);   // eos
+  EXPECT_EQ(b[20], 1);                                        // eos
   EXPECT_EQ(static_cast<unsigned char>(b[24]), 1000 & 0xff);  // num_tokens
   EXPECT_EQ(b[25], 1000 >> 8);
   EXPECT_EQ(static_cast<unsigned char>(b[32 + 2]), 37);  // tokens[1] = 37
@@ -87,10 +86,11 @@ TEST(Shard, EmptyShardIsValid) {
 
 TEST(Shard, WriteRefusesOutOfRangeTokens) {
   const std::string dir = test_dir();
-  EXPECT_NE(error_of([&] { keel::data::write_shard(dir + "/x.bin", {1, 2048}, 2048, 1); }).find("2048"),
+  EXPECT_NE(error_of([&] {
+              keel::data::write_shard(dir + "/x.bin", {1, 2048}, 2048, 1);
+            }).find("2048"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { keel::data::write_shard(dir + "/x.bin", {1, -1}, 2048, 1); }).find("-1"),
-            std::string::npos);
+  EXPECT_NE(error_of([&] { keel::data::write_shard(dir + "/x.bin", {1, -1}, 2048, 1); }).find("-1"), std::string::npos);
   EXPECT_NE(error_of([&] { keel::data::write_shard(dir + "/x.bin", {1}, 2048, 4096); }).find("eos_id"),
             std::string::npos);
   EXPECT_FALSE(fs::exists(dir + "/x.bin"));
@@ -189,8 +189,7 @@ TEST_F(ShardRejection, WriteDoesNotReplaceADirectoryOrFifo) {
   EXPECT_TRUE(fs::is_directory(path_ + "/keep"));
   fs::remove_all(path_);
   ASSERT_EQ(::mkfifo(path_.c_str(), 0600), 0);
-  EXPECT_NE(error_of([&] { keel::data::write_shard(path_, {1, 2, 3}, 2048, 1); }).find("is a FIFO"),
-            std::string::npos);
+  EXPECT_NE(error_of([&] { keel::data::write_shard(path_, {1, 2, 3}, 2048, 1); }).find("is a FIFO"), std::string::npos);
   EXPECT_TRUE(fs::is_fifo(path_));
 }
 

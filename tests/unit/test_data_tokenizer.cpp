@@ -2,15 +2,14 @@
 // round-trip exactly (indentation and newlines included — code depends on them), and prepare must list inputs
 // as documented (fortune splitting, .dat and binary files skipped, symlinked duplicates dropped) and do nothing
 // the second time. Small generated corpora keep these tests fast.
+#include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
 #include <functional>
-#include <sstream>
-
-#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "core/data/loader.h"
 #include "core/data/prepare.h"
@@ -35,9 +34,9 @@ std::string slurp(const std::string& path) {
 
 // Deterministic English-ish prose and Python-ish code.
 std::string prose_text(int paragraphs, uint64_t seed) {
-  static const char* words[] = {"the",   "model", "learns", "from",  "data",  "and",   "every", "batch",
-                                "is",    "a",     "step",  "toward", "loss", "falls", "when",  "we",
-                                "train", "long",  "enough", "tokens", "of",  "text",  "code",  "spike"};
+  static const char* words[] = {"the",   "model", "learns", "from",   "data", "and",   "every", "batch",
+                                "is",    "a",     "step",   "toward", "loss", "falls", "when",  "we",
+                                "train", "long",  "enough", "tokens", "of",   "text",  "code",  "spike"};
   std::string out;
   uint64_t x = seed;
   for (int p = 0; p < paragraphs; ++p) {
@@ -79,10 +78,10 @@ TEST(Tokenizer, TrainEncodeDecodeRoundTrip) {
   EXPECT_GT(tok.vocab_size(), 300);
   EXPECT_EQ(tok.eos_id(), keel::data::kEosId);
 
-  for (const std::string& s : {std::string("the model learns from data.\n"),
-                              std::string("def f(x):\n    return x\n\n\tindented\n"),
-                              std::string("  leading and trailing spaces  "),
-                              std::string("unseen: héllo wörld ✓ 42 {}[]~\r\n"), std::string("")}) {
+  for (const std::string& s :
+       {std::string("the model learns from data.\n"), std::string("def f(x):\n    return x\n\n\tindented\n"),
+        std::string("  leading and trailing spaces  "), std::string("unseen: héllo wörld ✓ 42 {}[]~\r\n"),
+        std::string("")}) {
     const auto ids = tok.encode(s);
     for (int32_t id : ids) {
       EXPECT_GE(id, 0);
@@ -142,8 +141,8 @@ TEST(DataPrepare, SplitsFortuneFiles) {
   const auto docs = keel::data::split_documents("one\nline\n%\ntwo\n%\n%\n%x\n  \n%\nthree", "fortune");
   ASSERT_EQ(docs.size(), 4u);
   EXPECT_EQ(docs[0], "one\nline\n");
-  EXPECT_EQ(docs[1], "two\n");            // the empty document between two "%" lines is dropped
-  EXPECT_EQ(docs[2], "%x\n  \n");        // only a line that is exactly "%" separates
+  EXPECT_EQ(docs[1], "two\n");     // the empty document between two "%" lines is dropped
+  EXPECT_EQ(docs[2], "%x\n  \n");  // only a line that is exactly "%" separates
   EXPECT_EQ(docs[3], "three");
   EXPECT_EQ(keel::data::split_documents("whole\nfile\n", "file").size(), 1u);
   EXPECT_TRUE(keel::data::split_documents(" \n\t", "file").empty());
@@ -158,7 +157,9 @@ TEST(DataPrepare, ListsInputsDeterministically) {
   write(dir + "/code/z.py", "print(1)\n");
   write(dir + "/code/pkg/m.py", "x = 1\n");
   write(dir + "/code/notes.txt", "not python\n");
-  write(dir + "/code/blob.py", std::string("\x7f" "ELF\0\0", 6));
+  write(dir + "/code/blob.py", std::string("\x7f"
+                                           "ELF\0\0",
+                                           6));
 
   keel::SourceConfig prose;
   prose.name = "prose";

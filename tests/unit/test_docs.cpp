@@ -1,9 +1,9 @@
 // Why: users learn Keel from docs/, so a config key that docs/cli.md does not list is a defect. This keeps the
 // key table in step with the code's key table.
+#include <gtest/gtest.h>
+
 #include <fstream>
 #include <sstream>
-
-#include <gtest/gtest.h>
 
 #include "core/config/config.h"
 

@@ -91,7 +91,8 @@ struct TinyNet {
   int64_t first = 0, count = 0;
   bool has_extra = false;
 
-  TinyNet(int64_t first_layer, int64_t layer_count) : first(first_layer), count(layer_count), has_extra(first_layer == 0) {
+  TinyNet(int64_t first_layer, int64_t layer_count)
+      : first(first_layer), count(layer_count), has_extra(first_layer == 0) {
     if (has_extra) params.push_back(fixed_tensor({kChannels}, 77.0, 0.3).requires_grad_(true));
     for (int64_t l = first; l < first + count; ++l) {
       params.push_back(fixed_tensor({kChannels, kChannels}, 1.0 + l, 0.7).requires_grad_(true));
@@ -107,10 +108,13 @@ struct TinyNet {
   }
 };
 
-torch::Tensor replica_input(int64_t replica, int64_t micro) { return fixed_tensor({3, kChannels}, 100.0 * replica + micro, 1.0); }
+torch::Tensor replica_input(int64_t replica, int64_t micro) {
+  return fixed_tensor({3, kChannels}, 100.0 * replica + micro, 1.0);
+}
 
 torch::Tensor replica_loss(const torch::Tensor& h, int64_t replica, int64_t micro, int64_t microbatches) {
-  return (h - fixed_tensor({3, kChannels}, 500.0 + 100.0 * replica + micro, 0.5)).pow(2).mean() / static_cast<double>(microbatches);
+  return (h - fixed_tensor({3, kChannels}, 500.0 + 100.0 * replica + micro, 0.5)).pow(2).mean() /
+         static_cast<double>(microbatches);
 }
 
 // Mean over `replicas` of the single-process gradients of the whole net: [param] in model order.
@@ -118,7 +122,8 @@ std::vector<torch::Tensor> replicated_mean_gradients(int64_t replicas, int64_t m
   std::vector<torch::Tensor> mean;
   for (int64_t d = 0; d < replicas; ++d) {
     TinyNet net(0, kNetLayers);
-    for (int64_t m = 0; m < microbatches; ++m) replica_loss(net.forward(replica_input(d, m), m), d, m, microbatches).backward();
+    for (int64_t m = 0; m < microbatches; ++m)
+      replica_loss(net.forward(replica_input(d, m), m), d, m, microbatches).backward();
     for (size_t i = 0; i < net.params.size(); ++i) {
       torch::Tensor g = net.params[i].grad() / static_cast<double>(replicas);
       if (d == 0) {
@@ -150,7 +155,8 @@ TEST(GradReducer, OverlapLaunchesBucketsDuringTheLastBackward) {
       EXPECT_GT(reducer.overlapped_buckets(), 0);
       EXPECT_LT(reducer.overlapped_buckets(), reducer.bucket_count());
       for (size_t i = 0; i < net.params.size(); ++i)
-        EXPECT_TRUE(torch::allclose(net.params[i].grad(), expected[i], 1e-6, 1e-7)) << "param " << i << ", step " << step;
+        EXPECT_TRUE(torch::allclose(net.params[i].grad(), expected[i], 1e-6, 1e-7))
+            << "param " << i << ", step " << step;
     }
     // Without prepare_overlap() the hooks stay quiet and the post-backward path gives the same mean.
     for (auto& p : net.params) p.mutable_grad() = torch::Tensor();

@@ -2,12 +2,12 @@
 // look at. These run several ranks' monitors on one real TCPStore (ranks as monitors in this process), stop some,
 // and check that the others name exactly those ranks, or the store host when the store itself is gone, within a
 // few seconds. c10d_compat.h: the test builds the job's store itself, as process_groups.cpp does.
+#include <gtest/gtest.h>
+
 #include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "core/parallel/c10d_compat.h"
 #include "core/parallel/heartbeat.h"
@@ -94,7 +94,8 @@ TEST(Heartbeat, StoreGoneNamesRankZeroAsItsHost) {
   monitors[0].reset();
   job->stores[0] = c10::intrusive_ptr<::c10d::Store>();
   const auto start = std::chrono::steady_clock::now();
-  EXPECT_EQ(monitors[1]->diagnose(), "rank 0 (dp 0, tp 0, pp 0), which hosts the job's store, is unreachable (dead or hung)");
+  EXPECT_EQ(monitors[1]->diagnose(),
+            "rank 0 (dp 0, tp 0, pp 0), which hosts the job's store, is unreachable (dead or hung)");
   EXPECT_LT(seconds_since(start), 8.0);
   // Its beating thread has stopped on the broken connection; the monitor still goes away at once.
   const auto destroy_start = std::chrono::steady_clock::now();

@@ -4,6 +4,7 @@
 // that what was flushed survives.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <spdlog/logger.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -19,8 +20,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <spdlog/logger.h>
 
 #include "core/metrics/hdf5_handle.h"
 #include "core/metrics/metrics_reader.h"
@@ -132,8 +131,8 @@ TEST_F(MetricsTest, CreatesLayoutWithDtypesAndShapes) {
   }
   MetricsReader reader(path_);
   const std::vector<std::pair<std::string, std::string>> expected = {
-      {"/train/step", "int64"},        {"/train/loss", "float64"},         {"/train/grad_norm", "float64"},
-      {"/train/lr", "float64"},        {"/train/tokens", "int64"},         {"/train/tokens_per_s", "float64"},
+      {"/train/step", "int64"},          {"/train/loss", "float64"},  {"/train/grad_norm", "float64"},
+      {"/train/lr", "float64"},          {"/train/tokens", "int64"},  {"/train/tokens_per_s", "float64"},
       {"/train/step_time_s", "float64"}, {"/train/skipped", "uint8"},
   };
   for (const auto& [path, dtype] : expected) {
@@ -295,7 +294,7 @@ TEST_F(MetricsTest, AppendModeContinuesRows) {
     writer.scalar(11, "x", 1.0);
   }
   auto changed = config_attrs();
-  changed[1].second = "0.0001";          // optim.lr changed on resume
+  changed[1].second = "0.0001";                  // optim.lr changed on resume
   changed.emplace_back("spike.plugin", "skip");  // new key
   {
     MetricsWriter writer(path_, OpenMode::kAppend, changed, kTensorNames, 5);
@@ -373,7 +372,7 @@ TEST_F(MetricsTest, ReaderErrorsNameFileAndDataset) {
     EXPECT_NE(std::string(e.what()).find("/train/nope"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find(path_), std::string::npos) << e.what();
   }
-  EXPECT_THROW(reader.read_int64("/train/loss"), std::runtime_error);  // float dataset as int64
+  EXPECT_THROW(reader.read_int64("/train/loss"), std::runtime_error);   // float dataset as int64
   EXPECT_THROW(reader.read_matrix("/train/loss"), std::runtime_error);  // 1-D as matrix
   EXPECT_THROW(reader.read_string_attribute("/", "nope"), std::runtime_error);
   EXPECT_FALSE(reader.has_dataset("/nope/deeper"));
@@ -429,7 +428,10 @@ TEST_F(MetricsTest, Hdf5ErrorsAreOneLineAndHdf5PrintsNothing) {
   fs::resize_file(path_, fs::file_size(path_) / 2);  // a truncated copy
   ::testing::internal::CaptureStderr();
   for (const auto& attempt : std::vector<std::function<void()>>{
-           [&] { MetricsReader reader(path_); reader.read_int64("/train/step"); },
+           [&] {
+             MetricsReader reader(path_);
+             reader.read_int64("/train/step");
+           },
            [&] { MetricsWriter writer(path_, OpenMode::kAppend, config_attrs(), kTensorNames, 5); }}) {
     try {
       attempt();

@@ -97,8 +97,8 @@ void expect_matches_reference(const ModelConfig& c) {
     model_grads[item.key()] = item.value().grad().clone();
     item.value().mutable_grad() = torch::Tensor();
   }
-  torch::Tensor ref_loss = torch::nn::functional::cross_entropy(ref_logits(model, inputs, c).reshape({-1, c.vocab}),
-                                                                targets.reshape({-1}));
+  torch::Tensor ref_loss =
+      torch::nn::functional::cross_entropy(ref_logits(model, inputs, c).reshape({-1, c.vocab}), targets.reshape({-1}));
   EXPECT_NEAR(parts.nll.item<double>(), ref_loss.item<double>(), 1e-5);
   ref_loss.backward();
   for (const auto& item : model->named_parameters()) {

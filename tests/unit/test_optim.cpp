@@ -4,7 +4,6 @@
 #include <torch/torch.h>
 
 #include "core/optim/schedule.h"
-
 #include "core/plugin_host/plugin_library.h"
 
 using namespace keel::optim;
@@ -32,7 +31,8 @@ TEST(Optim, AdamWPluginMatchesLibTorchAdamW) {
   torch::Tensor theirs = ours.detach().clone().requires_grad_(true);
   auto optimizer = adamw({{"beta1", "0.9"}, {"beta2", "0.95"}, {"eps", "1e-8"}, {"weight_decay", "0.1"}});
   optimizer->bind({{"w", ours, true}});
-  torch::optim::AdamW reference({theirs}, torch::optim::AdamWOptions(1e-2).betas({0.9, 0.95}).eps(1e-8).weight_decay(0.1));
+  torch::optim::AdamW reference({theirs},
+                                torch::optim::AdamWOptions(1e-2).betas({0.9, 0.95}).eps(1e-8).weight_decay(0.1));
   for (int i = 0; i < 5; ++i) {
     torch::Tensor g = torch::randn({5, 3});
     ours.mutable_grad() = g.clone();

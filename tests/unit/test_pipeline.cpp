@@ -3,11 +3,11 @@
 // gradient-accumulation loop over the same micro-batches, for both schedules, for micro-batch counts below,
 // at and above the stage count, with fp32 and bf16 activations between stages; 1F1B keeps at most P - s
 // micro-batches alive on stage s.
-#include <map>
-#include <numeric>
-
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+
+#include <map>
+#include <numeric>
 
 #include "core/parallel/pipeline.h"
 #include "tests/unit/parallel_ranks.h"
@@ -44,7 +44,8 @@ struct ToyStage {
   }
   torch::Tensor forward(torch::Tensor h) const {  // [b, T, C] -> [b, T, C] fp32
     if (h.scalar_type() != torch::kFloat) h = h.to(torch::kFloat);
-    for (size_t l = 0; l < weights.size(); ++l) h = torch::tanh(torch::nn::functional::linear(h, weights[l], biases[l]));
+    for (size_t l = 0; l < weights.size(); ++l)
+      h = torch::tanh(torch::nn::functional::linear(h, weights[l], biases[l]));
     return h;
   }
 };

@@ -1,11 +1,11 @@
 // Why: every multi-rank job starts with detect_world(); a misread variable would make ranks wait for each other
 // until parallel.timeout_s, far from the cause. These pin what it reads from torchrun/keel launch and Slurm, the
 // Slurm defaults for the store address, and that bad values fail at once naming the variable.
+#include <gtest/gtest.h>
+
 #include <map>
 #include <stdexcept>
 #include <string>
-
-#include <gtest/gtest.h>
 
 #include "core/parallel/rendezvous.h"
 
@@ -93,8 +93,8 @@ TEST(Rendezvous, SlurmWithExportedMasterAddrAndPort) {
   EXPECT_EQ(w.master_addr, "head.cluster");
   EXPECT_EQ(w.port, 40000);
   // Older Slurm: SLURM_NODELIST only; no job id: the default port.
-  const WorldInfo old = detect_world(
-      environment({{"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "2"}, {"SLURM_NODELIST", "gpu1,gpu2"}}));
+  const WorldInfo old =
+      detect_world(environment({{"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "2"}, {"SLURM_NODELIST", "gpu1,gpu2"}}));
   EXPECT_EQ(old.master_addr, "gpu1");
   EXPECT_EQ(old.port, 29500);
 }

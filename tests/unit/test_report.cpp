@@ -53,7 +53,8 @@ RunData fake_run(const std::string& dir, double loss, const std::vector<std::pai
   return run;
 }
 
-const ArmMetric* find_row(const AbTable& t, const std::string& arm, const std::string& kind, const std::string& source = "") {
+const ArmMetric* find_row(const AbTable& t, const std::string& arm, const std::string& kind,
+                          const std::string& source = "") {
   for (const auto& r : t.rows) {
     if (r.arm == arm && r.metric.kind == kind && r.metric.source == source) return &r;
   }
@@ -71,7 +72,7 @@ TEST(ReportArms, SeedSuffixIsStrippedFromTheBasename) {
   EXPECT_EQ(parse_arm_name("lr-half").seed, -1);
   EXPECT_EQ(parse_arm_name("mix-seedling").arm, "mix-seedling");  // not digits
   EXPECT_EQ(parse_arm_name("-seed1").arm, "-seed1");              // nothing would be left of the arm
-  EXPECT_EQ(parse_arm_name("a-s1-seed12").arm, "a-s1");          // only the trailing suffix goes
+  EXPECT_EQ(parse_arm_name("a-s1-seed12").arm, "a-s1");           // only the trailing suffix goes
   EXPECT_EQ(parse_arm_name("a-s1-seed12").seed, 12);
 }
 
@@ -251,7 +252,8 @@ TEST(ReportAbTable, UnpairedArmsEvalStepsMissingInARunAndNotes) {
   EXPECT_NE(one.notes[0].find("one run only"), std::string::npos);
   EXPECT_NE(one.notes[1].find("no eval files"), std::string::npos);
   EXPECT_EQ(one.rows.size(), 1u);
-  const AbTable seeds = build_ab_table({fake_run("a-seed1", 3.0, {{"p", 1}}), fake_run("a-seed2", 3.0, {{"p", 1}})}, "");
+  const AbTable seeds =
+      build_ab_table({fake_run("a-seed1", 3.0, {{"p", 1}}), fake_run("a-seed2", 3.0, {{"p", 1}})}, "");
   ASSERT_EQ(seeds.notes.size(), 1u);
   EXPECT_NE(seeds.notes[0].find("seeds of one arm"), std::string::npos);
   EXPECT_TRUE(build_ab_table({}, "").rows.empty());
@@ -386,8 +388,10 @@ TEST(ReportPage, SelfContainedWithTheDataSafeInsideItsScript) {
   // or a licence reference inside the vendored library.
   EXPECT_FALSE(std::regex_search(page, std::regex(R"((src|href)\s*=\s*["']?\s*(https?:)?//)", std::regex::icase)));
   EXPECT_FALSE(std::regex_search(page, std::regex(R"(url\(\s*["']?\s*(https?:)?//|@import)", std::regex::icase)));
-  const std::set<std::string> allowed{"http://www.w3.org/1999/xlink", "http://www.w3.org/2000/svg",
-                                      "http://www.w3.org/2000/xmlns/", "http://www.w3.org/XML/1998/namespace",
+  const std::set<std::string> allowed{"http://www.w3.org/1999/xlink",
+                                      "http://www.w3.org/2000/svg",
+                                      "http://www.w3.org/2000/xmlns/",
+                                      "http://www.w3.org/XML/1998/namespace",
                                       "http://www.apache.org/licenses/LICENSE-2.0",
                                       "https://github.com/ecomfe/zrender/blob/master/LICENSE"};
   const std::regex url(R"(https?://[^\s"'<>)]+)");

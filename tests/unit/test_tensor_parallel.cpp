@@ -2,12 +2,12 @@
 // computes: the same outputs, input gradients equal to the full ones, and weight gradients equal to the shard of
 // the full ones. Each layer alone, the vocab-parallel cross-entropy, and a whole small Llama are checked against
 // their single-rank selves, with ranks as threads over real Gloo groups (tests/unit/parallel_ranks.h).
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
 #include <cstdio>
 #include <map>
 #include <mutex>
-
-#include <gtest/gtest.h>
-#include <torch/torch.h>
 
 #include "core/model/llama.h"
 #include "core/model/sharding.h"
@@ -53,11 +53,11 @@ class WorstErrors {
   std::map<std::string, double> worst_;
 };
 
-#define EXPECT_CLOSE(actual, expected, tolerance, label, errors)                                    \
-  do {                                                                                              \
-    const double error_ = scaled_error((actual), (expected));                                       \
-    (errors).record((label), error_);                                                               \
-    EXPECT_LE(error_, (tolerance)) << (label) << " (scaled max abs error)";                         \
+#define EXPECT_CLOSE(actual, expected, tolerance, label, errors)            \
+  do {                                                                      \
+    const double error_ = scaled_error((actual), (expected));               \
+    (errors).record((label), error_);                                       \
+    EXPECT_LE(error_, (tolerance)) << (label) << " (scaled max abs error)"; \
   } while (0)
 
 // A shared read-only input for every rank: a detached copy that collects its own gradient.
@@ -70,7 +70,7 @@ TEST(TensorParallel, CopyAndReduceAreConjugateOperators) {
     for (torch::ScalarType dtype : {torch::kFloat, torch::kBFloat16}) {
       // copy_to: identity forward; backward sums the ranks' gradients (1 + 2).
       torch::Tensor x = torch::full({3}, 5.0, torch::TensorOptions().dtype(dtype)).requires_grad_(true);  // [3]
-      torch::Tensor copied = parallel::copy_to_tp_region(x, tp);  // [3]
+      torch::Tensor copied = parallel::copy_to_tp_region(x, tp);                                          // [3]
       EXPECT_TRUE(torch::equal(copied, x));
       (copied * weight).sum().backward();
       EXPECT_EQ(x.grad().scalar_type(), dtype);
@@ -100,8 +100,8 @@ TEST(TensorParallel, SizeOneIsThePlainLayerWithoutCommunication) {
   torch::nn::init::normal_(embed->weight);
   torch::Tensor tokens = torch::randint(0, 10, {2, 3}, torch::kLong);
   EXPECT_TRUE(torch::equal(column->forward(x), torch::nn::functional::linear(x, column->weight)));
-  EXPECT_TRUE(torch::equal(row->forward(column->forward(x)),
-                           torch::nn::functional::linear(column->forward(x), row->weight)));
+  EXPECT_TRUE(
+      torch::equal(row->forward(column->forward(x)), torch::nn::functional::linear(column->forward(x), row->weight)));
   EXPECT_TRUE(torch::equal(embed->forward(tokens, torch::kBFloat16),
                            torch::embedding(embed->weight, tokens).to(torch::kBFloat16)));
   EXPECT_TRUE(torch::equal(embed->project(x), torch::nn::functional::linear(x, embed->weight)));
@@ -119,14 +119,14 @@ void check_linear_layers(int64_t tp_size, WorstErrors& errors) {
   RowParallelLinear full_row(hidden, out, TensorParallel{}, "test.hidden");
   torch::nn::init::normal_(full_column->weight);
   torch::nn::init::normal_(full_row->weight);
-  torch::Tensor x = torch::randn({2, 3, in});                  // [B, T, in]
-  torch::Tensor hidden_in = torch::randn({2, 3, hidden});      // [B, T, hidden] the row layer's own input
+  torch::Tensor x = torch::randn({2, 3, in});                    // [B, T, in]
+  torch::Tensor hidden_in = torch::randn({2, 3, hidden});        // [B, T, hidden] the row layer's own input
   torch::Tensor column_grad_out = torch::randn({2, 3, hidden});  // [B, T, hidden] d loss / d column output
-  torch::Tensor row_grad_out = torch::randn({2, 3, out});      // [B, T, out]
+  torch::Tensor row_grad_out = torch::randn({2, 3, out});        // [B, T, out]
 
   torch::Tensor full_x = leaf(x), full_hidden_in = leaf(hidden_in);
-  torch::Tensor full_column_y = full_column->forward(full_x);     // [B, T, hidden]
-  torch::Tensor full_row_y = full_row->forward(full_hidden_in);   // [B, T, out]
+  torch::Tensor full_column_y = full_column->forward(full_x);    // [B, T, hidden]
+  torch::Tensor full_row_y = full_row->forward(full_hidden_in);  // [B, T, out]
   (full_column_y * column_grad_out).sum().backward();
   (full_row_y * row_grad_out).sum().backward();
 
@@ -141,8 +141,8 @@ void check_linear_layers(int64_t tp_size, WorstErrors& errors) {
       row->weight.copy_(shard_of(full_row->weight, row_split, tp.rank, tp.size));           // [out, hidden/tp]
     }
     // Column: replicated input, output sharded along the last dim; each rank differentiates its own part.
-    torch::Tensor local_x = leaf(x);                          // [B, T, in]
-    torch::Tensor column_y = column->forward(local_x);        // [B, T, hidden/tp]
+    torch::Tensor local_x = leaf(x);                    // [B, T, in]
+    torch::Tensor column_y = column->forward(local_x);  // [B, T, hidden/tp]
     EXPECT_CLOSE(column_y, shard_of(full_column_y, last_dim_split, tp.rank, tp.size), 1e-6, "column.y", errors);
     (column_y * shard_of(column_grad_out, last_dim_split, tp.rank, tp.size)).sum().backward();
     EXPECT_CLOSE(local_x.grad(), full_x.grad(), 1e-5, "column.grad_x", errors);
@@ -155,8 +155,8 @@ void check_linear_layers(int64_t tp_size, WorstErrors& errors) {
     (row_y * row_grad_out).sum().backward();
     EXPECT_CLOSE(local_hidden.grad(), shard_of(full_hidden_in.grad(), last_dim_split, tp.rank, tp.size), 1e-6,
                  "row.grad_x", errors);
-    EXPECT_CLOSE(row->weight.grad(), shard_of(full_row->weight.grad(), row_split, tp.rank, tp.size), 1e-6,
-                 "row.grad_w", errors);
+    EXPECT_CLOSE(row->weight.grad(), shard_of(full_row->weight.grad(), row_split, tp.rank, tp.size), 1e-6, "row.grad_w",
+                 errors);
   });
 }
 
@@ -233,7 +233,7 @@ TEST(TensorParallel, VocabParallelEmbeddingAndTiedHeadMatchTheFullEmbedding) {
 void check_cross_entropy(int64_t tp_size, torch::ScalarType dtype, double tolerance, WorstErrors& errors) {
   const int64_t N = 24, vocab = 16;
   torch::manual_seed(13);
-  torch::Tensor logits = (torch::randn({N, vocab}) * 3.0).to(dtype);  // [N, V]
+  torch::Tensor logits = (torch::randn({N, vocab}) * 3.0).to(dtype);    // [N, V]
   torch::Tensor targets = torch::randint(0, vocab, {N}, torch::kLong);  // [N]
   const std::vector<double> coefs = {0.0, 0.1};
   auto mixed = [](const CrossEntropyParts& parts) { return 0.5 * parts.nll + 3.0 * parts.z_loss + parts.loss; };
@@ -254,15 +254,17 @@ void check_cross_entropy(int64_t tp_size, torch::ScalarType dtype, double tolera
     const TensorParallel tp = tensor_parallel_of(g);
     const ShardSpec vocab_split{1, false};
     for (size_t i = 0; i < coefs.size(); ++i) {
-      const std::string label = std::string(dtype == torch::kFloat ? "fp32" : "bf16") +
-                                (coefs[i] > 0.0 ? ".z" : ".no_z");
+      const std::string label =
+          std::string(dtype == torch::kFloat ? "fp32" : "bf16") + (coefs[i] > 0.0 ? ".z" : ".no_z");
       torch::Tensor local_logits = leaf(shard_of(logits, vocab_split, tp.rank, tp.size));  // [N, V/tp]
       CrossEntropyParts parts = vocab_parallel_cross_entropy(local_logits, targets, coefs[i], tp);
       EXPECT_EQ(parts.loss.scalar_type(), torch::kFloat);
       EXPECT_CLOSE(parts.loss, full_parts[i].loss, tolerance, label + ".loss", errors);
       EXPECT_CLOSE(parts.nll, full_parts[i].nll, tolerance, label + ".nll", errors);
-      if (coefs[i] > 0.0) EXPECT_CLOSE(parts.z_loss, full_parts[i].z_loss, tolerance, label + ".z_loss", errors);
-      else EXPECT_EQ(parts.z_loss.item<double>(), 0.0);
+      if (coefs[i] > 0.0)
+        EXPECT_CLOSE(parts.z_loss, full_parts[i].z_loss, tolerance, label + ".z_loss", errors);
+      else
+        EXPECT_EQ(parts.z_loss.item<double>(), 0.0);
       parts.loss.backward({}, /*retain_graph=*/true);
       EXPECT_EQ(local_logits.grad().scalar_type(), dtype);
       EXPECT_CLOSE(local_logits.grad(), shard_of(full_grads[i], vocab_split, tp.rank, tp.size), tolerance,
@@ -359,7 +361,8 @@ TEST(TensorParallel, LlamaMatchesTheFullModelInFp32) {
   WorstErrors errors;
   const ModelTolerances fp32{1e-5, 1e-5};
   for (int64_t tp_size : {2, 4}) {
-    for (bool qk_norm : {false, true}) check_model(tp_model_config(tp_size, qk_norm), tp_size, torch::kFloat, fp32, errors);
+    for (bool qk_norm : {false, true})
+      check_model(tp_model_config(tp_size, qk_norm), tp_size, torch::kFloat, fp32, errors);
   }
   errors.print("llama fp32");
 }

@@ -104,7 +104,8 @@ TEST(Zero, ZeroOneAdamWStepEqualsTheReplicatedStep) {
   std::vector<AdamWState> replicated_state(shapes.size());
   for (size_t k = 0; k < shapes.size(); ++k) replicated.push_back(initial(k).requires_grad_(true));
   for (int64_t step = 1; step <= steps; ++step)
-    for (size_t k = 0; k < shapes.size(); ++k) adamw_update(replicated[k], gradient(k, step), replicated_state[k], step);
+    for (size_t k = 0; k < shapes.size(); ++k)
+      adamw_update(replicated[k], gradient(k, step), replicated_state[k], step);
 
   testing::run_ranks(2, 1, 1, [&](parallel::ProcessGroups& g) {
     const ZeroPartition partition = partition_for_zero(numels, g.dp->size());

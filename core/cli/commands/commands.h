@@ -12,15 +12,15 @@ using Args = std::vector<std::string>;  // arguments after the subcommand name
 int cmd_train(const Args& args);
 int cmd_resume(const Args& args);
 int cmd_plugins(const Args& args);
-int cmd_control(const Args& args);    // control RUN_DIR swap SLOT=NAME
-int cmd_data(const Args& args);      // data prepare | data show-batch
+int cmd_control(const Args& args);  // control RUN_DIR swap SLOT=NAME
+int cmd_data(const Args& args);     // data prepare | data show-batch
 int cmd_inspect(const Args& args);
-int cmd_config(const Args& args);    // config keys | config show
-int cmd_launch(const Args& args);    // launch --nproc N -- CMD ARGS...
+int cmd_config(const Args& args);  // config keys | config show
+int cmd_launch(const Args& args);  // launch --nproc N -- CMD ARGS...
 int cmd_export_hf(const Args& args);
 int cmd_import_hf(const Args& args);
 int cmd_eval(const Args& args);
-int cmd_report(const Args& args);   // report RUN_DIR... -o FILE.html
+int cmd_report(const Args& args);  // report RUN_DIR... -o FILE.html
 std::string usage();
 
 }  // namespace keel::cli

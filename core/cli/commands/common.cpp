@@ -1,6 +1,9 @@
 // Why: see common.h.
 #include "core/cli/commands/common.h"
 
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -9,24 +12,21 @@
 #include "core/metrics/run_log.h"
 #include "core/plugin_host/plugin_library.h"
 
-#include <spdlog/sinks/stdout_color_sinks.h>
-#include <spdlog/spdlog.h>
-
 namespace keel::cli {
 
-void add_config_options(po::options_description& options, std::string& config_path, std::vector<std::string>& overrides) {
-  options.add_options()
-      ("config", po::value<std::string>(&config_path)->required(), "INI config file")
-      ("set", po::value<std::vector<std::string>>(&overrides)->composing(), "override a key: --set section.key=value (repeatable)");
+void add_config_options(po::options_description& options, std::string& config_path,
+                        std::vector<std::string>& overrides) {
+  options.add_options()("config", po::value<std::string>(&config_path)->required(), "INI config file")(
+      "set", po::value<std::vector<std::string>>(&overrides)->composing(),
+      "override a key: --set section.key=value (repeatable)");
 }
 
 void add_plugin_options(po::options_description& options, std::vector<std::string>& plugins,
                         std::vector<std::string>& plugin_args) {
-  options.add_options()
-      ("plugin", po::value<std::vector<std::string>>(&plugins)->composing(),
-       "fill a plugin slot: --plugin SLOT=NAME_OR_PATH (repeatable; see `keel plugins`)")
-      ("plugin-arg", po::value<std::vector<std::string>>(&plugin_args)->composing(),
-       "argument of a plugin: --plugin-arg NAME.key=value (repeatable)");
+  options.add_options()("plugin", po::value<std::vector<std::string>>(&plugins)->composing(),
+                        "fill a plugin slot: --plugin SLOT=NAME_OR_PATH (repeatable; see `keel plugins`)")(
+      "plugin-arg", po::value<std::vector<std::string>>(&plugin_args)->composing(),
+      "argument of a plugin: --plugin-arg NAME.key=value (repeatable)");
 }
 
 void append_plugin_overrides(const std::vector<std::string>& plugins, const std::vector<std::string>& plugin_args,
@@ -90,7 +90,7 @@ void setup_logging(const std::string& log_file, const std::string& rank_tag) {
   if (auto run_log = metrics::open_run_log(log_file)) sinks.push_back(run_log);
   auto logger = std::make_shared<spdlog::logger>("keel", sinks.begin(), sinks.end());
   logger->set_pattern(rank_tag.empty() ? "[%Y-%m-%d %H:%M:%S.%e] [%^%l%$] %v"
-                                      : "[%Y-%m-%d %H:%M:%S.%e] [" + rank_tag + "] [%^%l%$] %v");
+                                       : "[%Y-%m-%d %H:%M:%S.%e] [" + rank_tag + "] [%^%l%$] %v");
   logger->flush_on(spdlog::level::info);
   logger->set_error_handler(metrics::log_error_handler);
   spdlog::set_default_logger(logger);

@@ -1,11 +1,10 @@
 // Why: options shared by the subcommands that read a config (--config FILE, --set key=value...).
 #pragma once
 
-#include <string>
-#include <vector>
-
 #include <boost/program_options.hpp>
 #include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
 
 #include "core/config/config.h"
 
@@ -13,7 +12,8 @@ namespace keel::cli {
 
 namespace po = boost::program_options;
 
-void add_config_options(po::options_description& options, std::string& config_path, std::vector<std::string>& overrides);
+void add_config_options(po::options_description& options, std::string& config_path,
+                        std::vector<std::string>& overrides);
 // --plugin SLOT=NAME_OR_PATH and --plugin-arg NAME.key=value (both repeatable).
 void add_plugin_options(po::options_description& options, std::vector<std::string>& plugins,
                         std::vector<std::string>& plugin_args);

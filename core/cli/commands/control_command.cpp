@@ -7,9 +7,8 @@
 #include <chrono>
 #include <filesystem>
 #include <iostream>
-#include <thread>
-
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "core/cli/commands/commands.h"
 #include "core/cli/commands/common.h"
@@ -57,7 +56,8 @@ int cmd_control(const Args& args) {
   }
   if (positional.size() != 3 || positional[1] != "swap")
     throw std::runtime_error("expected RUN_DIR swap SLOT=NAME_OR_PATH (see keel control --help)");
-  if (vm.count("at-step") && at_step < 0) throw std::runtime_error("--at-step must be >= 0, got " + std::to_string(at_step));
+  if (vm.count("at-step") && at_step < 0)
+    throw std::runtime_error("--at-step must be >= 0, got " + std::to_string(at_step));
   const std::string run_dir = positional[0];
   const train::RunPaths paths{run_dir};
   if (!fs::exists(paths.metrics_h5()) || !fs::exists(paths.config_ini()))
@@ -82,8 +82,8 @@ int cmd_control(const Args& args) {
   // 3. Not in the past (as far as the metrics file shows; the trainer checks again at its boundary).
   const int64_t next_step = next_logged_step(run_dir);
   if (at_step >= 0 && next_step > at_step) {
-    throw std::runtime_error("--at-step " + std::to_string(at_step) + " is in the past: the run has already logged step " +
-                             std::to_string(next_step - 1));
+    throw std::runtime_error("--at-step " + std::to_string(at_step) +
+                             " is in the past: the run has already logged step " + std::to_string(next_step - 1));
   }
 
   const std::string path = train::write_swap_request(paths.control_dir(), request);
@@ -99,19 +99,24 @@ int cmd_control(const Args& args) {
   }
   const bool refused = outcome && outcome->rfind("refused", 0) == 0;
   if (vm.count("json")) {
-    nlohmann::json j{{"request", path}, {"run_pid", owner}, {"slot", request.slot}, {"plugin", request.plugin},
-                     {"at_step", at_step}, {"status", outcome ? (refused ? "refused" : "done") : "pending"}};
+    nlohmann::json j{{"request", path},      {"run_pid", owner},
+                     {"slot", request.slot}, {"plugin", request.plugin},
+                     {"at_step", at_step},   {"status", outcome ? (refused ? "refused" : "done") : "pending"}};
     if (refused) j["reason"] = outcome->substr(std::string("refused: ").size());
     std::cout << j.dump() << "\n";
   } else if (!outcome) {
     std::cout << "swap request written: " << path << " (run pid " << owner << ")\n"
-              << "the run applies it at " << (at_step >= 0 ? "the boundary before step " + std::to_string(at_step) : "its next step boundary")
+              << "the run applies it at "
+              << (at_step >= 0 ? "the boundary before step " + std::to_string(at_step) : "its next step boundary")
               << " (after saving a checkpoint); the file then becomes .done, or .refused with the reason\n";
   } else {
     std::cout << "swap request " << path << ": " << *outcome << "\n";
   }
-  if (refused) throw std::runtime_error("the run refused the swap: " + outcome->substr(std::string("refused: ").size()));
-  if (wait_s > 0 && !outcome) throw std::runtime_error("no answer from the run within " + std::to_string(wait_s) + " s; the request stays pending: " + path);
+  if (refused)
+    throw std::runtime_error("the run refused the swap: " + outcome->substr(std::string("refused: ").size()));
+  if (wait_s > 0 && !outcome)
+    throw std::runtime_error("no answer from the run within " + std::to_string(wait_s) +
+                             " s; the request stays pending: " + path);
   return 0;
 }
 

@@ -16,8 +16,8 @@
 #include "core/checkpoint/resharding.h"
 #include "core/cli/commands/commands.h"
 #include "core/cli/commands/common.h"
-#include "core/train/run_dir.h"
 #include "core/eval/eval.h"
+#include "core/train/run_dir.h"
 
 namespace keel::cli {
 

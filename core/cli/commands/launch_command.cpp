@@ -73,12 +73,11 @@ LaunchOptions parse_launch_args(const Args& args, bool& help) {
   const auto dashes = std::find(args.begin(), args.end(), "--");
   const Args own(args.begin(), dashes);
   po::options_description options("keel launch");
-  options.add_options()
-      ("nproc", po::value<int>(&o.nproc), "number of ranks to start on this machine (>= 1)")
-      ("master-addr", po::value<std::string>(&o.master_addr), "address of rank 0's store (default 127.0.0.1)")
-      ("master-port", po::value<int>(&o.master_port), "port of rank 0's store (default: a free port)")
-      ("grace-s", po::value<double>(&o.grace_s), "seconds between SIGTERM and SIGKILL when a rank fails (default 30)")
-      ("help", "show this help");
+  options.add_options()("nproc", po::value<int>(&o.nproc), "number of ranks to start on this machine (>= 1)")(
+      "master-addr", po::value<std::string>(&o.master_addr), "address of rank 0's store (default 127.0.0.1)")(
+      "master-port", po::value<int>(&o.master_port), "port of rank 0's store (default: a free port)")(
+      "grace-s", po::value<double>(&o.grace_s), "seconds between SIGTERM and SIGKILL when a rank fails (default 30)")(
+      "help", "show this help");
   const bool wants_help = std::find(own.begin(), own.end(), "--help") != own.end();
   if (dashes == args.end() && !wants_help) throw UsageError("missing '--' before the command to run");
   po::variables_map vm;
@@ -108,7 +107,8 @@ LaunchOptions parse_launch_args(const Args& args, bool& help) {
 // A port nobody listens on right now (rank 0 binds it moments later; the same race torchrun accepts).
 int free_tcp_port() {
   const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) throw std::runtime_error(std::string("cannot open a socket to find a free port: ") + std::strerror(errno));
+  if (fd < 0)
+    throw std::runtime_error(std::string("cannot open a socket to find a free port: ") + std::strerror(errno));
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_ANY);
@@ -147,9 +147,9 @@ std::string resolve_program(const std::string& name) {
 // The launcher's environment with the rendezvous variables of `rank` replacing any inherited ones.
 std::vector<std::string> rank_environment(int rank, const LaunchOptions& o) {
   const std::vector<std::pair<std::string, std::string>> own = {
-      {"RANK", std::to_string(rank)},           {"LOCAL_RANK", std::to_string(rank)},
-      {"WORLD_SIZE", std::to_string(o.nproc)},  {"LOCAL_WORLD_SIZE", std::to_string(o.nproc)},
-      {"MASTER_ADDR", o.master_addr},           {"MASTER_PORT", std::to_string(o.master_port)},
+      {"RANK", std::to_string(rank)},          {"LOCAL_RANK", std::to_string(rank)},
+      {"WORLD_SIZE", std::to_string(o.nproc)}, {"LOCAL_WORLD_SIZE", std::to_string(o.nproc)},
+      {"MASTER_ADDR", o.master_addr},          {"MASTER_PORT", std::to_string(o.master_port)},
       {"KEEL_LAUNCH_PREFIXES_OUTPUT", "1"}};  // the ranks' logs need no "[rank R]" of their own
   std::set<std::string> replaced;
   for (const auto& [name, value] : own) replaced.insert(name);
@@ -330,7 +330,8 @@ RankProcess start_rank(int rank, const std::string& program, const LaunchOptions
   if (pid < 0) {
     ::close(out_pipe[0]);
     ::close(err_pipe[0]);
-    throw std::runtime_error(std::string("cannot start rank ") + std::to_string(rank) + ": " + std::strerror(fork_errno));
+    throw std::runtime_error(std::string("cannot start rank ") + std::to_string(rank) + ": " +
+                             std::strerror(fork_errno));
   }
   RankProcess p;
   p.rank = rank;
@@ -377,7 +378,7 @@ int run_job(const LaunchOptions& o, const std::string& program) {
 
   int exit_status = 0;
   bool job_failed = false;
-  std::optional<Clock::time_point> kill_at;   // SIGKILL the ranks still running at this time
+  std::optional<Clock::time_point> kill_at;      // SIGKILL the ranks still running at this time
   std::optional<Clock::time_point> drain_until;  // every rank has exited: stop reading output at this time
   auto running_count = [&] {
     int n = 0;

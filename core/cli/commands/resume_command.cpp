@@ -7,12 +7,12 @@
 //      refused with the key named (weights of another shape cannot be loaded);
 //   3. the data must be the data the checkpoint was trained on: a different vocab or tokenizer is refused, a
 //      different corpus (shard sizes, EOS id) only with --allow-data-change, which the lineage records.
-#include <filesystem>
-#include <iostream>
-
-#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 #include <torch/cuda.h>
+
+#include <filesystem>
+#include <iostream>
+#include <nlohmann/json.hpp>
 
 #include "core/checkpoint/checkpoint_error.h"
 #include "core/checkpoint/checkpoint_store.h"
@@ -60,13 +60,14 @@ int cmd_resume(const Args& args) {
   std::vector<std::string> overrides, plugins, plugin_args;
   po::options_description options("keel resume");
   add_plugin_options(options, plugins, plugin_args);
-  options.add_options()
-      ("from", po::value<std::string>(&from)->required(), "a run dir (its latest valid checkpoint) or a checkpoint dir")
-      ("run-dir", po::value<std::string>(&run_dir)->required(), "new directory for this run (never the one resumed from)")
-      ("set", po::value<std::vector<std::string>>(&overrides)->composing(), "override a key: --set section.key=value (repeatable)")
-      ("allow-data-change", "accept data that differs from the checkpoint's (recorded in the lineage)")
-      ("force", "replace an existing run in --run-dir")
-      ("help", "show this help");
+  options.add_options()("from", po::value<std::string>(&from)->required(),
+                        "a run dir (its latest valid checkpoint) or a checkpoint dir")(
+      "run-dir", po::value<std::string>(&run_dir)->required(),
+      "new directory for this run (never the one resumed from)")(
+      "set", po::value<std::vector<std::string>>(&overrides)->composing(),
+      "override a key: --set section.key=value (repeatable)")(
+      "allow-data-change", "accept data that differs from the checkpoint's (recorded in the lineage)")(
+      "force", "replace an existing run in --run-dir")("help", "show this help");
   auto vm = parse_args(args, options, "resume");
   if (vm.count("help")) {
     std::cout << options;
@@ -105,8 +106,8 @@ int cmd_resume(const Args& args) {
   }
   if (config.global_batch() != parent.global_batch()) {
     throw CheckpointError(ckpt.dir + ": the global batch (train.micro_batch x train.grad_accum) differs: checkpoint " +
-                          std::to_string(parent.global_batch()) + ", requested " + std::to_string(config.global_batch()) +
-                          " (the data order is defined per global batch)");
+                          std::to_string(parent.global_batch()) + ", requested " +
+                          std::to_string(config.global_batch()) + " (the data order is defined per global batch)");
   }
   if (config.train.device == "cuda" && !torch::cuda::is_available())
     throw std::runtime_error("train.device = cuda but no CUDA device is available to this build of keel");
@@ -122,7 +123,8 @@ int cmd_resume(const Args& args) {
     throw CheckpointError(message);
   }
   if (!soft.empty() && !allow_data_change) {
-    std::string message = ckpt.dir + ": the data differs from the checkpoint's (pass --allow-data-change to accept it):";
+    std::string message =
+        ckpt.dir + ": the data differs from the checkpoint's (pass --allow-data-change to accept it):";
     for (const auto& s : soft) message += "\n  " + s;
     throw CheckpointError(message);
   }
@@ -131,7 +133,8 @@ int cmd_resume(const Args& args) {
   // claimed, so that any DP x TP x PP layout can take its shards. Each rank's RNG continues exactly when the
   // layout is unchanged; after a layout change the generators keep their fresh per-rank seeding.
   const checkpoint::Layout& saved = ckpt.manifest.layout;
-  const bool same_layout = saved.dp == config.parallel.dp && saved.tp == config.parallel.tp && saved.pp == config.parallel.pp;
+  const bool same_layout =
+      saved.dp == config.parallel.dp && saved.tp == config.parallel.tp && saved.pp == config.parallel.pp;
   const int64_t rank = parallel::detect_world().rank;
   const checkpoint::TrainingState state = checkpoint::read_full_state(ckpt.dir, ckpt.manifest, same_layout ? rank : -1);
   if (!same_layout) {
@@ -152,9 +155,12 @@ int cmd_resume(const Args& args) {
   const int64_t decay_was = parent.lr_decay_steps();
   const int64_t decay_now = config.lr_decay_steps();
   if (decay_was != decay_now) {
-    request.lineage.changes.push_back({"lr_schedule.decay_steps", std::to_string(decay_was), std::to_string(decay_now)});
-    spdlog::warn("the LR schedule's length changes from {} to {} steps (optim.decay_steps = 0 follows train.steps); "
-                 "set optim.decay_steps to keep it", decay_was, decay_now);
+    request.lineage.changes.push_back(
+        {"lr_schedule.decay_steps", std::to_string(decay_was), std::to_string(decay_now)});
+    spdlog::warn(
+        "the LR schedule's length changes from {} to {} steps (optim.decay_steps = 0 follows train.steps); "
+        "set optim.decay_steps to keep it",
+        decay_was, decay_now);
   }
   for (const auto& w : ckpt.warnings) request.lineage.notes.push_back(w);
   request.lineage.data_change_allowed = allow_data_change && !soft.empty();

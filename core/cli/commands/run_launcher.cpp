@@ -1,11 +1,11 @@
 // Why: see run_launcher.h.
 #include "core/cli/commands/run_launcher.h"
 
+#include <spdlog/spdlog.h>
+
 #include <filesystem>
 #include <fstream>
 #include <iostream>
-
-#include <spdlog/spdlog.h>
 
 #include "core/checkpoint/durable_fs.h"
 #include "core/cli/commands/common.h"
@@ -23,8 +23,8 @@ void agree_across_ranks(const parallel::ProcessGroups& groups, const std::string
   const auto errors = groups.world->all_gather_strings(local_error);
   for (size_t i = 0; i < errors.size(); ++i) {
     if (errors[i].empty()) continue;
-    throw std::runtime_error(groups.world->single() ? errors[i]
-                                                     : groups.layout.describe_rank(static_cast<int64_t>(i)) + ": " + errors[i]);
+    throw std::runtime_error(
+        groups.world->single() ? errors[i] : groups.layout.describe_rank(static_cast<int64_t>(i)) + ": " + errors[i]);
   }
 }
 
@@ -93,7 +93,8 @@ int launch_run(RunRequest r) {
     error = e.what();
   }
   agree_across_ranks(groups, error);
-  agree_across_ranks(groups, train::stop_requested() ? "stopped by a signal before the run dir was claimed; nothing was written" : "");
+  agree_across_ranks(
+      groups, train::stop_requested() ? "stopped by a signal before the run dir was claimed; nothing was written" : "");
   train::RunDirClaim claim;  // rank 0 holds the run dir's lock until the run ends
   claim.paths = train::RunPaths{r.run_dir};
   if (rank0) {  // rank 0 claims the run dir; the others write into it (rank files) or not at all

@@ -21,7 +21,7 @@ struct RunRequest {
   std::unique_ptr<data::DataLoader> loader;  // opened (and so validated) before the run dir is claimed
   std::string run_dir;
   bool force = false;
-  checkpoint::Lineage lineage;                     // run_id/run_dir/created are filled in here
+  checkpoint::Lineage lineage;                        // run_id/run_dir/created are filled in here
   const checkpoint::TrainingState* resume = nullptr;  // restore this first (keel resume): the checkpoint's full state
   bool allow_data_change = false;
   std::string description;  // for the log: "train: config FILE" / "resume: from DIR"

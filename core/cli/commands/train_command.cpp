@@ -1,9 +1,9 @@
 // Why: `keel train --config FILE --run-dir DIR [--set k=v]... [--force]`: resolve the config and open the data
 // (both may fail; nothing is written yet), then hand over to launch_run.
-#include <iostream>
-
 #include <spdlog/spdlog.h>
 #include <torch/cuda.h>
+
+#include <iostream>
 
 #include "core/cli/commands/commands.h"
 #include "core/cli/commands/common.h"
@@ -18,10 +18,9 @@ int cmd_train(const Args& args) {
   po::options_description options("keel train");
   add_config_options(options, config_path, overrides);
   add_plugin_options(options, plugins, plugin_args);
-  options.add_options()
-      ("run-dir", po::value<std::string>(&run_dir)->required(), "directory for metrics.h5, config.ini, checkpoints/")
-      ("force", "replace an existing run in --run-dir")
-      ("help", "show this help");
+  options.add_options()("run-dir", po::value<std::string>(&run_dir)->required(),
+                        "directory for metrics.h5, config.ini, checkpoints/")(
+      "force", "replace an existing run in --run-dir")("help", "show this help");
   auto vm = parse_args(args, options, "train");
   if (vm.count("help")) {
     std::cout << options;
@@ -29,7 +28,7 @@ int cmd_train(const Args& args) {
   }
   append_plugin_overrides(plugins, plugin_args, overrides);
   Config config = load_config(config_path, overrides);  // all config errors before touching the run dir
-  check_memory_fits(config);  // an absurd model size, before anything is built or written
+  check_memory_fits(config);                            // an absurd model size, before anything is built or written
   if (config.train.device == "cuda" && !torch::cuda::is_available())
     throw std::runtime_error("train.device = cuda but no CUDA device is available to this build of keel");
   // Data next: an unprepared corpus is the most common first-run error; report it before claiming the run dir.
@@ -44,9 +43,11 @@ int cmd_train(const Args& args) {
 }
 
 std::string usage() {
-  return "keel " KEEL_VERSION " - LLM training-stability workbench\n\n"
+  return "keel " KEEL_VERSION
+         " - LLM training-stability workbench\n\n"
          "usage:\n"
-         "  keel train --config FILE --run-dir DIR [--set key=value]... [--plugin SLOT=NAME]... [--plugin-arg NAME.k=v]...\n"
+         "  keel train --config FILE --run-dir DIR [--set key=value]... [--plugin SLOT=NAME]... [--plugin-arg "
+         "NAME.k=v]...\n"
          "  keel resume --from RUN_DIR|CKPT_DIR --run-dir NEW_DIR [--set key=value]... [--plugin SLOT=NAME]...\n"
          "              [--plugin-arg NAME.k=v]... [--allow-data-change]\n"
          "  keel control RUN_DIR swap SLOT=NAME_OR_PATH [--plugin-arg NAME.k=v]... [--at-step N]\n"

@@ -81,8 +81,10 @@ int run(int argc, char** argv) {
     keel::data::spm_io::write_string(out.get(), std::to_string(sp.eos_id()) + " " + std::to_string(sp.unk_id()));
     for (int id = 0; id < sp.GetPieceSize(); ++id) {
       std::string piece = sp.IdToPiece(id);
-      if (sp.IsControl(id)) piece = "\x01" + piece;  // marked: decodes to nothing
-      else if (sp.IsByte(id)) piece = "\x02" + piece;  // marked: <0xNN> decodes to that byte
+      if (sp.IsControl(id))
+        piece = "\x01" + piece;  // marked: decodes to nothing
+      else if (sp.IsByte(id))
+        piece = "\x02" + piece;  // marked: <0xNN> decodes to that byte
       keel::data::spm_io::write_string(out.get(), piece);
     }
     return 0;

@@ -2,8 +2,8 @@
 // byte length then the bytes. Documents, pieces and token-id arrays all travel this way.
 #pragma once
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <stdexcept>
 #include <string>
@@ -16,7 +16,9 @@ inline void write_record(std::FILE* f, const void* data, uint32_t bytes) {
     throw std::runtime_error("short write");
 }
 
-inline void write_string(std::FILE* f, const std::string& s) { write_record(f, s.data(), static_cast<uint32_t>(s.size())); }
+inline void write_string(std::FILE* f, const std::string& s) {
+  write_record(f, s.data(), static_cast<uint32_t>(s.size()));
+}
 
 inline void write_ids(std::FILE* f, const std::vector<int32_t>& ids) {
   write_record(f, ids.data(), static_cast<uint32_t>(ids.size() * sizeof(int32_t)));

@@ -16,20 +16,20 @@
 //   KEEL_PLUGIN(Hello, "hello", "1.0", keel::sdk::kObserver, "doubles the loss, as a metric")
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <torch/version.h>
+
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <initializer_list>
 #include <functional>
+#include <initializer_list>
 #include <map>
 #include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <ATen/core/Tensor.h>
-#include <torch/version.h>
 
 namespace keel::sdk {
 
@@ -129,7 +129,8 @@ inline void require_known_args(const Args& args, std::initializer_list<const cha
     if (!ok) {
       std::string list;
       for (const char* k : known) list += (list.empty() ? "" : ", ") + std::string(k);
-      throw std::invalid_argument("unknown plugin argument '" + key + "' (known: " + (list.empty() ? "none" : list) + ")");
+      throw std::invalid_argument("unknown plugin argument '" + key + "' (known: " + (list.empty() ? "none" : list) +
+                                  ")");
     }
   }
 }
@@ -188,8 +189,8 @@ struct StepContext {
   double lr = 0.0;            // the LR the optimizer will use
   double loss = 0.0;          // mean token NLL of the global batch (fp32)
   double z_loss = 0.0;
-  double grad_norm = 0.0;     // global L2 norm of the gradients before clipping
-  double clip_factor = 1.0;   // factor clipping applied
+  double grad_norm = 0.0;                 // global L2 norm of the gradients before clipping
+  double clip_factor = 1.0;               // factor clipping applied
   std::vector<std::string> tensor_names;  // model order
   std::vector<float> tensor_grad_norms;   // per tensor, before clipping (empty if metrics.per_tensor = false)
   std::vector<SampleInfo> batch;          // the samples of the global batch, in order
@@ -200,7 +201,8 @@ struct StepContext {
 
   // Output channels: a scalar for this step in metrics.h5 (/train/extra/<plugin>.<name>) and an event.
   std::function<void(const std::string& name, double value)> metric = [](const std::string&, double) {};
-  std::function<void(const std::string& kind, const std::string& text)> event = [](const std::string&, const std::string&) {};
+  std::function<void(const std::string& kind, const std::string& text)> event = [](const std::string&,
+                                                                                   const std::string&) {};
 };
 
 // The spike_handler's answer. kRollback: Keel reloads the newest checkpoint at or before this step, applies the
@@ -210,7 +212,7 @@ struct Decision {
   Action action = Action::kContinue;
   std::string reason;
   // kRollback only: the intervention applied from the checkpoint's step on.
-  std::string skip_data;               // skip rules, e.g. "prose:chunk:3;code:samples:100-163" (docs/data.md)
+  std::string skip_data;  // skip rules, e.g. "prose:chunk:3;code:samples:100-163" (docs/data.md)
   bool reset_optimizer_moments = false;
   // Any action: multiply the LR by lr_factor for lr_factor_steps steps, counted from this step (kContinue,
   // kSkipUpdate) or from the checkpoint's step (kRollback). 1.0 / 0 (the defaults) ask for nothing new; they do
@@ -234,7 +236,7 @@ struct Decision {
 
 // A plugin's own state, saved in every checkpoint under its slot and name, and given back on resume.
 struct PluginState {
-  std::string json;     // scalars and small lists, as JSON text ("" = none)
+  std::string json;  // scalars and small lists, as JSON text ("" = none)
   NamedTensors tensors;
 };
 
@@ -325,24 +327,24 @@ struct PluginInfo {
 
 // Exports the handshake for CLASS (constructible from `const keel::sdk::Args&`). NAME is what users type after
 // --plugin SLOT=; SLOTS is a bit set of keel::sdk::Slot.
-#define KEEL_PLUGIN(CLASS, NAME, VERSION, SLOTS, DESCRIPTION)                                                  \
-  extern "C" __attribute__((visibility("default"))) const ::keel::sdk::PluginInfo* keel_plugin_info() {       \
-    static const ::keel::sdk::PluginInfo info = {                                                            \
-        ::keel::sdk::kApiVersion,                                                                            \
-        static_cast<uint32_t>(sizeof(::keel::sdk::PluginInfo)),                                              \
-        ::keel::sdk::build_fingerprint(),                                                                    \
-        NAME,                                                                                                \
-        VERSION,                                                                                             \
-        DESCRIPTION,                                                                                         \
-        static_cast<uint32_t>(SLOTS),                                                                        \
-        [](const ::keel::sdk::Args* args, char* error, size_t error_size) -> ::keel::sdk::Plugin* {          \
-          try {                                                                                              \
-            return new CLASS(*args);                                                                         \
-          } catch (const std::exception& e) {                                                                \
-            std::snprintf(error, error_size, "%s", e.what());                                                \
-            return nullptr;                                                                                  \
-          }                                                                                                  \
-        },                                                                                                   \
-        [](::keel::sdk::Plugin* plugin) { delete plugin; }};                                                 \
-    return &info;                                                                                            \
+#define KEEL_PLUGIN(CLASS, NAME, VERSION, SLOTS, DESCRIPTION)                                           \
+  extern "C" __attribute__((visibility("default"))) const ::keel::sdk::PluginInfo* keel_plugin_info() { \
+    static const ::keel::sdk::PluginInfo info = {                                                       \
+        ::keel::sdk::kApiVersion,                                                                       \
+        static_cast<uint32_t>(sizeof(::keel::sdk::PluginInfo)),                                         \
+        ::keel::sdk::build_fingerprint(),                                                               \
+        NAME,                                                                                           \
+        VERSION,                                                                                        \
+        DESCRIPTION,                                                                                    \
+        static_cast<uint32_t>(SLOTS),                                                                   \
+        [](const ::keel::sdk::Args* args, char* error, size_t error_size) -> ::keel::sdk::Plugin* {     \
+          try {                                                                                         \
+            return new CLASS(*args);                                                                    \
+          } catch (const std::exception& e) {                                                           \
+            std::snprintf(error, error_size, "%s", e.what());                                           \
+            return nullptr;                                                                             \
+          }                                                                                             \
+        },                                                                                              \
+        [](::keel::sdk::Plugin* plugin) { delete plugin; }};                                            \
+    return &info;                                                                                       \
   }
