@@ -1,4 +1,4 @@
-// Why: a checkpoint saved by one DP x TP x PP layout must load into any other (issue 5; K2-style runs change
+// Why: a checkpoint saved by one DP x TP x PP layout must load into any other (K2-style runs change
 // layout between phases). Every rank file stores its shards with their global shape and offset; this reads
 // all of a checkpoint's rank files and reassembles each model and optimizer tensor whole, so that the trainer
 // can cut the shard its own layout needs (core/model/sharding.h). Metadata (data ledger, config, lineage, LR

@@ -1,8 +1,7 @@
-// Why: issue 5's contract, end to end with the real binary and several local processes on Gloo: every DP x TP x
-// PP layout trains the same model as one process (fp32 and bf16-mixed), ZeRO-1 equals plain DP, a checkpoint
-// saved in one layout resumes in another, and faults (a killed or hung rank, a failed save on one rank, a NaN
-// on one rank) end or skip cleanly with the rank named. Tiny shapes: the whole file runs in a few minutes on
-// two cores.
+// Why: the parallel-layout contract, end to end with the real binary and several local processes on Gloo: every DP x TP
+// x PP layout trains the same model as one process (fp32 and bf16-mixed), ZeRO-1 equals plain DP, a checkpoint saved in
+// one layout resumes in another, and faults (a killed or hung rank, a failed save on one rank, a NaN on one rank) end
+// or skip cleanly with the rank named. Tiny shapes: the whole file runs in a few minutes on two cores.
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>

@@ -1,4 +1,4 @@
-// Why: `keel report` end to end, as a user runs it (issue 7, part 4): two tiny runs named as two arms of one
+// Why: `keel report` end to end, as a user runs it: two tiny runs named as two arms of one
 // seed (one hits a reproducible loss spike, from the lr_spike fixture, that rollback_skip rolls back, so the
 // metrics hold rollback and checkpoint events and re-run rows), `keel eval` on both, then the report. The page
 // is loaded in headless Chromium (Debian's `chromium`, installed by scripts/setup.sh): no console error, no

@@ -1,5 +1,5 @@
 // Why: `keel eval CKPT_DIR|RUN_DIR [--out FILE.h5] [--set k=v]... [--batches N] [--memorization-samples N]`
-// measures a checkpoint (issue 7, part 3; docs/eval.md): per-source NLL/perplexity on each source's eval
+// measures a checkpoint (docs/eval.md): per-source NLL/perplexity on each source's eval
 // samples and the Analysis360 memorization score on the training sequences it consumed. The results go to
 // an HDF5 file that is never inside the checkpoint directory (its manifest lists every file it holds):
 // RUN_DIR/eval/step-XXXXXXXX.h5 by default, which needs the checkpoint to sit in RUN_DIR/checkpoints/.
