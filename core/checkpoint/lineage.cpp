@@ -50,6 +50,17 @@ std::string lineage_to_json(const Lineage& l) {
             {"created", l.created}, {"kind", l.kind()},
             {"parent", nullptr},    {"changes", changes},
             {"notes", l.notes},     {"data_change_allowed", l.data_change_allowed}};
+  json plugins = json::array();
+  for (const auto& p : l.plugins) {
+    plugins.push_back({{"slot", p.slot},
+                       {"name", p.name},
+                       {"version", p.version},
+                       {"path", p.path},
+                       {"sha256", p.sha256},
+                       {"from_step", p.from_step},
+                       {"until_step", p.until_step}});
+  }
+  j["plugins"] = plugins;
   if (!l.is_root()) {
     j["parent"] = {{"run_id", l.parent_run_id},
                    {"run_dir", l.parent_run_dir},
@@ -77,6 +88,10 @@ Lineage parse_lineage(const std::string& text, const std::string& origin) {
     l.changes.push_back({c.string("key"), c.string("from"), c.string("to")});
   l.notes = f.strings_or_empty("notes");
   l.data_change_allowed = f.boolean_or("data_change_allowed", false);
+  for (const JsonFields& p : f.objects_or_empty("plugins")) {  // absent in lineages of older Keel versions
+    l.plugins.push_back({p.string("slot"), p.string("name"), p.string_or("version", ""), p.string("path"),
+                         p.string("sha256"), p.integer_or("from_step", 0), p.integer_or("until_step", -1)});
+  }
   if (l.run_id.empty()) throw CheckpointError(origin + ": lineage field 'run_id' is empty");
   return l;
 }
@@ -96,6 +111,22 @@ std::vector<ConfigChange> diff_configs(const std::vector<std::pair<std::string, 
   }
   for (const auto& [key, value] : a) {
     if (!b.count(key)) out.push_back({key, value, "(unset)"});
+  }
+  return out;
+}
+
+std::vector<std::string> changed_plugin_libraries(const std::vector<PluginRecord>& plugins, int64_t step,
+                                                  const std::vector<std::pair<std::string, std::string>>& now,
+                                                  const std::string& since) {
+  std::vector<std::string> out;
+  for (const auto& p : plugins) {
+    if (!p.loaded_at(step)) continue;
+    const auto it = std::find_if(now.begin(), now.end(), [&](const auto& entry) { return entry.first == p.path; });
+    if (it == now.end() || it->second == p.sha256) continue;
+    const std::string then = p.sha256.substr(0, 16) + "...";
+    out.push_back("plugin " + p.name + " (" + p.slot + "): the library " + p.path + " has changed since " + since +
+                  " (sha256 " + then + " then, " +
+                  (it->second.empty() ? "unreadable" : it->second.substr(0, 16) + "...") + " now)");
   }
   return out;
 }

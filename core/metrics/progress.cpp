@@ -64,7 +64,7 @@ std::string format_si(double value) {
 
 std::string format_progress(const ProgressInfo& info) {
   std::string line = "step " + std::to_string(info.step);
-  if (info.total_steps > 0) line += "/" + std::to_string(info.total_steps);
+  if (info.total_steps > 0) line += " (" + std::to_string(info.step + 1) + "/" + std::to_string(info.total_steps) + ")";
   line += " | loss " + fixed_or_special(info.loss, "%.4f");
   line += " | gnorm " + fixed_or_special(info.grad_norm, "%.3f");
   line += " | lr " + fixed_or_special(info.lr, "%.1e");

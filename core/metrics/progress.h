@@ -10,9 +10,11 @@
 
 namespace keel::metrics {
 
+// Steps are numbered from 0 everywhere (progress line, log lines, events, metrics.h5): the line of the step with
+// index 119 says "step 119", as /train/step does, and "(120/1000)" counts the steps done out of train.steps.
 struct ProgressInfo {
-  int64_t step = 0;         // the step just finished
-  int64_t total_steps = 0;  // <= 0: unknown, printed as "step 120"
+  int64_t step = 0;         // the index of the step just finished (0-based, as in metrics.h5)
+  int64_t total_steps = 0;  // train.steps; <= 0: unknown, printed as "step 119"
   double loss = 0.0;
   double grad_norm = 0.0;
   double lr = 0.0;
@@ -21,7 +23,7 @@ struct ProgressInfo {
   bool skipped = false;       // appends " | skipped"
 };
 
-// "step 120/1000 | loss 5.4321 | gnorm 0.812 | lr 2.1e-04 | 12.3K tok/s | ETA 1m12s"
+// "step 119 (120/1000) | loss 5.4321 | gnorm 0.812 | lr 2.1e-04 | 12.3K tok/s | ETA 1m12s"
 std::string format_progress(const ProgressInfo& info);
 
 // Seconds as "45s", "1m12s", "2h05m", "3d04h"; "--" for negative or non-finite input. Rounds down.

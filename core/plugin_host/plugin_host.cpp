@@ -3,6 +3,10 @@
 
 #include <spdlog/spdlog.h>
 
+#include <filesystem>
+
+#include "core/checkpoint/sha256.h"
+
 namespace keel::plugin_host {
 namespace {
 
@@ -59,11 +63,18 @@ std::vector<LoadedPlugin> PluginHost::load_slot(const std::string& slot, const C
     loaded.spec = spec;
     std::shared_ptr<PluginLibrary> library;
     try {
-      library = PluginLibrary::load(resolve_plugin_path(spec));
-    } catch (const PluginError& e) {
+      // The absolute path: what the lineage records and what a later resume compares the file at.
+      std::error_code ec;
+      const std::string resolved = resolve_plugin_path(spec);
+      const std::filesystem::path absolute = std::filesystem::absolute(resolved, ec);
+      const std::string path = ec ? resolved : absolute.lexically_normal().string();
+      library = PluginLibrary::load(path);
+      loaded.sha256 = checkpoint::sha256_file(path);
+    } catch (const std::exception& e) {
       throw PluginError("plugins." + slot + " = " + spec + ": " + e.what());
     }
     loaded.description = library->description();
+    loaded.library = library;
     if ((loaded.description.slots & bit) == 0) {
       throw PluginError("plugins." + slot + " = " + spec + ": plugin '" + loaded.description.name + "' fills " +
                         slot_names(loaded.description.slots) + ", not " + slot);

@@ -2,7 +2,8 @@
 // exactly one optimizer, at most one lr_schedule, spike_handler and data_mixture, a chain of grad_transforms
 // and any number of observers. The trainer asks the host for the plugin of a slot at each hook; checkpoints
 // save each plugin's state under its slot and name; a swap loads the new plugin first and only then replaces
-// the old one, so a refused plugin leaves the run as it was.
+// the old one, so a refused plugin leaves the run as it was. Each loaded plugin carries its library's absolute
+// path and SHA-256, which the lineage and every checkpoint record.
 #pragma once
 
 #include <memory>
@@ -18,6 +19,8 @@ struct LoadedPlugin {
   std::string slot;  // "optimizer", "grad_transform", ...
   std::string spec;  // what the config named: a built-in name or a path
   PluginDescription description;
+  std::string sha256;  // SHA-256 of the library file when it was loaded (lower-case hex)
+  std::shared_ptr<PluginLibrary> library;
   std::shared_ptr<sdk::Plugin> object;
   const std::string& name() const { return description.name; }
 };

@@ -14,6 +14,7 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr const char* kEntryPoint = "keel_plugin_info";
+constexpr const char* kWarmStartEntryPoint = "keel_plugin_warm_start";  // optional, looked up after the handshake
 constexpr const char* kFilePrefix = "keel_plugin_";
 
 std::string fingerprint_text(const sdk::BuildFingerprint& f) {
@@ -36,6 +37,7 @@ const std::vector<std::pair<sdk::Slot, std::string>>& slot_table() {
 struct PluginLibrary::Impl {
   boost::dll::shared_library library;
   const sdk::PluginInfo* info = nullptr;
+  sdk::WarmStartFn warm_start = nullptr;
 };
 
 PluginLibrary::~PluginLibrary() = default;
@@ -80,9 +82,15 @@ std::shared_ptr<PluginLibrary> PluginLibrary::load(const std::string& path) {
     throw PluginError("plugin " + path + ": declares no known slot (slots = " + std::to_string(info->slots) + ")");
   }
   impl->info = info;
+  // The optional warm-start entry point (plugin.h): only now, once the handshake vouches for the library's ABI.
+  if (impl->library.has(kWarmStartEntryPoint))
+    impl->warm_start =
+        impl->library.get<int(sdk::Plugin*, const sdk::WarmStartHistory*, sdk::WarmStartResult*, char*, size_t)>(
+            kWarmStartEntryPoint);
   std::shared_ptr<PluginLibrary> out(new PluginLibrary());
   out->impl_ = std::move(impl);
-  out->description_ = {info->name, info->version, info->description ? info->description : "", path, info->slots};
+  out->description_ = {info->name, info->version, info->description ? info->description : "",
+                       path,       info->slots,   out->impl_->warm_start != nullptr};
   return out;
 }
 
@@ -96,6 +104,19 @@ std::shared_ptr<sdk::Plugin> PluginLibrary::create(const sdk::Args& args) const 
   // The deleter owns a reference to the library: it is unloaded only after the last object is destroyed.
   std::shared_ptr<Impl> keep_loaded = impl_;
   return std::shared_ptr<sdk::Plugin>(object, [keep_loaded](sdk::Plugin* p) { keep_loaded->info->destroy(p); });
+}
+
+sdk::WarmStartResult PluginLibrary::warm_start(sdk::Plugin& object, const sdk::WarmStartHistory& history) const {
+  if (impl_->warm_start == nullptr)
+    throw PluginError("plugin " + description_.name + " (" + description_.path + ") has no warm-start entry point");
+  char error[1024] = {0};
+  sdk::WarmStartResult result;
+  if (impl_->warm_start(&object, &history, &result, error, sizeof(error)) != 0) {
+    throw PluginError("plugin " + description_.name + " (" + description_.path + ") failed to warm start from " +
+                      std::to_string(history.rows.size()) +
+                      " rows: " + (error[0] ? std::string(error) : std::string("no reason given")));
+  }
+  return result;
 }
 
 std::vector<std::string> plugin_search_dirs() {

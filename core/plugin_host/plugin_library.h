@@ -2,7 +2,8 @@
 // plugin library (Boost.DLL), checks the handshake in the safe order (entry point present -> API version ->
 // struct size -> build fingerprint, before any C++ type from the library is used), refuses a mismatch with both
 // sides printed, and ties every plugin object to its library so the library stays loaded until the last
-// object is gone. It also finds plugins by name (KEEL_PLUGIN_PATH, then next to the keel binary).
+// object is gone. After the handshake it looks up the one optional entry point, keel_plugin_warm_start (a plugin
+// without it loads as before). It also finds plugins by name (KEEL_PLUGIN_PATH, then next to the keel binary).
 #pragma once
 
 #include <cstdint>
@@ -26,6 +27,7 @@ struct PluginDescription {
   std::string description;
   std::string path;
   uint32_t slots = 0;
+  bool warm_start = false;  // exports the optional keel_plugin_warm_start (KEEL_PLUGIN_WARM_START)
 };
 
 class PluginLibrary {
@@ -39,6 +41,9 @@ class PluginLibrary {
   // A new plugin object; it keeps this library loaded for as long as it lives. Throws PluginError with the
   // plugin's own message if its constructor refuses the arguments.
   std::shared_ptr<sdk::Plugin> create(const sdk::Args& args) const;
+  // Hands `history` to `object`, which this library created, through the optional warm-start entry point.
+  // Throws PluginError naming the plugin if it has none or if it reports an error.
+  sdk::WarmStartResult warm_start(sdk::Plugin& object, const sdk::WarmStartHistory& history) const;
 
  private:
   PluginLibrary() = default;

@@ -16,6 +16,7 @@
 #include "core/checkpoint/resharding.h"
 #include "core/checkpoint/sha256.h"
 #include "core/metrics/hdf5_handle.h"
+#include "core/train/plugin_continuity.h"
 
 namespace keel::train {
 namespace {
@@ -83,6 +84,7 @@ checkpoint::TrainingState capture_rank_state(TrainerState& s, int64_t step) {
 void restore_plugin_states(TrainerState& s, const checkpoint::TrainingState& st, std::vector<std::string>& notes) {
   using checkpoint::CheckpointError;
   plugin_host::LoadedPlugin& optimizer = s.plugins->optimizer();
+  std::vector<plugin_host::LoadedPlugin*> fresh;  // not in the checkpoint: warm started below
   for (plugin_host::LoadedPlugin* p : s.plugins->all()) {
     if (p == &optimizer) continue;
     bool found = false;
@@ -95,7 +97,10 @@ void restore_plugin_states(TrainerState& s, const checkpoint::TrainingState& st,
         throw CheckpointError("plugin " + p->name() + " cannot load its checkpointed state: " + e.what());
       }
     }
-    if (!found) notes.push_back("plugin " + p->name() + " (" + p->slot + ") starts fresh: not in the checkpoint");
+    if (!found) {
+      notes.push_back("plugin " + p->name() + " (" + p->slot + ") starts fresh: not in the checkpoint");
+      fresh.push_back(p);
+    }
   }
   for (const auto& ps : st.plugins) {
     bool loaded = false;
@@ -103,6 +108,8 @@ void restore_plugin_states(TrainerState& s, const checkpoint::TrainingState& st,
       loaded = loaded || (p->slot == ps.slot && p->name() == ps.name);
     if (!loaded) notes.push_back("plugin " + ps.name + " (" + ps.slot + ") of the checkpoint is not loaded now");
   }
+  // Libraries changed since the checkpoint (warnings), and the parent's history for the fresh ones.
+  continue_plugins_after_resume(s, st, fresh);
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 
 #include "core/train/checkpointer.h"
 #include "core/train/control.h"
+#include "core/train/plugin_continuity.h"
 
 namespace keel::train {
 
@@ -52,6 +53,14 @@ void apply_control_requests(TrainerState& s) {
         loaded.front().object->bind(s.optimizer_params);
         lines = loaded.front().object->adopt_state(s.plugins->optimizer().object->save_state().tensors);
       }
+      // The new plugin has no saved state: it gets this run's history (then its parent's) before it replaces the
+      // old one, so that a warm start that fails leaves the run with the plugins it had.
+      std::vector<plugin_host::LoadedPlugin*> fresh;
+      for (auto& p : loaded) {
+        if (slot != "optimizer") fresh.push_back(&p);
+      }
+      warm_start_plugins(s, fresh, step, s.paths.metrics_h5());
+      record_swap(s, slot, loaded, step);  // warns if a library changed since this run loaded it
       s.plugins->replace(slot, std::move(loaded));
       s.config = next;
       std::string now;

@@ -19,6 +19,7 @@
 #include "core/checkpoint/training_state.h"
 #include "core/metrics/progress.h"
 #include "core/train/checkpointer.h"
+#include "core/train/plugin_continuity.h"
 #include "core/train/plugin_swap.h"
 #include "core/train/step_reduction.h"
 #include "core/train/step_stages.h"
@@ -161,6 +162,7 @@ TrainSummary Trainer::train() {
   TrainerState& s = *state_;
   TrainSummary summary;
   summary.metrics_path = s.paths.metrics_h5();
+  record_loaded_plugins(s, s.loader->step());  // the libraries (path, SHA-256) this run starts with
   s.write_lineage();
   s.event(s.loader->step(), "run_start",
           "steps " + std::to_string(s.config.train.steps) + ", " + s.lineage.kind() + " run " + s.lineage.run_id);
@@ -201,7 +203,7 @@ TrainSummary Trainer::train() {
       const bool log_line = (step + 1) % c.train.log_every == 0 || step + 1 == c.train.steps || !r.updated();
       if (log_line && s.rank0())
         spdlog::info(
-            metrics::format_progress({step + 1, c.train.steps, ctx.loss, ctx.grad_norm, ctx.lr, meter.tokens_per_s(),
+            metrics::format_progress({step, c.train.steps, ctx.loss, ctx.grad_norm, ctx.lr, meter.tokens_per_s(),
                                       meter.eta_s(c.train.steps - step - 1), !r.updated()}));
       // Step boundary: decisions that leave the straight path, then signals, checkpoints and swap requests.
       if (r.decision.action == sdk::Decision::Action::kRollback) {

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "../common/spike_window.h"
+#include "../common/warm_start.h"
 #include "keel/plugin.h"
 
 namespace {
@@ -57,6 +58,12 @@ class LrCooldown : public keel::sdk::Plugin {
     detector_.load(state);
   }
 
+  // Keel's warm-start hook (KEEL_PLUGIN_WARM_START below): a start without saved state on a resumed or branched
+  // run replays the run's recorded history through the detector.
+  keel::sdk::WarmStartResult warm_start(const keel::sdk::WarmStartHistory& history) {
+    return keel::plugins::warm_start_detector(detector_, history);
+  }
+
  private:
   static keel::plugins::SpikeDetectorOptions checked_options(const keel::sdk::Args& args) {
     keel::sdk::require_known_args(args, {"window", "min_history", "threshold", "lr_factor", "cooldown_steps"});
@@ -73,3 +80,4 @@ class LrCooldown : public keel::sdk::Plugin {
 
 KEEL_PLUGIN(LrCooldown, "lr_cooldown", "1.0", keel::sdk::kSpikeHandler,
             "on a loss/grad-norm spike keeps the step but lowers the LR for a number of steps")
+KEEL_PLUGIN_WARM_START(LrCooldown)

@@ -16,14 +16,22 @@ using keel::metrics::ThroughputMeter;
 
 TEST(ProgressFormat, ExampleLine) {
   ProgressInfo info;
-  info.step = 120;
+  info.step = 119;  // 0-based: the 120th step
   info.total_steps = 1000;
   info.loss = 5.43211;
   info.grad_norm = 0.8123;
   info.lr = 2.1e-4;
   info.tokens_per_s = 12345.0;
   info.eta_s = 72.4;
-  EXPECT_EQ(format_progress(info), "step 120/1000 | loss 5.4321 | gnorm 0.812 | lr 2.1e-04 | 12.3K tok/s | ETA 1m12s");
+  EXPECT_EQ(format_progress(info),
+            "step 119 (120/1000) | loss 5.4321 | gnorm 0.812 | lr 2.1e-04 | 12.3K tok/s | ETA 1m12s");
+}
+
+TEST(ProgressFormat, LastStepOfARunSaysItsIndexAndAllStepsDone) {
+  ProgressInfo info;
+  info.step = 9;
+  info.total_steps = 10;
+  EXPECT_EQ(format_progress(info).rfind("step 9 (10/10) | ", 0), 0u) << format_progress(info);
 }
 
 TEST(ProgressFormat, UnknownValuesAndSkippedStep) {

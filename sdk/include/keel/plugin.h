@@ -307,6 +307,46 @@ class Plugin {
   virtual std::string mixture_at(int64_t /*step*/, const std::vector<std::string>& /*sources*/) { return ""; }
 };
 
+// ------------------------------------------------------------------------------------------------ warm start
+
+// An optional entry point, outside the handshake: a plugin that starts without saved state on a resumed or
+// branched run (or one swapped in mid-run) can be handed the run's recent history instead of starting blind.
+// A plugin opts in with KEEL_PLUGIN_WARM_START(CLASS) next to KEEL_PLUGIN(...) and a non-virtual member
+//   keel::sdk::WarmStartResult warm_start(const keel::sdk::WarmStartHistory& history);
+// The macro exports `keel_plugin_warm_start`; Keel looks it up only after the handshake has passed and calls it
+// once, after load_state would have been called, before the plugin's first step. A library without it (every
+// plugin built before this hook) loads as before: adding the hook did not change kApiVersion, PluginInfo or the
+// Plugin class. Both structs start with their size, which the macro checks before reading anything else.
+
+// One optimizer step as the run's metrics.h5 recorded it (the last row of that step: after a rollback, the
+// replayed one).
+struct HistoryRow {
+  int64_t step = 0;
+  double loss = 0.0;       // ctx.loss of that step
+  double grad_norm = 0.0;  // ctx.grad_norm of that step (before clipping)
+  bool skipped = false;    // its update was not applied (a spike handler's skip, a non-finite loss, ...)
+};
+
+// At most this many rows are handed over (the newest ones).
+inline constexpr int64_t kWarmStartMaxRows = 1000;
+
+struct WarmStartHistory {
+  uint32_t struct_size = sizeof(WarmStartHistory);
+  int64_t start_step = 0;        // the first step the plugin will see
+  std::vector<HistoryRow> rows;  // oldest first, steps < start_step, one per step; empty when none was found
+  std::string source;            // where the rows come from, for messages ("runs/base/metrics.h5 steps 0-12")
+};
+
+struct WarmStartResult {
+  uint32_t struct_size = sizeof(WarmStartResult);
+  int64_t rows_used = 0;       // rows that went into the plugin's state
+  int64_t inactive_steps = 0;  // steps from start_step on during which the plugin cannot act yet (0: ready)
+};
+
+// Returns 0, or non-zero with a message in `error` (Keel then stops the run naming the plugin).
+using WarmStartFn = int (*)(Plugin* plugin, const WarmStartHistory* history, WarmStartResult* result, char* error,
+                            size_t error_size);
+
 using CreateFn = Plugin* (*)(const Args* args, char* error, size_t error_size);
 using DestroyFn = void (*)(Plugin* plugin);
 
@@ -347,4 +387,26 @@ struct PluginInfo {
         },                                                                                              \
         [](::keel::sdk::Plugin* plugin) { delete plugin; }};                                            \
     return &info;                                                                                       \
+  }
+
+// Exports the optional warm-start entry point for CLASS (the class of this library's KEEL_PLUGIN), which has a
+// member `keel::sdk::WarmStartResult warm_start(const keel::sdk::WarmStartHistory&)`. See "warm start" above.
+#define KEEL_PLUGIN_WARM_START(CLASS)                                                                                  \
+  extern "C" __attribute__((visibility("default"))) int keel_plugin_warm_start(                                        \
+      ::keel::sdk::Plugin* plugin, const ::keel::sdk::WarmStartHistory* history, ::keel::sdk::WarmStartResult* result, \
+      char* error, size_t error_size) {                                                                                \
+    if (history == nullptr || result == nullptr || history->struct_size != sizeof(::keel::sdk::WarmStartHistory) ||    \
+        result->struct_size != sizeof(::keel::sdk::WarmStartResult)) {                                                 \
+      std::snprintf(error, error_size, "%s",                                                                           \
+                    "warm-start structs of another size: rebuild the plugin against this SDK");                        \
+      return 1;                                                                                                        \
+    }                                                                                                                  \
+    try {                                                                                                              \
+      *result = static_cast<CLASS*>(plugin)->warm_start(*history);                                                     \
+      result->struct_size = static_cast<uint32_t>(sizeof(::keel::sdk::WarmStartResult));                               \
+      return 0;                                                                                                        \
+    } catch (const std::exception& e) {                                                                                \
+      std::snprintf(error, error_size, "%s", e.what());                                                                \
+      return 1;                                                                                                        \
+    }                                                                                                                  \
   }
