@@ -61,28 +61,6 @@ const MixtureStage& stage_at(const std::vector<MixtureStage>& stages, int64_t st
   return *active;
 }
 
-std::string escape_text(const std::string& text) {
-  std::string out;
-  for (unsigned char c : text) {
-    if (c == '\n') {
-      out += "\\n";
-    } else if (c == '\t') {
-      out += "\\t";
-    } else if (c == '\\') {
-      out += "\\\\";
-    } else if (c == '"') {
-      out += "\\\"";
-    } else if (c < 32 || c == 127) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", c);
-      out += buf;
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  return out;
-}
-
 }  // namespace
 
 std::vector<int64_t> epoch_permutation(uint64_t seed, const std::string& source, int64_t epoch, int64_t n) {
@@ -568,44 +546,5 @@ const Tokenizer& DataLoader::tokenizer() const {
 }
 
 std::string DataLoader::decode(const std::vector<int32_t>& ids) const { return tokenizer().decode(ids); }
-
-std::string show_batch(const keel::Config& config, int64_t step, int64_t max_tokens_shown) {
-  DataLoader loader(config, config.global_batch());
-  loader.seek(step);
-  const BatchPlan plan = loader.plan_next();
-  const auto& names = loader.source_names();
-  std::ostringstream out;
-  out << "step " << step << ": global batch " << plan.samples.size() << " x " << loader.seq_len() + 1
-      << " tokens, data.seed " << config.data.seed << ", weights " << format_weights(loader.weights_at(step), names)
-      << ", first global sample " << plan.first_sample << "\n";
-  const int64_t shown = std::clamp<int64_t>(max_tokens_shown, 0, loader.seq_len() + 1);
-  for (size_t i = 0; i < plan.samples.size(); ++i) {
-    const SampleRef& r = plan.samples[i];
-    const auto tokens = loader.sample_tokens(r.source, r.sample_id);
-    const std::vector<int32_t> head(tokens.begin(), tokens.begin() + shown);
-    out << "[" << i << "] source=" << names[r.source] << " sample=" << r.sample_id << " epoch=" << r.epoch
-        << " chunk=" << r.chunk << " tokens[" << r.sample_id * loader.seq_len() << ".."
-        << r.sample_id * loader.seq_len() + loader.seq_len() + 1 << ")\n    ids:";
-    for (int32_t t : head) out << " " << t;
-    if (shown < static_cast<int64_t>(tokens.size())) out << " ...";
-    out << "\n    text: \"";
-    try {
-      // Decode piece by piece between EOS tokens so that document boundaries stay visible.
-      std::vector<int32_t> part;
-      for (int32_t t : head) {
-        if (t == loader.eos_id()) {
-          out << escape_text(loader.decode(part)) << "<eos>";
-          part.clear();
-        } else {
-          part.push_back(t);
-        }
-      }
-      out << escape_text(loader.decode(part)) << "\"\n";
-    } catch (const DataError& e) {
-      out << "\" (cannot decode: " << e.what() << ")\n";
-    }
-  }
-  return out.str();
-}
 
 }  // namespace keel::data

@@ -146,8 +146,4 @@ class DataLoader {
   mutable std::unique_ptr<std::mutex> tokenizer_mutex_;
 };
 
-// Text for `keel data show-batch --step N`: the plan of step N (per sample: index, source, sample id, epoch,
-// chunk), the first `max_tokens_shown` token ids and the decoded text of those tokens.
-std::string show_batch(const keel::Config& config, int64_t step, int64_t max_tokens_shown);
-
 }  // namespace keel::data

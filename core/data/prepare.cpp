@@ -24,6 +24,7 @@
 #include <sstream>
 
 #include "core/data/data_error.h"
+#include "core/data/documents.h"
 #include "core/data/hash.h"
 #include "core/data/regular_file.h"
 #include "core/data/shard.h"
@@ -159,6 +160,7 @@ class ShardSink {
       : dir_(std::move(dir)), rel_dir_(std::move(rel_dir)), vocab_(vocab), eos_(eos) {}
 
   void append(const std::vector<int32_t>& tokens) {
+    document_starts_.push_back(total_);
     pending_.insert(pending_.end(), tokens.begin(), tokens.end());
     pending_.push_back(eos_);
     total_ += static_cast<int64_t>(tokens.size()) + 1;
@@ -169,6 +171,8 @@ class ShardSink {
   }
   const json& shards() const { return shards_; }
   int64_t total() const { return total_; }
+  // Token offset of every document's first token in the source's stream (documents.h).
+  const std::vector<int64_t>& document_starts() const { return document_starts_; }
 
  private:
   void flush(int64_t count) {
@@ -186,6 +190,7 @@ class ShardSink {
   std::vector<int32_t> pending_;
   json shards_ = json::array();
   int64_t total_ = 0;
+  std::vector<int64_t> document_starts_;
 };
 
 // Tokenize documents, appending them to `sink` in document order.
@@ -223,6 +228,19 @@ std::string shards_problem(const std::string& dir, const json& source, int64_t v
     } catch (const DataError& e) {
       return e.what();
     }
+  }
+  // The document index (documents.h); data prepared before it existed has none and is prepared again (same
+  // tokens, same fingerprints: checkpoints of runs on it still resume).
+  const json index = source.value("document_index", json());
+  if (!index.is_object()) return "no document index (prepared by an older Keel)";
+  try {
+    const std::string path = dir + "/" + index.at("file").get<std::string>();
+    refuse_non_regular(path);  // throws
+    read_document_index(path, index.at("documents").get<int64_t>(), source.at("tokens").get<int64_t>());
+  } catch (const json::exception& e) {
+    return std::string("malformed document_index entry (") + e.what() + ")";
+  } catch (const DataError& e) {
+    return e.what();
   }
   return "";
 }
@@ -414,8 +432,8 @@ PrepareReport prepare_data(const keel::Config& config, const PrepareOptions& opt
         if (problem.empty()) {
           old_sources[i] = &s;
         } else {
-          spdlog::warn("source {}: prepared shard damaged: {}; preparing this source again", data.sources[i].name,
-                       problem);
+          spdlog::warn("source {}: prepared {}: {}; preparing this source again", data.sources[i].name,
+                       problem.rfind("no document index", 0) == 0 ? "data incomplete" : "shard damaged", problem);
         }
         break;
       }
@@ -514,6 +532,7 @@ PrepareReport prepare_data(const keel::Config& config, const PrepareOptions& opt
       entry["raw_bytes"] = sr.raw_bytes;
       entry["tokens"] = (*old)["tokens"];
       entry["shards"] = (*old)["shards"];
+      entry["document_index"] = (*old)["document_index"];
       sr.reused = true;
       spdlog::info("source {}: shards up to date (fingerprint {}): reused", src.name, source_fp[i]);
     } else {
@@ -528,6 +547,9 @@ PrepareReport prepare_data(const keel::Config& config, const PrepareOptions& opt
       tokenize_into(docs[i].docs, tokenizer, sink);
       entry["tokens"] = sink.total();
       entry["shards"] = sink.shards();
+      write_document_index(source_dir + "/documents.bin", sink.document_starts());
+      entry["document_index"] = {{"file", src.name + "/documents.bin"},
+                                 {"documents", static_cast<int64_t>(sink.document_starts().size())}};
       // Remove shards of an earlier, longer preparation.
       std::set<std::string> keep;
       for (const auto& s : sink.shards()) keep.insert(fs::path(s["file"].get<std::string>()).filename().string());

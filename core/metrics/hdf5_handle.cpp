@@ -277,6 +277,21 @@ Hid make_event_type(bool in_file, const std::string& file) {
   return type;
 }
 
+Hid make_batch_type(bool in_file, const std::string& file) {
+  const hid_t int_type = in_file ? H5T_STD_I64LE : H5T_NATIVE_INT64;
+  Hid type(check_id(H5Tcreate(H5T_COMPOUND, sizeof(BatchRecord)), file, "/data/batch", "H5Tcreate(compound)"));
+  const std::pair<const char*, size_t> fields[] = {
+      {"step", offsetof(BatchRecord, step)},           {"slot", offsetof(BatchRecord, slot)},
+      {"source", offsetof(BatchRecord, source)},       {"sample_id", offsetof(BatchRecord, sample_id)},
+      {"epoch", offsetof(BatchRecord, epoch)},         {"chunk", offsetof(BatchRecord, chunk)},
+      {"first_doc", offsetof(BatchRecord, first_doc)}, {"first_doc_offset", offsetof(BatchRecord, first_doc_offset)},
+      {"n_docs", offsetof(BatchRecord, n_docs)}};
+  for (const auto& [name, offset] : fields) {
+    check(H5Tinsert(type.get(), name, offset, int_type), file, "/data/batch", "H5Tinsert");
+  }
+  return type;
+}
+
 void copy_truncated(const std::string& s, char* dst, size_t size) {
   std::memset(dst, 0, size);
   if (s.size() < size) {

@@ -161,6 +161,41 @@ std::vector<Event> MetricsReader::read_events() const {
   return events;
 }
 
+std::vector<BatchRow> MetricsReader::read_batch() const {
+  const std::string dataset = "/data/batch";
+  detail::QuietHdf5Errors quiet;
+  Hid file_id = open_read_only(path_);
+  if (!detail::link_exists(file_id.get(), dataset, path_)) return {};
+  Hid dset = open_dataset(file_id.get(), dataset, path_);
+  require_class(dset.get(), {H5T_COMPOUND}, "compound {step, slot, source, sample_id, ...}", dataset, path_);
+  Hid mem_type = detail::make_batch_type(/*in_file=*/false, path_);
+  std::vector<detail::BatchRecord> records;
+  std::vector<hsize_t> dims;
+  read_all(dset.get(), mem_type.get(), 1, records, dims, dataset, path_);
+  std::vector<BatchRow> rows;
+  rows.reserve(records.size());
+  for (const auto& r : records) {
+    rows.push_back(
+        {r.step, r.slot, r.source, r.sample_id, r.epoch, r.chunk, r.first_doc, r.first_doc_offset, r.n_docs});
+  }
+  return rows;
+}
+
+std::vector<std::string> MetricsReader::batch_sources() const {
+  return read_string_attribute("/data/batch", "sources");
+}
+
+std::map<int64_t, std::vector<BatchRow>> MetricsReader::read_batches_by_step() const {
+  std::map<int64_t, std::vector<BatchRow>> out;
+  const std::vector<BatchRow> rows = read_batch();
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const bool new_block = i == 0 || rows[i].step != rows[i - 1].step || rows[i].slot <= rows[i - 1].slot;
+    if (new_block) out[rows[i].step].clear();
+    out[rows[i].step].push_back(rows[i]);
+  }
+  return out;
+}
+
 std::vector<std::pair<std::string, std::string>> MetricsReader::read_config() const {
   detail::QuietHdf5Errors quiet;
   Hid file_id = open_read_only(path_);

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
@@ -16,6 +17,19 @@ struct Event {
   int64_t step = 0;
   std::string kind;
   std::string text;
+};
+
+// One row of /data/batch: a sample of a step's global batch (docs/metrics.md).
+struct BatchRow {
+  int64_t step = 0;
+  int64_t slot = 0;
+  int64_t source = 0;  // index into batch_sources()
+  int64_t sample_id = 0;
+  int64_t epoch = 0;
+  int64_t chunk = 0;
+  int64_t first_doc = -1;
+  int64_t first_doc_offset = 0;
+  int64_t n_docs = 0;
 };
 
 // What a dataset holds: dtype is "int64", "uint8", "float32", "float64", ..., "string", "compound", "other".
@@ -48,6 +62,13 @@ class MetricsReader {
   Matrix read_matrix(const std::string& dataset) const;
   // All rows of /events.
   std::vector<Event> read_events() const;
+  // All rows of /data/batch, in file order (empty if the run recorded none).
+  std::vector<BatchRow> read_batch() const;
+  // The `sources` attribute of /data/batch.
+  std::vector<std::string> batch_sources() const;
+  // The batch each step trained on, by step: a step's rows form one block (slots 0, 1, ...); when a step was run
+  // again (a rollback, a resume from an earlier checkpoint) its later block is the one kept, as for /train rows.
+  std::map<int64_t, std::vector<BatchRow>> read_batches_by_step() const;
   // The attributes of /config as (key, value) pairs, sorted by key.
   std::vector<std::pair<std::string, std::string>> read_config() const;
   // A string attribute of any object ("/" for the root); a scalar attribute gives one element.

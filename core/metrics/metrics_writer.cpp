@@ -50,6 +50,8 @@ using Extended = std::vector<std::pair<std::string, uint64_t>>;
 
 constexpr hsize_t kChunkRows = 1024;  // 1-D series: 8 KiB chunks of int64/float64
 constexpr hsize_t kEventChunkRows = 64;
+constexpr hsize_t kBatchChunkRows = 512;  // /data/batch: 36 KiB chunks
+constexpr const char* kBatchPath = "/data/batch";
 constexpr size_t kMatrixChunkFloats = 65536;  // per-tensor matrices: chunks of <= 256 KiB
 constexpr int kFormatVersion = 1;
 // Room reserved for HDF5's own metadata in one flush (chunk-index nodes, object headers, a new series'
@@ -420,6 +422,10 @@ void MetricsWriter::append(const StepRow& row) {
                                   std::to_string(n) + " tensor columns");
     }
   }
+  if (!row.batch.empty() && batch_sources_.empty()) {
+    throw std::invalid_argument("metrics: step " + std::to_string(row.step) + " has batch samples but " + path_ +
+                                " has no source names (call set_batch_sources first)");
+  }
   steps_.push_back(row.step);
   loss_.push_back(row.loss);
   grad_norm_.push_back(row.grad_norm);
@@ -428,6 +434,10 @@ void MetricsWriter::append(const StepRow& row) {
   tokens_per_s_.push_back(row.tokens_per_s);
   step_time_s_.push_back(row.step_time_s);
   skipped_.push_back(row.skipped ? 1 : 0);
+  for (const auto& sample : row.batch) {
+    batch_.push_back(sample);
+    batch_steps_.push_back(row.step);
+  }
   const float nan = std::numeric_limits<float>::quiet_NaN();
   if (row.tensor_grad_norms.empty()) {
     tensor_grad_norms_.insert(tensor_grad_norms_.end(), n, nan);
@@ -440,6 +450,25 @@ void MetricsWriter::append(const StepRow& row) {
     tensor_param_norms_.insert(tensor_param_norms_.end(), row.tensor_param_norms.begin(), row.tensor_param_norms.end());
   }
   if (static_cast<int64_t>(steps_.size()) >= flush_every_) flush();
+}
+
+void MetricsWriter::set_batch_sources(std::vector<std::string> names) {
+  detail::QuietHdf5Errors quiet;
+  Hid file_id = open_file_rw(path_);
+  if (detail::link_exists(file_id.get(), kBatchPath, path_)) {
+    Hid dset(check_id(H5Dopen2(file_id.get(), kBatchPath, H5P_DEFAULT), path_, kBatchPath, "H5Dopen2"));
+    const auto stored = detail::read_string_attribute(dset.get(), "sources", path_, kBatchPath);
+    if (stored != names) {
+      std::string have, want;
+      for (const auto& n : stored) have += (have.empty() ? "" : ",") + n;
+      for (const auto& n : names) want += (want.empty() ? "" : ",") + n;
+      throw std::runtime_error("metrics: " + path_ + ": /data/batch records sources [" + have + "] but this run has [" +
+                               want + "]; cannot append its batches");
+    }
+    batch_rows_in_file_ = static_cast<int64_t>(dataset_rows(file_id.get(), kBatchPath, path_));
+  }
+  close_file(file_id, path_);
+  batch_sources_ = std::move(names);
 }
 
 void MetricsWriter::event(int64_t step, const std::string& kind, const std::string& text) {
@@ -467,6 +496,8 @@ void MetricsWriter::clear_train_buffer() {
   skipped_.clear();
   tensor_grad_norms_.clear();
   tensor_param_norms_.clear();
+  batch_.clear();
+  batch_steps_.clear();
 }
 
 uint64_t MetricsWriter::flush_bound_bytes() const {
@@ -485,6 +516,11 @@ uint64_t MetricsWriter::flush_bound_bytes() const {
       bytes += 2 * new_chunk_bytes(base, n, matrix_chunk_rows(cols), cols * sizeof(float));
       datasets += 2;
     }
+  }
+  if (!batch_.empty()) {
+    bytes += new_chunk_bytes(static_cast<uint64_t>(batch_rows_in_file_), batch_.size(), kBatchChunkRows,
+                             sizeof(detail::BatchRecord));
+    datasets += 1;
   }
   if (!events_.empty()) {
     bytes += new_chunk_bytes(static_cast<uint64_t>(events_in_file_), events_.size(), kEventChunkRows,
@@ -563,6 +599,8 @@ void MetricsWriter::write_buffered(int64_t file_id, Extended& extended) {
       write_rows(f, kTensorGradPath, H5T_NATIVE_FLOAT, tensor_grad_norms_.data(), base, n, cols, path_, extended);
       write_rows(f, kTensorParamPath, H5T_NATIVE_FLOAT, tensor_param_norms_.data(), base, n, cols, path_, extended);
     }
+    // The step's samples are in the file before its /train/step row.
+    write_batch(f, extended);
     // The other columns' new lengths reach the file before /train/step's: HDF5 writes its cached metadata in
     // no particular order when the file closes, so without this a kill inside the close could leave
     // /train/step longer than a column.
@@ -611,11 +649,33 @@ void MetricsWriter::write_buffered(int64_t file_id, Extended& extended) {
   }
 
   // Written: now the buffers can go.
+  batch_rows_in_file_ += static_cast<int64_t>(batch_.size());
   rows_in_file_ = static_cast<int64_t>(base + n);
   events_in_file_ = static_cast<int64_t>(event_base + events_.size());
   clear_train_buffer();
   events_.clear();
   extras_.clear();
+}
+
+void MetricsWriter::write_batch(int64_t file_id, Extended& extended) {
+  if (batch_.empty()) return;
+  const hid_t f = file_id;
+  if (!detail::link_exists(f, kBatchPath, path_)) {
+    if (!detail::link_exists(f, "/data", path_)) create_group(f, "/data", path_);
+    Hid file_type = detail::make_batch_type(/*in_file=*/true, path_);
+    create_extendible(f, kBatchPath, file_type.get(), 0, kBatchChunkRows, false, path_);
+    Hid dset(check_id(H5Dopen2(f, kBatchPath, H5P_DEFAULT), path_, kBatchPath, "H5Dopen2"));
+    detail::write_string_array_attribute(dset.get(), "sources", batch_sources_, path_, kBatchPath);
+  }
+  std::vector<detail::BatchRecord> records(batch_.size());
+  for (size_t i = 0; i < batch_.size(); ++i) {
+    const BatchSample& b = batch_[i];
+    records[i] = {batch_steps_[i], b.slot,      b.source,           b.sample_id, b.epoch,
+                  b.chunk,         b.first_doc, b.first_doc_offset, b.n_docs};
+  }
+  Hid mem_type = detail::make_batch_type(/*in_file=*/false, path_);
+  write_rows(f, kBatchPath, mem_type.get(), records.data(), dataset_rows(f, kBatchPath, path_), records.size(), 0,
+             path_, extended);
 }
 
 }  // namespace keel::metrics

@@ -27,6 +27,18 @@ class MetricsWriteError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// One sample of a step's global batch as it goes into /data/batch (docs/metrics.md).
+struct BatchSample {
+  int64_t slot = 0;       // position in the global batch
+  int64_t source = 0;     // index into the names given to set_batch_sources()
+  int64_t sample_id = 0;  // unpermuted sample id within the source
+  int64_t epoch = 0;
+  int64_t chunk = 0;
+  int64_t first_doc = -1;  // documents the window covers (core/data/documents.h); -1: no document index
+  int64_t first_doc_offset = 0;
+  int64_t n_docs = 0;
+};
+
 // One optimizer step as it goes into /train/*. Per-tensor norms are in the column order of the writer's
 // tensor_names; leave them empty to store NaN for that step (e.g. a step that computed no norms).
 struct StepRow {
@@ -40,6 +52,9 @@ struct StepRow {
   bool skipped = false;  // the update was skipped (spike handler's SKIP_UPDATE, non-finite grads, ...)
   std::vector<float> tensor_grad_norms;
   std::vector<float> tensor_param_norms;
+  // The step's samples, one /data/batch row each, written in the same flush as the step's /train row; empty
+  // writes none. Needs set_batch_sources() first.
+  std::vector<BatchSample> batch;
 };
 
 // Longest kind / text an /events row stores in full (bytes of UTF-8).
@@ -68,6 +83,11 @@ class MetricsWriter {
 
   MetricsWriter(const MetricsWriter&) = delete;
   MetricsWriter& operator=(const MetricsWriter&) = delete;
+
+  // The source names of /data/batch (its `sources` attribute; BatchSample::source indexes them). Call before the
+  // first row with samples. Throws std::runtime_error naming the file if it already holds /data/batch with other
+  // names.
+  void set_batch_sources(std::vector<std::string> names);
 
   // Buffers one step row; flushes when flush_every rows are buffered. Throws std::invalid_argument if the
   // per-tensor vectors have the wrong length.
@@ -110,8 +130,10 @@ class MetricsWriter {
   void create_file(const std::vector<std::pair<std::string, std::string>>& config_attributes, bool& created);
   void open_existing(const std::vector<std::pair<std::string, std::string>>& config_attributes);
   void clear_train_buffer();
-  void write_buffered(int64_t file_id, std::vector<std::pair<std::string, uint64_t>>& extended);
+  using Extended = std::vector<std::pair<std::string, uint64_t>>;  // (dataset, rows before this flush)
+  void write_buffered(int64_t file_id, Extended& extended);
   uint64_t flush_bound_bytes() const;
+  void write_batch(int64_t file_id, Extended& extended);
 
   std::string path_;
   std::vector<std::string> tensor_names_;
@@ -131,6 +153,11 @@ class MetricsWriter {
   std::vector<uint8_t> skipped_;
   std::vector<float> tensor_grad_norms_;   // [buffered steps, n_tensors], row-major
   std::vector<float> tensor_param_norms_;  // [buffered steps, n_tensors], row-major
+
+  std::vector<std::string> batch_sources_;
+  std::vector<BatchSample> batch_;    // buffered /data/batch rows
+  std::vector<int64_t> batch_steps_;  // the step of each buffered batch row
+  int64_t batch_rows_in_file_ = 0;
 
   std::vector<Event> events_;
   std::vector<std::pair<std::string, std::vector<ExtraPoint>>> extras_;  // insertion order kept

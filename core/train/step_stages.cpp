@@ -10,6 +10,7 @@
 #include "core/data/mixture.h"
 #include "core/metrics/run_log.h"
 #include "core/parallel/pipeline.h"
+#include "core/train/batch_record.h"
 #include "core/train/plugin_values.h"
 #include "kernels/dispatch.h"
 #include "kernels/optimizer_step.h"
@@ -244,7 +245,10 @@ void end_step(TrainerState& s, StepRecord& r, std::chrono::steady_clock::time_po
   row.skipped = !r.updated();
   row.tensor_grad_norms = ctx.tensor_grad_norms;
   row.tensor_param_norms = r.tensor_param_norms;
-  if (s.metrics) s.metrics->append(row);
+  if (s.metrics) {
+    row.batch = batch_record(s, ctx);  // /data/batch, flushed with this row
+    s.metrics->append(row);
+  }
   if (s.rank0()) metrics::throw_if_run_log_failed();  // train.log on a full disk stops the run like metrics.h5
   for (plugin_host::LoadedPlugin* p : s.plugins->all())
     s.call(*p, ctx, [&](sdk::Plugin& plugin) { plugin.on_step_end(ctx); });

@@ -14,6 +14,7 @@
 #include "core/checkpoint/checkpoint_store.h"
 #include "core/checkpoint/lineage.h"
 #include "core/config/config.h"
+#include "core/data/documents.h"
 #include "core/data/loader.h"
 #include "core/metrics/metrics_writer.h"
 #include "core/model/llama.h"
@@ -65,6 +66,7 @@ struct TrainerState {
   std::unique_ptr<plugin_host::PluginHost> plugins;
   std::unique_ptr<data::DataLoader> loader;
   std::unique_ptr<metrics::MetricsWriter> metrics;  // rank 0 only
+  std::unique_ptr<data::DocumentIndex> documents;   // rank 0: the documents behind /data/batch (batch_record.h)
   checkpoint::Lineage lineage;
   std::unique_ptr<checkpoint::CheckpointStore> checkpoints;
   std::string last_checkpoint;

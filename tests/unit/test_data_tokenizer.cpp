@@ -14,6 +14,7 @@
 #include "core/data/loader.h"
 #include "core/data/prepare.h"
 #include "core/data/shard.h"
+#include "core/data/show_batch.h"
 #include "core/data/tokenizer.h"
 #include "test_support.h"
 
