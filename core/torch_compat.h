@@ -8,8 +8,6 @@
 
 namespace keel::compat {
 
-constexpr bool kTorch2 = TORCH_VERSION_MAJOR >= 2;
-
 // Causal self-attention. q: [B, H, T, D], k/v: [B, H, T, D] (GQA already expanded). Returns [B, H, T, D].
 // On 2.x this is the fused SDPA (flash/cuDNN/mem-efficient on CUDA). On 1.13 only a private op exists, so the
 // math path is written out: scores in the compute dtype, softmax statistics in fp32.

@@ -12,28 +12,34 @@
 
 namespace keel::kernels {
 
+// PyTorch's default: a target equal to it is ignored (padding, masked prompt tokens).
+constexpr int64_t kIgnoreIndex = -100;
+
 // The three scalars of model::CrossEntropyParts, each fp32 on the inputs' device.
 struct FusedCrossEntropy {
   at::Tensor loss;    // mean token NLL + z_loss (the only differentiable output)
-  at::Tensor nll;     // mean token NLL (for reporting)
-  at::Tensor z_loss;  // z_loss_coef * mean (log Z)^2 (for reporting; zero when z_loss_coef == 0)
+  at::Tensor nll;     // mean token NLL over the rows not ignored (for reporting)
+  at::Tensor z_loss;  // z_loss_coef * mean (log Z)^2 over the same rows (for reporting; 0 when z_loss_coef == 0)
 };
 
 // hidden:  [N, C] compute dtype (fp32, bf16 or fp16)
 // weight:  [V, C] the head's master weight (fp32); the logits use weight.to(hidden's dtype)
-// targets: [N] int64 in [0, V) (checked when on CPU; on a GPU an out-of-range target makes the loss NaN)
+// targets: [N] int64 in [0, V), or ignore_index: such a row adds neither loss nor gradient, and the means are
+//          over the other rows, counted on the device (no host sync); with every row ignored the losses and
+//          gradients are 0. Checked when on CPU; on a GPU any other out-of-range target makes the loss NaN.
 // z_loss_coef >= 0; chunk_rows > 0 rows of logits at a time ([chunk_rows, V] in the compute dtype).
 // Differentiable w.r.t. hidden and weight when grad mode is on and they require grad; then the forward already
 // does the gradient work (two more matmuls per chunk). Softmax statistics are fp32. Nothing is read back to the
 // host. Uses kernels/cuda/cross_entropy.cu when use_fused(hidden), else the reference below.
 FusedCrossEntropy fused_linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight,
-                                             const at::Tensor& targets, double z_loss_coef, int64_t chunk_rows);
+                                             const at::Tensor& targets, double z_loss_coef, int64_t chunk_rows,
+                                             int64_t ignore_index = kIgnoreIndex);
 
 // The same chunked algorithm with the per-row statistics and gradient written in LibTorch ops (an fp32 copy of
 // one chunk of logits), on any device: the CPU path and what the CUDA kernel is tested against.
 FusedCrossEntropy fused_linear_cross_entropy_reference(const at::Tensor& hidden, const at::Tensor& weight,
                                                        const at::Tensor& targets, double z_loss_coef,
-                                                       int64_t chunk_rows);
+                                                       int64_t chunk_rows, int64_t ignore_index = kIgnoreIndex);
 
 // A chunk size whose logits are about as large as `hidden` itself (Liger's rule): rows / ceil(V / C), rounded
 // up to a power of two, at most `rows`, at least 1.

@@ -6,8 +6,11 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #ifdef KEEL_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #endif
 
 namespace keel::kernels {
@@ -37,6 +40,20 @@ bool model_uses_fused_ops(const at::Tensor& t) {
 }
 
 void set_fused_ops_on_cpu(bool on) { g_fused_ops_on_cpu.store(on); }
+
+void set_current_cuda_device(int device_index) {
+#ifdef KEEL_WITH_CUDA
+  const int count = static_cast<int>(c10::cuda::device_count());
+  if (device_index < 0 || device_index >= count) {
+    throw std::out_of_range("set_current_cuda_device: device " + std::to_string(device_index) + " outside [0, " +
+                            std::to_string(count) + ")");
+  }
+  c10::cuda::set_device(static_cast<c10::DeviceIndex>(device_index));
+#else
+  throw std::logic_error("set_current_cuda_device(" + std::to_string(device_index) +
+                         "): this build of Keel has no CUDA");
+#endif
+}
 
 long long cuda_peak_allocated_bytes(int device_index) {
 #ifdef KEEL_WITH_CUDA

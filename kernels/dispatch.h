@@ -23,6 +23,11 @@ bool use_fused(const at::Tensor& t);
 bool model_uses_fused_ops(const at::Tensor& t);
 void set_fused_ops_on_cpu(bool on);
 
+// Makes CUDA device `device_index` the calling thread's current device (what torch.cuda.set_device does), so that
+// streams, handles and kernel launches of this rank go to its own GPU instead of also creating a context on GPU 0.
+// std::logic_error in a build without CUDA; std::out_of_range for an index outside [0, device count).
+void set_current_cuda_device(int device_index);
+
 // Peak bytes held by LibTorch's CUDA caching allocator on `device_index` since the process started (what
 // torch.cuda.max_memory_allocated() reports); -1 in a build without CUDA.
 long long cuda_peak_allocated_bytes(int device_index);

@@ -15,6 +15,7 @@ packages=(
   python3-torch                                   # bench/: the PyTorch reference run side by side
   clang libclang-rt-14-dev                        # scripts/fuzz.sh: libFuzzer targets (tests/fuzz/)
   clang-format                                    # scripts/format.sh --check (run first by scripts/test.sh)
+  shellcheck                                      # bench/gpu/*.sh are checked (ctest gpu_build_shellcheck)
   chromium                                        # keel report's page is tested in headless Chromium
 )
 

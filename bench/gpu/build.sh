@@ -4,6 +4,7 @@
 # machines have no network), it uses the archive made by bench/gpu/pack_deps.sh if one was brought along, and
 # writes .gpudeps/env.sh (library paths) for the commands that run the binaries.
 # usage: bash bench/gpu/build.sh [TARGET...]   (default: keel keel_unit_tests)
+# env: KEEL_CMAKE_ARGS (extra configure arguments), KEEL_BUILD_TOOL_ARGS (extra build-tool arguments).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
@@ -30,7 +31,10 @@ ENV
 fi
 # shellcheck disable=SC1091
 source .gpudeps/env.sh
+# shellcheck disable=SC2086  # KEEL_CMAKE_ARGS is a list of arguments
 cmake --preset cuda -DCMAKE_PREFIX_PATH="$prefix" "${extra[@]}" ${KEEL_CMAKE_ARGS:-}
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(keel keel_unit_tests)
-cmake --build build-cuda --target "${targets[@]}"
+# KEEL_BUILD_TOOL_ARGS: passed to the build tool, e.g. "-k 0" (ninja: keep going, show every compile error).
+# shellcheck disable=SC2086  # KEEL_BUILD_TOOL_ARGS is a list of arguments
+cmake --build build-cuda --target "${targets[@]}" ${KEEL_BUILD_TOOL_ARGS:+-- $KEEL_BUILD_TOOL_ARGS}

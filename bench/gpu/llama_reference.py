@@ -1,9 +1,11 @@
 """PyTorch reference of Keel's model and step on one GPU, for bench/gpu/run.sh (eager or torch.compile).
 
-The same architecture as core/model/llama.cpp: RMSNorm, rotate-half RoPE with fp32 angles, GQA attention through
+The same layers as core/model/llama.cpp: RMSNorm, rotate-half RoPE with fp32 angles, GQA attention through
 flash SDPA, SwiGLU, untied head, separate q/k/v and gate/up projections like Keel's; bf16 autocast over fp32
-weights, fused AdamW (0.9/0.95, wd 0.1), global-norm clip 1.0; random tokens. Prints one line of key=value:
-median step time, tokens/s and peak memory (torch.cuda.max_memory_allocated) after the warm-up steps.
+weights. Not the same numerics: under autocast the residual stream stays fp32 (each block's bf16 output is added
+to an fp32 sum), where Keel's is bf16, so this reference moves more bytes per residual add and norm. Fused
+AdamW (0.9/0.95, wd 0.1), global-norm clip 1.0; random tokens. Prints one line of key=value: median step time,
+tokens/s and peak memory (torch.cuda.max_memory_allocated) after the warm-up steps.
 """
 import argparse, time
 import torch, torch.nn as nn, torch.nn.functional as F

@@ -17,6 +17,7 @@ lib=usr/lib/x86_64-linux-gnu
 mkdir -p "$root/usr/include" "$root/$lib" "$root/runtime" "$root/usr/bin" "$root/usr/share"
 
 copy() { (cd / && shopt -s nullglob && for pattern in "$@"; do
+  # shellcheck disable=SC2206  # the pattern is meant to glob
   matches=($pattern); [ ${#matches[@]} -gt 0 ] || { echo "pack_deps: nothing matches /$pattern" >&2; exit 1; }
   cp -a --parents "${matches[@]}" "$root/"; done); }   # keeps the /usr layout and symlinks
 
@@ -25,6 +26,7 @@ copy usr/include/hdf5 usr/include/spdlog usr/include/fmt usr/include/nlohmann us
      usr/include/sentencepiece_processor.h usr/include/sentencepiece_trainer.h
 probe=$stage/probe.cpp
 grep -rhoE '#include <boost/[^>]+>' core sdk tests plugins | sort -u > "$probe"
+# shellcheck disable=SC1003,SC2020  # tr: spaces and backslashes both become newlines
 g++ -std=c++17 -M -MT x "$probe" | tr ' \\' '\n\n' | grep '^/usr/include/boost/' | sort -u | sed 's|^/||' > "$stage/boost.txt"
 (cd / && tar cf - -T "$stage/boost.txt") | (cd "$root" && tar xf -)
 echo "boost headers kept: $(wc -l < "$stage/boost.txt")"

@@ -44,6 +44,7 @@ namespace keel::parallel {
 // What a Communicator of size > 1 talks through.
 struct Communicator::Impl {
   c10::intrusive_ptr<compat::BackendBase> backend;
-  bool native = false;  // NCCL takes bf16 and CUDA tensors as they are; Gloo gets CPU fp32 copies
+  WireKind kind = WireKind::kGloo;
+  at::Device staging{at::kCPU};  // NCCL: this rank's CUDA device, through which CPU tensors travel
 };
 }  // namespace keel::parallel

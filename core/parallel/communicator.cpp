@@ -1,5 +1,6 @@
-// Why: see communicator.h. Each op: make a backend-friendly copy if needed (bf16 on Gloo -> fp32), launch the
-// c10d op, wait with the group's timeout, copy back. Failures become DistributedError with a diagnosis.
+// Why: see communicator.h. Each op: make a backend-friendly copy if needed (wire_plan: bf16 on Gloo -> fp32, a
+// CPU tensor on NCCL -> the group's device), launch the c10d op, wait (wait_with_timeout), copy back. Failures become
+// DistributedError with a diagnosis.
 #include "core/parallel/communicator.h"
 
 #include <torch/torch.h>
@@ -66,27 +67,45 @@ void Communicator::fail(const std::string& op, const std::string& what) const {
   throw DistributedError(message);
 }
 
-namespace {
-// The tensor actually handed to the backend: contiguous; on Gloo (`native` false) a CPU fp32 copy of a bf16
-// or CUDA tensor (Gloo has no bf16 reduction, and its send/recv of CUDA tensors fails: LIBTORCH-NOTES.md).
-at::Tensor wire_tensor(const at::Tensor& t, bool native) {
-  if (!native && (t.scalar_type() == at::kBFloat16 || !t.device().is_cpu())) {
-    return t
-        .to(t.device().is_cpu() ? t.device() : at::Device(at::kCPU),
-            t.scalar_type() == at::kBFloat16 ? at::kFloat : t.scalar_type())
-        .contiguous();
+WireKind wire_kind_of(const std::string& backend) {
+  if (backend == "gloo") return WireKind::kGloo;
+  if (backend == "nccl") return WireKind::kNccl;
+  throw std::invalid_argument("parallel.backend must be gloo or nccl, got '" + backend + "'");
+}
+
+WirePlan wire_plan(const at::Tensor& t, WireKind kind, at::Device staging) {
+  if (kind == WireKind::kNccl) {
+    TORCH_CHECK(!t.device().is_cpu() || staging.is_cuda(),
+                "an NCCL group needs a CUDA staging device for CPU tensors, got ", staging);
+    return {t.device().is_cpu() ? staging : t.device(), t.scalar_type()};
   }
+  return {at::Device(at::kCPU), t.scalar_type() == at::kBFloat16 ? at::kFloat : t.scalar_type()};
+}
+
+bool wait_with_timeout(WireKind kind) { return kind == WireKind::kGloo; }
+
+namespace {
+// The tensor actually handed to the backend (see wire_plan): contiguous, on the plan's device and dtype.
+at::Tensor wire_tensor(const at::Tensor& t, const Communicator::Impl& impl) {
+  const WirePlan plan = wire_plan(t, impl.kind, impl.staging);
+  if (t.device() != plan.device || t.scalar_type() != plan.dtype) return t.to(plan.device, plan.dtype).contiguous();
   return t.is_contiguous() ? t : t.contiguous();
+}
+
+// Waits for `work`: with the group's timeout where the backend honours one without spinning (Gloo), else
+// without (NCCL: stream-ordered, its creation timeout applies). False when the wait timed out.
+bool wait_for(::c10d::Work& work, const Communicator::Impl& impl, std::chrono::milliseconds timeout) {
+  return wait_with_timeout(impl.kind) ? work.wait(timeout) : work.wait();
 }
 }  // namespace
 
 namespace {
-// The shared shape of the in-place collectives: launch on the wire tensor, wait with the timeout, copy back.
+// The shared shape of the in-place collectives: launch on the wire tensor, wait, copy back.
 // `fail(message)` throws the communicator's DistributedError.
 template <typename Launch, typename Fail>
-PendingWork launch_in_place(at::Tensor& tensor, bool native, std::chrono::milliseconds timeout, Launch launch,
-                            Fail fail) {
-  std::vector<at::Tensor> wire{wire_tensor(tensor, native)};
+PendingWork launch_in_place(at::Tensor& tensor, const Communicator::Impl& impl, std::chrono::milliseconds timeout,
+                            Launch launch, Fail fail) {
+  std::vector<at::Tensor> wire{wire_tensor(tensor, impl)};
   c10::intrusive_ptr<::c10d::Work> work;
   try {
     work = launch(wire);
@@ -94,9 +113,12 @@ PendingWork launch_in_place(at::Tensor& tensor, bool native, std::chrono::millis
     fail(message_of(e));
   }
   at::Tensor target = tensor;
-  return PendingWork([work, wire, target, timeout, fail]() mutable {
+  const Communicator::Impl* backend = &impl;
+  return PendingWork([work, wire, target, backend, timeout, fail]() mutable {
     try {
-      work->wait(timeout);
+      if (!wait_for(*work, *backend, timeout)) fail("timed out");
+    } catch (const DistributedError&) {
+      throw;
     } catch (const std::exception& e) {
       fail(message_of(e));
     }
@@ -108,7 +130,7 @@ PendingWork launch_in_place(at::Tensor& tensor, bool native, std::chrono::millis
 PendingWork Communicator::all_reduce_async(at::Tensor& tensor, ReduceOp op) {
   if (single()) return {};
   return launch_in_place(
-      tensor, impl_->native, timeout_,
+      tensor, *impl_, timeout_,
       [&](std::vector<at::Tensor>& wire) {
         ::c10d::AllreduceOptions options;
         options.reduceOp = to_c10d(op);
@@ -123,7 +145,7 @@ void Communicator::all_reduce(at::Tensor& tensor, ReduceOp op) { all_reduce_asyn
 PendingWork Communicator::broadcast_async(at::Tensor& tensor, int64_t root) {
   if (single()) return {};
   return launch_in_place(
-      tensor, impl_->native, timeout_,
+      tensor, *impl_, timeout_,
       [&](std::vector<at::Tensor>& wire) {
         ::c10d::BroadcastOptions options;
         options.rootRank = root;
@@ -137,25 +159,27 @@ void Communicator::broadcast(at::Tensor& tensor, int64_t root) { broadcast_async
 
 std::vector<at::Tensor> Communicator::all_gather(const at::Tensor& tensor) {
   if (single()) return {tensor.clone()};
-  std::vector<at::Tensor> input{wire_tensor(tensor, impl_->native)};
+  std::vector<at::Tensor> input{wire_tensor(tensor, *impl_)};
   std::vector<std::vector<at::Tensor>> outputs(1);
   for (int64_t i = 0; i < size(); ++i) outputs[0].push_back(at::empty_like(input[0]));
   try {
     ::c10d::AllgatherOptions options;
     options.timeout = timeout_;
     auto work = impl_->backend->allgather(outputs, input, options);
-    work->wait(timeout_);
+    if (!wait_for(*work, *impl_, timeout_)) fail("all_gather", "timed out");
+  } catch (const DistributedError&) {
+    throw;
   } catch (const std::exception& e) {
     fail("all_gather", message_of(e));
   }
-  std::vector<at::Tensor> result;
-  for (auto& t : outputs[0]) result.push_back(t.to(tensor.scalar_type()));
+  std::vector<at::Tensor> result;  // back on the caller's device and dtype (a staged CPU tensor comes home)
+  for (auto& t : outputs[0]) result.push_back(t.to(tensor.device(), tensor.scalar_type()));
   return result;
 }
 
 PendingWork Communicator::send(const at::Tensor& tensor, int64_t dst, int64_t tag) {
   TORCH_CHECK(!single(), "send on the ", name_, " group of size 1");
-  std::vector<at::Tensor> wire{wire_tensor(tensor, impl_->native)};
+  std::vector<at::Tensor> wire{wire_tensor(tensor, *impl_)};
   if (wire[0].is_same(tensor)) wire[0] = tensor.clone();  // the caller may change its tensor before wait()
   c10::intrusive_ptr<::c10d::Work> work;
   try {
@@ -165,7 +189,7 @@ PendingWork Communicator::send(const at::Tensor& tensor, int64_t dst, int64_t ta
   }
   return PendingWork([this, work, wire, dst]() {
     try {
-      if (!work->wait(timeout_)) fail("send to group rank " + std::to_string(dst), "timed out");
+      if (!wait_for(*work, *impl_, timeout_)) fail("send to group rank " + std::to_string(dst), "timed out");
     } catch (const DistributedError&) {
       throw;
     } catch (const std::exception& e) {
@@ -176,11 +200,11 @@ PendingWork Communicator::send(const at::Tensor& tensor, int64_t dst, int64_t ta
 
 void Communicator::recv(at::Tensor& tensor, int64_t src, int64_t tag) {
   TORCH_CHECK(!single(), "recv on the ", name_, " group of size 1");
-  std::vector<at::Tensor> wire{wire_tensor(tensor, impl_->native)};
+  std::vector<at::Tensor> wire{wire_tensor(tensor, *impl_)};
   if (wire[0].is_same(tensor) && !tensor.is_contiguous()) wire[0] = tensor.contiguous();
   try {
     auto work = impl_->backend->recv(wire, static_cast<int>(src), static_cast<int>(tag));
-    if (!work->wait(timeout_)) fail("recv from group rank " + std::to_string(src), "timed out");
+    if (!wait_for(*work, *impl_, timeout_)) fail("recv from group rank " + std::to_string(src), "timed out");
   } catch (const DistributedError&) {
     throw;
   } catch (const std::exception& e) {

@@ -1,7 +1,9 @@
 // Why: every collective Keel runs goes through this one class, a thin layer over a c10d process-group backend
 // (Gloo on CPU, NCCL on CUDA). It exists for three reasons:
-//   1. no call ever waits forever: each op waits at most the configured timeout (parallel.timeout_s), then
-//      throws DistributedError naming the group, the op and — through the FaultMonitor — the missing rank;
+//   1. no call ever waits forever: on Gloo each op waits at most the configured timeout (parallel.timeout_s),
+//      then throws DistributedError naming the group, the op and — through the FaultMonitor — the missing rank;
+//      on NCCL the same timeout is the process group's own (set at creation, enforced by its watchdog), and a
+//      wait only orders the current CUDA stream after the op, so the host keeps running ahead;
 //   2. a group of size 1 does no communication at all (single-process runs never touch c10d);
 //   3. c10d's headers (and the 1.13 / 2.x API differences: ProcessGroup vs Backend) stay in communicator.cpp.
 // Communicators are created by process_groups.cpp and passed explicitly to the model, the optimizer and the
@@ -37,6 +39,25 @@ class FaultMonitor {
 };
 
 enum class ReduceOp { kSum, kMax, kMin };
+
+// The backend a group of size > 1 talks through ("gloo" or "nccl"; anything else is std::invalid_argument).
+enum class WireKind { kGloo, kNccl };
+WireKind wire_kind_of(const std::string& backend);
+
+// Where, and in which dtype, a tensor travels on `kind`. Gloo: CPU, bf16 as fp32 (Gloo has no bf16 reduction,
+// and its send/recv of CUDA tensors fails). NCCL: CUDA tensors as they are; a CPU tensor (the trainer's flags,
+// lengths and names) is staged through the group's device `staging` in its own dtype, as NCCL takes only CUDA
+// tensors. The communicator copies there and back when the plan differs from the tensor.
+struct WirePlan {
+  at::Device device;
+  at::ScalarType dtype;
+};
+WirePlan wire_plan(const at::Tensor& t, WireKind kind, at::Device staging);
+
+// Whether a wait passes parallel.timeout_s to c10d. Not on NCCL: PyTorch 2.x's WorkNCCL::wait(timeout)
+// busy-waits on the host, while wait() without one only makes the current stream wait; the group's creation
+// timeout (watchdog) and the heartbeat still catch a hung or dead rank.
+bool wait_with_timeout(WireKind kind);
 
 // An asynchronous op in flight; wait() blocks (at most the timeout) and finishes any copy-back.
 class PendingWork {

@@ -9,6 +9,10 @@
 #include "core/parallel/c10d_compat.h"
 #include "core/parallel/heartbeat.h"
 
+#if defined(KEEL_WITH_NCCL)
+#include <c10/cuda/CUDAFunctions.h>
+#endif
+
 namespace keel::parallel {
 namespace {
 
@@ -26,7 +30,27 @@ std::shared_ptr<::gloo::transport::Device> gloo_device(const WorldInfo& world) {
 struct Connection {
   c10::intrusive_ptr<::c10d::Store> store;
   std::shared_ptr<FaultMonitor> monitor;
+  at::Device device{at::kCPU};  // NCCL: this rank's GPU (local rank mod the GPUs it sees), already current
 };
+
+// NCCL: makes GPU local_rank % count this process's current device before any communicator exists, so that no
+// rank also creates a context on GPU 0, and returns it (the device CPU tensors are staged through).
+at::Device nccl_device(const WorldInfo& world) {
+#if defined(KEEL_WITH_NCCL)
+  const int count = static_cast<int>(c10::cuda::device_count());
+  if (count == 0) {
+    throw std::invalid_argument("parallel.backend = nccl, but rank " + std::to_string(world.rank) +
+                                " sees no CUDA device (CUDA_VISIBLE_DEVICES?)");
+  }
+  const auto index = static_cast<c10::DeviceIndex>(world.local_rank % count);
+  c10::cuda::set_device(index);
+  return at::Device(at::kCUDA, index);
+#else
+  throw std::invalid_argument(
+      "parallel.backend = nccl, but this build of Keel has no NCCL (build with CUDA and "
+      "KEEL_NCCL=ON; see docs/parallel.md)");
+#endif
+}
 
 std::shared_ptr<Communicator> make_group(const std::string& name, const std::vector<int64_t>& members, int64_t rank,
                                          const WorldInfo& world, const std::string& backend, const Connection& conn,
@@ -48,9 +72,10 @@ std::shared_ptr<Communicator> make_group(const std::string& name, const std::vec
       options->timeout = timeout;
       impl->backend = c10::make_intrusive<::c10d::ProcessGroupNCCL>(store, static_cast<int>(group_rank),
                                                                     static_cast<int>(members.size()), options);
-      impl->native = true;
+      impl->kind = WireKind::kNccl;
+      impl->staging = conn.device;
 #else
-      throw std::invalid_argument("parallel.backend = nccl, but this build of Keel has no NCCL (build with CUDA)");
+      throw std::invalid_argument("parallel.backend = nccl, but this build of Keel has no NCCL");
 #endif
     } else {
 #if defined(KEEL_HAVE_GLOO)
@@ -120,6 +145,7 @@ ProcessGroups join_process_groups(const WorldInfo& world, const ParallelConfig& 
         std::to_string(world.port) + " within parallel.timeout_s = " + std::to_string(config.timeout_s) +
         " s (is rank 0 running? are all " + std::to_string(world.world_size) + " ranks started?): " + e.what());
   }
+  if (wire_kind_of(backend) == WireKind::kNccl) conn->device = nccl_device(world);
   conn->monitor = start_heartbeat_monitor(conn->store, world.rank, g.layout, std::chrono::milliseconds(1000));
   g.world = make_group(
       "world",

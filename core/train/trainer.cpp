@@ -91,6 +91,7 @@ Trainer::Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader
     TORCH_CHECK(torch::cuda::is_available(), "train.device = cuda but no CUDA device is available to this build");
     s.device = torch::Device(torch::kCUDA,
                              static_cast<c10::DeviceIndex>(g.world_info.local_rank % torch::cuda::device_count()));
+    kernels::set_current_cuda_device(s.device.index());  // else every rank also opens a context on GPU 0
   }
   s.compute_dtype = c.train.precision == "bf16-mixed" ? torch::kBFloat16 : torch::kFloat;
 

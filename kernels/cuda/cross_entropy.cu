@@ -88,14 +88,16 @@ __device__ MaxSum block_merge(MaxSum acc) {
 template <typename T>
 __global__ void cross_entropy_rows_kernel(T* __restrict__ logits, const int64_t* __restrict__ targets,
                                           float* __restrict__ log_z, float* __restrict__ nll, int64_t vocab,
-                                          float z_loss_coef, float grad_scale) {
+                                          float z_loss_coef, float grad_scale, int64_t ignore_index) {
   constexpr int kPack = Pack<T>::kSize;
   const int64_t r = blockIdx.x;
   T* row = logits + r * vocab;  // [vocab]
   const int64_t target = targets[r];
+  const bool ignored = target == ignore_index;  // no loss, no gradient (padding, masked prompt tokens)
   const bool target_ok = target >= 0 && target < vocab;
+  const int64_t onehot = ignored ? -1 : target;  // the column that gets -grad_scale (none when ignored)
   // Read before any thread writes: the writes below come after the __syncthreads in block_merge.
-  const float target_logit = target_ok ? to_float(row[target]) : NAN;
+  const float target_logit = target_ok && !ignored ? to_float(row[target]) : NAN;
 
   const bool vectorised = reinterpret_cast<uintptr_t>(row) % 16 == 0;
   const int64_t vector_end = vectorised ? (vocab / kPack) * kPack : 0;  // [0, vector_end) in packs, then scalars
@@ -113,54 +115,54 @@ __global__ void cross_entropy_rows_kernel(T* __restrict__ logits, const int64_t*
   const float row_log_z = acc.m + logf(acc.s);
   if (tid == 0) {
     log_z[r] = row_log_z;
-    nll[r] = row_log_z - target_logit;
+    nll[r] = ignored ? 0.0f : row_log_z - target_logit;
   }
-  // d loss / d x_j = (softmax_j (1 + 2 coef logZ) - [j == target]) * grad_scale
-  const float softmax_scale = (1.0f + 2.0f * z_loss_coef * row_log_z) * grad_scale;
+  // d loss / d x_j = (softmax_j (1 + 2 coef logZ) - [j == target]) * grad_scale; exactly 0 on an ignored row
+  const float softmax_scale = ignored ? 0.0f : (1.0f + 2.0f * z_loss_coef * row_log_z) * grad_scale;
   for (int64_t i = tid * kPack; i < vector_end; i += threads * kPack) {
     Pack<T> pack = *reinterpret_cast<const Pack<T>*>(row + i);
 #pragma unroll
     for (int k = 0; k < kPack; ++k) {
-      float g = expf(to_float(pack.v[k]) - row_log_z) * softmax_scale;
-      if (i + k == target) g -= grad_scale;
+      float g = ignored ? 0.0f : expf(to_float(pack.v[k]) - row_log_z) * softmax_scale;
+      if (i + k == onehot) g -= grad_scale;
       pack.v[k] = from_float<T>(g);
     }
     *reinterpret_cast<Pack<T>*>(row + i) = pack;
   }
   for (int64_t i = vector_end + tid; i < vocab; i += threads) {
-    float g = expf(to_float(row[i]) - row_log_z) * softmax_scale;
-    if (i == target) g -= grad_scale;
+    float g = ignored ? 0.0f : expf(to_float(row[i]) - row_log_z) * softmax_scale;
+    if (i == onehot) g -= grad_scale;
     row[i] = from_float<T>(g);
   }
 }
 
 template <typename T>
 void launch(void* logits, const int64_t* targets, float* log_z, float* nll, int64_t rows, int64_t vocab,
-            float z_loss_coef, float grad_scale, cudaStream_t stream) {
+            float z_loss_coef, float grad_scale, int64_t ignore_index, cudaStream_t stream) {
   // Enough threads that each handles a few packs of a row; 32k-256k vocabularies get the full 1024.
   const int64_t packs = (vocab + Pack<T>::kSize - 1) / Pack<T>::kSize;
   int threads = 32;
   while (threads < 1024 && threads * 4 < packs) threads *= 2;
   cross_entropy_rows_kernel<T><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-      static_cast<T*>(logits), targets, log_z, nll, vocab, z_loss_coef, grad_scale);
+      static_cast<T*>(logits), targets, log_z, nll, vocab, z_loss_coef, grad_scale, ignore_index);
 }
 
 }  // namespace
 
 void cross_entropy_rows(void* logits, DType dtype, const int64_t* targets, float* log_z, float* nll, int64_t rows,
-                        int64_t vocab, float z_loss_coef, float grad_scale, cudaStream_t stream) {
+                        int64_t vocab, float z_loss_coef, float grad_scale, int64_t ignore_index, cudaStream_t stream) {
   if (rows <= 0) return;
   if (rows > 0x7fffffff) throw std::invalid_argument("cross_entropy_rows: more than 2^31-1 rows in one chunk");
   if (vocab <= 0) throw std::invalid_argument("cross_entropy_rows: vocab must be positive");
   switch (dtype) {
     case DType::kFloat32:
-      launch<float>(logits, targets, log_z, nll, rows, vocab, z_loss_coef, grad_scale, stream);
+      launch<float>(logits, targets, log_z, nll, rows, vocab, z_loss_coef, grad_scale, ignore_index, stream);
       break;
     case DType::kBFloat16:
-      launch<__nv_bfloat16>(logits, targets, log_z, nll, rows, vocab, z_loss_coef, grad_scale, stream);
+      launch<__nv_bfloat16>(logits, targets, log_z, nll, rows, vocab, z_loss_coef, grad_scale, ignore_index, stream);
       break;
     case DType::kFloat16:
-      launch<__half>(logits, targets, log_z, nll, rows, vocab, z_loss_coef, grad_scale, stream);
+      launch<__half>(logits, targets, log_z, nll, rows, vocab, z_loss_coef, grad_scale, ignore_index, stream);
       break;
   }
   check_launch("cross_entropy_rows");

@@ -12,22 +12,14 @@
 
 #include "kernels/cuda/float_io.cuh"
 #include "kernels/cuda/rms_norm.cuh"
+#include "kernels/cuda/rms_norm_geometry.h"
 
 namespace keel::kernels::cuda {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int64_t kMaxSharedAccumulatorBytes = 48 * 1024;  // the default dynamic shared memory limit
 
-struct RowGeometry {
-  int threads_per_row;  // blockDim.x
-  int rows_per_block;   // blockDim.y
-};
-
-RowGeometry row_geometry(int64_t C) {
-  const int64_t threads = std::clamp<int64_t>(ceil_div(ceil_div(C, 4), kWarp) * kWarp, kWarp, 1024);
-  return {static_cast<int>(threads), static_cast<int>(std::max<int64_t>(1, 256 / threads))};
-}
+RowGeometry row_geometry(int64_t C) { return rms_norm_row_geometry(C); }
 
 // Sum of v over the threads of this row (threadIdx.y), in a fixed order. Every thread of the block must call it
 // (it may __syncthreads); `scratch` holds one float per warp of the block (<= 32).
@@ -77,7 +69,7 @@ __global__ void rms_norm_backward_kernel(const T* __restrict__ grad_y, const T* 
                                          T* __restrict__ grad_x, float* __restrict__ workspace, int64_t rows, int C,
                                          bool accumulate_in_shared) {
   extern __shared__ float shared_accumulators[];  // [rows_per_block, C] when accumulate_in_shared
-  __shared__ float scratch[32];
+  __shared__ float scratch[32];                   // kRmsNormBackwardStaticSharedBytes (rms_norm_geometry.h)
   const int64_t rows_per_step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   const int64_t steps = (rows + rows_per_step - 1) / rows_per_step;  // the same for every thread: row_sum syncs
   float* acc = accumulate_in_shared ? shared_accumulators + static_cast<int64_t>(threadIdx.y) * C
@@ -134,6 +126,21 @@ void check_sizes(const char* op, int64_t rows, int64_t C) {
   }
 }
 
+// Once per process: the compiled backward kernel's static shared memory is what rms_norm_backward_launch
+// budgets for (a kernel edit that adds __shared__ arrays must update kRmsNormBackwardStaticSharedBytes).
+void check_backward_static_shared() {
+  static const int64_t static_bytes = [] {
+    cudaFuncAttributes attributes{};
+    if (cudaFuncGetAttributes(&attributes, rms_norm_backward_kernel<float>) != cudaSuccess) return int64_t{-1};
+    return static_cast<int64_t>(attributes.sharedSizeBytes);
+  }();
+  if (static_bytes > kRmsNormBackwardStaticSharedBytes) {
+    throw std::logic_error("rms_norm_backward: the kernel uses " + std::to_string(static_bytes) +
+                           " B of static shared memory, kernels/cuda/rms_norm_geometry.h budgets " +
+                           std::to_string(kRmsNormBackwardStaticSharedBytes));
+  }
+}
+
 }  // namespace
 
 void rms_norm_forward(const void* x, const float* weight, void* y, float* rstd, int64_t rows, int64_t C, float eps,
@@ -182,13 +189,11 @@ void rms_norm_backward(const void* grad_y, const void* x, const float* weight, c
   if (partials < 1 || partials > INT_MAX) {
     throw std::invalid_argument("rms_norm_backward: partials must be in [1, INT_MAX], got " + std::to_string(partials));
   }
-  RowGeometry g = row_geometry(C);
-  int64_t shared_bytes = static_cast<int64_t>(g.rows_per_block) * C * static_cast<int64_t>(sizeof(float));
-  const bool accumulate_in_shared = shared_bytes <= kMaxSharedAccumulatorBytes;
-  if (!accumulate_in_shared) {
-    g.rows_per_block = 1;  // one accumulator row per block: workspace[b, :] itself
-    shared_bytes = 0;
-  }
+  check_backward_static_shared();
+  const RmsNormBackwardLaunch launch = rms_norm_backward_launch(C);
+  const RowGeometry g = launch.geometry;
+  const bool accumulate_in_shared = launch.accumulate_in_shared;
+  const int64_t shared_bytes = launch.dynamic_shared_bytes;
   const dim3 block(g.threads_per_row, g.rows_per_block);
   const dim3 grid(static_cast<unsigned>(partials));
   with_element_type(dtype, [&](auto tag) {

@@ -60,12 +60,12 @@ Outcome unfused(const Problem& p, double coef, double scale) {
   return {parts.loss.detach(), parts.nll.detach(), parts.z_loss.detach(), hidden.grad(), weight.grad()};
 }
 
-using FusedFn =
-    std::function<FusedCrossEntropy(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, double, int64_t)>;
+using FusedFn = std::function<FusedCrossEntropy(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                                                double, int64_t, int64_t)>;
 
 Outcome chunked(const FusedFn& fn, const Problem& p, double coef, int64_t chunk_rows, double scale) {
   torch::Tensor hidden = leaf(p.hidden), weight = leaf(p.weight);
-  FusedCrossEntropy parts = fn(hidden, weight, p.targets, coef, chunk_rows);
+  FusedCrossEntropy parts = fn(hidden, weight, p.targets, coef, chunk_rows, kIgnoreIndex);
   EXPECT_EQ(parts.loss.scalar_type(), torch::kFloat);
   EXPECT_EQ(parts.loss.dim(), 0);
   (scale * parts.loss).backward();
@@ -150,7 +150,9 @@ TEST(KernelCrossEntropy, BadInputIsRefusedNamingTheArgument) {
   EXPECT_NE(call(p.hidden, p.weight, p.targets.narrow(0, 0, 3), 0, 2).find("targets must be [N]"), std::string::npos);
   EXPECT_NE(call(p.hidden, p.weight, p.targets.to(torch::kInt), 0, 2).find("targets must be int64"), std::string::npos);
   EXPECT_NE(call(p.hidden, p.weight, p.targets.fill_(11), 0, 2).find("targets must lie in [0, 11)"), std::string::npos);
-  EXPECT_NE(call(p.hidden, p.weight, p.targets.fill_(-1), 0, 2).find("targets must lie in [0, 11)"), std::string::npos);
+  EXPECT_NE(call(p.hidden, p.weight, p.targets.fill_(-1), 0, 2)
+                .find("targets must lie in [0, 11) or equal ignore_index -100"),
+            std::string::npos);
   p.targets.fill_(0);
   EXPECT_NE(call(p.hidden, p.weight, p.targets, 0, 0).find("chunk_rows must be > 0"), std::string::npos);
   EXPECT_NE(call(p.hidden, p.weight, p.targets, -0.1, 2).find("z_loss_coef must be >= 0"), std::string::npos);

@@ -128,9 +128,11 @@ TEST(KernelRmsNorm, FusedMatchesReferenceOnGpu) {
   if (!kn::cuda_kernels_built()) GTEST_SKIP() << "this build has no CUDA kernels (KEEL_WITH_CUDA off)";
   if (!kn::use_fused(torch::empty({1}, torch::kCUDA))) GTEST_SKIP() << "KEEL_DISABLE_FUSED_KERNELS is set";
   torch::manual_seed(5);
-  // Rows of 1, 3 and several warps; C filling no block exactly; C > 12288 (grad_weight partials in global memory).
+  // Rows of 1, 3 and several warps; C filling no block exactly; C > 12256 (grad_weight partials in global memory),
+  // and the shared-memory boundary itself: 12256 (the last C in shared), 12257 and 12288 (rms_norm_geometry.h).
   const std::vector<std::vector<int64_t>> shapes = {{3, 129},   {2, 7, 1000}, {64, 4096},     {5, 13001},
-                                                    {1000, 64}, {7, 3},       {2, 9, 4, 128}, {300, 2500}};
+                                                    {1000, 64}, {7, 3},       {2, 9, 4, 128}, {300, 2500},
+                                                    {3, 12256}, {3, 12257},   {2, 12288}};
   for (const auto dtype : {torch::kBFloat16, torch::kFloat, torch::kHalf}) {
     const double tol = dtype == torch::kFloat ? 2e-5 : 1e-2;
     for (const auto& shape : shapes) {

@@ -1,0 +1,21 @@
+# Why: the device check's preflight says where nccl.h is, with the same search as the build's KEEL_NCCL probe
+# (cmake/KeelNccl.cmake), before any build time is spent.
+# usage: cmake -DKEEL_SOURCE_DIR=<repo> [-DTORCH_PREFIX=<site-packages/torch>] -P bench/gpu/nccl_where.cmake
+cmake_minimum_required(VERSION 3.22)
+include(${KEEL_SOURCE_DIR}/cmake/KeelNccl.cmake)
+find_program(python NAMES python3 python)
+set(toolkit)
+foreach(dir /usr/local/cuda/include /usr/local/cuda/targets/x86_64-linux/include)
+  if(IS_DIRECTORY "${dir}")
+    list(APPEND toolkit "${dir}")
+  endif()
+endforeach()
+keel_nccl_candidates(candidates "${TORCH_PREFIX}" "${python}" "${toolkit}")
+foreach(dir IN LISTS candidates)
+  if(EXISTS "${dir}/nccl.h")
+    message("nccl.h: ${dir}/nccl.h")
+    return()
+  endif()
+endforeach()
+string(REPLACE ";" ", " searched "${candidates}")
+message("nccl.h: not found (searched: ${searched}); the build goes on without NCCL (KEEL_NCCL=AUTO)")
