@@ -9,11 +9,13 @@
 
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
 
+#include "core/checkpoint/durable_fs.h"
 #include "core/config/config.h"
 #include "core/data/documents.h"
 #include "core/data/loader.h"
@@ -111,17 +113,52 @@ TEST(BatchRecord, PreparedDataNumbersItsDocuments) {
   }
 }
 
+TEST(BatchRecord, DataPreparedWithoutADocumentIndexWarnsThenPrepareAddsIt) {
+  // Data as an older Keel prepared it: no documents.bin, no document_index in prepared.json.
+  const std::string data = fresh_dir("old-data"), run = fresh_dir("old-data-run");
+  fs::copy(KEEL_TEST_DATA_DIR, data, fs::copy_options::recursive);
+  json prepared = json::parse(keel::checkpoint::read_small_file(data + "/prepared.json"));
+  const std::string fingerprint = prepared.at("fingerprint");
+  for (auto& source : prepared.at("sources")) {
+    source.erase("document_index");
+    fs::remove(data + "/" + source.at("name").get<std::string>() + "/documents.bin");
+  }
+  std::ofstream(data + "/prepared.json") << prepared.dump(2);
+  const std::string on_old_data =
+      "--config " + tiny_config() + " --set data.dir=" + data + " --set train.steps=2 --set checkpoint.every=0";
+  auto r = run_keel("train " + on_old_data + " --run-dir " + run);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("no document index for source(s) prose, code"), std::string::npos) << r.output;
+  for (const auto& row : MetricsReader(run + "/metrics.h5").read_batch()) {
+    EXPECT_EQ(row.first_doc, -1);
+    EXPECT_EQ(row.n_docs, 0);
+  }
+  // prepare notices, tokenizes again (same tokens: the fingerprint checkpoints record is unchanged), adds it.
+  r = run_keel("data prepare --config " + tiny_config() + " --set data.dir=" + data);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("source prose: prepared data incomplete: no document index (prepared by an older Keel); "
+                          "preparing this source again"),
+            std::string::npos)
+      << r.output;
+  EXPECT_EQ(json::parse(keel::checkpoint::read_small_file(data + "/prepared.json")).at("fingerprint"), fingerprint);
+  EXPECT_TRUE(fs::exists(data + "/prose/documents.bin"));
+  r = run_keel("data show-batch --run " + run + " --step 1 --json --set data.dir=" + data);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_GE(parse_json_output(r.output).at("samples").at(0).at("first_doc").get<int64_t>(), 0) << r.output;
+}
+
 TEST(BatchRecord, ShowBatchRunEqualsTheRecordOfABranchedSwappedRolledBackRun) {
   const std::string base = fresh_dir("order-base"), branch = fresh_dir("order-branch");
   auto r = run_keel("train " + args("--set train.steps=8 --set checkpoint.every=4") + " --run-dir " + base);
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  // The branch: a new mixture from step 4, a loss spike (LR x300 at step 12) that
-  // rollback_skip answers by rolling back to step 12 and skipping the samples, and a data_mixture plugin swapped
-  // in through `keel control` for the boundary before step 10 (the trainer is paused while it is requested).
+  // The branch: a new mixture from step 4; a loss spike (LR x300 at step 12, again on every replay) that
+  // rollback_skip answers three times by rolling back to step 12 and skipping the samples (then it only skips
+  // updates); and a data_mixture plugin swapped in through `keel control` for the boundary before step 10 (the
+  // trainer is paused while it is requested).
   const pid_t pid = spawn_keel(
       "resume --from " + base + "/checkpoints/step-00000004 --run-dir " + branch + " " + test_data_override() +
       " --set data.mixture=prose=0.3,code=0.7 --set train.steps=20 --set checkpoint.every=4 --plugin lr_schedule=" +
-      fixture("lr_spike") + " --plugin-arg lr_spike.at_step=12" +
+      fixture("lr_spike") + " --plugin-arg lr_spike.at_step=12 --plugin-arg lr_spike.once=false" +
       " --plugin spike_handler=rollback_skip --plugin-arg rollback_skip.threshold=4 --plugin-arg " +
       "rollback_skip.min_history=4 --plugin-arg rollback_skip.skip=samples");
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
@@ -135,7 +172,7 @@ TEST(BatchRecord, ShowBatchRunEqualsTheRecordOfABranchedSwappedRolledBackRun) {
   int status = 0;
   waitpid(pid, &status, 0);
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "resume failed";
-  EXPECT_GE(count_events(branch, "rollback"), 1);
+  EXPECT_EQ(count_events(branch, "rollback"), 3);
   EXPECT_EQ(count_events(branch, "plugin_swap"), 1);
   // Rows of rolled-back steps stay in the record (a re-run step's later block is the one that counts).
   EXPECT_GT(MetricsReader(branch + "/metrics.h5").read_batch().size(), 16u * 16u);
