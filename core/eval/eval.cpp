@@ -349,4 +349,90 @@ std::string format_report(const EvalReport& r) {
   return out.str();
 }
 
+EvalReport evaluate_checkpoint(const Config& config, const checkpoint::TrainingState& state,
+                               const std::string& checkpoint_dir, int64_t step, const EvalOptions& options) {
+  const model::Llama model = load_model(config, state, checkpoint_dir);
+  data::DataLoader loader(config, config.global_batch());
+  const std::vector<data::SampleRef> consumed = consumed_samples(loader, state.data_ledger);
+
+  EvalReport report;
+  report.checkpoint_dir = checkpoint_dir;
+  report.step = step;
+  report.source_names = loader.source_names();
+
+  // 1. Per-source NLL / perplexity on the eval samples.
+  const int64_t batch = config.train.micro_batch;
+  for (int32_t src = 0; src < static_cast<int32_t>(report.source_names.size()); ++src) {
+    SourcePerplexity p;
+    p.source = report.source_names[static_cast<size_t>(src)];
+    p.sample_ids = eval_sample_ids(config.data.seed, p.source, loader.samples_per_epoch(src), options.batches * batch);
+    const int64_t n = static_cast<int64_t>(p.sample_ids.size());
+    torch::Tensor windows = torch::empty({n, loader.seq_len() + 1}, torch::kInt64);  // [N, T+1]
+    for (int64_t i = 0; i < n; ++i) {
+      const std::vector<int32_t> tokens = loader.sample_tokens(src, p.sample_ids[static_cast<size_t>(i)]);
+      windows[i].copy_(torch::tensor(std::vector<int64_t>(tokens.begin(), tokens.end()), torch::kInt64));
+    }
+    p.sample_nll = window_nll(model, windows, batch);
+    double sum = 0.0;
+    for (double v : p.sample_nll) sum += v;
+    p.tokens = n * loader.seq_len();
+    p.mean_nll = n ? sum / static_cast<double>(n) : 0.0;  // every window has T targets: token-weighted
+    p.perplexity = std::exp(p.mean_nll);
+    std::set<int64_t> trained_on;  // this source's sample ids the checkpoint consumed
+    for (const auto& s : consumed) {
+      if (s.source == src) trained_on.insert(s.sample_id);
+    }
+    for (int64_t id : p.sample_ids) p.seen_in_training += trained_on.count(id) ? 1 : 0;
+    report.perplexity.push_back(std::move(p));
+  }
+
+  // 2. Memorization on consumed training sequences.
+  std::vector<TrainingSequence> sequences;
+  for (const auto& s : pick_memorization_samples(consumed, options.memorization_samples)) {
+    sequences.push_back({s.source, s.sample_id, s.chunk, loader.sample_tokens(s.source, s.sample_id)});
+  }
+  report.memorization_options.batch = batch;
+  report.memorization = score_memorization(sequences, greedy_next_token(model), report.memorization_options);
+  report.memorization_summary =
+      summarize_memorization(report.memorization, static_cast<int32_t>(report.source_names.size()));
+  return report;
+}
+
+nlohmann::json report_json(const EvalReport& r, const std::string& out_path) {
+  nlohmann::json sources = nlohmann::json::object();
+  for (const auto& p : r.perplexity) {
+    sources[p.source] = {{"nll", p.mean_nll},
+                         {"perplexity", p.perplexity},
+                         {"tokens", p.tokens},
+                         {"samples", p.sample_ids.size()},
+                         {"seen_in_training", p.seen_in_training}};
+  }
+  nlohmann::json per_source = nlohmann::json::object();
+  nlohmann::json per_chunk = nlohmann::json::array();
+  for (const auto& s : r.memorization_summary) {
+    const std::string& name = r.source_names.at(static_cast<size_t>(s.source));
+    const nlohmann::json row = {
+        {"sequences", s.sequences}, {"mean_score", s.mean_score}, {"extractable_share", s.extractable_share}};
+    if (s.chunk == -1) {
+      per_source[name] = row;
+    } else {
+      nlohmann::json chunk_row = row;
+      chunk_row["source"] = name;
+      chunk_row["chunk"] = s.chunk;
+      per_chunk.push_back(chunk_row);
+    }
+  }
+  return {{"checkpoint", r.checkpoint_dir},
+          {"step", r.step},
+          {"out", out_path},
+          {"sources", sources},
+          {"memorization",
+           {{"prompt_tokens", r.memorization_options.prompt_tokens},
+            {"continuation_tokens", r.memorization_options.continuation_tokens},
+            {"sequences", r.memorization.score.size()},
+            {"skipped_short", r.memorization.skipped_short},
+            {"sources", per_source},
+            {"chunks", per_chunk}}}};
+}
+
 }  // namespace keel::eval

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
 
@@ -112,11 +113,26 @@ struct EvalReport {
   MemorizationOptions memorization_options;
 };
 
+struct EvalOptions {
+  int64_t batches = 8;               // eval batches (of train.micro_batch windows) per source
+  int64_t memorization_samples = 8;  // consumed training sequences scored per (source, chunk)
+};
+
+// The whole measurement of one checkpoint: loads its weights into an fp32 model of `config.model`, scores every
+// source's eval samples (and counts those the checkpoint consumed) and the memorization of consumed sequences.
+// `config` is the checkpoint's config (its data.dir must hold the prepared data). Throws CheckpointError or
+// DataError naming the tensor, file or key.
+EvalReport evaluate_checkpoint(const Config& config, const checkpoint::TrainingState& state,
+                               const std::string& checkpoint_dir, int64_t step, const EvalOptions& options);
+
 // Writes `report` to a new HDF5 file (refuses an existing one); layout in docs/eval.md. The file is written as
 // PATH.tmp-PID, flushed to disk and then renamed to PATH, so PATH is complete or absent: a full disk or an
 // unwritable directory throws std::runtime_error("eval: cannot write PATH: <OS error>") and leaves nothing.
 void write_report(const std::string& path, const EvalReport& report);
 // The short table `keel eval` prints.
 std::string format_report(const EvalReport& report);
+// What `keel eval --json` prints (docs/cli.md): per source the NLL, perplexity, tokens and seen_in_training; per
+// source the memorization summary; per (source, chunk) the memorization summaries; `out`: the HDF5 file written.
+nlohmann::json report_json(const EvalReport& report, const std::string& out_path);
 
 }  // namespace keel::eval

@@ -89,10 +89,25 @@ TEST(EvalRun, EvaluatesATrainedCheckpointIntoTheRunDir) {
   r = run_keel("eval " + run + " --batches 1 --memorization-samples 1");
   EXPECT_EQ(r.exit_code, 1) << r.output;
   EXPECT_NE(r.output.find(out + ": exists"), std::string::npos) << r.output;
-  r = run_keel("eval " + run + "/checkpoints/step-00000010 --batches 1 --memorization-samples 1 --out " + run +
+  // With --json the results come as one object on stdout, and equal the file's.
+  r = run_keel("eval " + run + "/checkpoints/step-00000010 --batches 1 --memorization-samples 1 --json --out " + run +
                "/other.h5");
-  EXPECT_EQ(r.exit_code, 0) << r.output;
-  EXPECT_TRUE(fs::exists(run + "/other.h5"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  ASSERT_TRUE(fs::exists(run + "/other.h5"));
+  const auto report = nlohmann::json::parse(r.output);
+  EXPECT_EQ(report.at("step"), 10);
+  EXPECT_EQ(report.at("out"), fs::weakly_canonical(run + "/other.h5").string());
+  const H5Reader other(run + "/other.h5");
+  for (const char* source : {"prose", "code"}) {
+    const auto& row = report.at("sources").at(source);
+    EXPECT_EQ(row.at("nll").get<double>(),
+              values<double>(other.read_tensor(std::string("/validation/") + source + "/nll")).at(0))
+        << source;
+    EXPECT_EQ(row.at("tokens"), 8 * 64) << source;
+    EXPECT_EQ(row.at("seen_in_training"), 0) << source;
+    EXPECT_TRUE(report.at("memorization").at("sources").contains(source)) << source;
+  }
+  EXPECT_EQ(report.at("memorization").at("prompt_tokens"), 32);
   // Never inside the checkpoint (its manifest lists every file it holds).
   r = run_keel("eval " + run + " --batches 1 --out " + run + "/checkpoints/step-00000010/eval.h5");
   EXPECT_EQ(r.exit_code, 1) << r.output;

@@ -59,6 +59,7 @@ std::string usage() {
          "  keel export-hf CKPT_DIR OUT_DIR [--dtype fp32|bf16]\n"
          "  keel import-hf HF_DIR --run-dir RUN_DIR [--config FILE] [--set key=value]...\n"
          "  keel eval CKPT_DIR|RUN_DIR [--out FILE.h5] [--set key=value]... [--batches N] [--memorization-samples N]\n"
+         "            [--json]\n"
          "  keel report RUN_DIR... -o FILE.html [--baseline ARM] [--title TEXT]\n"
          "  keel config keys | keel config show --config FILE [--set key=value]...\n"
          "  keel --version\n\n"
