@@ -51,6 +51,9 @@ fi
 
 mkdir -p "$out" || { echo "device_check: cannot create $out" >&2; exit 1; }
 out=$(cd "$out" && pwd)
+# Run dirs (checkpoints: tens of MiB) stay out of OUT, which comes back from the device: logs and results only.
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 start=$SECONDS
 budget_s=${KEEL_CHECK_BUDGET_S:-540}
 steps=${KEEL_CHECK_STEPS:-25}
@@ -90,12 +93,14 @@ skip() {
   echo "[skip] $1: $2"
 }
 left() { echo $((budget_s - (SECONDS - start))); }
-# fits NAME SECONDS: true when SECONDS more stay within the budget; else records NAME as skipped.
+# fits NAME SECONDS: true when a step expected to take SECONDS still fits the budget; else records NAME as
+# skipped. A step that runs gets until the budget's end (plus 30 s) as its limit.
 fits() {
   [ "$(left)" -ge "$2" ] && return 0
-  skip "$1" "the $budget_s s budget has $(left) s left, the step needs up to $2 s"
+  skip "$1" "the $budget_s s budget has $(left) s left, the step takes about $2 s"
   return 1
 }
+until_budget() { echo $(($(left) + 30)); }
 
 # The model and batch of a Keel config as llama_reference.py arguments (read from the .ini: the keel binary may
 # not be built yet when the cold reference starts).
@@ -129,6 +134,57 @@ fi
 keel=$build_dir/bin/keel
 echo "device check: $([ $dry -eq 1 ] && echo 'CPU DRY RUN' || echo GPU), out $out, budget $budget_s s," \
      "keel $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u '+%F %T') UTC"
+
+# The table (stdout) and OUT/results.json from OUT's logs (MFU: PaLM formula, 6·N_non-embedding + 12·L·C·T FLOPs
+# per token); run at the end, and at an early stop.
+summarize() {
+  python3 - "$out" "$dry" "$budget_s" "$((SECONDS - start))" <<'PY' || failures=$((failures + 1))
+import configparser, json, os, re, sys
+out, dry, budget, elapsed = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
+def read(name):
+    path = os.path.join(out, name)
+    return open(path).read() if os.path.exists(path) else ""
+matmul = re.search(r"matmul_tflops=(\d+)", read("matmul.log"))
+matmul = float(matmul.group(1)) if matmul else None
+steps = [dict(zip(("step", "status", "seconds", "note"), line.split("\t"))) for line in read("steps.tsv").splitlines()]
+configs = {}
+for line in read("rows.tsv").splitlines():
+    config, system, tps, peak = line.split("\t")
+    ini = configparser.ConfigParser(inline_comment_prefixes=("#",)); ini.read(config)
+    m = {k: int(ini["model"][k]) for k in ("layers", "d_model", "heads", "kv_heads", "ffn_hidden", "vocab", "seq_len")}
+    L, C, H, K, F, V, T = (m[k] for k in ("layers", "d_model", "heads", "kv_heads", "ffn_hidden", "vocab", "seq_len"))
+    D = C // H
+    n_nonemb = L * (C * H * D + 2 * C * K * D + H * D * C + 3 * C * F + 2 * C) + C + V * C
+    flops = 6 * n_nonemb + 12 * L * C * T
+    tps = float(tps) if tps not in ("", "null", "None") else None
+    peak = int(float(peak)) if peak not in ("", "null", "None") else None
+    configs.setdefault(config, {"flops_per_token": flops, "systems": {}})["systems"][system] = {
+        "tokens_per_s": tps,
+        "mfu_989": tps * flops / 989e12 if tps else None,
+        "mfu_matmul": tps * flops / (matmul * 1e12) if tps and matmul else None,
+        "peak_gib": peak / 2**30 if peak else None}
+for config, c in configs.items():
+    keel = c["systems"].get("keel", {}).get("tokens_per_s")
+    for system, s in c["systems"].items():
+        s["keel_over_system"] = keel / s["tokens_per_s"] if keel and s["tokens_per_s"] else None
+resume = re.search(r"resume_bit_exact=(\d)", read("tiny_resume.log"))
+results = {"dry_run": dry, "commit": os.popen("git rev-parse HEAD 2>/dev/null").read().strip(),
+           "preflight": read("preflight.log").strip().splitlines(), "matmul_tflops": matmul,
+           "resume_bit_exact": bool(int(resume.group(1))) if resume else None, "steps": steps,
+           "configs": configs, "elapsed_s": elapsed, "budget_s": budget}
+json.dump(results, open(os.path.join(out, "results.json"), "w"), indent=2)
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+for config, c in configs.items():
+    print(f"\n{config}")
+    print(f"{'system':<18} {'tokens/s':>10} {'MFU@989':>8} {'MFU@' + fmt(matmul, '.0f'):>9} {'peak GiB':>9} {'keel/system':>12}")
+    for system, s in c["systems"].items():
+        print(f"{system:<18} {fmt(s['tokens_per_s'], '10.0f'):>10} {fmt(s['mfu_989'] and 100 * s['mfu_989'], '7.1f'):>7}% "
+              f"{fmt(s['mfu_matmul'] and 100 * s['mfu_matmul'], '7.1f'):>8}% {fmt(s['peak_gib'], '9.2f'):>9} "
+              f"{fmt(s['keel_over_system'], '11.2f'):>11}x")
+print(f"\nresume bit-exact: {results['resume_bit_exact']}; {elapsed} s of {budget} s; {os.path.join(out, 'results.json')}")
+PY
+}
 
 # 1. Preflight: the GPU, torch and its CUDA, where nccl.h is (the same probe as the build's KEEL_NCCL=AUTO).
 preflight() {
@@ -192,7 +248,7 @@ else
 fi
 # shellcheck disable=SC1091
 [ -f .gpudeps/env.sh ] && source .gpudeps/env.sh
-[ -x "$keel" ] || { echo "device check: no $keel; stopping"; exit 1; }
+[ -x "$keel" ] || { echo "device check: no $keel; stopping"; summarize; exit 1; }
 
 # 4. The kernels' architecture (flags; cuobjdump where present) and the kernel tests. On a GPU a skipped test
 #    means the kernels did not run, which fails the step.
@@ -221,22 +277,22 @@ value = json.load(sys.stdin)
 for key in sys.argv[1].split("."): value = value[key] if value is not None else None
 print("null" if value is None else repr(value))' "$2"; }
 tiny_resume() {
-  rm -rf "$out/tiny" "$out/tiny-resumed"
-  "$keel" train --config experiments/tiny.ini --run-dir "$out/tiny" "${tiny_sets[@]}" --set train.device="$device" \
+  "$keel" train --config experiments/tiny.ini --run-dir "$work/tiny" "${tiny_sets[@]}" --set train.device="$device" \
     --set train.steps=12 --set checkpoint.every=6 --set metrics.flush_every=1 || return 1
-  "$keel" resume --from "$out/tiny/checkpoints/step-00000006" --run-dir "$out/tiny-resumed" || return 1
+  "$keel" resume --from "$work/tiny/checkpoints/step-00000006" --run-dir "$work/tiny-resumed" || return 1
   local a b
-  a="$(inspect_get "$out/tiny" metrics.loss.last) $(inspect_get "$out/tiny" metrics.grad_norm.last)"
-  b="$(inspect_get "$out/tiny-resumed" metrics.loss.last) $(inspect_get "$out/tiny-resumed" metrics.grad_norm.last)"
+  a="$(inspect_get "$work/tiny" metrics.loss.last) $(inspect_get "$work/tiny" metrics.grad_norm.last)"
+  b="$(inspect_get "$work/tiny-resumed" metrics.loss.last) $(inspect_get "$work/tiny-resumed" metrics.grad_norm.last)"
   echo "step 12 loss and grad norm: straight $a; resumed $b"
   if [ "$a" = "$b" ]; then echo "resume_bit_exact=1"; else echo "resume_bit_exact=0"; [ $dry -eq 0 ]; fi
 }
-fits tiny_resume 90 && step tiny_resume 90 tiny_resume
+fits tiny_resume 40 && step tiny_resume "$(until_budget)" tiny_resume
 
 # 6. The benchmark: Keel on each config, then the warm torch.compile and eager references on the same shapes.
-if [ -n "$cold_pid" ]; then  # it must not share the GPU with a measurement: wait, but not past the budget
-  while kill -0 "$cold_pid" 2> /dev/null && [ "$(left)" -gt 300 ]; do sleep 2; done
-  kill -- "-$cold_pid" 2> /dev/null && echo "cold reference stopped (budget)"
+if [ -n "$cold_pid" ]; then  # it must not share the GPU with a measurement: wait a minute at most
+  waited=0
+  while kill -0 "$cold_pid" 2> /dev/null && [ $waited -lt 60 ]; do sleep 2; waited=$((waited + 2)); done
+  kill -- "-$cold_pid" 2> /dev/null && echo "cold reference stopped after a minute's wait (the warm one compiles the rest)"
   wait "$cold_pid" 2> /dev/null
   echo "cold reference: $(grep -c tokens_per_s "$out/reference_cold.log") of ${#bench_configs[@]} configs ran"
 fi
@@ -251,15 +307,18 @@ torch.cuda.synchronize(); print(f"matmul_tflops={10 * 2 * 8192**3 / (time.perf_c
 PY
 fi
 keel_bench() {  # CONFIG NAME
-  rm -rf "${out:?}/$2"
-  "$keel" train --config "$1" --run-dir "$out/$2" "${bench_sets[@]}" --set checkpoint.every=0 --set checkpoint.at_end=false || return 1
-  echo "tokens_per_s=$(inspect_get "$out/$2" metrics.tokens_per_s.median)"
-  echo "peak_bytes=$(inspect_get "$out/$2" run_end.peak_cuda_memory_bytes)"
+  "$keel" train --config "$1" --run-dir "$work/$2" "${bench_sets[@]}" --set checkpoint.every=0 \
+    --set checkpoint.at_end=false || return 1
+  echo "tokens_per_s=$(inspect_get "$work/$2" metrics.tokens_per_s.median)"
+  echo "peak_bytes=$(inspect_get "$work/$2" run_end.peak_cuda_memory_bytes)"
 }
+# Expected seconds per benchmark step on an H100/H200 (start-up included), for the budget: 953M, then 134M.
+expected_s() { case $1 in keel_llama-953m) echo 60 ;; compile_llama-953m) echo 90 ;; eager_llama-953m) echo 50 ;;
+  compile_*) echo 60 ;; *) echo 30 ;; esac }
 for config in "${bench_configs[@]}"; do
   name=$(basename "$config" .ini)
-  fits "keel_$name" 120 || continue
-  if step "keel_$name" 120 keel_bench "$config" "keel-$name"; then
+  fits "keel_$name" "$(expected_s "keel_$name")" || continue
+  if step "keel_$name" "$(until_budget)" keel_bench "$config" "keel-$name"; then
     tps=$(sed -n 's/^tokens_per_s=//p' "$out/keel_$name.log"); peak=$(sed -n 's/^peak_bytes=//p' "$out/keel_$name.log")
     printf '%s\tkeel\t%s\t%s\n' "$config" "$tps" "$peak" >> "$out/rows.tsv"
   fi
@@ -269,9 +328,9 @@ for config in "${bench_configs[@]}"; do
   fi
   for mode in compile eager; do
     flag=""; [ $mode = compile ] && flag=--compile
-    fits "${mode}_$name" 150 || continue
+    fits "${mode}_$name" "$(expected_s "${mode}_$name")" || continue
     # shellcheck disable=SC2046,SC2086  # argument lists
-    if step "${mode}_$name" 150 python3 bench/gpu/llama_reference.py $(ini_args "$config") $flag --steps "$steps" --warmup 10; then
+    if step "${mode}_$name" "$(until_budget)" python3 bench/gpu/llama_reference.py $(ini_args "$config") $flag --steps "$steps" --warmup 10; then
       line=$(grep tokens_per_s= "$out/${mode}_$name.log" | tail -n 1)
       tps=$(echo "$line" | sed -n 's/.*tokens_per_s=\([0-9.]*\).*/\1/p')
       peak=$(echo "$line" | sed -n 's/.*peak_gib=\([0-9.]*\).*/\1/p')
@@ -281,52 +340,7 @@ for config in "${bench_configs[@]}"; do
   done
 done
 
-# 7. The table and results.json (MFU: PaLM formula, 6·N_non-embedding + 12·L·C·T FLOPs per token).
-python3 - "$out" "$dry" "$budget_s" "$((SECONDS - start))" <<'PY' || failures=$((failures + 1))
-import configparser, json, os, re, sys
-out, dry, budget, elapsed = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
-def read(name):
-    path = os.path.join(out, name)
-    return open(path).read() if os.path.exists(path) else ""
-matmul = re.search(r"matmul_tflops=(\d+)", read("matmul.log"))
-matmul = float(matmul.group(1)) if matmul else None
-steps = [dict(zip(("step", "status", "seconds", "note"), line.split("\t"))) for line in read("steps.tsv").splitlines()]
-configs = {}
-for line in read("rows.tsv").splitlines():
-    config, system, tps, peak = line.split("\t")
-    ini = configparser.ConfigParser(inline_comment_prefixes=("#",)); ini.read(config)
-    m = {k: int(ini["model"][k]) for k in ("layers", "d_model", "heads", "kv_heads", "ffn_hidden", "vocab", "seq_len")}
-    L, C, H, K, F, V, T = (m[k] for k in ("layers", "d_model", "heads", "kv_heads", "ffn_hidden", "vocab", "seq_len"))
-    D = C // H
-    n_nonemb = L * (C * H * D + 2 * C * K * D + H * D * C + 3 * C * F + 2 * C) + C + V * C
-    flops = 6 * n_nonemb + 12 * L * C * T
-    tps = float(tps) if tps not in ("", "null", "None") else None
-    peak = int(float(peak)) if peak not in ("", "null", "None") else None
-    configs.setdefault(config, {"flops_per_token": flops, "systems": {}})["systems"][system] = {
-        "tokens_per_s": tps,
-        "mfu_989": tps * flops / 989e12 if tps else None,
-        "mfu_matmul": tps * flops / (matmul * 1e12) if tps and matmul else None,
-        "peak_gib": peak / 2**30 if peak else None}
-for config, c in configs.items():
-    keel = c["systems"].get("keel", {}).get("tokens_per_s")
-    for system, s in c["systems"].items():
-        s["keel_over_system"] = keel / s["tokens_per_s"] if keel and s["tokens_per_s"] else None
-resume = re.search(r"resume_bit_exact=(\d)", read("tiny_resume.log"))
-results = {"dry_run": dry, "commit": os.popen("git rev-parse HEAD 2>/dev/null").read().strip(),
-           "preflight": read("preflight.log").strip().splitlines(), "matmul_tflops": matmul,
-           "resume_bit_exact": bool(int(resume.group(1))) if resume else None, "steps": steps,
-           "configs": configs, "elapsed_s": elapsed, "budget_s": budget}
-json.dump(results, open(os.path.join(out, "results.json"), "w"), indent=2)
-def fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-for config, c in configs.items():
-    print(f"\n{config}")
-    print(f"{'system':<18} {'tokens/s':>10} {'MFU@989':>8} {'MFU@' + fmt(matmul, '.0f'):>9} {'peak GiB':>9} {'keel/system':>12}")
-    for system, s in c["systems"].items():
-        print(f"{system:<18} {fmt(s['tokens_per_s'], '10.0f'):>10} {fmt(s['mfu_989'] and 100 * s['mfu_989'], '7.1f'):>7}% "
-              f"{fmt(s['mfu_matmul'] and 100 * s['mfu_matmul'], '7.1f'):>8}% {fmt(s['peak_gib'], '9.2f'):>9} "
-              f"{fmt(s['keel_over_system'], '11.2f'):>11}x")
-print(f"\nresume bit-exact: {results['resume_bit_exact']}; {elapsed} s of {budget} s; {os.path.join(out, 'results.json')}")
-PY
+# 7. The table and results.json.
+summarize
 echo "device check: $failures failed step(s)"
 [ $failures -eq 0 ]
