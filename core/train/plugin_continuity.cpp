@@ -148,8 +148,7 @@ void continue_plugins_after_resume(TrainerState& s, const checkpoint::TrainingSt
   warm_start_plugins(s, fresh, st.step, "");
 }
 
-void record_swap(TrainerState& s, const std::string& slot, const std::vector<plugin_host::LoadedPlugin>& loaded,
-                 int64_t step) {
+void refuse_changed_libraries(TrainerState& s, const std::vector<plugin_host::LoadedPlugin>& loaded, int64_t step) {
   std::vector<std::pair<std::string, std::string>> now;
   for (const auto& p : loaded) now.emplace_back(p.description.path, p.sha256);
   // The newest record of each path this run loaded: was the file the same then?
@@ -162,10 +161,18 @@ void record_swap(TrainerState& s, const std::string& slot, const std::vector<plu
     r.from_step = 0;
     r.until_step = -1;
   }
-  for (const auto& line : checkpoint::changed_plugin_libraries(newest, step, now, "this run loaded it")) {
-    warn(s, step, line);
-    s.lineage.notes.push_back(line);
+  const std::vector<std::string> changed =
+      checkpoint::changed_plugin_libraries(newest, step, now, "this run loaded it");
+  for (const auto& line : changed) warn(s, step, line);
+  if (!changed.empty()) {
+    throw plugin_host::PluginError(changed.front() +
+                                   "; this process already loaded a library from that path and would run that one "
+                                   "again, not the new file: copy the new library to another path and swap to that");
   }
+}
+
+void record_swap(TrainerState& s, const std::string& slot, const std::vector<plugin_host::LoadedPlugin>& loaded,
+                 int64_t step) {
   for (auto& r : s.lineage.plugins) {
     if (r.slot == slot && r.until_step < 0) r.until_step = step;
   }

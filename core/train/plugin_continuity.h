@@ -45,8 +45,13 @@ void record_loaded_plugins(TrainerState& s, int64_t step);
 void continue_plugins_after_resume(TrainerState& s, const checkpoint::TrainingState& st,
                                    const std::vector<plugin_host::LoadedPlugin*>& fresh);
 
-// At a swap before `step`: warns when a library in `loaded` has changed since this run loaded it from the same
-// path, records the swap in lineage.plugins, and returns nothing; warm_start_plugins does the history part.
+// At a swap before `step`, right after loading: when a library in `loaded` comes from a path this run loaded
+// before and the file there has changed since, warns (log line, `warning` event naming the plugin) and throws,
+// refusing the swap: this process's dynamic loader hands back the library it already mapped for that path, so
+// the new file's code would not run although its SHA-256 would be recorded.
+void refuse_changed_libraries(TrainerState& s, const std::vector<plugin_host::LoadedPlugin>& loaded, int64_t step);
+
+// Records the swap of `slot` before `step` in lineage.plugins (the old libraries end, the new ones start).
 void record_swap(TrainerState& s, const std::string& slot, const std::vector<plugin_host::LoadedPlugin>& loaded,
                  int64_t step);
 

@@ -38,6 +38,7 @@ void apply_control_requests(TrainerState& s) {
       std::string load_error;
       try {
         loaded = plugin_host::PluginHost::load_slot(slot, next);  // may refuse
+        refuse_changed_libraries(s, loaded, step);                // a rebuilt file under a path loaded before
       } catch (const std::exception& e) {
         load_error = e.what();
       }
@@ -60,7 +61,7 @@ void apply_control_requests(TrainerState& s) {
         if (slot != "optimizer") fresh.push_back(&p);
       }
       warm_start_plugins(s, fresh, step, s.paths.metrics_h5());
-      record_swap(s, slot, loaded, step);  // warns if a library changed since this run loaded it
+      record_swap(s, slot, loaded, step);
       s.plugins->replace(slot, std::move(loaded));
       s.config = next;
       std::string now;

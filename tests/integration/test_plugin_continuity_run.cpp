@@ -3,12 +3,17 @@
 // warm starts from the parent's metrics.h5 and skips the spike (a `warm_start` event names it and the rows);
 // with the parent's history gone it says, as a warning event and log line, how long it is inactive; every
 // checkpoint's lineage records each plugin library with its SHA-256, and replacing the library file behind a
-// path makes the resume warn naming the plugin; and the progress line numbers steps as metrics.h5 does.
+// path makes the resume warn naming the plugin (a `keel control` swap too, and the swapped-in handler warm starts
+// from the run's own rows); and the progress line numbers steps as metrics.h5 does.
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
 
+#include <chrono>
 #include <filesystem>
 #include <regex>
 #include <string>
+#include <thread>
 
 #include "core/checkpoint/durable_fs.h"
 #include "core/checkpoint/lineage.h"
@@ -165,4 +170,56 @@ TEST(PluginContinuity, TheProgressLineNumbersStepsAsMetricsDo) {
   EXPECT_EQ(logged.back(), steps.back()) << "the last progress line names the last metrics row's step";
   EXPECT_EQ(steps.front(), 0);
   EXPECT_TRUE(fs::exists(run + "/checkpoints/step-00000005")) << "step-N: the state after N steps";
+}
+
+TEST(PluginContinuity, ASwapToARebuiltLibraryIsRefusedNamingItAndANewHandlerWarmStartsFromTheRunsOwnRows) {
+  const std::string dir = fresh_dir("swap-hash"), run = dir + "/run";
+  fs::create_directories(dir + "/lib");
+  const std::string copy = dir + "/lib/handler.so", cooldown = dir + "/lib/cooldown.so";
+  fs::copy_file(builtin("zscore_skip"), copy);
+  fs::copy_file(builtin("lr_cooldown"), cooldown);
+  const pid_t pid =
+      spawn_keel("train " + args("--set train.steps=8") + " --run-dir " + run + " --plugin spike_handler=" + copy);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (!fs::exists(run + "/metrics.h5") && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  ASSERT_EQ(kill(pid, SIGSTOP), 0);
+  // A rebuild replaces the file behind the loaded path (a new inode: the running trainer keeps its mapping).
+  fs::copy_file(builtin("lr_cooldown"), copy + ".new");
+  fs::rename(copy + ".new", copy);
+  auto ctl = run_keel("control " + run + " swap spike_handler=" + copy + " --at-step 5");
+  EXPECT_EQ(ctl.exit_code, 0) << ctl.output;
+  ctl = run_keel("control " + run + " swap spike_handler=" + cooldown + " --at-step 6");
+  EXPECT_EQ(ctl.exit_code, 0) << ctl.output;
+  ASSERT_EQ(kill(pid, SIGCONT), 0);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+
+  const std::string line =
+      "plugin zscore_skip (spike_handler): the library " + copy + " has changed since this run loaded it (sha256 " +
+      sha256_file(builtin("zscore_skip")).substr(0, 16) + "... then, " + sha256_file(copy).substr(0, 16) + "... now)";
+  const auto warnings = events_of(run, "warning");
+  ASSERT_EQ(warnings.size(), 2u);
+  EXPECT_EQ(warnings[0].step, 5);
+  EXPECT_EQ(warnings[0].text, line);
+  EXPECT_EQ(warnings[1].step, 6);  // 6 rows of a default min_history of 10
+  EXPECT_EQ(warnings[1].text, "[lr_cooldown] too little history (" + run +
+                                  "/metrics.h5 steps 0-5): inactive for the first 4 steps (steps 6-9)");
+  const auto refused = events_of(run, "plugin_swap_refused");
+  ASSERT_EQ(refused.size(), 1u);
+  EXPECT_EQ(refused[0].step, 5);
+  EXPECT_NE(refused[0].text.find("copy the new library to another path"), std::string::npos) << refused[0].text;
+  // The second request loads a library from a new path: applied, and the new handler gets steps 0-5.
+  const auto warm = events_of(run, "warm_start");
+  ASSERT_EQ(warm.size(), 1u);
+  EXPECT_EQ(warm[0].step, 6);
+  EXPECT_EQ(warm[0].text, "[lr_cooldown] 6 rows of history before step 6 from " + run + "/metrics.h5 steps 0-5");
+  const Lineage l = parse_lineage(read_small_file(run + "/lineage.json"), "lineage.json");
+  std::vector<std::string> handlers;
+  for (const auto& p : l.plugins) {
+    if (p.slot == "spike_handler")
+      handlers.push_back(p.name + " " + std::to_string(p.from_step) + ".." + std::to_string(p.until_step));
+  }
+  EXPECT_EQ(handlers, (std::vector<std::string>{"zscore_skip 0..6", "lr_cooldown 6..-1"}));
 }
