@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <thread>
+
 #include "core/parallel/communicator.h"
 #include "kernels/dispatch.h"
 #include "tests/unit/parallel_ranks.h"
@@ -64,6 +66,36 @@ TEST(CommunicatorWire, GatheredTensorsComeBackInTheCallersDtypeOverGloo) {
     EXPECT_EQ(names, (std::vector<std::string>{"a", "bcd"}));
     EXPECT_EQ(g.world->broadcast_string(g.rank == 1 ? "from one" : "", 1), "from one");
   });
+}
+
+// Two ranks (threads) join with `backend`; returns each rank's error message ("" when it joined).
+std::vector<std::string> join_errors(const std::string& backend) {
+  ParallelConfig config;
+  config.dp = 2;
+  config.timeout_s = 30.0;
+  const int port = testing::free_tcp_port();
+  std::vector<std::string> errors(2);
+  std::vector<std::thread> ranks;
+  for (int64_t rank = 0; rank < 2; ++rank) {
+    ranks.emplace_back([&, rank] {
+      WorldInfo info;
+      info.rank = rank;
+      info.world_size = 2;
+      info.port = port;
+      info.source = "test";
+      errors[rank] = error_of([&] { join_process_groups(info, config, backend); });
+      if (errors[rank] == "(no exception)") errors[rank] = "";
+    });
+  }
+  for (auto& t : ranks) t.join();
+  return errors;
+}
+
+TEST(CommunicatorWire, NcclInABuildWithoutItIsRefusedOnEveryRankBeforeAnyGroupExists) {
+  if (keel::kernels::cuda_kernels_built()) GTEST_SKIP() << "a CUDA build may have NCCL";
+  for (const std::string& error : join_errors("nccl")) {
+    EXPECT_NE(error.find("parallel.backend = nccl, but this build of Keel has no NCCL"), std::string::npos) << error;
+  }
 }
 
 TEST(CommunicatorWire, SettingTheCurrentCudaDeviceIsRefusedWithoutCuda) {
