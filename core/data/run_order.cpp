@@ -66,28 +66,54 @@ RunOrder::RunOrder(const std::string& run_dir, const std::vector<std::string>& o
   const std::string config_path = run_dir_ + "/config.ini";
   if (!fs::exists(config_path)) throw DataError(run_dir_ + ": no config.ini (not a Keel run directory)");
   config_ = keel::load_config(config_path, overrides_);
-  loader_ = std::make_unique<DataLoader>(config_, config_.global_batch());
   if (!lineage.is_root()) {
-    // As the trainer resumed: the parent checkpoint's ledger, then the run's own config where it differs.
     start_step_ = lineage.parent_step;
     parent_run_dir_ = lineage.parent_run_dir;
-    loader_->load_state(read_checkpoint_ledger(lineage.parent_checkpoint), lineage.data_change_allowed);
-    loader_->adopt_config(config_);
+    parent_checkpoint_ = lineage.parent_checkpoint;
+    data_change_allowed_ = lineage.data_change_allowed;
   }
   // The newest checkpoint's mixture history and skip rules: everything the run changed on its surviving path
   // (mixture plugins, swaps, rollback skips), each with the step it applies from.
-  const auto valid = checkpoint::CheckpointStore(run_dir_ + "/checkpoints").list_valid();
-  if (!valid.empty()) {
-    history_checkpoint_ = valid.back().dir;
-    const json final_ledger = read_checkpoint_ledger(history_checkpoint_);
-    json state = loader_->state();
-    state["mixture_history"] = final_ledger.at("mixture_history");
-    state["skip"] = final_ledger.at("skip");
-    loader_->load_state(state);
+  for (const auto& e : checkpoint::CheckpointStore(run_dir_ + "/checkpoints").list_valid()) {
+    if (e.step >= start_step_) checkpoints_.emplace_back(e.step, e.dir);
   }
+  if (!checkpoints_.empty()) {
+    history_checkpoint_ = checkpoints_.back().second;
+    final_ledger_ = std::make_unique<json>(read_checkpoint_ledger(history_checkpoint_));
+  }
+  loader_ = start_loader(checkpoints_.empty() ? start_step_ : checkpoints_.back().first);
 }
 
 RunOrder::~RunOrder() = default;
+
+std::unique_ptr<DataLoader> RunOrder::start_loader(int64_t step) const {
+  auto loader = std::make_unique<DataLoader>(config_, config_.global_batch());
+  // The cursors: the run's newest checkpoint at or before `step`, else where the run started.
+  const std::pair<int64_t, std::string>* base = nullptr;
+  for (const auto& c : checkpoints_) {
+    if (c.first <= step) base = &c;
+  }
+  if (base) {
+    loader->load_state(read_checkpoint_ledger(base->second));
+  } else if (!parent_checkpoint_.empty()) {
+    // As the trainer resumed: the parent checkpoint's ledger, then the run's own config where it differs.
+    if (!fs::exists(parent_checkpoint_)) {
+      throw DataError(run_dir_ + " started from " + parent_checkpoint_ + " (lineage.json), which is gone, and has no " +
+                      "checkpoint of its own at or before step " + std::to_string(step) +
+                      ": its data order there cannot be replayed");
+    }
+    loader->load_state(read_checkpoint_ledger(parent_checkpoint_), data_change_allowed_);
+    loader->adopt_config(config_);
+  }
+  if (final_ledger_) {
+    json state = loader->state();
+    state["mixture_history"] = final_ledger_->at("mixture_history");
+    state["skip"] = final_ledger_->at("skip");
+    state["data_order_version"] = final_ledger_->value("data_order_version", 1);  // a root run's pick, too
+    loader->load_state(state);
+  }
+  return loader;
+}
 
 std::vector<BatchPlan> RunOrder::plans(int64_t first, int64_t last) const {
   if (first < 0 || last < first) {
@@ -103,10 +129,9 @@ std::vector<BatchPlan> RunOrder::plans(int64_t first, int64_t last) const {
     out = RunOrder(parent_run_dir_, overrides_).plans(first, std::min(last, start_step_ - 1));
     if (last < start_step_) return out;
   }
-  DataLoader loader(config_, config_.global_batch());
-  loader.load_state(loader_->state());
-  while (loader.step() <= last) {
-    BatchPlan plan = loader.plan_next();
+  const std::unique_ptr<DataLoader> loader = start_loader(std::max(first, start_step_));
+  while (loader->step() <= last) {
+    BatchPlan plan = loader->plan_next();
     if (plan.step >= first) out.push_back(std::move(plan));
   }
   return out;

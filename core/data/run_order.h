@@ -2,10 +2,11 @@
 // order its config alone gives. It is fully recorded, though: the run's lineage names the checkpoint it started
 // from (whose data ledger holds the cursors at the branch step), and the run's newest checkpoint's ledger holds
 // every mixture stage and skip rule of its surviving history, each with the step it applies from. RunOrder
-// replays exactly that: start from the branch ledger (or step 0), adopt the run's config as the trainer did at
-// resume, put the newest ledger's mixture history and skip rules in force, and plan forward. Steps before the
-// branch point are the parent run's. `keel data show-batch --run` prints these plans; `keel data compare-order`
-// compares two runs' recorded batches (metrics.h5 /data/batch) slot by slot after their common branch point.
+// replays exactly that: start from the run's newest checkpoint at or before the step asked for (else from the
+// branch ledger, adopting the run's config as the trainer did at resume, or from step 0), put the newest ledger's
+// mixture history and skip rules in force, and plan forward. Steps before the branch point are the parent run's. `keel
+// data show-batch --run` prints these plans; `keel data compare-order` compares two runs' recorded batches (metrics.h5
+// /data/batch) slot by slot after their common branch point.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +14,7 @@
 #include <nlohmann/json_fwd.hpp>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/config/config.h"
@@ -42,13 +44,21 @@ class RunOrder {
   const std::string& history_checkpoint() const { return history_checkpoint_; }
 
  private:
+  // A loader at the run's newest checkpoint at or before `step` (else at its start) with the final history in
+  // force. Throws DataError when neither that checkpoint nor the parent checkpoint exists.
+  std::unique_ptr<DataLoader> start_loader(int64_t step) const;
+
   std::string run_dir_;
   std::vector<std::string> overrides_;
   keel::Config config_;
   int64_t start_step_ = 0;
   std::string parent_run_dir_;
+  std::string parent_checkpoint_;
+  bool data_change_allowed_ = false;
+  std::vector<std::pair<int64_t, std::string>> checkpoints_;  // the run's valid checkpoints (step, dir), oldest first
   std::string history_checkpoint_;
-  std::unique_ptr<DataLoader> loader_;  // positioned at start_step_ with the final history in force
+  std::unique_ptr<nlohmann::json> final_ledger_;  // the newest checkpoint's ledger; null without checkpoints
+  std::unique_ptr<DataLoader> loader_;            // the final history in force (weights, tokens, decoding)
 };
 
 // The data ledger (JSON) of a checkpoint directory, read from its rank-0 file after verifying the directory.

@@ -194,6 +194,17 @@ TEST(BatchRecord, ShowBatchRunEqualsTheRecordOfABranchedSwappedRolledBackRun) {
   };
   EXPECT_LT(prose_share(4, 9), 0.5);
   EXPECT_GT(prose_share(10, 19), 0.6);
+
+  // The parent checkpoint pruned away: the branch's own checkpoints (12, 16, 20: retention keeps the newest three)
+  // still give every later step exactly; a step before the first of them is an error naming the missing one.
+  fs::rename(base + "/checkpoints/step-00000004", base + "/step-00000004.moved");
+  const auto later = shown(branch, 12, 19);
+  ASSERT_EQ(later.size(), 8u);
+  for (const auto& [step, j] : later) EXPECT_EQ(j, steps.at(step)) << "step " << step;
+  const auto gone = run_keel("data show-batch --run " + branch + " --step 6");
+  EXPECT_NE(gone.exit_code, 0);
+  EXPECT_NE(gone.output.find(base + "/checkpoints/step-00000004 (lineage.json), which is gone"), std::string::npos)
+      << gone.output;
 }
 
 TEST(BatchRecord, CompareOrderOfTwoArmsBranchedFromOneCheckpoint) {
