@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -27,7 +28,9 @@ namespace {
 
 constexpr uint64_t kPermutationSalt = 0x6b65656c7065726dULL;  // "keelperm"
 constexpr uint64_t kPickSalt = 0x6b65656c7069636bULL;         // "keelpick"
+constexpr uint64_t kNoiseSalt = 0x6b65656c6e6f6973ULL;        // "keelnois"
 constexpr int kLedgerVersion = 1;
+constexpr const char* kConfigSkipOrigin = "data.skip";
 
 std::vector<double> normalized(const std::vector<double>& w) {
   const double sum = std::accumulate(w.begin(), w.end(), 0.0);
@@ -77,6 +80,31 @@ std::vector<int64_t> epoch_permutation(uint64_t seed, const std::string& source,
 
 double source_pick_uniform(uint64_t seed, int64_t global_sample) {
   return unit_double(hash_combine(mix64(seed ^ kPickSalt), static_cast<uint64_t>(global_sample)));
+}
+
+double source_pick_noise(uint64_t seed, int64_t step, int64_t slot, const std::string& source) {
+  uint64_t h = hash_combine(mix64(seed ^ kNoiseSalt), static_cast<uint64_t>(step));
+  h = hash_combine(hash_combine(h, static_cast<uint64_t>(slot)), fnv1a64(source));
+  return (static_cast<double>(h >> 11) + 0.5) * 0x1.0p-53;  // 53 random bits, centred: never 0 or 1
+}
+
+int32_t gumbel_pick(uint64_t seed, int64_t step, int64_t slot, const std::vector<std::string>& sources,
+                    const std::vector<double>& weights) {
+  // -log(U) / w is an Exp(w) variable; the smallest of them is source i with probability w_i / sum(w). std::log
+  // is the one libm function in the data order: libms may differ in the last bit, which could flip a pick only
+  // when two keys agree to ~1e-16 (never seen; the per-epoch orders use integers only).
+  int32_t best = -1;
+  double best_key = 0;
+  for (size_t i = 0; i < sources.size() && i < weights.size(); ++i) {
+    if (!(weights[i] > 0)) continue;
+    const double key = -std::log(source_pick_noise(seed, step, slot, sources[i])) / weights[i];
+    if (best < 0 || key < best_key) {
+      best = static_cast<int32_t>(i);
+      best_key = key;
+    }
+  }
+  if (best < 0) throw DataError("source pick: no source has a positive weight");
+  return best;
 }
 
 DataLoader::DataLoader(const keel::Config& config, int64_t global_batch)
@@ -202,13 +230,19 @@ void DataLoader::reset_cursors() {
 
 std::vector<double> DataLoader::weights_at(int64_t step) const { return normalized(stage_at(stages_, step).weights); }
 
-std::vector<double> DataLoader::cdf_at(int64_t step) const {
-  std::vector<double> cdf = weights_at(step);
-  for (size_t i = 1; i < cdf.size(); ++i) cdf[i] += cdf[i - 1];
-  return cdf;
+std::vector<double> DataLoader::pick_table_at(int64_t step) const {
+  std::vector<double> table = weights_at(step);
+  if (data_order_version_ == 1) {
+    for (size_t i = 1; i < table.size(); ++i) table[i] += table[i - 1];
+  }
+  return table;
 }
 
-int32_t DataLoader::pick_source(int64_t global_sample, const std::vector<double>& cdf) const {
+int32_t DataLoader::pick_source(int64_t step, int64_t slot, int64_t global_sample,
+                                const std::vector<double>& table) const {
+  if (data_order_version_ >= 2) return gumbel_pick(seed_, step, slot, names_, table);
+  // Version 1: inverse CDF of a hash of the global sample (the order of the sections matters).
+  const std::vector<double>& cdf = table;
   const double u = source_pick_uniform(seed_, global_sample);
   for (size_t i = 0; i < cdf.size(); ++i) {
     if (u < cdf[i]) return static_cast<int32_t>(i);
@@ -278,9 +312,9 @@ BatchPlan DataLoader::plan_next() {
   plan.step = step_;
   plan.first_sample = next_sample_;
   plan.samples.reserve(static_cast<size_t>(global_batch_));
-  const std::vector<double> cdf = cdf_at(step_);
+  const std::vector<double> table = pick_table_at(step_);
   for (int64_t j = 0; j < global_batch_; ++j) {
-    const int32_t source = pick_source(next_sample_++, cdf);
+    const int32_t source = pick_source(step_, j, next_sample_++, table);
     plan.samples.push_back(next_sample(source));
   }
   ++step_;
@@ -291,8 +325,8 @@ void DataLoader::seek(int64_t step) {
   if (step < 0) throw DataError("seek: step must be >= 0, got " + std::to_string(step));
   reset_cursors();
   while (step_ < step) {
-    const std::vector<double> cdf = cdf_at(step_);
-    for (int64_t j = 0; j < global_batch_; ++j) next_sample(pick_source(next_sample_++, cdf));
+    const std::vector<double> table = pick_table_at(step_);
+    for (int64_t j = 0; j < global_batch_; ++j) next_sample(pick_source(step_, j, next_sample_++, table));
     ++step_;
   }
 }
@@ -398,8 +432,9 @@ std::vector<std::string> DataLoader::adopt_config(const keel::Config& config) {
   }
   // Skip rules: config rules not active now start now; active rules the config no longer lists end now.
   const auto wanted = parse_skip(config.data.skip, names_, now, "data.skip");
+  // Rules added by rollbacks (or carried from a parent run) are not the config's to end.
   for (auto& r : skip_) {
-    if (!r.active_at(now) || r.to_step >= 0) continue;
+    if (!r.active_at(now) || r.to_step >= 0 || r.origin != kConfigSkipOrigin) continue;
     const bool listed = std::any_of(wanted.begin(), wanted.end(), [&](const SkipRule& w) { return w.spec == r.spec; });
     if (!listed) {
       r.to_step = now;
@@ -451,9 +486,12 @@ json DataLoader::state() const {
     history.push_back({{"from_step", st.from_step}, {"weights", w}, {"origin", st.origin}});
   }
   json skip = json::array();
-  for (const auto& r : skip_) skip.push_back({{"spec", r.spec}, {"from_step", r.from_step}, {"to_step", r.to_step}});
+  for (const auto& r : skip_) {
+    skip.push_back({{"spec", r.spec}, {"from_step", r.from_step}, {"to_step", r.to_step}, {"origin", r.origin}});
+  }
   return {{"format", "keel-data-ledger"},
           {"version", kLedgerVersion},
+          {"data_order_version", data_order_version_},
           {"step", step_},
           {"next_sample", next_sample_},
           {"global_batch", global_batch_},
@@ -495,14 +533,13 @@ void DataLoader::load_state(const json& ledger, bool allow_data_change) {
     }
     if (stages.empty() || stages.front().from_step != 0)
       throw DataError("data ledger: mixture history must start at step 0");
-    std::vector<SkipRule> skip;
-    for (const auto& r : ledger.at("skip")) {
-      for (auto& rule :
-           parse_skip(r.at("spec").get<std::string>(), names_, r.at("from_step").get<int64_t>(), "data ledger skip")) {
-        rule.to_step = r.at("to_step").get<int64_t>();
-        skip.push_back(std::move(rule));
-      }
+    // Ledgers written before data-order versions carry none: they were trained with the inverse-CDF pick.
+    const int order_version = ledger.value("data_order_version", 1);
+    if (order_version < 1 || order_version > kDataOrderVersion) {
+      throw DataError("data ledger: data_order_version " + std::to_string(order_version) +
+                      " is not known to this Keel (it knows 1.." + std::to_string(kDataOrderVersion) + ")");
     }
+    std::vector<SkipRule> skip = skip_from_json(ledger.at("skip"));
     std::vector<Source> restored_cursors(sources_.size());
     for (size_t i = 0; i < sources_.size(); ++i) {
       const json* entry = nullptr;
@@ -521,6 +558,7 @@ void DataLoader::load_state(const json& ledger, bool allow_data_change) {
     // All checks passed: commit.
     stages_ = std::move(stages);
     skip_ = std::move(skip);
+    data_order_version_ = order_version;
     step_ = ledger.at("step").get<int64_t>();
     next_sample_ = ledger.at("next_sample").get<int64_t>();
     for (size_t i = 0; i < sources_.size(); ++i) {
@@ -532,6 +570,46 @@ void DataLoader::load_state(const json& ledger, bool allow_data_change) {
   } catch (const nlohmann::json::exception& e) {
     throw DataError(std::string("data ledger: malformed (") + e.what() + ")");
   }
+}
+
+std::vector<SkipRule> DataLoader::skip_from_json(const json& list) const {
+  std::vector<SkipRule> skip;
+  for (const auto& r : list) {
+    const int64_t from_step = r.at("from_step").get<int64_t>();
+    // A ledger written before rules recorded their origin: rules from step 0 came from the config, later ones
+    // from rollbacks or branches (kept by adopt_config).
+    const std::string origin = r.value("origin", from_step == 0 ? kConfigSkipOrigin : "data ledger");
+    for (auto& rule : parse_skip(r.at("spec").get<std::string>(), names_, from_step, "data ledger skip")) {
+      rule.to_step = r.at("to_step").get<int64_t>();
+      rule.origin = origin;
+      skip.push_back(std::move(rule));
+    }
+  }
+  return skip;
+}
+
+std::vector<std::string> DataLoader::carry_skip(const json& list, bool from_now) {
+  std::vector<SkipRule> incoming;
+  try {
+    incoming = skip_from_json(list);
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(std::string("skip rules to carry: malformed (") + e.what() + ")");
+  }
+  std::vector<std::string> lines;
+  for (auto& r : incoming) {
+    const int64_t from = from_now ? step_ : std::max(r.from_step, step_);
+    if (r.to_step >= 0 && r.to_step <= from) continue;  // over before the carry step: history, not future
+    const bool covered = std::any_of(skip_.begin(), skip_.end(), [&](const SkipRule& q) {
+      return q.spec == r.spec && q.from_step <= from && (q.to_step < 0 || (r.to_step >= 0 && q.to_step >= r.to_step));
+    });
+    if (covered) continue;
+    r.from_step = from;
+    lines.push_back("skip " + r.spec + " from step " + std::to_string(from) +
+                    (r.to_step >= 0 ? " to step " + std::to_string(r.to_step) : std::string()) + " (kept: " + r.origin +
+                    ")");
+    skip_.push_back(std::move(r));
+  }
+  return lines;
 }
 
 const Tokenizer& DataLoader::tokenizer() const {

@@ -5,8 +5,12 @@
 //     sample i = tokens[i*seq_len, i*seq_len + seq_len + 1) (documents packed, separated by EOS);
 //   - each source walks its own per-epoch permutation of sample ids with a cursor (skip-listed samples are
 //     passed over); an epoch's order is cut into data.chunks contiguous chunks;
-//   - the source of global sample g is drawn by inverse CDF of a counter-based hash of (seed, g) under the
-//     weights active at the current step (data.mixture, data.schedule, or changes recorded mid-run).
+//   - the source of batch slot j of step s is a Gumbel-max choice (data-order version 2): source i draws
+//     U_i = hash(seed, s, j, name_i), and the slot takes argmin_i -log(U_i) / w_i under the weights active at s
+//     (data.mixture, data.schedule, or changes recorded mid-run). The noise is keyed by the source's name, so two
+//     arms with different mixtures pick the same source in as many slots as possible (common random numbers),
+//     whatever the order of the sections. Ledgers without a data_order_version (version 1, older checkpoints)
+//     keep the inverse-CDF pick of a hash of (seed, global sample) they were trained with.
 // Planning never reads tokens, so seek(step) is a cheap replay; tokens() reads a plan's samples from the shards.
 #pragma once
 
@@ -46,8 +50,16 @@ struct BatchPlan {
 // The per-epoch order of a source: a Fisher-Yates shuffle of [0, n) driven by splitmix64 seeded from
 // (seed, source name, epoch). Portable and stable forever (part of the data format).
 std::vector<int64_t> epoch_permutation(uint64_t seed, const std::string& source, int64_t epoch, int64_t n);
-// The uniform in [0, 1) that picks the source of global sample g.
+// Data-order version 1: the uniform in [0, 1) whose inverse CDF picks the source of global sample g.
 double source_pick_uniform(uint64_t seed, int64_t global_sample);
+// Data-order version 2: the uniform in (0, 1) that source `source` draws for slot `slot` of step `step`.
+double source_pick_noise(uint64_t seed, int64_t step, int64_t slot, const std::string& source);
+// Data-order version 2: the Gumbel-max pick argmin_i -log(source_pick_noise(.., sources[i])) / weights[i] over
+// sources with weights[i] > 0 (weights at any positive scale). The order of `sources` does not matter.
+int32_t gumbel_pick(uint64_t seed, int64_t step, int64_t slot, const std::vector<std::string>& sources,
+                    const std::vector<double>& weights);
+// The data-order version of new runs (recorded in the ledger as data_order_version).
+constexpr int kDataOrderVersion = 2;
 
 class DataLoader {
  public:
@@ -82,6 +94,17 @@ class DataLoader {
   std::vector<std::string> adopt_config(const keel::Config& config);
   // The normalized weights active at `step`.
   std::vector<double> weights_at(int64_t step) const;
+  // The skip rules, in the order they were added.
+  const std::vector<SkipRule>& skip_rules() const { return skip_; }
+  // Carry skip rules of another history of this run into this loader, so that none is lost when an older ledger
+  // is loaded: `skip` is a ledger's "skip" list (state()["skip"]: the rules before a rollback reloaded a
+  // checkpoint, or a parent run's rules at a resume). A rule this loader lacks (no rule with the same spec covers
+  // its window from the carry step on) is added from step() if `from_now` (a rollback retrains without what it
+  // has skipped), else from max(its from_step, step()) (a resume follows the parent's later history), keeping its
+  // to_step and origin. Returns a line per rule added.
+  std::vector<std::string> carry_skip(const nlohmann::json& skip, bool from_now);
+  // 2 for new runs; 1 after loading a ledger written before data-order versions (inverse-CDF pick).
+  int data_order_version() const { return data_order_version_; }
 
   // The ledger: step, global sample counter, per-source cursors, mixture history, skip rules, fingerprint.
   nlohmann::json state() const;
@@ -120,8 +143,11 @@ class DataLoader {
   };
 
   void reset_cursors();
-  int32_t pick_source(int64_t global_sample, const std::vector<double>& cdf) const;
-  std::vector<double> cdf_at(int64_t step) const;
+  // The source of slot `slot` of step `step`, global sample `global_sample`; `table` is pick_table_at(step).
+  int32_t pick_source(int64_t step, int64_t slot, int64_t global_sample, const std::vector<double>& table) const;
+  // The normalized weights at `step` (version 2) or their CDF (version 1).
+  std::vector<double> pick_table_at(int64_t step) const;
+  std::vector<SkipRule> skip_from_json(const nlohmann::json& skip) const;
   SampleRef next_sample(int32_t source);
   void check_from_step(int64_t from_step, const std::string& what) const;
 
@@ -139,6 +165,7 @@ class DataLoader {
   std::vector<Source> sources_;
   std::vector<MixtureStage> stages_;  // sorted by from_step; the mixture history
   std::vector<SkipRule> skip_;
+  int data_order_version_ = kDataOrderVersion;
   int64_t step_ = 0;
   int64_t next_sample_ = 0;  // global sample counter
   std::string tokenizer_path_;

@@ -138,6 +138,7 @@ std::vector<SkipRule> parse_skip(const std::string& text, const std::vector<std:
       throw DataError(origin + ": reversed range '" + parts[2] + "' in \"" + text + "\"");
     }
     rule.from_step = from_step;
+    rule.origin = origin;
     rule.spec = parts[0] + ":" + (rule.kind == SkipRule::Kind::kChunk ? "chunk" : "samples") + ":" +
                 std::to_string(rule.first) +
                 (rule.last != rule.first ? "-" + std::to_string(rule.last) : std::string());

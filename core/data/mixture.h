@@ -28,6 +28,7 @@ struct SkipRule {
   int64_t from_step = 0;
   int64_t to_step = -1;  // exclusive; -1 = forever
   std::string spec;      // canonical text "prose:chunk:3-5"
+  std::string origin;    // who added it: "data.skip" (the config), "rollback at step 13 by rollback_skip", ...
   bool active_at(int64_t step) const { return step >= from_step && (to_step < 0 || step < to_step); }
 };
 
@@ -37,7 +38,7 @@ std::vector<double> parse_weights(const std::string& text, const std::vector<std
 // "0:prose=0.7,code=0.3;500:prose=0.3" → stages sorted by from_step (duplicates rejected).
 std::vector<MixtureStage> parse_schedule(const std::string& text, const std::vector<std::string>& sources,
                                          const std::string& origin);
-// "prose:chunk:3;prose:chunk:10-12;code:samples:100-200" → rules applying from `from_step`.
+// "prose:chunk:3;prose:chunk:10-12;code:samples:100-200" → rules applying from `from_step`, with origin `origin`.
 std::vector<SkipRule> parse_skip(const std::string& text, const std::vector<std::string>& sources, int64_t from_step,
                                  const std::string& origin);
 // The weights as text again: "prose=0.7,code=0.3".

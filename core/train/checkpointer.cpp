@@ -17,6 +17,7 @@
 #include "core/checkpoint/sha256.h"
 #include "core/metrics/hdf5_handle.h"
 #include "core/train/plugin_continuity.h"
+#include "core/train/skip_rules.h"
 
 namespace keel::train {
 namespace {
@@ -334,14 +335,19 @@ int64_t roll_back(TrainerState& s, int64_t step, const StepRecord& r) {
     throw std::runtime_error("more than " + std::to_string(kMaxRollbacks) + " rollbacks in one run: stopping");
   const checkpoint::Manifest manifest = checkpoint::verify_checkpoint_dir(target->dir);
   const checkpoint::TrainingState st = checkpoint::read_full_state(target->dir, manifest, s.groups.rank);
+  // The skip rules in force now: the checkpoint's ledger lacks those added since (by earlier rollbacks).
+  const nlohmann::json skip_before = s.loader->state().at("skip");
   apply_checkpoint(s, st, target->dir, /*allow_data_change=*/false,
                    /*restore_plugins=*/false);  // plugins keep their memory
   // The intervention first: the reason can be long, and events keep 511 bytes.
   std::string what = "step " + std::to_string(step) + " -> checkpoint step " + std::to_string(st.step);
+  const std::vector<std::string> kept = s.loader->carry_skip(skip_before, /*from_now=*/true);
   if (!d.skip_data.empty()) {
     s.loader->add_skip(st.step, d.skip_data, "rollback at step " + std::to_string(step) + " by " + r.decided_by);
     what += "; skip " + d.skip_data;
   }
+  if (!kept.empty()) what += "; kept " + std::to_string(kept.size()) + " earlier skip rule(s)";
+  if (!d.skip_data.empty() || !kept.empty()) record_skip_rules(s);
   if (d.reset_optimizer_moments) {
     s.plugins->optimizer().object->reset_moments();
     what += "; optimizer moments reset";

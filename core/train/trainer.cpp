@@ -21,6 +21,7 @@
 #include "core/train/checkpointer.h"
 #include "core/train/plugin_continuity.h"
 #include "core/train/plugin_swap.h"
+#include "core/train/skip_rules.h"
 #include "core/train/step_reduction.h"
 #include "core/train/step_stages.h"
 #include "core/train/trainer_state.h"
@@ -208,8 +209,11 @@ TrainSummary Trainer::train() {
                                       meter.eta_s(c.train.steps - step - 1), !r.updated()}));
       // Step boundary: decisions that leave the straight path, then signals, checkpoints and swap requests.
       if (r.decision.action == sdk::Decision::Action::kRollback) {
-        step = roll_back(s, step, r) - 1;  // the loop's ++step continues at the checkpoint's step
-        continue;
+        const int64_t next = roll_back(s, step, r);
+        if (next <= step) {  // rolled back: the loop's ++step continues at the checkpoint's step
+          step = next - 1;
+          continue;
+        }  // no checkpoint to roll back to: the update was skipped, and checkpoints and requests go on as usual
       }
       if (r.decision.action == sdk::Decision::Action::kStop) {
         summary.stopped_by_plugin = true;
@@ -287,6 +291,7 @@ void Trainer::restore(const checkpoint::TrainingState& st, bool allow_data_chang
   const std::vector<std::string> notes =
       apply_checkpoint(s, st, s.lineage.parent_checkpoint, allow_data_change, /*restore_plugins=*/true);
   for (const auto& note : notes) s.lineage.notes.push_back(note);
+  for (const auto& kept : carry_parent_skip_rules(s)) s.lineage.notes.push_back("data: " + kept);
   for (const auto& change : s.loader->adopt_config(s.config)) s.lineage.notes.push_back("data: " + change);
   s.event(st.step, "resume", "from " + s.lineage.parent_checkpoint + " (" + s.lineage.kind() + ")");
   for (const auto& note : s.lineage.notes) s.event(st.step, "lineage", note);

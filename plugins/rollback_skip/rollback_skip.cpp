@@ -5,7 +5,8 @@
 //   skip_data: the offending global batch (ctx.batch) as skip rules (docs/data.md). skip=chunk (default): its
 //              distinct (source, chunk) pairs, sorted by source then chunk, "code:chunk:7;prose:chunk:1;...";
 //              skip=samples: its distinct sample ids per source, sorted, consecutive ids merged into one range,
-//              "code:samples:100;prose:samples:5-6;...". Skip rules act in every epoch.
+//              "code:samples:100;prose:samples:5-6;...". Skip rules act in every epoch, and Keel keeps them across
+//              later rollbacks and resumes (docs/data.md), so a second rollback skips a new batch.
 //   reset_optimizer_moments = reset_moments, lr_factor = lr_factor for lr_factor_steps steps.
 // After max_rollbacks rollbacks (counted when asked for; saved in the plugin state) a further spike only skips
 // the update (Decision::skip_update), so a spike that replaying does not cure cannot loop forever.

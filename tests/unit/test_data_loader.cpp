@@ -15,6 +15,7 @@
 #include <set>
 
 #include "core/data/loader.h"
+#include "core/data/run_order.h"
 #include "core/data/shard.h"
 #include "test_support.h"
 
@@ -93,6 +94,24 @@ std::map<int32_t, std::vector<SampleRef>> drain(DataLoader& loader, int64_t step
   return out;
 }
 
+// The ledger of `loader` as a checkpoint written before data-order versions holds it: no data_order_version, no
+// rule origins.
+json version1_ledger(const DataLoader& loader) {
+  json ledger = json::parse(loader.state().dump());
+  ledger.erase("data_order_version");
+  for (auto& rule : ledger["skip"]) rule.erase("origin");
+  return ledger;
+}
+
+// The source name of every slot of the next `steps` plans.
+std::vector<std::string> picked_names(DataLoader& loader, int64_t steps) {
+  std::vector<std::string> out;
+  for (int64_t s = 0; s < steps; ++s) {
+    for (const auto& r : loader.plan_next().samples) out.push_back(loader.source_names()[r.source]);
+  }
+  return out;
+}
+
 }  // namespace
 
 TEST(DataLoader, RefusesUnpreparedDataWithAHint) {
@@ -157,16 +176,25 @@ TEST(DataLoader, GoldenOrderIsStable) {
 
 TEST(DataLoader, GoldenPlanIsStable) {
   // The plan of one step, pinned when it was first computed (in another process, another build): any change of
-  // the sampling code that alters the data order fails here.
+  // the sampling code that alters the data order fails here. Version 2 (Gumbel-max pick) for new runs; version
+  // 1 (inverse CDF) for a ledger that records no data_order_version, as every checkpoint before version 2.
   keel::Config config = two_sources();
   config.data.mixture = "prose=0.6,code=0.4";
+  auto plan_of_step_3 = [](DataLoader& loader) {
+    loader.seek(3);
+    std::string got;
+    for (const auto& r : loader.plan_next().samples) {
+      got += std::to_string(r.source) + ":" + std::to_string(r.sample_id) + ":" + std::to_string(r.chunk) + " ";
+    }
+    return got;
+  };
   DataLoader loader(config, 8);
-  loader.seek(3);
-  std::string got;
-  for (const auto& r : loader.plan_next().samples) {
-    got += std::to_string(r.source) + ":" + std::to_string(r.sample_id) + ":" + std::to_string(r.chunk) + " ";
-  }
-  EXPECT_EQ(got, "0:3195:0 0:270:0 0:4934:0 1:1977:0 0:3252:0 1:989:0 0:9:0 0:1477:0 ");
+  EXPECT_EQ(loader.data_order_version(), 2);
+  EXPECT_EQ(plan_of_step_3(loader), "1:336:0 1:1479:0 1:2063:0 1:60:0 0:1042:0 0:4601:0 0:1236:0 1:1143:0 ");
+  DataLoader old(config, 8);
+  old.load_state(version1_ledger(old));
+  EXPECT_EQ(old.data_order_version(), 1);
+  EXPECT_EQ(plan_of_step_3(old), "0:3195:0 0:270:0 0:4934:0 1:1977:0 0:3252:0 1:989:0 0:9:0 0:1477:0 ");
 }
 
 TEST(DataLoader, SeekEqualsSequentialAdvance) {
@@ -421,4 +449,219 @@ TEST(DataMixture, ParsesAndRejects) {
   }
   EXPECT_NE(error_of([&] { keel::data::parse_schedule("0:prose=1;0:code=1", names, "s"); }).find("two stages"),
             std::string::npos);
+}
+
+// ------------------------------------------------------------------------------------- data-order version 2
+
+TEST(DataOrder, GumbelPickFrequenciesMatchTheWeights) {
+  const std::vector<std::string> names = {"prose", "code", "wiki"};
+  const std::vector<double> w = {0.2, 0.5, 0.3};
+  std::vector<int64_t> count(3, 0);
+  const int64_t steps = 2000, slots = 30;  // 60000 picks
+  for (int64_t step = 0; step < steps; ++step) {
+    for (int64_t slot = 0; slot < slots; ++slot) ++count[keel::data::gumbel_pick(42, step, slot, names, w)];
+  }
+  double chi2 = 0;
+  for (size_t i = 0; i < 3; ++i) {
+    const double expected = w[i] * steps * slots;
+    chi2 += (count[i] - expected) * (count[i] - expected) / expected;
+  }
+  EXPECT_LT(chi2, 13.8) << "2 degrees of freedom, p = 0.001: " << count[0] << " " << count[1] << " " << count[2];
+  // A zero weight is never picked; weights at any scale pick alike; no positive weight is an error.
+  for (int64_t slot = 0; slot < 1000; ++slot) {
+    EXPECT_NE(keel::data::gumbel_pick(42, 7, slot, names, {0.5, 0, 0.5}), 1);
+    EXPECT_EQ(keel::data::gumbel_pick(42, 7, slot, names, w), keel::data::gumbel_pick(42, 7, slot, names, {2, 5, 3}));
+  }
+  EXPECT_NE(error_of([&] {
+              keel::data::gumbel_pick(42, 0, 0, names, {0, 0, 0});
+            }).find("no source has a positive"),
+            std::string::npos);
+}
+
+TEST(DataOrder, SectionOrderDoesNotChangeThePicks) {
+  // The same corpus prepared with its sections in the other order: every slot draws the same source and sample.
+  keel::Config a = make_data({{"prose", {12000, 8001}}, {"code", {10001}}, {"wiki", {6001}}});
+  keel::Config b = make_data({{"wiki", {6001}}, {"code", {10001}}, {"prose", {12000, 8001}}});
+  a.data.mixture = "prose=0.5,code=0.2,wiki=0.3";
+  b.data.mixture = "wiki=0.3,prose=0.5,code=0.2";
+  DataLoader la(a, 32), lb(b, 32);
+  for (int step = 0; step < 50; ++step) {
+    const BatchPlan pa = la.plan_next(), pb = lb.plan_next();
+    for (size_t j = 0; j < pa.samples.size(); ++j) {
+      ASSERT_EQ(la.source_names()[pa.samples[j].source], lb.source_names()[pb.samples[j].source]) << step << "/" << j;
+      ASSERT_EQ(pa.samples[j].sample_id, pb.samples[j].sample_id) << step << "/" << j;
+    }
+  }
+}
+
+TEST(DataOrder, ArmsWithDifferentMixturesShareMostSources) {
+  // 0.5/0.5 vs 0.3/0.7: the exact share is 1/(1 + 7/3) + 1/(1 + 1) = 0.3 + 0.5 = 0.8 = 1 - TV.
+  EXPECT_NEAR(keel::data::expected_same_source_share({0.5, 0.5}, {0.3, 0.7}), 0.8, 1e-12);
+  EXPECT_NEAR(keel::data::expected_same_source_share({1, 1}, {3, 7}), 0.8, 1e-12);  // scale-free
+  EXPECT_NEAR(keel::data::expected_same_source_share({0.2, 0.5, 0.3}, {0.2, 0.5, 0.3}), 1.0, 1e-12);
+  EXPECT_NEAR(keel::data::expected_same_source_share({1, 0}, {0, 1}), 0.0, 1e-12);
+  keel::Config config = two_sources();
+  config.data.mixture = "prose=0.5,code=0.5";
+  keel::Config other = config;
+  other.data.mixture = "prose=0.3,code=0.7";
+  DataLoader a(config, 64), b(other, 64);
+  const auto na = picked_names(a, 200), nb = picked_names(b, 200);  // 12800 slots
+  int64_t same_source = 0;
+  for (size_t i = 0; i < na.size(); ++i) same_source += na[i] == nb[i];
+  const double share = static_cast<double>(same_source) / na.size(), sigma = std::sqrt(0.8 * 0.2 / na.size());
+  EXPECT_NEAR(share, 0.8, 4 * sigma) << same_source << " of " << na.size();
+  // Three sources, one of them unchanged (wiki): the exact formula and the observed share agree, and wiki keeps
+  // most of its slots wherever its section sits.
+  keel::Config three = make_data({{"prose", {12000, 8001}}, {"wiki", {6001}}, {"code", {10001}}});
+  three.data.mixture = "prose=0.5,wiki=0.2,code=0.3";
+  keel::Config three_b = three;
+  three_b.data.mixture = "prose=0.2,wiki=0.2,code=0.6";
+  const double expected = keel::data::expected_same_source_share({0.5, 0.2, 0.3}, {0.2, 0.2, 0.6});
+  DataLoader c(three, 64), d(three_b, 64);
+  const auto nc = picked_names(c, 200), nd = picked_names(d, 200);
+  int64_t same3 = 0, wiki_a = 0, wiki_both = 0;
+  for (size_t i = 0; i < nc.size(); ++i) {
+    same3 += nc[i] == nd[i];
+    wiki_a += nc[i] == "wiki";
+    wiki_both += nc[i] == "wiki" && nd[i] == "wiki";
+  }
+  EXPECT_NEAR(static_cast<double>(same3) / nc.size(), expected, 4 * std::sqrt(expected * (1 - expected) / nc.size()));
+  EXPECT_GT(static_cast<double>(wiki_both) / wiki_a, 0.5) << wiki_both << " of " << wiki_a;
+}
+
+TEST(DataOrder, LedgerRecordsTheVersionAndOldLedgersKeepTheOldPick) {
+  keel::Config config = two_sources();
+  config.data.mixture = "prose=0.6,code=0.4";
+  DataLoader fresh(config, 8);
+  EXPECT_EQ(fresh.state().at("data_order_version"), 2);
+  // Version 1 (an old checkpoint): resumed, its plans are the inverse-CDF ones, and its ledger says so again.
+  DataLoader old(config, 8);
+  old.load_state(version1_ledger(old));
+  for (int i = 0; i < 5; ++i) old.plan_next();
+  const json ledger = json::parse(old.state().dump());
+  EXPECT_EQ(ledger.at("data_order_version"), 1);
+  DataLoader resumed(config, 8);
+  resumed.load_state(ledger);
+  EXPECT_EQ(resumed.data_order_version(), 1);
+  for (int i = 0; i < 5; ++i) {
+    const BatchPlan p = resumed.plan_next();
+    const auto cdf0 = 0.6;
+    for (size_t j = 0; j < p.samples.size(); ++j) {
+      const double u = keel::data::source_pick_uniform(42, p.first_sample + static_cast<int64_t>(j));
+      EXPECT_EQ(p.samples[j].source, u < cdf0 ? 0 : 1) << "step " << p.step << " slot " << j;
+    }
+  }
+  // Version 2 resumed: the Gumbel-max picks.
+  for (int i = 0; i < 5; ++i) fresh.plan_next();
+  DataLoader resumed2(config, 8);
+  resumed2.load_state(json::parse(fresh.state().dump()));
+  const BatchPlan p = resumed2.plan_next();
+  for (size_t j = 0; j < p.samples.size(); ++j) {
+    EXPECT_EQ(p.samples[j].source,
+              keel::data::gumbel_pick(42, 5, static_cast<int64_t>(j), {"prose", "code"}, {0.6, 0.4}));
+  }
+  json future = fresh.state();
+  future["data_order_version"] = 3;
+  EXPECT_NE(error_of([&] {
+              DataLoader(config, 8).load_state(future);
+            }).find("data ledger: data_order_version 3 is not known to this Keel (it knows 1..2)"),
+            std::string::npos);
+}
+
+// ------------------------------------------------------------------------------------ cumulative skip rules
+
+TEST(SkipRules, ARollbackKeepsTheRulesItsCheckpointLacks) {
+  keel::Config config = two_sources();
+  config.data.skip = "code:chunk:1";
+  DataLoader live(config, 16);
+  for (int i = 0; i < 10; ++i) live.plan_next();
+  const json checkpoint_10 = json::parse(live.state().dump());
+  // Rollback 1 to step 10 skips some prose; training goes on to step 14, rollback 2 reloads checkpoint 10.
+  live.add_skip(10, "prose:samples:5-9", "rollback at step 12 by rollback_skip");
+  for (int i = 0; i < 4; ++i) live.plan_next();
+  const json before = live.state().at("skip");
+  live.load_state(checkpoint_10);
+  ASSERT_EQ(live.skip_rules().size(), 1u) << "the checkpoint's own rule only";
+  const auto kept = live.carry_skip(before, /*from_now=*/true);
+  ASSERT_EQ(kept.size(), 1u);
+  EXPECT_EQ(kept[0], "skip prose:samples:5-9 from step 10 (kept: rollback at step 12 by rollback_skip)");
+  ASSERT_EQ(live.skip_rules().size(), 2u);
+  EXPECT_EQ(live.skip_rules()[1].from_step, 10);
+  EXPECT_TRUE(live.carry_skip(before, true).empty()) << "carrying twice adds nothing";
+  // A rule from a later step is carried from the rollback step (from_now), or kept at its step (a resume).
+  json later = json::array({{{"spec", "code:samples:0-3"}, {"from_step", 30}, {"to_step", -1}, {"origin", "r"}},
+                            {{"spec", "code:samples:7"}, {"from_step", 0}, {"to_step", 5}, {"origin", "r"}},
+                            {{"spec", "code:samples:8"}, {"from_step", 0}, {"to_step", 40}, {"origin", "r"}}});
+  DataLoader resumed(config, 16);
+  resumed.load_state(checkpoint_10);
+  const auto carried = resumed.carry_skip(later, /*from_now=*/false);
+  ASSERT_EQ(carried.size(), 2u) << "a rule over before step 10 is history";
+  EXPECT_EQ(resumed.skip_rules()[1].from_step, 30);
+  EXPECT_EQ(resumed.skip_rules()[2].from_step, 10);
+  EXPECT_EQ(resumed.skip_rules()[2].to_step, 40);
+  DataLoader rolled(config, 16);
+  rolled.load_state(checkpoint_10);
+  rolled.carry_skip(later, /*from_now=*/true);
+  EXPECT_EQ(rolled.skip_rules()[1].from_step, 10);
+  // Bad input: an unknown source or a malformed list changes nothing.
+  EXPECT_NE(error_of([&] {
+              rolled.carry_skip(json::array({{{"spec", "poetry:chunk:1"}, {"from_step", 0}, {"to_step", -1}}}), true);
+            }).find("unknown source 'poetry'"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] {
+              rolled.carry_skip(json::array({{{"spec", "code:chunk:1"}}}), true);
+            }).find("skip rules to carry: malformed"),
+            std::string::npos);
+  EXPECT_EQ(rolled.skip_rules().size(), 3u);
+}
+
+TEST(SkipRules, TheReplayAfterARollbackNeverDrawsASkippedSample) {
+  // Three rollbacks to the same step, each skipping the batch that followed: with every rule kept, the batch of
+  // step 11 is new each time (the bug: rollback 2 forgot rule 1 and drew the original batch again).
+  keel::Config config = two_sources();
+  DataLoader live(config, 16);
+  for (int i = 0; i < 10; ++i) live.plan_next();
+  const json checkpoint_10 = json::parse(live.state().dump());
+  std::set<std::pair<int32_t, int64_t>> skipped;
+  for (int rollback = 0; rollback < 3; ++rollback) {
+    live.plan_next();                        // step 10
+    const BatchPlan bad = live.plan_next();  // step 11: the spike
+    std::string spec;
+    for (const auto& s : bad.samples) {
+      EXPECT_TRUE(skipped.insert({s.source, s.sample_id}).second) << "rollback " << rollback << " replayed a sample";
+      spec += (spec.empty() ? "" : ";") + live.source_names()[s.source] + ":samples:" + std::to_string(s.sample_id);
+    }
+    const json before = live.state().at("skip");
+    live.load_state(checkpoint_10);
+    live.carry_skip(before, true);
+    live.add_skip(10, spec, "rollback at step 11 by test");
+  }
+  EXPECT_EQ(live.skip_rules().size(), 48u);
+}
+
+TEST(SkipRules, AdoptConfigEndsOnlyTheConfigsRules) {
+  keel::Config config = two_sources();
+  config.data.skip = "code:chunk:1";
+  DataLoader a(config, 16);
+  for (int i = 0; i < 10; ++i) a.plan_next();
+  a.add_skip(10, "prose:chunk:2", "rollback at step 12 by rollback_skip");
+  const json ledger = json::parse(a.state().dump());
+  EXPECT_EQ(ledger.at("skip")[1].at("origin"), "rollback at step 12 by rollback_skip");
+  keel::Config branch = config;
+  branch.data.skip = "";
+  DataLoader b(branch, 16);
+  b.load_state(ledger);
+  const auto changes = b.adopt_config(branch);
+  ASSERT_EQ(changes.size(), 1u);
+  EXPECT_EQ(changes[0], "skip code:chunk:1 ends at step 10");
+  ASSERT_EQ(b.skip_rules().size(), 2u);
+  EXPECT_EQ(b.skip_rules()[1].spec, "prose:chunk:2");
+  EXPECT_EQ(b.skip_rules()[1].to_step, -1) << "a rollback's rule stays in force";
+  // A ledger from before rules recorded their origin: a rule from step 0 is the config's, a later one is kept.
+  DataLoader c(branch, 16);
+  c.load_state(version1_ledger(a));
+  const auto old_changes = c.adopt_config(branch);
+  ASSERT_EQ(old_changes.size(), 1u);
+  EXPECT_EQ(old_changes[0], "skip code:chunk:1 ends at step 10");
+  EXPECT_EQ(c.skip_rules()[1].to_step, -1);
 }
