@@ -278,16 +278,31 @@ Hid make_event_type(bool in_file, const std::string& file) {
 }
 
 Hid make_batch_type(bool in_file, const std::string& file) {
-  const hid_t int_type = in_file ? H5T_STD_I64LE : H5T_NATIVE_INT64;
-  Hid type(check_id(H5Tcreate(H5T_COMPOUND, sizeof(BatchRecord)), file, "/data/batch", "H5Tcreate(compound)"));
-  const std::pair<const char*, size_t> fields[] = {
-      {"step", offsetof(BatchRecord, step)},           {"slot", offsetof(BatchRecord, slot)},
-      {"source", offsetof(BatchRecord, source)},       {"sample_id", offsetof(BatchRecord, sample_id)},
-      {"epoch", offsetof(BatchRecord, epoch)},         {"chunk", offsetof(BatchRecord, chunk)},
-      {"first_doc", offsetof(BatchRecord, first_doc)}, {"first_doc_offset", offsetof(BatchRecord, first_doc_offset)},
-      {"n_docs", offsetof(BatchRecord, n_docs)}};
-  for (const auto& [name, offset] : fields) {
-    check(H5Tinsert(type.get(), name, offset, int_type), file, "/data/batch", "H5Tinsert");
+  // In the file the fields are packed and only as wide as they need to be (46 bytes a sample); in memory every
+  // field is an int64 of BatchRecord, and HDF5 converts by field name.
+  struct Field {
+    const char* name;
+    size_t offset;
+    hid_t file_type;
+  };
+  const Field fields[] = {{"step", offsetof(BatchRecord, step), H5T_STD_I64LE},
+                          {"slot", offsetof(BatchRecord, slot), H5T_STD_I32LE},
+                          {"source", offsetof(BatchRecord, source), H5T_STD_I16LE},
+                          {"sample_id", offsetof(BatchRecord, sample_id), H5T_STD_I64LE},
+                          {"epoch", offsetof(BatchRecord, epoch), H5T_STD_I32LE},
+                          {"chunk", offsetof(BatchRecord, chunk), H5T_STD_I32LE},
+                          {"first_doc", offsetof(BatchRecord, first_doc), H5T_STD_I64LE},
+                          {"first_doc_offset", offsetof(BatchRecord, first_doc_offset), H5T_STD_I32LE},
+                          {"n_docs", offsetof(BatchRecord, n_docs), H5T_STD_I32LE}};
+  size_t file_size = 0;
+  for (const auto& f : fields) file_size += H5Tget_size(f.file_type);
+  Hid type(check_id(H5Tcreate(H5T_COMPOUND, in_file ? file_size : sizeof(BatchRecord)), file, "/data/batch",
+                    "H5Tcreate(compound)"));
+  size_t packed = 0;
+  for (const auto& f : fields) {
+    check(H5Tinsert(type.get(), f.name, in_file ? packed : f.offset, in_file ? f.file_type : H5T_NATIVE_INT64), file,
+          "/data/batch", "H5Tinsert");
+    packed += H5Tget_size(f.file_type);
   }
   return type;
 }

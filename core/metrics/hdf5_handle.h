@@ -136,8 +136,8 @@ struct EventRecord {
 };
 // The compound type {step: int64, kind: S32, text: S512}; `in_file` picks little-endian int64 over native.
 Hid make_event_type(bool in_file, const std::string& file);
-// One /data/batch row (a sample of a step's global batch), in memory and (little-endian) in the file. Every
-// field is an int64 so that h5py gives one plain structured array.
+// One /data/batch row (a sample of a step's global batch) in memory; in the file its fields are packed
+// little-endian integers of the widths docs/metrics.md lists (h5py gives one plain structured array).
 struct BatchRecord {
   int64_t step;
   int64_t slot;       // position in the global batch
@@ -149,7 +149,8 @@ struct BatchRecord {
   int64_t first_doc_offset;  // tokens of first_doc before the window starts
   int64_t n_docs;            // documents first_doc .. first_doc + n_docs - 1
 };
-// The compound type of BatchRecord; `in_file` picks little-endian int64 over native.
+// The compound type of BatchRecord: in memory (native int64 fields at BatchRecord's offsets) or, with `in_file`,
+// as stored (packed, narrower little-endian fields).
 Hid make_batch_type(bool in_file, const std::string& file);
 // Copies `s` into `dst` (NUL-terminated, `size` bytes including the NUL); a longer string is cut at a UTF-8
 // character boundary and ends in "...".

@@ -3,6 +3,7 @@
 // back by Keel and by h5py, a re-run step's later block winning), and the expected same-source share of two arms
 // under the Gumbel-max coupling that `keel data compare-order` reports next to the observed one.
 #include <gtest/gtest.h>
+#include <hdf5.h>
 
 #include <filesystem>
 #include <fstream>
@@ -122,6 +123,15 @@ TEST(BatchRecord, RowsAreWrittenWithTheirStepAndARerunStepsLaterBlockWins) {
   EXPECT_EQ(by_step.at(1)[0].sample_id, 400);  // the later block of step 1
   EXPECT_EQ(by_step.at(2)[2].sample_id, 302);
   EXPECT_EQ(reader.info("/data/batch").shape, (std::vector<int64_t>{12}));
+  {  // Stored packed: 46 bytes a sample.
+    const hid_t file = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+    const hid_t dset = H5Dopen2(file, "/data/batch", H5P_DEFAULT);
+    const hid_t type = H5Dget_type(dset);
+    EXPECT_EQ(H5Tget_size(type), 46u);
+    H5Tclose(type);
+    H5Dclose(dset);
+    H5Fclose(file);
+  }
 
   // A resumed writer appends; one for other sources is refused by name.
   {
