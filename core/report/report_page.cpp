@@ -100,35 +100,6 @@ nlohmann::json run_json(const RunData& run) {
   return j;
 }
 
-nlohmann::json ab_json(const AbTable& t) {
-  nlohmann::json j{{"baseline", t.baseline}, {"arms", t.arms}, {"notes", t.notes}, {"rows", nlohmann::json::array()}};
-  for (const auto& r : t.rows) {
-    nlohmann::json values = nlohmann::json::array();
-    for (double v : r.values) values.push_back(number(v));
-    nlohmann::json row{{"arm", r.arm},
-                       {"metric",
-                        {{"kind", r.metric.kind},
-                         {"eval_step", r.metric.eval_step},
-                         {"source", r.metric.source},
-                         {"label", r.metric.label()}}},
-                       {"seeds", r.seeds},
-                       {"runs", r.runs},
-                       {"values", values},
-                       {"n", r.summary.n},
-                       {"mean", number(r.summary.mean)},
-                       {"sd", number(r.summary.sd)}};
-    if (r.has_difference) {
-      row["difference"] = {{"paired", r.difference.paired},         {"n", r.difference.n},
-                           {"mean", number(r.difference.mean)},     {"sd", number(r.difference.sd)},
-                           {"ci_low", number(r.difference.ci_low)}, {"ci_high", number(r.difference.ci_high)}};
-    } else {
-      row["difference"] = nullptr;
-    }
-    j["rows"].push_back(std::move(row));
-  }
-  return j;
-}
-
 std::string utc_now() {
   const std::time_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
   std::tm tm{};
@@ -144,7 +115,7 @@ nlohmann::json report_json(const std::vector<RunData>& runs, const AbTable& tabl
   nlohmann::json j{{"title", title}, {"generated_utc", utc_now()}, {"keel_version", KEEL_VERSION}};
   j["runs"] = nlohmann::json::array();
   for (const auto& run : runs) j["runs"].push_back(run_json(run));
-  j["ab"] = ab_json(table);
+  j["ab"] = ab_table_json(table);  // the same object `keel report --json` prints
   return j;
 }
 

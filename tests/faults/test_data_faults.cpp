@@ -5,10 +5,7 @@
 // command runs under `timeout`, so a hang fails the test instead of stalling CI.
 #include <gtest/gtest.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 
-#include <array>
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -21,21 +18,6 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr int kTimedOut = 124;  // timeout(1)'s exit status
-
-// `keel ARGUMENTS`, killed after `seconds` (exit 124 then): stdout and stderr together.
-ProcessResult run_keel_within(int seconds, const std::string& arguments) {
-  const std::string command =
-      "timeout -k 5 " + std::to_string(seconds) + " " + std::string(KEEL_BINARY) + " " + arguments + " 2>&1";
-  ProcessResult result;
-  FILE* pipe = popen(command.c_str(), "r");
-  if (pipe == nullptr) return result;
-  std::array<char, 4096> buffer{};
-  size_t n = 0;
-  while ((n = fread(buffer.data(), 1, buffer.size(), pipe)) > 0) result.output.append(buffer.data(), n);
-  const int status = pclose(pipe);
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  return result;
-}
 
 void write_at(const std::string& path, int64_t offset, const std::string& bytes) {
   std::fstream f(path, std::ios::binary | std::ios::in | std::ios::out);

@@ -18,13 +18,12 @@ struct ProcessResult {
   std::string output;  // stdout and stderr together
 };
 
+inline ProcessResult run_shell(const std::string& command);
 inline ProcessResult run_keel_with_env(const std::string& env, const std::string& arguments);
 inline ProcessResult run_keel(const std::string& arguments) { return run_keel_with_env("", arguments); }
 
-// The same with extra environment variables ("A=1 B=2"; may be empty) for the command.
-inline ProcessResult run_keel_with_env(const std::string& env, const std::string& arguments) {
-  const std::string command =
-      (env.empty() ? "" : "env " + env + " ") + std::string(KEEL_BINARY) + " " + arguments + " 2>&1";
+// Runs a shell command line; its stdout (append 2>&1 for stderr too) and exit status (128 + signal if killed).
+inline ProcessResult run_shell(const std::string& command) {
   ProcessResult result;
   FILE* pipe = popen(command.c_str(), "r");
   if (pipe == nullptr) return result;
@@ -34,6 +33,17 @@ inline ProcessResult run_keel_with_env(const std::string& env, const std::string
   const int status = pclose(pipe);
   result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   return result;
+}
+
+// The same with extra environment variables ("A=1 B=2"; may be empty) for the command.
+inline ProcessResult run_keel_with_env(const std::string& env, const std::string& arguments) {
+  return run_shell((env.empty() ? "" : "env " + env + " ") + std::string(KEEL_BINARY) + " " + arguments + " 2>&1");
+}
+
+// `keel ARGUMENTS`, killed after `seconds` (exit 124 then, timeout(1)'s status).
+inline ProcessResult run_keel_within(int seconds, const std::string& arguments) {
+  return run_shell("timeout -k 5 " + std::to_string(seconds) + " " + std::string(KEEL_BINARY) + " " + arguments +
+                   " 2>&1");
 }
 
 inline std::string tiny_config() { return std::string(KEEL_SOURCE_DIR) + "/experiments/tiny.ini"; }
