@@ -21,7 +21,6 @@
 #include <utility>
 
 #include "../common/spike_window.h"
-#include "../common/warm_start.h"
 #include "keel/plugin.h"
 
 namespace {
@@ -50,12 +49,6 @@ class RollbackSkip : public keel::sdk::Plugin {
       throw std::invalid_argument("rollback_skip: argument 'max_rollbacks' must be >= 0, got " +
                                   std::to_string(max_rollbacks_));
     }
-  }
-
-  // Keel's warm-start hook (KEEL_PLUGIN_WARM_START below): a start without saved state on a resumed or branched
-  // run replays the run's recorded history through the detector, so the first spike after a resume is caught.
-  keel::sdk::WarmStartResult warm_start(const keel::sdk::WarmStartHistory& history) {
-    return keel::plugins::warm_start_detector(detector_, history);
   }
 
   keel::sdk::Decision decide(const keel::sdk::StepContext& ctx) override {
@@ -149,4 +142,3 @@ class RollbackSkip : public keel::sdk::Plugin {
 
 KEEL_PLUGIN(RollbackSkip, "rollback_skip", "1.0", keel::sdk::kSpikeHandler,
             "on a loss/grad-norm spike rolls back to a checkpoint and skips the offending batch's data")
-KEEL_PLUGIN_WARM_START(RollbackSkip)
