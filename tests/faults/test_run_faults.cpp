@@ -24,10 +24,6 @@ std::string train_args(const std::string& run_dir, const std::string& extra) {
   return "train --config " + tiny_config() + " " + test_data_override() + " --run-dir " + run_dir + " " + extra;
 }
 
-std::string fixture(const std::string& name) {
-  return std::string(KEEL_TEST_PLUGIN_DIR) + "/keel_plugin_" + name + ".so";
-}
-
 // Waits (bounded) until the run at `run_dir` has flushed `rows` metrics rows.
 void wait_for_rows(const std::string& run_dir, size_t rows) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(240);
@@ -148,9 +144,9 @@ TEST(RunDirFaults, FailedResumeNamesTheTensorAndLeavesNoDebris) {
 
 TEST(PluginValueFaults, NonFiniteLearningRateStopsTheRunNamingThePlugin) {
   const std::string run_dir = fresh_dir("nan-lr");
-  const auto result = run_keel(
-      train_args(run_dir, "--set train.steps=12 --set checkpoint.every=4 --plugin lr_schedule=" + fixture("lr_spike") +
-                              " --plugin-arg lr_spike.at_step=6 --plugin-arg lr_spike.factor=nan"));
+  const auto result = run_keel(train_args(
+      run_dir, "--set train.steps=12 --set checkpoint.every=4 --plugin lr_schedule=" + fixture_plugin("lr_spike") +
+                   " --plugin-arg lr_spike.at_step=6 --plugin-arg lr_spike.factor=nan"));
   EXPECT_NE(result.exit_code, 0) << result.output;
   const std::string line = last_line(result.output);
   EXPECT_NE(line.find("plugin lr_spike"), std::string::npos) << result.output;
@@ -169,7 +165,7 @@ TEST(PluginValueFaults, OutOfRangeDecisionValuesAreRefused) {
   for (const std::string factor : {"nan", "inf", "-1", "0"}) {
     const std::string run_dir = fresh_dir("bad-factor");
     const auto result =
-        run_keel(train_args(run_dir, "--set train.steps=8 --plugin spike_handler=" + fixture("bad_decision") +
+        run_keel(train_args(run_dir, "--set train.steps=8 --plugin spike_handler=" + fixture_plugin("bad_decision") +
                                          " --plugin-arg bad_decision.lr_factor=" + factor));
     EXPECT_NE(result.exit_code, 0) << factor << ": " << result.output;
     const std::string line = last_line(result.output);
@@ -180,7 +176,7 @@ TEST(PluginValueFaults, OutOfRangeDecisionValuesAreRefused) {
   }
   const std::string run_dir = fresh_dir("bad-skip");
   const auto skip =
-      run_keel(train_args(run_dir, "--set train.steps=8 --plugin spike_handler=" + fixture("bad_decision") +
+      run_keel(train_args(run_dir, "--set train.steps=8 --plugin spike_handler=" + fixture_plugin("bad_decision") +
                                        " --plugin-arg bad_decision.lr_factor=1" +
                                        " --plugin-arg bad_decision.skip_data=nosuchsource:chunk:1"));
   EXPECT_NE(skip.exit_code, 0) << skip.output;
@@ -190,7 +186,7 @@ TEST(PluginValueFaults, OutOfRangeDecisionValuesAreRefused) {
 TEST(PluginValueFaults, FailureAfterAnUpdateSavesThatStepAndExitsNonZero) {
   const std::string run_dir = fresh_dir("observer-throws");
   const auto result =
-      run_keel(train_args(run_dir, "--set train.steps=10 --plugin observers=" + fixture("throwing_observer") +
+      run_keel(train_args(run_dir, "--set train.steps=10 --plugin observers=" + fixture_plugin("throwing_observer") +
                                        " --plugin-arg throwing_observer.at_step=4"));
   EXPECT_NE(result.exit_code, 0) << result.output;
   const std::string line = last_line(result.output);
@@ -234,7 +230,7 @@ TEST(PluginValueFaults, PoisonedWeightsStopTheRunInsteadOfSkippingForever) {
   const std::string run_dir = fresh_dir("poisoned");
   const auto result =
       run_keel(train_args(run_dir, "--set train.steps=20 --set checkpoint.every=4 --plugin grad_transform=" +
-                                       fixture("poison_grads") + " --plugin-arg poison_grads.at_step=5"));
+                                       fixture_plugin("poison_grads") + " --plugin-arg poison_grads.at_step=5"));
   EXPECT_NE(result.exit_code, 0) << result.output;
   const std::string line = last_line(result.output);
   EXPECT_NE(line.find("step 6: the weights are not finite"), std::string::npos) << result.output;

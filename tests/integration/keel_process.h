@@ -48,6 +48,16 @@ inline ProcessResult run_keel_within(int seconds, const std::string& arguments) 
 
 inline std::string tiny_config() { return std::string(KEEL_SOURCE_DIR) + "/experiments/tiny.ini"; }
 inline std::string test_data_override() { return std::string("--set data.dir=") + KEEL_TEST_DATA_DIR; }
+// `--config` tiny.ini on the test data with a cosine horizon of 30 steps, then `extra` (for `keel train`).
+inline std::string tiny_args(const std::string& extra = "") {
+  return "--config " + tiny_config() + " " + test_data_override() + " --set optim.decay_steps=30 " + extra;
+}
+#ifdef KEEL_TEST_PLUGIN_DIR
+// A plugin of tests/plugin_fixtures (lr_spike, poison_grads, ...) by name: its path in the build tree.
+inline std::string fixture_plugin(const std::string& name) {
+  return std::string(KEEL_TEST_PLUGIN_DIR) + "/keel_plugin_" + name + ".so";
+}
+#endif
 
 // A fresh, empty directory under the system temp dir, unique per test.
 inline std::string fresh_dir(const std::string& name) {

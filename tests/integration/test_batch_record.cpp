@@ -29,13 +29,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string args(const std::string& extra = "") {
-  return "--config " + tiny_config() + " " + test_data_override() + " --set optim.decay_steps=30 " + extra;
-}
-std::string fixture(const std::string& name) {
-  return std::string(KEEL_TEST_PLUGIN_DIR) + "/keel_plugin_" + name + ".so";
-}
-
 // show-batch --run RUN --step FIRST --to LAST --json, by step.
 std::map<int64_t, json> shown(const std::string& run, int64_t first, int64_t last) {
   const auto r = run_keel("data show-batch --run " + run + " --step " + std::to_string(first) + " --to " +
@@ -149,7 +142,7 @@ TEST(BatchRecord, DataPreparedWithoutADocumentIndexWarnsThenPrepareAddsIt) {
 
 TEST(BatchRecord, ShowBatchRunEqualsTheRecordOfABranchedSwappedRolledBackRun) {
   const std::string base = fresh_dir("order-base"), branch = fresh_dir("order-branch");
-  auto r = run_keel("train " + args("--set train.steps=8 --set checkpoint.every=4") + " --run-dir " + base);
+  auto r = run_keel("train " + tiny_args("--set train.steps=8 --set checkpoint.every=4") + " --run-dir " + base);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   // The branch: a new mixture from step 4; a loss spike (LR x300 at step 12, again on every replay) that
   // rollback_skip answers three times by rolling back to step 12 and skipping the samples (then it only skips
@@ -158,7 +151,7 @@ TEST(BatchRecord, ShowBatchRunEqualsTheRecordOfABranchedSwappedRolledBackRun) {
   const pid_t pid = spawn_keel(
       "resume --from " + base + "/checkpoints/step-00000004 --run-dir " + branch + " " + test_data_override() +
       " --set data.mixture=prose=0.3,code=0.7 --set train.steps=20 --set checkpoint.every=4 --plugin lr_schedule=" +
-      fixture("lr_spike") + " --plugin-arg lr_spike.at_step=12 --plugin-arg lr_spike.once=false" +
+      fixture_plugin("lr_spike") + " --plugin-arg lr_spike.at_step=12 --plugin-arg lr_spike.once=false" +
       " --plugin spike_handler=rollback_skip --plugin-arg rollback_skip.threshold=4 --plugin-arg " +
       "rollback_skip.min_history=4 --plugin-arg rollback_skip.skip=samples");
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
@@ -209,7 +202,7 @@ TEST(BatchRecord, ShowBatchRunEqualsTheRecordOfABranchedSwappedRolledBackRun) {
 
 TEST(BatchRecord, CompareOrderOfTwoArmsBranchedFromOneCheckpoint) {
   const std::string base = fresh_dir("pair-base"), arm_a = fresh_dir("pair-a"), arm_b = fresh_dir("pair-b");
-  auto r = run_keel("train " + args("--set train.steps=4 --set checkpoint.every=4") + " --run-dir " + base);
+  auto r = run_keel("train " + tiny_args("--set train.steps=4 --set checkpoint.every=4") + " --run-dir " + base);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const std::string from = "resume --from " + base + "/checkpoints/step-00000004 " + test_data_override() +
                            " --set train.steps=20 --set checkpoint.every=0 --run-dir ";

@@ -29,12 +29,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string args(const std::string& extra = "") {
-  return "--config " + tiny_config() + " " + test_data_override() + " --set optim.decay_steps=30 " + extra;
-}
-std::string fixture(const std::string& name) {
-  return std::string(KEEL_TEST_PLUGIN_DIR) + "/keel_plugin_" + name + ".so";
-}
 std::string builtin(const std::string& name) {
   return std::string(KEEL_TEST_PLUGIN_DIR) + "/../lib/keel/plugins/keel_plugin_" + name + ".so";  // the build's
 }
@@ -50,8 +44,8 @@ std::vector<keel::metrics::Event> events_of(const std::string& run, const std::s
 // it ends with checkpoint step-00000013, the state just before the spike. No spike handler.
 std::string spiking_base(const std::string& name) {
   const std::string base = fresh_dir(name);
-  const auto r = run_keel("train " + args("--set train.steps=13") + " --run-dir " + base +
-                          " --plugin lr_schedule=" + fixture("lr_spike"));
+  const auto r = run_keel("train " + tiny_args("--set train.steps=13") + " --run-dir " + base +
+                          " --plugin lr_schedule=" + fixture_plugin("lr_spike"));
   EXPECT_EQ(r.exit_code, 0) << r.output;
   return base;
 }
@@ -108,7 +102,8 @@ TEST(PluginContinuity, CheckpointsRecordEachLibrarysHashAndAReplacedLibraryIsNam
   const std::string copy = dir + "/lib/handler.so";
   fs::copy_file(builtin("zscore_skip"), copy);
   const std::string hash = sha256_file(copy);
-  auto r = run_keel("train " + args("--set train.steps=3") + " --run-dir " + run + " --plugin spike_handler=" + copy);
+  auto r =
+      run_keel("train " + tiny_args("--set train.steps=3") + " --run-dir " + run + " --plugin spike_handler=" + copy);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   // The run's lineage and the checkpoint's (manifest and rank file carry the same text) name the copy.
   for (const std::string& text :
@@ -150,13 +145,15 @@ TEST(PluginContinuity, CheckpointsRecordEachLibrarysHashAndAReplacedLibraryIsNam
   for (const auto& n : l.notes) noted = noted || n.rfind(line, 0) == 0;
   EXPECT_TRUE(noted);
   for (const auto& p : l.plugins) {
-    if (p.slot == "spike_handler") EXPECT_EQ(p.from_step, 3) << "recorded from the step the resume starts at";
+    if (p.slot == "spike_handler") {
+      EXPECT_EQ(p.from_step, 3) << "recorded from the step the resume starts at";
+    }
   }
 }
 
 TEST(PluginContinuity, TheProgressLineNumbersStepsAsMetricsDo) {
   const std::string run = fresh_dir("numbering");
-  const auto r = run_keel("train " + args("--set train.steps=5 --set train.log_every=2") + " --run-dir " + run);
+  const auto r = run_keel("train " + tiny_args("--set train.steps=5 --set train.log_every=2") + " --run-dir " + run);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const std::regex progress(R"(step (\d+) \((\d+)/5\) \| loss)");
   std::vector<int64_t> logged;
@@ -179,7 +176,7 @@ TEST(PluginContinuity, ASwapToARebuiltLibraryIsRefusedNamingItAndANewHandlerWarm
   fs::copy_file(builtin("zscore_skip"), copy);
   fs::copy_file(builtin("lr_cooldown"), cooldown);
   const pid_t pid =
-      spawn_keel("train " + args("--set train.steps=8") + " --run-dir " + run + " --plugin spike_handler=" + copy);
+      spawn_keel("train " + tiny_args("--set train.steps=8") + " --run-dir " + run + " --plugin spike_handler=" + copy);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
   while (!fs::exists(run + "/metrics.h5") && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(2));

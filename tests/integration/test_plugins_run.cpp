@@ -25,12 +25,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string args(const std::string& extra = "") {
-  return "--config " + tiny_config() + " " + test_data_override() + " --set optim.decay_steps=30 " + extra;
-}
-std::string fixture(const std::string& name) {
-  return std::string(KEEL_TEST_PLUGIN_DIR) + "/keel_plugin_" + name + ".so";
-}
 std::vector<std::string> event_kinds_at(const std::string& run, int64_t step) {
   std::vector<std::string> out;
   for (const auto& e : MetricsReader(run + "/metrics.h5").read_events()) {
@@ -47,11 +41,12 @@ bool has(const std::vector<std::string>& v, const std::string& x) {
 TEST(Plugins, BrokenOrWrongPluginsAreRefusedBeforeTheRunDirIsClaimed) {
   const std::string run = fresh_dir("plugin-refused");
   const std::vector<std::pair<std::string, std::string>> cases = {
-      {"--plugin spike_handler=" + fixture("bad_api_version"),
+      {"--plugin spike_handler=" + fixture_plugin("bad_api_version"),
        "built for plugin API version 999, this Keel speaks version 2"},
-      {"--plugin observers=" + fixture("bad_fingerprint"), "built with a different toolchain"},
-      {"--plugin observers=" + fixture("bad_fingerprint"), "LibTorch 0.4.1"},
-      {"--plugin observers=" + fixture("no_entry_point"), "not a Keel plugin (it does not export keel_plugin_info)"},
+      {"--plugin observers=" + fixture_plugin("bad_fingerprint"), "built with a different toolchain"},
+      {"--plugin observers=" + fixture_plugin("bad_fingerprint"), "LibTorch 0.4.1"},
+      {"--plugin observers=" + fixture_plugin("no_entry_point"),
+       "not a Keel plugin (it does not export keel_plugin_info)"},
       {"--plugin observers=/no/such/plugin.so", "/no/such/plugin.so: no such file"},
       {"--plugin spike_handler=no_such_builtin", "no plugin named 'no_such_builtin'"},
       {"--plugin spike_handler=adamw", "fills optimizer, not spike_handler"},
@@ -59,7 +54,7 @@ TEST(Plugins, BrokenOrWrongPluginsAreRefusedBeforeTheRunDirIsClaimed) {
       {"--plugin optimizer=adamw --plugin-arg adamw.betaa1=0.9", "unknown plugin argument 'betaa1'"},
   };
   for (const auto& [flags, message] : cases) {
-    const auto r = run_keel("train " + args() + " --run-dir " + run + " " + flags);
+    const auto r = run_keel("train " + tiny_args() + " --run-dir " + run + " " + flags);
     EXPECT_NE(r.exit_code, 0) << flags;
     EXPECT_NE(r.output.find(message), std::string::npos) << flags << "\n" << r.output;
     EXPECT_EQ(r.output.find("Segmentation"), std::string::npos) << r.output;
@@ -70,8 +65,8 @@ TEST(Plugins, BrokenOrWrongPluginsAreRefusedBeforeTheRunDirIsClaimed) {
 TEST(Plugins, ZscoreSkipSkipsExactlyTheSpikeAndLeavesWeightsUnchanged) {
   const std::string run = fresh_dir("zscore-run");
   // lr_spike multiplies the LR at step 12, so the loss of step 13 jumps.
-  const auto r = run_keel("train " + args("--set train.steps=16") + " --run-dir " + run +
-                          " --plugin lr_schedule=" + fixture("lr_spike") +
+  const auto r = run_keel("train " + tiny_args("--set train.steps=16") + " --run-dir " + run +
+                          " --plugin lr_schedule=" + fixture_plugin("lr_spike") +
                           " --plugin spike_handler=zscore_skip --plugin-arg zscore_skip.threshold=4");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   MetricsReader reader(run + "/metrics.h5");
@@ -92,8 +87,8 @@ TEST(Plugins, ZscoreSkipSkipsExactlyTheSpikeAndLeavesWeightsUnchanged) {
 
 TEST(Plugins, RollbackSkipReturnsToTheCheckpointAndSkipsTheData) {
   const std::string run = fresh_dir("rollback-run");
-  const auto r = run_keel("train " + args("--set train.steps=16 --set checkpoint.every=4") + " --run-dir " + run +
-                          " --plugin lr_schedule=" + fixture("lr_spike") +
+  const auto r = run_keel("train " + tiny_args("--set train.steps=16 --set checkpoint.every=4") + " --run-dir " + run +
+                          " --plugin lr_schedule=" + fixture_plugin("lr_spike") +
                           " --plugin spike_handler=rollback_skip --plugin-arg rollback_skip.threshold=4 --plugin-arg "
                           "rollback_skip.skip=samples");
   ASSERT_EQ(r.exit_code, 0) << r.output;
@@ -123,9 +118,9 @@ TEST(Plugins, PluginStateSurvivesSaveAndResumeBitExactly) {
   const std::string straight = fresh_dir("pstate-straight"), first = fresh_dir("pstate-first"),
                     second = fresh_dir("pstate-second");
   const std::string plugins = " --plugin spike_handler=zscore_skip --plugin-arg zscore_skip.min_history=3";
-  auto r = run_keel("train " + args("--set train.steps=20") + " --run-dir " + straight + plugins);
+  auto r = run_keel("train " + tiny_args("--set train.steps=20") + " --run-dir " + straight + plugins);
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  r = run_keel("train " + args("--set train.steps=10") + " --run-dir " + first + plugins);
+  r = run_keel("train " + tiny_args("--set train.steps=10") + " --run-dir " + first + plugins);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   r = run_keel("resume --from " + first + " --run-dir " + second + " --set train.steps=20");
   ASSERT_EQ(r.exit_code, 0) << r.output;
@@ -146,7 +141,7 @@ TEST(Plugins, PluginStateSurvivesSaveAndResumeBitExactly) {
 TEST(Plugins, SwapFromACheckpointEqualsTheSameSwapMidRun) {
   // Arm A: 10 steps, checkpoint at 5; arm B resumes from step 5 with lion + embedding_grad_shrink.
   const std::string a = fresh_dir("swap-a"), b = fresh_dir("swap-b"), c = fresh_dir("swap-c");
-  auto r = run_keel("train " + args("--set train.steps=10 --set checkpoint.every=5") + " --run-dir " + a);
+  auto r = run_keel("train " + tiny_args("--set train.steps=10 --set checkpoint.every=5") + " --run-dir " + a);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   r = run_keel("resume --from " + a + "/checkpoints/step-00000005 --run-dir " + b +
                " --plugin optimizer=lion --plugin grad_transform=embedding_grad_shrink");
@@ -159,7 +154,8 @@ TEST(Plugins, SwapFromACheckpointEqualsTheSameSwapMidRun) {
 
   // Arm C: the same run, with both swaps requested through `keel control` for the boundary before step 5. The
   // trainer is paused (SIGSTOP) while the requests are written, so they are in place long before step 5.
-  const pid_t pid = spawn_keel("train " + args("--set train.steps=10 --set checkpoint.every=5") + " --run-dir " + c);
+  const pid_t pid =
+      spawn_keel("train " + tiny_args("--set train.steps=10 --set checkpoint.every=5") + " --run-dir " + c);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
   while (!fs::exists(c + "/metrics.h5") && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
@@ -186,7 +182,9 @@ TEST(Plugins, SwapFromACheckpointEqualsTheSameSwapMidRun) {
   EXPECT_EQ(sb.optimizer_name, "lion");
   for (size_t i = 0; i < sb.model.size(); ++i) {
     for (const auto& [name, t] : sc.model) {
-      if (name == sb.model[i].first) EXPECT_TRUE(torch::equal(t, sb.model[i].second)) << name;
+      if (name == sb.model[i].first) {
+        EXPECT_TRUE(torch::equal(t, sb.model[i].second)) << name;
+      }
     }
   }
 }

@@ -27,12 +27,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string args(const std::string& extra = "") {
-  return "--config " + tiny_config() + " " + test_data_override() + " --set optim.decay_steps=30 " + extra;
-}
-std::string fixture(const std::string& name) {
-  return std::string(KEEL_TEST_PLUGIN_DIR) + "/keel_plugin_" + name + ".so";
-}
 json ledger_of(const std::string& checkpoint_dir) {
   return json::parse(keel::checkpoint::read_rank_file(checkpoint_dir + "/rank-00000.h5").data_ledger);
 }
@@ -59,8 +53,8 @@ TEST(SkipRules, ThreeRollbacksAccumulateAndAResumeKeepsThem) {
                     onward = fresh_dir("skip-three-onward"), damaged = fresh_dir("skip-three-damaged");
   // The LR spike at step 12 fires on every pass (once=false): the loss of step 13 jumps each time, rollback_skip
   // returns to checkpoint 12 three times (max_rollbacks), then only skips the update.
-  auto r = run_keel("train " + args("--set train.steps=16 --set checkpoint.every=4") + " --run-dir " + run +
-                    " --plugin lr_schedule=" + fixture("lr_spike") + " --plugin-arg lr_spike.once=false" +
+  auto r = run_keel("train " + tiny_args("--set train.steps=16 --set checkpoint.every=4") + " --run-dir " + run +
+                    " --plugin lr_schedule=" + fixture_plugin("lr_spike") + " --plugin-arg lr_spike.once=false" +
                     " --plugin spike_handler=rollback_skip --plugin-arg rollback_skip.threshold=4" +
                     " --plugin-arg rollback_skip.skip=samples");
   ASSERT_EQ(r.exit_code, 0) << r.output;
