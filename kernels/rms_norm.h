@@ -1,6 +1,7 @@
 // Why: RMSNorm (the model's pre-norms, final norm and QK-norm) as one op with a fused CUDA kernel and, beside it,
-// the LibTorch reference it is tested against. The forward is exactly core/model/llama.cpp's NormImpl for
-// "rmsnorm": statistics in fp32, master weight fp32, result in x's dtype.
+// the LibTorch reference it is tested against. The forward is exactly the reference branch of
+// core/model/ops.cpp's rms_norm (what NormImpl "rmsnorm" calls): statistics in fp32, master weight fp32, result in
+// x's dtype.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -46,7 +46,7 @@ at::Tensor table_rows(const at::Tensor& table, int64_t T, at::Device device, at:
   return table.narrow(0, 0, T).to(device, dtype).view({1, T, 1, table.size(1)});
 }
 
-// Rotation by +angle (sin_sign = 1) or -angle (sin_sign = -1); the reference math of core/model/llama.cpp.
+// Rotation by +angle (sin_sign = 1) or -angle (sin_sign = -1); the reference math of core/model/ops.cpp.
 at::Tensor rotate_reference(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t rotary_dims,
                             double sin_sign) {
   const int64_t T = x.size(1);

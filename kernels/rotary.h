@@ -1,6 +1,6 @@
 // Why: rotary position embedding (RoPE, rotate-half convention as HF LLaMA/NeoX, partial rotary allowed) as one
 // op with a fused CUDA kernel and, beside it, the LibTorch reference it is tested against. The reference is
-// exactly core/model/llama.cpp's apply_rotary, with the tables of make_rotary_tables passed in as tensors.
+// exactly core/model/ops.cpp's apply_rotary, with the tables of make_rotary_tables passed in as tensors.
 #pragma once
 
 #include <ATen/core/Tensor.h>

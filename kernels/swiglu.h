@@ -1,6 +1,6 @@
 // Why: the SwiGLU gate of the MLP, silu(gate) * up, as one op with a fused CUDA kernel (one pass forward, one pass
 // backward, nothing but the inputs saved) and, beside it, the LibTorch reference it is tested against. The
-// reference is exactly core/model/llama.cpp's SwiGluMlpImpl expression.
+// reference is exactly core/model/ops.cpp's swiglu expression.
 #pragma once
 
 #include <ATen/core/Tensor.h>

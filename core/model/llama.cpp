@@ -8,60 +8,18 @@
 
 #include "core/model/sharding.h"
 #include "core/torch_compat.h"
-#include "kernels/cross_entropy.h"
-#include "kernels/dispatch.h"
-#include "kernels/rms_norm.h"
-#include "kernels/rotary.h"
-#include "kernels/swiglu.h"
 
 namespace keel::model {
 
-NormImpl::NormImpl(int64_t dim, const std::string& kind, double eps) : rms_(kind == "rmsnorm"), eps_(eps) {
-  weight = register_parameter("weight", torch::ones({dim}));
-  if (!rms_) bias = register_parameter("bias", torch::zeros({dim}));
+NormImpl::NormImpl(int64_t dim, const std::string& kind, double eps, bool grad_partial_over_tp)
+    : rms_(kind == "rmsnorm"), eps_(eps) {
+  const ShardSpec replicated{/*dim=*/-1, grad_partial_over_tp};
+  weight = declare_parameter("weight", torch::ones({dim}), {replicated, InitRole::kOnes});
+  if (!rms_) bias = declare_parameter("bias", torch::zeros({dim}), {replicated, InitRole::kZeros});
 }
 
 torch::Tensor NormImpl::forward(const torch::Tensor& x) const {
-  // On a GPU: one fused kernel each way (kernels/rms_norm.h) instead of ~8 memory-bound LibTorch ops.
-  if (rms_ && kernels::model_uses_fused_ops(x)) return kernels::rms_norm(x, weight, eps_);
-  torch::Tensor xf = x.to(torch::kFloat);  // statistics in fp32
-  torch::Tensor y;
-  if (rms_) {
-    y = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps_) * weight;
-  } else {
-    y = torch::layer_norm(xf, {xf.size(-1)}, weight, bias, eps_);
-  }
-  return y.to(x.scalar_type());
-}
-
-RotaryTables make_rotary_tables(int64_t head_dim, double rotary_fraction, double theta, int64_t max_len) {
-  RotaryTables tables;
-  tables.rotary_dims = static_cast<int64_t>(std::floor(head_dim * rotary_fraction / 2.0)) * 2;
-  const int64_t half = tables.rotary_dims / 2;
-  auto fp32 = torch::TensorOptions().dtype(torch::kFloat);
-  // inv_freq[i] = theta^(-2i/rotary_dims), always fp32 (CrystalCoder: lower precision here hurt training).
-  torch::Tensor inv_freq =
-      torch::pow(theta, -torch::arange(0, half, fp32) * 2.0 / std::max<int64_t>(tables.rotary_dims, 1));
-  torch::Tensor positions = torch::arange(0, max_len, fp32);  // [T]
-  torch::Tensor angles = torch::outer(positions, inv_freq);   // [T, half]
-  tables.cos = angles.cos();
-  tables.sin = angles.sin();
-  return tables;
-}
-
-torch::Tensor apply_rotary(const torch::Tensor& x, const RotaryTables& tables) {
-  if (tables.rotary_dims == 0) return x;
-  if (kernels::model_uses_fused_ops(x)) return kernels::apply_rotary(x, tables.cos, tables.sin, tables.rotary_dims);
-  const int64_t T = x.size(1);
-  const int64_t half = tables.rotary_dims / 2;
-  torch::Tensor rot = x.narrow(-1, 0, tables.rotary_dims).to(torch::kFloat);  // [B, T, h, R]
-  torch::Tensor x1 = rot.narrow(-1, 0, half);                                 // [B, T, h, R/2]
-  torch::Tensor x2 = rot.narrow(-1, half, half);
-  torch::Tensor cos = tables.cos.narrow(0, 0, T).to(x.device()).view({1, T, 1, half});
-  torch::Tensor sin = tables.sin.narrow(0, 0, T).to(x.device()).view({1, T, 1, half});
-  torch::Tensor rotated = torch::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1).to(x.scalar_type());
-  if (tables.rotary_dims == x.size(-1)) return rotated;
-  return torch::cat({rotated, x.narrow(-1, tables.rotary_dims, x.size(-1) - tables.rotary_dims)}, -1);
+  return rms_ ? rms_norm(x, weight, eps_) : layer_norm(x, weight, bias, eps_);  // [..., dim]
 }
 
 AttentionImpl::AttentionImpl(const ModelConfig& c, const parallel::TensorParallel& tp)
@@ -71,10 +29,11 @@ AttentionImpl::AttentionImpl(const ModelConfig& c, const parallel::TensorParalle
   wq_ = register_module("wq", ColumnParallelLinear(c.d_model, c.heads * head_dim_, tp, "model.heads*head_dim"));
   wk_ = register_module("wk", ColumnParallelLinear(c.d_model, c.kv_heads * head_dim_, tp, "model.kv_heads*head_dim"));
   wv_ = register_module("wv", ColumnParallelLinear(c.d_model, c.kv_heads * head_dim_, tp, "model.kv_heads*head_dim"));
-  wo_ = register_module("wo", RowParallelLinear(c.heads * head_dim_, c.d_model, tp, "model.heads*head_dim"));
-  if (c.qk_norm) {
-    q_norm_ = register_module("q_norm", Norm(head_dim_, "rmsnorm", c.norm_eps));
-    k_norm_ = register_module("k_norm", Norm(head_dim_, "rmsnorm", c.norm_eps));
+  wo_ = register_module(
+      "wo", RowParallelLinear(c.heads * head_dim_, c.d_model, tp, "model.heads*head_dim", InitRole::kOutputNormal));
+  if (c.qk_norm) {  // per-head norms over this rank's heads only: gradients are partial sums over TP
+    q_norm_ = register_module("q_norm", Norm(head_dim_, "rmsnorm", c.norm_eps, /*grad_partial_over_tp=*/true));
+    k_norm_ = register_module("k_norm", Norm(head_dim_, "rmsnorm", c.norm_eps, /*grad_partial_over_tp=*/true));
   }
 }
 
@@ -103,13 +62,12 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const RotaryTables&
 SwiGluMlpImpl::SwiGluMlpImpl(const ModelConfig& c, const parallel::TensorParallel& tp) {
   w_gate_ = register_module("w_gate", ColumnParallelLinear(c.d_model, c.ffn_hidden, tp, "model.ffn_hidden"));
   w_up_ = register_module("w_up", ColumnParallelLinear(c.d_model, c.ffn_hidden, tp, "model.ffn_hidden"));
-  w_down_ = register_module("w_down", RowParallelLinear(c.ffn_hidden, c.d_model, tp, "model.ffn_hidden"));
+  w_down_ = register_module(
+      "w_down", RowParallelLinear(c.ffn_hidden, c.d_model, tp, "model.ffn_hidden", InitRole::kOutputNormal));
 }
 
 torch::Tensor SwiGluMlpImpl::forward(const torch::Tensor& x) const {
-  if (kernels::model_uses_fused_ops(x))
-    return w_down_->forward(kernels::swiglu(w_gate_->forward(x), w_up_->forward(x)));
-  return w_down_->forward(torch::silu(w_gate_->forward(x)) * w_up_->forward(x));  // [B, T, F] -> [B, T, C]
+  return w_down_->forward(swiglu(w_gate_->forward(x), w_up_->forward(x)));  // [B, T, F] -> [B, T, C]
 }
 
 BlockImpl::BlockImpl(const ModelConfig& c, const parallel::TensorParallel& tp) {
@@ -161,25 +119,29 @@ uint64_t parameter_seed(uint64_t seed, const std::string& name) {
 void LlamaImpl::init_weights(uint64_t seed) {
   torch::NoGradGuard no_grad;
   const double out_std = config_.init_std / std::sqrt(2.0 * config_.layers);
-  const auto specs = shard_specs(*this);
+  const auto specs = parameter_specs(*this);
   size_t index = 0;
   for (auto& item : named_parameters()) {
     const std::string& name = item.key();
     torch::Tensor& p = item.value();
-    const ShardSpec& spec = specs.at(index++).second;
-    const bool is_norm = name.find("norm") != std::string::npos;
-    if (is_norm) {
-      if (name.size() >= 4 && name.compare(name.size() - 4, 4, "bias") == 0)
-        p.zero_();
-      else
+    const ParameterSpec& spec = specs.at(index++).second;
+    switch (spec.init) {
+      case InitRole::kOnes:
         p.fill_(1.0);
-      continue;
+        continue;
+      case InitRole::kZeros:
+        p.zero_();
+        continue;
+      case InitRole::kNormal:
+      case InitRole::kOutputNormal:
+        break;
+      case InitRole::kUndeclared:
+        TORCH_CHECK(false, "init_weights: parameter ", name, " was registered without an InitRole");
     }
-    const bool is_output_proj = name.find(".wo.") != std::string::npos || name.find(".w_down.") != std::string::npos;
     auto generator = at::detail::createCPUGenerator(parameter_seed(seed, name));
-    const torch::Tensor full = at::normal(0.0, is_output_proj ? out_std : config_.init_std,
-                                          global_shape(p.sizes(), spec, tp_.size), generator);
-    p.copy_(shard_of(full, spec, tp_.rank, tp_.size));
+    const double std = spec.init == InitRole::kOutputNormal ? out_std : config_.init_std;
+    const torch::Tensor full = at::normal(0.0, std, global_shape(p.sizes(), spec.shard, tp_.size), generator);
+    p.copy_(shard_of(full, spec.shard, tp_.rank, tp_.size));
   }
 }
 
@@ -212,20 +174,11 @@ torch::Tensor LlamaImpl::forward(const torch::Tensor& tokens, torch::ScalarType 
 
 CrossEntropyParts LlamaImpl::head_loss(const torch::Tensor& x, const torch::Tensor& targets) const {
   TORCH_CHECK(stage_.has_head, "head_loss() called on a pipeline stage without the head");
-  if (tp_.size == 1 && kernels::model_uses_fused_ops(x)) {
-    // On a GPU with one vocabulary shard: the head and the loss fused, chunk by chunk, so that the [B*T, V]
-    // logits (and their fp32 copy) never exist at once (kernels/cross_entropy.h).
-    torch::Tensor h = final_norm_->forward(x);                        // [B, T, C]
-    h = h.reshape({-1, h.size(-1)});                                  // [N, C]
-    const torch::Tensor& w = head_ ? head_->weight : embed_->weight;  // [V, C] fp32
-    const kernels::FusedCrossEntropy parts =
-        kernels::fused_linear_cross_entropy(h, w, targets.reshape({-1}), config_.z_loss,
-                                            kernels::cross_entropy_chunk_rows(h.size(0), w.size(0), h.size(1)));
-    return {parts.loss, parts.nll, parts.z_loss};
-  }
-  torch::Tensor logits_local = logits(x);  // [B, T, V/tp]
-  return vocab_parallel_cross_entropy(logits_local.reshape({-1, logits_local.size(-1)}), targets.reshape({-1}),
-                                      config_.z_loss, tp_);
+  const torch::Tensor h = final_norm_->forward(x);                  // [B, T, C]
+  const torch::Tensor& w = head_ ? head_->weight : embed_->weight;  // [V/tp, C] fp32
+  return head_cross_entropy(h, w, targets, config_.z_loss, tp_, [this](const torch::Tensor& normed) {
+    return head_ ? head_->forward(normed) : embed_->project(normed);  // [B, T, V/tp]
+  });
 }
 
 CrossEntropyParts LlamaImpl::loss(const torch::Tensor& window, torch::ScalarType compute_dtype) const {

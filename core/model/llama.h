@@ -1,7 +1,10 @@
 // Why: the LLaMA-family decoder (RMSNorm/LayerNorm, RoPE with optional partial rotary, GQA, SwiGLU, optional
-// QK-norm, tied or untied embeddings, z-loss). It knows nothing of process groups beyond the TP handle its
-// layers are given, and nothing of the training loop. Shapes: B batch, T time, C d_model, H heads,
-// K kv heads, D head dim, F ffn hidden, V vocab.
+// QK-norm, tied or untied embeddings, z-loss), written Megatron-style: it is built for one place in the parallel
+// layout and knows it. It is given a TP handle (its tensor-parallel layers hold their shards and communicate over
+// that group) and a StageSpec (which blocks, and whether the embedding and head, this pipeline stage holds), and
+// each layer declares how its parameters split over TP and how they are initialised (ShardedModule). It knows
+// nothing of pipeline schedules, micro-batches, data parallelism or the training loop. Fused-kernel choices are
+// made in ops.h. Shapes: B batch, T time, C d_model, H heads, K kv heads, D head dim, F ffn hidden, V vocab.
 #pragma once
 
 #include <torch/nn/module.h>
@@ -9,14 +12,18 @@
 #include <torch/nn/pimpl.h>
 
 #include "core/config/config.h"
+#include "core/model/ops.h"
+#include "core/model/sharded_module.h"
 #include "core/model/tp_layers.h"
 
 namespace keel::model {
 
 // Normalisation with fp32 statistics; weight (and bias for LayerNorm) fp32; output in the input dtype.
-class NormImpl : public torch::nn::Module {
+// Replicated over TP; weight initialised to ones, bias to zeros. `grad_partial_over_tp`: the norm sees only this
+// rank's heads (QK-norm), so its gradient is a partial sum the trainer reduces over TP.
+class NormImpl : public ShardedModule {
  public:
-  NormImpl(int64_t dim, const std::string& kind, double eps);
+  NormImpl(int64_t dim, const std::string& kind, double eps, bool grad_partial_over_tp = false);
   torch::Tensor forward(const torch::Tensor& x) const;  // [..., dim] -> [..., dim]
   torch::Tensor weight;                                 // [dim]
   torch::Tensor bias;                                   // [dim] (layernorm only)
@@ -25,16 +32,6 @@ class NormImpl : public torch::nn::Module {
   double eps_;
 };
 TORCH_MODULE(Norm);
-
-// RoPE tables computed in fp32 (inverse frequencies and angles), applied to the first `rotary_dims` of each head.
-struct RotaryTables {
-  int64_t rotary_dims = 0;  // even, <= D
-  torch::Tensor cos;        // [T, rotary_dims/2] fp32
-  torch::Tensor sin;        // [T, rotary_dims/2] fp32
-};
-RotaryTables make_rotary_tables(int64_t head_dim, double rotary_fraction, double theta, int64_t max_len);
-// x: [B, T, heads, D] -> same shape and dtype; rotation done in fp32 (rotate-half convention, as HF LLaMA/NeoX).
-torch::Tensor apply_rotary(const torch::Tensor& x, const RotaryTables& tables);
 
 class AttentionImpl : public torch::nn::Module {
  public:
@@ -82,8 +79,9 @@ class LlamaImpl : public torch::nn::Module {
  public:
   LlamaImpl(const ModelConfig& config, const parallel::TensorParallel& tp = {}, StageSpec stage = {});
   // Deterministic init from `seed`, the same full weights for every DP/TP/PP layout: each parameter is drawn
-  // whole from its own generator (seeded by `seed` and its name) and this rank keeps its TP shard.
-  // normal(0, init_std); output projections (wo, w_down) scaled by 1/sqrt(2L); norm weights 1, biases 0.
+  // whole from its own generator (seeded by `seed` and its name) and this rank keeps its TP shard. Each
+  // parameter's distribution is the InitRole its layer declared: normal(0, init_std); output projections (wo,
+  // w_down) normal(0, init_std/sqrt(2L)); norm weights 1, biases 0.
   void init_weights(uint64_t seed);
   // Whole model: tokens [B, T] int64 -> logits [B, T, V/tp] in `compute_dtype`
   torch::Tensor forward(const torch::Tensor& tokens, torch::ScalarType compute_dtype) const;

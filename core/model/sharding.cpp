@@ -3,35 +3,33 @@
 
 #include <torch/torch.h>
 
-#include "core/model/llama.h"
-#include "core/model/tp_layers.h"
+#include <map>
+
+#include "core/model/sharded_module.h"
 
 namespace keel::model {
 
+std::vector<std::pair<std::string, ParameterSpec>> parameter_specs(const torch::nn::Module& module) {
+  // Each module answers for its own (non-recursive) parameters; the full name is its path plus the local name.
+  std::map<std::string, ParameterSpec> declared;
+  for (const auto& item : module.named_modules("", /*include_self=*/true)) {
+    const auto* sharded = dynamic_cast<const ShardedModule*>(item.value().get());
+    if (sharded == nullptr) continue;
+    const std::string prefix = item.key().empty() ? "" : item.key() + ".";
+    for (const auto& p : sharded->named_parameters(/*recurse=*/false))
+      declared[prefix + p.key()] = sharded->parameter_spec(p.key());
+  }
+  std::vector<std::pair<std::string, ParameterSpec>> specs;
+  for (const auto& item : module.named_parameters()) {
+    const auto it = declared.find(item.key());
+    specs.emplace_back(item.key(), it == declared.end() ? ParameterSpec{} : it->second);
+  }
+  return specs;
+}
+
 std::vector<std::pair<std::string, ShardSpec>> shard_specs(const torch::nn::Module& module) {
   std::vector<std::pair<std::string, ShardSpec>> specs;
-  for (const auto& item : module.named_parameters()) specs.emplace_back(item.key(), ShardSpec{});
-  auto set = [&](const std::string& prefix, const ShardSpec& spec) {
-    for (auto& [name, s] : specs) {
-      if (name.compare(0, prefix.size(), prefix) == 0 && name.find('.', prefix.size()) == std::string::npos) s = spec;
-    }
-  };
-  for (const auto& item : module.named_modules("", /*include_self=*/false)) {
-    const std::string prefix = item.key() + ".";
-    const torch::nn::Module* m = item.value().get();
-    if (dynamic_cast<const ColumnParallelLinearImpl*>(m))
-      set(prefix, {0, false});
-    else if (dynamic_cast<const VocabParallelEmbeddingImpl*>(m))
-      set(prefix, {0, false});
-    else if (dynamic_cast<const RowParallelLinearImpl*>(m))
-      set(prefix, {1, false});
-    else if (dynamic_cast<const NormImpl*>(m)) {
-      const std::string& key = item.key();
-      const bool qk = key.size() >= 6 &&
-                      (key.compare(key.size() - 6, 6, "q_norm") == 0 || key.compare(key.size() - 6, 6, "k_norm") == 0);
-      if (qk) set(prefix, {-1, true});
-    }
-  }
+  for (const auto& [name, spec] : parameter_specs(module)) specs.emplace_back(name, spec.shard);
   return specs;
 }
 

@@ -1,6 +1,8 @@
-// Why: one answer to "how is this parameter split across the tensor-parallel group?", used by the weight init
-// (every layout starts from the same full weights), the gradient norm (each shard counted once), and the
-// checkpoint code (global shape and offset of each shard, resharding on resume). Torch-light.
+// Why: one answer to "how is this parameter split across the tensor-parallel group, and how is it initialised?",
+// used by the weight init (every layout starts from the same full weights), the gradient norm (each shard counted
+// once), and the checkpoint code (global shape and offset of each shard, resharding on resume). The answer is
+// not guessed from types or names: each layer declares it for each parameter it registers (ShardedModule, in
+// core/model/sharded_module.h), as Megatron-Core's layers mark their parameters. Torch-light.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -22,9 +24,24 @@ struct ShardSpec {
   bool sharded() const { return dim >= 0; }
 };
 
-// Every parameter of `module`, named as named_parameters() names them, with its split: column-parallel
-// weights and the vocab-parallel embedding split dim 0, row-parallel weights dim 1, QK-norm weights are
-// replicated with partial gradients, everything else replicated.
+// How a parameter's initial (full, unsharded) value is drawn.
+enum class InitRole {
+  kUndeclared,    // registered by a module that declares nothing (init_weights refuses it)
+  kNormal,        // normal(0, model.init_std)
+  kOutputNormal,  // normal(0, model.init_std / sqrt(2 * model.layers)): projections into the residual stream
+  kOnes,          // norm weights
+  kZeros,         // norm biases
+};
+
+struct ParameterSpec {
+  ShardSpec shard;
+  InitRole init = InitRole::kUndeclared;
+};
+
+// Every parameter of `module`, named as named_parameters() names them and in that order, with the spec its
+// layer declared; a parameter of a module that declares none is replicated with InitRole::kUndeclared.
+std::vector<std::pair<std::string, ParameterSpec>> parameter_specs(const torch::nn::Module& module);
+// The same walk, keeping only each parameter's split.
 std::vector<std::pair<std::string, ShardSpec>> shard_specs(const torch::nn::Module& module);
 
 // The shape of the full tensor a shard of `local_sizes` belongs to, and the shard's offset in it.

@@ -81,10 +81,12 @@ class VocabParallelCrossEntropy : public torch::autograd::Function<VocabParallel
 }  // namespace
 
 ColumnParallelLinearImpl::ColumnParallelLinearImpl(int64_t in_features, int64_t out_features,
-                                                   const parallel::TensorParallel& tp, const std::string& what)
+                                                   const parallel::TensorParallel& tp, const std::string& what,
+                                                   InitRole init)
     : tp_(tp) {
   parallel::require_tp_group(tp, "ColumnParallelLinear (" + what + ")");
-  weight = register_parameter("weight", torch::empty({tp.shard(out_features, what), in_features}));
+  weight = declare_parameter("weight", torch::empty({tp.shard(out_features, what), in_features}),
+                             {ShardSpec{/*dim=*/0, false}, init});
 }
 
 torch::Tensor ColumnParallelLinearImpl::forward(const torch::Tensor& x) const {
@@ -93,10 +95,11 @@ torch::Tensor ColumnParallelLinearImpl::forward(const torch::Tensor& x) const {
 }
 
 RowParallelLinearImpl::RowParallelLinearImpl(int64_t in_features, int64_t out_features,
-                                             const parallel::TensorParallel& tp, const std::string& what)
+                                             const parallel::TensorParallel& tp, const std::string& what, InitRole init)
     : tp_(tp) {
   parallel::require_tp_group(tp, "RowParallelLinear (" + what + ")");
-  weight = register_parameter("weight", torch::empty({out_features, tp.shard(in_features, what)}));
+  weight = declare_parameter("weight", torch::empty({out_features, tp.shard(in_features, what)}),
+                             {ShardSpec{/*dim=*/1, false}, init});
 }
 
 torch::Tensor RowParallelLinearImpl::forward(const torch::Tensor& x) const {
@@ -109,7 +112,8 @@ VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(int64_t vocab, int64_t di
   parallel::require_tp_group(tp, "VocabParallelEmbedding");
   const int64_t local_vocab = tp.shard(vocab, "model.vocab");
   vocab_start_ = tp.rank * local_vocab;
-  weight = register_parameter("weight", torch::empty({local_vocab, dim}));
+  weight =
+      declare_parameter("weight", torch::empty({local_vocab, dim}), {ShardSpec{/*dim=*/0, false}, InitRole::kNormal});
 }
 
 torch::Tensor VocabParallelEmbeddingImpl::forward(const torch::Tensor& tokens, torch::ScalarType dtype) const {

@@ -1,9 +1,11 @@
-// Why: Megatron-style tensor-parallel building blocks, written from day one so that the decoder never changes
-// when tensor parallelism is switched on. Each layer owns only its shard of the full weight:
-//   ColumnParallelLinear  weight [out/tp, in]   output stays sharded along the last dim
-//   RowParallelLinear     weight [out, in/tp]   input sharded, output summed over the TP group
-//   VocabParallelEmbedding weight [V/tp, C]     each rank looks up its vocabulary range
-// With tp.size == 1 (the only layout until the parallelism issue adds the collectives) they are plain layers.
+// Why: Megatron-style tensor-parallel building blocks, so that the decoder is the same code at every TP size.
+// Each layer owns only its shard of the full weight and declares that split (and the weight's init role) when it
+// registers it (ShardedModule):
+//   ColumnParallelLinear  weight [out/tp, in]   split dim 0; output stays sharded along the last dim
+//   RowParallelLinear     weight [out, in/tp]   split dim 1; input sharded, output summed over the TP group
+//   VocabParallelEmbedding weight [V/tp, C]     split dim 0; each rank looks up its vocabulary range
+// The caller chooses the init role of a linear layer (kOutputNormal for projections into the residual stream).
+// With tp.size == 1 they are plain layers and no communication happens.
 // Weights are fp32 master copies; `forward` casts them to the compute dtype (bf16 in bf16-mixed), so autograd
 // returns fp32 gradients to the masters and accumulates them in fp32.
 #pragma once
@@ -11,14 +13,15 @@
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
+#include "core/model/sharded_module.h"
 #include "core/parallel/tensor_parallel.h"
 
 namespace keel::model {
 
-class ColumnParallelLinearImpl : public torch::nn::Module {
+class ColumnParallelLinearImpl : public ShardedModule {
  public:
   ColumnParallelLinearImpl(int64_t in_features, int64_t out_features, const parallel::TensorParallel& tp,
-                           const std::string& what);
+                           const std::string& what, InitRole init = InitRole::kNormal);
   // x: [..., in] (compute dtype, replicated over TP) -> [..., out/tp]
   torch::Tensor forward(const torch::Tensor& x) const;
   torch::Tensor weight;  // [out/tp, in] fp32
@@ -28,10 +31,10 @@ class ColumnParallelLinearImpl : public torch::nn::Module {
 };
 TORCH_MODULE(ColumnParallelLinear);
 
-class RowParallelLinearImpl : public torch::nn::Module {
+class RowParallelLinearImpl : public ShardedModule {
  public:
   RowParallelLinearImpl(int64_t in_features, int64_t out_features, const parallel::TensorParallel& tp,
-                        const std::string& what);
+                        const std::string& what, InitRole init = InitRole::kNormal);
   // x: [..., in/tp] (compute dtype) -> [..., out], summed over TP (the same on every TP rank)
   torch::Tensor forward(const torch::Tensor& x) const;
   torch::Tensor weight;  // [out, in/tp] fp32
@@ -41,7 +44,7 @@ class RowParallelLinearImpl : public torch::nn::Module {
 };
 TORCH_MODULE(RowParallelLinear);
 
-class VocabParallelEmbeddingImpl : public torch::nn::Module {
+class VocabParallelEmbeddingImpl : public ShardedModule {
  public:
   VocabParallelEmbeddingImpl(int64_t vocab, int64_t dim, const parallel::TensorParallel& tp);
   // tokens: [B, T] int64 (full vocabulary ids) -> [B, T, C] in `dtype`, the same on every TP rank

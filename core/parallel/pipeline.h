@@ -1,7 +1,8 @@
 // Why: pipeline parallelism's schedule, apart from the model. A stage is "a forward of micro-batch m given the
 // previous stage's activation"; this file decides the order of forwards and backwards on every stage and moves
 // activations (forward) and their gradients (backward) between neighbouring stages over the PP communicator.
-// The model never learns it is pipelined (torchtitan's rule), and the trainer's step loop stays one call.
+// The model knows only which blocks its stage holds (model::StageSpec) and offers embed / run_blocks / head_loss;
+// schedules, micro-batches and neighbours live here alone, and the trainer's step loop stays one call.
 //
 // Two schedules (docs/parallel.md; Megatron-Core's forward_backward_pipelining_without_interleaving):
 //   gpipe: every forward, then every backward. Simple; all M micro-batches' activations are alive at once.

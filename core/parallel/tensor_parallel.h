@@ -1,6 +1,7 @@
-// Why: the model's tensor-parallel layers need to know their shard (rank, size) and, when size > 1, the
-// process group to communicate over. This handle is built by the layout code and passed to the model
-// explicitly (no globals). With size 1 the layers are plain layers and no communication happens.
+// Why: the model's tensor-parallel layers (core/model/tp_layers.h) need to know their shard (rank, size) and,
+// when size > 1, the process group to communicate over. This handle is built by the layout code and passed to
+// the model explicitly (no globals); each layer keeps a copy and declares its own split (ShardSpec). With size 1
+// the layers are plain layers and no communication happens.
 #pragma once
 
 #include <cstdint>

@@ -69,7 +69,7 @@ TEST(KernelSwiGlu, CpuOpGivesModelExpressionAndReferenceGradients) {
       torch::Tensor up = in.up.clone().requires_grad_(true);
       const torch::Tensor y = kn::swiglu(gate, up);
       EXPECT_EQ(y.scalar_type(), dtype);
-      EXPECT_TRUE(torch::equal(y, torch::silu(in.gate) * in.up));  // core/model/llama.cpp SwiGluMlpImpl
+      EXPECT_TRUE(torch::equal(y, torch::silu(in.gate) * in.up));  // core/model/ops.cpp swiglu
       y.backward(in.grad);
       torch::Tensor gate_ref = in.gate.clone().requires_grad_(true);
       torch::Tensor up_ref = in.up.clone().requires_grad_(true);
