@@ -2,6 +2,7 @@
 # (the LibTorch inside a machine's PyTorch 2.x) differ only in CMAKE_PREFIX_PATH.
 find_package(Torch REQUIRED)
 find_package(HDF5 REQUIRED COMPONENTS C)
+find_package(OpenSSL REQUIRED)  # libcrypto only: SHA-256 of checkpoint files (core/checkpoint/sha256.cpp)
 find_package(spdlog REQUIRED)
 find_package(Boost 1.74 REQUIRED COMPONENTS program_options filesystem)
 find_package(nlohmann_json 3 REQUIRED)

@@ -7,6 +7,7 @@ packages=(
   build-essential cmake ninja-build pkg-config
   libtorch-dev libgloo-dev libopenblas0-pthread   # LibTorch 1.13 CPU + c10d Gloo; OpenBLAS (~30x faster fp32 matmul)
   libhdf5-dev hdf5-tools python3-h5py             # metrics; h5dump and h5py read them without Keel
+  libssl-dev                                      # libcrypto: SHA-256 of checkpoint files (OpenSSL EVP)
   libspdlog-dev libfmt-dev
   libboost-dev libboost-program-options-dev libboost-filesystem-dev
   libgtest-dev libgmock-dev

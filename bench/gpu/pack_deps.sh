@@ -24,6 +24,9 @@ copy() { (cd / && shopt -s nullglob && for pattern in "$@"; do
 # Headers: whole trees, except Boost, which is cut down to what Keel's sources include (g++ -M).
 copy usr/include/hdf5 usr/include/spdlog usr/include/fmt usr/include/nlohmann usr/include/gtest usr/include/gmock \
      usr/include/sentencepiece_processor.h usr/include/sentencepiece_trainer.h
+# OpenSSL (libcrypto, SHA-256): its per-architecture headers go beside the others, so one include dir suffices.
+copy usr/include/openssl
+cp -a /usr/include/x86_64-linux-gnu/openssl/. "$root/usr/include/openssl/"
 probe=$stage/probe.cpp
 grep -rhoE '#include <boost/[^>]+>' core sdk tests plugins | sort -u > "$probe"
 # shellcheck disable=SC1003,SC2020  # tr: spaces and backslashes both become newlines
@@ -34,6 +37,7 @@ echo "boost headers kept: $(wc -l < "$stage/boost.txt")"
 # Libraries, their CMake packages and pkg-config files.
 copy "$lib/libhdf5_serial.so*" $lib/hdf5/serial "$lib/libboost_program_options.so*" "$lib/libboost_filesystem.so*" \
      "$lib/libspdlog.so*" "$lib/libfmt.so*" "$lib/libsentencepiece*.so*" "$lib/libgtest*.a" "$lib/libgmock*.a" \
+     "$lib/libcrypto.so*" \
      $lib/cmake/Boost-1.74.0 $lib/cmake/BoostDetectToolset-1.74.0.cmake $lib/cmake/boost_headers-1.74.0 \
      $lib/cmake/boost_program_options-1.74.0 $lib/cmake/boost_filesystem-1.74.0 $lib/cmake/boost_system-1.74.0 \
      $lib/cmake/GTest $lib/cmake/spdlog $lib/cmake/fmt usr/share/cmake/nlohmann_json $lib/pkgconfig/sentencepiece.pc

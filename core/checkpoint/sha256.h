@@ -1,13 +1,15 @@
 // Why: every checkpoint file is listed in manifest.json with its SHA-256, so a flipped byte or a truncated file
 // is caught (and named) before a single tensor is read, and anyone can check a checkpoint with `sha256sum`.
-// A small FIPS 180-4 implementation keeps Keel free of an OpenSSL dependency. Torch-free.
+// The digest comes from OpenSSL's libcrypto (EVP), which uses the CPU's SHA instructions where there are any:
+// hashing speed matters for 100+ GB checkpoints (measured in docs/performance.md). Torch-free.
 #pragma once
 
-#include <array>
 #include <cstddef>
-#include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
+
+struct evp_md_ctx_st;  // OpenSSL's EVP_MD_CTX; <openssl/evp.h> stays out of Keel's headers
 
 namespace keel::checkpoint {
 
@@ -20,11 +22,10 @@ class Sha256 {
   std::string hex_digest();
 
  private:
-  void compress(const uint8_t* block);
-  std::array<uint32_t, 8> state_;
-  std::array<uint8_t, 64> buffer_{};
-  size_t buffered_ = 0;
-  uint64_t total_bytes_ = 0;
+  struct FreeContext {
+    void operator()(evp_md_ctx_st* context) const;
+  };
+  std::unique_ptr<evp_md_ctx_st, FreeContext> context_;
 };
 
 std::string sha256_hex(std::string_view bytes);
