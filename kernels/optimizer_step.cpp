@@ -188,14 +188,4 @@ void lion_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   lion_step_reference(params, grads, exp_avgs, decay, hyper);
 }
 
-const sdk::HostKernels* host_kernels() {
-  static const sdk::HostKernels table = [] {
-    sdk::HostKernels t;
-    t.adamw_step = &adamw_step;
-    t.lion_step = &lion_step;
-    return t;
-  }();
-  return &table;
-}
-
 }  // namespace keel::kernels

@@ -1,20 +1,26 @@
 // Why: the AdamW and Lion updates over all of a model's fp32 master weights at once. On CUDA tensors they run the
 // multi-tensor kernels of kernels/cuda/optimizer_step.cu (one launch for ~36-48 tensors instead of ~5 per
 // tensor); everywhere else the reference, which is the LibTorch op sequence of plugins/adamw and plugins/lion
-// (bit for bit the same on CPU). Optimizer plugins do not link keel_core, so they reach these functions through
-// the table host_kernels() returns, which Keel hands them as StepContext::kernels (sdk/include/keel/plugin.h).
+// (bit for bit the same on CPU). kernels/ knows nothing of plugins or the SDK: optimizer plugins (which do not
+// link keel_core) reach these functions through the SDK's table, sdk::HostKernels, which the host side builds
+// from them (core/plugin_host/host_kernels.h) and hands to plugins as StepContext::kernels.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
 #include <vector>
-
-#include "keel/plugin.h"
 
 namespace keel::kernels {
 
-using AdamWHyper = sdk::AdamWHyper;
-using LionHyper = sdk::LionHyper;
+// The scalars of one update (the same fields and defaults as the SDK's sdk::AdamWHyper / sdk::LionHyper).
+struct AdamWHyper {
+  double lr = 0.0, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.0;
+  int64_t step = 1;  // 1-based count of updates so far, including this one (bias correction)
+};
+struct LionHyper {
+  double lr = 0.0, beta1 = 0.9, beta2 = 0.99, weight_decay = 0.0;
+};
 
 // params, grads, exp_avgs, exp_avg_sqs: parallel lists, entry i of each the same shape, fp32, on one device;
 // decay[i]: weight decay applies to params[i]. Updates params and the moments in place (run under no-grad).
@@ -33,8 +39,5 @@ void adamw_step_reference(const std::vector<at::Tensor>& params, const std::vect
 void lion_step_reference(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                          const std::vector<at::Tensor>& exp_avgs, const std::vector<bool>& decay,
                          const LionHyper& hyper);
-
-// {adamw_step, lion_step}: what the trainer puts in StepContext::kernels. Lives as long as the program.
-const sdk::HostKernels* host_kernels();
 
 }  // namespace keel::kernels

@@ -10,10 +10,10 @@
 #include "core/data/mixture.h"
 #include "core/metrics/run_log.h"
 #include "core/parallel/pipeline.h"
+#include "core/plugin_host/host_kernels.h"
 #include "core/train/batch_record.h"
 #include "core/train/plugin_values.h"
 #include "kernels/dispatch.h"
-#include "kernels/optimizer_step.h"
 
 namespace keel::train {
 namespace {
@@ -50,7 +50,7 @@ sdk::StepContext begin_context(const TrainerState& s, int64_t step) {
   ctx.total_steps = s.config.train.steps;
   ctx.tokens_before = s.tokens_seen;
   ctx.tensor_names = s.tensor_names;
-  ctx.kernels = kernels::host_kernels();  // fused multi-tensor optimizer steps for parameters on a GPU
+  ctx.kernels = plugin_host::host_kernels();  // fused multi-tensor optimizer steps for parameters on a GPU
   const parallel::ProcessGroups& g = s.groups;
   ctx.rank = g.rank;
   ctx.world_size = g.world_size();

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "core/plugin_host/host_kernels.h"
 #include "core/plugin_host/plugin_library.h"
 #include "kernels/dispatch.h"
 #include "kernels/optimizer_step.h"
@@ -123,7 +124,7 @@ TEST(KernelOptimizer, AdamWReferenceIsThePluginLoopBitForBit) {
     };
     // Without host kernels, and with them: on CPU params the plugin keeps its own loop either way.
     expect_plugin_loop_is_the_reference("adamw", args, 4, nullptr, reference, true);
-    expect_plugin_loop_is_the_reference("adamw", args, 4, host_kernels(), reference, true);
+    expect_plugin_loop_is_the_reference("adamw", args, 4, plugin_host::host_kernels(), reference, true);
     // And the dispatching entry point is the reference on CPU.
     auto dispatched = [&](Model& m, const std::vector<torch::Tensor>& grads, double lr, int step) {
       adamw_step(m.params, grads, m.exp_avgs, m.exp_avg_sqs, m.decay, hyper(lr, step));
@@ -144,7 +145,7 @@ TEST(KernelOptimizer, LionReferenceIsThePluginLoopBitForBit) {
       lion_step_reference(m.params, grads, m.exp_avgs, m.decay, h);
     };
     expect_plugin_loop_is_the_reference("lion", args, 4, nullptr, reference, false);
-    expect_plugin_loop_is_the_reference("lion", args, 4, host_kernels(), reference, false);
+    expect_plugin_loop_is_the_reference("lion", args, 4, plugin_host::host_kernels(), reference, false);
     auto dispatched = [&](Model& m, const std::vector<torch::Tensor>& grads, double lr, int) {
       LionHyper h;
       h.lr = lr;
@@ -206,12 +207,53 @@ TEST(KernelOptimizer, BadListsAreRefusedNamingTheArgument) {
       std::string::npos);
 }
 
-TEST(KernelOptimizer, HostKernelTableHoldsTheseFunctions) {
-  const sdk::HostKernels* table = host_kernels();
+// The SDK's table (core/plugin_host/host_kernels.h) runs these very functions: the same update, bit for bit.
+TEST(KernelOptimizer, HostKernelTableRunsTheseFunctions) {
+  const sdk::HostKernels* table = plugin_host::host_kernels();
   ASSERT_NE(table, nullptr);
-  EXPECT_EQ(table, host_kernels());  // one table for the program's life
-  EXPECT_EQ(table->adamw_step, &adamw_step);
-  EXPECT_EQ(table->lion_step, &lion_step);
+  EXPECT_EQ(table, plugin_host::host_kernels());  // one table for the program's life
+  ASSERT_NE(table->adamw_step, nullptr);
+  ASSERT_NE(table->lion_step, nullptr);
+  Model direct(torch::kCPU, {{3}, {2, 2}}, 5), lent(torch::kCPU, {{3}, {2, 2}}, 5);
+  const std::vector<torch::Tensor> grads = direct.grads(6);
+  sdk::AdamWHyper sdk_adamw;
+  sdk_adamw.lr = 1e-2;
+  sdk_adamw.beta1 = 0.8;
+  sdk_adamw.beta2 = 0.9;
+  sdk_adamw.eps = 1e-6;
+  sdk_adamw.weight_decay = 0.1;
+  sdk_adamw.step = 3;
+  AdamWHyper adamw;
+  adamw.lr = 1e-2;
+  adamw.beta1 = 0.8;
+  adamw.beta2 = 0.9;
+  adamw.eps = 1e-6;
+  adamw.weight_decay = 0.1;
+  adamw.step = 3;
+  adamw_step(direct.params, grads, direct.exp_avgs, direct.exp_avg_sqs, direct.decay, adamw);
+  table->adamw_step(lent.params, grads, lent.exp_avgs, lent.exp_avg_sqs, lent.decay, sdk_adamw);
+  sdk::LionHyper sdk_lion;
+  sdk_lion.lr = 1e-3;
+  sdk_lion.beta1 = 0.7;
+  sdk_lion.beta2 = 0.95;
+  sdk_lion.weight_decay = 0.2;
+  LionHyper lion;
+  lion.lr = 1e-3;
+  lion.beta1 = 0.7;
+  lion.beta2 = 0.95;
+  lion.weight_decay = 0.2;
+  lion_step(direct.params, grads, direct.exp_avgs, direct.decay, lion);
+  table->lion_step(lent.params, grads, lent.exp_avgs, lent.decay, sdk_lion);
+  for (size_t i = 0; i < direct.params.size(); ++i) {
+    EXPECT_TRUE(torch::equal(direct.params[i], lent.params[i])) << i;
+    EXPECT_TRUE(torch::equal(direct.exp_avgs[i], lent.exp_avgs[i])) << i;
+    EXPECT_TRUE(torch::equal(direct.exp_avg_sqs[i], lent.exp_avg_sqs[i])) << i;
+  }
+  // A bad list through the table is refused by the kernel, naming the argument.
+  EXPECT_NE(error_of([&] {
+              table->adamw_step(lent.params, {grads[0]}, lent.exp_avgs, lent.exp_avg_sqs, lent.decay, sdk_adamw);
+            }).find("grads has 1 tensors but params has 2"),
+            std::string::npos);
 }
 
 // ---------------------------------------------------------------------------------------------------- on a GPU
@@ -329,7 +371,7 @@ TEST(KernelOptimizer, PluginsTakeTheHostKernelsOnAGpu) {
       }
       sdk::StepContext ctx;
       ctx.lr = 1e-3;
-      ctx.kernels = host_kernels();
+      ctx.kernels = plugin_host::host_kernels();
       with_kernels->step(ctx);
       ctx.kernels = nullptr;
       with_loop->step(ctx);
