@@ -1,7 +1,6 @@
 // Why: see common.h.
 #include "core/cli/commands/common.h"
 
-#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -9,7 +8,6 @@
 #include <cstdlib>
 #include <iostream>
 
-#include "core/metrics/run_log.h"
 #include "core/plugin_host/plugin_library.h"
 
 namespace keel::cli {
@@ -80,20 +78,6 @@ po::variables_map parse_args(const std::vector<std::string>& args, const po::opt
 
 void print_json(const nlohmann::json& value) {
   std::cout << value.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
-}
-
-void setup_logging(const std::string& log_file, const std::string& rank_tag) {
-  std::vector<spdlog::sink_ptr> sinks;
-  sinks.push_back(std::make_shared<spdlog::sinks::stderr_color_sink_mt>());
-  // The run log (train.log) writes each line through at once and remembers a failed write, which the trainer
-  // reports with metrics::throw_if_run_log_failed(); without a log file, an earlier run log is forgotten.
-  if (auto run_log = metrics::open_run_log(log_file)) sinks.push_back(run_log);
-  auto logger = std::make_shared<spdlog::logger>("keel", sinks.begin(), sinks.end());
-  logger->set_pattern(rank_tag.empty() ? "[%Y-%m-%d %H:%M:%S.%e] [%^%l%$] %v"
-                                       : "[%Y-%m-%d %H:%M:%S.%e] [" + rank_tag + "] [%^%l%$] %v");
-  logger->flush_on(spdlog::level::info);
-  logger->set_error_handler(metrics::log_error_handler);
-  spdlog::set_default_logger(logger);
 }
 
 void exit_on_distributed_error(const std::string& command, const std::string& message, int status) {

@@ -30,11 +30,6 @@ po::variables_map parse_args(const std::vector<std::string>& args, const po::opt
                              const std::string& command, std::vector<std::string>* positional = nullptr);
 // The --json output of a command: `value` on stdout, indented, then a newline (invalid UTF-8 replaced).
 void print_json(const nlohmann::json& value);
-// Log to the console (and to `log_file` when given) with spdlog. `log_file` becomes the run log of
-// core/metrics/run_log.h: a failed write to it is remembered for metrics::throw_if_run_log_failed(); one that
-// cannot be opened throws metrics::RunLogError naming it.
-// `rank_tag` ("rank 3") goes into every line of a multi-rank job's log.
-void setup_logging(const std::string& log_file = "", const std::string& rank_tag = "");
 // Prints "keel COMMAND: error: MESSAGE", flushes everything this process has to say, then exits with `status`
 // without running any destructor: after a DistributedError the c10d/Gloo/NCCL objects still alive may wait on
 // the missing rank, and the launcher (keel launch, torchrun, srun) is waiting for this exit.

@@ -9,6 +9,7 @@
 
 #include "core/cli/commands/commands.h"
 #include "core/cli/commands/common.h"
+#include "core/metrics/logger.h"
 
 namespace keel::cli {
 namespace {
@@ -100,7 +101,7 @@ int cmd_config(const Args& args) {
     return 0;
   }
   const bool json = vm.count("json") > 0;
-  if (json) setup_logging();  // any log line to stderr: stdout holds the JSON object only
+  if (json) metrics::setup_logging();  // any log line to stderr: stdout holds the JSON object only
   if (sub == "keys") {
     if (json) {
       nlohmann::json keys = nlohmann::json::array();

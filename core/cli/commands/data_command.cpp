@@ -14,6 +14,7 @@
 #include "core/data/prepare.h"
 #include "core/data/run_order.h"
 #include "core/data/show_batch.h"
+#include "core/metrics/logger.h"
 
 namespace keel::cli {
 namespace {
@@ -124,7 +125,7 @@ int cmd_data(const Args& args) {
     std::cout << options;
     return 0;
   }
-  setup_logging();
+  metrics::setup_logging();
   if (sub == "show-batch") return show_batch(vm, config_path, overrides, step, to, show_tokens);
   if (sub == "compare-order") {
     if (positional.size() != 2)

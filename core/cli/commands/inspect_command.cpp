@@ -21,6 +21,7 @@
 #include "core/checkpoint/manifest.h"
 #include "core/cli/commands/commands.h"
 #include "core/cli/commands/common.h"
+#include "core/metrics/logger.h"
 #include "core/metrics/metrics_reader.h"
 
 namespace keel::cli {
@@ -346,7 +347,7 @@ int cmd_inspect(const Args& args) {
   if (dirs.empty())
     throw std::runtime_error("expected RUN_DIR, CKPT_DIR or several RUN_DIRs (see keel inspect --help)");
   const bool json = vm.count("json") > 0;
-  if (json) setup_logging();  // any log line to stderr: stdout holds the JSON object only
+  if (json) metrics::setup_logging();  // any log line to stderr: stdout holds the JSON object only
   if (dirs.size() > 1) {
     std::vector<checkpoint::Lineage> runs;
     for (const auto& dir : dirs) runs.push_back(read_run_lineage(dir));

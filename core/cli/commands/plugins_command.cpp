@@ -6,6 +6,7 @@
 
 #include "core/cli/commands/commands.h"
 #include "core/cli/commands/common.h"
+#include "core/metrics/logger.h"
 #include "core/plugin_host/plugin_library.h"
 
 namespace keel::cli {
@@ -36,7 +37,7 @@ int cmd_plugins(const Args& args) {
     std::cout << options;
     return 0;
   }
-  if (vm.count("json")) setup_logging();  // any log line to stderr: stdout holds the JSON object only
+  if (vm.count("json")) metrics::setup_logging();  // any log line to stderr: stdout holds the JSON object only
   const auto dirs = plugin_host::plugin_search_dirs();
   const auto found = plugin_host::discover_plugins();
   if (vm.count("json")) {

@@ -8,6 +8,7 @@
 
 #include "core/cli/commands/commands.h"
 #include "core/cli/commands/common.h"
+#include "core/metrics/logger.h"
 #include "core/report/ab_stats.h"
 #include "core/report/report_page.h"
 #include "core/report/run_data.h"
@@ -33,7 +34,7 @@ int cmd_report(const Args& args) {
   }
   if (run_dirs.empty()) throw std::runtime_error("expected at least one RUN_DIR (see keel report --help)");
   const bool json = vm.count("json") > 0;
-  if (json) setup_logging();  // any log line to stderr: stdout holds the JSON object only
+  if (json) metrics::setup_logging();  // any log line to stderr: stdout holds the JSON object only
   if (out.empty() && !json) throw std::runtime_error("missing -o FILE.html (where to write the report), or --json");
 
   std::vector<report::RunData> runs;

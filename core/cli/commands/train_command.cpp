@@ -1,5 +1,5 @@
 // Why: `keel train --config FILE --run-dir DIR [--set k=v]... [--force]`: resolve the config and open the data
-// (both may fail; nothing is written yet), then hand over to launch_run.
+// (both may fail; nothing is written yet), then hand over to train::run_on_ranks (core/train/run_ranks.h).
 #include <spdlog/spdlog.h>
 #include <torch/cuda.h>
 
@@ -7,8 +7,8 @@
 
 #include "core/cli/commands/commands.h"
 #include "core/cli/commands/common.h"
-#include "core/cli/commands/run_launcher.h"
 #include "core/config/memory_estimate.h"
+#include "core/train/run_ranks.h"
 
 namespace keel::cli {
 
@@ -33,13 +33,14 @@ int cmd_train(const Args& args) {
     throw std::runtime_error("train.device = cuda but no CUDA device is available to this build of keel");
   // Data next: an unprepared corpus is the most common first-run error; report it before claiming the run dir.
   auto loader = std::make_unique<data::DataLoader>(config, config.global_batch());
-  RunRequest request;
+  train::RunRequest request;
   request.config = std::move(config);
   request.loader = std::move(loader);
   request.run_dir = run_dir;
   request.force = vm.count("force") > 0;
   request.description = "train: config " + config_path;
-  return launch_run(std::move(request));
+  request.on_distributed_error = [](const std::string& message) { exit_on_distributed_error("train", message); };
+  return train::run_on_ranks(std::move(request));
 }
 
 std::string usage() {
@@ -51,18 +52,18 @@ std::string usage() {
          "  keel resume --from RUN_DIR|CKPT_DIR --run-dir NEW_DIR [--set key=value]... [--plugin SLOT=NAME]...\n"
          "              [--plugin-arg NAME.k=v]... [--allow-data-change]\n"
          "  keel control RUN_DIR swap SLOT=NAME_OR_PATH [--plugin-arg NAME.k=v]... [--at-step N]\n"
-         "  keel plugins\n"
+         "  keel plugins [--json]\n"
          "  keel launch --nproc N [--master-addr A] [--master-port P] [--grace-s S] -- keel train ...\n"
          "  keel data prepare --config FILE [--set key=value]...\n"
          "  keel data show-batch --config FILE|--run RUN_DIR --step N [--to M] [--json] [--set key=value]...\n"
          "  keel data compare-order RUN_A RUN_B [--steps S..E] [--json]\n"
-         "  keel inspect RUN_DIR|CKPT_DIR [RUN_DIR...]\n"
+         "  keel inspect RUN_DIR|CKPT_DIR [RUN_DIR...] [--json]\n"
          "  keel export-hf CKPT_DIR OUT_DIR [--dtype fp32|bf16]\n"
          "  keel import-hf HF_DIR --run-dir RUN_DIR [--config FILE] [--set key=value]...\n"
          "  keel eval CKPT_DIR|RUN_DIR [--out FILE.h5] [--set key=value]... [--batches N] [--memorization-samples N]\n"
          "            [--json]\n"
-         "  keel report RUN_DIR... -o FILE.html [--baseline ARM] [--title TEXT]\n"
-         "  keel config keys | keel config show --config FILE [--set key=value]...\n"
+         "  keel report RUN_DIR... -o FILE.html [--baseline ARM] [--title TEXT] [--json]\n"
+         "  keel config keys [--json] | keel config show --config FILE [--set key=value]... [--json]\n"
          "  keel --version\n\n"
          "docs: README.md and docs/ (docs/cli.md lists every command and key)\n";
 }

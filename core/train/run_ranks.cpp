@@ -1,5 +1,5 @@
-// Why: see run_launcher.h.
-#include "core/cli/commands/run_launcher.h"
+// Why: see run_ranks.h.
+#include "core/train/run_ranks.h"
 
 #include <spdlog/spdlog.h>
 
@@ -8,14 +8,15 @@
 #include <iostream>
 
 #include "core/checkpoint/durable_fs.h"
-#include "core/cli/commands/common.h"
 #include "core/metrics/hdf5_handle.h"
+#include "core/metrics/logger.h"
+#include "core/parallel/launcher.h"
 #include "core/parallel/process_groups.h"
 #include "core/plugin_host/plugin_host.h"
 #include "core/train/run_dir.h"
 #include "core/train/trainer.h"
 
-namespace keel::cli {
+namespace keel::train {
 namespace {
 
 // Every rank fails with the first failing rank's message (so no rank is left waiting in a collective).
@@ -31,15 +32,15 @@ void agree_across_ranks(const parallel::ProcessGroups& groups, const std::string
 // Builds the trainer (restoring a checkpoint for a resume), trains, and says where everything went. A failure
 // before the first step (the trainer cannot be built, the checkpoint does not fit) leaves nothing behind in
 // the run dir; a failure after it keeps everything the run wrote, and the error goes to train.log too.
-int train_and_report(RunRequest& r, const train::RunDirClaim& claim, const parallel::ProcessGroups& groups) {
+int train_and_report(RunRequest& r, const RunDirClaim& claim, const parallel::ProcessGroups& groups) {
   const bool rank0 = groups.is_rank0();
-  const train::RunPaths& paths = claim.paths;
-  std::unique_ptr<train::Trainer> trainer;
+  const RunPaths& paths = claim.paths;
+  std::unique_ptr<Trainer> trainer;
   std::string error;
   try {
     // The test-only fault seam (docs/testing.md); unset outside tests.
-    const train::TestFault fault = train::parse_test_fault(std::getenv("KEEL_TEST_FAULT"));
-    trainer = std::make_unique<train::Trainer>(r.config, paths, std::move(r.loader), r.lineage, groups, fault);
+    const TestFault fault = parse_test_fault(std::getenv("KEEL_TEST_FAULT"));
+    trainer = std::make_unique<Trainer>(r.config, paths, std::move(r.loader), r.lineage, groups, fault);
     if (r.resume) trainer->restore(*r.resume, r.allow_data_change);
   } catch (const parallel::DistributedError&) {
     throw;
@@ -50,10 +51,10 @@ int train_and_report(RunRequest& r, const train::RunDirClaim& claim, const paral
     agree_across_ranks(groups, error);
   } catch (...) {
     trainer.reset();  // closes metrics.h5 before it is removed
-    if (rank0) train::remove_unstarted_run(claim);
+    if (rank0) remove_unstarted_run(claim);
     throw;
   }
-  train::TrainSummary summary;
+  TrainSummary summary;
   try {
     summary = trainer->train();
   } catch (const parallel::DistributedError&) {
@@ -75,7 +76,7 @@ int train_and_report(RunRequest& r, const train::RunDirClaim& claim, const paral
 
 }  // namespace
 
-int launch_run(RunRequest r) {
+int run_on_ranks(RunRequest r) {
   // Join the job first (a single process joins a job of one): the layout must match the ranks started.
   const parallel::WorldInfo world = parallel::detect_world();
   const std::string backend = r.config.parallel.backend == "auto" ? (r.config.train.device == "cuda" ? "nccl" : "gloo")
@@ -84,7 +85,7 @@ int launch_run(RunRequest r) {
   const bool rank0 = groups.is_rank0();
   // From here a stop signal is a request to stop at a step boundary, not a kill; before the run dir is claimed
   // it stops the command with nothing written.
-  train::install_stop_signal_handlers();
+  install_stop_signal_handlers();
 
   std::string error;
   try {
@@ -93,23 +94,23 @@ int launch_run(RunRequest r) {
     error = e.what();
   }
   agree_across_ranks(groups, error);
-  agree_across_ranks(
-      groups, train::stop_requested() ? "stopped by a signal before the run dir was claimed; nothing was written" : "");
-  train::RunDirClaim claim;  // rank 0 holds the run dir's lock until the run ends
-  claim.paths = train::RunPaths{r.run_dir};
+  agree_across_ranks(groups,
+                     stop_requested() ? "stopped by a signal before the run dir was claimed; nothing was written" : "");
+  RunDirClaim claim;  // rank 0 holds the run dir's lock until the run ends
+  claim.paths = RunPaths{r.run_dir};
   if (rank0) {  // rank 0 claims the run dir; the others write into it (rank files) or not at all
     try {
-      claim = train::create_run_dir(r.run_dir, r.force);
+      claim = create_run_dir(r.run_dir, r.force);
     } catch (const std::exception& e) {
       error = e.what();
     }
   }
   agree_across_ranks(groups, error);
-  const train::RunPaths& paths = claim.paths;
+  const RunPaths& paths = claim.paths;
   // Under torchrun or srun every log line says its rank; keel launch already prefixes each line with it.
-  const bool launcher_prefixes = std::getenv("KEEL_LAUNCH_PREFIXES_OUTPUT") != nullptr;
-  setup_logging(rank0 ? paths.log_file() : "",
-                world.distributed() && !launcher_prefixes ? "rank " + std::to_string(world.rank) : "");
+  const bool launcher_prefixes = std::getenv(parallel::kLauncherPrefixesOutputEnv) != nullptr;
+  metrics::setup_logging(rank0 ? paths.log_file() : "",
+                         world.distributed() && !launcher_prefixes ? "rank " + std::to_string(world.rank) : "");
   if (rank0) {
     try {
       checkpoint::write_file_atomically(paths.config_ini(), to_ini(r.config));
@@ -120,7 +121,7 @@ int launch_run(RunRequest r) {
   try {
     agree_across_ranks(groups, error);
   } catch (...) {
-    if (rank0) train::remove_unstarted_run(claim);
+    if (rank0) remove_unstarted_run(claim);
     throw;
   }
   spdlog::info("keel {} {} -> run dir {}", KEEL_VERSION, r.description, r.run_dir);
@@ -131,8 +132,9 @@ int launch_run(RunRequest r) {
   try {
     return train_and_report(r, claim, groups);
   } catch (const parallel::DistributedError& e) {
-    exit_on_distributed_error(r.description.substr(0, r.description.find(':')), e.what());
+    if (r.on_distributed_error) r.on_distributed_error(e.what());
+    throw;
   }
 }
 
-}  // namespace keel::cli
+}  // namespace keel::train
