@@ -10,11 +10,13 @@
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <regex>
 #include <set>
 #include <stdexcept>
 
 #include "core/checkpoint/checkpoint_store.h"
+#include "core/checkpoint/checkpoint_writer.h"
 #include "core/checkpoint/durable_fs.h"
 #include "core/checkpoint/lineage.h"
 #include "core/checkpoint/manifest.h"
@@ -23,10 +25,11 @@
 #include "core/checkpoint/training_state.h"
 #include "core/data/loader.h"
 #include "core/data/regular_file.h"
+#include "core/data/tokenizer.h"
 #include "core/interop/safetensors.h"
 #include "core/metrics/hdf5_handle.h"
 #include "core/model/llama.h"
-#include "core/train/run_dir.h"
+#include "core/plugin_host/plugin_host.h"
 
 namespace keel::interop {
 namespace {
@@ -37,6 +40,9 @@ using nlohmann::json;
 constexpr const char* kWeightsFile = "model.safetensors";
 constexpr const char* kIndexFile = "model.safetensors.index.json";
 constexpr const char* kHfConfigFile = "config.json";
+constexpr const char* kTokenizerFile = "tokenizer.model";
+constexpr const char* kTokenizerConfigFile = "tokenizer_config.json";
+constexpr const char* kRotaryBuffer = "rotary_emb.inv_freq";
 
 // Keel's per-block tensor suffix -> HF's (the same [out, in] nn.Linear layout on both sides).
 const std::map<std::string, std::string>& block_names() {
@@ -141,21 +147,77 @@ int64_t positive_int(const json& config, const char* name, const std::string& or
   return v.get<int64_t>();
 }
 
-double positive_number(const json& config, const char* name, const std::string& origin) {
+double positive_number(const json& config, const char* name, const std::string& origin,
+                       const std::string& prefix = "") {
   const json& v = field(config, name, origin);
   if (!v.is_number() || v.get<double>() <= 0) {
-    throw std::runtime_error(origin + ": field '" + std::string(name) + "' is " + v.dump() +
+    throw std::runtime_error(origin + ": field '" + prefix + std::string(name) + "' is " + v.dump() +
                              ", expected a positive number");
   }
   return v.get<double>();
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// partial_rotary_factor (top level, or inside a RoPE object as `prefix`): absent, null or 1 only.
+void refuse_partial_rotary(const json& c, const std::string& origin, const std::string& prefix) {
+  if (!c.contains("partial_rotary_factor") || c["partial_rotary_factor"].is_null()) return;
+  const json& v = c["partial_rotary_factor"];
+  if (!v.is_number() || v.get<double>() != 1.0) {
+    throw std::runtime_error(origin + ": field '" + prefix + "partial_rotary_factor' is " + v.dump() +
+                             "; Keel's LLaMA import rotates every head dimension (partial_rotary_factor 1)");
+  }
+}
+
+// RoPE settings: transformers 5 writes rope_parameters {"rope_type": "default", "rope_theta": T}; older files a
+// top-level rope_theta and rope_scaling null (or an object of the same form). Only plain RoPE is accepted; a
+// rope_theta given twice must agree. Absent everywhere: HF's default, 10000.
+void read_rope(const json& c, const std::string& origin, HfModelConfig& out) {
+  std::optional<double> top, nested;
+  std::string nested_from;
+  if (c.contains("rope_theta") && !c["rope_theta"].is_null()) top = positive_number(c, "rope_theta", origin);
+  refuse_partial_rotary(c, origin, "");
+  for (const char* key : {"rope_parameters", "rope_scaling"}) {
+    if (!c.contains(key) || c[key].is_null()) continue;
+    const json& rope = c[key];
+    const std::string prefix = std::string(key) + ".";
+    if (!rope.is_object())
+      throw std::runtime_error(origin + ": field '" + key + "' is " + rope.dump() + ", expected an object or null");
+    for (const char* type_key : {"rope_type", "type"}) {
+      if (rope.contains(type_key) && rope[type_key] != "default") {
+        throw std::runtime_error(origin + ": field '" + key + "' has " + type_key + " " + rope[type_key].dump() +
+                                 "; Keel has plain RoPE only (rope_type \"default\")");
+      }
+    }
+    for (const auto& [name, value] : rope.items()) {
+      if (name == "rope_type" || name == "type") continue;
+      if (name == "rope_theta") {
+        nested = positive_number(rope, "rope_theta", origin, prefix);
+        nested_from = prefix + "rope_theta";
+      } else if (name == "partial_rotary_factor") {
+        refuse_partial_rotary(rope, origin, prefix);
+      } else {
+        throw std::runtime_error(origin + ": field '" + key + "' has " + name + " " + value.dump() +
+                                 ", which plain RoPE does not have; Keel has plain RoPE only");
+      }
+    }
+  }
+  if (top && nested && *top != *nested) {
+    throw std::runtime_error(origin + ": field 'rope_theta' is " + json(*top).dump() + " but '" + nested_from +
+                             "' is " + json(*nested).dump());
+  }
+  out.rope_theta = nested ? *nested : top ? *top : 10000.0;
+  out.rope_theta_from = nested ? nested_from : top ? "rope_theta" : "absent: HF's default";
 }
 
 }  // namespace
 
 void check_hf_expressible(const ModelConfig& model, const std::string& origin) {
   const std::string tail = ": Hugging Face LlamaForCausalLM cannot express this model";
-  if (model.norm != "rmsnorm")
-    throw std::runtime_error(origin + ": model.norm = " + model.norm + tail + " (it uses RMSNorm)");
+  if (model.norm != NormKind::kRmsNorm)
+    throw std::runtime_error(origin + ": model.norm = " + name_of(model.norm) + tail + " (it uses RMSNorm)");
   if (model.rotary_fraction != 1.0) {
     throw std::runtime_error(origin + ": model.rotary_fraction = " + std::to_string(model.rotary_fraction) + tail +
                              " (it rotates every head dimension)");
@@ -176,7 +238,7 @@ std::string hf_name_of(const std::string& keel_name) {
   throw std::runtime_error("tensor '" + keel_name + "' has no place in Hugging Face LlamaForCausalLM");
 }
 
-std::string hf_config_json(const ModelConfig& model, const std::string& torch_dtype) {
+std::string hf_config_json(const ModelConfig& model, const std::string& torch_dtype, int64_t eos_id) {
   const json config = {
       {"architectures", {"LlamaForCausalLM"}},
       {"model_type", "llama"},
@@ -191,16 +253,20 @@ std::string hf_config_json(const ModelConfig& model, const std::string& torch_dt
       {"rms_norm_eps", model.norm_eps},
       {"rope_theta", model.rope_theta},
       {"rope_scaling", nullptr},
+      {"rope_parameters", {{"rope_type", "default"}, {"rope_theta", model.rope_theta}}},  // transformers 5
       {"hidden_act", "silu"},
       {"attention_bias", false},
       {"mlp_bias", false},
       {"tie_word_embeddings", model.tie_embeddings},
       {"torch_dtype", torch_dtype},
+      {"bos_token_id", nullptr},
+      {"eos_token_id", eos_id},
+      {"pad_token_id", nullptr},
   };
   return config.dump(2) + "\n";
 }
 
-std::vector<std::string> keel_model_overrides_from_hf_config(const std::string& json_text, const std::string& origin) {
+HfModelConfig parse_hf_config(const std::string& json_text, const std::string& origin) {
   const json c = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
   if (c.is_discarded() || !c.is_object()) throw std::runtime_error(origin + ": not a JSON object");
   bool llama = c.value("model_type", json()) == "llama";
@@ -223,10 +289,6 @@ std::vector<std::string> keel_model_overrides_from_hf_config(const std::string& 
     throw std::runtime_error(origin + ": field 'hidden_act' is " + c["hidden_act"].dump() +
                              "; Keel's MLP is SwiGLU (silu)");
   }
-  if (c.contains("rope_scaling") && !c["rope_scaling"].is_null()) {
-    throw std::runtime_error(origin + ": field 'rope_scaling' is " + c["rope_scaling"].dump() +
-                             "; Keel has plain RoPE only");
-  }
   for (const char* bias : {"attention_bias", "mlp_bias"}) {
     if (c.contains(bias) && c[bias] != false) {
       throw std::runtime_error(origin + ": field '" + std::string(bias) + "' is " + c[bias].dump() +
@@ -236,23 +298,91 @@ std::vector<std::string> keel_model_overrides_from_hf_config(const std::string& 
   const json tie = c.value("tie_word_embeddings", json(false));
   if (!tie.is_boolean())
     throw std::runtime_error(origin + ": field 'tie_word_embeddings' is " + tie.dump() + ", expected true or false");
-  const double theta = c.contains("rope_theta") ? positive_number(c, "rope_theta", origin) : 10000.0;
-  return {
+  HfModelConfig out;
+  read_rope(c, origin, out);
+  out.max_position_embeddings = positive_int(c, "max_position_embeddings", origin);
+  out.overrides = {
       "model.layers=" + std::to_string(positive_int(c, "num_hidden_layers", origin)),
       "model.d_model=" + std::to_string(hidden),
       "model.heads=" + std::to_string(heads),
       "model.kv_heads=" + std::to_string(kv_heads),
       "model.ffn_hidden=" + std::to_string(positive_int(c, "intermediate_size", origin)),
       "model.vocab=" + std::to_string(positive_int(c, "vocab_size", origin)),
-      "model.seq_len=" + std::to_string(positive_int(c, "max_position_embeddings", origin)),
+      "model.seq_len=" + std::to_string(out.max_position_embeddings),
       "model.norm=rmsnorm",
       "model.norm_eps=" + json(positive_number(c, "rms_norm_eps", origin)).dump(),
       "model.rotary_fraction=1.0",
-      "model.rope_theta=" + json(theta).dump(),
+      "model.rope_theta=" + json(out.rope_theta).dump(),
       std::string("model.tie_embeddings=") + (tie.get<bool>() ? "true" : "false"),
       "model.qk_norm=false",
   };
+  return out;
 }
+
+std::vector<std::string> keel_model_overrides_from_hf_config(const std::string& json_text, const std::string& origin) {
+  return parse_hf_config(json_text, origin).overrides;
+}
+
+std::string hf_tokenizer_config_json(const std::string& eos_piece, const std::string& unk_piece, int64_t seq_len) {
+  const json config = {
+      {"tokenizer_class", "LlamaTokenizer"},
+      {"add_bos_token", false},
+      {"add_eos_token", false},
+      {"bos_token", nullptr},
+      {"eos_token", eos_piece},
+      {"unk_token", unk_piece},
+      {"pad_token", nullptr},
+      {"model_max_length", seq_len},
+      {"clean_up_tokenization_spaces", false},
+      {"legacy", false},
+  };
+  return config.dump(2) + "\n";
+}
+
+namespace {
+
+// The tokenizer an export ships: the one the checkpoint's data was tokenized with.
+struct ExportTokenizer {
+  std::string model_path;
+  std::string eos_piece, unk_piece;
+};
+
+// DATA_DIR/prepared.json's tokenizer, refused unless its fingerprint and EOS id are the ones the checkpoint's
+// data fingerprint records (the data may have been re-prepared since).
+ExportTokenizer find_export_tokenizer(const Config& config, const json& data_fingerprint, const std::string& origin) {
+  const std::string hint = "; pass --no-tokenizer to export the weights alone";
+  const std::string prepared_path = config.data.dir + "/prepared.json";
+  if (!fs::exists(prepared_path)) {
+    throw std::runtime_error(origin + ": its data dir has no prepared.json (" + prepared_path +
+                             "), so its tokenizer cannot be exported" + hint);
+  }
+  const json prepared = json::parse(read_hf_text_file(prepared_path), nullptr, /*allow_exceptions=*/false);
+  if (prepared.is_discarded() || !prepared.is_object() || !prepared.contains("tokenizer") ||
+      !prepared["tokenizer"].is_object()) {
+    throw std::runtime_error(prepared_path + ": not a JSON object with a 'tokenizer' object" + hint);
+  }
+  const json& tokenizer = prepared["tokenizer"];
+  const json recorded = data_fingerprint.value("tokenizer", json());
+  if (tokenizer.value("fingerprint", json()) != recorded) {
+    throw std::runtime_error(prepared_path + ": tokenizer fingerprint " +
+                             tokenizer.value("fingerprint", json()).dump() + ", but " + origin +
+                             " was trained on data tokenized with " + recorded.dump() + hint);
+  }
+  ExportTokenizer out;
+  out.model_path = config.data.dir + "/" + tokenizer.value("file", std::string(kTokenizerFile));
+  data::require_regular_file<std::runtime_error>(out.model_path);
+  const data::Tokenizer loaded(out.model_path);
+  const json eos = data_fingerprint.value("eos_id", json());
+  if (eos != json(loaded.eos_id())) {
+    throw std::runtime_error(out.model_path + ": EOS id " + std::to_string(loaded.eos_id()) + ", but " + origin +
+                             "'s data has EOS id " + eos.dump() + hint);
+  }
+  out.eos_piece = loaded.id_to_piece(loaded.eos_id());
+  out.unk_piece = loaded.id_to_piece(data::kUnkId);
+  return out;
+}
+
+}  // namespace
 
 std::string export_hf(const std::string& checkpoint_dir, const std::string& out_dir, const ExportOptions& options) {
   // 1. Everything read, checked and mapped before OUT_DIR gets a file.
@@ -261,6 +391,14 @@ std::string export_hf(const std::string& checkpoint_dir, const std::string& out_
   const std::string config_path = checkpoint_dir + "/config.ini";
   const Config config = load_config(config_path);
   check_hf_expressible(config.model, config_path);
+  const json data_fingerprint = json::parse(manifest.data_fingerprint, nullptr, /*allow_exceptions=*/false);
+  if (data_fingerprint.is_discarded() || !data_fingerprint.is_object() || !data_fingerprint.contains("eos_id") ||
+      !data_fingerprint["eos_id"].is_number_integer()) {
+    throw std::runtime_error(checkpoint_dir + ": manifest field 'data_fingerprint' has no integer eos_id");
+  }
+  const int64_t eos_id = data_fingerprint["eos_id"].get<int64_t>();
+  std::optional<ExportTokenizer> tokenizer;
+  if (options.tokenizer) tokenizer = find_export_tokenizer(config, data_fingerprint, checkpoint_dir);
   const checkpoint::TrainingState state = checkpoint::read_full_state(checkpoint_dir, manifest, /*rng_rank=*/-1);
   const SafetensorsDtype dtype = options.bf16 ? SafetensorsDtype::kBF16 : SafetensorsDtype::kF32;
   SafetensorsFile file;
@@ -278,23 +416,25 @@ std::string export_hf(const std::string& checkpoint_dir, const std::string& out_
   // 2. The files, each atomically; config.json last (a directory with config.json is complete).
   fs::create_directories(out_dir);
   checkpoint::write_file_atomically(out_dir + "/" + kWeightsFile, serialize_safetensors(file));
+  if (tokenizer) {
+    checkpoint::write_file_atomically(out_dir + "/" + kTokenizerFile,
+                                      checkpoint::read_small_file(tokenizer->model_path));
+    checkpoint::write_file_atomically(
+        out_dir + "/" + kTokenizerConfigFile,
+        hf_tokenizer_config_json(tokenizer->eos_piece, tokenizer->unk_piece, config.model.seq_len));
+  }
   checkpoint::write_file_atomically(out_dir + "/" + kHfConfigFile,
-                                    hf_config_json(config.model, options.bf16 ? "bfloat16" : "float32"));
+                                    hf_config_json(config.model, options.bf16 ? "bfloat16" : "float32", eos_id));
   return "exported " + std::to_string(file.tensors.size()) + " tensors of " + checkpoint_dir + " (step " +
          std::to_string(manifest.step) + ") to " + out_dir + " as LlamaForCausalLM (" +
-         (options.bf16 ? "bfloat16" : "float32") + ")";
+         (options.bf16 ? "bfloat16" : "float32") + "; eos_token_id " + std::to_string(eos_id) + ", no BOS, no pad; " +
+         (tokenizer ? "tokenizer " + tokenizer->model_path + " with tokenizer_config.json" : "no tokenizer") + ")";
 }
 
-std::string import_hf(const std::string& hf_dir, const std::string& run_dir, const ImportOptions& options) {
-  // 1. Config: model.* from config.json, the rest from --config, then --set.
-  const std::string hf_config_path = hf_dir + "/" + kHfConfigFile;
-  std::vector<std::string> overrides =
-      keel_model_overrides_from_hf_config(read_hf_text_file(hf_config_path), hf_config_path);
-  overrides.insert(overrides.end(), options.overrides.begin(), options.overrides.end());
-  const Config config = load_config(options.config_path, overrides);
-  check_hf_expressible(config.model, "the imported config");
+namespace {
 
-  // 2. Every HF tensor matched to a Keel parameter by name and shape, converted to fp32.
+// Every HF tensor matched to a Keel parameter of `config` by name and shape, converted to fp32, in model order.
+checkpoint::NamedTensors match_hf_weights(const std::string& hf_dir, const Config& config) {
   std::map<std::string, SafetensorsTensor> hf = read_hf_weights(hf_dir);
   const model::Llama model(config.model);  // the parameter names, order and shapes Keel expects
   checkpoint::NamedTensors weights;
@@ -314,8 +454,9 @@ std::string import_hf(const std::string& hf_dir, const std::string& run_dir, con
   }
   for (const auto& [name, tensor] : hf) {
     if (used.count(name)) continue;
-    // Older HF checkpoints store the RoPE table; it is recomputed from rope_theta.
-    if (name.size() > 21 && name.compare(name.size() - 21, 21, "rotary_emb.inv_freq") == 0) continue;
+    // Older HF checkpoints store the RoPE table ("model.layers.N.self_attn.rotary_emb.inv_freq"); it is
+    // recomputed from rope_theta.
+    if (ends_with(name, std::string(".") + kRotaryBuffer)) continue;
     if (name == "lm_head.weight" && config.model.tie_embeddings) {
       if (!torch::equal(to_fp32(tensor), weights.front().second)) {
         throw std::runtime_error(
@@ -325,67 +466,125 @@ std::string import_hf(const std::string& hf_dir, const std::string& run_dir, con
     }
     throw std::runtime_error(hf_dir + ": tensor '" + name + "' has no place in Keel's decoder");
   }
+  return weights;
+}
 
-  // 3. The data this run will train on (its ledger at step 0 and fingerprint), before the run dir is claimed.
-  data::DataLoader loader(config, config.global_batch());
-  refuse_non_empty_dir(run_dir, "--run-dir");
-  const train::RunDirClaim claim = train::create_run_dir(run_dir, /*force=*/false);  // locked until the import ends
-  const train::RunPaths& paths = claim.paths;
+// HF_DIR/tokenizer.model, when present: recorded in `plan`, refused when it has more pieces than model.vocab or
+// is not the prepared data's tokenizer (unless allowed). Absent: said so.
+void check_hf_tokenizer(ImportPlan& plan, const ImportOptions& options) {
+  const std::string path = plan.hf_dir + "/" + kTokenizerFile;
+  const std::string prepared = plan.config.data.dir + "/" + kTokenizerFile;
+  std::error_code ec;
+  if (!fs::exists(path, ec)) {
+    plan.notes.push_back("no " + std::string(kTokenizerFile) + " in " + plan.hf_dir +
+                         ": the prepared data's tokenizer (" + prepared + ") is taken to match the weights");
+    return;
+  }
+  data::require_regular_file<std::runtime_error>(path);
+  const data::Tokenizer tokenizer(path);
+  plan.tokenizer_path = path;
+  plan.tokenizer_pieces = tokenizer.vocab_size();
+  plan.tokenizer_sha256 = checkpoint::sha256_file(path);
+  const int64_t vocab = plan.config.model.vocab;
+  if (plan.tokenizer_pieces > vocab) {
+    throw std::runtime_error(path + ": " + std::to_string(plan.tokenizer_pieces) +
+                             " pieces, but the model's vocab_size (model.vocab) is " + std::to_string(vocab));
+  }
+  const std::string prepared_sha = fs::exists(prepared, ec) ? checkpoint::sha256_file(prepared) : "(missing)";
+  std::string line = "tokenizer " + path + " (sha256 " + plan.tokenizer_sha256 + ", " +
+                     std::to_string(plan.tokenizer_pieces) + " pieces, EOS id " + std::to_string(tokenizer.eos_id()) +
+                     ")";
+  if (plan.tokenizer_pieces < vocab)
+    line += "; model.vocab " + std::to_string(vocab) + ": the last " + std::to_string(vocab - plan.tokenizer_pieces) +
+            " embedding rows are padding";
+  if (prepared_sha != plan.tokenizer_sha256) {
+    const std::string mismatch = path + " (sha256 " + plan.tokenizer_sha256 + ") is not the tokenizer the data in " +
+                                 plan.config.data.dir + " was prepared with (" + prepared + ", sha256 " + prepared_sha +
+                                 ")";
+    if (!options.allow_tokenizer_change)
+      throw std::runtime_error(mismatch + ": prepare the data with it, or pass --allow-tokenizer-change");
+    line += "; " + mismatch + " (allowed: --allow-tokenizer-change)";
+  } else {
+    line += "; the same file as the prepared data's";
+  }
+  plan.notes.push_back(line);
+}
 
+}  // namespace
+
+ImportPlan plan_import(const std::string& hf_dir, const ImportOptions& options) {
+  // 1. Config: model.* from config.json, the rest from --config, then --set.
+  ImportPlan plan;
+  plan.hf_dir = hf_dir;
+  const std::string hf_config_path = hf_dir + "/" + kHfConfigFile;
+  const HfModelConfig hf = parse_hf_config(read_hf_text_file(hf_config_path), hf_config_path);
+  std::vector<std::string> overrides = hf.overrides;
+  overrides.insert(overrides.end(), options.overrides.begin(), options.overrides.end());
+  plan.config = load_config(options.config_path, overrides);
+  check_hf_expressible(plan.config.model, "the imported config");
+  plan.max_position_embeddings = hf.max_position_embeddings;
+  const int64_t seq_len = plan.config.model.seq_len;
+  plan.notes.push_back(
+      "max_position_embeddings " + std::to_string(hf.max_position_embeddings) +
+      " (config.json); training sequence length model.seq_len " + std::to_string(seq_len) +
+      (seq_len == hf.max_position_embeddings ? " (the same; --set model.seq_len=N to train shorter)"
+       : seq_len > hf.max_position_embeddings
+           ? " (longer: positions beyond " + std::to_string(hf.max_position_embeddings) + " were never trained)"
+           : " (shorter, set by --config/--set)"));
+  plan.notes.push_back("rope_theta " + json(plan.config.model.rope_theta).dump() + " (" + hf.rope_theta_from + ")");
+
+  // 2. Every HF tensor matched to a Keel parameter by name and shape, converted to fp32.
+  plan.weights = match_hf_weights(hf_dir, plan.config);
+
+  // 3. The data this run will train on (its ledger at step 0 and fingerprint), and the HF tokenizer against it.
+  data::DataLoader loader(plan.config, plan.config.global_batch());
+  plan.data_ledger = loader.state().dump();
+  plan.data_fingerprint = loader.fingerprint().dump();
+  check_hf_tokenizer(plan, options);
+  return plan;
+}
+
+std::string write_import(const ImportPlan& plan, const ImportTarget& target) {
+  const Config& config = plan.config;
   checkpoint::Lineage lineage;
   lineage.run_id = checkpoint::new_run_id();
-  lineage.run_dir = run_dir;
+  lineage.run_dir = target.run_dir;
   lineage.created = metrics::detail::utc_now_iso8601();
   lineage.parent_run_id = "huggingface";
-  lineage.parent_run_dir = hf_dir;
-  lineage.parent_checkpoint = hf_dir;
+  lineage.parent_run_dir = plan.hf_dir;
+  lineage.parent_checkpoint = plan.hf_dir;
   lineage.parent_step = 0;
-  lineage.notes.push_back("imported from Hugging Face LlamaForCausalLM " + hf_dir +
-                          " (weights as fp32 masters, fresh optimizer)");
+  lineage.notes.push_back("imported from Hugging Face LlamaForCausalLM " + plan.hf_dir + " (weights as fp32 masters, " +
+                          "fresh " + config.plugins.optimizer + " state)");
+  lineage.notes.insert(lineage.notes.end(), plan.notes.begin(), plan.notes.end());
   const std::string lineage_json = checkpoint::lineage_to_json(lineage);
   const std::string config_ini = to_ini(config);
-  checkpoint::write_file_atomically(paths.config_ini(), config_ini);
-  checkpoint::write_file_atomically(paths.lineage_json(), lineage_json);
+  checkpoint::write_file_atomically(target.config_ini, config_ini);
+  checkpoint::write_file_atomically(target.lineage_json, lineage_json);
 
-  // 4. One checkpoint at step 0, written like Trainer::save_checkpoint writes one (layout 1 x 1 x 1: whole tensors).
+  // The optimizer's fresh state, by its own names: the config's optimizer plugin bound to the weights (matrices
+  // decay, as in the trainer; a fresh state does not depend on it) and asked for its state.
+  std::vector<plugin_host::LoadedPlugin> optimizer = plugin_host::PluginHost::load_slot("optimizer", config);
+  if (optimizer.size() != 1) throw std::runtime_error("plugins.optimizer must name exactly one optimizer plugin");
+  std::vector<sdk::Param> params;
+  for (const auto& [name, w] : plan.weights) params.push_back({name, w, w.dim() >= 2});
+  optimizer.front().object->bind(params);
+  const sdk::PluginState fresh = optimizer.front().object->save_state();
+
   checkpoint::TrainingState state;
-  state.model = weights;
-  state.optimizer_name = "adamw";  // zero moments and step 0 are a fresh AdamW; another optimizer adopts them
-  state.optimizer_json = "{\"step\": 0}";
-  for (const auto& [name, w] : weights) {
-    state.optimizer.emplace_back(name + "/exp_avg", torch::zeros_like(w));
-    state.optimizer.emplace_back(name + "/exp_avg_sq", torch::zeros_like(w));
-  }
-  state.lr_schedule = json{{"kind", "warmup_cosine"},
-                           {"lr", config.optim.lr},
-                           {"min_lr", config.optim.min_lr},
-                           {"warmup_steps", config.optim.warmup_steps},
-                           {"decay_steps", config.lr_decay_steps()},
-                           {"next_step", 0},
-                           {"lr_factor", 1.0},
-                           {"lr_factor_until", -1},
-                           {"lr_schedule_plugin", config.plugins.lr_schedule}}
-                          .dump();
-  state.data_ledger = loader.state().dump();
+  state.model = plan.weights;
+  state.optimizer_name = optimizer.front().name();
+  state.optimizer_json = fresh.json;
+  state.optimizer_step = sdk::json_int(fresh.json, "step", 0);
+  state.optimizer = fresh.tensors;
+  state.lr_schedule = checkpoint::lr_schedule_json(config, /*next_step=*/0, /*lr_factor=*/1.0, /*lr_factor_until=*/-1);
+  state.data_ledger = plan.data_ledger;
   state.config_ini = config_ini;
   state.lineage = lineage_json;
-
-  checkpoint::CheckpointStore store(paths.checkpoints());
-  const std::string tmp = store.begin(0);
-  checkpoint::write_rank_file(tmp + "/" + checkpoint::rank_file_name(0), state, {0, 1});
-  checkpoint::write_file_atomically(tmp + "/config.ini", config_ini);
-  checkpoint::Manifest manifest;
-  manifest.keel_version = KEEL_VERSION;
-  manifest.created = lineage.created;
-  manifest.run_id = lineage.run_id;
-  manifest.layout = {1, 1, 1};
-  manifest.config_hash = checkpoint::sha256_hex(config_ini);
-  for (const auto& [key, value] : flatten(config)) {
-    if (key.rfind("model.", 0) == 0) manifest.model[key] = value;
-  }
-  manifest.data_fingerprint = loader.fingerprint().dump();
-  manifest.lineage = lineage_json;
-  return store.commit(0, manifest, {{checkpoint::rank_file_name(0), 0}, {"config.ini", -1}});
+  checkpoint::CheckpointStore store(target.checkpoints);
+  const checkpoint::Manifest manifest = checkpoint::run_manifest(config, config_ini, lineage.run_id, lineage.created,
+                                                                 {1, 1, 1}, plan.data_fingerprint, lineage_json);
+  return checkpoint::write_whole_checkpoint(store, 0, state, manifest);
 }
 
 }  // namespace keel::interop

@@ -8,7 +8,11 @@
 // head h / (H/K) in both (repeat_interleave vs HF's repeat_kv).
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/config/config.h"
@@ -23,28 +27,74 @@ void check_hf_expressible(const ModelConfig& model, const std::string& origin);
 // Keel tensor HF LLaMA has no place for.
 std::string hf_name_of(const std::string& keel_name);
 
-// config.json for `model`; torch_dtype "float32" or "bfloat16".
-std::string hf_config_json(const ModelConfig& model, const std::string& torch_dtype);
-// The model.* config overrides ("model.d_model=64", ...) that config.json text describes. Refuses (naming
-// `origin` and the field) a missing or mistyped field, another architecture, and anything Keel's decoder does
-// not compute: hidden_act other than silu, rope_scaling, attention/mlp biases, head_dim != hidden/heads.
+// config.json for `model`; torch_dtype "float32" or "bfloat16". `eos_id` is the data's EOS id (bos and pad are
+// null: Keel's data has no BOS and is packed, never padded).
+std::string hf_config_json(const ModelConfig& model, const std::string& torch_dtype, int64_t eos_id = 1);
+
+// What an HF config.json says, as Keel's model.* overrides ("model.d_model=64", ...) plus lines to state to the
+// user (max_position_embeddings against model.seq_len, where rope_theta came from).
+struct HfModelConfig {
+  std::vector<std::string> overrides;
+  int64_t max_position_embeddings = 0;
+  double rope_theta = 10000.0;
+  std::string rope_theta_from;  // "rope_parameters.rope_theta", "rope_theta" or "default (absent)"
+};
+// Refuses (naming `origin` and the field) a missing or mistyped field, another architecture, and anything
+// Keel's decoder does not compute: hidden_act other than silu, a rope_type other than "default" (in
+// rope_parameters or rope_scaling), partial_rotary_factor != 1, attention/mlp biases, head_dim !=
+// hidden/heads, rope_theta and rope_parameters.rope_theta that disagree.
+HfModelConfig parse_hf_config(const std::string& json_text, const std::string& origin);
+// parse_hf_config(...).overrides.
 std::vector<std::string> keel_model_overrides_from_hf_config(const std::string& json_text, const std::string& origin);
 
+// tokenizer_config.json for a Keel SentencePiece tokenizer: LlamaTokenizer, no BOS added, `eos_piece` as EOS.
+std::string hf_tokenizer_config_json(const std::string& eos_piece, const std::string& unk_piece, int64_t seq_len);
+
 struct ExportOptions {
-  bool bf16 = false;  // write BF16 tensors (torch_dtype "bfloat16") instead of the fp32 masters
+  bool bf16 = false;      // write BF16 tensors (torch_dtype "bfloat16") instead of the fp32 masters
+  bool tokenizer = true;  // copy the prepared data's tokenizer.model + write tokenizer_config.json
 };
 // `keel export-hf`: the verified checkpoint `checkpoint_dir` (any layout) -> OUT_DIR/{model.safetensors,
-// config.json}. OUT_DIR must be missing or empty. Returns a one-line summary.
+// config.json, tokenizer.model, tokenizer_config.json}. The tokenizer is the one of the checkpoint's prepared
+// data (config data.dir), refused when its fingerprint differs from the checkpoint's data fingerprint.
+// OUT_DIR must be missing or empty. Returns a one-line summary.
 std::string export_hf(const std::string& checkpoint_dir, const std::string& out_dir, const ExportOptions& options);
 
 struct ImportOptions {
-  std::string config_path;             // data/train/optim keys come from here (model.* from config.json)
-  std::vector<std::string> overrides;  // --set key=value, applied last
+  std::string config_path;              // data/train/optim keys come from here (model.* from config.json)
+  std::vector<std::string> overrides;   // --set key=value, applied last
+  bool allow_tokenizer_change = false;  // import although HF_DIR/tokenizer.model is not the prepared data's
 };
-// `keel import-hf`: HF_DIR (config.json + model.safetensors, or model.safetensors.index.json and its shards)
-// -> a new run dir holding RUN_DIR/checkpoints/step-00000000 with the weights as fp32 masters, a fresh AdamW
-// state (zero moments, step 0), the data ledger at step 0 and a lineage naming the HF origin; resumable with
-// `keel resume --from RUN_DIR`. RUN_DIR must be missing or empty. Returns the checkpoint directory.
-std::string import_hf(const std::string& hf_dir, const std::string& run_dir, const ImportOptions& options);
+
+// An HF directory read, checked and converted, before anything is written: `keel import-hf` plans, then
+// claims the run dir (core/cli: interop knows nothing of run dirs), then writes.
+struct ImportPlan {
+  std::string hf_dir;
+  Config config;
+  std::vector<std::pair<std::string, at::Tensor>> weights;  // Keel names, model order, fp32 [as the model]
+  std::string data_ledger;                                  // the data loader's state at step 0 (JSON)
+  std::string data_fingerprint;                             // its fingerprint (JSON)
+  int64_t max_position_embeddings = 0;
+  // HF_DIR/tokenizer.model, when present: its SHA-256 and piece count ("" / 0 when absent).
+  std::string tokenizer_path, tokenizer_sha256;
+  int64_t tokenizer_pieces = 0;
+  std::vector<std::string> notes;  // stated to the user and recorded in the lineage
+};
+// Everything an import checks: config.json (parse_hf_config), every tensor by name and shape, the prepared
+// data (vocab, ledger), and an HF tokenizer.model next to the weights (more pieces than vocab_size: refused
+// naming both; another file than the prepared data's tokenizer.model: refused naming both hashes unless
+// allow_tokenizer_change). Writes nothing.
+ImportPlan plan_import(const std::string& hf_dir, const ImportOptions& options);
+
+// Where an import writes: the run's config.ini and lineage.json and its checkpoints directory (the caller has
+// claimed the run dir).
+struct ImportTarget {
+  std::string run_dir, config_ini, lineage_json, checkpoints;
+};
+// Writes config.ini, lineage.json and one checkpoint at step 0 through the checkpoint writer
+// (checkpoint::write_whole_checkpoint): the weights as fp32 masters and the fresh state of the config's
+// optimizer plugin (asked for its state by binding it to the weights: zero moments, step 0). Returns the
+// checkpoint directory.
+std::string write_import(const ImportPlan& plan, const ImportTarget& target);
 
 }  // namespace keel::interop

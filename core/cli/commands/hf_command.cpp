@@ -1,11 +1,17 @@
-// Why: `keel export-hf CKPT_DIR OUT_DIR [--dtype fp32|bf16]` and `keel import-hf HF_DIR --run-dir RUN_DIR
-// [--config FILE] [--set k=v]...`: Hugging Face LlamaForCausalLM interop (docs/interop.md). The commands only
-// parse arguments; the mapping and all checks live in core/interop/hf_llama.{h,cpp}.
+// Why: `keel export-hf CKPT_DIR OUT_DIR [--dtype fp32|bf16] [--no-tokenizer]` and `keel import-hf HF_DIR
+// --run-dir RUN_DIR [--config FILE] [--set k=v]... [--allow-tokenizer-change] [--json]`: Hugging Face
+// LlamaForCausalLM interop (docs/interop.md). The commands parse arguments and claim the run dir (core/train's
+// run-dir rule: interop sits below train and knows nothing of run dirs); the mapping and all checks live in
+// core/interop/hf_llama.{h,cpp}.
+#include <spdlog/spdlog.h>
+
 #include <iostream>
+#include <nlohmann/json.hpp>
 
 #include "core/cli/commands/commands.h"
 #include "core/cli/commands/common.h"
 #include "core/interop/hf_llama.h"
+#include "core/train/run_dir.h"
 
 namespace keel::cli {
 namespace {
@@ -21,13 +27,14 @@ void require_positional(const Args& positional, size_t count, const std::string&
 }  // namespace
 
 int cmd_export_hf(const Args& args) {
-  const std::string usage_line = "keel export-hf CKPT_DIR OUT_DIR [--dtype fp32|bf16]";
+  const std::string usage_line = "keel export-hf CKPT_DIR OUT_DIR [--dtype fp32|bf16] [--no-tokenizer]";
   Args positional;
   std::string dtype = "fp32";
   po::options_description options("keel export-hf CKPT_DIR OUT_DIR");
   // clang-format off
   options.add_options()
       ("dtype", po::value<std::string>(&dtype), "fp32 (the masters, bit-exact; default) or bf16")
+      ("no-tokenizer", "write no tokenizer.model / tokenizer_config.json (the data's tokenizer is not at hand)")
       ("help", "show this help");
   // clang-format on
   auto vm = parse_args(args, options, "export-hf", &positional);
@@ -39,12 +46,15 @@ int cmd_export_hf(const Args& args) {
   if (dtype != "fp32" && dtype != "bf16") throw std::runtime_error("--dtype is '" + dtype + "', expected fp32 or bf16");
   interop::ExportOptions export_options;
   export_options.bf16 = dtype == "bf16";
+  export_options.tokenizer = vm.count("no-tokenizer") == 0;
   std::cout << interop::export_hf(positional[0], positional[1], export_options) << "\n";
   return 0;
 }
 
 int cmd_import_hf(const Args& args) {
-  const std::string usage_line = "keel import-hf HF_DIR --run-dir RUN_DIR [--config FILE] [--set key=value]...";
+  const std::string usage_line =
+      "keel import-hf HF_DIR --run-dir RUN_DIR [--config FILE] [--set key=value]... [--allow-tokenizer-change] "
+      "[--json]";
   Args positional;
   std::string run_dir;
   interop::ImportOptions import_options;
@@ -57,6 +67,8 @@ int cmd_import_hf(const Args& args) {
        "INI config for the data/train/optim keys (default experiments/tiny.ini); model.* come from config.json")
       ("set", po::value<std::vector<std::string>>(&import_options.overrides)->composing(),
        "override a key: --set section.key=value (repeatable)")
+      ("allow-tokenizer-change", "import although HF_DIR/tokenizer.model is not the prepared data's tokenizer")
+      ("json", "print the result as one JSON object")
       ("help", "show this help");
   // clang-format on
   auto vm = parse_args(args, options, "import-hf", &positional);
@@ -65,9 +77,41 @@ int cmd_import_hf(const Args& args) {
     return 0;
   }
   require_positional(positional, 1, usage_line);
-  const std::string dir = interop::import_hf(positional[0], run_dir, import_options);
+  import_options.allow_tokenizer_change = vm.count("allow-tokenizer-change") > 0;
+  if (vm.count("json")) spdlog::set_level(spdlog::level::warn);  // stdout carries the JSON object alone
+  // Everything checked before the run dir is claimed; a write that fails after the claim leaves nothing behind.
+  const interop::ImportPlan plan = interop::plan_import(positional[0], import_options);
+  const train::RunDirClaim claim = train::create_run_dir(run_dir, /*force=*/false);  // locked until the end
+  const train::RunPaths& paths = claim.paths;
+  std::string dir;
+  try {
+    dir = interop::write_import(plan, {run_dir, paths.config_ini(), paths.lineage_json(), paths.checkpoints()});
+  } catch (...) {
+    train::remove_unstarted_run(claim);
+    throw;
+  }
+  const std::string next = "keel resume --from " + run_dir + " --run-dir NEW_DIR --allow-data-change";
+  if (vm.count("json")) {
+    nlohmann::json tokenizer = nullptr;
+    if (!plan.tokenizer_path.empty()) {
+      tokenizer = {{"path", plan.tokenizer_path}, {"sha256", plan.tokenizer_sha256}, {"pieces", plan.tokenizer_pieces}};
+    }
+    std::cout << nlohmann::json{{"checkpoint", dir},
+                                {"run_dir", run_dir},
+                                {"max_position_embeddings", plan.max_position_embeddings},
+                                {"seq_len", plan.config.model.seq_len},
+                                {"rope_theta", plan.config.model.rope_theta},
+                                {"vocab", plan.config.model.vocab},
+                                {"tokenizer", tokenizer},
+                                {"notes", plan.notes},
+                                {"continue_with", next}}
+                     .dump()
+              << "\n";
+    return 0;
+  }
+  for (const auto& note : plan.notes) std::cout << note << "\n";
   std::cout << "imported " << positional[0] << " as " << dir << "\n"
-            << "continue with: keel resume --from " << run_dir << " --run-dir NEW_DIR --allow-data-change\n";
+            << "continue with: " << next << "\n";
   return 0;
 }
 
