@@ -62,7 +62,7 @@ size_t count_lines(const std::string& text) {
 TEST(CliJson, EverySubcommandHasHelp) {
   for (const std::string command :
        {"train", "resume", "plugins", "control", "data", "data prepare", "data show-batch", "inspect", "config",
-        "config keys", "config show", "launch", "export-hf", "import-hf", "eval", "report"}) {
+        "config keys", "config show", "data compare-order", "launch", "export-hf", "import-hf", "eval", "report"}) {
     const ProcessResult r = run_keel(command + " --help");
     EXPECT_EQ(r.exit_code, 0) << "keel " << command << " --help\n" << r.output;
     EXPECT_NE(r.output.find("--help"), std::string::npos) << "keel " << command << " --help\n" << r.output;
@@ -70,10 +70,16 @@ TEST(CliJson, EverySubcommandHasHelp) {
 }
 
 TEST(CliJson, UsageErrorsAreOneLineAndNonZero) {
-  for (const std::string command :
-       {"inspect --bogus", "inspect", "plugins extra", "plugins --bogus", "config", "config bogus",
-        "config show --bogus", "config keys --bogus", "data", "data bogus", "data prepare --bogus", "report",
-        "report x --bogus", "export-hf only-one", "import-hf", "config show --config"}) {
+  // clang-format off
+  const std::vector<std::string> commands = {
+      "inspect --bogus", "inspect", "plugins extra", "plugins --bogus", "config", "config bogus",
+      "config show --bogus", "config keys --bogus", "data", "data bogus", "data prepare --bogus", "report",
+      "report x --bogus", "export-hf only-one", "import-hf", "config show --config", "train", "train --bogus",
+      "resume", "resume --from x", "control", "control x", "control x swap", "eval", "eval --bogus",
+      "data show-batch --bogus", "data compare-order", "launch", "launch --nproc 2", "launch --nproc 0 -- true",
+      "launch --bogus -- true"};
+  // clang-format on
+  for (const std::string& command : commands) {
     const ProcessResult r = run_keel(command);
     EXPECT_NE(r.exit_code, 0) << "keel " << command << "\n" << r.output;
     EXPECT_EQ(count_lines(r.output), 1u) << "keel " << command << "\n" << r.output;

@@ -15,11 +15,20 @@ cmake -S "$work/loss_guard" -B "$work/loss_guard/build" -G Ninja -DCMAKE_BUILD_T
 cmake --build "$work/loss_guard/build" > "$work/build.log"
 plugin="$work/loss_guard/build/keel_plugin_loss_guard.so"
 test -f "$plugin"
-"$work/prefix/bin/keel" plugins | grep -q "adamw 1.0"   # the installed keel finds its installed plugins
+# The installed keel finds its installed plugins (read from `keel plugins --json`, never from the human listing).
+"$work/prefix/bin/keel" plugins --json | /usr/bin/python3 -c 'import json, sys
+found = json.load(sys.stdin)["plugins"]
+assert any(p["name"] == "adamw" and p["version"] == "1.0" for p in found), found'
 "$work/prefix/bin/keel" train --config "$source/experiments/tiny.ini" --set data.dir="$data" --set train.steps=3 \
   --run-dir "$work/run" --plugin spike_handler="$plugin" --plugin-arg loss_guard.max_loss=7.5 > "$work/train.log" 2>&1 \
   || { cat "$work/train.log"; exit 1; }
-grep -q "plugin loss_guard 1.0" "$work/train.log" || { cat "$work/train.log"; exit 1; }
+# The run loaded that very file (its lineage.json records every plugin library with its version and path).
+/usr/bin/python3 - "$work/run/lineage.json" "$plugin" <<'PY' || { cat "$work/train.log"; exit 1; }
+import json, os, sys
+records = json.load(open(sys.argv[1]))["plugins"]
+assert any(r["name"] == "loss_guard" and r["version"] == "1.0" and r["slot"] == "spike_handler"
+           and os.path.realpath(r["path"]) == os.path.realpath(sys.argv[2]) for r in records), records
+PY
 # Step 0's loss (~7.6) is above 7.5: the plugin skipped that update, logged through the SDK.
 /usr/bin/python3 - "$work/run/metrics.h5" <<'PY'
 import sys, h5py
