@@ -102,6 +102,33 @@ std::string join(const std::vector<std::string>& items) {
   return out;
 }
 
+// The spelling of each enum value in config files, in the order the error message lists them.
+const std::pair<Device, const char*> kDeviceNames[] = {{Device::kCpu, "cpu"}, {Device::kCuda, "cuda"}};
+const std::pair<Precision, const char*> kPrecisionNames[] = {{Precision::kFp32, "fp32"},
+                                                             {Precision::kBf16Mixed, "bf16-mixed"}};
+const std::pair<NormKind, const char*> kNormNames[] = {{NormKind::kRmsNorm, "rmsnorm"},
+                                                       {NormKind::kLayerNorm, "layernorm"}};
+const std::pair<PipelineSchedule, const char*> kScheduleNames[] = {{PipelineSchedule::kOneFOneB, "1f1b"},
+                                                                   {PipelineSchedule::kGPipe, "gpipe"}};
+
+template <typename E, size_t N>
+std::string name_in(const std::pair<E, const char*> (&names)[N], E value) {
+  for (const auto& [e, name] : names)
+    if (e == value) return name;
+  throw std::logic_error("config: enum value " + std::to_string(static_cast<int>(value)) + " has no name");
+}
+
+template <typename E, size_t N>
+E parse_named(const std::string& origin, const std::string& key, const std::string& value,
+              const std::pair<E, const char*> (&names)[N]) {
+  std::string joined;
+  for (const auto& [e, name] : names) {
+    if (value == name) return e;
+    joined += (joined.empty() ? "" : " | ") + std::string(name);
+  }
+  bad_value(origin, key, value, "one of " + joined);
+}
+
 struct KeyDef {
   std::string name;
   std::string doc;
@@ -129,6 +156,11 @@ struct KeyDef {
     KEY, DOC, [](Config& c, const std::string&, const std::string& v) { c.FIELD = v; }, \
         [](const Config& c) { return c.FIELD; }                                         \
   }
+#define KEEL_ENUM(KEY, FIELD, DOC, NAMES)                                                                             \
+  KeyDef {                                                                                                            \
+    KEY, DOC, [](Config& c, const std::string& o, const std::string& v) { c.FIELD = parse_named(o, KEY, v, NAMES); }, \
+        [](const Config& c) { return name_of(c.FIELD); }                                                              \
+  }
 #define KEEL_CHOICE(KEY, FIELD, DOC, ...)                           \
   KeyDef {                                                          \
     KEY, DOC,                                                       \
@@ -147,7 +179,7 @@ const std::vector<KeyDef>& key_table() {
       KEEL_INT("model.ffn_hidden", model.ffn_hidden, "SwiGLU hidden width"),
       KEEL_INT("model.vocab", model.vocab, "vocabulary size (V); also the tokenizer's size"),
       KEEL_INT("model.seq_len", model.seq_len, "sequence length (T)"),
-      KEEL_CHOICE("model.norm", model.norm, "normalisation layer", "rmsnorm", "layernorm"),
+      KEEL_ENUM("model.norm", model.norm, "normalisation layer", kNormNames),
       KEEL_DOUBLE("model.norm_eps", model.norm_eps, "epsilon of the norm layers"),
       KEEL_DOUBLE("model.rotary_fraction", model.rotary_fraction,
                   "share of head dims that get RoPE (1.0 LLaMA/K2, 0.25 CrystalCoder)"),
@@ -165,9 +197,9 @@ const std::vector<KeyDef>& key_table() {
                c.train.seed = parse_uint64(o, "train.seed", v);
              },
              [](const Config& c) { return std::to_string(c.train.seed); }},
-      KEEL_CHOICE("train.precision", train.precision, "numeric precision", "fp32", "bf16-mixed"),
+      KEEL_ENUM("train.precision", train.precision, "numeric precision", kPrecisionNames),
       KEEL_INT("train.log_every", train.log_every, "console progress line every N steps"),
-      KEEL_CHOICE("train.device", train.device, "device to train on", "cpu", "cuda"),
+      KEEL_ENUM("train.device", train.device, "device to train on", kDeviceNames),
       KEEL_INT("train.threads", train.threads, "intra-op CPU threads; 0 = all CPUs"),
 
       KEEL_DOUBLE("optim.lr", optim.lr, "peak learning rate"),
@@ -202,7 +234,7 @@ const std::vector<KeyDef>& key_table() {
       KEEL_INT("parallel.microbatches", parallel.microbatches,
                "micro-batches per DP rank and step; 0 = train.grad_accum / parallel.dp"),
       KEEL_INT("parallel.zero", parallel.zero, "1 = ZeRO-1 (optimizer state sharded across DP ranks); 0 = off"),
-      KEEL_CHOICE("parallel.schedule", parallel.schedule, "pipeline schedule", "1f1b", "gpipe"),
+      KEEL_ENUM("parallel.schedule", parallel.schedule, "pipeline schedule", kScheduleNames),
       KEEL_DOUBLE("parallel.timeout_s", parallel.timeout_s,
                   "seconds a collective or the rendezvous may wait before the job fails naming the missing rank"),
       KEEL_DOUBLE("parallel.bucket_mb", parallel.bucket_mb, "data-parallel gradient all-reduce bucket size in MiB"),
@@ -274,6 +306,11 @@ bool set_source_key(Config& config, const std::string& key, const std::string& v
 }
 
 }  // namespace
+
+std::string name_of(Device device) { return name_in(kDeviceNames, device); }
+std::string name_of(Precision precision) { return name_in(kPrecisionNames, precision); }
+std::string name_of(NormKind norm) { return name_in(kNormNames, norm); }
+std::string name_of(PipelineSchedule schedule) { return name_in(kScheduleNames, schedule); }
 
 void set_key(Config& config, const std::string& key, const std::string& value, const std::string& origin) {
   // Every value must survive to_ini() and back (run dirs store the resolved config, and resume reads it): a

@@ -19,6 +19,17 @@ class ConfigError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Settings with a fixed set of values are enums once parsed. Config files, `--set`, `keel config show` and every
+// config.ini Keel writes spell them as the strings in the comments (name_of; parsing is in config.cpp's key table).
+enum class Device { kCpu, kCuda };                  // "cpu" | "cuda"
+enum class Precision { kFp32, kBf16Mixed };         // "fp32" | "bf16-mixed"
+enum class NormKind { kRmsNorm, kLayerNorm };       // "rmsnorm" | "layernorm"
+enum class PipelineSchedule { kOneFOneB, kGPipe };  // "1f1b" | "gpipe"
+std::string name_of(Device device);
+std::string name_of(Precision precision);
+std::string name_of(NormKind norm);
+std::string name_of(PipelineSchedule schedule);
+
 struct ModelConfig {
   int64_t layers = 2;
   int64_t d_model = 64;
@@ -27,7 +38,7 @@ struct ModelConfig {
   int64_t ffn_hidden = 176;  // SwiGLU hidden size
   int64_t vocab = 2048;
   int64_t seq_len = 64;
-  std::string norm = "rmsnorm";  // rmsnorm | layernorm
+  NormKind norm = NormKind::kRmsNorm;
   double norm_eps = 1e-5;
   double rotary_fraction = 1.0;  // share of each head's dims that get RoPE (CrystalCoder: 0.25)
   double rope_theta = 10000.0;
@@ -39,14 +50,14 @@ struct ModelConfig {
 };
 
 struct TrainConfig {
-  int64_t steps = 100;                   // total number of optimizer steps of the run
-  int64_t micro_batch = 4;               // sequences per micro-batch (single process; see ParallelConfig::microbatches)
-  int64_t grad_accum = 1;                // micro-batches per step
-  uint64_t seed = 1234;                  // model init and everything random except the data order
-  std::string precision = "bf16-mixed";  // fp32 | bf16-mixed
-  int64_t log_every = 10;                // console progress line every N steps
-  std::string device = "cpu";            // cpu | cuda
-  int64_t threads = 0;                   // intra-op threads; 0 = all CPUs
+  int64_t steps = 100;      // total number of optimizer steps of the run
+  int64_t micro_batch = 4;  // sequences per micro-batch (single process; see ParallelConfig::microbatches)
+  int64_t grad_accum = 1;   // micro-batches per step
+  uint64_t seed = 1234;     // model init and everything random except the data order
+  Precision precision = Precision::kBf16Mixed;
+  int64_t log_every = 10;  // console progress line every N steps
+  Device device = Device::kCpu;
+  int64_t threads = 0;  // intra-op threads; 0 = all CPUs
 };
 
 struct OptimConfig {
@@ -95,15 +106,15 @@ struct CheckpointConfig {
 
 // The 3D layout (docs/parallel.md). dp x tp x pp must equal the number of ranks the job was started with.
 struct ParallelConfig {
-  int64_t dp = 1;                 // data-parallel replicas; each reads a disjoint slice of the global batch
-  int64_t tp = 1;                 // tensor-parallel ranks (heads, FFN and vocabulary split Megatron-style)
-  int64_t pp = 1;                 // pipeline stages (model.layers split evenly)
-  int64_t microbatches = 0;       // micro-batches per DP rank and step; 0 = train.grad_accum / dp
-  int64_t zero = 0;               // 1 = ZeRO-1: optimizer state sharded across the DP ranks
-  std::string schedule = "1f1b";  // pipeline schedule: 1f1b | gpipe
-  double timeout_s = 300.0;       // a collective or rendezvous that waits longer fails, naming the missing rank
-  double bucket_mb = 25.0;        // DP gradient all-reduce bucket size
-  std::string backend = "auto";   // auto (gloo on cpu, nccl on cuda) | gloo | nccl
+  int64_t dp = 1;            // data-parallel replicas; each reads a disjoint slice of the global batch
+  int64_t tp = 1;            // tensor-parallel ranks (heads, FFN and vocabulary split Megatron-style)
+  int64_t pp = 1;            // pipeline stages (model.layers split evenly)
+  int64_t microbatches = 0;  // micro-batches per DP rank and step; 0 = train.grad_accum / dp
+  int64_t zero = 0;          // 1 = ZeRO-1: optimizer state sharded across the DP ranks
+  PipelineSchedule schedule = PipelineSchedule::kOneFOneB;
+  double timeout_s = 300.0;      // a collective or rendezvous that waits longer fails, naming the missing rank
+  double bucket_mb = 25.0;       // DP gradient all-reduce bucket size
+  std::string backend = "auto";  // auto (gloo on cpu, nccl on cuda) | gloo | nccl
   int64_t world_size() const { return dp * tp * pp; }
 };
 

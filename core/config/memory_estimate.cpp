@@ -31,7 +31,7 @@ Counts counts_of(const ModelConfig& m) {
   const double C = static_cast<double>(m.d_model), H = static_cast<double>(m.heads);
   const double K = static_cast<double>(m.kv_heads), D = static_cast<double>(m.head_dim());
   const double F = static_cast<double>(m.ffn_hidden), V = static_cast<double>(m.vocab);
-  const double norm = m.norm == "layernorm" ? 2 * C : C;  // weight (+ bias)
+  const double norm = m.norm == NormKind::kLayerNorm ? 2 * C : C;  // weight (+ bias)
   Counts c;
   c.embedding = V * C;
   c.block_sharded = C * H * D + 2 * C * K * D + H * D * C + 3 * C * F;
@@ -136,7 +136,7 @@ MemoryEstimate estimate_memory(const Config& config) {
   const bool lion = config.plugins.optimizer == "lion";
   const double optimizer_bytes = lion ? 4.0 : 8.0;
   e.optimizer_assumption = lion ? "Lion's fp32 moment" : "AdamW's 2 fp32 moments";
-  const double bf16_copy = config.train.precision == "bf16-mixed" ? 2.0 : 0.0;
+  const double bf16_copy = config.train.precision == Precision::kBf16Mixed ? 2.0 : 0.0;
   e.bytes_per_parameter = 4.0 + 4.0 + optimizer_bytes + bf16_copy;
   const double optimizer_share = par.zero == 1 ? 1.0 / static_cast<double>(par.dp) : 1.0;
   // RoPE cos/sin tables, fp32 [seq_len, rotary_dims / 2] each, built once per model (stage).
@@ -151,7 +151,7 @@ MemoryBudget machine_memory_budget(const Config& config) {
   int64_t local_ranks = env_count("LOCAL_WORLD_SIZE");
   if (local_ranks == 0) local_ranks = env_count("SLURM_NTASKS_PER_NODE");
   if (local_ranks == 0) local_ranks = 1;
-  if (config.train.device == "cuda") {
+  if (config.train.device == Device::kCuda) {
     int64_t local_rank = env_index("LOCAL_RANK");
     if (local_rank < 0) local_rank = env_index("SLURM_LOCALID");
     if (local_rank < 0) local_rank = 0;
@@ -168,8 +168,8 @@ MemoryBudget machine_memory_budget(const Config& config) {
     }
   }
   budget.bytes = mem_total_bytes();
-  budget.what = config.train.device == "cuda" ? "RAM (MemTotal in /proc/meminfo; the GPU's memory is unknown)"
-                                              : "RAM (MemTotal in /proc/meminfo)";
+  budget.what = config.train.device == Device::kCuda ? "RAM (MemTotal in /proc/meminfo; the GPU's memory is unknown)"
+                                                     : "RAM (MemTotal in /proc/meminfo)";
   budget.ranks_sharing = local_ranks;
   return budget;
 }
@@ -187,7 +187,7 @@ void check_memory_fits(const Config& config, const MemoryBudget& budget) {
       << " model.ffn_hidden=" << m.ffn_hidden << " model.vocab=" << m.vocab << " model.seq_len=" << m.seq_len
       << " make " << count_text(e.parameters) << " parameters, an estimated " << gib(needed) << " before activations ("
       << e.bytes_per_parameter << " bytes per parameter: fp32 weights, fp32 gradients, " << e.optimizer_assumption
-      << (config.train.precision == "bf16-mixed" ? ", bf16 copy" : "");
+      << (config.train.precision == Precision::kBf16Mixed ? ", bf16 copy" : "");
   if (par.tp * par.pp > 1) out << "; split over parallel.tp x parallel.pp = " << par.tp * par.pp;
   if (par.zero == 1 && par.dp > 1) out << "; optimizer state / parallel.dp = " << par.dp;
   out << "; " << budget.ranks_sharing << (budget.ranks_sharing == 1 ? " rank" : " ranks") << " x " << gib(e.rank_bytes)

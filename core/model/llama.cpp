@@ -11,8 +11,8 @@
 
 namespace keel::model {
 
-NormImpl::NormImpl(int64_t dim, const std::string& kind, double eps, bool grad_partial_over_tp)
-    : rms_(kind == "rmsnorm"), eps_(eps) {
+NormImpl::NormImpl(int64_t dim, NormKind kind, double eps, bool grad_partial_over_tp)
+    : rms_(kind == NormKind::kRmsNorm), eps_(eps) {
   const ShardSpec replicated{/*dim=*/-1, grad_partial_over_tp};
   weight = declare_parameter("weight", torch::ones({dim}), {replicated, InitRole::kOnes});
   if (!rms_) bias = declare_parameter("bias", torch::zeros({dim}), {replicated, InitRole::kZeros});
@@ -32,8 +32,8 @@ AttentionImpl::AttentionImpl(const ModelConfig& c, const parallel::TensorParalle
   wo_ = register_module(
       "wo", RowParallelLinear(c.heads * head_dim_, c.d_model, tp, "model.heads*head_dim", InitRole::kOutputNormal));
   if (c.qk_norm) {  // per-head norms over this rank's heads only: gradients are partial sums over TP
-    q_norm_ = register_module("q_norm", Norm(head_dim_, "rmsnorm", c.norm_eps, /*grad_partial_over_tp=*/true));
-    k_norm_ = register_module("k_norm", Norm(head_dim_, "rmsnorm", c.norm_eps, /*grad_partial_over_tp=*/true));
+    q_norm_ = register_module("q_norm", Norm(head_dim_, NormKind::kRmsNorm, c.norm_eps, /*grad_partial_over_tp=*/true));
+    k_norm_ = register_module("k_norm", Norm(head_dim_, NormKind::kRmsNorm, c.norm_eps, /*grad_partial_over_tp=*/true));
   }
 }
 

@@ -23,7 +23,7 @@ namespace keel::model {
 // rank's heads (QK-norm), so its gradient is a partial sum the trainer reduces over TP.
 class NormImpl : public ShardedModule {
  public:
-  NormImpl(int64_t dim, const std::string& kind, double eps, bool grad_partial_over_tp = false);
+  NormImpl(int64_t dim, NormKind kind, double eps, bool grad_partial_over_tp = false);
   torch::Tensor forward(const torch::Tensor& x) const;  // [..., dim] -> [..., dim]
   torch::Tensor weight;                                 // [dim]
   torch::Tensor bias;                                   // [dim] (layernorm only)

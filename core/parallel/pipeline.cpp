@@ -11,16 +11,6 @@
 
 namespace keel::parallel {
 
-PipelineSchedule parse_pipeline_schedule(const std::string& name) {
-  if (name == "1f1b") return PipelineSchedule::kOneFOneB;
-  if (name == "gpipe") return PipelineSchedule::kGPipe;
-  throw std::invalid_argument("parallel.schedule = \"" + name + "\": expected 1f1b or gpipe");
-}
-
-std::string pipeline_schedule_name(PipelineSchedule schedule) {
-  return schedule == PipelineSchedule::kGPipe ? "gpipe" : "1f1b";
-}
-
 namespace {
 
 std::string shape_string(at::IntArrayRef shape) {

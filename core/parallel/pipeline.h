@@ -25,15 +25,13 @@
 #include <string>
 #include <vector>
 
+#include "core/config/config.h"
 #include "core/parallel/communicator.h"
 
 namespace keel::parallel {
 
-enum class PipelineSchedule { kOneFOneB, kGPipe };
-
-// "1f1b" | "gpipe"; anything else throws std::invalid_argument naming parallel.schedule.
-PipelineSchedule parse_pipeline_schedule(const std::string& name);
-std::string pipeline_schedule_name(PipelineSchedule schedule);
+// parallel.schedule, parsed once by the config (config.h: name_of gives "1f1b" | "gpipe").
+using keel::PipelineSchedule;
 
 struct PipelineStage {
   // Forward of micro-batch `micro` on this stage. `input` is the previous stage's activation (a leaf that

@@ -129,7 +129,7 @@ ResumePlan plan_resume(const checkpoint::ResolvedCheckpoint& ckpt, const std::st
   check_memory_fits(plan.config);  // an absurd model size, before any tensor is read
   const FlatConfig parent_flat = flatten(parent), flat = flatten(plan.config);
   check_same_shape(ckpt, parent, plan.config, parent_flat, flat);
-  if (plan.config.train.device == "cuda" && !torch::cuda::is_available())
+  if (plan.config.train.device == Device::kCuda && !torch::cuda::is_available())
     throw std::runtime_error("train.device = cuda but no CUDA device is available to this build of keel");
 
   // 3. Data.

@@ -79,8 +79,9 @@ int train_and_report(RunRequest& r, const RunDirClaim& claim, const parallel::Pr
 int run_on_ranks(RunRequest r) {
   // Join the job first (a single process joins a job of one): the layout must match the ranks started.
   const parallel::WorldInfo world = parallel::detect_world();
-  const std::string backend = r.config.parallel.backend == "auto" ? (r.config.train.device == "cuda" ? "nccl" : "gloo")
-                                                                  : r.config.parallel.backend;
+  const std::string backend = r.config.parallel.backend == "auto"
+                                  ? (r.config.train.device == Device::kCuda ? "nccl" : "gloo")
+                                  : r.config.parallel.backend;
   const parallel::ProcessGroups groups = parallel::join_process_groups(world, r.config.parallel, backend);
   const bool rank0 = groups.is_rank0();
   // From here a stop signal is a request to stop at a step boundary, not a kill; before the run dir is claimed

@@ -136,7 +136,7 @@ torch::Tensor forward_backward(TrainerState& s, const torch::Tensor& window, tor
   stage.before_backward = [&](int64_t micro) {
     if (s.reducer && micro == microbatches - 1) s.reducer->prepare_overlap();
   };
-  parallel::run_pipeline(stage, microbatches, *g.pp, parallel::parse_pipeline_schedule(c.parallel.schedule));
+  parallel::run_pipeline(stage, microbatches, *g.pp, c.parallel.schedule);
   // [loss, z_loss]: from the last stage to every stage, then the mean over DP replicas.
   torch::Tensor losses = torch::stack({loss_sum, z_loss_sum}) / static_cast<double>(microbatches);  // [2]
   own_losses = losses.clone();  // this rank's (zeros before the last stage)

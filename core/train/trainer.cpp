@@ -88,13 +88,13 @@ Trainer::Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader
   const int64_t local_ranks = std::min<int64_t>(g.world_size(), cpus);
   const int64_t threads = c.train.threads > 0 ? c.train.threads : std::max<int64_t>(1, cpus / local_ranks);
   torch::set_num_threads(static_cast<int>(threads));
-  if (c.train.device == "cuda") {
+  if (c.train.device == Device::kCuda) {
     TORCH_CHECK(torch::cuda::is_available(), "train.device = cuda but no CUDA device is available to this build");
     s.device = torch::Device(torch::kCUDA,
                              static_cast<c10::DeviceIndex>(g.world_info.local_rank % torch::cuda::device_count()));
     kernels::set_current_cuda_device(s.device.index());  // else every rank also opens a context on GPU 0
   }
-  s.compute_dtype = c.train.precision == "bf16-mixed" ? torch::kBFloat16 : torch::kFloat;
+  s.compute_dtype = c.train.precision == Precision::kBf16Mixed ? torch::kBFloat16 : torch::kFloat;
 
   s.loader = std::move(loader);
   TORCH_CHECK(s.loader && s.loader->global_batch() == c.global_batch(),
@@ -155,7 +155,8 @@ Trainer::Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader
   spdlog::info(
       "batch: {} sequences = {} tokens per step; {} ({} micro-batches of {} per DP rank{}); precision {}; device {}",
       c.global_batch(), c.tokens_per_step(), g.layout.describe(), c.microbatches_per_rank(), c.rank_micro_batch(),
-      g.layout.pp() > 1 ? ", " + c.parallel.schedule + " pipeline" : "", c.train.precision, c.train.device);
+      g.layout.pp() > 1 ? ", " + name_of(c.parallel.schedule) + " pipeline" : "", name_of(c.train.precision),
+      name_of(c.train.device));
 }
 
 Trainer::~Trainer() = default;

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 
@@ -38,7 +39,7 @@ TEST(Config, ParsesSectionsSourcesAndOverrides) {
                                      "[source.a]\ninputs = /x, /y\nsplit = fortune\n[source.b]\ninputs = /z\n");
   keel::Config c = keel::load_config(path, {"train.steps=7", "model.layers=4"});
   EXPECT_EQ(c.model.layers, 4);
-  EXPECT_EQ(c.model.norm, "layernorm");
+  EXPECT_EQ(c.model.norm, keel::NormKind::kLayerNorm);
   EXPECT_EQ(c.train.steps, 7);
   EXPECT_EQ(c.data.schedule, "0:a=1,b=0;10:a=0.5,b=0.5");
   ASSERT_EQ(c.data.sources.size(), 2u);
@@ -79,6 +80,49 @@ TEST(Config, BadValuesNameTheKey) {
   EXPECT_NE(message.find("model.heads"), std::string::npos) << message;
   message = error_of([&] { keel::load_config(ok, {"source.x.colour=red"}); });
   EXPECT_NE(message.find("source.x.colour"), std::string::npos) << message;
+}
+
+// Device, precision, norm and pipeline schedule are enums once parsed, but every config file, `--set` and
+// config.ini Keel writes keeps the strings: each spelling reads to its enum and writes back unchanged.
+TEST(Config, EnumKeysReadAndWriteTheirStrings) {
+  const std::vector<std::pair<std::string, std::vector<std::string>>> keys = {
+      {"train.device", {"cpu", "cuda"}},
+      {"train.precision", {"fp32", "bf16-mixed"}},
+      {"model.norm", {"rmsnorm", "layernorm"}},
+      {"parallel.schedule", {"1f1b", "gpipe"}}};
+  for (const auto& [key, spellings] : keys) {
+    for (const auto& spelling : spellings) {
+      keel::Config c;
+      keel::apply_override(c, key + "=" + spelling);
+      const auto flat = keel::flatten(c);
+      const auto it = std::find_if(flat.begin(), flat.end(), [&](const auto& kv) { return kv.first == key; });
+      ASSERT_NE(it, flat.end()) << key;
+      EXPECT_EQ(it->second, spelling) << key;
+      // Written into a config.ini and read back: the same value.
+      const auto back = keel::flatten(keel::parse_config_text(keel::to_ini(c), "back.ini"));
+      const auto again = std::find_if(back.begin(), back.end(), [&](const auto& kv) { return kv.first == key; });
+      ASSERT_NE(again, back.end()) << key;
+      EXPECT_EQ(again->second, spelling) << key;
+    }
+  }
+  keel::Config c;
+  keel::apply_override(c, "train.device=cuda");
+  keel::apply_override(c, "train.precision=fp32");
+  keel::apply_override(c, "model.norm=layernorm");
+  keel::apply_override(c, "parallel.schedule=gpipe");
+  EXPECT_EQ(c.train.device, keel::Device::kCuda);
+  EXPECT_EQ(c.train.precision, keel::Precision::kFp32);
+  EXPECT_EQ(c.model.norm, keel::NormKind::kLayerNorm);
+  EXPECT_EQ(c.parallel.schedule, keel::PipelineSchedule::kGPipe);
+  EXPECT_EQ(keel::name_of(keel::Device::kCpu), "cpu");
+  EXPECT_EQ(keel::name_of(keel::Precision::kBf16Mixed), "bf16-mixed");
+  EXPECT_EQ(keel::name_of(keel::NormKind::kRmsNorm), "rmsnorm");
+  EXPECT_EQ(keel::name_of(keel::PipelineSchedule::kOneFOneB), "1f1b");
+  // A bad spelling is refused with the same message the string keys gave.
+  EXPECT_EQ(error_of([&] { keel::apply_override(c, "train.device=tpu"); }),
+            "--set train.device: train.device: expected one of cpu | cuda, got 'tpu'");
+  EXPECT_EQ(error_of([&] { keel::apply_override(c, "parallel.schedule=interleaved"); }),
+            "--set parallel.schedule: parallel.schedule: expected one of 1f1b | gpipe, got 'interleaved'");
 }
 
 TEST(Config, MissingFileIsNamed) {
@@ -224,8 +268,8 @@ TEST(MemoryEstimate, CountsParametersByHand) {
   EXPECT_EQ(keel::count_parameters(m), 131072.0 + 131072.0 + 64.0 + 2 * (16384.0 + 33792.0 + 128.0));
   m.kv_heads = 1;  // GQA: wk, wv [16, 64]
   m.tie_embeddings = true;
-  m.qk_norm = true;      // q_norm, k_norm [16] per block
-  m.norm = "layernorm";  // weight and bias
+  m.qk_norm = true;                     // q_norm, k_norm [16] per block
+  m.norm = keel::NormKind::kLayerNorm;  // weight and bias
   EXPECT_EQ(keel::count_parameters(m), 131072.0 + 128.0 + 2 * (64.0 * 64 * 2 + 2 * 64.0 * 16 + 33792.0 + 256.0 + 32.0));
 }
 
@@ -239,10 +283,10 @@ TEST(MemoryEstimate, CountMatchesTheRealModel) {
   b.ffn_hidden = 200;
   b.vocab = 500;
   b.qk_norm = true;
-  b.norm = "layernorm";
+  b.norm = keel::NormKind::kLayerNorm;
   keel::ModelConfig c = b;
   c.tie_embeddings = true;
-  c.norm = "rmsnorm";
+  c.norm = keel::NormKind::kRmsNorm;
   for (const auto& m : {a, b, c}) {
     keel::model::Llama model(m);
     EXPECT_EQ(keel::count_parameters(m), static_cast<double>(model->num_parameters())) << m.layers << " " << m.d_model;
@@ -263,7 +307,7 @@ TEST(MemoryEstimate, BytesPerRankAndRefusal) {
   const double p = keel::count_parameters(c.model);
   const double rope = 2.0 * 64 * 8 * 4;  // cos and sin, [seq_len, head_dim / 2] fp32
   EXPECT_EQ(keel::estimate_memory(c).rank_bytes, p * 18 + rope);
-  c.train.precision = "fp32";
+  c.train.precision = keel::Precision::kFp32;
   EXPECT_EQ(keel::estimate_memory(c).rank_bytes, p * 16 + rope);
   c.plugins.optimizer = "lion";
   EXPECT_EQ(keel::estimate_memory(c).rank_bytes, p * 12 + rope);

@@ -68,7 +68,7 @@ TEST(KernelRmsNorm, ReferenceBackwardMatchesAutograd) {
 TEST(KernelRmsNorm, MatchesModelNormOnCpu) {
   torch::manual_seed(11);
   for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
-    keel::model::Norm norm(33, "rmsnorm", kEps);
+    keel::model::Norm norm(33, keel::NormKind::kRmsNorm, kEps);
     {
       torch::NoGradGuard no_grad;
       norm->weight.copy_(1.0 + 0.3 * torch::randn({33}));

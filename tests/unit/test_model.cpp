@@ -22,7 +22,7 @@ torch::Tensor param(Llama& m, const std::string& name) {
 
 // Reference RMSNorm / LayerNorm written from the formulas, in double precision where it matters.
 torch::Tensor ref_norm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b, const ModelConfig& c) {
-  if (c.norm == "rmsnorm") return x / torch::sqrt((x * x).mean(-1, true) + c.norm_eps) * w;
+  if (c.norm == keel::NormKind::kRmsNorm) return x / torch::sqrt((x * x).mean(-1, true) + c.norm_eps) * w;
   auto mean = x.mean(-1, true);
   auto var = ((x - mean) * (x - mean)).mean(-1, true);
   return (x - mean) / torch::sqrt(var + c.norm_eps) * w + b;
@@ -53,7 +53,8 @@ torch::Tensor ref_logits(Llama& m, const torch::Tensor& tokens, const ModelConfi
   for (int64_t l = 0; l < c.layers; ++l) {
     const std::string p = "blocks." + std::to_string(l) + ".";
     auto w = [&](const std::string& n) { return param(m, p + n); };
-    torch::Tensor h = ref_norm(x, w("attn_norm.weight"), c.norm == "layernorm" ? w("attn_norm.bias") : none, c);
+    torch::Tensor h =
+        ref_norm(x, w("attn_norm.weight"), c.norm == keel::NormKind::kLayerNorm ? w("attn_norm.bias") : none, c);
     torch::Tensor q = torch::matmul(h, w("attn.wq.weight").t()).view({B, T, H, D});
     torch::Tensor k = torch::matmul(h, w("attn.wk.weight").t()).view({B, T, K, D});
     torch::Tensor v = torch::matmul(h, w("attn.wv.weight").t()).view({B, T, K, D});
@@ -69,12 +70,14 @@ torch::Tensor ref_logits(Llama& m, const torch::Tensor& tokens, const ModelConfi
       heads.push_back(torch::matmul(torch::softmax(scores, -1), vh));
     }
     x = x + torch::matmul(torch::cat(heads, -1), w("attn.wo.weight").t());
-    torch::Tensor g = ref_norm(x, w("mlp_norm.weight"), c.norm == "layernorm" ? w("mlp_norm.bias") : none, c);
+    torch::Tensor g =
+        ref_norm(x, w("mlp_norm.weight"), c.norm == keel::NormKind::kLayerNorm ? w("mlp_norm.bias") : none, c);
     torch::Tensor gate = torch::matmul(g, w("mlp.w_gate.weight").t());
     torch::Tensor up = torch::matmul(g, w("mlp.w_up.weight").t());
     x = x + torch::matmul(gate * torch::sigmoid(gate) * up, w("mlp.w_down.weight").t());
   }
-  x = ref_norm(x, param(m, "final_norm.weight"), c.norm == "layernorm" ? param(m, "final_norm.bias") : none, c);
+  x = ref_norm(x, param(m, "final_norm.weight"),
+               c.norm == keel::NormKind::kLayerNorm ? param(m, "final_norm.bias") : none, c);
   return torch::matmul(x, (c.tie_embeddings ? param(m, "embed.weight") : param(m, "head.weight")).t());
 }
 
@@ -113,7 +116,7 @@ TEST(Model, MatchesNaiveReferenceForwardAndBackward) { expect_matches_reference(
 
 TEST(Model, MatchesReferenceWithLayerNormPartialRotaryTiedEmbeddings) {
   ModelConfig c = small_config();
-  c.norm = "layernorm";
+  c.norm = keel::NormKind::kLayerNorm;
   c.rotary_fraction = 0.25;
   c.tie_embeddings = true;
   c.kv_heads = 4;

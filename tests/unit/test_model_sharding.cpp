@@ -42,7 +42,7 @@ class Undeclared : public keel::model::ShardedModule {
 
 TEST(ModelSharding, EveryLayerDeclaresItsSplitAndInitRole) {
   keel::ModelConfig c = keel::testing::small_model_config(8);
-  c.norm = "layernorm";
+  c.norm = keel::NormKind::kLayerNorm;
   c.qk_norm = true;
   Llama model(c);
   const auto specs = specs_of(*model);
@@ -70,7 +70,7 @@ TEST(ModelSharding, EveryLayerDeclaresItsSplitAndInitRole) {
 
 TEST(ModelSharding, InitFollowsTheDeclaredRoles) {
   keel::ModelConfig c = keel::testing::small_model_config(8);
-  c.norm = "layernorm";
+  c.norm = keel::NormKind::kLayerNorm;
   c.layers = 8;  // out_std = init_std / 4
   Llama model(c);
   model->init_weights(3);

@@ -93,8 +93,8 @@ void run_and_check_stage(Communicator& pp, int64_t microbatches, PipelineSchedul
   const int64_t stages = pp.size();
   const int64_t s = pp.rank();
   const bool last = s == stages - 1;
-  SCOPED_TRACE("stage " + std::to_string(s) + " of " + std::to_string(stages) + ", " +
-               pipeline_schedule_name(schedule) + ", M = " + std::to_string(microbatches));
+  SCOPED_TRACE("stage " + std::to_string(s) + " of " + std::to_string(stages) + ", " + keel::name_of(schedule) +
+               ", M = " + std::to_string(microbatches));
   ToyStage model(s * kLayers / stages, kLayers / stages);
   double loss_sum = 0.0;
   std::vector<int64_t> forward_order;
@@ -143,13 +143,16 @@ void run_and_check_stage(Communicator& pp, int64_t microbatches, PipelineSchedul
   }
 }
 
-TEST(Pipeline, ParsesScheduleNames) {
-  EXPECT_EQ(parse_pipeline_schedule("1f1b"), PipelineSchedule::kOneFOneB);
-  EXPECT_EQ(parse_pipeline_schedule("gpipe"), PipelineSchedule::kGPipe);
+// The schedule is parsed once, by the config, into the enum run_pipeline takes (nothing re-parses it per step).
+TEST(Pipeline, ScheduleComesParsedFromTheConfig) {
+  keel::Config c;
+  EXPECT_EQ(c.parallel.schedule, PipelineSchedule::kOneFOneB);
+  keel::apply_override(c, "parallel.schedule=gpipe");
+  EXPECT_EQ(c.parallel.schedule, PipelineSchedule::kGPipe);
   try {
-    parse_pipeline_schedule("interleaved");
+    keel::apply_override(c, "parallel.schedule=interleaved");
     FAIL() << "no error";
-  } catch (const std::invalid_argument& e) {
+  } catch (const keel::ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find("parallel.schedule"), std::string::npos) << e.what();
   }
 }

@@ -195,7 +195,7 @@ TEST(HfLlamaMapping, ConfigJsonRoundTripsAndUnsupportedFeaturesAreRefusedByKey) 
     return std::string("(accepted)");
   };
   keel::ModelConfig layernorm;
-  layernorm.norm = "layernorm";
+  layernorm.norm = keel::NormKind::kLayerNorm;
   EXPECT_NE(refusal(layernorm).find("ckpt/config.ini: model.norm = layernorm"), std::string::npos);
   keel::ModelConfig partial;
   partial.rotary_fraction = 0.25;

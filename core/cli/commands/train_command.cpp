@@ -29,7 +29,7 @@ int cmd_train(const Args& args) {
   append_plugin_overrides(plugins, plugin_args, overrides);
   Config config = load_config(config_path, overrides);  // all config errors before touching the run dir
   check_memory_fits(config);                            // an absurd model size, before anything is built or written
-  if (config.train.device == "cuda" && !torch::cuda::is_available())
+  if (config.train.device == Device::kCuda && !torch::cuda::is_available())
     throw std::runtime_error("train.device = cuda but no CUDA device is available to this build of keel");
   // Data next: an unprepared corpus is the most common first-run error; report it before claiming the run dir.
   auto loader = std::make_unique<data::DataLoader>(config, config.global_batch());
