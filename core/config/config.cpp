@@ -268,6 +268,10 @@ const std::vector<std::pair<std::string, std::string>>& source_fields() {
       {"include", "filename glob inside directories, e.g. *.py"},
       {"split", "file (one document per file) or fortune ('%' lines separate documents)"},
       {"max_mb", "stop reading raw text after this many MiB; 0 = all"},
+      {"format",
+       "text (default; Keel tokenizes), megatron (PREFIX.bin + PREFIX.idx) or npy (.npy or raw token "
+       "arrays, documents separated by data.eos_id): pre-tokenized formats are read in place"},
+      {"dtype", "uint16 or uint32: element type of raw (non-.npy) token files of format npy"},
   };
   return fields;
 }
@@ -300,6 +304,10 @@ bool set_source_key(Config& config, const std::string& key, const std::string& v
     source.split = parse_choice(origin, key, value, {"file", "fortune"});
   else if (field == "max_mb")
     source.max_mb = parse_double(origin, key, value);
+  else if (field == "format")
+    source.format = parse_choice(origin, key, value, {"text", "megatron", "npy"});
+  else if (field == "dtype")
+    source.dtype = parse_choice(origin, key, value, {"uint16", "uint32"});
   else
     throw ConfigError(origin + ": unknown key '" + key + "'");
   return true;
@@ -336,6 +344,10 @@ void set_key(Config& config, const std::string& key, const std::string& value, c
       throw ConfigError(origin + ": bad plugin argument '" + key +
                         "' (use plugin.NAME.key, letters, digits, '_', '-')");
     config.plugin_args[name][field] = value;
+    return;
+  }
+  if (key == "data.eos_id") {  // outside key_table: written to config.ini only when set (config hashes unchanged)
+    config.data.eos_id = parse_int(origin, key, value);
     return;
   }
   for (const auto& def : key_table()) {
@@ -520,6 +532,8 @@ void validate(const Config& c) {
   require(!c.data.dir.empty(), "data.dir must not be empty");
   require(c.data.tokenizer_sample_mb >= 1 && c.data.tokenizer_sample_mb <= (int64_t{1} << 20),
           "data.tokenizer_sample_mb must be in [1, 1048576]");
+  require(c.data.eos_id >= -1 && c.data.eos_id < c.model.vocab,
+          "data.eos_id must be -1 (unset) or in [0, model.vocab)");
   const auto& par = c.parallel;
   require(par.dp >= 1 && par.tp >= 1 && par.pp >= 1, "parallel.dp, parallel.tp and parallel.pp must be >= 1");
   require(par.zero == 0 || par.zero == 1, "parallel.zero must be 0 or 1");
@@ -556,18 +570,27 @@ void validate(const Config& c) {
   for (const auto& s : c.data.sources) {
     require(!s.inputs.empty(), "source." + s.name + ".inputs is empty");
     require(s.max_mb >= 0.0, "source." + s.name + ".max_mb must be >= 0");
+    require(s.dtype.empty() || s.format == "npy", "source." + s.name + ".dtype needs format = npy");
   }
 }
 
 std::vector<std::pair<std::string, std::string>> flatten(const Config& config) {
   std::vector<std::pair<std::string, std::string>> out;
   for (const auto& def : key_table()) out.emplace_back(def.name, def.get(config));
+  if (config.data.eos_id >= 0) {  // after the last data.* key, so that [data] stays one section
+    auto at = out.end();
+    for (auto it = out.begin(); it != out.end(); ++it)
+      if (it->first.rfind("data.", 0) == 0) at = it + 1;
+    out.insert(at, {"data.eos_id", std::to_string(config.data.eos_id)});
+  }
   for (const auto& s : config.data.sources) {
     const std::string prefix = "source." + s.name + ".";
     out.emplace_back(prefix + "inputs", join(s.inputs));
     out.emplace_back(prefix + "include", s.include);
     out.emplace_back(prefix + "split", s.split);
     out.emplace_back(prefix + "max_mb", format_double(s.max_mb));
+    if (s.format != "text") out.emplace_back(prefix + "format", s.format);
+    if (!s.dtype.empty()) out.emplace_back(prefix + "dtype", s.dtype);
   }
   for (const auto& [name, args] : config.plugin_args) {
     for (const auto& [field, value] : args) out.emplace_back("plugin." + name + "." + field, value);
@@ -594,6 +617,8 @@ std::string to_ini(const Config& config) {
 std::vector<std::pair<std::string, std::string>> documented_keys() {
   std::vector<std::pair<std::string, std::string>> out;
   for (const auto& def : key_table()) out.emplace_back(def.name, def.doc);
+  out.emplace_back("data.eos_id",
+                   "separator (EOS) id of pre-tokenized sources, which come without a tokenizer; unset = -1");
   for (const auto& [field, doc] : source_fields()) out.emplace_back("source.NAME." + field, doc);
   out.emplace_back("plugin.NAME.KEY",
                    "argument KEY of plugin NAME (also --plugin-arg NAME.KEY=value); see docs/plugins.md");

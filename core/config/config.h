@@ -79,6 +79,10 @@ struct SourceConfig {
   std::string include = "*";        // filename glob applied inside directories, e.g. "*.py"
   std::string split = "file";       // file (one document per file) | fortune (documents separated by '%' lines)
   double max_mb = 0.0;              // stop reading raw text after this many MiB; 0 = no limit
+  // text (raw text, tokenized by Keel) | megatron (PREFIX.bin + .idx) | npy (.npy or raw arrays, EOS-separated).
+  // Pre-tokenized formats are read in place (docs/data.md); written to config.ini only when not "text".
+  std::string format = "text";
+  std::string dtype;  // raw (non-.npy) token arrays of format npy: uint16 | uint32; "" = .npy files only
 };
 
 struct DataConfig {
@@ -90,6 +94,7 @@ struct DataConfig {
   std::string skip;                 // skip list "prose:chunk:3;code:samples:100-200"
   int64_t chunks = 360;             // chunks per source epoch (LLM360 Amber: 360)
   int64_t tokenizer_sample_mb = 4;  // raw text used to train the tokenizer
+  int64_t eos_id = -1;              // separator id of pre-tokenized sources; -1 = unset (not in config.ini)
 };
 
 struct MetricsConfig {

@@ -17,6 +17,7 @@
 
 #include "core/data/hash.h"
 #include "core/data/prepare.h"
+#include "core/data/pretokenized_source.h"
 #include "core/data/regular_file.h"
 #include "core/data/tokenizer.h"
 
@@ -175,7 +176,18 @@ DataLoader::DataLoader(const keel::Config& config, int64_t global_batch)
     for (const auto& s : manifest.at("sources")) {
       Source src;
       src.name = s.at("name").get<std::string>();
-      for (const auto& sh : s.at("shards")) {
+      if (s.contains("token_files")) {  // a pre-tokenized source, read in place
+        try {
+          src.shards = open_pretokenized_entry(s, vocab_);
+        } catch (const DataError& e) {
+          throw DataError(std::string(e.what()) + ": " + prepare_hint);
+        }
+        for (const auto& stream : src.shards) {
+          src.shard_begin.push_back(src.tokens);
+          src.tokens += stream->num_tokens();
+        }
+      }
+      for (const auto& sh : s.value("shards", json::array())) {
         const std::string path = dir_ + "/" + sh.at("file").get<std::string>();
         if (!fs::exists(path)) throw DataError(path + ": shard listed in prepared.json is missing: " + prepare_hint);
         const int64_t listed_tokens = sh.at("tokens").get<int64_t>();
@@ -188,7 +200,7 @@ DataLoader::DataLoader(const keel::Config& config, int64_t global_batch)
         ShardReader& reader = *opened;
         src.shard_begin.push_back(src.tokens);
         src.tokens += reader.num_tokens();
-        src.shards.push_back(std::move(reader));
+        src.shards.push_back(std::make_unique<ShardReader>(std::move(reader)));
       }
       src.samples = src.tokens > 0 ? (src.tokens - 1) / seq_len_ : 0;
       if (src.samples <= 0) {
@@ -206,7 +218,10 @@ DataLoader::DataLoader(const keel::Config& config, int64_t global_batch)
   for (const auto& s : sources_) tokens.push_back(s.tokens);
   stages_ = config_stages(config.data, names_, tokens);
   skip_ = parse_skip(config.data.skip, names_, 0, "data.skip");
-  tokenizer_path_ = dir_ + "/" + manifest.value("tokenizer", json::object()).value("file", "tokenizer.model");
+  // Pre-tokenized data comes without a tokenizer (tokenizer_path_ stays empty; decode() says so).
+  if (!manifest.value("pretokenized", false)) {
+    tokenizer_path_ = dir_ + "/" + manifest.value("tokenizer", json::object()).value("file", "tokenizer.model");
+  }
   tokenizer_mutex_ = std::make_unique<std::mutex>();
 }
 
@@ -344,8 +359,8 @@ std::vector<int32_t> DataLoader::sample_tokens(int32_t source, int64_t sample_id
     const size_t k = static_cast<size_t>(std::upper_bound(s.shard_begin.begin(), s.shard_begin.end(), pos) -
                                          s.shard_begin.begin() - 1);
     const int64_t offset = pos - s.shard_begin[k];
-    const int64_t take = std::min(seq_len_ + 1 - done, s.shards[k].num_tokens() - offset);
-    s.shards[k].read(offset, take, buf.data() + done);
+    const int64_t take = std::min(seq_len_ + 1 - done, s.shards[k]->num_tokens() - offset);
+    s.shards[k]->read(offset, take, buf.data() + done);
     done += take;
     pos += take;
   }
@@ -369,8 +384,8 @@ at::Tensor DataLoader::tokens(const BatchPlan& plan, int64_t begin, int64_t coun
       const size_t k = static_cast<size_t>(std::upper_bound(s.shard_begin.begin(), s.shard_begin.end(), pos) -
                                            s.shard_begin.begin() - 1);
       const int64_t offset = pos - s.shard_begin[k];
-      const int64_t take = std::min(width - done, s.shards[k].num_tokens() - offset);
-      s.shards[k].read(offset, take, p + i * width + done);
+      const int64_t take = std::min(width - done, s.shards[k]->num_tokens() - offset);
+      s.shards[k]->read(offset, take, p + i * width + done);
       done += take;
       pos += take;
     }
@@ -459,7 +474,7 @@ json DataLoader::fingerprint() const {
   json sources = json::array();
   for (const auto& s : sources_) {
     json shards = json::array();
-    for (const auto& sh : s.shards) shards.push_back(sh.num_tokens());
+    for (const auto& sh : s.shards) shards.push_back(sh->num_tokens());
     sources.push_back({{"name", s.name}, {"tokens", s.tokens}, {"shard_tokens", shards}});
   }
   return {{"vocab", vocab_},
@@ -615,6 +630,9 @@ std::vector<std::string> DataLoader::carry_skip(const json& list, bool from_now)
 const Tokenizer& DataLoader::tokenizer() const {
   std::lock_guard<std::mutex> lock(*tokenizer_mutex_);
   if (!tokenizer_) {
+    if (tokenizer_path_.empty()) {
+      throw DataError("data in " + dir_ + " is pre-tokenized and has no tokenizer: token ids are not decoded");
+    }
     if (!fs::exists(tokenizer_path_)) {
       throw DataError(tokenizer_path_ + ": no tokenizer: run `keel data prepare --config " + config_file_ + "`");
     }

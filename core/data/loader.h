@@ -25,6 +25,7 @@
 #include "core/data/data_error.h"
 #include "core/data/mixture.h"
 #include "core/data/shard.h"
+#include "core/data/token_stream.h"
 
 namespace at {
 class Tensor;
@@ -129,7 +130,8 @@ class DataLoader {
  private:
   struct Source {
     std::string name;
-    std::vector<ShardReader> shards;
+    // Keel shards, or the files of a pre-tokenized source read in place (pretokenized_source.h).
+    std::vector<std::unique_ptr<TokenStream>> shards;
     std::vector<int64_t> shard_begin;  // first token of each shard in the concatenated stream
     int64_t tokens = 0;
     int64_t samples = 0;  // samples per epoch: (tokens - 1) / seq_len

@@ -26,6 +26,8 @@
 #include "core/data/data_error.h"
 #include "core/data/documents.h"
 #include "core/data/hash.h"
+#include "core/data/prepare_common.h"
+#include "core/data/pretokenized_source.h"
 #include "core/data/regular_file.h"
 #include "core/data/shard.h"
 #include "core/data/tokenizer.h"
@@ -36,16 +38,13 @@ using nlohmann::json;
 namespace keel::data {
 namespace {
 
+using detail::check_source_name;
+using detail::fingerprint_of;
+using detail::refuse_non_regular;
+using detail::write_text_atomically;
+
 constexpr int64_t kBinaryProbeBytes = 8192;
 constexpr int64_t kTokenizeBlockBytes = int64_t(16) << 20;
-
-std::string hex64(uint64_t h) {
-  char buf[17];
-  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
-  return buf;
-}
-
-std::string fingerprint_of(const json& j) { return hex64(fnv1a64(j.dump())); }
 
 double mib(int64_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0); }
 
@@ -61,36 +60,9 @@ bool is_binary_file(const std::string& path) {
 // A whole file, refused by name (and never waited on) when it is a FIFO, a directory or a device.
 std::string read_file(const std::string& path) { return read_regular_file<DataError>(path); }
 
-// Files of DIR that prepare rewrites by renaming over them: something other than a file there was not written by
-// Keel, and is refused rather than replaced.
-void refuse_non_regular(const std::string& path, const std::string& noun = "a regular file") {
-  const std::string message = non_regular_error(path, noun);
-  if (!message.empty()) throw DataError(message + ": Keel does not replace it; move it away and prepare again");
-}
-
 bool has_glob_chars(const std::string& s) { return s.find_first_of("*?[") != std::string::npos; }
 
 bool is_blank(std::string_view s) { return s.find_first_not_of(" \t\r\n\f\v") == std::string_view::npos; }
-
-void write_text_atomically(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    f << text;
-    f.flush();
-    if (!f) throw DataError(tmp + ": cannot write");
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) throw DataError(path + ": cannot rename " + tmp + ": " + ec.message());
-}
-
-void check_source_name(const std::string& name) {
-  const bool ok =
-      !name.empty() && name != "." && name != ".." &&
-      name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-") == std::string::npos;
-  if (!ok) throw DataError("source name '" + name + "' must be non-empty and use only [A-Za-z0-9_.-]");
-}
 
 struct SourceDocs {
   std::vector<std::string> docs;
@@ -353,60 +325,67 @@ std::vector<InputFile> list_source_files(const keel::SourceConfig& source) {
   return files;
 }
 
-PrepareReport prepare_data(const keel::Config& config, const PrepareOptions& options) {
-  const auto t0 = std::chrono::steady_clock::now();
-  const auto& data = config.data;
-  const std::string dir = data.dir;
-  const std::string config_name = config.source_file.empty() ? "<config>" : config.source_file;
-  if (data.sources.empty()) {
-    throw DataError(config_name + ": no data sources configured (add [source.NAME] sections)");
-  }
-  PrepareReport report;
-  report.dir = dir;
-  report.vocab = config.model.vocab;
+namespace {
 
-  // 1. Inputs and fingerprints.
-  std::vector<std::vector<InputFile>> files(data.sources.size());
-  std::vector<json> settings(data.sources.size());
+// Stage 1 of a text preparation: every source's input files, and the fingerprints of the settings and inputs.
+struct TextPlan {
+  std::vector<std::vector<InputFile>> files;
+  std::vector<json> settings;  // per source: name, split, include, max_mb, inputs, files
+  json tokenizer_settings;
+  std::string tokenizer_fp;
+  std::vector<std::string> source_fp;
+  std::string fingerprint;
+};
+
+TextPlan plan_text_sources(const keel::Config& config, const std::string& config_name) {
+  const auto& data = config.data;
+  TextPlan plan;
+  plan.files.resize(data.sources.size());
+  plan.settings.resize(data.sources.size());
   json inputs_of_all = json::array();
   std::set<std::string> names;
   for (size_t i = 0; i < data.sources.size(); ++i) {
     const auto& src = data.sources[i];
     check_source_name(src.name);
     if (!names.insert(src.name).second) throw DataError(config_name + ": source " + src.name + " given twice");
-    files[i] = list_source_files(src);
+    plan.files[i] = list_source_files(src);
     json file_list = json::array();
-    for (const auto& f : files[i]) file_list.push_back({{"path", f.path}, {"bytes", f.bytes}});
-    settings[i] = {{"name", src.name},     {"split", src.split},   {"include", src.include},
-                   {"max_mb", src.max_mb}, {"inputs", src.inputs}, {"files", file_list}};
-    inputs_of_all.push_back(settings[i]);
+    for (const auto& f : plan.files[i]) file_list.push_back({{"path", f.path}, {"bytes", f.bytes}});
+    plan.settings[i] = {{"name", src.name},     {"split", src.split},   {"include", src.include},
+                        {"max_mb", src.max_mb}, {"inputs", src.inputs}, {"files", file_list}};
+    inputs_of_all.push_back(plan.settings[i]);
   }
   const int64_t sample_bytes = std::max<int64_t>(1, data.tokenizer_sample_mb) * 1024 * 1024;
-  const json tokenizer_settings = {{"settings_version", kTokenizerSettingsVersion},
-                                   {"vocab", config.model.vocab},
-                                   {"sample_bytes", sample_bytes},
-                                   {"sources", inputs_of_all}};
-  const std::string tokenizer_fp = fingerprint_of(tokenizer_settings);
-  std::vector<std::string> source_fp(data.sources.size());
+  plan.tokenizer_settings = {{"settings_version", kTokenizerSettingsVersion},
+                             {"vocab", config.model.vocab},
+                             {"sample_bytes", sample_bytes},
+                             {"sources", inputs_of_all}};
+  plan.tokenizer_fp = fingerprint_of(plan.tokenizer_settings);
   json all_fp = json::array();
   for (size_t i = 0; i < data.sources.size(); ++i) {
-    source_fp[i] = fingerprint_of({{"format_version", kPreparedFormatVersion},
-                                   {"shard_max_tokens", kShardMaxTokens},
-                                   {"tokenizer", tokenizer_fp},
-                                   {"source", settings[i]}});
-    all_fp.push_back(source_fp[i]);
+    plan.source_fp.push_back(fingerprint_of({{"format_version", kPreparedFormatVersion},
+                                             {"shard_max_tokens", kShardMaxTokens},
+                                             {"tokenizer", plan.tokenizer_fp},
+                                             {"source", plan.settings[i]}}));
+    all_fp.push_back(plan.source_fp[i]);
   }
-  report.fingerprint = fingerprint_of({{"vocab", config.model.vocab}, {"sources", all_fp}});
+  plan.fingerprint = fingerprint_of({{"vocab", config.model.vocab}, {"sources", all_fp}});
+  return plan;
+}
 
-  // 2. Up to date? Something other than a file in the place of a file prepare writes is refused first, before
-  // anything is read or written (a FIFO would block the read; a rename would replace it).
-  const std::string manifest_path = dir + "/prepared.json";
-  const std::string model_path = dir + "/tokenizer.model";
-  const std::string tokenizer_json_path = dir + "/tokenizer.json";
-  for (const auto& path : {manifest_path, model_path, tokenizer_json_path, dir + "/tokenizer.vocab"}) {
-    refuse_non_regular(path);
-  }
-  json old_manifest;
+// Stage 2: what an earlier preparation left that can be kept. Per configured source, its entry in the old
+// manifest when the fingerprint matches and every shard passes the checks a run makes when it opens them; a
+// damaged shard is named (with its byte offset) and its source redone.
+struct PreviousPreparation {
+  json manifest;                     // DIR/prepared.json as found (null when absent or unreadable)
+  std::vector<const json*> sources;  // into `manifest`; nullptr where the source must be prepared again
+};
+
+void find_reusable_sources(const keel::Config& config, const TextPlan& plan, const std::string& manifest_path,
+                           const PrepareOptions& options, PreviousPreparation& previous) {
+  const auto& data = config.data;
+  previous.sources.assign(data.sources.size(), nullptr);
+  json& old_manifest = previous.manifest;
   if (fs::exists(manifest_path)) {
     try {
       old_manifest = json::parse(read_file(manifest_path));
@@ -415,91 +394,183 @@ PrepareReport prepare_data(const keel::Config& config, const PrepareOptions& opt
       old_manifest = json();
     }
   }
-  // Per configured source, its entry in the old manifest when the fingerprint matches and every shard passes the
-  // checks a run makes when it opens them; a damaged shard is named (with its byte offset) and its source redone.
-  std::vector<const json*> old_sources(data.sources.size(), nullptr);
-  if (!options.force && old_manifest.is_object() && old_manifest.contains("sources") &&
-      old_manifest["sources"].is_array() && old_manifest.contains("eos_id") &&
-      old_manifest["eos_id"].is_number_integer()) {
-    const int64_t old_eos = old_manifest["eos_id"].get<int64_t>();
-    for (size_t i = 0; i < data.sources.size(); ++i) {
-      for (const auto& s : old_manifest["sources"]) {
-        if (!s.is_object() || s.value("name", json()) != data.sources[i].name ||
-            s.value("fingerprint", json()) != source_fp[i]) {
-          continue;
-        }
-        const std::string problem = shards_problem(dir, s, config.model.vocab, old_eos);
-        if (problem.empty()) {
-          old_sources[i] = &s;
-        } else {
-          spdlog::warn("source {}: prepared {}: {}; preparing this source again", data.sources[i].name,
-                       problem.rfind("no document index", 0) == 0 ? "data incomplete" : "shard damaged", problem);
-        }
-        break;
+  if (options.force || !old_manifest.is_object() || !old_manifest.contains("sources") ||
+      !old_manifest["sources"].is_array() || !old_manifest.contains("eos_id") ||
+      !old_manifest["eos_id"].is_number_integer()) {
+    return;
+  }
+  const int64_t old_eos = old_manifest["eos_id"].get<int64_t>();
+  for (size_t i = 0; i < data.sources.size(); ++i) {
+    for (const auto& s : old_manifest["sources"]) {
+      if (!s.is_object() || s.value("name", json()) != data.sources[i].name ||
+          s.value("fingerprint", json()) != plan.source_fp[i]) {
+        continue;
       }
+      const std::string problem = shards_problem(config.data.dir, s, config.model.vocab, old_eos);
+      if (problem.empty()) {
+        previous.sources[i] = &s;
+      } else {
+        spdlog::warn("source {}: prepared {}: {}; preparing this source again", data.sources[i].name,
+                     problem.rfind("no document index", 0) == 0 ? "data incomplete" : "shard damaged", problem);
+      }
+      break;
     }
   }
-  auto old_source = [&](size_t i) { return old_sources[i]; };
-  if (!options.force && old_manifest.is_object() && old_manifest.value("fingerprint", json()) == report.fingerprint &&
-      fs::exists(model_path)) {
-    bool all_present = true;
-    for (size_t i = 0; i < data.sources.size(); ++i) all_present &= old_source(i) != nullptr;
-    if (all_present) {
-      report.up_to_date = true;
-      report.eos_id = old_manifest["eos_id"].get<int32_t>();
-      for (const auto& s : old_manifest["sources"]) {
-        report.sources.push_back({s["name"], static_cast<int64_t>(s["files"].size()), s["documents"], s["raw_bytes"],
-                                  s["tokens"], static_cast<int64_t>(s["shards"].size()), true});
-      }
-      report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      spdlog::info("data in {} is up to date (fingerprint {}): nothing to do", dir, report.fingerprint);
-      return report;
-    }
-  }
-  fs::create_directories(dir);
+}
 
-  // 3. Documents (only where needed) and tokenizer.
+// Stage 3: documents of the sources that need them, and the tokenizer (trained, or reused when DIR/tokenizer.json
+// holds the current fingerprint). Returns whether it was trained; fills `reused` and `docs`.
+bool prepare_tokenizer(const keel::Config& config, const TextPlan& plan, const PreviousPreparation& previous,
+                       const PrepareOptions& options, std::vector<const json*>& reused, std::vector<SourceDocs>& docs) {
+  const auto& data = config.data;
+  const std::string dir = data.dir;
+  const std::string model_path = dir + "/tokenizer.model";
+  const std::string tokenizer_json_path = dir + "/tokenizer.json";
   bool reuse_tokenizer = false;
   if (!options.force && fs::exists(model_path) && fs::exists(tokenizer_json_path)) {
     try {
-      reuse_tokenizer = json::parse(read_file(tokenizer_json_path)).value("fingerprint", "") == tokenizer_fp;
+      reuse_tokenizer = json::parse(read_file(tokenizer_json_path)).value("fingerprint", "") == plan.tokenizer_fp;
     } catch (const std::exception&) {
       reuse_tokenizer = false;
     }
   }
-  std::vector<const json*> reused(data.sources.size(), nullptr);
-  std::vector<SourceDocs> docs(data.sources.size());
+  reused.assign(data.sources.size(), nullptr);
+  docs.assign(data.sources.size(), SourceDocs{});
   for (size_t i = 0; i < data.sources.size(); ++i) {
-    if (!options.force && reuse_tokenizer) reused[i] = old_source(i);
+    if (!options.force && reuse_tokenizer) reused[i] = previous.sources[i];
     if (reused[i] != nullptr) continue;  // neither the tokenizer nor the shards need this source's text
-    docs[i] = read_documents(files[i], data.sources[i].split);
-    spdlog::info("source {}: {} files, {:.2f} MiB, {} documents", data.sources[i].name, files[i].size(),
+    docs[i] = read_documents(plan.files[i], data.sources[i].split);
+    spdlog::info("source {}: {} files, {:.2f} MiB, {} documents", data.sources[i].name, plan.files[i].size(),
                  mib(docs[i].raw_bytes), docs[i].docs.size());
   }
   if (reuse_tokenizer) {
-    spdlog::info("tokenizer {} matches the settings (fingerprint {}): reused", model_path, tokenizer_fp);
-  } else {
-    const auto t_tok = std::chrono::steady_clock::now();
-    const auto sample = tokenizer_sample(docs, sample_bytes);
-    int64_t bytes = 0;
-    for (const auto& s : sample) bytes += static_cast<int64_t>(s.size());
-    spdlog::info("training BPE tokenizer (vocab {}) on {:.2f} MiB from {} documents", config.model.vocab, mib(bytes),
-                 sample.size());
-    train_tokenizer(sample, dir + "/tokenizer.tmp", config.model.vocab);
-    std::error_code ec;
-    fs::rename(dir + "/tokenizer.tmp.model", model_path, ec);
-    if (!ec) fs::rename(dir + "/tokenizer.tmp.vocab", dir + "/tokenizer.vocab", ec);
-    if (ec) throw DataError(model_path + ": cannot move the trained tokenizer into place: " + ec.message());
-    json tj = tokenizer_settings;
-    tj.erase("sources");
-    tj["fingerprint"] = tokenizer_fp;
-    tj["sample_documents"] = sample.size();
-    tj["sample_bytes_used"] = bytes;
-    write_text_atomically(tokenizer_json_path, tj.dump(2) + "\n");
-    report.tokenizer_trained = true;
-    spdlog::info("tokenizer trained in {:.1f} s",
-                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t_tok).count());
+    spdlog::info("tokenizer {} matches the settings (fingerprint {}): reused", model_path, plan.tokenizer_fp);
+    return false;
   }
+  const int64_t sample_bytes = plan.tokenizer_settings["sample_bytes"].get<int64_t>();
+  const auto t_tok = std::chrono::steady_clock::now();
+  const auto sample = tokenizer_sample(docs, sample_bytes);
+  int64_t bytes = 0;
+  for (const auto& s : sample) bytes += static_cast<int64_t>(s.size());
+  spdlog::info("training BPE tokenizer (vocab {}) on {:.2f} MiB from {} documents", config.model.vocab, mib(bytes),
+               sample.size());
+  train_tokenizer(sample, dir + "/tokenizer.tmp", config.model.vocab);
+  std::error_code ec;
+  fs::rename(dir + "/tokenizer.tmp.model", model_path, ec);
+  if (!ec) fs::rename(dir + "/tokenizer.tmp.vocab", dir + "/tokenizer.vocab", ec);
+  if (ec) throw DataError(model_path + ": cannot move the trained tokenizer into place: " + ec.message());
+  json tj = plan.tokenizer_settings;
+  tj.erase("sources");
+  tj["fingerprint"] = plan.tokenizer_fp;
+  tj["sample_documents"] = sample.size();
+  tj["sample_bytes_used"] = bytes;
+  write_text_atomically(tokenizer_json_path, tj.dump(2) + "\n");
+  spdlog::info("tokenizer trained in {:.1f} s",
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - t_tok).count());
+  return true;
+}
+
+// Stage 4, one source: its prepared.json entry, reused or tokenized into shards + document index.
+json prepare_source_shards(const keel::Config& config, size_t i, const TextPlan& plan, const json* old,
+                           const SourceDocs& docs, const Tokenizer& tokenizer, PrepareSourceReport& sr) {
+  const auto& src = config.data.sources[i];
+  const std::string dir = config.data.dir;
+  sr.name = src.name;
+  sr.files = static_cast<int64_t>(plan.files[i].size());
+  json entry = plan.settings[i];
+  entry["fingerprint"] = plan.source_fp[i];
+  if (old != nullptr) {
+    sr.documents = (*old)["documents"];
+    sr.raw_bytes = (*old)["raw_bytes"];
+    entry["documents"] = sr.documents;
+    entry["raw_bytes"] = sr.raw_bytes;
+    entry["tokens"] = (*old)["tokens"];
+    entry["shards"] = (*old)["shards"];
+    entry["document_index"] = (*old)["document_index"];
+    sr.reused = true;
+    spdlog::info("source {}: shards up to date (fingerprint {}): reused", src.name, plan.source_fp[i]);
+  } else {
+    sr.documents = static_cast<int64_t>(docs.docs.size());
+    sr.raw_bytes = docs.raw_bytes;
+    entry["documents"] = sr.documents;
+    entry["raw_bytes"] = sr.raw_bytes;
+    const auto t_src = std::chrono::steady_clock::now();
+    const std::string source_dir = dir + "/" + src.name;
+    fs::create_directories(source_dir);
+    ShardSink sink(source_dir, src.name, config.model.vocab, tokenizer.eos_id());
+    tokenize_into(docs.docs, tokenizer, sink);
+    entry["tokens"] = sink.total();
+    entry["shards"] = sink.shards();
+    write_document_index(source_dir + "/documents.bin", sink.document_starts());
+    entry["document_index"] = {{"file", src.name + "/documents.bin"},
+                               {"documents", static_cast<int64_t>(sink.document_starts().size())}};
+    // Remove shards of an earlier, longer preparation.
+    std::set<std::string> keep;
+    for (const auto& s : sink.shards()) keep.insert(fs::path(s["file"].get<std::string>()).filename().string());
+    for (const auto& e : fs::directory_iterator(source_dir)) {
+      const std::string name = e.path().filename().string();
+      if (name.rfind("shard-", 0) == 0 && keep.count(name) == 0) fs::remove(e.path());
+    }
+    spdlog::info("source {}: {} tokens ({:.2f} tokens/byte) in {} shard(s), {:.1f} s", src.name, sink.total(),
+                 static_cast<double>(sink.total()) / std::max<int64_t>(1, sr.raw_bytes), sink.shards().size(),
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t_src).count());
+  }
+  sr.tokens = entry["tokens"];
+  sr.shards = static_cast<int64_t>(entry["shards"].size());
+  return entry;
+}
+
+// Stage 2's verdict: the whole directory is up to date (its report filled from the old manifest).
+bool up_to_date(const keel::Config& config, const TextPlan& plan, const PreviousPreparation& previous,
+                const PrepareOptions& options, PrepareReport& report) {
+  const json& old_manifest = previous.manifest;
+  if (options.force || !old_manifest.is_object() || old_manifest.value("fingerprint", json()) != plan.fingerprint ||
+      !fs::exists(config.data.dir + "/tokenizer.model")) {
+    return false;
+  }
+  for (const json* s : previous.sources)
+    if (s == nullptr) return false;
+  report.up_to_date = true;
+  report.eos_id = old_manifest["eos_id"].get<int32_t>();
+  for (const auto& s : old_manifest["sources"]) {
+    report.sources.push_back({s["name"], static_cast<int64_t>(s["files"].size()), s["documents"], s["raw_bytes"],
+                              s["tokens"], static_cast<int64_t>(s["shards"].size()), true});
+  }
+  return true;
+}
+
+PrepareReport prepare_text(const keel::Config& config, const PrepareOptions& options, const std::string& config_name) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string dir = config.data.dir;
+  PrepareReport report;
+  report.dir = dir;
+  report.vocab = config.model.vocab;
+
+  // 1. Inputs and fingerprints.
+  const TextPlan plan = plan_text_sources(config, config_name);
+  report.fingerprint = plan.fingerprint;
+
+  // 2. Up to date? Something other than a file in the place of a file prepare writes is refused first, before
+  // anything is read or written (a FIFO would block the read; a rename would replace it).
+  const std::string manifest_path = dir + "/prepared.json";
+  for (const auto& path :
+       {manifest_path, dir + "/tokenizer.model", dir + "/tokenizer.json", dir + "/tokenizer.vocab"}) {
+    refuse_non_regular(path);
+  }
+  PreviousPreparation previous;
+  find_reusable_sources(config, plan, manifest_path, options, previous);
+  if (up_to_date(config, plan, previous, options, report)) {
+    report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    spdlog::info("data in {} is up to date (fingerprint {}): nothing to do", dir, report.fingerprint);
+    return report;
+  }
+  fs::create_directories(dir);
+
+  // 3. Documents (only where needed) and tokenizer.
+  std::vector<const json*> reused;
+  std::vector<SourceDocs> docs;
+  report.tokenizer_trained = prepare_tokenizer(config, plan, previous, options, reused, docs);
+  const std::string model_path = dir + "/tokenizer.model";
   const Tokenizer tokenizer(model_path);
   if (tokenizer.vocab_size() > config.model.vocab) {
     throw DataError(model_path + ": tokenizer has " + std::to_string(tokenizer.vocab_size()) +
@@ -515,55 +586,13 @@ PrepareReport prepare_data(const keel::Config& config, const PrepareOptions& opt
       {"fingerprint", report.fingerprint},
       {"vocab", config.model.vocab},
       {"eos_id", tokenizer.eos_id()},
-      {"tokenizer", {{"file", "tokenizer.model"}, {"pieces", tokenizer.vocab_size()}, {"fingerprint", tokenizer_fp}}},
+      {"tokenizer",
+       {{"file", "tokenizer.model"}, {"pieces", tokenizer.vocab_size()}, {"fingerprint", plan.tokenizer_fp}}},
       {"shard_max_tokens", kShardMaxTokens},
       {"sources", json::array()}};
-  for (size_t i = 0; i < data.sources.size(); ++i) {
-    const auto& src = data.sources[i];
+  for (size_t i = 0; i < config.data.sources.size(); ++i) {
     PrepareSourceReport sr;
-    sr.name = src.name;
-    sr.files = static_cast<int64_t>(files[i].size());
-    json entry = settings[i];
-    entry["fingerprint"] = source_fp[i];
-    if (const json* old = reused[i]) {
-      sr.documents = (*old)["documents"];
-      sr.raw_bytes = (*old)["raw_bytes"];
-      entry["documents"] = sr.documents;
-      entry["raw_bytes"] = sr.raw_bytes;
-      entry["tokens"] = (*old)["tokens"];
-      entry["shards"] = (*old)["shards"];
-      entry["document_index"] = (*old)["document_index"];
-      sr.reused = true;
-      spdlog::info("source {}: shards up to date (fingerprint {}): reused", src.name, source_fp[i]);
-    } else {
-      sr.documents = static_cast<int64_t>(docs[i].docs.size());
-      sr.raw_bytes = docs[i].raw_bytes;
-      entry["documents"] = sr.documents;
-      entry["raw_bytes"] = sr.raw_bytes;
-      const auto t_src = std::chrono::steady_clock::now();
-      const std::string source_dir = dir + "/" + src.name;
-      fs::create_directories(source_dir);
-      ShardSink sink(source_dir, src.name, config.model.vocab, tokenizer.eos_id());
-      tokenize_into(docs[i].docs, tokenizer, sink);
-      entry["tokens"] = sink.total();
-      entry["shards"] = sink.shards();
-      write_document_index(source_dir + "/documents.bin", sink.document_starts());
-      entry["document_index"] = {{"file", src.name + "/documents.bin"},
-                                 {"documents", static_cast<int64_t>(sink.document_starts().size())}};
-      // Remove shards of an earlier, longer preparation.
-      std::set<std::string> keep;
-      for (const auto& s : sink.shards()) keep.insert(fs::path(s["file"].get<std::string>()).filename().string());
-      for (const auto& e : fs::directory_iterator(source_dir)) {
-        const std::string name = e.path().filename().string();
-        if (name.rfind("shard-", 0) == 0 && keep.count(name) == 0) fs::remove(e.path());
-      }
-      spdlog::info("source {}: {} tokens ({:.2f} tokens/byte) in {} shard(s), {:.1f} s", src.name, sink.total(),
-                   static_cast<double>(sink.total()) / std::max<int64_t>(1, sr.raw_bytes), sink.shards().size(),
-                   std::chrono::duration<double>(std::chrono::steady_clock::now() - t_src).count());
-    }
-    sr.tokens = entry["tokens"];
-    sr.shards = static_cast<int64_t>(entry["shards"].size());
-    manifest["sources"].push_back(entry);
+    manifest["sources"].push_back(prepare_source_shards(config, i, plan, reused[i], docs[i], tokenizer, sr));
     report.sources.push_back(sr);
   }
 
@@ -572,6 +601,26 @@ PrepareReport prepare_data(const keel::Config& config, const PrepareOptions& opt
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   spdlog::info("prepared {} (fingerprint {}) in {:.1f} s", manifest_path, report.fingerprint, report.seconds);
   return report;
+}
+
+}  // namespace
+
+PrepareReport prepare_data(const keel::Config& config, const PrepareOptions& options) {
+  const auto& data = config.data;
+  const std::string config_name = config.source_file.empty() ? "<config>" : config.source_file;
+  if (data.sources.empty()) {
+    throw DataError(config_name + ": no data sources configured (add [source.NAME] sections)");
+  }
+  // Pre-tokenized sources carry another tokenizer's ids: a directory is all text or all pre-tokenized.
+  const auto pre = std::find_if(data.sources.begin(), data.sources.end(), is_pretokenized);
+  if (pre == data.sources.end()) return prepare_text(config, options, config_name);
+  const auto text = std::find_if_not(data.sources.begin(), data.sources.end(), is_pretokenized);
+  if (text != data.sources.end()) {
+    throw DataError(config_name + ": source " + pre->name + " (format " + pre->format + ") and source " + text->name +
+                    " (format text) do not share a tokenizer: Keel trains its own for text sources, " + pre->name +
+                    " holds ids of the tokenizer it was made with; prepare them in separate data.dir");
+  }
+  return prepare_pretokenized(config, options);
 }
 
 }  // namespace keel::data

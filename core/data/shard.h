@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/data/data_error.h"
+#include "core/data/token_stream.h"
 
 namespace keel::data {
 
@@ -44,20 +45,20 @@ struct ShardHeader {
 int64_t write_shard(const std::string& path, const std::vector<int32_t>& tokens, int64_t vocab_size, int64_t eos_id);
 
 // A validated, memory-mapped, read-only shard. Move-only.
-class ShardReader {
+class ShardReader : public TokenStream {
  public:
   // Opens and validates `path`. expected_vocab: the vocab the caller's model uses (kAnyVocab skips that check).
   // Throws DataError "PATH: offset N: what" on any problem.
   ShardReader(const std::string& path, int64_t expected_vocab);
-  ~ShardReader();
+  ~ShardReader() override;
   ShardReader(ShardReader&& other) noexcept;
   ShardReader& operator=(ShardReader&& other) noexcept;
   ShardReader(const ShardReader&) = delete;
   ShardReader& operator=(const ShardReader&) = delete;
 
-  const std::string& path() const { return path_; }
+  const std::string& path() const override { return path_; }
   const ShardHeader& header() const { return header_; }
-  int64_t num_tokens() const { return static_cast<int64_t>(header_.num_tokens); }
+  int64_t num_tokens() const override { return static_cast<int64_t>(header_.num_tokens); }
   int64_t vocab_size() const { return header_.vocab_size; }
   int64_t eos_id() const { return header_.eos_id; }
   int64_t file_bytes() const { return file_bytes_; }
@@ -65,7 +66,7 @@ class ShardReader {
   // Token i (0 <= i < num_tokens).
   int32_t token(int64_t i) const;
   // Copy tokens [begin, begin + count) into out (widened to int64 for LibTorch).
-  void read(int64_t begin, int64_t count, int64_t* out) const;
+  void read(int64_t begin, int64_t count, int64_t* out) const override;
   // Copy all tokens (tests, tools).
   std::vector<int32_t> read_all() const;
 

@@ -1,0 +1,55 @@
+// Why: the two preparation paths — raw text tokenized by Keel (prepare.cpp) and pre-tokenized corpora read in
+// place (pretokenized_source.cpp) — write the same commit record (DIR/prepared.json, last and atomically), name
+// sources by the same rules and fingerprint their settings the same way. These few helpers are that shared
+// ground; internal to core/data.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "core/data/data_error.h"
+#include "core/data/hash.h"
+#include "core/data/regular_file.h"
+
+namespace keel::data::detail {
+
+inline std::string hex64(uint64_t h) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
+
+inline std::string fingerprint_of(const nlohmann::json& j) { return hex64(fnv1a64(j.dump())); }
+
+// Files of DIR that prepare rewrites by renaming over them: something other than a file there was not written by
+// Keel, and is refused rather than replaced.
+inline void refuse_non_regular(const std::string& path, const std::string& noun = "a regular file") {
+  const std::string message = non_regular_error(path, noun);
+  if (!message.empty()) throw DataError(message + ": Keel does not replace it; move it away and prepare again");
+}
+
+inline void write_text_atomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    f << text;
+    f.flush();
+    if (!f) throw DataError(tmp + ": cannot write");
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) throw DataError(path + ": cannot rename " + tmp + ": " + ec.message());
+}
+
+inline void check_source_name(const std::string& name) {
+  const bool ok =
+      !name.empty() && name != "." && name != ".." &&
+      name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-") == std::string::npos;
+  if (!ok) throw DataError("source name '" + name + "' must be non-empty and use only [A-Za-z0-9_.-]");
+}
+
+}  // namespace keel::data::detail

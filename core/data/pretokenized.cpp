@@ -1,0 +1,429 @@
+// Why: see pretokenized.h. Integers are assembled byte by byte so the formats read little-endian on any host; every
+// size and offset from a file is checked against the file's real size before it is used, with overflow in mind
+// (the fuzz target tests/fuzz/fuzz_megatron_idx.cpp feeds the .idx parser arbitrary bytes).
+#include "core/data/pretokenized.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
+#include <cstring>
+#include <fstream>
+#include <regex>
+#include <utility>
+
+#include "core/data/regular_file.h"
+
+namespace keel::data {
+namespace {
+
+uint64_t load_le(const unsigned char* p, int width) {
+  uint64_t v = 0;
+  for (int i = 0; i < width; ++i) v |= uint64_t(p[i]) << (8 * i);
+  return v;
+}
+
+int64_t load_signed(const unsigned char* p, int width) {
+  const uint64_t v = load_le(p, width);
+  if (width == 8) return static_cast<int64_t>(v);
+  const uint64_t sign = uint64_t(1) << (8 * width - 1);
+  return static_cast<int64_t>((v ^ sign) - sign);  // sign-extend
+}
+
+[[noreturn]] void fail(const std::string& path, int64_t offset, const std::string& what) {
+  throw DataError(path + ": offset " + std::to_string(offset) + ": " + what);
+}
+
+std::string file_size_text(int64_t bytes) { return "file is " + std::to_string(bytes) + " bytes"; }
+
+// Opens `path` read-only without waiting on a FIFO; returns the fd and its size. Throws DataError.
+int open_regular(const std::string& path, const std::string& what_file, int64_t& size) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) {
+    const int err = errno;
+    require_regular_file<DataError>(path, what_file);
+    fail(path, 0, "cannot open " + what_file + ": " + std::strerror(err));
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    fail(path, 0, "cannot stat " + what_file + ": " + std::strerror(err));
+  }
+  if (const std::string kind = non_regular_kind(st.st_mode); !kind.empty()) {
+    ::close(fd);
+    throw DataError(path + ": is " + kind + ", not " + what_file);
+  }
+  size = st.st_size;
+  return fd;
+}
+
+std::string read_whole(const std::string& path, const std::string& what_file) {
+  int64_t size = 0;
+  const int fd = open_regular(path, what_file, size);
+  std::string bytes(static_cast<size_t>(size), '\0');
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n = ::pread(fd, bytes.data() + done, bytes.size() - done, static_cast<off_t>(done));
+    if (n <= 0) {
+      const int err = errno;
+      ::close(fd);
+      fail(path, static_cast<int64_t>(done), "cannot read " + what_file + ": " + std::strerror(n == 0 ? EIO : err));
+    }
+    done += static_cast<size_t>(n);
+  }
+  ::close(fd);
+  return bytes;
+}
+
+// Megatron's dtype codes (indexed_dataset.py, DType).
+bool megatron_dtype(int code, TokenDtype& out) {
+  switch (code) {
+    case 1:
+      out = {1, false};
+      return true;
+    case 2:
+      out = {1, true};
+      return true;
+    case 3:
+      out = {2, true};
+      return true;
+    case 4:
+      out = {4, true};
+      return true;
+    case 5:
+      out = {8, true};
+      return true;
+    case 8:
+      out = {2, false};
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+std::string TokenDtype::name() const { return (is_signed ? "int" : "uint") + std::to_string(width * 8); }
+
+// ---- MappedTokens ----
+
+MappedTokens::MappedTokens(const std::string& path, int64_t data_offset, TokenDtype dtype, int64_t vocab,
+                           const std::string& what_file)
+    : path_(path), dtype_(dtype), data_offset_(data_offset) {
+  const int fd = open_regular(path, what_file, file_bytes_);
+  const int64_t width = dtype.width;
+  if (data_offset < 0 || data_offset > file_bytes_) {
+    ::close(fd);
+    fail(path, file_bytes_,
+         "truncated: " + file_size_text(file_bytes_) + ", data starts at " + std::to_string(data_offset));
+  }
+  if ((file_bytes_ - data_offset) % width != 0) {
+    ::close(fd);
+    fail(path, file_bytes_ - (file_bytes_ - data_offset) % width,
+         file_size_text(file_bytes_) + ": " + std::to_string(file_bytes_ - data_offset) +
+             " bytes of tokens are not a whole number of " + dtype.name() + " tokens (" + std::to_string(width) +
+             " bytes each)");
+  }
+  count_ = (file_bytes_ - data_offset) / width;
+  if (file_bytes_ > 0) {
+    void* map = ::mmap(nullptr, static_cast<size_t>(file_bytes_), PROT_READ, MAP_PRIVATE, fd, 0);
+    const int map_err = errno;
+    ::close(fd);
+    if (map == MAP_FAILED) fail(path, 0, "cannot mmap " + what_file + ": " + std::strerror(map_err));
+    map_ = static_cast<const unsigned char*>(map);
+    map_bytes_ = static_cast<size_t>(file_bytes_);
+  } else {
+    ::close(fd);
+  }
+  // Every token id in [0, vocab): one linear scan, so training never indexes past the embedding table.
+  for (int64_t i = 0; i < count_; ++i) {
+    const int64_t t = load(i);
+    if (t < 0 || t >= vocab) {
+      const std::string id = dtype.is_signed ? std::to_string(t) : std::to_string(static_cast<uint64_t>(t));
+      close();
+      fail(path, data_offset + i * width,
+           "token id " + id + (t < 0 ? " < 0" : " >= vocab " + std::to_string(vocab)) + " (token " + std::to_string(i) +
+               ")");
+    }
+  }
+}
+
+MappedTokens::~MappedTokens() { close(); }
+
+MappedTokens::MappedTokens(MappedTokens&& other) noexcept
+    : path_(std::move(other.path_)),
+      dtype_(other.dtype_),
+      data_offset_(other.data_offset_),
+      count_(other.count_),
+      file_bytes_(other.file_bytes_),
+      map_(std::exchange(other.map_, nullptr)),
+      map_bytes_(std::exchange(other.map_bytes_, 0)) {}
+
+MappedTokens& MappedTokens::operator=(MappedTokens&& other) noexcept {
+  if (this != &other) {
+    close();
+    path_ = std::move(other.path_);
+    dtype_ = other.dtype_;
+    data_offset_ = other.data_offset_;
+    count_ = other.count_;
+    file_bytes_ = other.file_bytes_;
+    map_ = std::exchange(other.map_, nullptr);
+    map_bytes_ = std::exchange(other.map_bytes_, 0);
+  }
+  return *this;
+}
+
+void MappedTokens::close() {
+  if (map_ != nullptr) ::munmap(const_cast<unsigned char*>(map_), map_bytes_);
+  map_ = nullptr;
+  map_bytes_ = 0;
+}
+
+int64_t MappedTokens::load(int64_t i) const {
+  const unsigned char* p = map_ + data_offset_ + i * dtype_.width;
+  if (dtype_.width == 2 && !dtype_.is_signed) return int64_t(uint32_t(p[0]) | uint32_t(p[1]) << 8);
+  if (dtype_.is_signed) return load_signed(p, dtype_.width);
+  return static_cast<int64_t>(load_le(p, dtype_.width));
+}
+
+int64_t MappedTokens::token(int64_t i) const {
+  if (i < 0 || i >= count_) {
+    throw DataError(path_ + ": token index " + std::to_string(i) + " out of range [0, " + std::to_string(count_) + ")");
+  }
+  return load(i);
+}
+
+void MappedTokens::read(int64_t begin, int64_t count, int64_t* out) const {
+  if (begin < 0 || count < 0 || begin > count_ || count > count_ - begin) {
+    throw DataError(path_ + ": token range [" + std::to_string(begin) + ", " + std::to_string(begin + count) +
+                    ") out of range [0, " + std::to_string(count_) + ")");
+  }
+  for (int64_t i = 0; i < count; ++i) out[i] = load(begin + i);
+}
+
+// ---- Megatron ----
+
+MegatronIndex parse_megatron_index(const std::string& path, const unsigned char* bytes, size_t size,
+                                   int64_t bin_bytes) {
+  const auto file_bytes = static_cast<int64_t>(size);
+  if (file_bytes < kMegatronHeaderBytes) {
+    fail(path, file_bytes,
+         "truncated: " + file_size_text(file_bytes) + ", shorter than the " + std::to_string(kMegatronHeaderBytes) +
+             "-byte Megatron index header");
+  }
+  if (std::memcmp(bytes, kMegatronMagic, 9) != 0) {
+    fail(path, 0, "bad magic, expected \"MMIDIDX\\x00\\x00\" (not a Megatron-LM .idx file)");
+  }
+  const uint64_t version = load_le(bytes + 9, 8);
+  if (version != 1) fail(path, 9, "unsupported version " + std::to_string(version) + " (this Keel reads version 1)");
+  MegatronIndex index;
+  index.dtype_code = bytes[17];
+  if (index.dtype_code == 6 || index.dtype_code == 7) {
+    fail(path, 17,
+         "dtype code " + std::to_string(index.dtype_code) + " (" + (index.dtype_code == 6 ? "float64" : "float32") +
+             ") holds no token ids (integer codes: 1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, 8 uint16)");
+  }
+  if (!megatron_dtype(index.dtype_code, index.dtype)) {
+    fail(path, 17,
+         "unknown dtype code " + std::to_string(index.dtype_code) +
+             " (1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, 8 uint16; 6 and 7 are floats)");
+  }
+  const uint64_t s = load_le(bytes + 18, 8);
+  const uint64_t d = load_le(bytes + 26, 8);
+  // Expected size, without overflow: 34 + 12 S + 8 D.
+  const uint64_t limit = static_cast<uint64_t>(file_bytes);
+  if (s > limit / 12 || d > limit / 8 || kMegatronHeaderBytes + 12 * s + 8 * d != limit) {
+    const bool small = s <= limit / 12 && d <= limit / 8 && kMegatronHeaderBytes + 12 * s + 8 * d > limit;
+    fail(path, (s > limit / 12 || d > limit / 8 || small) ? 18 : file_bytes,
+         std::string(s > limit / 12 || d > limit / 8 || small ? "truncated" : "trailing bytes") + ": " +
+             file_size_text(file_bytes) + ", header says " + std::to_string(s) + " sequences and " + std::to_string(d) +
+             " document indices = 34 + 12 x " + std::to_string(s) + " + 8 x " + std::to_string(d) + " bytes");
+  }
+  index.sequences = static_cast<int64_t>(s);
+  const int64_t width = index.dtype.width;
+  const int64_t lengths_at = kMegatronHeaderBytes;
+  const int64_t pointers_at = lengths_at + 4 * index.sequences;
+  const int64_t documents_at = pointers_at + 8 * index.sequences;
+  std::vector<int64_t> seq_start(static_cast<size_t>(index.sequences) + 1, 0);  // token offset of each sequence
+  int64_t expected_pointer = 0;
+  for (int64_t k = 0; k < index.sequences; ++k) {
+    const int64_t length = load_signed(bytes + lengths_at + 4 * k, 4);
+    if (length < 0) fail(path, lengths_at + 4 * k, "sequence " + std::to_string(k) + " has negative length");
+    const int64_t pointer = load_signed(bytes + pointers_at + 8 * k, 8);
+    if (pointer != expected_pointer) {
+      fail(path, pointers_at + 8 * k,
+           "sequence " + std::to_string(k) + " starts at byte " + std::to_string(pointer) + " of the .bin, expected " +
+               std::to_string(expected_pointer) + " (sequences back to back: the previous pointer + length x " +
+               std::to_string(width) + ")");
+    }
+    if (length > (bin_bytes - pointer) / width) {
+      fail(path, lengths_at + 4 * k,
+           "sequence " + std::to_string(k) + " (" + std::to_string(length) + " tokens from byte " +
+               std::to_string(pointer) + ") runs past the end of the .bin (" + std::to_string(bin_bytes) + " bytes)");
+    }
+    expected_pointer = pointer + length * width;
+    seq_start[static_cast<size_t>(k) + 1] = seq_start[static_cast<size_t>(k)] + length;
+  }
+  if (expected_pointer != bin_bytes) {
+    fail(path, pointers_at,
+         "the sequences cover " + std::to_string(expected_pointer) + " bytes of the .bin, which has " +
+             std::to_string(bin_bytes) + " (trailing bytes)");
+  }
+  index.tokens = seq_start.back();
+  const auto documents = static_cast<int64_t>(d);
+  if (documents < 1) fail(path, 26, "document_count 0: the document index needs at least the leading 0");
+  int64_t previous = -1;
+  for (int64_t k = 0; k < documents; ++k) {
+    const int64_t at = documents_at + 8 * k;
+    const int64_t v = load_signed(bytes + at, 8);
+    const bool first = k == 0, last = k == documents - 1;
+    if ((first && v != 0) || (last && v != index.sequences) || v < 0 || v > index.sequences || v <= previous) {
+      fail(path, at,
+           "document index " + std::to_string(k) + " = " + std::to_string(v) + ": expected " +
+               (first  ? std::string("0")
+                : last ? std::to_string(index.sequences) + " (the sequence count)"
+                       : "a sequence index above " + std::to_string(previous)) +
+               " (document indices start at 0, ascend strictly and end at the sequence count)");
+    }
+    if (!last) {
+      if (k > 0 && seq_start[static_cast<size_t>(v)] == index.document_starts.back()) {
+        fail(path, at - 8,
+             "document " + std::to_string(k - 1) + " has no tokens (Keel needs every document non-empty)");
+      }
+      index.document_starts.push_back(seq_start[static_cast<size_t>(v)]);
+    } else if (k > 0 && index.tokens == index.document_starts.back()) {
+      fail(path, at - 8, "document " + std::to_string(k - 1) + " has no tokens (Keel needs every document non-empty)");
+    }
+    previous = v;
+  }
+  return index;
+}
+
+std::string megatron_prefix(const std::string& input) {
+  for (const char* ext : {".bin", ".idx"}) {
+    if (input.size() > 4 && input.compare(input.size() - 4, 4, ext) == 0) return input.substr(0, input.size() - 4);
+  }
+  return input;
+}
+
+MegatronDataset open_megatron(const std::string& input, int64_t vocab) {
+  const std::string prefix = megatron_prefix(input);
+  const std::string idx_path = prefix + ".idx", bin_path = prefix + ".bin";
+  int64_t bin_bytes = 0;
+  ::close(open_regular(bin_path, "a Megatron .bin file", bin_bytes));
+  const std::string idx = read_whole(idx_path, "a Megatron .idx file");
+  MegatronIndex index =
+      parse_megatron_index(idx_path, reinterpret_cast<const unsigned char*>(idx.data()), idx.size(), bin_bytes);
+  MappedTokens tokens(bin_path, 0, index.dtype, vocab, "a Megatron .bin file");
+  if (tokens.num_tokens() != index.tokens) {  // the .bin changed between the two opens
+    fail(bin_path, tokens.file_bytes(),
+         "has " + std::to_string(tokens.num_tokens()) + " tokens, " + idx_path + " says " +
+             std::to_string(index.tokens));
+  }
+  return {std::move(index), std::move(tokens)};
+}
+
+// ---- NumPy ----
+
+NpyHeader parse_npy_header(const std::string& path, const unsigned char* bytes, size_t size) {
+  const auto n = static_cast<int64_t>(size);
+  if (n < 10 || std::memcmp(bytes, kNpyMagic, 6) != 0)
+    fail(path, 0, "bad magic, expected \"\\x93NUMPY\" (not an .npy file)");
+  const int major = bytes[6];
+  int64_t header_len = 0, dict_at = 0;
+  if (major == 1) {
+    header_len = static_cast<int64_t>(load_le(bytes + 8, 2));
+    dict_at = 10;
+  } else if (major == 2 || major == 3) {
+    if (n < 12) fail(path, n, "truncated .npy header");
+    header_len = static_cast<int64_t>(load_le(bytes + 8, 4));
+    dict_at = 12;
+  } else {
+    fail(path, 6,
+         "unsupported .npy version " + std::to_string(major) + "." + std::to_string(bytes[7]) +
+             " (this Keel reads 1.0, 2.0 and 3.0)");
+  }
+  if (header_len > n - dict_at) {
+    fail(path, n,
+         "truncated: the .npy header says " + std::to_string(header_len) + " bytes of dict, the file has " +
+             std::to_string(n - dict_at));
+  }
+  const std::string dict(reinterpret_cast<const char*>(bytes + dict_at), static_cast<size_t>(header_len));
+  std::smatch m;
+  if (!std::regex_search(dict, m, std::regex(R"('descr'\s*:\s*'([<>|=])([iuf])(\d+)')"))) {
+    fail(path, dict_at, "no 'descr' of a numeric type in the .npy header " + dict);
+  }
+  NpyHeader h;
+  const std::string order = m[1], kind = m[2];
+  const int width = std::stoi(m[3].str().substr(0, 2));
+  const std::string descr = m[1].str() + kind + m[3].str();
+  if (kind == "f") fail(path, dict_at, "dtype '" + descr + "' is a float type: token ids are integers");
+  if (width != 1 && width != 2 && width != 4 && width != 8) {
+    fail(path, dict_at, "dtype '" + descr + "' is not a 1, 2, 4 or 8-byte integer");
+  }
+  if (order == ">" && width > 1) fail(path, dict_at, "dtype '" + descr + "' is big-endian (Keel reads little-endian)");
+  h.dtype = {width, kind == "i"};
+  if (!std::regex_search(dict, std::regex(R"('fortran_order'\s*:\s*False)"))) {
+    fail(path, dict_at, "'fortran_order' is not False in the .npy header " + dict);
+  }
+  if (!std::regex_search(dict, m, std::regex(R"('shape'\s*:\s*\(\s*(\d{1,18})\s*,?\s*\))"))) {
+    fail(path, dict_at, "'shape' is not one-dimensional (N,) in the .npy header " + dict);
+  }
+  h.count = std::stoll(m[1].str());
+  h.data_offset = dict_at + header_len;
+  return h;
+}
+
+bool is_npy_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  char magic[6] = {};
+  f.read(magic, 6);
+  return f.gcount() == 6 && std::memcmp(magic, kNpyMagic, 6) == 0;
+}
+
+MappedTokens open_npy(const std::string& path, int64_t vocab) {
+  int64_t size = 0;
+  const int fd = open_regular(path, "an .npy file", size);
+  std::string head(static_cast<size_t>(std::min<int64_t>(size, 1 << 16)), '\0');
+  const ssize_t got = ::pread(fd, head.data(), head.size(), 0);
+  ::close(fd);
+  if (got < 0) fail(path, 0, std::string("cannot read .npy header: ") + std::strerror(errno));
+  head.resize(static_cast<size_t>(got));
+  const NpyHeader h = parse_npy_header(path, reinterpret_cast<const unsigned char*>(head.data()), head.size());
+  const int64_t room = (size - h.data_offset) / h.dtype.width;  // data_offset <= size (parse_npy_header)
+  if (h.count != room || (size - h.data_offset) % h.dtype.width != 0) {
+    const bool truncated = h.count > room;
+    fail(path, size,
+         std::string(truncated ? "truncated" : "trailing bytes") + ": " + file_size_text(size) +
+             ", the header's shape (" + std::to_string(h.count) + ",) of " + h.dtype.name() + " needs " +
+             (truncated && h.count > INT64_MAX / 8 ? std::string("more")
+                                                   : std::to_string(h.data_offset + h.count * h.dtype.width)));
+  }
+  return MappedTokens(path, h.data_offset, h.dtype, vocab, "an .npy file");
+}
+
+MappedTokens open_raw_tokens(const std::string& path, const std::string& dtype, int64_t vocab) {
+  TokenDtype t;
+  if (dtype == "uint16") {
+    t = {2, false};
+  } else if (dtype == "uint32") {
+    t = {4, false};
+  } else {
+    throw DataError(path + ": raw token file needs dtype uint16 or uint32, got '" + dtype + "'");
+  }
+  return MappedTokens(path, 0, t, vocab, "a raw " + dtype + " token file");
+}
+
+void append_eos_document_starts(const MappedTokens& tokens, int64_t eos_id, int64_t stream_offset,
+                                std::vector<int64_t>& starts) {
+  if (tokens.num_tokens() > 0 && starts.empty()) starts.push_back(stream_offset);
+  for (int64_t i = 0; i < tokens.num_tokens(); ++i) {
+    if (tokens.token(i) == eos_id) starts.push_back(stream_offset + i + 1);
+  }
+}
+
+}  // namespace keel::data
