@@ -7,13 +7,13 @@
 #include <cstring>
 
 #include "core/checkpoint/checkpoint_error.h"
-#include "core/metrics/hdf5_handle.h"
+#include "core/io/hdf5.h"
 
 namespace keel::checkpoint {
 namespace {
 
-using metrics::detail::Hid;
-using metrics::detail::QuietHdf5Errors;
+using io::Hid;
+using io::QuietHdf5Errors;
 
 constexpr int kMaxRank = 8;
 constexpr size_t kMaxTextBytes = size_t{256} << 20;
@@ -22,9 +22,9 @@ constexpr size_t kMaxListedObjects = 1 << 20;
 // One line whatever the file holds: object names read from a damaged file may contain newlines.
 [[noreturn]] void fail(const std::string& file, const std::string& object, const std::string& what) {
   std::string message = file + ": " + what + " (object '" + object + "')";
-  const std::string detail = metrics::detail::hdf5_error_text();
+  const std::string detail = io::hdf5_error_text();
   if (!detail.empty()) message += " (HDF5: " + detail + ")";
-  throw CheckpointError(metrics::detail::one_line(message));
+  throw CheckpointError(io::one_line(message));
 }
 
 hid_t check(hid_t id, const std::string& file, const std::string& object, const char* what) {
@@ -126,7 +126,7 @@ struct H5Writer::Impl {
 
 H5Writer::H5Writer(const std::string& path) : impl_(std::make_unique<Impl>()) {
   impl_->path = path;
-  Hid fapl = metrics::detail::make_fapl(path);
+  Hid fapl = io::make_fapl(path);
   impl_->file =
       Hid(check(H5Fcreate(path.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, fapl.get()), path, "/", "cannot create file"));
   impl_->lcpl = Hid(check(H5Pcreate(H5P_LINK_CREATE), path, "/", "H5Pcreate"));
@@ -218,7 +218,7 @@ struct H5Reader::Impl {
 
 H5Reader::H5Reader(const std::string& path) : impl_(std::make_unique<Impl>()) {
   impl_->path = path;
-  Hid fapl = metrics::detail::make_fapl(path);
+  Hid fapl = io::make_fapl(path);
   impl_->file = Hid(check(H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl.get()), path, "/", "not a readable HDF5 file"));
   check(H5Fget_filesize(impl_->file.get(), &impl_->file_size), path, "/", "H5Fget_filesize");
 }
@@ -230,7 +230,7 @@ const std::string& H5Reader::path() const { return impl_->path; }
 bool H5Reader::exists(const std::string& object) const {
   if (object == "/" || object.empty()) return true;
   try {
-    return metrics::detail::link_exists(impl_->file.get(), object, impl_->path);
+    return io::link_exists(impl_->file.get(), object, impl_->path);
   } catch (const std::runtime_error&) {
     return false;  // e.g. a prefix of `object` is a dataset, not a group
   }

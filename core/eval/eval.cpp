@@ -20,7 +20,7 @@
 
 #include "core/checkpoint/checkpoint_error.h"
 #include "core/checkpoint/h5_file.h"
-#include "core/metrics/hdf5_handle.h"
+#include "core/io/hdf5.h"
 
 namespace keel::eval {
 namespace {
@@ -287,7 +287,7 @@ void write_report(const std::string& path, const EvalReport& r) {
     throw std::runtime_error(path + ": exists (eval results are written once; remove it or pass another --out)");
   const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
   std::string reason;
-  metrics::detail::clear_last_os_error();
+  io::clear_last_os_error();
   try {
     const fs::path parent = fs::path(path).parent_path();
     std::error_code ec;
@@ -308,9 +308,9 @@ void write_report(const std::string& path, const EvalReport& r) {
   } catch (const std::exception& e) {
     // HDF5's OS error when there was one ("No space left on device"), else the message, which names the
     // temporary file where the user knows only PATH.
-    reason = metrics::detail::last_os_error();
+    reason = io::last_os_error();
     if (reason.empty()) {
-      reason = metrics::detail::one_line(e.what());
+      reason = io::one_line(e.what());
       for (size_t at = reason.find(tmp); at != std::string::npos; at = reason.find(tmp, at + path.size())) {
         reason.replace(at, tmp.size(), path);
       }

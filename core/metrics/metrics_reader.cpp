@@ -8,24 +8,25 @@
 #include <functional>
 #include <stdexcept>
 
-#include "core/metrics/hdf5_handle.h"
+#include "core/io/hdf5.h"
+#include "core/metrics/hdf5_records.h"
 
 namespace keel::metrics {
 
 namespace {
 
-using detail::check;
-using detail::check_id;
-using detail::fail;
-using detail::Hid;
+using io::check;
+using io::check_id;
+using io::fail;
+using io::Hid;
 
 Hid open_read_only(const std::string& file) {
-  Hid fapl = detail::make_fapl(file);
+  Hid fapl = io::make_fapl(file);
   return Hid(check_id(H5Fopen(file.c_str(), H5F_ACC_RDONLY, fapl.get()), file, "/", "H5Fopen(read-only)"));
 }
 
 Hid open_dataset(hid_t file_id, const std::string& dataset, const std::string& file) {
-  if (!detail::link_exists(file_id, dataset, file)) {
+  if (!io::link_exists(file_id, dataset, file)) {
     throw std::runtime_error("metrics: dataset '" + dataset + "' not found in " + file);
   }
   return Hid(check_id(H5Dopen2(file_id, dataset.c_str(), H5P_DEFAULT), file, dataset, "H5Dopen2"));
@@ -102,12 +103,12 @@ herr_t collect_attribute_name(hid_t, const char* name, const H5A_info_t*, void* 
 MetricsReader::MetricsReader(std::string path) : path_(std::move(path)) {
   std::error_code ec;
   if (!std::filesystem::exists(path_, ec)) throw std::runtime_error("metrics: file " + path_ + " does not exist");
-  detail::QuietHdf5Errors quiet;
+  io::QuietHdf5Errors quiet;
   if (H5Fis_hdf5(path_.c_str()) <= 0) throw std::runtime_error("metrics: " + path_ + " is not an HDF5 file");
 }
 
 std::vector<double> MetricsReader::read_double(const std::string& dataset) const {
-  detail::QuietHdf5Errors quiet;
+  io::QuietHdf5Errors quiet;
   Hid file_id = open_read_only(path_);
   Hid dset = open_dataset(file_id.get(), dataset, path_);
   require_class(dset.get(), {H5T_INTEGER, H5T_FLOAT}, "a number", dataset, path_);
@@ -118,7 +119,7 @@ std::vector<double> MetricsReader::read_double(const std::string& dataset) const
 }
 
 std::vector<int64_t> MetricsReader::read_int64(const std::string& dataset) const {
-  detail::QuietHdf5Errors quiet;
+  io::QuietHdf5Errors quiet;
   Hid file_id = open_read_only(path_);
   Hid dset = open_dataset(file_id.get(), dataset, path_);
   require_class(dset.get(), {H5T_INTEGER}, "an integer type", dataset, path_);
@@ -129,7 +130,7 @@ std::vector<int64_t> MetricsReader::read_int64(const std::string& dataset) const
 }
 
 Matrix MetricsReader::read_matrix(const std::string& dataset) const {
-  detail::QuietHdf5Errors quiet;
+  io::QuietHdf5Errors quiet;
   Hid file_id = open_read_only(path_);
   Hid dset = open_dataset(file_id.get(), dataset, path_);
   require_class(dset.get(), {H5T_INTEGER, H5T_FLOAT}, "a number", dataset, path_);
@@ -143,7 +144,7 @@ Matrix MetricsReader::read_matrix(const std::string& dataset) const {
 
 std::vector<Event> MetricsReader::read_events() const {
   const std::string dataset = "/events";
-  detail::QuietHdf5Errors quiet;
+  io::QuietHdf5Errors quiet;
   Hid file_id = open_read_only(path_);
   Hid dset = open_dataset(file_id.get(), dataset, path_);
   require_class(dset.get(), {H5T_COMPOUND}, "compound {step, kind, text}", dataset, path_);
@@ -163,9 +164,9 @@ std::vector<Event> MetricsReader::read_events() const {
 
 std::vector<BatchRow> MetricsReader::read_batch() const {
   const std::string dataset = "/data/batch";
-  detail::QuietHdf5Errors quiet;
+  io::QuietHdf5Errors quiet;
   Hid file_id = open_read_only(path_);
-  if (!detail::link_exists(file_id.get(), dataset, path_)) return {};
+  if (!io::link_exists(file_id.get(), dataset, path_)) return {};
   Hid dset = open_dataset(file_id.get(), dataset, path_);
   require_class(dset.get(), {H5T_COMPOUND}, "compound {step, slot, source, sample_id, ...}", dataset, path_);
   Hid mem_type = detail::make_batch_type(/*in_file=*/false, path_);
@@ -197,9 +198,9 @@ std::map<int64_t, std::vector<BatchRow>> MetricsReader::read_batches_by_step() c
 }
 
 std::vector<std::pair<std::string, std::string>> MetricsReader::read_config() const {
-  detail::QuietHdf5Errors quiet;
+  io::QuietHdf5Errors quiet;
   Hid file_id = open_read_only(path_);
-  if (!detail::link_exists(file_id.get(), "/config", path_)) {
+  if (!io::link_exists(file_id.get(), "/config", path_)) {
     throw std::runtime_error("metrics: group '/config' not found in " + path_);
   }
   Hid group(check_id(H5Gopen2(file_id.get(), "/config", H5P_DEFAULT), path_, "/config", "H5Gopen2"));
@@ -210,7 +211,7 @@ std::vector<std::pair<std::string, std::string>> MetricsReader::read_config() co
   std::sort(names.begin(), names.end());
   std::vector<std::pair<std::string, std::string>> config;
   for (const auto& name : names) {
-    const auto values = detail::read_string_attribute(group.get(), name, path_, "/config");
+    const auto values = io::read_string_attribute(group.get(), name, path_, "/config");
     std::string joined;
     for (size_t i = 0; i < values.size(); ++i) joined += (i > 0 ? "," : "") + values[i];
     config.emplace_back(name, joined);
@@ -220,32 +221,32 @@ std::vector<std::pair<std::string, std::string>> MetricsReader::read_config() co
 
 std::vector<std::string> MetricsReader::read_string_attribute(const std::string& object,
                                                               const std::string& name) const {
-  detail::QuietHdf5Errors quiet;
+  io::QuietHdf5Errors quiet;
   Hid file_id = open_read_only(path_);
-  if (object != "/" && !detail::link_exists(file_id.get(), object, path_)) {
+  if (object != "/" && !io::link_exists(file_id.get(), object, path_)) {
     throw std::runtime_error("metrics: object '" + object + "' not found in " + path_);
   }
   Hid obj(check_id(H5Oopen(file_id.get(), object.c_str(), H5P_DEFAULT), path_, object, "H5Oopen"));
-  return detail::read_string_attribute(obj.get(), name, path_, object);
+  return io::read_string_attribute(obj.get(), name, path_, object);
 }
 
 bool MetricsReader::has_dataset(const std::string& dataset) const {
-  detail::QuietHdf5Errors quiet;
+  io::QuietHdf5Errors quiet;
   Hid file_id = open_read_only(path_);
-  if (!detail::link_exists(file_id.get(), dataset, path_)) return false;
+  if (!io::link_exists(file_id.get(), dataset, path_)) return false;
   Hid obj(H5Oopen(file_id.get(), dataset.c_str(), H5P_DEFAULT));
   return obj.valid() && H5Iget_type(obj.get()) == H5I_DATASET;
 }
 
 DatasetInfo MetricsReader::info(const std::string& dataset) const {
-  detail::QuietHdf5Errors quiet;
+  io::QuietHdf5Errors quiet;
   Hid file_id = open_read_only(path_);
   Hid dset = open_dataset(file_id.get(), dataset, path_);
   return dataset_info(dset.get(), dataset, path_);
 }
 
 std::vector<DatasetInfo> MetricsReader::list_datasets() const {
-  detail::QuietHdf5Errors quiet;
+  io::QuietHdf5Errors quiet;
   Hid file_id = open_read_only(path_);
   std::vector<DatasetInfo> result;
   // Depth-first over hard links by name; H5Gget_info/H5Lget_name_by_idx have the same signature in every

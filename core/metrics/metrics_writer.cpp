@@ -34,17 +34,18 @@
 #include <limits>
 #include <stdexcept>
 
-#include "core/metrics/hdf5_handle.h"
+#include "core/io/hdf5.h"
+#include "core/metrics/hdf5_records.h"
 
 namespace keel::metrics {
 
 namespace {
 
-using detail::check;
-using detail::check_id;
-using detail::check_tri;
-using detail::fail;
-using detail::Hid;
+using io::check;
+using io::check_id;
+using io::check_tri;
+using io::fail;
+using io::Hid;
 // (dataset path, rows it had before this flush extended it)
 using Extended = std::vector<std::pair<std::string, uint64_t>>;
 
@@ -227,7 +228,7 @@ void validate_extra_name(const std::string& name) {
 }
 
 Hid open_file_rw(const std::string& file) {
-  Hid fapl = detail::make_fapl(file);
+  Hid fapl = io::make_fapl(file);
   return Hid(check_id(H5Fopen(file.c_str(), H5F_ACC_RDWR, fapl.get()), file, "/", "H5Fopen(read-write)"));
 }
 
@@ -250,7 +251,7 @@ MetricsWriter::MetricsWriter(std::string path, OpenMode mode,
       throw std::invalid_argument("metrics: invalid config attribute name '" + key + "' for " + path_);
     }
   }
-  detail::QuietHdf5Errors quiet;
+  io::QuietHdf5Errors quiet;
   if (mode == OpenMode::kCreate) {
     std::error_code ec;
     if (std::filesystem::exists(path_, ec)) {
@@ -261,7 +262,7 @@ MetricsWriter::MetricsWriter(std::string path, OpenMode mode,
     bool created = false;
     try {
       create_file(config_attributes, created);
-    } catch (const detail::Hdf5Error& e) {
+    } catch (const io::Hdf5Error& e) {
       if (created) std::filesystem::remove(path_, ec);  // no half-made file blocking the next kCreate
       if (e.os_error().empty()) throw;
       throw MetricsWriteError("metrics: cannot create " + path_ + ": " + e.os_error());
@@ -287,7 +288,7 @@ MetricsWriter::~MetricsWriter() {
 
 void MetricsWriter::create_file(const std::vector<std::pair<std::string, std::string>>& config_attributes,
                                 bool& created) {
-  Hid fapl = detail::make_fapl(path_);
+  Hid fapl = io::make_fapl(path_);
   Hid file_id(check_id(H5Fcreate(path_.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, fapl.get()), path_, "/", "H5Fcreate"));
   created = true;
   const hid_t f = file_id.get();
@@ -295,11 +296,11 @@ void MetricsWriter::create_file(const std::vector<std::pair<std::string, std::st
   {
     Hid root = open_group(f, "/", path_);
 #ifdef KEEL_VERSION
-    detail::write_string_attribute(root.get(), "keel_version", KEEL_VERSION, path_, "/");
+    io::write_string_attribute(root.get(), "keel_version", KEEL_VERSION, path_, "/");
 #else
-    detail::write_string_attribute(root.get(), "keel_version", "unknown", path_, "/");
+    io::write_string_attribute(root.get(), "keel_version", "unknown", path_, "/");
 #endif
-    detail::write_string_attribute(root.get(), "created_utc", detail::utc_now_iso8601(), path_, "/");
+    io::write_string_attribute(root.get(), "created_utc", io::utc_now_iso8601(), path_, "/");
     Hid space(check_id(H5Screate(H5S_SCALAR), path_, "/", "H5Screate(scalar)"));
     Hid attr(check_id(H5Acreate2(root.get(), "format_version", H5T_STD_I32LE, space.get(), H5P_DEFAULT, H5P_DEFAULT),
                       path_, "/ attribute format_version", "H5Acreate2"));
@@ -308,7 +309,7 @@ void MetricsWriter::create_file(const std::vector<std::pair<std::string, std::st
   {
     Hid config = create_group(f, "/config", path_);
     for (const auto& [key, value] : config_attributes) {
-      detail::write_string_attribute(config.get(), key, value, path_, "/config");
+      io::write_string_attribute(config.get(), key, value, path_, "/config");
     }
   }
   create_group(f, "/train", path_);
@@ -323,7 +324,7 @@ void MetricsWriter::create_file(const std::vector<std::pair<std::string, std::st
     for (const char* matrix : {kTensorGradPath, kTensorParamPath}) {
       create_extendible(f, matrix, H5T_IEEE_F32LE, cols, matrix_chunk_rows(cols), true, path_);
       Hid dset(check_id(H5Dopen2(f, matrix, H5P_DEFAULT), path_, matrix, "H5Dopen2"));
-      detail::write_string_array_attribute(dset.get(), "names", tensor_names_, path_, matrix);
+      io::write_string_array_attribute(dset.get(), "names", tensor_names_, path_, matrix);
     }
   }
   {
@@ -349,23 +350,23 @@ void MetricsWriter::open_existing(const std::vector<std::pair<std::string, std::
   std::vector<std::string> row_datasets = {kStepPath};
   for (const auto& column : train_columns()) row_datasets.emplace_back(column.path);
   for (const auto& dataset : row_datasets) {
-    if (!detail::link_exists(f, dataset, path_)) {
+    if (!io::link_exists(f, dataset, path_)) {
       throw std::runtime_error("metrics: dataset '" + dataset + "' missing in " + path_ +
                                " (not a Keel metrics file, or damaged)");
     }
   }
-  if (!detail::link_exists(f, "/events", path_)) {
+  if (!io::link_exists(f, "/events", path_)) {
     throw std::runtime_error("metrics: dataset '/events' missing in " + path_);
   }
-  if (!detail::link_exists(f, "/train/extra", path_)) create_group(f, "/train/extra", path_);
-  if (!detail::link_exists(f, "/config", path_)) create_group(f, "/config", path_);
+  if (!io::link_exists(f, "/train/extra", path_)) create_group(f, "/train/extra", path_);
+  if (!io::link_exists(f, "/config", path_)) create_group(f, "/config", path_);
 
   // Per-tensor matrices: the stored column names must be the ones this run uses.
-  const bool has_tensor = detail::link_exists(f, kTensorGradPath, path_);
+  const bool has_tensor = io::link_exists(f, kTensorGradPath, path_);
   if (has_tensor) {
     for (const char* matrix : {kTensorGradPath, kTensorParamPath}) {
       Hid dset(check_id(H5Dopen2(f, matrix, H5P_DEFAULT), path_, matrix, "H5Dopen2"));
-      const auto stored = detail::read_string_attribute(dset.get(), "names", path_, matrix);
+      const auto stored = io::read_string_attribute(dset.get(), "names", path_, matrix);
       if (stored != tensor_names_) {
         throw std::runtime_error("metrics: tensor names of this run (" + std::to_string(tensor_names_.size()) +
                                  " tensors) differ from the " + std::to_string(stored.size()) + " names stored in '" +
@@ -400,13 +401,13 @@ void MetricsWriter::open_existing(const std::vector<std::pair<std::string, std::
     Hid config = open_group(f, "/config", path_);
     for (const auto& [key, value] : config_attributes) {
       if (check_tri(H5Aexists(config.get(), key.c_str()), path_, "/config attribute " + key, "H5Aexists") > 0) {
-        const auto old = detail::read_string_attribute(config.get(), key, path_, "/config");
+        const auto old = io::read_string_attribute(config.get(), key, path_, "/config");
         const std::string old_value = old.empty() ? "" : old.front();
         if (old_value != value) {
           events_.push_back({-1, "config_changed", key + ": '" + old_value + "' -> '" + value + "'"});
         }
       } else {
-        detail::write_string_attribute(config.get(), key, value, path_, "/config");
+        io::write_string_attribute(config.get(), key, value, path_, "/config");
       }
     }
   }
@@ -453,11 +454,11 @@ void MetricsWriter::append(const StepRow& row) {
 }
 
 void MetricsWriter::set_batch_sources(std::vector<std::string> names) {
-  detail::QuietHdf5Errors quiet;
+  io::QuietHdf5Errors quiet;
   Hid file_id = open_file_rw(path_);
-  if (detail::link_exists(file_id.get(), kBatchPath, path_)) {
+  if (io::link_exists(file_id.get(), kBatchPath, path_)) {
     Hid dset(check_id(H5Dopen2(file_id.get(), kBatchPath, H5P_DEFAULT), path_, kBatchPath, "H5Dopen2"));
-    const auto stored = detail::read_string_attribute(dset.get(), "sources", path_, kBatchPath);
+    const auto stored = io::read_string_attribute(dset.get(), "sources", path_, kBatchPath);
     if (stored != names) {
       std::string have, want;
       for (const auto& n : stored) have += (have.empty() ? "" : ",") + n;
@@ -538,7 +539,7 @@ uint64_t MetricsWriter::flush_bound_bytes() const {
 
 void MetricsWriter::flush() {
   if (steps_.empty() && events_.empty() && extras_.empty()) return;
-  detail::QuietHdf5Errors quiet;
+  io::QuietHdf5Errors quiet;
   const int64_t first_row = rows_in_file_;
   const int64_t rows = static_cast<int64_t>(steps_.size());
   const size_t events = events_.size();
@@ -559,10 +560,10 @@ void MetricsWriter::flush() {
     return;
   } catch (const OsFailure& e) {
     reason = e.what();
-  } catch (const detail::Hdf5Error& e) {
+  } catch (const io::Hdf5Error& e) {
     reason = e.reason();
   } catch (const std::exception& e) {
-    reason = detail::one_line(e.what());
+    reason = io::one_line(e.what());
   }
   failed_ = true;
   // What the file lacks: the rows that were buffered (when this flush wrote them, the failure came after and
@@ -626,10 +627,10 @@ void MetricsWriter::write_buffered(int64_t file_id, Extended& extended) {
   for (const auto& [name, points] : extras_) {
     const std::string value_path = "/train/extra/" + name;
     const std::string step_path = value_path + "_step";
-    if (!detail::link_exists(f, value_path, path_)) {
+    if (!io::link_exists(f, value_path, path_)) {
       create_extendible(f, value_path, H5T_IEEE_F64LE, 0, kChunkRows, true, path_);
     }
-    if (!detail::link_exists(f, step_path, path_)) {
+    if (!io::link_exists(f, step_path, path_)) {
       create_extendible(f, step_path, H5T_STD_I64LE, 0, kChunkRows, false, path_);
     }
     extra_bases.push_back(dataset_rows(f, step_path, path_));
@@ -660,12 +661,12 @@ void MetricsWriter::write_buffered(int64_t file_id, Extended& extended) {
 void MetricsWriter::write_batch(int64_t file_id, Extended& extended) {
   if (batch_.empty()) return;
   const hid_t f = file_id;
-  if (!detail::link_exists(f, kBatchPath, path_)) {
-    if (!detail::link_exists(f, "/data", path_)) create_group(f, "/data", path_);
+  if (!io::link_exists(f, kBatchPath, path_)) {
+    if (!io::link_exists(f, "/data", path_)) create_group(f, "/data", path_);
     Hid file_type = detail::make_batch_type(/*in_file=*/true, path_);
     create_extendible(f, kBatchPath, file_type.get(), 0, kBatchChunkRows, false, path_);
     Hid dset(check_id(H5Dopen2(f, kBatchPath, H5P_DEFAULT), path_, kBatchPath, "H5Dopen2"));
-    detail::write_string_array_attribute(dset.get(), "sources", batch_sources_, path_, kBatchPath);
+    io::write_string_array_attribute(dset.get(), "sources", batch_sources_, path_, kBatchPath);
   }
   std::vector<detail::BatchRecord> records(batch_.size());
   for (size_t i = 0; i < batch_.size(); ++i) {

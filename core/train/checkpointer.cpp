@@ -15,7 +15,7 @@
 #include "core/checkpoint/manifest.h"
 #include "core/checkpoint/resharding.h"
 #include "core/checkpoint/sha256.h"
-#include "core/metrics/hdf5_handle.h"
+#include "core/io/hdf5.h"
 #include "core/train/plugin_continuity.h"
 #include "core/train/skip_rules.h"
 
@@ -174,7 +174,7 @@ std::string save_checkpoint(TrainerState& s, const std::string& reason) {
       }
       checkpoint::Manifest manifest;
       manifest.keel_version = KEEL_VERSION;
-      manifest.created = metrics::detail::utc_now_iso8601();
+      manifest.created = io::utc_now_iso8601();
       manifest.run_id = s.lineage.run_id;
       manifest.layout = {g.layout.dp(), g.layout.tp(), g.layout.pp()};
       manifest.config_hash = checkpoint::sha256_hex(st.config_ini);

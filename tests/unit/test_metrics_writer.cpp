@@ -21,7 +21,7 @@
 #include <thread>
 #include <vector>
 
-#include "core/metrics/hdf5_handle.h"
+#include "core/io/hdf5.h"
 #include "core/metrics/metrics_reader.h"
 #include "core/metrics/metrics_writer.h"
 #include "core/metrics/run_log.h"
@@ -443,7 +443,7 @@ TEST_F(MetricsTest, Hdf5ErrorsAreOneLineAndHdf5PrintsNothing) {
     }
   }
   EXPECT_EQ(::testing::internal::GetCapturedStderr(), "");
-  EXPECT_EQ(keel::metrics::detail::one_line("a\nb\tc\r"), "a b c ");
+  EXPECT_EQ(keel::io::one_line("a\nb\tc\r"), "a b c ");
 }
 
 // The run log reports a failed write (here /dev/full: every write is ENOSPC) by name, and only through

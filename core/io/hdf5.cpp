@@ -1,13 +1,13 @@
-// Why: see hdf5_handle.h — one place for HDF5 id lifetime, error checking and the file-access settings that
-// make metrics.h5 readable while a run goes on and after it is killed.
-#include "core/metrics/hdf5_handle.h"
+// Why: see hdf5.h — one place for HDF5 id lifetime, error checking and the file-access settings that make
+// metrics.h5 readable while a run goes on and after it is killed, and checkpoints readable by h5py.
+#include "core/io/hdf5.h"
 
 #include <cstddef>
 #include <cstring>
 #include <ctime>
 #include <stdexcept>
 
-namespace keel::metrics::detail {
+namespace keel::io {
 
 bool Hid::reset() {
   if (id_ < 0) return true;
@@ -142,9 +142,7 @@ void fail(const std::string& file, const std::string& object, const std::string&
   std::string call = what + " failed for '" + object + "'";
   const std::string detail = hdf5_error_text();
   if (!detail.empty()) call += " (HDF5: " + detail + ")";
-  const std::string message = one_line("metrics: " + what + " failed for '" + object + "' in " + file +
-                                       (detail.empty() ? "" : " (HDF5: " + detail + ")"));
-  throw Hdf5Error(message, hdf5_os_error_text(), one_line(call));
+  throw Hdf5Error(one_line(file + ": " + call), hdf5_os_error_text(), one_line(call));
 }
 
 hid_t check_id(hid_t id, const std::string& file, const std::string& object, const char* what) {
@@ -222,12 +220,12 @@ std::vector<std::string> read_string_attribute(hid_t loc, const std::string& nam
                                                const std::string& object) {
   const std::string what = object + " attribute " + name;
   if (check_tri(H5Aexists(loc, name.c_str()), file, what, "H5Aexists") <= 0) {
-    throw std::runtime_error("metrics: attribute '" + name + "' not found on '" + object + "' in " + file);
+    throw std::runtime_error(file + ": attribute '" + name + "' not found on '" + object + "'");
   }
   Hid attr(check_id(H5Aopen(loc, name.c_str(), H5P_DEFAULT), file, what, "H5Aopen"));
   Hid file_type(check_id(H5Aget_type(attr.get()), file, what, "H5Aget_type"));
   if (H5Tget_class(file_type.get()) != H5T_STRING) {
-    throw std::runtime_error("metrics: attribute '" + name + "' on '" + object + "' in " + file + " is not a string");
+    throw std::runtime_error(file + ": attribute '" + name + "' on '" + object + "' is not a string");
   }
   Hid space(check_id(H5Aget_space(attr.get()), file, what, "H5Aget_space"));
   const hssize_t count = H5Sget_simple_extent_npoints(space.get());
@@ -259,67 +257,6 @@ std::vector<std::string> read_string_attribute(hid_t loc, const std::string& nam
   return result;
 }
 
-Hid make_event_type(bool in_file, const std::string& file) {
-  auto fixed_string = [&](size_t size) {
-    Hid type(check_id(H5Tcopy(H5T_C_S1), file, "/events", "H5Tcopy"));
-    check(H5Tset_size(type.get(), size), file, "/events", "H5Tset_size");
-    check(H5Tset_strpad(type.get(), H5T_STR_NULLTERM), file, "/events", "H5Tset_strpad");
-    check(H5Tset_cset(type.get(), H5T_CSET_UTF8), file, "/events", "H5Tset_cset");
-    return type;
-  };
-  Hid kind = fixed_string(kEventKindBytes);
-  Hid text = fixed_string(kEventTextBytes);
-  Hid type(check_id(H5Tcreate(H5T_COMPOUND, sizeof(EventRecord)), file, "/events", "H5Tcreate(compound)"));
-  check(H5Tinsert(type.get(), "step", offsetof(EventRecord, step), in_file ? H5T_STD_I64LE : H5T_NATIVE_INT64), file,
-        "/events", "H5Tinsert(step)");
-  check(H5Tinsert(type.get(), "kind", offsetof(EventRecord, kind), kind.get()), file, "/events", "H5Tinsert(kind)");
-  check(H5Tinsert(type.get(), "text", offsetof(EventRecord, text), text.get()), file, "/events", "H5Tinsert(text)");
-  return type;
-}
-
-Hid make_batch_type(bool in_file, const std::string& file) {
-  // In the file the fields are packed and only as wide as they need to be (46 bytes a sample); in memory every
-  // field is an int64 of BatchRecord, and HDF5 converts by field name.
-  struct Field {
-    const char* name;
-    size_t offset;
-    hid_t file_type;
-  };
-  const Field fields[] = {{"step", offsetof(BatchRecord, step), H5T_STD_I64LE},
-                          {"slot", offsetof(BatchRecord, slot), H5T_STD_I32LE},
-                          {"source", offsetof(BatchRecord, source), H5T_STD_I16LE},
-                          {"sample_id", offsetof(BatchRecord, sample_id), H5T_STD_I64LE},
-                          {"epoch", offsetof(BatchRecord, epoch), H5T_STD_I32LE},
-                          {"chunk", offsetof(BatchRecord, chunk), H5T_STD_I32LE},
-                          {"first_doc", offsetof(BatchRecord, first_doc), H5T_STD_I64LE},
-                          {"first_doc_offset", offsetof(BatchRecord, first_doc_offset), H5T_STD_I32LE},
-                          {"n_docs", offsetof(BatchRecord, n_docs), H5T_STD_I32LE}};
-  size_t file_size = 0;
-  for (const auto& f : fields) file_size += H5Tget_size(f.file_type);
-  Hid type(check_id(H5Tcreate(H5T_COMPOUND, in_file ? file_size : sizeof(BatchRecord)), file, "/data/batch",
-                    "H5Tcreate(compound)"));
-  size_t packed = 0;
-  for (const auto& f : fields) {
-    check(H5Tinsert(type.get(), f.name, in_file ? packed : f.offset, in_file ? f.file_type : H5T_NATIVE_INT64), file,
-          "/data/batch", "H5Tinsert");
-    packed += H5Tget_size(f.file_type);
-  }
-  return type;
-}
-
-void copy_truncated(const std::string& s, char* dst, size_t size) {
-  std::memset(dst, 0, size);
-  if (s.size() < size) {
-    std::memcpy(dst, s.data(), s.size());
-    return;
-  }
-  size_t keep = size - 4;  // room for "..." and the NUL
-  // Do not cut a UTF-8 sequence: back up over continuation bytes (10xxxxxx) to a lead byte.
-  while (keep > 0 && (static_cast<unsigned char>(s[keep]) & 0xC0) == 0x80) --keep;
-  std::memcpy(dst, s.data(), keep);
-  std::memcpy(dst + keep, "...", 3);
-}
-
 bool link_exists(hid_t loc, const std::string& path, const std::string& file) {
   // H5Lexists fails (rather than returning false) when an intermediate group is missing: walk the prefixes.
   size_t pos = 0;
@@ -342,4 +279,4 @@ std::string utc_now_iso8601() {
   return buffer;
 }
 
-}  // namespace keel::metrics::detail
+}  // namespace keel::io
