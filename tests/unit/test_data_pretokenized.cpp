@@ -84,11 +84,17 @@ Megatron three_docs() {
   return m;
 }
 
-// Runs numpy (Debian's python3) with `code`; `np` and `out` (the path) are defined.
-void numpy_write(const std::string& path, const std::string& code) {
-  const std::string script = path + ".py";  // beside the file: test_dir() would empty the directory again
-  std::ofstream(script) << "import numpy as np\nout = '" << path << "'\n" << code << "\n";
-  ASSERT_EQ(std::system(("/usr/bin/python3 " + script).c_str()), 0) << code;
+// Runs numpy (Debian's python3) once for all (path, code) pairs: each code runs with `np` and `out` (its path)
+// defined. One interpreter for all files: starting numpy costs ~0.25 s.
+void numpy_write_all(const std::vector<std::pair<std::string, std::string>>& files) {
+  ASSERT_FALSE(files.empty());
+  const std::string script = files.front().first + ".py";  // beside the files: test_dir() would empty the dir
+  {
+    std::ofstream py(script);
+    py << "import numpy as np\n";
+    for (const auto& [path, code] : files) py << "out = '" << path << "'\n" << code << "\n";
+  }
+  ASSERT_EQ(std::system(("/usr/bin/python3 " + script).c_str()), 0) << script;
 }
 
 std::vector<int64_t> all_tokens(const keel::data::TokenStream& t) {
@@ -178,25 +184,32 @@ TEST(Megatron, CorruptIndexRefusedWithFileAndOffset) {
 }
 
 TEST(Npy, ReadsNumpyArraysOfEveryIntegerType) {
-  const std::string path = test_dir() + "/part-0.npy";
-  for (const std::string dtype : {"<u2", "<u4", "<i4", "<i8", "|u1"}) {
-    numpy_write(path, "np.save(out, np.array([3, 1, 4, 1, 5, 9, 2, 6], dtype='" + dtype + "'))");
-    const MappedTokens t = keel::data::open_npy(path, 10);
+  const std::string dir = test_dir(), path = dir + "/part-0.npy";
+  const std::vector<std::string> dtypes = {"<u2", "<u4", "<i4", "<i8", "|u1"};
+  std::vector<std::pair<std::string, std::string>> files;
+  for (size_t k = 0; k < dtypes.size(); ++k)
+    files.push_back({dir + "/t" + std::to_string(k) + ".npy",
+                     "np.save(out, np.array([3, 1, 4, 1, 5, 9, 2, 6], dtype='" + dtypes[k] + "'))"});
+  files.push_back(
+      {dir + "/v2.npy", "np.lib.format.write_array(open(out, 'wb'), np.arange(5, dtype='<u2'), version=(2, 0))"});
+  files.push_back({path, "np.save(out, np.array([3, 1, 4, 1, 5, 9, 2, 1], dtype='<u2'))"});
+  numpy_write_all(files);
+  for (size_t k = 0; k < dtypes.size(); ++k) {
+    const std::string& dtype = dtypes[k];
+    const MappedTokens t = keel::data::open_npy(files[k].first, 10);
     EXPECT_EQ(all_tokens(t), (std::vector<int64_t>{3, 1, 4, 1, 5, 9, 2, 6})) << dtype;
     EXPECT_EQ(t.dtype().name(), (dtype[1] == 'i' ? "int" : "uint") + std::to_string(8 * (dtype[2] - '0'))) << dtype;
   }
   // numpy's format 2.0 header.
-  numpy_write(path, "np.lib.format.write_array(open(out, 'wb'), np.arange(5, dtype='<u2'), version=(2, 0))");
-  EXPECT_EQ(all_tokens(keel::data::open_npy(path, 10)), (std::vector<int64_t>{0, 1, 2, 3, 4}));
+  EXPECT_EQ(all_tokens(keel::data::open_npy(dir + "/v2.npy", 10)), (std::vector<int64_t>{0, 1, 2, 3, 4}));
   // Document starts at EOS = 1 (an EOS that ends the data starts nothing).
   std::vector<int64_t> starts;
-  numpy_write(path, "np.save(out, np.array([3, 1, 4, 1, 5, 9, 2, 1], dtype='<u2'))");
   keel::data::append_eos_document_starts(keel::data::open_npy(path, 10), 1, 100, starts);
   EXPECT_EQ(starts, (std::vector<int64_t>{100, 102, 104, 108}));
 }
 
 TEST(Npy, BadArraysRefusedWithFileAndOffset) {
-  const std::string path = test_dir() + "/bad.npy";
+  const std::string dir = test_dir();
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"np.save(out, np.arange(4, dtype='<f4'))", "dtype '<f4' is a float type"},
       {"np.save(out, np.arange(4, dtype='>u2'))", "dtype '>u2' is big-endian"},
@@ -211,8 +224,13 @@ TEST(Npy, BadArraysRefusedWithFileAndOffset) {
        "open(out, 'wb').write(b)",
        "offset 6: unsupported .npy version 9.0"},
   };
-  for (const auto& [code, expect] : cases) {
-    numpy_write(path, code);
+  std::vector<std::pair<std::string, std::string>> files;
+  for (size_t k = 0; k < cases.size(); ++k)
+    files.push_back({dir + "/bad" + std::to_string(k) + ".npy", cases[k].first});
+  numpy_write_all(files);
+  for (size_t k = 0; k < cases.size(); ++k) {
+    const auto& [code, expect] = cases[k];
+    const std::string& path = files[k].first;
     const std::string message = error_of([&] { keel::data::open_npy(path, 10); });
     EXPECT_EQ(message.rfind(path + ": offset ", 0), 0u) << message;
     EXPECT_NE(message.find(expect), std::string::npos) << code << " -> " << message;
@@ -313,8 +331,8 @@ TEST(PretokenizedSource, PrepareRecordsFilesAndDocumentsAndLoaderReadsInPlace) {
 
 TEST(PretokenizedSource, NpySourceDocumentsAtEos) {
   const std::string dir = test_dir();
-  numpy_write(dir + "/p0.npy", "np.save(out, np.array([3, 4, 1, 5, 6, 7, 1, 8], dtype='<u2'))");
-  numpy_write(dir + "/p1.npy", "np.save(out, np.array([9, 1, 2, 1], dtype='<u4'))");
+  numpy_write_all({{dir + "/p0.npy", "np.save(out, np.array([3, 4, 1, 5, 6, 7, 1, 8], dtype='<u2'))"},
+                   {dir + "/p1.npy", "np.save(out, np.array([9, 1, 2, 1], dtype='<u4'))"}});
   keel::Config config = pretokenized_config(dir, "npy", {dir + "/p*.npy"});
   const auto report = keel::data::prepare_data(config);
   EXPECT_EQ(report.sources[0].tokens, 12);
