@@ -43,6 +43,7 @@ int main(int argc, char** argv) {
     if (command == "launch") return keel::cli::cmd_launch(rest);
     if (command == "export-hf") return keel::cli::cmd_export_hf(rest);
     if (command == "import-hf") return keel::cli::cmd_import_hf(rest);
+    if (command == "score") return keel::cli::cmd_score(rest);
     if (command == "eval") return keel::cli::cmd_eval(rest);
     if (command == "report") return keel::cli::cmd_report(rest);
     std::cerr << "keel: unknown command '" << command << "'\n\n" << keel::cli::usage();

@@ -70,4 +70,12 @@ TEST(DependencyRule, ParallelDoesNotDependOnTraining) {
   EXPECT_TRUE(found.empty()) << joined(found);
 }
 
+// Interop and eval sit below training: the CLI claims run dirs for them (keel import-hf).
+TEST(DependencyRule, InteropAndEvalDoNotDependOnTraining) {
+  for (const char* folder : {"core/interop", "core/eval"}) {
+    const auto found = violations({folder, "", {"core/train/", "core/cli/"}});
+    EXPECT_TRUE(found.empty()) << joined(found);
+  }
+}
+
 }  // namespace

@@ -19,6 +19,7 @@ int cmd_config(const Args& args);  // config keys | config show
 int cmd_launch(const Args& args);  // launch --nproc N -- CMD ARGS...
 int cmd_export_hf(const Args& args);
 int cmd_import_hf(const Args& args);
+int cmd_score(const Args& args);  // score CKPT|RUN --tokens FILE.npy|--text FILE: per-sequence NLL
 int cmd_eval(const Args& args);
 int cmd_report(const Args& args);  // report RUN_DIR... -o FILE.html
 std::string usage();
