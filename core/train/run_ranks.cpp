@@ -8,7 +8,7 @@
 #include <iostream>
 
 #include "core/checkpoint/durable_fs.h"
-#include "core/metrics/hdf5_handle.h"
+#include "core/io/hdf5.h"
 #include "core/metrics/logger.h"
 #include "core/parallel/launcher.h"
 #include "core/parallel/process_groups.h"
@@ -128,7 +128,7 @@ int run_on_ranks(RunRequest r) {
   spdlog::info("keel {} {} -> run dir {}", KEEL_VERSION, r.description, r.run_dir);
   r.lineage.run_id = groups.world->broadcast_string(checkpoint::new_run_id(), 0);
   r.lineage.run_dir = r.run_dir;
-  r.lineage.created = metrics::detail::utc_now_iso8601();
+  r.lineage.created = io::utc_now_iso8601();
   // A dead or hung rank: leave at once, before any destructor of the process groups can wait on it.
   try {
     return train_and_report(r, claim, groups);
