@@ -6,19 +6,13 @@
 #include <filesystem>
 
 #include "core/checkpoint/sha256.h"
+#include "core/plugin_host/slots.h"
 
 namespace keel::plugin_host {
 namespace {
 
 const std::string& slot_spec(const Config& config, const std::string& slot) {
-  const PluginsConfig& p = config.plugins;
-  if (slot == "optimizer") return p.optimizer;
-  if (slot == "lr_schedule") return p.lr_schedule;
-  if (slot == "spike_handler") return p.spike_handler;
-  if (slot == "grad_transform") return p.grad_transform;
-  if (slot == "data_mixture") return p.data_mixture;
-  if (slot == "observers") return p.observers;
-  throw PluginError("unknown plugin slot '" + slot + "'");
+  return config.plugins.*slot_info(slot).field;
 }
 
 }  // namespace
@@ -53,7 +47,7 @@ sdk::Args plugin_args(const Config& config, const std::string& name) {
 std::vector<LoadedPlugin> PluginHost::load_slot(const std::string& slot, const Config& config) {
   const sdk::Slot bit = parse_slot(slot);
   const std::vector<std::string> specs = split_plugin_list(slot_spec(config, slot));
-  const bool chain = slot == "grad_transform" || slot == "observers";
+  const bool chain = slot_info(slot).chain;
   if (!chain && specs.size() > 1)
     throw PluginError("plugins." + slot + " takes one plugin, got '" + slot_spec(config, slot) + "'");
   std::vector<LoadedPlugin> out;
@@ -114,21 +108,26 @@ std::vector<LoadedPlugin*> PluginHost::all() {
 }
 
 void PluginHost::replace(const std::string& slot, std::vector<LoadedPlugin> plugins) {
-  if (slot == "optimizer") {
-    if (plugins.size() != 1) throw PluginError("the optimizer slot takes exactly one plugin");
-    optimizer_ = std::move(plugins.front());
-  } else if (slot == "lr_schedule") {
-    lr_schedule_ = std::move(plugins);
-  } else if (slot == "spike_handler") {
-    spike_handler_ = std::move(plugins);
-  } else if (slot == "grad_transform") {
-    grad_transforms_ = std::move(plugins);
-  } else if (slot == "data_mixture") {
-    data_mixture_ = std::move(plugins);
-  } else if (slot == "observers") {
-    observers_ = std::move(plugins);
-  } else {
-    throw PluginError("unknown plugin slot '" + slot + "'");
+  switch (slot_info(slot).bit) {  // throws naming the known slots
+    case sdk::kOptimizer:
+      if (plugins.size() != 1) throw PluginError("the optimizer slot takes exactly one plugin");
+      optimizer_ = std::move(plugins.front());
+      return;
+    case sdk::kLrSchedule:
+      lr_schedule_ = std::move(plugins);
+      return;
+    case sdk::kSpikeHandler:
+      spike_handler_ = std::move(plugins);
+      return;
+    case sdk::kGradTransform:
+      grad_transforms_ = std::move(plugins);
+      return;
+    case sdk::kDataMixture:
+      data_mixture_ = std::move(plugins);
+      return;
+    case sdk::kObserver:
+      observers_ = std::move(plugins);
+      return;
   }
 }
 

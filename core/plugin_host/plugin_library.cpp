@@ -8,6 +8,8 @@
 #include <filesystem>
 #include <set>
 
+#include "core/plugin_host/slots.h"
+
 namespace keel::plugin_host {
 namespace fs = std::filesystem;
 
@@ -22,14 +24,6 @@ std::string fingerprint_text(const sdk::BuildFingerprint& f) {
          ", LibTorch " + std::string(f.torch_version, strnlen(f.torch_version, sizeof(f.torch_version))) +
          ", _GLIBCXX_USE_CXX11_ABI=" + std::to_string(f.cxx11_abi) + ", " +
          std::string(f.compiler, strnlen(f.compiler, sizeof(f.compiler)));
-}
-
-const std::vector<std::pair<sdk::Slot, std::string>>& slot_table() {
-  static const std::vector<std::pair<sdk::Slot, std::string>> table = {
-      {sdk::kOptimizer, "optimizer"},        {sdk::kLrSchedule, "lr_schedule"},
-      {sdk::kSpikeHandler, "spike_handler"}, {sdk::kGradTransform, "grad_transform"},
-      {sdk::kDataMixture, "data_mixture"},   {sdk::kObserver, "observers"}};
-  return table;
 }
 
 }  // namespace
@@ -194,21 +188,34 @@ std::vector<FoundPlugin> discover_plugins() {
   return out;
 }
 
+const std::vector<SlotInfo>& slot_table() {
+  static const std::vector<SlotInfo> table = {
+      {sdk::kOptimizer, "optimizer", false, &PluginsConfig::optimizer},
+      {sdk::kLrSchedule, "lr_schedule", false, &PluginsConfig::lr_schedule},
+      {sdk::kSpikeHandler, "spike_handler", false, &PluginsConfig::spike_handler},
+      {sdk::kGradTransform, "grad_transform", true, &PluginsConfig::grad_transform},
+      {sdk::kDataMixture, "data_mixture", false, &PluginsConfig::data_mixture},
+      {sdk::kObserver, "observers", true, &PluginsConfig::observers}};
+  return table;
+}
+
+const SlotInfo& slot_info(const std::string& name) {
+  for (const auto& slot : slot_table()) {
+    if (slot.name == name) return slot;
+  }
+  std::string known;
+  for (const auto& slot : slot_table()) known += (known.empty() ? "" : ", ") + std::string(slot.name);
+  throw PluginError("unknown plugin slot '" + name + "' (slots: " + known + ")");
+}
+
 std::string slot_names(uint32_t slots) {
   std::string out;
-  for (const auto& [bit, name] : slot_table()) {
-    if (slots & bit) out += (out.empty() ? "" : ",") + name;
+  for (const auto& slot : slot_table()) {
+    if (slots & slot.bit) out += (out.empty() ? "" : ",") + std::string(slot.name);
   }
   return out;
 }
 
-sdk::Slot parse_slot(const std::string& name) {
-  for (const auto& [bit, slot_name] : slot_table()) {
-    if (slot_name == name) return bit;
-  }
-  std::string known;
-  for (const auto& [bit, slot_name] : slot_table()) known += (known.empty() ? "" : ", ") + slot_name;
-  throw PluginError("unknown plugin slot '" + name + "' (slots: " + known + ")");
-}
+sdk::Slot parse_slot(const std::string& name) { return slot_info(name).bit; }
 
 }  // namespace keel::plugin_host

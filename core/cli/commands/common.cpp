@@ -9,6 +9,7 @@
 #include <iostream>
 
 #include "core/plugin_host/plugin_library.h"
+#include "core/plugin_host/slots.h"
 
 namespace keel::cli {
 
@@ -35,8 +36,7 @@ void append_plugin_overrides(const std::vector<std::string>& plugins, const std:
     if (eq == std::string::npos || eq == 0)
       throw std::runtime_error("--plugin " + p + ": expected SLOT=NAME_OR_PATH (e.g. spike_handler=zscore_skip)");
     const std::string slot = p.substr(0, eq), value = p.substr(eq + 1);
-    plugin_host::parse_slot(slot);  // throws naming the known slots
-    const bool chain = slot == "grad_transform" || slot == "observers";
+    const bool chain = plugin_host::slot_info(slot).chain;  // throws naming the known slots
     auto it = std::find_if(slots.begin(), slots.end(), [&](const auto& s) { return s.first == slot; });
     if (it == slots.end()) {
       slots.emplace_back(slot, value);
