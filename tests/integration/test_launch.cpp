@@ -209,7 +209,8 @@ TEST(Launch, BadUsageExitsWithStatusTwo) {
   for (const auto& [arguments, message] : cases) {
     const LaunchResult r = launch(arguments, 30.0);
     EXPECT_EQ(r.exit_code, 2) << arguments << "\n" << r.output;
-    EXPECT_NE(r.output.find("keel launch: error:"), std::string::npos) << arguments << "\n" << r.output;
+    EXPECT_EQ(r.output.rfind("keel launch: error:", 0), 0u) << arguments << "\n" << r.output;
+    EXPECT_EQ(r.output.find('\n'), r.output.size() - 1) << "one line: " << arguments << "\n" << r.output;
     EXPECT_NE(r.output.find(message), std::string::npos) << arguments << "\n" << r.output;
     EXPECT_EQ(r.output.find("[rank"), std::string::npos) << "nothing may start: " << arguments << "\n" << r.output;
   }
