@@ -269,8 +269,9 @@ const std::vector<std::pair<std::string, std::string>>& source_fields() {
       {"split", "file (one document per file) or fortune ('%' lines separate documents)"},
       {"max_mb", "stop reading raw text after this many MiB; 0 = all"},
       {"format",
-       "text (default; Keel tokenizes), megatron (PREFIX.bin + PREFIX.idx) or npy (.npy or raw token "
-       "arrays, documents separated by data.eos_id): pre-tokenized formats are read in place"},
+       "text (default; Keel tokenizes), megatron (PREFIX.bin + PREFIX.idx), npy (.npy or raw token arrays, "
+       "documents separated by data.eos_id) or jsonl-tokens (JSON lines with token_ids, .gz allowed, parsed once "
+       "into a cache): pre-tokenized formats are read in place"},
       {"dtype", "uint16 or uint32: element type of raw (non-.npy) token files of format npy"},
   };
   return fields;
@@ -305,7 +306,7 @@ bool set_source_key(Config& config, const std::string& key, const std::string& v
   else if (field == "max_mb")
     source.max_mb = parse_double(origin, key, value);
   else if (field == "format")
-    source.format = parse_choice(origin, key, value, {"text", "megatron", "npy"});
+    source.format = parse_choice(origin, key, value, {"text", "megatron", "npy", "jsonl-tokens"});
   else if (field == "dtype")
     source.dtype = parse_choice(origin, key, value, {"uint16", "uint32"});
   else

@@ -79,7 +79,8 @@ struct SourceConfig {
   std::string include = "*";        // filename glob applied inside directories, e.g. "*.py"
   std::string split = "file";       // file (one document per file) | fortune (documents separated by '%' lines)
   double max_mb = 0.0;              // stop reading raw text after this many MiB; 0 = no limit
-  // text (raw text, tokenized by Keel) | megatron (PREFIX.bin + .idx) | npy (.npy or raw arrays, EOS-separated).
+  // text (raw text, tokenized by Keel) | megatron (PREFIX.bin + .idx) | npy (.npy or raw arrays, EOS-separated)
+  // | jsonl-tokens (JSON lines with "token_ids", .gz allowed; parsed once into a shard cache).
   // Pre-tokenized formats are read in place (docs/data.md); written to config.ini only when not "text".
   std::string format = "text";
   std::string dtype;  // raw (non-.npy) token arrays of format npy: uint16 | uint32; "" = .npy files only

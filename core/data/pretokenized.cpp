@@ -6,13 +6,17 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <climits>
 #include <cstring>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <regex>
+#include <string_view>
 #include <utility>
 
 #include "core/data/regular_file.h"
@@ -418,12 +422,104 @@ MappedTokens open_raw_tokens(const std::string& path, const std::string& dtype, 
   return MappedTokens(path, 0, t, vocab, "a raw " + dtype + " token file");
 }
 
-void append_eos_document_starts(const MappedTokens& tokens, int64_t eos_id, int64_t stream_offset,
+void append_eos_document_starts(const TokenStream& tokens, int64_t eos_id, int64_t stream_offset,
                                 std::vector<int64_t>& starts) {
-  if (tokens.num_tokens() > 0 && starts.empty()) starts.push_back(stream_offset);
-  for (int64_t i = 0; i < tokens.num_tokens(); ++i) {
-    if (tokens.token(i) == eos_id) starts.push_back(stream_offset + i + 1);
+  const int64_t n = tokens.num_tokens();
+  if (n > 0 && starts.empty()) starts.push_back(stream_offset);
+  std::vector<int64_t> block(static_cast<size_t>(std::min<int64_t>(n, int64_t(1) << 16)));
+  for (int64_t begin = 0; begin < n; begin += static_cast<int64_t>(block.size())) {
+    const int64_t count = std::min<int64_t>(static_cast<int64_t>(block.size()), n - begin);
+    tokens.read(begin, count, block.data());
+    for (int64_t i = 0; i < count; ++i) {
+      if (block[static_cast<size_t>(i)] == eos_id) starts.push_back(stream_offset + begin + i + 1);
+    }
   }
+}
+
+// ---- JSON lines ----
+
+std::vector<int32_t> parse_jsonl_tokens(const std::string& path, const std::string& text, int64_t vocab) {
+  std::vector<int32_t> tokens;
+  size_t pos = 0;
+  for (int64_t line_no = 1; pos < text.size(); ++line_no) {
+    size_t eol = text.find('\n', pos);
+    if (eol == std::string::npos) eol = text.size();
+    const std::string_view line(text.data() + pos, eol - pos);
+    pos = eol + 1;
+    if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
+    const std::string where = path + ": line " + std::to_string(line_no) + ": ";
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::exception& e) {
+      throw DataError(where + "not JSON (" + e.what() + ")");
+    }
+    if (!j.is_object() || !j.contains("token_ids") || !j["token_ids"].is_array()) {
+      throw DataError(where + "no \"token_ids\" array (each line is an object like {\"token_ids\": [1, 2, 3]})");
+    }
+    const auto& ids = j["token_ids"];
+    for (size_t k = 0; k < ids.size(); ++k) {
+      const auto& v = ids[k];
+      if (!v.is_number_integer()) {
+        throw DataError(where + "token_ids[" + std::to_string(k) + "] = " + v.dump() + " is not an integer");
+      }
+      const int64_t t =
+          v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX) ? INT64_MAX : v.get<int64_t>();
+      if (t < 0 || t >= vocab) {
+        throw DataError(where + "token_ids[" + std::to_string(k) + "] = " + v.dump() +
+                        (t < 0 ? " < 0" : " >= vocab " + std::to_string(vocab)));
+      }
+      tokens.push_back(static_cast<int32_t>(t));
+    }
+  }
+  return tokens;
+}
+
+namespace {
+
+// The decompressed bytes of a gzip file, through `gzip -dc` (no shell; a FIFO is refused before it is opened).
+std::string gunzip(const std::string& path) {
+  require_regular_file<DataError>(path, "a .gz file");
+  int fds[2];
+  if (::pipe(fds) != 0) throw DataError(path + ": cannot start gzip: " + std::strerror(errno));
+  const pid_t pid = ::fork();
+  if (pid < 0) {
+    ::close(fds[0]);
+    ::close(fds[1]);
+    throw DataError(path + ": cannot start gzip: " + std::strerror(errno));
+  }
+  if (pid == 0) {
+    ::dup2(fds[1], 1);
+    ::close(fds[0]);
+    ::close(fds[1]);
+    ::execlp("gzip", "gzip", "-dc", "--", path.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  ::close(fds[1]);
+  std::string out;
+  char buf[1 << 16];
+  for (;;) {
+    const ssize_t n = ::read(fds[0], buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    out.append(buf, static_cast<size_t>(n));
+  }
+  ::close(fds[0]);
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    throw DataError(path + ": gzip -dc failed (exit " + std::to_string(WIFEXITED(status) ? WEXITSTATUS(status) : -1) +
+                    "): not a valid gzip file, or gzip is not installed");
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<int32_t> read_jsonl_tokens(const std::string& path, int64_t vocab) {
+  const bool gz = path.size() > 3 && path.compare(path.size() - 3, 3, ".gz") == 0;
+  return parse_jsonl_tokens(path, gz ? gunzip(path) : read_whole(path, "a JSON lines file"), vocab);
 }
 
 }  // namespace keel::data

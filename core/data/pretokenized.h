@@ -117,7 +117,16 @@ MappedTokens open_raw_tokens(const std::string& path, const std::string& dtype, 
 
 // Document starts of a stream whose documents are separated by `eos_id`: 0, then the token after each EOS
 // (except an EOS that ends the stream). `stream_offset` is added to each (files concatenated).
-void append_eos_document_starts(const MappedTokens& tokens, int64_t eos_id, int64_t stream_offset,
+void append_eos_document_starts(const TokenStream& tokens, int64_t eos_id, int64_t stream_offset,
                                 std::vector<int64_t>& starts);
+
+// ---- JSON lines of token ids (LLM360: one object per line with a "token_ids" array; .gz allowed) ----
+// The token ids of every line of `path` (gzip-compressed when the name ends in .gz, decompressed by `gzip -dc`),
+// in order; blank lines are skipped. Every line must be a JSON object whose "token_ids" is an array of integers in
+// [0, vocab). Throws DataError "PATH: line N: what". JSON cannot be memory-mapped, so prepare parses it once into
+// a Keel shard cache (pretokenized_source.h).
+std::vector<int32_t> read_jsonl_tokens(const std::string& path, int64_t vocab);
+// The same on text already in memory (`path` names it in errors); the fuzz target calls it.
+std::vector<int32_t> parse_jsonl_tokens(const std::string& path, const std::string& text, int64_t vocab);
 
 }  // namespace keel::data

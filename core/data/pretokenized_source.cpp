@@ -18,6 +18,7 @@
 #include "core/data/documents.h"
 #include "core/data/prepare_common.h"
 #include "core/data/pretokenized.h"
+#include "core/data/shard.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -49,6 +50,7 @@ std::unique_ptr<TokenStream> open_token_file(const std::string& format, const st
   if (format == "megatron") return std::make_unique<MappedTokens>(std::move(open_megatron(file, vocab).tokens));
   if (format == "npy") return std::make_unique<MappedTokens>(open_npy(file, vocab));
   if (format == "raw") return std::make_unique<MappedTokens>(open_raw_tokens(file, dtype, vocab));
+  if (format == "keel-shard") return std::make_unique<ShardReader>(file, vocab);  // a jsonl-tokens cache
   throw DataError(file + ": unknown token file format '" + format + "' in prepared.json");
 }
 
@@ -95,7 +97,20 @@ json prepare_source(const std::string& dir, const keel::SourceConfig& src, const
   for (const auto& tf : plan.token_files) {
     const std::string file = tf["file"], kind = tf["format"];
     json out = tf;
-    if (kind == "megatron") {
+    if (kind == "jsonl-tokens") {  // parsed once into a Keel shard: JSON cannot be memory-mapped
+      const std::vector<int32_t> ids = read_jsonl_tokens(file, vocab);
+      char name[48];
+      std::snprintf(name, sizeof name, "/cache-%05zu.bin", static_cast<size_t>(entry["token_files"].size()));
+      const std::string cache = dir + "/" + src.name + name;
+      fs::create_directories(dir + "/" + src.name);
+      detail::refuse_non_regular(cache, "a shard file");
+      write_shard(cache, ids, vocab, eos_id);
+      const ShardReader shard(cache, vocab);
+      append_eos_document_starts(shard, eos_id, total, starts);
+      out = {{"file", cache}, {"format", "keel-shard"}, {"input", file}, {"tokens", shard.num_tokens()}};
+      total += shard.num_tokens();
+      bytes += shard.file_bytes();
+    } else if (kind == "megatron") {
       MegatronDataset ds = open_megatron(file, vocab);
       for (int64_t s : ds.index.document_starts) starts.push_back(total + s);
       out["tokens"] = ds.tokens.num_tokens();
@@ -154,7 +169,9 @@ PrepareSourceReport report_of(const json& entry, bool reused) {
 
 }  // namespace
 
-bool is_pretokenized(const keel::SourceConfig& source) { return source.format == "megatron" || source.format == "npy"; }
+bool is_pretokenized(const keel::SourceConfig& source) {
+  return source.format == "megatron" || source.format == "npy" || source.format == "jsonl-tokens";
+}
 
 std::vector<std::string> list_token_files(const keel::SourceConfig& source) {
   if (source.inputs.empty()) throw DataError("source " + source.name + ": no inputs");

@@ -5,12 +5,14 @@
 //   - an .idx that parses keeps its promises: its sequences cover exactly the .bin's bytes (tokens x width), the
 //     document starts begin at 0, ascend strictly and stay below the token count;
 //   - an .npy header that parses has a 1, 2, 4 or 8-byte integer dtype and its data starts inside the header bytes.
-// Input: bytes starting with "\x93NUMPY" are an .npy file's first bytes; anything else is a u32 (little-endian)
-// size of the .bin, then the .idx bytes. Seeds: make_pretokenized_seeds.py.
+//   - JSON lines (parse_jsonl_tokens) either parse to ids in [0, vocab) or throw DataError.
+// Input: bytes starting with "{" are JSON lines; starting with "\x93NUMPY", an .npy file's first bytes; anything
+// else is a u32 (little-endian) size of the .bin, then the .idx bytes. Seeds: make_pretokenized_seeds.py.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "core/data/data_error.h"
 #include "core/data/pretokenized.h"
@@ -51,10 +53,23 @@ void check_npy(const uint8_t* data, size_t size) {
   }
 }
 
+// JSON lines: every id returned is in [0, vocab).
+void check_jsonl(const uint8_t* data, size_t size) {
+  try {
+    const auto ids =
+        keel::data::parse_jsonl_tokens("fuzz.jsonl", std::string(reinterpret_cast<const char*>(data), size), 50);
+    for (int32_t t : ids)
+      if (t < 0 || t >= 50) broken_promise("jsonl id outside [0, vocab)");
+  } catch (const keel::data::DataError&) {
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  if (size >= 6 && std::memcmp(data, keel::data::kNpyMagic, 6) == 0) {
+  if (size >= 1 && data[0] == '{') {
+    check_jsonl(data, size);
+  } else if (size >= 6 && std::memcmp(data, keel::data::kNpyMagic, 6) == 0) {
     check_npy(data, size);
   } else {
     check_megatron(data, size);

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 # Why: fuzz_pretokenized starts from a few valid inputs (libFuzzer mutates from there far faster than from random
 # bytes): Megatron .idx files, each preceded by the u32 size of its .bin, laid out exactly as Megatron-LM's
-# indexed_dataset.py writes them, and .npy headers as numpy writes them. Remake: python3 tests/fuzz/make_pretokenized_seeds.py
+# indexed_dataset.py writes them, .npy headers as numpy writes them, and LLM360-style JSON lines. Remake: python3 tests/fuzz/make_pretokenized_seeds.py
 import os
 import struct
 
@@ -40,6 +40,7 @@ SEEDS = {
     "empty.idx": megatron(8, []),
     "u2.npy": npy("<u2", 8),
     "i8-v2.npy": npy("<i8", 3, version=2),
+    "lines.jsonl": b'{"token_ids": [3, 1, 4]}\n\n{"token_ids": [1], "source": "web"}\n',
 }
 
 if __name__ == "__main__":

@@ -402,3 +402,50 @@ TEST(PretokenizedSource, ConfigKeysWrittenOnlyWhenSet) {
   for (const auto& [key, doc] : keel::documented_keys()) listed |= key == "source.NAME.format" || key == "data.eos_id";
   EXPECT_TRUE(listed);
 }
+
+TEST(JsonlTokens, ParsesLinesAndRefusesBadOnesNamingTheLine) {
+  EXPECT_EQ(
+      keel::data::parse_jsonl_tokens("c.jsonl", "{\"token_ids\": [3, 1, 4]}\n\n{\"token_ids\": [1], \"x\": 2}", 5),
+      (std::vector<int32_t>{3, 1, 4, 1}));
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"{\"token_ids\": [1]}\n{\"token_ids\": [1,\n", "c.jsonl: line 2: not JSON"},
+      {"{\"tokens\": [1]}", "c.jsonl: line 1: no \"token_ids\" array"},
+      {"[1, 2]", "c.jsonl: line 1: no \"token_ids\" array"},
+      {"{\"token_ids\": [1, 2.5]}", "c.jsonl: line 1: token_ids[1] = 2.5 is not an integer"},
+      {"\n{\"token_ids\": [1, 5]}", "c.jsonl: line 2: token_ids[1] = 5 >= vocab 5"},
+      {"{\"token_ids\": [-1]}", "c.jsonl: line 1: token_ids[0] = -1 < 0"},
+      {"{\"token_ids\": [18446744073709551615]}", "c.jsonl: line 1: token_ids[0] = 18446744073709551615 >= vocab 5"},
+  };
+  for (const auto& [text, expect] : cases) {
+    const std::string message = error_of([&] { keel::data::parse_jsonl_tokens("c.jsonl", text, 5); });
+    EXPECT_EQ(message.rfind(expect, 0), 0u) << message;
+  }
+}
+
+TEST(PretokenizedSource, JsonlTokensParsedOnceIntoACache) {
+  const std::string dir = test_dir();
+  std::ofstream(dir + "/a.jsonl") << "{\"token_ids\": [3, 4, 1, 5]}\n{\"token_ids\": [6, 7, 1]}\n";
+  numpy_write_all(
+      {{dir + "/b.jsonl.gz", "import gzip\ngzip.open(out, 'wt').write('{\"token_ids\": [8, 1, 9, 10, 1]}\\n')"}});
+  keel::Config config = pretokenized_config(dir, "jsonl-tokens", {dir + "/a.jsonl", dir + "/b.jsonl.gz"});
+  const auto report = keel::data::prepare_data(config);
+  EXPECT_EQ(report.sources[0].tokens, 12);
+  EXPECT_EQ(report.sources[0].documents, 4);  // [3 4 1] [5 6 7 1] [8 1] [9 10 1]
+  EXPECT_TRUE(fs::exists(config.data.dir + "/corpus/cache-00001.bin"));
+  keel::data::DataLoader loader(config, 1);
+  EXPECT_EQ(loader.sample_tokens(0, 1), (std::vector<int32_t>{6, 7, 1, 8, 1}));
+  const keel::data::DocumentIndex documents(loader.dir(), loader.source_names());
+  EXPECT_EQ(documents.document_start(0, 3), 9);
+  EXPECT_TRUE(keel::data::prepare_data(config).up_to_date);
+  // A damaged cache is rebuilt from the input; a bad line names the file and line.
+  std::ofstream(config.data.dir + "/corpus/cache-00000.bin") << "GARBAGE!";
+  EXPECT_FALSE(keel::data::prepare_data(config).up_to_date);
+  EXPECT_EQ(keel::data::DataLoader(config, 1).sample_tokens(0, 0), (std::vector<int32_t>{3, 4, 1, 5, 6}));
+  std::ofstream(dir + "/a.jsonl") << "{\"token_ids\": [3, 4, 1, 5]}\n{\"token_ids\": [16]}\n";
+  EXPECT_EQ(error_of([&] { keel::data::prepare_data(config); }),
+            dir + "/a.jsonl: line 2: token_ids[0] = 16 >= vocab 16");
+  std::ofstream(dir + "/b.jsonl.gz") << "not gzip";
+  config.data.sources[0].inputs = {dir + "/b.jsonl.gz"};
+  EXPECT_NE(error_of([&] { keel::data::prepare_data(config); }).find(dir + "/b.jsonl.gz: gzip -dc failed"),
+            std::string::npos);
+}
