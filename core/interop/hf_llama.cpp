@@ -27,7 +27,7 @@
 #include "core/data/regular_file.h"
 #include "core/data/tokenizer.h"
 #include "core/interop/safetensors.h"
-#include "core/metrics/hdf5_handle.h"
+#include "core/io/hdf5.h"
 #include "core/model/llama.h"
 #include "core/plugin_host/plugin_host.h"
 
@@ -549,7 +549,7 @@ std::string write_import(const ImportPlan& plan, const ImportTarget& target) {
   checkpoint::Lineage lineage;
   lineage.run_id = checkpoint::new_run_id();
   lineage.run_dir = target.run_dir;
-  lineage.created = metrics::detail::utc_now_iso8601();
+  lineage.created = io::utc_now_iso8601();
   lineage.parent_run_id = "huggingface";
   lineage.parent_run_dir = plan.hf_dir;
   lineage.parent_checkpoint = plan.hf_dir;

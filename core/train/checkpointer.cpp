@@ -11,10 +11,10 @@
 #include <set>
 
 #include "core/checkpoint/checkpoint_error.h"
+#include "core/checkpoint/checkpoint_writer.h"
 #include "core/checkpoint/json_fields.h"
 #include "core/checkpoint/manifest.h"
 #include "core/checkpoint/resharding.h"
-#include "core/checkpoint/sha256.h"
 #include "core/io/hdf5.h"
 #include "core/train/plugin_continuity.h"
 #include "core/train/skip_rules.h"
@@ -62,16 +62,7 @@ checkpoint::TrainingState capture_rank_state(TrainerState& s, int64_t step) {
                                            model::shard_offset(tensor.sizes(), s.specs[i], g.coords.tp)};
     }
   }
-  st.lr_schedule = nlohmann::json{{"kind", "warmup_cosine"},
-                                  {"lr", c.optim.lr},
-                                  {"min_lr", c.optim.min_lr},
-                                  {"warmup_steps", c.optim.warmup_steps},
-                                  {"decay_steps", c.lr_decay_steps()},
-                                  {"next_step", step},
-                                  {"lr_factor", s.lr_factor},
-                                  {"lr_factor_until", s.lr_factor_until},
-                                  {"lr_schedule_plugin", c.plugins.lr_schedule}}
-                       .dump();
+  st.lr_schedule = checkpoint::lr_schedule_json(c, step, s.lr_factor, s.lr_factor_until);
   for (plugin_host::LoadedPlugin* p : s.plugins->all()) {
     if (p == &optimizer) continue;
     sdk::PluginState ps = p->object->save_state();
@@ -172,17 +163,9 @@ std::string save_checkpoint(TrainerState& s, const std::string& reason) {
         out << st.config_ini;
         if (!out) throw checkpoint::CheckpointError(tmp + "/config.ini: write failed");
       }
-      checkpoint::Manifest manifest;
-      manifest.keel_version = KEEL_VERSION;
-      manifest.created = io::utc_now_iso8601();
-      manifest.run_id = s.lineage.run_id;
-      manifest.layout = {g.layout.dp(), g.layout.tp(), g.layout.pp()};
-      manifest.config_hash = checkpoint::sha256_hex(st.config_ini);
-      for (const auto& [key, value] : flatten(c)) {
-        if (key.rfind("model.", 0) == 0) manifest.model[key] = value;
-      }
-      manifest.data_fingerprint = s.loader->fingerprint().dump();
-      manifest.lineage = st.lineage;
+      const checkpoint::Manifest manifest = checkpoint::run_manifest(
+          c, st.config_ini, s.lineage.run_id, io::utc_now_iso8601(), {g.layout.dp(), g.layout.tp(), g.layout.pp()},
+          s.loader->fingerprint().dump(), st.lineage);
       std::vector<std::pair<std::string, int64_t>> files;
       for (int64_t r = 0; r < g.world_size(); ++r) files.emplace_back(checkpoint::rank_file_name(r), r);
       files.emplace_back("config.ini", -1);
