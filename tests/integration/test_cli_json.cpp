@@ -60,9 +60,9 @@ size_t count_lines(const std::string& text) {
 }  // namespace
 
 TEST(CliJson, EverySubcommandHasHelp) {
-  for (const std::string command :
-       {"train", "resume", "plugins", "control", "data", "data prepare", "data show-batch", "inspect", "config",
-        "config keys", "config show", "data compare-order", "launch", "export-hf", "import-hf", "eval", "report"}) {
+  for (const std::string command : {"train", "resume", "plugins", "control", "data", "data prepare", "data show-batch",
+                                    "inspect", "config", "config keys", "config show", "data compare-order", "launch",
+                                    "export-hf", "import-hf", "eval", "report", "score"}) {
     const ProcessResult r = run_keel(command + " --help");
     EXPECT_EQ(r.exit_code, 0) << "keel " << command << " --help\n" << r.output;
     EXPECT_NE(r.output.find("--help"), std::string::npos) << "keel " << command << " --help\n" << r.output;
@@ -75,7 +75,8 @@ TEST(CliJson, UsageErrorsAreOneLineAndNonZero) {
       "inspect --bogus", "inspect", "plugins extra", "plugins --bogus", "config", "config bogus",
       "config show --bogus", "config keys --bogus", "data", "data bogus", "data prepare --bogus", "report",
       "report x --bogus", "export-hf only-one", "import-hf", "config show --config", "train", "resume", "control",
-      "control x swap", "eval", "data show-batch --bogus", "data compare-order", "launch", "launch --nproc 0 -- true"};
+      "control x swap", "eval", "data show-batch --bogus", "data compare-order", "launch", "launch --nproc 0 -- true",
+      "score", "score x --bogus", "score x"};
   // clang-format on
   for (const std::string& command : commands) {
     const ProcessResult r = run_keel(command);
