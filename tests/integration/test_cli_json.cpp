@@ -76,7 +76,7 @@ TEST(CliJson, UsageErrorsAreOneLineAndNonZero) {
       "config show --bogus", "config keys --bogus", "data", "data bogus", "data prepare --bogus", "report",
       "report x --bogus", "export-hf only-one", "import-hf", "config show --config", "train", "resume", "control",
       "control x swap", "eval", "data show-batch --bogus", "data compare-order", "launch", "launch --nproc 0 -- true",
-      "score", "score x --bogus", "score x"};
+      "score x --bogus"};
   // clang-format on
   for (const std::string& command : commands) {
     const ProcessResult r = run_keel(command);
