@@ -1,6 +1,6 @@
-// Why: a checkpoint is only as safe as the order in which its bytes reach the disk. These helpers make that
-// order explicit (write, fsync the file, rename, fsync the directory), following the POSIX rules that ext4/xfs
-// honour: a rename is atomic, and durable once the parent directory has been fsynced. Torch-free.
+// Why: checkpoint code reports every problem as CheckpointError (the CLI shows it as a user error, and
+// resume falls back past a damaged checkpoint by catching it). These are core/io/file.h's durable file
+// operations with that error type; the one implementation of the write-fsync-rename order is there. Torch-free.
 #pragma once
 
 #include <string>
@@ -9,8 +9,8 @@ namespace keel::checkpoint {
 
 // fsync a file or a directory by path; throws CheckpointError naming it on failure.
 void fsync_path(const std::string& path);
-// Writes `contents` to `path` atomically: PATH.tmp-PID, fsync, rename over PATH, fsync the parent directory.
-// Readers see the old file or the new one, never a mix.
+// Writes `contents` to `path` atomically (io::write_file_atomically: PATH.tmp-PID, fsync, rename over PATH,
+// fsync the parent directory). Readers see the old file or the new one, never a mix.
 void write_file_atomically(const std::string& path, const std::string& contents);
 // Reads a whole (small) file; throws CheckpointError naming it if it cannot be read.
 std::string read_small_file(const std::string& path, size_t max_bytes = 64 << 20);

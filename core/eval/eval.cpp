@@ -2,9 +2,7 @@
 // model, per-window NLL, the Analysis360 memorization score, and the report's HDF5 file and console table.
 #include "core/eval/eval.h"
 
-#include <fcntl.h>
 #include <torch/torch.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -20,6 +18,7 @@
 
 #include "core/checkpoint/checkpoint_error.h"
 #include "core/checkpoint/h5_file.h"
+#include "core/io/file.h"
 #include "core/io/hdf5.h"
 
 namespace keel::eval {
@@ -269,56 +268,27 @@ void write_report_file(const std::string& path, const EvalReport& r) {
   h5.close();
 }
 
-// fsync of a written file, so a disk that accepts the bytes late (NFS, quota) fails here, before the rename.
-void sync_file(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw std::runtime_error(std::strerror(errno));
-  const int rc = ::fsync(fd);
-  const int saved = errno;
-  ::close(fd);
-  if (rc != 0) throw std::runtime_error(std::strerror(saved));
-}
-
 }  // namespace
 
 void write_report(const std::string& path, const EvalReport& r) {
   namespace fs = std::filesystem;
   if (fs::exists(path))
     throw std::runtime_error(path + ": exists (eval results are written once; remove it or pass another --out)");
-  const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
-  std::string reason;
   io::clear_last_os_error();
   try {
     const fs::path parent = fs::path(path).parent_path();
     std::error_code ec;
     if (!parent.empty()) fs::create_directories(parent, ec);
-    if (ec) throw std::runtime_error(ec.message());
-    fs::remove(tmp, ec);  // debris of an earlier process with this pid
-    write_report_file(tmp, r);
-    sync_file(tmp);
-    // link() refuses an existing name, so a file that appeared meanwhile is never replaced.
-    if (::link(tmp.c_str(), path.c_str()) != 0) {
-      const int saved = errno;
-      if (saved == EEXIST) throw std::runtime_error("it appeared while evaluating (not replaced)");
-      if (saved != EPERM && saved != EOPNOTSUPP && saved != ENOSYS) throw std::runtime_error(std::strerror(saved));
-      if (::rename(tmp.c_str(), path.c_str()) != 0) throw std::runtime_error(std::strerror(errno));  // no links
-    }
-    fs::remove(tmp, ec);
-    return;
-  } catch (const std::exception& e) {
-    // HDF5's OS error when there was one ("No space left on device"), else the message, which names the
-    // temporary file where the user knows only PATH.
-    reason = io::last_os_error();
-    if (reason.empty()) {
-      reason = io::one_line(e.what());
-      for (size_t at = reason.find(tmp); at != std::string::npos; at = reason.find(tmp, at + path.size())) {
-        reason.replace(at, tmp.size(), path);
-      }
-    }
+    if (ec) throw io::FileError(path, ec.message());
+    // Linked, not renamed, into place: a file that appeared while evaluating is never replaced.
+    io::write_atomically(
+        path, [&](const std::string& tmp) { write_report_file(tmp, r); }, io::IfExists::kKeep);
+  } catch (const io::FileError& e) {
+    // HDF5's OS error when there was one ("No space left on device"), else the reason, which names PATH.
+    std::string reason = io::last_os_error();
+    if (reason.empty()) reason = io::one_line(e.reason());
+    throw std::runtime_error("eval: cannot write " + path + ": " + reason);
   }
-  std::error_code ignored;
-  fs::remove(tmp, ignored);
-  throw std::runtime_error("eval: cannot write " + path + ": " + reason);
 }
 
 std::string format_report(const EvalReport& r) {

@@ -1,9 +1,6 @@
 // Why: see report_page.h.
 #include "core/report/report_page.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -13,6 +10,7 @@
 #include <filesystem>
 #include <stdexcept>
 
+#include "core/io/file.h"
 #include "core/report/report_assets.h"
 
 namespace keel::report {
@@ -205,35 +203,13 @@ void write_page(const std::string& path, const std::string& html) {
   const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
   if (!fs::is_directory(dir)) throw std::runtime_error(path + ": directory " + dir.string() + " does not exist");
   if (fs::is_directory(target)) throw std::runtime_error(path + ": is a directory");
-  const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
-  // Every step's OS error is kept: "report: cannot write PATH: No space left on device", and no PATH.tmp-PID
-  // is left behind. write + fsync before the rename, so PATH is the old page or the whole new one.
-  const auto fail = [&](int error) {
-    ::unlink(tmp.c_str());
-    throw std::runtime_error("report: cannot write " + path + ": " + std::strerror(error));
-  };
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw std::runtime_error("report: cannot write " + path + ": " + std::strerror(errno));
-  const char* data = html.data();
-  size_t left = html.size();
-  while (left > 0) {
-    const ssize_t n = ::write(fd, data, left);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const int error = n < 0 ? errno : ENOSPC;
-      ::close(fd);
-      fail(error);
-    }
-    data += n;
-    left -= static_cast<size_t>(n);
+  // PATH is the old page or the whole new one, no PATH.tmp-PID is left behind, and the OS error is kept:
+  // "report: cannot write PATH: No space left on device".
+  try {
+    io::write_file_atomically(path, html);
+  } catch (const io::FileError& e) {
+    throw std::runtime_error("report: cannot write " + path + ": " + e.reason());
   }
-  if (::fsync(fd) != 0) {
-    const int error = errno;
-    ::close(fd);
-    fail(error);
-  }
-  if (::close(fd) != 0) fail(errno);
-  if (::rename(tmp.c_str(), path.c_str()) != 0) fail(errno);
 }
 
 }  // namespace keel::report
