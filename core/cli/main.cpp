@@ -46,6 +46,7 @@ int main(int argc, char** argv) {
     if (command == "score") return keel::cli::cmd_score(rest);
     if (command == "eval") return keel::cli::cmd_eval(rest);
     if (command == "report") return keel::cli::cmd_report(rest);
+    if (command == "plan") return keel::cli::cmd_plan(rest);
     std::cerr << "keel: unknown command '" << command << "'\n\n" << keel::cli::usage();
     return 2;
   } catch (const keel::parallel::DistributedError& e) {

@@ -22,6 +22,7 @@ int cmd_import_hf(const Args& args);
 int cmd_score(const Args& args);  // score CKPT|RUN --tokens FILE.npy|--text FILE: per-sequence NLL
 int cmd_eval(const Args& args);
 int cmd_report(const Args& args);  // report RUN_DIR... -o FILE.html
+int cmd_plan(const Args& args);    // plan --config FILE [--nproc N]: memory and traffic per rank
 std::string usage();
 
 }  // namespace keel::cli
