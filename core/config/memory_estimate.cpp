@@ -19,28 +19,6 @@ namespace {
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
-struct Counts {
-  double embedding = 0;         // [V, C]
-  double block_sharded = 0;     // one block's linear weights (split over tp)
-  double block_replicated = 0;  // one block's norms (on every tp rank)
-  double final_norm = 0;
-  double head = 0;  // 0 when tied
-};
-
-Counts counts_of(const ModelConfig& m) {
-  const double C = static_cast<double>(m.d_model), H = static_cast<double>(m.heads);
-  const double K = static_cast<double>(m.kv_heads), D = static_cast<double>(m.head_dim());
-  const double F = static_cast<double>(m.ffn_hidden), V = static_cast<double>(m.vocab);
-  const double norm = m.norm == NormKind::kLayerNorm ? 2 * C : C;  // weight (+ bias)
-  Counts c;
-  c.embedding = V * C;
-  c.block_sharded = C * H * D + 2 * C * K * D + H * D * C + 3 * C * F;
-  c.block_replicated = 2 * norm + (m.qk_norm ? 2 * D : 0);  // q_norm/k_norm are RMSNorms: weight only
-  c.final_norm = norm;
-  c.head = m.tie_embeddings ? 0 : V * C;
-  return c;
-}
-
 std::string gib(double bytes) {
   char text[64];
   const double n = bytes / kGiB;
@@ -114,23 +92,73 @@ double cuda_device_bytes(int64_t ordinal, int& count) {
 
 }  // namespace
 
+double ParameterTensor::elements() const {
+  double n = 1;
+  for (int64_t d : global_shape) n *= static_cast<double>(d);
+  return n;
+}
+
+std::vector<ParameterTensor> parameter_tensors(const ModelConfig& m) {
+  const int64_t C = m.d_model, D = m.head_dim();
+  std::vector<ParameterTensor> out;
+  auto norm = [&](const std::string& prefix, int64_t dim, int64_t layer, bool layernorm) {
+    out.push_back({prefix + ".weight", {dim}, -1, layer});
+    if (layernorm) out.push_back({prefix + ".bias", {dim}, -1, layer});
+  };
+  const bool layernorm = m.norm == NormKind::kLayerNorm;
+  out.push_back({"embed.weight", {m.vocab, C}, 0, -1});
+  for (int64_t layer = 0; layer < m.layers; ++layer) {
+    const std::string b = "blocks." + std::to_string(layer);
+    norm(b + ".attn_norm", C, layer, layernorm);
+    out.push_back({b + ".attn.wq.weight", {m.heads * D, C}, 0, layer});
+    out.push_back({b + ".attn.wk.weight", {m.kv_heads * D, C}, 0, layer});
+    out.push_back({b + ".attn.wv.weight", {m.kv_heads * D, C}, 0, layer});
+    out.push_back({b + ".attn.wo.weight", {C, m.heads * D}, 1, layer});
+    if (m.qk_norm) {  // per-head RMSNorms: weight only
+      out.push_back({b + ".attn.q_norm.weight", {D}, -1, layer});
+      out.push_back({b + ".attn.k_norm.weight", {D}, -1, layer});
+    }
+    norm(b + ".mlp_norm", C, layer, layernorm);
+    out.push_back({b + ".mlp.w_gate.weight", {m.ffn_hidden, C}, 0, layer});
+    out.push_back({b + ".mlp.w_up.weight", {m.ffn_hidden, C}, 0, layer});
+    out.push_back({b + ".mlp.w_down.weight", {C, m.ffn_hidden}, 1, layer});
+  }
+  norm("final_norm", C, -1, layernorm);
+  if (!m.tie_embeddings) out.push_back({"head.weight", {m.vocab, C}, 0, -1});
+  return out;
+}
+
+namespace {
+// One rank's share of the parameters, from the tensors of a one-block model (so that an absurd model.layers costs
+// nothing to count): one block (TP shards + replicated norms), the embedding, and the final norm + head.
+struct Shares {
+  double block = 0, embedding = 0, final_and_head = 0;
+};
+Shares shares_of(const ModelConfig& model, int64_t tp) {
+  ModelConfig one = model;
+  one.layers = 1;
+  Shares s;
+  for (const ParameterTensor& t : parameter_tensors(one)) {
+    const double share = t.shard_dim >= 0 ? t.elements() / static_cast<double>(tp) : t.elements();
+    (t.layer >= 0 ? s.block : t.name == "embed.weight" ? s.embedding : s.final_and_head) += share;
+  }
+  return s;
+}
+}  // namespace
+
 double count_parameters(const ModelConfig& model) {
-  const Counts c = counts_of(model);
-  return c.embedding + static_cast<double>(model.layers) * (c.block_sharded + c.block_replicated) + c.final_norm +
-         c.head;
+  const Shares s = shares_of(model, 1);
+  return s.embedding + static_cast<double>(model.layers) * s.block + s.final_and_head;
 }
 
 MemoryEstimate estimate_memory(const Config& config) {
   const ModelConfig& m = config.model;
   const ParallelConfig& par = config.parallel;
-  const Counts c = counts_of(m);
-  const double tp = static_cast<double>(par.tp);
-  const double stage_blocks = static_cast<double>(m.layers) / static_cast<double>(par.pp);
-  const double blocks = stage_blocks * (c.block_sharded / tp + c.block_replicated);
-  const double first = c.embedding / tp, last = c.final_norm + c.head / tp;
+  const Shares s = shares_of(m, par.tp);
+  const double blocks = static_cast<double>(m.layers) / static_cast<double>(par.pp) * s.block;
   MemoryEstimate e;
   e.parameters = count_parameters(m);
-  e.rank_parameters = blocks + (par.pp == 1 ? first + last : std::max(first, last));
+  e.rank_parameters = blocks + (par.pp == 1 ? s.embedding + s.final_and_head : std::max(s.embedding, s.final_and_head));
   // Optimizer state: the built-in Lion keeps one fp32 moment; AdamW and any other optimizer are counted with
   // AdamW's two (a plugin's own state is unknown here).
   const bool lion = config.plugins.optimizer == "lion";

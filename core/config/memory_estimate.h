@@ -8,10 +8,23 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "core/config/config.h"
 
 namespace keel {
+
+// One parameter tensor as the model registers it, with how tensor parallelism splits it.
+struct ParameterTensor {
+  std::string name;                   // "blocks.0.attn.wq.weight"
+  std::vector<int64_t> global_shape;  // the whole tensor
+  int shard_dim = -1;                 // split over tp along this dim; -1 = replicated on every tp rank
+  int64_t layer = -1;                 // block index; -1 = embedding / final norm / head
+  double elements() const;
+};
+
+// Every parameter of the model, in the model's order (core/model/llama.cpp).
+std::vector<ParameterTensor> parameter_tensors(const ModelConfig& model);
 
 // Parameters of the whole model, exactly as core/model/llama.cpp builds it (a double: a config may describe
 // more than 2^63 of them; it is exact below 2^53).

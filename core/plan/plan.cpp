@@ -105,42 +105,6 @@ const char* optimizer_state(const Config& config, double& bytes_per_parameter) {
 
 }  // namespace
 
-double ParameterTensor::elements() const {
-  double n = 1;
-  for (int64_t d : global_shape) n *= static_cast<double>(d);
-  return n;
-}
-
-std::vector<ParameterTensor> parameter_tensors(const ModelConfig& m) {
-  const int64_t C = m.d_model, D = m.head_dim();
-  std::vector<ParameterTensor> out;
-  auto norm = [&](const std::string& prefix, int64_t dim, int64_t layer, bool layernorm) {
-    out.push_back({prefix + ".weight", {dim}, -1, layer});
-    if (layernorm) out.push_back({prefix + ".bias", {dim}, -1, layer});
-  };
-  const bool layernorm = m.norm == NormKind::kLayerNorm;
-  out.push_back({"embed.weight", {m.vocab, C}, 0, -1});
-  for (int64_t layer = 0; layer < m.layers; ++layer) {
-    const std::string b = "blocks." + std::to_string(layer);
-    norm(b + ".attn_norm", C, layer, layernorm);
-    out.push_back({b + ".attn.wq.weight", {m.heads * D, C}, 0, layer});
-    out.push_back({b + ".attn.wk.weight", {m.kv_heads * D, C}, 0, layer});
-    out.push_back({b + ".attn.wv.weight", {m.kv_heads * D, C}, 0, layer});
-    out.push_back({b + ".attn.wo.weight", {C, m.heads * D}, 1, layer});
-    if (m.qk_norm) {  // per-head RMSNorms: weight only
-      out.push_back({b + ".attn.q_norm.weight", {D}, -1, layer});
-      out.push_back({b + ".attn.k_norm.weight", {D}, -1, layer});
-    }
-    norm(b + ".mlp_norm", C, layer, layernorm);
-    out.push_back({b + ".mlp.w_gate.weight", {m.ffn_hidden, C}, 0, layer});
-    out.push_back({b + ".mlp.w_up.weight", {m.ffn_hidden, C}, 0, layer});
-    out.push_back({b + ".mlp.w_down.weight", {C, m.ffn_hidden}, 1, layer});
-  }
-  norm("final_norm", C, -1, layernorm);
-  if (!m.tie_embeddings) out.push_back({"head.weight", {m.vocab, C}, 0, -1});
-  return out;
-}
-
 KernelPath default_path(const Config& config) {
   return config.train.device == Device::kCuda ? KernelPath::kFused : KernelPath::kReference;
 }

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/config/config.h"
+#include "core/config/memory_estimate.h"
 
 namespace keel::plan {
 
@@ -21,17 +22,9 @@ namespace keel::plan {
 // train.device = cpu (LibTorch ops with fp32 statistics; attention by the math path with a [H, T, T] softmax).
 enum class KernelPath { kFused, kReference };
 
-// One parameter tensor as the model registers it, with how tensor parallelism splits it.
-struct ParameterTensor {
-  std::string name;                   // "blocks.0.attn.wq.weight"
-  std::vector<int64_t> global_shape;  // the whole tensor
-  int shard_dim = -1;                 // split over tp along this dim; -1 = replicated on every tp rank
-  int64_t layer = -1;                 // block index; -1 = embedding / final norm / head
-  double elements() const;
-};
-
-// Every parameter of the model, in the model's order (core/model/llama.cpp).
-std::vector<ParameterTensor> parameter_tensors(const ModelConfig& model);
+// The model's parameter tensors (core/config/memory_estimate.h), under this namespace too.
+using keel::parameter_tensors;
+using keel::ParameterTensor;
 
 // Bytes one rank of a pipeline stage holds or moves. Every dp x tp rank of a stage has the same numbers.
 struct StagePlan {
