@@ -68,7 +68,6 @@ int cmd_plan(const Args& args) {
     std::cout << options;
     return 0;
   }
-  if (config_path.empty()) throw std::runtime_error("keel plan: --config FILE is required");
   const bool json = vm.count("json") > 0;
   if (json) metrics::setup_logging();
   append_plugin_overrides(plugins, plugin_args, overrides);
