@@ -110,6 +110,8 @@ const std::pair<NormKind, const char*> kNormNames[] = {{NormKind::kRmsNorm, "rms
                                                        {NormKind::kLayerNorm, "layernorm"}};
 const std::pair<PipelineSchedule, const char*> kScheduleNames[] = {{PipelineSchedule::kOneFOneB, "1f1b"},
                                                                    {PipelineSchedule::kGPipe, "gpipe"}};
+const std::pair<Recompute, const char*> kRecomputeNames[] = {
+    {Recompute::kNone, "none"}, {Recompute::kFull, "full"}, {Recompute::kSelective, "selective"}};
 
 template <typename E, size_t N>
 std::string name_in(const std::pair<E, const char*> (&names)[N], E value) {
@@ -320,6 +322,7 @@ std::string name_of(Device device) { return name_in(kDeviceNames, device); }
 std::string name_of(Precision precision) { return name_in(kPrecisionNames, precision); }
 std::string name_of(NormKind norm) { return name_in(kNormNames, norm); }
 std::string name_of(PipelineSchedule schedule) { return name_in(kScheduleNames, schedule); }
+std::string name_of(Recompute recompute) { return name_in(kRecomputeNames, recompute); }
 
 void set_key(Config& config, const std::string& key, const std::string& value, const std::string& origin) {
   // Every value must survive to_ini() and back (run dirs store the resolved config, and resume reads it): a

@@ -25,10 +25,12 @@ enum class Device { kCpu, kCuda };                  // "cpu" | "cuda"
 enum class Precision { kFp32, kBf16Mixed };         // "fp32" | "bf16-mixed"
 enum class NormKind { kRmsNorm, kLayerNorm };       // "rmsnorm" | "layernorm"
 enum class PipelineSchedule { kOneFOneB, kGPipe };  // "1f1b" | "gpipe"
+enum class Recompute { kNone, kFull, kSelective };  // "none" | "full" | "selective"
 std::string name_of(Device device);
 std::string name_of(Precision precision);
 std::string name_of(NormKind norm);
 std::string name_of(PipelineSchedule schedule);
+std::string name_of(Recompute recompute);
 
 struct ModelConfig {
   int64_t layers = 2;
@@ -46,6 +48,7 @@ struct ModelConfig {
   bool qk_norm = false;
   double z_loss = 0.0;  // coefficient of the z-loss term (log Z)^2; 0 disables it
   double init_std = 0.02;
+  Recompute recompute = Recompute::kNone;  // activations recomputed in backward, per block
   int64_t head_dim() const { return d_model / heads; }
 };
 
@@ -57,7 +60,8 @@ struct TrainConfig {
   Precision precision = Precision::kBf16Mixed;
   int64_t log_every = 10;  // console progress line every N steps
   Device device = Device::kCpu;
-  int64_t threads = 0;  // intra-op threads; 0 = all CPUs
+  int64_t threads = 0;         // intra-op threads; 0 = all CPUs
+  std::string batch_schedule;  // global batch by step, "STEP:BATCH;..." (batch-size warm-up); "" = constant
 };
 
 struct OptimConfig {
@@ -83,7 +87,8 @@ struct SourceConfig {
   // | jsonl-tokens (JSON lines with "token_ids", .gz allowed; parsed once into a shard cache).
   // Pre-tokenized formats are read in place (docs/data.md); written to config.ini only when not "text".
   std::string format = "text";
-  std::string dtype;  // raw (non-.npy) token arrays of format npy: uint16 | uint32; "" = .npy files only
+  std::string dtype;      // raw (non-.npy) token arrays of format npy: uint16 | uint32; "" = .npy files only
+  double heldout = -1.0;  // held-out documents: >= 1 a count, in (0, 1) a fraction, 0 none, -1 the default share
 };
 
 struct DataConfig {
@@ -96,6 +101,8 @@ struct DataConfig {
   int64_t chunks = 360;             // chunks per source epoch (LLM360 Amber: 360)
   int64_t tokenizer_sample_mb = 4;  // raw text used to train the tokenizer
   int64_t eos_id = -1;              // separator id of pre-tokenized sources; -1 = unset (not in config.ini)
+  std::string tokenizer;            // an existing SentencePiece model to use; "" = train one from the sources
+  bool add_bos = false;             // prepend the tokenizer's BOS id to every document
 };
 
 struct MetricsConfig {
@@ -108,6 +115,7 @@ struct CheckpointConfig {
   bool at_end = true;           // save after the last step (a stop signal always saves)
   int64_t keep_last = 3;        // newest complete checkpoints kept (>= 2); 0 = keep all
   int64_t milestone_every = 0;  // steps divisible by M are kept forever (LLM360 kept 360); 0 = none
+  bool async = false;           // write, hash and commit on a background thread while training continues
 };
 
 // The 3D layout (docs/parallel.md). dp x tp x pp must equal the number of ranks the job was started with.
@@ -121,7 +129,13 @@ struct ParallelConfig {
   double timeout_s = 300.0;      // a collective or rendezvous that waits longer fails, naming the missing rank
   double bucket_mb = 25.0;       // DP gradient all-reduce bucket size
   std::string backend = "auto";  // auto (gloo on cpu, nccl on cuda) | gloo | nccl
+  bool sp = false;               // sequence parallelism inside the TP group (Megatron SP); needs tp > 1
   int64_t world_size() const { return dp * tp * pp; }
+};
+
+// What `keel resume` checks about the run it continues (docs/checkpoints.md).
+struct ResumeConfig {
+  int64_t verify_steps = 0;  // a resume checks its first K steps against the parent's logged rows; 0 = off
 };
 
 // Which plugin fills each slot (docs/plugins.md): a built-in name or a path to a shared library.
@@ -143,6 +157,7 @@ struct Config {
   CheckpointConfig checkpoint;
   ParallelConfig parallel;
   PluginsConfig plugins;
+  ResumeConfig resume;
   // [plugin.NAME] sections: arguments of plugin NAME (key -> value), checked by the plugin when it loads.
   std::map<std::string, std::map<std::string, std::string>> plugin_args;
   std::string source_file;  // where it was loaded from (for messages)
