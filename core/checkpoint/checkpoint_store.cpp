@@ -89,7 +89,8 @@ std::string CheckpointStore::begin(int64_t step) {
 }
 
 std::string CheckpointStore::commit(int64_t step, Manifest manifest,
-                                    const std::vector<std::pair<std::string, int64_t>>& files) {
+                                    const std::vector<std::pair<std::string, int64_t>>& files,
+                                    const std::map<std::string, FileDigest>& known) {
   const std::string name = step_dir_name(step);
   const std::string tmp = root_ + "/" + name + kTmpSuffix;
   const std::string final_dir = root_ + "/" + name;
@@ -118,12 +119,23 @@ std::string CheckpointStore::commit(int64_t step, Manifest manifest,
   manifest.tensors_finite = finite;
   for (const auto& [file, rank] : files) {
     const std::string path = tmp + "/" + file;
-    fsync_path(path);
     ManifestFile entry;
     entry.name = file;
     entry.rank = rank;
-    entry.bytes = static_cast<int64_t>(fs::file_size(path));
-    entry.sha256 = sha256_file(path);
+    const auto digest = known.find(file);
+    if (digest != known.end()) {
+      if (static_cast<int64_t>(fs::file_size(path)) != digest->second.bytes) {
+        throw CheckpointError("cannot commit checkpoint step " + std::to_string(step) + ": " + path + " has " +
+                              std::to_string(fs::file_size(path)) + " bytes, its writer hashed " +
+                              std::to_string(digest->second.bytes));
+      }
+      entry.bytes = digest->second.bytes;
+      entry.sha256 = digest->second.sha256;
+    } else {
+      fsync_path(path);
+      entry.bytes = static_cast<int64_t>(fs::file_size(path));
+      entry.sha256 = sha256_file(path);
+    }
     manifest.files.push_back(std::move(entry));
   }
   // The manifest is the commit record: written (and fsynced) after every file it lists.

@@ -37,6 +37,12 @@ struct CheckpointEntry {
   bool tensors_finite = false;  // filled in by list_valid(): the manifest says its tensors were checked finite
 };
 
+// A file's size and SHA-256, computed by whoever wrote and fsynced it (an asynchronous save's rank threads).
+struct FileDigest {
+  int64_t bytes = 0;
+  std::string sha256;
+};
+
 class CheckpointStore {
  public:
   explicit CheckpointStore(std::string root);  // RUN_DIR/checkpoints (created on first save)
@@ -48,8 +54,10 @@ class CheckpointStore {
   // (`manifest.files` and `manifest.tensors_finite` are filled in here: true when every rank file says
   // write_rank_file checked its tensors), fsyncs, renames to step-N and points ROOT/latest at it (removing
   // stale latest.tmp-* files of killed saves). Throws CheckpointError if the tmp dir holds a file that is not
-  // in `files`. Returns the final directory.
-  std::string commit(int64_t step, Manifest manifest, const std::vector<std::pair<std::string, int64_t>>& files);
+  // in `files`. Returns the final directory. A file named in `known` was fsynced and hashed by its writer: its
+  // digest is taken as given (the asynchronous save hashes each rank file on that rank's background thread).
+  std::string commit(int64_t step, Manifest manifest, const std::vector<std::pair<std::string, int64_t>>& files,
+                     const std::map<std::string, FileDigest>& known = {});
   bool exists(int64_t step) const;
 
   // Every step-N directory, oldest first, without checking it.

@@ -354,6 +354,10 @@ void set_key(Config& config, const std::string& key, const std::string& value, c
     config.data.eos_id = parse_int(origin, key, value);
     return;
   }
+  if (key == "checkpoint.async") {  // outside key_table like data.eos_id: written only when true
+    config.checkpoint.async = parse_bool(origin, key, value);
+    return;
+  }
   for (const auto& def : key_table()) {
     if (def.name == key) {
       def.set(config, origin, value);
@@ -587,6 +591,12 @@ std::vector<std::pair<std::string, std::string>> flatten(const Config& config) {
       if (it->first.rfind("data.", 0) == 0) at = it + 1;
     out.insert(at, {"data.eos_id", std::to_string(config.data.eos_id)});
   }
+  if (config.checkpoint.async) {  // after the last checkpoint.* key: [checkpoint] stays one section
+    auto at = out.end();
+    for (auto it = out.begin(); it != out.end(); ++it)
+      if (it->first.rfind("checkpoint.", 0) == 0) at = it + 1;
+    out.insert(at, {"checkpoint.async", "true"});
+  }
   for (const auto& s : config.data.sources) {
     const std::string prefix = "source." + s.name + ".";
     out.emplace_back(prefix + "inputs", join(s.inputs));
@@ -623,6 +633,9 @@ std::vector<std::pair<std::string, std::string>> documented_keys() {
   for (const auto& def : key_table()) out.emplace_back(def.name, def.doc);
   out.emplace_back("data.eos_id",
                    "separator (EOS) id of pre-tokenized sources, which come without a tokenizer; unset = -1");
+  out.emplace_back("checkpoint.async",
+                   "write, hash and commit periodic checkpoints on a background thread while training continues "
+                   "(default false)");
   for (const auto& [field, doc] : source_fields()) out.emplace_back("source.NAME." + field, doc);
   out.emplace_back("plugin.NAME.KEY",
                    "argument KEY of plugin NAME (also --plugin-arg NAME.KEY=value); see docs/plugins.md");

@@ -3,6 +3,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -16,6 +17,7 @@
 #include "core/checkpoint/manifest.h"
 #include "core/checkpoint/resharding.h"
 #include "core/io/hdf5.h"
+#include "core/train/async_saver.h"
 #include "core/train/plugin_continuity.h"
 #include "core/train/skip_rules.h"
 
@@ -104,46 +106,10 @@ void restore_plugin_states(TrainerState& s, const checkpoint::TrainingState& st,
   continue_plugins_after_resume(s, st, fresh);
 }
 
-}  // namespace
-
-std::string save_checkpoint(TrainerState& s, const std::string& reason) {
-  const Config& c = s.config;
+// Every rank's result of writing its file ("" = written); throws, on every rank, unless all are empty. Rank 0
+// removes the .tmp: no rank commits, and the previous checkpoint stays the latest.
+void commit_none_unless_all_wrote(TrainerState& s, int64_t step, const std::string& tmp, const std::string& error) {
   const parallel::ProcessGroups& g = s.groups;
-  const int64_t step = s.loader->step();  // steps completed
-  const std::string final_dir = s.paths.checkpoints() + "/" + checkpoint::step_dir_name(step);
-  // Rank 0 owns the directory protocol (begin, commit, prune); every rank writes its own file in between.
-  const bool exists = g.world->broadcast_string(s.rank0() && s.checkpoints->exists(step) ? "1" : "0", 0) == "1";
-  if (exists) return final_dir;
-  const auto start = std::chrono::steady_clock::now();
-  std::string tmp, error;
-  if (s.rank0()) {
-    try {
-      tmp = s.checkpoints->begin(step);
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
-  }
-  s.agree_or_throw(error, "checkpoint step " + std::to_string(step) + " not started");
-  tmp = g.world->broadcast_string(tmp, 0);
-
-  // This rank's file: its shards (model tensors from DP rank 0; TP-replicated ones from TP rank 0 only, so that
-  // every element is written once), its optimizer state (all of it, or its ZeRO-1 share), its RNG, and the
-  // run's metadata, identical on every rank.
-  checkpoint::TrainingState st;
-  const std::string rank_file = checkpoint::rank_file_name(g.rank);
-  try {
-    st = capture_rank_state(s, step);
-    checkpoint::capture_rng(st);
-    st.data_ledger = s.loader->state().dump();
-    st.config_ini = to_ini(c);
-    st.lineage = checkpoint::lineage_to_json(s.lineage);
-    if (s.fault.at("save_fail", g.rank, step))
-      throw checkpoint::CheckpointError(tmp + "/" + rank_file + ": injected failure (KEEL_TEST_FAULT)");
-    checkpoint::write_rank_file(tmp + "/" + rank_file, st, {g.rank, g.world_size()});
-  } catch (const std::exception& e) {
-    error = e.what();
-  }
-  // A file missing on any rank: no rank commits; the previous checkpoint stays the latest.
   const std::vector<std::string> errors = g.world->all_gather_strings(error);
   for (size_t r = 0; r < errors.size(); ++r) {
     if (errors[r].empty()) continue;
@@ -154,41 +120,160 @@ std::string save_checkpoint(TrainerState& s, const std::string& reason) {
                                       g.layout.describe_rank(static_cast<int64_t>(r)) + " could not write its file: " +
                                       errors[r] + (latest ? "; the latest checkpoint is still " + *latest : ""));
   }
+}
 
-  std::string dir;
+// Rank 0 writes config.ini and commits the rank files every rank wrote into save.tmp (manifest, rename, latest;
+// `known`: digests their writers computed), then prunes; every rank learns the directory or the error.
+std::string commit_and_prune(TrainerState& s, const PendingSave& save,
+                             const std::map<std::string, checkpoint::FileDigest>& known, bool background) {
+  const parallel::ProcessGroups& g = s.groups;
+  const Config& c = s.config;
+  const auto commit_start = std::chrono::steady_clock::now();
+  std::string dir, error;
   if (s.rank0()) {
     try {
       {
-        std::ofstream out(tmp + "/config.ini", std::ios::binary);
-        out << st.config_ini;
-        if (!out) throw checkpoint::CheckpointError(tmp + "/config.ini: write failed");
+        std::ofstream out(save.tmp + "/config.ini", std::ios::binary);
+        out << save.config_ini;
+        if (!out) throw checkpoint::CheckpointError(save.tmp + "/config.ini: write failed");
       }
-      const checkpoint::Manifest manifest = checkpoint::run_manifest(
-          c, st.config_ini, s.lineage.run_id, io::utc_now_iso8601(), {g.layout.dp(), g.layout.tp(), g.layout.pp()},
-          s.loader->fingerprint().dump(), st.lineage);
+      const checkpoint::Manifest manifest =
+          checkpoint::run_manifest(save.config, save.config_ini, s.lineage.run_id, io::utc_now_iso8601(),
+                                   {g.layout.dp(), g.layout.tp(), g.layout.pp()}, save.data_fingerprint, save.lineage);
       std::vector<std::pair<std::string, int64_t>> files;
       for (int64_t r = 0; r < g.world_size(); ++r) files.emplace_back(checkpoint::rank_file_name(r), r);
       files.emplace_back("config.ini", -1);
-      dir = s.checkpoints->commit(step, manifest, files);
+      dir = s.checkpoints->commit(save.step, manifest, files, known);
     } catch (const std::exception& e) {
       error = e.what();
     }
   }
-  s.agree_or_throw(error, "checkpoint step " + std::to_string(step) + " not committed");
+  s.agree_or_throw(error, "checkpoint step " + std::to_string(save.step) + " not committed");
   dir = g.world->broadcast_string(dir, 0);
   const std::vector<std::string> pruned =
       s.rank0() ? s.checkpoints->prune(c.checkpoint.keep_last, c.checkpoint.milestone_every)
                 : std::vector<std::string>{};
 
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const auto now = std::chrono::steady_clock::now();
+  const double seconds = std::chrono::duration<double>(now - save.started).count();
   s.last_checkpoint = dir;
-  s.event(step, "checkpoint", dir + " (" + reason + ")");
-  for (const auto& p : pruned) s.event(step, "checkpoint_pruned", p);
+  s.event(save.step, "checkpoint", dir + " (" + save.reason + (background ? ", in the background" : "") + ")");
+  for (const auto& p : pruned) s.event(save.step, "checkpoint_pruned", p);
   if (s.rank0()) {
-    spdlog::info("checkpoint {} saved in {:.2f} s ({}){}", dir, seconds, reason,
+    const std::string how =
+        background ? fmt::format(" in the background: training stalled {:.2f} s for the snapshot, {:.2f} s to commit",
+                                 save.stall_s, std::chrono::duration<double>(now - commit_start).count())
+                   : "";
+    spdlog::info("checkpoint {} saved in {:.2f} s ({}){}{}", dir, seconds, save.reason, how,
                  pruned.empty() ? "" : fmt::format("; pruned {}", pruned.size()));
   }
   return dir;
+}
+
+}  // namespace
+
+std::string save_checkpoint(TrainerState& s, const std::string& reason, SaveMode mode) {
+  finish_background_save(s, /*wait=*/true);  // at most one save in flight; saves commit in step order
+  const Config& c = s.config;
+  const parallel::ProcessGroups& g = s.groups;
+  const int64_t step = s.loader->step();  // steps completed
+  const std::string final_dir = s.paths.checkpoints() + "/" + checkpoint::step_dir_name(step);
+  // Rank 0 owns the directory protocol (begin, commit, prune); every rank writes its own file in between.
+  const bool exists = g.world->broadcast_string(s.rank0() && s.checkpoints->exists(step) ? "1" : "0", 0) == "1";
+  if (exists) return final_dir;
+  PendingSave save;
+  save.step = step;
+  save.reason = reason;
+  save.config = c;
+  save.started = std::chrono::steady_clock::now();
+  std::string error;
+  if (s.rank0()) {
+    try {
+      save.tmp = s.checkpoints->begin(step);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  s.agree_or_throw(error, "checkpoint step " + std::to_string(step) + " not started");
+  save.tmp = g.world->broadcast_string(save.tmp, 0);
+
+  // This rank's file: its shards (model tensors from DP rank 0; TP-replicated ones from TP rank 0 only, so that
+  // every element is written once), its optimizer state (all of it, or its ZeRO-1 share), its RNG, and the
+  // run's metadata, identical on every rank.
+  const bool background = mode == SaveMode::kBackground && c.checkpoint.async;
+  const std::string rank_file = save.tmp + "/" + checkpoint::rank_file_name(g.rank);
+  const std::string fault =
+      s.fault.at("save_fail", g.rank, step) ? rank_file + ": injected failure (KEEL_TEST_FAULT)" : "";
+  try {
+    checkpoint::TrainingState st = capture_rank_state(s, step);
+    checkpoint::capture_rng(st);
+    st.data_ledger = s.loader->state().dump();
+    st.config_ini = to_ini(c);
+    st.lineage = checkpoint::lineage_to_json(s.lineage);
+    save.config_ini = st.config_ini;
+    save.lineage = st.lineage;
+    save.data_fingerprint = s.loader->fingerprint().dump();
+    if (background) {
+      // Host copies now; the write, fsync and SHA-256 on the background thread while training goes on.
+      if (!s.async_save) s.async_save = std::make_shared<AsyncSaver>();
+      s.async_save->snapshot().take(st, s.device);
+      save.stall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - save.started).count();
+      s.async_save->start(save, std::move(st), rank_file, {g.rank, g.world_size()}, fault);
+    } else {
+      if (!fault.empty()) throw checkpoint::CheckpointError(fault);
+      checkpoint::write_rank_file(rank_file, st, {g.rank, g.world_size()});
+    }
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  if (background) {
+    // A snapshot that failed on any rank: the threads already started end before rank 0 removes the .tmp.
+    if (!g.world->single() || !error.empty()) {
+      const std::vector<std::string> errors = g.world->all_gather_strings(error);
+      if (std::any_of(errors.begin(), errors.end(), [](const std::string& e) { return !e.empty(); })) {
+        if (s.async_save) s.async_save->clear();
+        commit_none_unless_all_wrote(s, step, save.tmp, error);
+      }
+    }
+    return final_dir;
+  }
+  // A file missing on any rank: no rank commits; the previous checkpoint stays the latest.
+  commit_none_unless_all_wrote(s, step, save.tmp, error);
+  return commit_and_prune(s, save, {}, /*background=*/false);
+}
+
+void finish_background_save(TrainerState& s, bool wait) {
+  if (!s.async_save || !s.async_save->in_flight()) return;
+  AsyncSaver& saver = *s.async_save;
+  const parallel::ProcessGroups& g = s.groups;
+  using Status = AsyncSaver::Status;
+  Status status = saver.poll(wait);
+  if (!g.world->single()) {  // the most severe on any rank: failed > still writing > done
+    at::Tensor code = torch::full({1}, static_cast<float>(status));
+    g.world->all_reduce(code, parallel::ReduceOp::kMax);
+    status = static_cast<Status>(static_cast<int>(code.item<float>()));
+  }
+  if (status == Status::kWriting) return;  // not yet durable everywhere: asked again at the next boundary
+  const PendingSave save = saver.save();
+  if (status == Status::kFailed) {
+    saver.poll(/*wait=*/true);  // this rank's thread has ended before rank 0 removes the .tmp
+    const std::string error = saver.error();
+    saver.clear();
+    commit_none_unless_all_wrote(s, save.step, save.tmp, error);
+  }
+  // Every rank's file is written, fsynced and hashed: rank 0 commits with the digests the writers computed.
+  const checkpoint::FileDigest& own = saver.digest();
+  const std::vector<std::string> digests = g.world->all_gather_strings(std::to_string(own.bytes) + " " + own.sha256);
+  saver.clear();
+  std::map<std::string, checkpoint::FileDigest> known;
+  for (size_t r = 0; r < digests.size(); ++r) {
+    const auto space = digests[r].find(' ');
+    checkpoint::FileDigest d;
+    d.bytes = std::stoll(digests[r].substr(0, space));
+    d.sha256 = digests[r].substr(space + 1);
+    known[checkpoint::rank_file_name(static_cast<int64_t>(r))] = d;
+  }
+  commit_and_prune(s, save, known, /*background=*/true);
 }
 
 std::vector<std::string> apply_checkpoint(TrainerState& s, const checkpoint::TrainingState& st,
@@ -202,7 +287,8 @@ std::vector<std::string> apply_checkpoint(TrainerState& s, const checkpoint::Tra
     }
     return nullptr;
   };
-  // `st` holds whole tensors (read_full_state); this rank takes its TP shard of each of its stage's parameters.
+  // `st` holds whole tensors (read_full_state) or placeholders (read_lazy_state); this rank takes its TP shard of
+  // each of its stage's parameters (checkpoint::materialize reads only that part of a placeholder).
   const parallel::ProcessGroups& g = s.groups;
   {
     // Name the tensors that do not match, not just their counts.
@@ -235,7 +321,7 @@ std::vector<std::string> apply_checkpoint(TrainerState& s, const checkpoint::Tra
       throw CheckpointError(origin + ": model tensor '" + p.name + "' is " + c10::toString(t->scalar_type()) +
                             ", expected float32 (fp32 master weights)");
     }
-    shards.push_back(model::shard_of(*t, s.specs[i], g.coords.tp, g.layout.tp()));
+    shards.push_back(checkpoint::materialize(model::shard_of(*t, s.specs[i], g.coords.tp, g.layout.tp())));
   }
   // The optimizer state of the parameters this rank's optimizer updates, cut like their parameters.
   checkpoint::NamedTensors optimizer_tensors;
@@ -250,8 +336,9 @@ std::vector<std::string> apply_checkpoint(TrainerState& s, const checkpoint::Tra
       if (!bound) break;
       const bool placed =
           tensor.sizes().vec() == model::global_shape(s.params[i].param.sizes(), s.specs[i], g.layout.tp());
-      optimizer_tensors.emplace_back(name,
-                                     placed ? model::shard_of(tensor, s.specs[i], g.coords.tp, g.layout.tp()) : tensor);
+      optimizer_tensors.emplace_back(
+          name,
+          checkpoint::materialize(placed ? model::shard_of(tensor, s.specs[i], g.coords.tp, g.layout.tp()) : tensor));
       break;
     }
   }
@@ -297,6 +384,7 @@ std::vector<std::string> apply_checkpoint(TrainerState& s, const checkpoint::Tra
 }
 
 int64_t roll_back(TrainerState& s, int64_t step, const StepRecord& r) {
+  finish_background_save(s, /*wait=*/true);  // a save in flight may be the checkpoint to go back to
   const sdk::Decision& d = r.decision;
   // The newest valid checkpoint at or before this step (the update of `step` was not applied).
   std::optional<checkpoint::CheckpointEntry> target;  // chosen by rank 0, the same on every rank
@@ -317,7 +405,7 @@ int64_t roll_back(TrainerState& s, int64_t step, const StepRecord& r) {
   if (++s.rollbacks > kMaxRollbacks)
     throw std::runtime_error("more than " + std::to_string(kMaxRollbacks) + " rollbacks in one run: stopping");
   const checkpoint::Manifest manifest = checkpoint::verify_checkpoint_dir(target->dir);
-  const checkpoint::TrainingState st = checkpoint::read_full_state(target->dir, manifest, s.groups.rank);
+  const checkpoint::TrainingState st = checkpoint::read_lazy_state(target->dir, manifest, s.groups.rank);
   // The skip rules in force now: the checkpoint's ledger lacks those added since (by earlier rollbacks).
   const nlohmann::json skip_before = s.loader->state().at("skip");
   apply_checkpoint(s, st, target->dir, /*allow_data_change=*/false,

@@ -197,6 +197,7 @@ TrainSummary Trainer::train() {
       // Every rank learns at the same boundary whether any rank failed after its update or got a stop signal.
       const BoundaryStatus status = s.boundary_status(!failure.empty(), stop_requested());
       if (status == BoundaryStatus::kFailed) fail_after_update(step, failure);
+      finish_background_save(s, /*wait=*/false);  // commits a checkpoint.async save once every rank's file is durable
       const sdk::StepContext& ctx = r.ctx;
       if (summary.steps_run == 0) summary.first_loss = ctx.loss;
       ++summary.steps_run;
@@ -237,9 +238,11 @@ TrainSummary Trainer::train() {
       const bool last = step + 1 == c.train.steps;
       const bool due = c.checkpoint.every > 0 && (step + 1) % c.checkpoint.every == 0;
       if (due || (last && c.checkpoint.at_end))
-        train::save_checkpoint(s, last ? "end of run" : "every " + std::to_string(c.checkpoint.every));
+        train::save_checkpoint(s, last ? "end of run" : "every " + std::to_string(c.checkpoint.every),
+                               last ? SaveMode::kWait : SaveMode::kBackground);
       if (!last) apply_control_requests(s);
     }
+    finish_background_save(s, /*wait=*/true);  // the run ends with no save in flight
   } catch (const parallel::DistributedError&) {
     throw;
   } catch (const std::exception& e) {

@@ -29,6 +29,8 @@
 
 namespace keel::train {
 
+class AsyncSaver;  // async_saver.h: the checkpoint save in flight (checkpoint.async)
+
 // What the ranks agree on at each step boundary, in order of precedence.
 enum class BoundaryStatus { kContinue = 0, kStop = 1, kFailed = 2 };
 
@@ -70,6 +72,7 @@ struct TrainerState {
   checkpoint::Lineage lineage;
   std::unique_ptr<checkpoint::CheckpointStore> checkpoints;
   std::string last_checkpoint;
+  std::shared_ptr<AsyncSaver> async_save;  // created by the first background save (checkpointer.cpp)
 
   // Counters and factors carried in checkpoints.
   int64_t tokens_seen = 0;
