@@ -282,17 +282,19 @@ std::vector<std::string> H5Reader::groups_under(const std::string& group) const 
   return state.names;
 }
 
-RawTensor H5Reader::read_tensor(const std::string& object) const {
-  const std::string& file = impl_->path;
-  if (!exists(object)) fail(file, object, "missing dataset");
-  Hid dset(check(H5Dopen2(impl_->file.get(), object.c_str(), H5P_DEFAULT), file, object, "not a dataset"));
-  Hid type(check(H5Dget_type(dset.get()), file, object, "H5Dget_type"));
+namespace {
+
+// A tensor dataset's dtype (its `dtype` attribute, or the stored type), shape and placement, checked against the
+// file; `bytes` stays empty.
+RawTensor describe_tensor(const H5Reader& reader, hid_t dset, hsize_t file_size, const std::string& object) {
+  const std::string& file = reader.path();
+  Hid type(check(H5Dget_type(dset), file, object, "H5Dget_type"));
   const H5T_class_t type_class = H5Tget_class(type.get());
   const size_t type_size = H5Tget_size(type.get());
   RawTensor t;
   bool have_dtype = false;
-  if (H5Aexists(dset.get(), "dtype") > 0) {
-    const std::string name = string_attribute(object, "dtype");
+  if (H5Aexists(dset, "dtype") > 0) {
+    const std::string name = reader.string_attribute(object, "dtype");
     for (const auto& [d, n] : dtype_names()) {
       if (n == name) {
         t.dtype = d;
@@ -315,22 +317,18 @@ RawTensor H5Reader::read_tensor(const std::string& object) const {
   const TypeSpec spec = type_spec(t.dtype);
   if (type_class != spec.type_class || type_size != spec.size)
     fail(file, object, "stored datatype does not match dtype " + dtype_name(t.dtype));
-  Hid space(check(H5Dget_space(dset.get()), file, object, "H5Dget_space"));
+  Hid space(check(H5Dget_space(dset), file, object, "H5Dget_space"));
   t.shape = read_shape(space.get(), file, object);
   // Bound the allocation by the file: a contiguous, uncompressed tensor cannot hold more bytes than the file.
   __int128 bytes = static_cast<__int128>(spec.size);
   for (int64_t d : t.shape) {
     bytes *= d;
-    if (bytes > static_cast<__int128>(impl_->file_size)) fail(file, object, "shape is larger than the file");
-  }
-  t.bytes.resize(static_cast<size_t>(bytes));
-  if (!t.bytes.empty()) {
-    check(H5Dread(dset.get(), spec.mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.bytes.data()), file, object, "H5Dread");
+    if (bytes > static_cast<__int128>(file_size)) fail(file, object, "shape is larger than the file");
   }
   for (const auto& [name, out] : {std::pair<const char*, std::vector<int64_t>*>{"global_shape", &t.global_shape},
                                   std::pair<const char*, std::vector<int64_t>*>{"offset", &t.offset}}) {
-    if (H5Aexists(dset.get(), name) <= 0) continue;
-    Hid attr(check(H5Aopen(dset.get(), name, H5P_DEFAULT), file, object, "H5Aopen"));
+    if (H5Aexists(dset, name) <= 0) continue;
+    Hid attr(check(H5Aopen(dset, name, H5P_DEFAULT), file, object, "H5Aopen"));
     Hid aspace(check(H5Aget_space(attr.get()), file, object, "H5Aget_space"));
     const hssize_t n = H5Sget_simple_extent_npoints(aspace.get());
     Hid atype(check(H5Aget_type(attr.get()), file, object, "H5Aget_type"));
@@ -346,6 +344,67 @@ RawTensor H5Reader::read_tensor(const std::string& object) const {
       fail(file, object, "offset/global_shape do not contain the stored piece");
   }
   return t;
+}
+
+// A dataspace selecting the box [start, start + count) of `shape` (the whole scalar for rank 0).
+Hid box_space(const std::vector<int64_t>& shape, const std::vector<int64_t>& start, const std::vector<int64_t>& count,
+              const std::string& file, const std::string& object) {
+  Hid space = simple_space(shape, file, object);
+  if (shape.empty()) return space;
+  const std::vector<hsize_t> s(start.begin(), start.end()), c(count.begin(), count.end());
+  check(H5Sselect_hyperslab(space.get(), H5S_SELECT_SET, s.data(), nullptr, c.data(), nullptr), file, object,
+        "H5Sselect_hyperslab");
+  return space;
+}
+
+// True when [start, start + count) lies in `shape` (all of the same rank).
+bool box_inside(const std::vector<int64_t>& shape, const std::vector<int64_t>& start,
+                const std::vector<int64_t>& count) {
+  if (start.size() != shape.size() || count.size() != shape.size()) return false;
+  for (size_t d = 0; d < shape.size(); ++d) {
+    if (start[d] < 0 || count[d] < 0 || start[d] > shape[d] - count[d]) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+RawTensor H5Reader::tensor_info(const std::string& object) const {
+  if (!exists(object)) fail(impl_->path, object, "missing dataset");
+  Hid dset(check(H5Dopen2(impl_->file.get(), object.c_str(), H5P_DEFAULT), impl_->path, object, "not a dataset"));
+  return describe_tensor(*this, dset.get(), impl_->file_size, object);
+}
+
+RawTensor H5Reader::read_tensor(const std::string& object) const {
+  const std::string& file = impl_->path;
+  if (!exists(object)) fail(file, object, "missing dataset");
+  Hid dset(check(H5Dopen2(impl_->file.get(), object.c_str(), H5P_DEFAULT), file, object, "not a dataset"));
+  RawTensor t = describe_tensor(*this, dset.get(), impl_->file_size, object);
+  t.bytes.resize(static_cast<size_t>(t.numel()) * type_spec(t.dtype).size);
+  if (!t.bytes.empty()) {
+    check(H5Dread(dset.get(), type_spec(t.dtype).mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.bytes.data()), file, object,
+          "H5Dread");
+  }
+  return t;
+}
+
+void H5Reader::read_region(const std::string& object, DType dtype, const std::vector<int64_t>& start,
+                           const std::vector<int64_t>& count, void* dest, const std::vector<int64_t>& dest_shape,
+                           const std::vector<int64_t>& dest_start) const {
+  const std::string& file = impl_->path;
+  if (!exists(object)) fail(file, object, "missing dataset");
+  Hid dset(check(H5Dopen2(impl_->file.get(), object.c_str(), H5P_DEFAULT), file, object, "not a dataset"));
+  const RawTensor t = describe_tensor(*this, dset.get(), impl_->file_size, object);
+  if (t.dtype != dtype) fail(file, object, "dtype " + dtype_name(t.dtype) + ", expected " + dtype_name(dtype));
+  if (!box_inside(t.shape, start, count)) fail(file, object, "the region to read lies outside the stored piece");
+  if (!box_inside(dest_shape, dest_start, count)) fail(file, object, "the region to read does not fit its buffer");
+  for (int64_t c : count) {
+    if (c == 0) return;
+  }
+  Hid file_space = box_space(t.shape, start, count, file, object);
+  Hid mem_space = box_space(dest_shape, dest_start, count, file, object);
+  check(H5Dread(dset.get(), type_spec(dtype).mem_type, mem_space.get(), file_space.get(), H5P_DEFAULT, dest), file,
+        object, "H5Dread");
 }
 
 std::string H5Reader::read_text(const std::string& object) const {

@@ -64,6 +64,15 @@ class H5Reader {
   // Names of the direct subgroups of `group`.
   std::vector<std::string> groups_under(const std::string& group) const;
   RawTensor read_tensor(const std::string& object) const;
+  // What read_tensor returns, with the same checks, but without reading the tensor's bytes (`bytes` is empty).
+  RawTensor tensor_info(const std::string& object) const;
+  // Streaming reads: the box [start, start + count) of tensor dataset `object` (coordinates of its stored
+  // piece), which must be of `dtype`, copied by one HDF5 hyperslab read into the box at `dest_start` of
+  // `dest`, a C-order buffer of `dest_shape` elements of that dtype. Only the box's bytes are read from the
+  // file. Throws naming the file and object when the box lies outside the piece or the buffer.
+  void read_region(const std::string& object, DType dtype, const std::vector<int64_t>& start,
+                   const std::vector<int64_t>& count, void* dest, const std::vector<int64_t>& dest_shape,
+                   const std::vector<int64_t>& dest_start) const;
   std::string read_text(const std::string& object) const;
   std::string string_attribute(const std::string& object, const std::string& name) const;
   int64_t int_attribute(const std::string& object, const std::string& name) const;

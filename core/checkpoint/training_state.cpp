@@ -26,6 +26,8 @@
 #include "core/checkpoint/json_fields.h"
 #include "core/checkpoint/lineage.h"
 #include "core/checkpoint/manifest.h"
+#include "core/checkpoint/resharding.h"
+#include "keel/version.h"
 
 namespace keel::checkpoint {
 namespace {
@@ -106,15 +108,20 @@ void write_named(H5Writer& out, const std::string& group, const NamedTensors& te
   }
 }
 
+// With `data` false the tensors are placeholders on the meta device (shape and dtype, no bytes read): the
+// streaming reader (resharding.h) reads the parts it needs later.
 NamedTensors read_named(const H5Reader& in, const std::string& group,
-                        std::map<std::string, Placement>* placement = nullptr,
-                        const std::string& placement_prefix = "") {
+                        std::map<std::string, Placement>* placement = nullptr, const std::string& placement_prefix = "",
+                        bool data = true) {
   NamedTensors out;
   for (const auto& name : in.datasets_under(group)) {
-    RawTensor raw = in.read_tensor(group + "/" + name);
+    RawTensor raw = data ? in.read_tensor(group + "/" + name) : in.tensor_info(group + "/" + name);
     if (placement && raw.global_shape != raw.shape)
       placement->emplace(placement_prefix + name, Placement{raw.global_shape, raw.offset});
-    out.emplace_back(name, from_raw(raw));
+    out.emplace_back(
+        name,
+        data ? from_raw(raw)
+             : torch::empty(raw.shape, torch::TensorOptions().dtype(scalar_type_of(raw.dtype)).device(torch::kMeta)));
   }
   return out;
 }
@@ -251,7 +258,10 @@ void write_rank_file(const std::string& path, const TrainingState& s, RankInfo r
   out.close();
 }
 
-TrainingState read_rank_file(const std::string& path) {
+namespace {
+
+// read_rank_file, or with `tensor_data` false read_rank_file_shapes (resharding.h).
+TrainingState read_rank_file_impl(const std::string& path, bool tensor_data) {
   H5Reader in(path);
   if (in.string_attribute("/", "format") != kRankFileFormat) {
     throw CheckpointError(path + ": not a Keel checkpoint rank file (attribute 'format' is not " + kRankFileFormat +
@@ -266,11 +276,11 @@ TrainingState read_rank_file(const std::string& path) {
   s.step = in.int_attribute("/", "step");
   s.tokens_seen = in.int_attribute("/", "tokens_seen");
   if (s.step < 0 || s.tokens_seen < 0) throw CheckpointError(path + ": negative step or tokens_seen");
-  s.model = read_named(in, "/model", &s.placement, "model/");
+  s.model = read_named(in, "/model", &s.placement, "model/", tensor_data);
   s.optimizer_name = in.string_attribute("/optimizer", "name");
   s.optimizer_step = in.int_attribute("/optimizer", "step");
   s.optimizer_json = in.exists("/optimizer/state_json") ? in.read_text("/optimizer/state_json") : "";
-  s.optimizer = read_named(in, "/optimizer/state", &s.placement, "optimizer/");
+  s.optimizer = read_named(in, "/optimizer/state", &s.placement, "optimizer/", tensor_data);
   s.lr_schedule = in.read_text("/lr_schedule");
   if (in.exists("/rng/cpu")) s.cpu_rng = from_raw(in.read_tensor("/rng/cpu"));
   if (in.exists("/rng/cuda")) {
@@ -298,6 +308,14 @@ TrainingState read_rank_file(const std::string& path) {
     }
   }
   return s;
+}
+
+}  // namespace
+
+TrainingState read_rank_file(const std::string& path) { return read_rank_file_impl(path, /*tensor_data=*/true); }
+
+TrainingState read_rank_file_shapes(const std::string& path) {
+  return read_rank_file_impl(path, /*tensor_data=*/false);
 }
 
 // at::Generator is a shared handle: a copy reads and sets the default generator itself.

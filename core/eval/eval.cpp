@@ -18,6 +18,7 @@
 
 #include "core/checkpoint/checkpoint_error.h"
 #include "core/checkpoint/h5_file.h"
+#include "core/checkpoint/resharding.h"
 #include "core/io/file.h"
 #include "core/io/hdf5.h"
 
@@ -158,7 +159,7 @@ model::Llama load_model(const Config& config, const checkpoint::TrainingState& s
               << ", the model of its config.ini needs " << item.value().sizes();
       throw CheckpointError(message.str());
     }
-    item.value().copy_(it->second->to(torch::kFloat32));
+    item.value().copy_(checkpoint::materialize(*it->second).to(torch::kFloat32));  // read now, one tensor at a time
   }
   return model;
 }

@@ -6,9 +6,14 @@
 
 #include <torch/torch.h>
 
+#include <cctype>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <functional>
+#include <limits>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <regex>
@@ -23,12 +28,12 @@
 #include "core/checkpoint/resharding.h"
 #include "core/checkpoint/sha256.h"
 #include "core/checkpoint/training_state.h"
+#include "core/config/memory_estimate.h"
 #include "core/data/loader.h"
 #include "core/data/regular_file.h"
 #include "core/data/tokenizer.h"
 #include "core/interop/safetensors.h"
 #include "core/io/hdf5.h"
-#include "core/model/llama.h"
 #include "core/plugin_host/plugin_host.h"
 
 namespace keel::interop {
@@ -63,25 +68,20 @@ void refuse_non_empty_dir(const std::string& dir, const std::string& what) {
   }
 }
 
-// An fp32 tensor as safetensors bytes in `dtype` (bf16 rounds to nearest even, as torch's .to() does).
-SafetensorsTensor to_safetensors(const std::string& name, const torch::Tensor& fp32, SafetensorsDtype dtype) {
-  const torch::Tensor t =
-      fp32.to(torch::kCPU).to(dtype == SafetensorsDtype::kBF16 ? torch::kBFloat16 : torch::kFloat).contiguous();
-  SafetensorsTensor out;
-  out.name = name;
-  out.dtype = dtype;
-  out.shape = t.sizes().vec();
-  out.bytes.assign(static_cast<const char*>(t.data_ptr()), static_cast<size_t>(t.nbytes()));
-  return out;
-}
+// One tensor of an HF directory: the header of its file and its entry; its bytes are read when converted.
+struct HfTensor {
+  std::shared_ptr<const SafetensorsHeader> file;
+  SafetensorsEntry entry;
+};
 
-// Safetensors bytes -> an owned fp32 tensor (F16/BF16 widened exactly).
-torch::Tensor to_fp32(const SafetensorsTensor& t) {
-  const torch::ScalarType type = t.dtype == SafetensorsDtype::kF32   ? torch::kFloat
-                                 : t.dtype == SafetensorsDtype::kF16 ? torch::kHalf
-                                                                     : torch::kBFloat16;
-  torch::Tensor view = torch::from_blob(const_cast<char*>(t.bytes.data()), t.shape, torch::TensorOptions().dtype(type));
-  return view.to(torch::kFloat).clone();
+// Safetensors bytes -> an owned fp32 tensor (F16/BF16 widened exactly), read from its file now.
+torch::Tensor to_fp32(const HfTensor& t) {
+  std::string bytes = read_safetensors_bytes(*t.file, t.entry);
+  const torch::ScalarType type = t.entry.dtype == SafetensorsDtype::kF32   ? torch::kFloat
+                                 : t.entry.dtype == SafetensorsDtype::kF16 ? torch::kHalf
+                                                                           : torch::kBFloat16;
+  torch::Tensor view = torch::from_blob(bytes.data(), t.entry.shape, torch::TensorOptions().dtype(type));
+  return type == torch::kFloat ? view.clone() : view.to(torch::kFloat);
 }
 
 // A small text file of an HF directory (config.json, the index): a FIFO, a directory or a device in its place is
@@ -91,12 +91,14 @@ std::string read_hf_text_file(const std::string& path) {
   return checkpoint::read_small_file(path);
 }
 
-// Every tensor of HF_DIR by name: model.safetensors, or the shards model.safetensors.index.json lists.
-std::map<std::string, SafetensorsTensor> read_hf_weights(const std::string& hf_dir) {
-  std::map<std::string, SafetensorsTensor> tensors;
+// Every tensor of HF_DIR by name: model.safetensors, or the shards model.safetensors.index.json lists. Only the
+// files' headers are read (each checked whole against its file's size); tensor bytes are read one at a time.
+std::map<std::string, HfTensor> read_hf_weights(const std::string& hf_dir) {
+  std::map<std::string, HfTensor> tensors;
   const std::string single = hf_dir + "/" + kWeightsFile, index_path = hf_dir + "/" + kIndexFile;
   if (fs::exists(single)) {
-    for (auto& t : read_safetensors(single).tensors) tensors.emplace(t.name, std::move(t));
+    auto header = std::make_shared<const SafetensorsHeader>(read_safetensors_header(single));
+    for (const auto& e : header->entries) tensors.emplace(e.name, HfTensor{header, e});
     return tensors;
   }
   if (!fs::exists(index_path))
@@ -118,12 +120,17 @@ std::map<std::string, SafetensorsTensor> read_hf_weights(const std::string& hf_d
   }
   for (const auto& [file, names] : names_by_shard) {
     const std::string path = hf_dir + "/" + file;
-    for (auto& t : read_safetensors(path).tensors) {
-      if (!names.count(t.name))
-        throw std::runtime_error(path + ": tensor '" + t.name + "' is not listed for this file in " + index_path);
-      if (tensors.count(t.name))
-        throw std::runtime_error(path + ": tensor '" + t.name + "' appears in more than one shard");
-      tensors.emplace(t.name, std::move(t));
+    if (!fs::exists(path)) {
+      throw std::runtime_error(path + ": missing, but " + index_path + " lists " + std::to_string(names.size()) +
+                               " tensor(s) in it (e.g. '" + *names.begin() + "')");
+    }
+    auto header = std::make_shared<const SafetensorsHeader>(read_safetensors_header(path));
+    for (const auto& e : header->entries) {
+      if (!names.count(e.name))
+        throw std::runtime_error(path + ": tensor '" + e.name + "' is not listed for this file in " + index_path);
+      if (tensors.count(e.name))
+        throw std::runtime_error(path + ": tensor '" + e.name + "' appears in more than one shard");
+      tensors.emplace(e.name, HfTensor{header, e});
     }
     for (const auto& name : names) {
       if (!tensors.count(name))
@@ -384,9 +391,98 @@ ExportTokenizer find_export_tokenizer(const Config& config, const json& data_fin
 
 }  // namespace
 
+namespace {
+
+// "model-00002-of-00005.safetensors", as Hugging Face names the files of a sharded checkpoint.
+std::string shard_file_name(size_t index, size_t count) {
+  char name[64];
+  std::snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", index + 1, count);
+  return name;
+}
+
+// Entries grouped into files of at most `max_bytes` each, in order (as transformers' save_pretrained: a tensor
+// larger than the limit gets a file of its own).
+std::vector<std::vector<size_t>> plan_shards(const std::vector<SafetensorsEntry>& entries, int64_t max_bytes) {
+  std::vector<std::vector<size_t>> shards(1);
+  uint64_t current = 0;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const uint64_t bytes = entries[i].bytes();
+    if (!shards.back().empty() && current + bytes > static_cast<uint64_t>(max_bytes)) {
+      shards.emplace_back();
+      current = 0;
+    }
+    shards.back().push_back(i);
+    current += bytes;
+  }
+  return shards;
+}
+
+// Writes every model tensor of `state` (placeholders) into OUT_DIR, one tensor in memory at a time; returns
+// the weight files' names (one: model.safetensors; several: the shards, then the index).
+std::vector<std::string> write_hf_weights(const checkpoint::TrainingState& state, const std::string& out_dir,
+                                          const std::map<std::string, std::string>& metadata,
+                                          const std::vector<SafetensorsEntry>& entries, const ExportOptions& options) {
+  const std::vector<std::vector<size_t>> shards = plan_shards(entries, options.max_shard_bytes);
+  std::vector<std::string> files;
+  json weight_map = json::object();
+  uint64_t total = 0;
+  for (size_t s = 0; s < shards.size(); ++s) {
+    const std::string file = shards.size() == 1 ? kWeightsFile : shard_file_name(s, shards.size());
+    std::vector<SafetensorsEntry> in_file;
+    for (size_t i : shards[s]) {
+      in_file.push_back(entries[i]);
+      weight_map[entries[i].name] = file;
+      total += entries[i].bytes();
+    }
+    write_safetensors_streaming(
+        out_dir + "/" + file, metadata, in_file, [&](size_t k, const std::function<void(const char*, size_t)>& write) {
+          torch::Tensor t = checkpoint::materialize(state.model[shards[s][k]].second);  // [global shape] fp32
+          if (options.bf16) t = t.to(torch::kBFloat16).contiguous();  // rounds to nearest even, as torch does
+          write(static_cast<const char*>(t.data_ptr()), static_cast<size_t>(t.nbytes()));
+        });
+    files.push_back(file);
+  }
+  if (shards.size() > 1) {
+    const json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
+    checkpoint::write_file_atomically(out_dir + "/" + kIndexFile, index.dump(2) + "\n");
+    files.push_back(kIndexFile);
+  }
+  return files;
+}
+
+}  // namespace
+
+int64_t parse_shard_size(const std::string& text, const std::string& origin) {
+  // transformers' convert_file_size_to_int: GB/MB/KB are powers of 10, GiB/MiB/KiB powers of 2.
+  static const std::vector<std::pair<std::string, int64_t>> units = {{"GiB", int64_t{1} << 30},
+                                                                     {"MiB", int64_t{1} << 20},
+                                                                     {"KiB", int64_t{1} << 10},
+                                                                     {"GB", 1000000000},
+                                                                     {"MB", 1000000},
+                                                                     {"KB", 1000},
+                                                                     {"B", 1},
+                                                                     {"", 1}};
+  std::string upper = text;  // "5gb" as "5GB", as transformers reads it
+  for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  for (auto [unit, scale] : units) {
+    for (char& c : unit) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    if (upper.size() <= unit.size() || upper.compare(upper.size() - unit.size(), unit.size(), unit) != 0) continue;
+    const std::string number = upper.substr(0, upper.size() - unit.size());
+    if (number.size() > 18 || number.find_first_not_of("0123456789") != std::string::npos) break;
+    const unsigned long long value = std::stoull(number);
+    if (value == 0 || value > static_cast<unsigned long long>(std::numeric_limits<int64_t>::max() / scale)) break;
+    return static_cast<int64_t>(value) * scale;
+  }
+  throw std::runtime_error(origin + " is '" + text +
+                           "', expected a positive size in bytes, optionally with KB, MB, GB (powers of 10) or KiB, "
+                           "MiB, GiB (e.g. 5GB)");
+}
+
 std::string export_hf(const std::string& checkpoint_dir, const std::string& out_dir, const ExportOptions& options) {
-  // 1. Everything read, checked and mapped before OUT_DIR gets a file.
+  // 1. Everything checked and mapped (names, shapes, dtypes) before OUT_DIR gets a file; tensor bytes are read
+  // one tensor at a time while writing (checkpoint::read_lazy_state), so the export never holds the model.
   refuse_non_empty_dir(out_dir, "output directory");
+  if (options.max_shard_bytes <= 0) throw std::runtime_error("--max-shard-size must be positive");
   const checkpoint::Manifest manifest = checkpoint::verify_checkpoint_dir(checkpoint_dir);
   const std::string config_path = checkpoint_dir + "/config.ini";
   const Config config = load_config(config_path);
@@ -399,72 +495,94 @@ std::string export_hf(const std::string& checkpoint_dir, const std::string& out_
   const int64_t eos_id = data_fingerprint["eos_id"].get<int64_t>();
   std::optional<ExportTokenizer> tokenizer;
   if (options.tokenizer) tokenizer = find_export_tokenizer(config, data_fingerprint, checkpoint_dir);
-  const checkpoint::TrainingState state = checkpoint::read_full_state(checkpoint_dir, manifest, /*rng_rank=*/-1);
+  const checkpoint::TrainingState state = checkpoint::read_lazy_state(checkpoint_dir, manifest, /*rng_rank=*/-1);
   const SafetensorsDtype dtype = options.bf16 ? SafetensorsDtype::kBF16 : SafetensorsDtype::kF32;
-  SafetensorsFile file;
-  file.metadata = {{"format", "pt"},
-                   {"keel_checkpoint", checkpoint_dir},
-                   {"keel_step", std::to_string(manifest.step)},
-                   {"keel_run_id", manifest.run_id}};
+  const std::map<std::string, std::string> metadata = {{"format", "pt"},
+                                                       {"keel_checkpoint", checkpoint_dir},
+                                                       {"keel_step", std::to_string(manifest.step)},
+                                                       {"keel_run_id", manifest.run_id}};
+  std::vector<SafetensorsEntry> entries;
   for (const auto& [name, tensor] : state.model) {
     if (tensor.scalar_type() != torch::kFloat) {
       throw std::runtime_error(checkpoint_dir + ": tensor '" + name + "' is " + c10::toString(tensor.scalar_type()) +
                                ", expected fp32 masters");
     }
-    file.tensors.push_back(to_safetensors(hf_name_of(name), tensor, dtype));
+    entries.push_back({hf_name_of(name), dtype, tensor.sizes().vec()});
   }
-  // 2. The files, each atomically; config.json last (a directory with config.json is complete).
+  // 2. The files, each atomically; config.json last (a directory with config.json is complete). A failure
+  // removes what this export wrote.
+  const bool created = !fs::exists(out_dir);
   fs::create_directories(out_dir);
-  checkpoint::write_file_atomically(out_dir + "/" + kWeightsFile, serialize_safetensors(file));
-  if (tokenizer) {
-    checkpoint::write_file_atomically(out_dir + "/" + kTokenizerFile,
-                                      checkpoint::read_small_file(tokenizer->model_path));
-    checkpoint::write_file_atomically(
-        out_dir + "/" + kTokenizerConfigFile,
-        hf_tokenizer_config_json(tokenizer->eos_piece, tokenizer->unk_piece, config.model.seq_len));
+  std::vector<std::string> files;
+  try {
+    files = write_hf_weights(state, out_dir, metadata, entries, options);
+    if (tokenizer) {
+      checkpoint::write_file_atomically(out_dir + "/" + kTokenizerFile,
+                                        checkpoint::read_small_file(tokenizer->model_path));
+      checkpoint::write_file_atomically(
+          out_dir + "/" + kTokenizerConfigFile,
+          hf_tokenizer_config_json(tokenizer->eos_piece, tokenizer->unk_piece, config.model.seq_len));
+    }
+    checkpoint::write_file_atomically(out_dir + "/" + kHfConfigFile,
+                                      hf_config_json(config.model, options.bf16 ? "bfloat16" : "float32", eos_id));
+  } catch (...) {
+    std::error_code ec;
+    if (created) {
+      fs::remove_all(out_dir, ec);
+    } else {
+      for (const auto& entry : fs::directory_iterator(out_dir, ec)) fs::remove(entry.path(), ec);
+    }
+    throw;
   }
-  checkpoint::write_file_atomically(out_dir + "/" + kHfConfigFile,
-                                    hf_config_json(config.model, options.bf16 ? "bfloat16" : "float32", eos_id));
-  return "exported " + std::to_string(file.tensors.size()) + " tensors of " + checkpoint_dir + " (step " +
+  const std::string weights = files.size() == 1
+                                  ? ""
+                                  : "; " + std::to_string(files.size() - 1) + " files of at most " +
+                                        std::to_string(options.max_shard_bytes) + " bytes + " + kIndexFile;
+  return "exported " + std::to_string(entries.size()) + " tensors of " + checkpoint_dir + " (step " +
          std::to_string(manifest.step) + ") to " + out_dir + " as LlamaForCausalLM (" +
          (options.bf16 ? "bfloat16" : "float32") + "; eos_token_id " + std::to_string(eos_id) + ", no BOS, no pad; " +
-         (tokenizer ? "tokenizer " + tokenizer->model_path + " with tokenizer_config.json" : "no tokenizer") + ")";
+         (tokenizer ? "tokenizer " + tokenizer->model_path + " with tokenizer_config.json" : "no tokenizer") + weights +
+         ")";
 }
 
 namespace {
 
-// Every HF tensor matched to a Keel parameter of `config` by name and shape, converted to fp32, in model order.
+// Every HF tensor matched to a Keel parameter of `config` by name and shape (all of them, from the files'
+// headers, before any tensor's bytes are read), then converted to fp32 one at a time, in model order.
 checkpoint::NamedTensors match_hf_weights(const std::string& hf_dir, const Config& config) {
-  std::map<std::string, SafetensorsTensor> hf = read_hf_weights(hf_dir);
-  const model::Llama model(config.model);  // the parameter names, order and shapes Keel expects
-  checkpoint::NamedTensors weights;
+  const std::map<std::string, HfTensor> hf = read_hf_weights(hf_dir);
+  std::vector<std::pair<std::string, const HfTensor*>> matched;  // Keel name, its HF tensor
   std::set<std::string> used;
-  for (const auto& item : model->named_parameters()) {
-    const std::string hf_name = hf_name_of(item.key());
+  for (const ParameterTensor& p : parameter_tensors(config.model)) {  // the names, order and shapes Keel expects
+    const std::string hf_name = hf_name_of(p.name);
     const auto it = hf.find(hf_name);
     if (it == hf.end())
-      throw std::runtime_error(hf_dir + ": tensor '" + hf_name + "' (Keel '" + item.key() + "') is missing");
-    if (it->second.shape != item.value().sizes().vec()) {
+      throw std::runtime_error(hf_dir + ": tensor '" + hf_name + "' (Keel '" + p.name + "') is missing");
+    if (it->second.entry.shape != p.global_shape) {
       throw std::runtime_error(hf_dir + ": tensor '" + hf_name + "' has shape " +
-                               c10::str(at::IntArrayRef(it->second.shape)) + ", the model in config.json needs " +
-                               c10::str(item.value().sizes()));
+                               c10::str(at::IntArrayRef(it->second.entry.shape)) + ", the model in config.json needs " +
+                               c10::str(at::IntArrayRef(p.global_shape)));
     }
-    weights.emplace_back(item.key(), to_fp32(it->second));
+    matched.emplace_back(p.name, &it->second);
     used.insert(hf_name);
   }
+  const HfTensor* tied_head = nullptr;
   for (const auto& [name, tensor] : hf) {
     if (used.count(name)) continue;
     // Older HF checkpoints store the RoPE table ("model.layers.N.self_attn.rotary_emb.inv_freq"); it is
     // recomputed from rope_theta.
     if (ends_with(name, std::string(".") + kRotaryBuffer)) continue;
     if (name == "lm_head.weight" && config.model.tie_embeddings) {
-      if (!torch::equal(to_fp32(tensor), weights.front().second)) {
-        throw std::runtime_error(
-            hf_dir + ": tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight");
-      }
+      tied_head = &tensor;
       continue;
     }
     throw std::runtime_error(hf_dir + ": tensor '" + name + "' has no place in Keel's decoder");
+  }
+  checkpoint::NamedTensors weights;
+  for (const auto& [name, tensor] : matched) weights.emplace_back(name, to_fp32(*tensor));
+  if (tied_head && !torch::equal(to_fp32(*tied_head), weights.front().second)) {
+    throw std::runtime_error(hf_dir +
+                             ": tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight");
   }
   return weights;
 }

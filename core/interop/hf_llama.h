@@ -50,14 +50,24 @@ std::vector<std::string> keel_model_overrides_from_hf_config(const std::string& 
 // tokenizer_config.json for a Keel SentencePiece tokenizer: LlamaTokenizer, no BOS added, `eos_piece` as EOS.
 std::string hf_tokenizer_config_json(const std::string& eos_piece, const std::string& unk_piece, int64_t seq_len);
 
+// Hugging Face's default file size limit for sharded weights (save_pretrained's max_shard_size "5GB").
+constexpr int64_t kDefaultMaxShardBytes = 5'000'000'000;
+
 struct ExportOptions {
   bool bf16 = false;      // write BF16 tensors (torch_dtype "bfloat16") instead of the fp32 masters
   bool tokenizer = true;  // copy the prepared data's tokenizer.model + write tokenizer_config.json
+  int64_t max_shard_bytes = kDefaultMaxShardBytes;  // weights above this go to several files + an index
 };
+// `--max-shard-size`: "5GB", "500MB", "10KB" (powers of 10, as transformers), "2GiB", "100MiB", "64KiB", or
+// plain bytes. Throws naming `origin` for anything else, zero included.
+int64_t parse_shard_size(const std::string& text, const std::string& origin);
 // `keel export-hf`: the verified checkpoint `checkpoint_dir` (any layout) -> OUT_DIR/{model.safetensors,
-// config.json, tokenizer.model, tokenizer_config.json}. The tokenizer is the one of the checkpoint's prepared
-// data (config data.dir), refused when its fingerprint differs from the checkpoint's data fingerprint.
-// OUT_DIR must be missing or empty. Returns a one-line summary.
+// config.json, tokenizer.model, tokenizer_config.json}; weights larger than `max_shard_bytes` are written as
+// model-0000i-of-0000n.safetensors (each at most that size, unless one tensor is larger) plus
+// model.safetensors.index.json, as transformers' save_pretrained does. Tensors are read from the rank files and
+// written one at a time (peak memory: the largest tensor). The tokenizer is the one of the checkpoint's
+// prepared data (config data.dir), refused when its fingerprint differs from the checkpoint's data fingerprint.
+// OUT_DIR must be missing or empty; a failure removes what the export wrote. Returns a one-line summary.
 std::string export_hf(const std::string& checkpoint_dir, const std::string& out_dir, const ExportOptions& options);
 
 struct ImportOptions {

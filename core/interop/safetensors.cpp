@@ -2,24 +2,26 @@
 // header completely before it copies a single tensor byte, so a malformed file costs nothing but the message.
 #include "core/interop/safetensors.h"
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
 
 #include "core/data/regular_file.h"
+#include "core/io/file.h"
 
 namespace keel::interop {
 namespace {
 
 using nlohmann::json;
 
-struct Entry {
-  std::string name;
-  SafetensorsDtype dtype;
-  std::vector<int64_t> shape;
-  uint64_t begin = 0, end = 0;
-};
+using Entry = SafetensorsEntry;
 
 [[noreturn]] void fail(const std::string& origin, const std::string& what) {
   throw SafetensorsError(origin + ": " + what);
@@ -135,33 +137,21 @@ const SafetensorsTensor* SafetensorsFile::find(const std::string& name) const {
   return nullptr;
 }
 
-SafetensorsFile parse_safetensors(const std::string& file_bytes, const std::string& origin) {
-  if (file_bytes.size() < 8) {
-    fail(origin, "truncated: " + std::to_string(file_bytes.size()) + " bytes, less than the 8-byte header length");
-  }
-  const uint64_t header_length = read_le64(file_bytes);
-  if (header_length > kMaxSafetensorsHeaderBytes) {
-    fail(origin, "header length " + std::to_string(header_length) + " exceeds the limit of " +
-                     std::to_string(kMaxSafetensorsHeaderBytes) + " bytes");
-  }
-  if (header_length > file_bytes.size() - 8) {
-    fail(origin, "header length " + std::to_string(header_length) + " is beyond the end of the file (" +
-                     std::to_string(file_bytes.size()) + " bytes)");
-  }
-  const json header =
-      json::parse(file_bytes.begin() + 8, file_bytes.begin() + 8 + static_cast<std::ptrdiff_t>(header_length), nullptr,
-                  /*allow_exceptions=*/false);
+namespace {
+
+// The header's metadata and entries, checked: every rule of the format, the ranges tiling a data section of
+// `data_size` bytes exactly. Entries come back sorted by data offset.
+void parse_header(const std::string& header_text, uint64_t data_size, const std::string& origin,
+                  std::map<std::string, std::string>& metadata, std::vector<Entry>& entries) {
+  const json header = json::parse(header_text, nullptr, /*allow_exceptions=*/false);
   if (header.is_discarded()) fail(origin, "header is not valid JSON");
   if (!header.is_object()) fail(origin, "header is not a JSON object");
-
-  SafetensorsFile file;
-  std::vector<Entry> entries;
   for (const auto& [name, value] : header.items()) {
     if (name == "__metadata__") {
       if (!value.is_object()) fail(origin, "'__metadata__' is not a JSON object");
       for (const auto& [key, text] : value.items()) {
         if (!text.is_string()) fail(origin, "'__metadata__' field '" + key + "' is not a string");
-        file.metadata[key] = text.get<std::string>();
+        metadata[key] = text.get<std::string>();
       }
       continue;
     }
@@ -169,7 +159,6 @@ SafetensorsFile parse_safetensors(const std::string& file_bytes, const std::stri
   }
 
   // The byte ranges must tile the data section exactly: sorted by begin, each starts where the previous ended.
-  const uint64_t data_size = file_bytes.size() - 8 - header_length;
   std::sort(entries.begin(), entries.end(),
             [](const Entry& a, const Entry& b) { return a.begin != b.begin ? a.begin < b.begin : a.end < b.end; });
   uint64_t expected_begin = 0;
@@ -195,7 +184,57 @@ SafetensorsFile parse_safetensors(const std::string& file_bytes, const std::stri
     fail(origin,
          std::to_string(data_size - expected_begin) + " bytes at the end of the data section belong to no tensor");
   }
+}
 
+// The header length's checks against a file of `file_size` bytes.
+void check_header_length(uint64_t header_length, uint64_t file_size, const std::string& origin) {
+  if (header_length > kMaxSafetensorsHeaderBytes) {
+    fail(origin, "header length " + std::to_string(header_length) + " exceeds the limit of " +
+                     std::to_string(kMaxSafetensorsHeaderBytes) + " bytes");
+  }
+  if (header_length > file_size - 8) {
+    fail(origin, "header length " + std::to_string(header_length) + " is beyond the end of the file (" +
+                     std::to_string(file_size) + " bytes)");
+  }
+}
+
+// The header JSON text (padded to 8 bytes) of `entries`, whose ranges it assigns in order.
+std::string header_text(const std::map<std::string, std::string>& metadata, std::vector<Entry>& entries,
+                        const std::string& origin) {
+  json header = json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  uint64_t offset = 0;
+  std::set<std::string> names;
+  for (auto& e : entries) {
+    const std::string where = origin + ": tensor '" + e.name + "'";
+    if (e.name == "__metadata__" || !names.insert(e.name).second)
+      throw SafetensorsError(where + ": duplicate or reserved name");
+    for (int64_t d : e.shape) {
+      if (d < 0) throw SafetensorsError(where + ": negative dimension in shape " + shape_text(e.shape));
+    }
+    const uint64_t needed = byte_count(e.shape, dtype_size(e.dtype), where);
+    e.begin = offset;
+    e.end = offset + needed;
+    header[e.name] = {{"dtype", dtype_name(e.dtype)}, {"shape", e.shape}, {"data_offsets", {e.begin, e.end}}};
+    offset += needed;
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');  // the data section starts 8-byte aligned
+  return text;
+}
+
+}  // namespace
+
+SafetensorsFile parse_safetensors(const std::string& file_bytes, const std::string& origin) {
+  if (file_bytes.size() < 8) {
+    fail(origin, "truncated: " + std::to_string(file_bytes.size()) + " bytes, less than the 8-byte header length");
+  }
+  const uint64_t header_length = read_le64(file_bytes);
+  check_header_length(header_length, file_bytes.size(), origin);
+  SafetensorsFile file;
+  std::vector<Entry> entries;
+  parse_header(file_bytes.substr(8, header_length), file_bytes.size() - 8 - header_length, origin, file.metadata,
+               entries);
   const size_t data_start = 8 + header_length;
   for (const Entry& e : entries) {
     file.tensors.push_back({e.name, e.dtype, e.shape, file_bytes.substr(data_start + e.begin, e.end - e.begin)});
@@ -209,31 +248,126 @@ SafetensorsFile read_safetensors(const std::string& path) {
 }
 
 std::string serialize_safetensors(const SafetensorsFile& file) {
-  json header = json::object();
-  if (!file.metadata.empty()) header["__metadata__"] = file.metadata;
-  uint64_t offset = 0;
-  std::set<std::string> names;
-  for (const auto& t : file.tensors) {
-    const std::string where = "safetensors writer: tensor '" + t.name + "'";
-    if (t.name == "__metadata__" || !names.insert(t.name).second)
-      throw SafetensorsError(where + ": duplicate or reserved name");
-    for (int64_t d : t.shape) {
-      if (d < 0) throw SafetensorsError(where + ": negative dimension in shape " + shape_text(t.shape));
+  std::vector<Entry> entries;
+  for (const auto& t : file.tensors) entries.push_back({t.name, t.dtype, t.shape});
+  const std::string text = header_text(file.metadata, entries, "safetensors writer");
+  uint64_t total = 0;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const auto& t = file.tensors[i];
+    if (t.bytes.size() != entries[i].bytes()) {
+      throw SafetensorsError("safetensors writer: tensor '" + t.name + "': has " + std::to_string(t.bytes.size()) +
+                             " bytes, shape " + shape_text(t.shape) + " of " + dtype_name(t.dtype) + " needs " +
+                             std::to_string(entries[i].bytes()));
     }
-    const uint64_t needed = byte_count(t.shape, dtype_size(t.dtype), where);
-    if (t.bytes.size() != needed) {
-      throw SafetensorsError(where + ": has " + std::to_string(t.bytes.size()) + " bytes, shape " +
-                             shape_text(t.shape) + " of " + dtype_name(t.dtype) + " needs " + std::to_string(needed));
-    }
-    header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + needed}}};
-    offset += needed;
+    total += t.bytes.size();
   }
-  std::string text = header.dump();
-  text.append((8 - text.size() % 8) % 8, ' ');  // the data section starts 8-byte aligned
   std::string out = le64(text.size()) + text;
-  out.reserve(out.size() + offset);
+  out.reserve(out.size() + total);
   for (const auto& t : file.tensors) out += t.bytes;
   return out;
+}
+
+int64_t SafetensorsEntry::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+uint64_t SafetensorsEntry::bytes() const { return static_cast<uint64_t>(numel()) * dtype_size(dtype); }
+
+const SafetensorsEntry* SafetensorsHeader::find(const std::string& name) const {
+  for (const auto& e : entries) {
+    if (e.name == name) return &e;
+  }
+  return nullptr;
+}
+
+namespace {
+
+// pread of exactly `size` bytes at `offset`, or SafetensorsError naming the file.
+void read_exactly(int fd, char* out, uint64_t size, uint64_t offset, const std::string& path) {
+  while (size > 0) {
+    const ssize_t n = ::pread(fd, out, std::min<uint64_t>(size, uint64_t{1} << 30), static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) fail(path, n == 0 ? "unexpected end of file" : std::string("read failed: ") + std::strerror(errno));
+    out += n;
+    size -= static_cast<uint64_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+}
+
+struct Fd {
+  int fd = -1;
+  ~Fd() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+}  // namespace
+
+SafetensorsHeader read_safetensors_header(const std::string& path) {
+  struct stat st {};
+  Fd fd{data::open_regular_file<SafetensorsError>(path, st)};
+  const auto file_size = static_cast<uint64_t>(st.st_size);
+  if (file_size < 8) {
+    fail(path, "truncated: " + std::to_string(file_size) + " bytes, less than the 8-byte header length");
+  }
+  std::string length(8, '\0');
+  read_exactly(fd.fd, length.data(), 8, 0, path);
+  const uint64_t header_length = read_le64(length);
+  check_header_length(header_length, file_size, path);
+  std::string text(header_length, '\0');
+  read_exactly(fd.fd, text.data(), header_length, 8, path);
+  SafetensorsHeader header;
+  header.path = path;
+  header.data_start = 8 + header_length;
+  parse_header(text, file_size - header.data_start, path, header.metadata, header.entries);
+  return header;
+}
+
+std::string read_safetensors_bytes(const SafetensorsHeader& header, const SafetensorsEntry& entry) {
+  struct stat st {};
+  Fd fd{data::open_regular_file<SafetensorsError>(header.path, st)};
+  const uint64_t expected = header.data_start + (header.entries.empty() ? 0 : header.entries.back().end);
+  if (static_cast<uint64_t>(st.st_size) != expected) {
+    fail(header.path, "has " + std::to_string(st.st_size) + " bytes now, its header says " + std::to_string(expected) +
+                          " (the file changed while it was read)");
+  }
+  std::string bytes(entry.end - entry.begin, '\0');
+  read_exactly(fd.fd, bytes.data(), bytes.size(), header.data_start + entry.begin, header.path);
+  return bytes;
+}
+
+void write_safetensors_streaming(const std::string& path, const std::map<std::string, std::string>& metadata,
+                                 const std::vector<SafetensorsEntry>& entries_in,
+                                 const SafetensorsBytesFn& write_tensor) {
+  std::vector<Entry> entries = entries_in;
+  const std::string text = header_text(metadata, entries, path);
+  try {
+    io::write_atomically(path, [&](const std::string& tmp) {
+      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+      if (!out) throw SafetensorsError("cannot create file");
+      out << le64(text.size()) << text;
+      for (size_t i = 0; i < entries.size(); ++i) {
+        uint64_t written = 0;
+        write_tensor(i, [&](const char* data, size_t size) {
+          written += size;
+          if (written > entries[i].bytes()) return;
+          out.write(data, static_cast<std::streamsize>(size));
+        });
+        if (written != entries[i].bytes()) {
+          throw SafetensorsError("tensor '" + entries[i].name + "': got " + std::to_string(written) +
+                                 " bytes, its shape " + shape_text(entries[i].shape) + " of " +
+                                 dtype_name(entries[i].dtype) + " needs " + std::to_string(entries[i].bytes()));
+        }
+        if (!out) throw SafetensorsError("write failed at tensor '" + entries[i].name + "'");
+      }
+      out.close();
+      if (!out) throw SafetensorsError("write failed");
+    });
+  } catch (const io::FileError& e) {
+    throw SafetensorsError(e.what());
+  }
 }
 
 }  // namespace keel::interop

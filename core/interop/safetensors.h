@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -51,5 +52,36 @@ SafetensorsFile read_safetensors(const std::string& path);
 // tensor's bytes in order. Throws SafetensorsError naming a tensor whose byte count does not match its shape,
 // or a duplicate name.
 std::string serialize_safetensors(const SafetensorsFile& file);
+
+// Streaming, for models larger than memory (export-hf, import-hf): the header says what is where, and a writer
+// knows every name, dtype and shape before the first byte, so one tensor at a time is in memory.
+struct SafetensorsEntry {
+  std::string name;
+  SafetensorsDtype dtype = SafetensorsDtype::kF32;
+  std::vector<int64_t> shape;
+  uint64_t begin = 0, end = 0;  // byte range in the data section (computed by the writer)
+  int64_t numel() const;
+  uint64_t bytes() const;  // numel * dtype_size
+};
+struct SafetensorsHeader {
+  std::string path;
+  std::map<std::string, std::string> metadata;
+  std::vector<SafetensorsEntry> entries;  // in data-offset order
+  uint64_t data_start = 0;                // file offset of the data section
+  const SafetensorsEntry* find(const std::string& name) const;
+};
+// Reads only the header of `path` (8 + header-length bytes) and checks it exactly as parse_safetensors checks a
+// whole file, the file's size standing for the data section: a truncated or padded file is refused here.
+SafetensorsHeader read_safetensors_header(const std::string& path);
+// One tensor's bytes, read at its range (`entry` from `header`); refuses a file that changed size meanwhile.
+std::string read_safetensors_bytes(const SafetensorsHeader& header, const SafetensorsEntry& entry);
+// Writes `path` atomically (PATH.tmp-PID, fsync, rename), tensor by tensor: `entries` in file order (their
+// begin/end are ignored and computed); `write_tensor(i, write)` is called once per entry, in order, and must
+// pass exactly that entry's bytes to `write` (in one or more calls). The same bytes as serialize_safetensors of
+// the same tensors. Throws SafetensorsError naming the file and tensor.
+using SafetensorsBytesFn =
+    std::function<void(size_t index, const std::function<void(const char* data, size_t size)>& write)>;
+void write_safetensors_streaming(const std::string& path, const std::map<std::string, std::string>& metadata,
+                                 const std::vector<SafetensorsEntry>& entries, const SafetensorsBytesFn& write_tensor);
 
 }  // namespace keel::interop

@@ -136,14 +136,16 @@ ResumePlan plan_resume(const checkpoint::ResolvedCheckpoint& ckpt, const std::st
   plan.loader = std::make_unique<data::DataLoader>(plan.config, plan.config.global_batch());
   const std::vector<std::string> soft = check_same_data(ckpt, *plan.loader, allow_data_change);
 
-  // 4. Tensors: every rank file read (every object checked) and reassembled whole before the run dir is
-  // claimed, so that any DP x TP x PP layout can take its shards. Each rank's RNG continues exactly when the
-  // layout is unchanged; after a layout change the generators keep their fresh per-rank seeding.
+  // 4. Tensors: every rank file's metadata read (every object checked, every tensor's pieces cover it) before the
+  // run dir is claimed; the tensors are placeholders (checkpoint::read_lazy_state), and the trainer reads only
+  // this rank's shards of them, so that any DP x TP x PP layout resumes without the whole model in memory. Each
+  // rank's RNG continues exactly when the layout is unchanged; after a layout change the generators keep their
+  // fresh per-rank seeding.
   const checkpoint::Layout& saved = ckpt.manifest.layout;
   const ParallelConfig& now = plan.config.parallel;
   const bool same_layout = saved.dp == now.dp && saved.tp == now.tp && saved.pp == now.pp;
   const int64_t rank = parallel::detect_world().rank;
-  plan.state = checkpoint::read_full_state(ckpt.dir, ckpt.manifest, same_layout ? rank : -1);
+  plan.state = checkpoint::read_lazy_state(ckpt.dir, ckpt.manifest, same_layout ? rank : -1);
   if (!same_layout) {
     spdlog::info("resharding: checkpoint layout dp={} tp={} pp={} -> dp={} tp={} pp={}", saved.dp, saved.tp, saved.pp,
                  now.dp, now.tp, now.pp);

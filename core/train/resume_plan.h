@@ -28,7 +28,7 @@ namespace keel::train {
 struct ResumePlan {
   Config config;                             // the checkpoint's config.ini plus the overrides
   std::unique_ptr<data::DataLoader> loader;  // the data, opened and checked against the checkpoint's fingerprint
-  checkpoint::TrainingState state;  // every rank file reassembled whole; this rank's RNG when the layout is unchanged
+  checkpoint::TrainingState state;  // placeholders (read_lazy_state); this rank's RNG when the layout is unchanged
   checkpoint::Lineage lineage;      // parent, config changes, notes (the checkpoint's warnings), data change allowed
 };
 

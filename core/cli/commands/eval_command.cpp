@@ -77,7 +77,7 @@ int cmd_eval(const Args& args) {
 
   const Config config = load_config(ckpt.dir + "/config.ini", overrides);
   if (config.train.threads > 0) torch::set_num_threads(static_cast<int>(config.train.threads));
-  const checkpoint::TrainingState state = checkpoint::read_full_state(ckpt.dir, ckpt.manifest, -1);
+  const checkpoint::TrainingState state = checkpoint::read_lazy_state(ckpt.dir, ckpt.manifest, -1);  // placeholders
   const eval::EvalReport report =
       eval::evaluate_checkpoint(config, state, ckpt.dir, ckpt.manifest.step, {batches, memorization_samples});
   eval::write_report(out_path.string(), report);

@@ -1,4 +1,5 @@
-// Why: `keel export-hf CKPT_DIR OUT_DIR [--dtype fp32|bf16] [--no-tokenizer]` and `keel import-hf HF_DIR
+// Why: `keel export-hf CKPT_DIR OUT_DIR [--dtype fp32|bf16] [--no-tokenizer] [--max-shard-size SIZE]` and `keel
+// import-hf HF_DIR
 // --run-dir RUN_DIR [--config FILE] [--set k=v]... [--allow-tokenizer-change] [--json]`: Hugging Face
 // LlamaForCausalLM interop (docs/interop.md). The commands parse arguments and claim the run dir (core/train's
 // run-dir rule: interop sits below train and knows nothing of run dirs); the mapping and all checks live in
@@ -27,14 +28,18 @@ void require_positional(const Args& positional, size_t count, const std::string&
 }  // namespace
 
 int cmd_export_hf(const Args& args) {
-  const std::string usage_line = "keel export-hf CKPT_DIR OUT_DIR [--dtype fp32|bf16] [--no-tokenizer]";
+  const std::string usage_line =
+      "keel export-hf CKPT_DIR OUT_DIR [--dtype fp32|bf16] [--no-tokenizer] [--max-shard-size SIZE]";
   Args positional;
-  std::string dtype = "fp32";
+  std::string dtype = "fp32", max_shard_size = "5GB";
   po::options_description options("keel export-hf CKPT_DIR OUT_DIR");
   // clang-format off
   options.add_options()
       ("dtype", po::value<std::string>(&dtype), "fp32 (the masters, bit-exact; default) or bf16")
       ("no-tokenizer", "write no tokenizer.model / tokenizer_config.json (the data's tokenizer is not at hand)")
+      ("max-shard-size", po::value<std::string>(&max_shard_size),
+       "largest weights file (default 5GB, as transformers); above it: model-0000i-of-0000n.safetensors + "
+       "model.safetensors.index.json. Units KB/MB/GB (10^3..) or KiB/MiB/GiB (2^10..), or bytes")
       ("help", "show this help");
   // clang-format on
   auto vm = parse_args(args, options, "export-hf", &positional);
@@ -47,6 +52,7 @@ int cmd_export_hf(const Args& args) {
   interop::ExportOptions export_options;
   export_options.bf16 = dtype == "bf16";
   export_options.tokenizer = vm.count("no-tokenizer") == 0;
+  export_options.max_shard_bytes = interop::parse_shard_size(max_shard_size, "--max-shard-size");
   std::cout << interop::export_hf(positional[0], positional[1], export_options) << "\n";
   return 0;
 }

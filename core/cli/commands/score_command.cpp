@@ -69,7 +69,7 @@ int cmd_score(const Args& args) {
   const std::vector<std::vector<int64_t>> rows =
       tokens_path.empty() ? text_rows(text_path, config) : eval::read_npy_rows(tokens_path);
   const std::string input = tokens_path.empty() ? text_path : tokens_path;
-  const checkpoint::TrainingState state = checkpoint::read_full_state(resolved.dir, resolved.manifest, -1);
+  const checkpoint::TrainingState state = checkpoint::read_lazy_state(resolved.dir, resolved.manifest, -1);
   const model::Llama model = eval::load_model(config, state, resolved.dir);
   std::vector<eval::SequenceScore> scores;
   try {
