@@ -74,3 +74,17 @@ function(keel_pch_only_where_torch_is_used target)
   list(LENGTH torch_free n_free)
   message(STATUS "Keel: ${target}: ${n_free} sources without LibTorch build without its precompiled header")
 endfunction()
+
+# keel_generate_config(DIR WITH_CUDA WITH_NCCL): writes DIR/keel/config.h from cmake/keel_config.h.in with the two
+# settings as 0/1 (the CPU build's real header, and the CUDA glue check's variant in kernels/CMakeLists.txt).
+function(keel_generate_config dir with_cuda with_nccl)
+  set(KEEL_CONFIG_WITH_CUDA 0)
+  set(KEEL_CONFIG_WITH_NCCL 0)
+  if(with_cuda)
+    set(KEEL_CONFIG_WITH_CUDA 1)
+  endif()
+  if(with_nccl)
+    set(KEEL_CONFIG_WITH_NCCL 1)
+  endif()
+  configure_file(${PROJECT_SOURCE_DIR}/cmake/keel_config.h.in ${dir}/keel/config.h @ONLY)
+endfunction()

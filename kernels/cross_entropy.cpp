@@ -7,9 +7,10 @@
 
 #include <algorithm>
 
+#include "keel/config.h"
 #include "kernels/dispatch.h"
 
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -47,7 +48,7 @@ void rows_reference(const at::Tensor& logits, const at::Tensor& targets, const a
   logits.copy_(grad);
 }
 
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
 void rows_fused(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& log_z, const at::Tensor& nll,
                 double z_loss_coef, double grad_scale, int64_t ignore_index) {
   TORCH_CHECK(logits.is_contiguous() && targets.is_contiguous() && log_z.is_contiguous() && nll.is_contiguous(),
@@ -118,7 +119,7 @@ class LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy> 
                                const at::Tensor& targets, double z_loss_coef, int64_t chunk_rows, int64_t ignore_index,
                                bool fused, bool want_grad_hidden, bool want_grad_weight) {
     RowsStep rows_step = &rows_reference;
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
     if (fused) rows_step = &rows_fused;
 #else
     TORCH_CHECK(!fused, "fused_linear_cross_entropy: this build has no CUDA kernels");
@@ -186,7 +187,7 @@ FusedCrossEntropy run(const at::Tensor& hidden, const at::Tensor& weight, const 
   FusedCrossEntropy out;
   if (!want_grad_hidden && !want_grad_weight) {  // evaluation: the losses only, no gradient matmuls
     RowsStep rows_step = &rows_reference;
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
     if (fused) rows_step = &rows_fused;
 #endif
     return chunked_pass(hidden, weight, targets_c, z_loss_coef, chunk_rows, ignore_index, rows_step, false, false)
@@ -205,7 +206,7 @@ FusedCrossEntropy run(const at::Tensor& hidden, const at::Tensor& weight, const 
 FusedCrossEntropy fused_linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight,
                                              const at::Tensor& targets, double z_loss_coef, int64_t chunk_rows,
                                              int64_t ignore_index) {
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
   if (use_fused(hidden)) {
     const c10::cuda::CUDAGuard device_guard(hidden.device());
     return run(hidden, weight, targets, z_loss_coef, chunk_rows, ignore_index, /*fused=*/true);

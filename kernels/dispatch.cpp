@@ -8,7 +8,10 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
-#ifdef KEEL_WITH_CUDA
+
+#include "keel/config.h"
+
+#if KEEL_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #endif
@@ -16,7 +19,7 @@
 namespace keel::kernels {
 
 bool cuda_kernels_built() {
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
   return true;
 #else
   return false;
@@ -42,7 +45,7 @@ bool model_uses_fused_ops(const at::Tensor& t) {
 void set_fused_ops_on_cpu(bool on) { g_fused_ops_on_cpu.store(on); }
 
 void set_current_cuda_device(int device_index) {
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
   const int count = static_cast<int>(c10::cuda::device_count());
   if (device_index < 0 || device_index >= count) {
     throw std::out_of_range("set_current_cuda_device: device " + std::to_string(device_index) + " outside [0, " +
@@ -56,7 +59,7 @@ void set_current_cuda_device(int device_index) {
 }
 
 long long cuda_peak_allocated_bytes(int device_index) {
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
   const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device_index));
   return static_cast<long long>(stats.allocated_bytes[0].peak);  // [0]: the aggregate over pool kinds
 #else

@@ -8,9 +8,10 @@
 #include <cmath>
 #include <string>
 
+#include "keel/config.h"
 #include "kernels/dispatch.h"
 
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -62,7 +63,7 @@ void check_lion(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   check_lists("lion_step", {{"params", &params}, {"grads", &grads}, {"exp_avgs", &exp_avgs}}, decay);
 }
 
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
 // The fused kernels take contiguous CUDA tensors on the device of params[0]; anything else takes the reference.
 bool fusable(const std::vector<NamedList>& lists) {
   const std::vector<at::Tensor>& params = *lists.front().tensors;
@@ -140,7 +141,7 @@ void lion_step_reference(const std::vector<at::Tensor>& params, const std::vecto
 void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                 const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                 const std::vector<bool>& decay, const AdamWHyper& hyper) {
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
   check_adamw(params, grads, exp_avgs, exp_avg_sqs, decay, hyper);
   if (fusable({{"params", &params}, {"grads", &grads}, {"exp_avgs", &exp_avgs}, {"exp_avg_sqs", &exp_avg_sqs}})) {
     const double bias_correction1 = 1.0 - std::pow(hyper.beta1, static_cast<double>(hyper.step));
@@ -167,7 +168,7 @@ void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
 
 void lion_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                const std::vector<at::Tensor>& exp_avgs, const std::vector<bool>& decay, const LionHyper& hyper) {
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
   check_lion(params, grads, exp_avgs, decay);
   if (fusable({{"params", &params}, {"grads", &grads}, {"exp_avgs", &exp_avgs}})) {
     cuda::LionScalars scalars;

@@ -8,9 +8,10 @@
 #include <stdexcept>
 #include <string>
 
+#include "keel/config.h"
 #include "kernels/dispatch.h"
 
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -41,7 +42,7 @@ void check_arguments(const char* op, const at::Tensor& x, const at::Tensor& weig
   TORCH_CHECK(weight.device() == x.device(), op, ": weight is on ", weight.device(), " but x is on ", x.device());
 }
 
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
 struct FusedForward {
   at::Tensor y;     // [..., C] x's dtype
   at::Tensor x;     // [..., C] contiguous (what the backward reads)
@@ -91,7 +92,7 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, double eps) {
     ctx->saved_data["eps"] = eps;
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
     if (use_fused(x) && has_kernel_for(x.scalar_type()) && x.numel() > 0) {
       FusedForward fused = rms_norm_forward_fused(x, weight, eps);
       ctx->save_for_backward({fused.x, weight, fused.rstd});
@@ -105,7 +106,7 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const double eps = ctx->saved_data["eps"].toDouble();
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
     if (saved.size() == 3) {  // the forward ran the kernel
       RmsNormGrads grads = rms_norm_backward_fused(grad_outputs[0], saved[0], saved[1], saved[2]);
       return {grads.x, grads.weight, at::Tensor()};

@@ -7,9 +7,10 @@
 #include <stdexcept>
 #include <string>
 
+#include "keel/config.h"
 #include "kernels/dispatch.h"
 
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -63,7 +64,7 @@ at::Tensor rotate_reference(const at::Tensor& x, const at::Tensor& cos, const at
   return at::cat({rotated, x.narrow(-1, rotary_dims, x.size(-1) - rotary_dims)}, -1);
 }
 
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
 // x: [B, T, H, D] on a GPU; cos, sin: [T_max, R/2] fp32 contiguous on the same GPU.
 at::Tensor rotate_fused(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, int64_t rotary_dims,
                         float sin_sign) {
@@ -87,7 +88,7 @@ class RotaryFunction : public torch::autograd::Function<RotaryFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                             int64_t rotary_dims) {
     ctx->saved_data["rotary_dims"] = rotary_dims;
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
     if (use_fused(x) && has_kernel_for(x.scalar_type()) && x.numel() > 0) {
       const at::Tensor cos_d = cos.to(x.device(), at::kFloat).contiguous();  // no copy if already there
       const at::Tensor sin_d = sin.to(x.device(), at::kFloat).contiguous();
@@ -104,7 +105,7 @@ class RotaryFunction : public torch::autograd::Function<RotaryFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const int64_t rotary_dims = ctx->saved_data["rotary_dims"].toInt();
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
     if (ctx->saved_data["fused"].toBool()) {
       return {rotate_fused(grad_outputs[0], saved[0], saved[1], rotary_dims, -1.0f), at::Tensor(), at::Tensor(),
               at::Tensor()};

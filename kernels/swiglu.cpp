@@ -7,9 +7,10 @@
 #include <stdexcept>
 #include <string>
 
+#include "keel/config.h"
 #include "kernels/dispatch.h"
 
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -33,7 +34,7 @@ void check_arguments(const char* op, const at::Tensor& gate, const at::Tensor& u
   TORCH_CHECK(up.device() == gate.device(), op, ": up is on ", up.device(), " but gate is on ", gate.device());
 }
 
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
 at::Tensor swiglu_forward_fused(const at::Tensor& gate, const at::Tensor& up) {
   const c10::cuda::CUDAGuard device_guard(gate.device());
   TORCH_CHECK(gate.is_contiguous() && up.is_contiguous(), "swiglu: inputs must be contiguous for the kernel");
@@ -63,7 +64,7 @@ SwiGluGrads swiglu_backward_fused(const at::Tensor& grad_in, const at::Tensor& g
 class SwiGluFunction : public torch::autograd::Function<SwiGluFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gate, const at::Tensor& up) {
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
     if (use_fused(gate) && has_kernel_for(gate.scalar_type()) && gate.numel() > 0) {
       const at::Tensor gate_c = gate.contiguous();
       const at::Tensor up_c = up.contiguous();
@@ -79,7 +80,7 @@ class SwiGluFunction : public torch::autograd::Function<SwiGluFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
-#ifdef KEEL_WITH_CUDA
+#if KEEL_WITH_CUDA
     if (ctx->saved_data["fused"].toBool()) {
       SwiGluGrads grads = swiglu_backward_fused(grad_outputs[0], saved[0], saved[1]);
       return {grads.gate, grads.up};

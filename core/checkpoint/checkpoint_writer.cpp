@@ -6,6 +6,7 @@
 #include "core/checkpoint/checkpoint_error.h"
 #include "core/checkpoint/durable_fs.h"
 #include "core/checkpoint/sha256.h"
+#include "keel/version.h"
 
 namespace keel::checkpoint {
 

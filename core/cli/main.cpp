@@ -18,6 +18,7 @@
 #include "core/cli/commands/commands.h"
 #include "core/cli/commands/common.h"
 #include "core/parallel/communicator.h"
+#include "keel/version.h"
 
 int main(int argc, char** argv) {
   std::signal(SIGPIPE, SIG_IGN);

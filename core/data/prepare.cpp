@@ -31,6 +31,7 @@
 #include "core/data/regular_file.h"
 #include "core/data/shard.h"
 #include "core/data/tokenizer.h"
+#include "keel/version.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;

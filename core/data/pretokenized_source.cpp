@@ -19,6 +19,7 @@
 #include "core/data/prepare_common.h"
 #include "core/data/pretokenized.h"
 #include "core/data/shard.h"
+#include "keel/version.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;

@@ -36,6 +36,7 @@
 
 #include "core/io/hdf5.h"
 #include "core/metrics/hdf5_records.h"
+#include "keel/version.h"
 
 namespace keel::metrics {
 
@@ -295,11 +296,7 @@ void MetricsWriter::create_file(const std::vector<std::pair<std::string, std::st
 
   {
     Hid root = open_group(f, "/", path_);
-#ifdef KEEL_VERSION
     io::write_string_attribute(root.get(), "keel_version", KEEL_VERSION, path_, "/");
-#else
-    io::write_string_attribute(root.get(), "keel_version", "unknown", path_, "/");
-#endif
     io::write_string_attribute(root.get(), "created_utc", io::utc_now_iso8601(), path_, "/");
     Hid space(check_id(H5Screate(H5S_SCALAR), path_, "/", "H5Screate(scalar)"));
     Hid attr(check_id(H5Acreate2(root.get(), "format_version", H5T_STD_I32LE, space.get(), H5P_DEFAULT, H5P_DEFAULT),

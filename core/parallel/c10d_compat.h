@@ -12,9 +12,10 @@
 #endif
 
 #include "core/parallel/communicator.h"
+#include "keel/config.h"
 
 // The backends themselves: Gloo when its headers exist (Debian's libgloo-dev; PyTorch's wheels ship the Gloo
-// library but not its headers), NCCL in CUDA builds (KEEL_WITH_NCCL, set by CMake on process_groups.cpp).
+// library but not its headers), NCCL in CUDA builds (KEEL_WITH_NCCL, keel/config.h).
 #if __has_include(<gloo/algorithm.h>)
 #define KEEL_HAVE_GLOO 1
 #ifndef USE_C10D_GLOO
@@ -22,7 +23,7 @@
 #endif
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #endif
-#if defined(KEEL_WITH_NCCL)
+#if KEEL_WITH_NCCL
 #ifndef USE_C10D_NCCL
 #define USE_C10D_NCCL
 #endif

@@ -9,7 +9,7 @@
 #include "core/parallel/c10d_compat.h"
 #include "core/parallel/heartbeat.h"
 
-#if defined(KEEL_WITH_NCCL)
+#if KEEL_WITH_NCCL
 #include <c10/cuda/CUDAFunctions.h>
 #endif
 
@@ -36,7 +36,7 @@ struct Connection {
 // NCCL: makes GPU local_rank % count this process's current device before any communicator exists, so that no
 // rank also creates a context on GPU 0, and returns it (the device CPU tensors are staged through).
 at::Device nccl_device(const WorldInfo& world) {
-#if defined(KEEL_WITH_NCCL)
+#if KEEL_WITH_NCCL
   const int count = static_cast<int>(c10::cuda::device_count());
   if (count == 0) {
     throw std::invalid_argument("parallel.backend = nccl, but rank " + std::to_string(world.rank) +
@@ -67,7 +67,7 @@ std::shared_ptr<Communicator> make_group(const std::string& name, const std::vec
   auto impl = std::make_unique<Communicator::Impl>();
   try {
     if (backend == "nccl") {
-#if defined(KEEL_WITH_NCCL)
+#if KEEL_WITH_NCCL
       auto options = ::c10d::ProcessGroupNCCL::Options::create();
       options->timeout = timeout;
       impl->backend = c10::make_intrusive<::c10d::ProcessGroupNCCL>(store, static_cast<int>(group_rank),

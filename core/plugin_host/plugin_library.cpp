@@ -9,6 +9,7 @@
 #include <set>
 
 #include "core/plugin_host/slots.h"
+#include "keel/config.h"
 
 namespace keel::plugin_host {
 namespace fs = std::filesystem;
@@ -130,9 +131,7 @@ std::vector<std::string> plugin_search_dirs() {
     dirs.push_back((boost::dll::program_location().parent_path().parent_path() / "lib" / "keel" / "plugins").string());
   } catch (const std::exception&) {
   }
-#ifdef KEEL_BUILD_PLUGIN_DIR
-  dirs.push_back(KEEL_BUILD_PLUGIN_DIR);
-#endif
+  dirs.push_back(KEEL_BUILD_PLUGIN_DIR);  // this build tree's plugins (keel/config.h), for tests run from anywhere
   std::vector<std::string> unique;
   std::set<std::string> seen;
   for (const auto& dir : dirs) {

@@ -1,12 +1,10 @@
 // Why: see report_assets.h. `.incbin` copies each file into .rodata of this object, between a begin and an end
-// symbol; KEEL_REPORT_SOURCE_DIR (core/report, set on this one file by core/CMakeLists.txt, which also makes the
+// symbol; KEEL_REPORT_SOURCE_DIR (core/report, from the generated keel/config.h; core/CMakeLists.txt makes this
 // object depend on the files) says where they are at build time. A NUL byte follows each file so a
 // string_view over [begin, end) is also a C string, though nothing relies on that.
 #include "core/report/report_assets.h"
 
-#ifndef KEEL_REPORT_SOURCE_DIR
-#error "KEEL_REPORT_SOURCE_DIR must name core/report (set by core/CMakeLists.txt)"
-#endif
+#include "keel/config.h"
 
 #define KEEL_EMBED_FILE(symbol, relative_path)              \
   __asm__(                                                  \

@@ -12,6 +12,7 @@
 
 #include "core/io/file.h"
 #include "core/report/report_assets.h"
+#include "keel/version.h"
 
 namespace keel::report {
 

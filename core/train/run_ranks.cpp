@@ -15,6 +15,7 @@
 #include "core/plugin_host/plugin_host.h"
 #include "core/train/run_dir.h"
 #include "core/train/trainer.h"
+#include "keel/version.h"
 
 namespace keel::train {
 namespace {

@@ -17,6 +17,7 @@
 #include <string>
 #include <thread>
 
+#include "keel/version.h"
 #include "tests/integration/keel_process.h"
 
 namespace keel::testing {

@@ -9,6 +9,7 @@
 #include "core/cli/commands/common.h"
 #include "core/config/memory_estimate.h"
 #include "core/train/run_ranks.h"
+#include "keel/version.h"
 
 namespace keel::cli {
 
