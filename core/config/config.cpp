@@ -350,6 +350,10 @@ void set_key(Config& config, const std::string& key, const std::string& value, c
     config.plugin_args[name][field] = value;
     return;
   }
+  if (key == "model.recompute") {  // outside key_table like data.eos_id: written only when not none
+    config.model.recompute = parse_named(origin, key, value, kRecomputeNames);
+    return;
+  }
   if (key == "data.eos_id") {  // outside key_table: written to config.ini only when set (config hashes unchanged)
     config.data.eos_id = parse_int(origin, key, value);
     return;
@@ -597,6 +601,12 @@ std::vector<std::pair<std::string, std::string>> flatten(const Config& config) {
       if (it->first.rfind("checkpoint.", 0) == 0) at = it + 1;
     out.insert(at, {"checkpoint.async", "true"});
   }
+  if (config.model.recompute != Recompute::kNone) {  // after the last model.* key: [model] stays one section
+    auto at = out.end();
+    for (auto it = out.begin(); it != out.end(); ++it)
+      if (it->first.rfind("model.", 0) == 0) at = it + 1;
+    out.insert(at, {"model.recompute", name_of(config.model.recompute)});
+  }
   for (const auto& s : config.data.sources) {
     const std::string prefix = "source." + s.name + ".";
     out.emplace_back(prefix + "inputs", join(s.inputs));
@@ -636,6 +646,9 @@ std::vector<std::pair<std::string, std::string>> documented_keys() {
   out.emplace_back("checkpoint.async",
                    "write, hash and commit periodic checkpoints on a background thread while training continues "
                    "(default false)");
+  out.emplace_back("model.recompute",
+                   "activations recomputed in backward, per block: none | full (keep each block's input) | selective "
+                   "(also keep GEMM outputs; recompute norms, RoPE, attention core, SwiGLU)");
   for (const auto& [field, doc] : source_fields()) out.emplace_back("source.NAME." + field, doc);
   out.emplace_back("plugin.NAME.KEY",
                    "argument KEY of plugin NAME (also --plugin-arg NAME.KEY=value); see docs/plugins.md");

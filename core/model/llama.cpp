@@ -6,6 +6,7 @@
 
 #include <cmath>
 
+#include "core/model/recompute.h"
 #include "core/model/sharding.h"
 #include "core/torch_compat.h"
 
@@ -156,7 +157,17 @@ torch::Tensor LlamaImpl::run_blocks(const torch::Tensor& x_in) const {
     rope_.cos = rope_.cos.to(x.device());
     rope_.sin = rope_.sin.to(x.device());
   }
-  for (const auto& block : blocks_->values()) x = block->as<BlockImpl>()->forward(x, rope_);
+  const RotaryTables& rope = rope_;
+  for (const auto& module : blocks_->values()) {
+    std::shared_ptr<BlockImpl> block = std::dynamic_pointer_cast<BlockImpl>(module);
+    if (config_.recompute == Recompute::kNone) {
+      x = block->forward(x, rope);
+      continue;
+    }
+    // The closure keeps the block and the tables alive until the recomputing backward has run.
+    x = run_recomputed(
+        config_.recompute, [block, rope](const torch::Tensor& input) { return block->forward(input, rope); }, x);
+  }
   return x;
 }
 

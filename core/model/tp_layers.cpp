@@ -5,6 +5,7 @@
 
 #include <torch/torch.h>
 
+#include "core/model/recompute.h"
 #include "core/parallel/tp_ops.h"
 
 namespace keel::model {
@@ -90,8 +91,10 @@ ColumnParallelLinearImpl::ColumnParallelLinearImpl(int64_t in_features, int64_t 
 }
 
 torch::Tensor ColumnParallelLinearImpl::forward(const torch::Tensor& x) const {
-  // Backward sums this rank's partial input gradient over TP.
-  return torch::nn::functional::linear(copy_to_tp_region(x, tp_), weight.to(x.scalar_type()));  // [..., out/tp]
+  // Backward sums this rank's partial input gradient over TP. Selective recomputation keeps the output.
+  return kept_gemm(copy_to_tp_region(x, tp_), weight.to(x.scalar_type()), [](const auto& input, const auto& w) {
+    return torch::nn::functional::linear(input, w);  // [..., out/tp]
+  });
 }
 
 RowParallelLinearImpl::RowParallelLinearImpl(int64_t in_features, int64_t out_features,
@@ -103,8 +106,11 @@ RowParallelLinearImpl::RowParallelLinearImpl(int64_t in_features, int64_t out_fe
 }
 
 torch::Tensor RowParallelLinearImpl::forward(const torch::Tensor& x) const {
-  torch::Tensor partial = torch::nn::functional::linear(x, weight.to(x.scalar_type()));  // [..., out] this rank's part
-  return reduce_from_tp_region(partial, tp_);                                            // [..., out]
+  // Selective recomputation keeps the reduced output, so its re-run issues no all-reduce.
+  return kept_gemm(x, weight.to(x.scalar_type()), [this](const auto& input, const auto& w) {
+    torch::Tensor partial = torch::nn::functional::linear(input, w);  // [..., out] this rank's part
+    return reduce_from_tp_region(partial, tp_);                       // [..., out]
+  });
 }
 
 VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(int64_t vocab, int64_t dim, const parallel::TensorParallel& tp)

@@ -14,6 +14,7 @@ namespace {
 struct Local {
   double T, C, h, k, D, R, f, V, a;
   bool qk_norm;
+  double seq_share;  // the share of the sequence the norms and the residual stream hold: 1, or 1/tp under parallel.sp
 };
 
 Local local_sizes(const Config& config) {
@@ -30,14 +31,17 @@ Local local_sizes(const Config& config) {
   l.V = static_cast<double>(m.vocab) / tp;
   l.a = config.train.precision == Precision::kBf16Mixed ? 2.0 : 4.0;
   l.qk_norm = m.qk_norm;
+  l.seq_share = config.parallel.sp ? 1.0 / tp : 1.0;
   return l;
 }
 
 // Bytes autograd keeps per token of one block until its backward (core/model/llama.cpp, kernels/).
 double block_bytes_per_token(const Local& l, KernelPath path) {
   const bool half = l.a < 4.0;
+  // Under parallel.sp a norm's own saved tensors cover T/tp rows; its output reaches the linears gathered (full T).
   if (path == KernelPath::kFused) {
-    const double norms = 2 * (2 * l.a * l.C + 4);  // the norm kernel saves x and rstd [rows] fp32; output -> linears
+    // the norm kernel saves x and rstd [rows] fp32; output -> linears
+    const double norms = 2 * ((l.a * l.C + 4) * l.seq_share + l.a * l.C);
     const double qk = l.qk_norm ? 2 * l.a * (l.h + l.k) * l.D + 4 * (l.h + l.k) : 0.0;
     const double attention = 4 * l.a * l.h * l.D + 4 * l.h;  // fused SDPA: q, k, v (GQA-expanded), out; logsumexp
     const double wo_input = l.a * l.h * l.D;                 // out transposed to [T, H*D] for wo
@@ -45,7 +49,7 @@ double block_bytes_per_token(const Local& l, KernelPath path) {
     return norms + qk + attention + wo_input + mlp;
   }
   // Reference ops: the norm keeps its fp32 input (a copy under bf16), x * rstd in fp32 and its output.
-  const double norms = 2 * (8 + l.a) * l.C;
+  const double norms = 2 * (8 * l.C * l.seq_share + l.a * l.C);
   const double qk = l.qk_norm ? (8 + l.a) * (l.h + l.k) * l.D : 0.0;
   // RoPE rotates an fp32 copy of the rotated dims (bf16), or keeps the whole fp32 q/k it is a view of (fp32).
   const double rotary = half ? 4 * (l.h + l.k) * l.R : 4 * (l.h + l.k) * l.D;
@@ -57,9 +61,19 @@ double block_bytes_per_token(const Local& l, KernelPath path) {
   return norms + qk + rotary + qkv + scores + wo_input + mlp;
 }
 
+// Bytes a recomputed block keeps per token until its backward (core/model/recompute.h): full keeps its input,
+// selective also the outputs of its seven GEMMs (the row-parallel ones, wo and w_down, reduce-scattered under SP).
+double recompute_kept_bytes_per_token(const Local& l, Recompute policy) {
+  const double input = l.a * l.C * l.seq_share;
+  if (policy == Recompute::kFull) return input;
+  const double column_outputs = l.a * ((l.h + 2 * l.k) * l.D + 2 * l.f);  // q, k, v, gate, up
+  const double row_outputs = 2 * l.a * l.C * l.seq_share;                 // wo, w_down
+  return input + column_outputs + row_outputs;
+}
+
 // Bytes the last stage keeps per token for the final norm and the loss.
 double head_bytes_per_token(const Local& l, KernelPath path, int64_t tp) {
-  const double norm = path == KernelPath::kFused ? 2 * l.a * l.C + 4 : (8 + l.a) * l.C;
+  const double norm = (path == KernelPath::kFused ? l.a * l.C + 4 : 8 * l.C) * l.seq_share + l.a * l.C;
   // Vocab-parallel cross-entropy keeps its fp32 softmax [N, V/tp]; the fused linear cross-entropy (tp = 1 on a
   // GPU) keeps grad_hidden [N, C] instead (its [V, C] fp32 gradient is per micro-batch: head_fixed_bytes).
   const double loss = (path == KernelPath::kFused && tp == 1) ? l.a * l.C : 4 * l.V;
@@ -161,14 +175,20 @@ Plan make_plan(const Config& config, KernelPath path) {
     // embedding gathers fp32 rows instead); fp32 runs cast nothing.
     const double embedding_only = st.embedding && !m.tie_embeddings ? static_cast<double>(m.vocab) * l.C / tp : 0.0;
     st.weight_copy_bytes = l.a < 4.0 ? l.a * (st.parameters - embedding_only) : 0.0;
-    st.activation_bytes = tokens * static_cast<double>(st.layers) * block_bytes_per_token(l, path) +
-                          (path == KernelPath::kReference ? static_cast<double>(st.layers) * l.T * l.T : 0.0);  // masks
+    // What one block keeps (and the reference path's [T, T] bool mask per block), or under model.recompute what a
+    // recomputed block keeps; its backward then rebuilds one block's activations at a time (workspace below).
+    const double block_bytes =
+        tokens * block_bytes_per_token(l, path) + (path == KernelPath::kReference ? l.T * l.T : 0.0);
+    const bool recompute = m.recompute != Recompute::kNone;
+    const double kept_per_block = recompute ? tokens * recompute_kept_bytes_per_token(l, m.recompute) : block_bytes;
+    st.activation_bytes = static_cast<double>(st.layers) * kept_per_block;
     if (st.head)
       st.activation_bytes += tokens * head_bytes_per_token(l, path, par.tp) + head_fixed_bytes(l, path, par.tp);
     const bool one_f_one_b = par.schedule != PipelineSchedule::kGPipe;
     st.inflight_microbatches =
         par.pp == 1 ? 1 : (one_f_one_b ? std::min(par.pp - s, plan.microbatches) : plan.microbatches);
     st.workspace_bytes = tokens * workspace_bytes_per_token(l, path);
+    if (recompute && st.layers > 0) st.workspace_bytes += std::max(0.0, block_bytes - kept_per_block);
     if (st.head) st.workspace_bytes = std::max(st.workspace_bytes, loss_workspace_bytes(l, path, par.tp, tokens));
     const double inflight = static_cast<double>(st.inflight_microbatches);
     st.total_bytes = st.params_bytes + st.grads_bytes + st.optimizer_bytes +
@@ -196,9 +216,12 @@ Plan make_plan(const Config& config, KernelPath path) {
   const auto ring = [](double bytes, double group) { return group > 1 ? 2 * (group - 1) / group * bytes : 0.0; };
   plan.comm.dp_bytes = ring(4 * most_parameters, dp);
   // Per block: forward all-reduces after wo and w_down, backward ones for the inputs of wq/wk/wv and w_gate/w_up;
-  // plus the embedding's forward all-reduce on the first stage.
-  plan.comm.tp_bytes = M * ring(activation, tp) * (4.0 * static_cast<double>(per_stage) + 1.0);
-  plan.comm.pp_bytes = par.pp == 1 ? 0.0 : M * activation * (par.pp > 2 ? 2.0 : 1.0);
+  // plus the embedding's forward all-reduce on the first stage. Under SP each all-reduce is an all-gather and a
+  // reduce-scatter in the ring count (the same bytes). Full recomputation re-runs the two forward ones per block.
+  const double per_block = m.recompute == Recompute::kFull ? 6.0 : 4.0;
+  plan.comm.tp_bytes = M * ring(activation, tp) * (per_block * static_cast<double>(per_stage) + 1.0);
+  // Under SP the stages exchange this rank's share of the sequence.
+  plan.comm.pp_bytes = par.pp == 1 ? 0.0 : M * activation * l.seq_share * (par.pp > 2 ? 2.0 : 1.0);
   return plan;
 }
 

@@ -126,6 +126,72 @@ TEST(Plan, PerRankTermsByHand) {
   EXPECT_EQ(p.comm.dp_bytes, 0.0);
 }
 
+// The same layout as PerRankTermsByHand under model.recompute: what a recomputed block keeps per token, and one
+// block's rebuilt activations added to the backward's workspace.
+TEST(Plan, RecomputeTermsByHand) {
+  keel::Config c;
+  c.model.layers = 4;
+  c.model.d_model = 64;
+  c.model.heads = 4;
+  c.model.kv_heads = 2;
+  c.model.ffn_hidden = 128;
+  c.model.vocab = 256;
+  c.model.seq_len = 32;
+  c.train.micro_batch = 2;
+  c.train.grad_accum = 2;
+  c.parallel.tp = 2;
+  c.parallel.pp = 2;
+  const double tokens = 2 * 32, block = 2624, mask = 32.0 * 32, head = 640 + 512;
+  c.model.recompute = keel::Recompute::kFull;
+  const keel::plan::Plan full = keel::plan::make_plan(c, keel::plan::KernelPath::kReference);
+  // Full: the block input, 2 * 64 = 128 bytes per token.
+  EXPECT_EQ(full.stages.at(0).activation_bytes, 2 * tokens * 128);
+  EXPECT_EQ(full.stages.at(1).activation_bytes, 2 * tokens * 128 + tokens * head);
+  EXPECT_EQ(full.stages.at(0).workspace_bytes, tokens * 768 + (tokens * block + mask - tokens * 128));
+  // The re-run forward repeats the two all-reduces of each block: 6 per block + 1.
+  EXPECT_EQ(full.comm.tp_bytes, 2 * 8192.0 * (6 * 2 + 1));
+  c.model.recompute = keel::Recompute::kSelective;
+  const keel::plan::Plan selective = keel::plan::make_plan(c, keel::plan::KernelPath::kReference);
+  // Selective: input 128 + q, k, v 2 (2 + 2) 16 = 128 + gate, up 2 * 2 * 64 = 256 + wo, w_down 2 * 2 * 64 = 256.
+  EXPECT_EQ(selective.stages.at(0).activation_bytes, 2 * tokens * 768);
+  EXPECT_EQ(selective.comm.tp_bytes, 2 * 8192.0 * (4 * 2 + 1));  // kept row-parallel outputs: no second all-reduce
+  const keel::plan::Plan none = [&] {
+    c.model.recompute = keel::Recompute::kNone;
+    return keel::plan::make_plan(c, keel::plan::KernelPath::kReference);
+  }();
+  EXPECT_LT(full.stages.at(0).total_bytes, selective.stages.at(0).total_bytes);
+  EXPECT_LT(selective.stages.at(0).total_bytes, none.stages.at(0).total_bytes);
+}
+
+// Sequence parallelism: the norms' own tensors and the stage-to-stage activations cover T/tp rows.
+TEST(Plan, SequenceParallelTermsByHand) {
+  keel::Config c;
+  c.model.layers = 4;
+  c.model.d_model = 64;
+  c.model.heads = 4;
+  c.model.kv_heads = 2;
+  c.model.ffn_hidden = 128;
+  c.model.vocab = 256;
+  c.model.seq_len = 32;
+  c.train.micro_batch = 2;
+  c.train.grad_accum = 2;
+  c.parallel.tp = 2;
+  c.parallel.pp = 2;
+  c.parallel.sp = true;
+  const keel::plan::Plan p = keel::plan::make_plan(c, keel::plan::KernelPath::kReference);
+  // Norms 2 (8 * 64 / 2 + 2 * 64) = 768 instead of 1280; the rest of the block as without SP.
+  const double block = 768 + 192 + 192 + 384 + 64 + 512, tokens = 2 * 32, masks = 2 * 32.0 * 32;
+  EXPECT_EQ(p.stages.at(0).activation_bytes, tokens * 2 * block + masks);
+  // The head's norm 8 * 64 / 2 + 2 * 64 = 384 and the fp32 softmax 512 per token.
+  EXPECT_EQ(p.stages.at(1).activation_bytes, tokens * 2 * block + masks + tokens * (384 + 512));
+  EXPECT_EQ(p.comm.pp_bytes, 2 * 8192.0 / 2);
+  EXPECT_EQ(p.comm.tp_bytes, 2 * 8192.0 * (4 * 2 + 1));
+  // Full recomputation under SP keeps each block's input share: 2 * 64 / 2 bytes per token.
+  c.model.recompute = keel::Recompute::kFull;
+  EXPECT_EQ(keel::plan::make_plan(c, keel::plan::KernelPath::kReference).stages.at(0).activation_bytes,
+            2 * tokens * 64);
+}
+
 TEST(Plan, FusedPathKeepsNoAttentionMatrix) {
   keel::Config c;
   c.model.seq_len = 64;

@@ -104,7 +104,9 @@ int cmd_plan(const Args& args) {
                   {"zero", config.parallel.zero},
                   {"microbatches", p.microbatches},
                   {"microbatch_sequences", p.microbatch_sequences},
-                  {"seq_len", config.model.seq_len}}},
+                  {"seq_len", config.model.seq_len},
+                  {"sp", config.parallel.sp},
+                  {"recompute", name_of(config.model.recompute)}}},
                 {"path", plan::path_name(p.path)},
                 {"precision", name_of(config.train.precision)},
                 {"optimizer_state", p.optimizer_state},
@@ -114,9 +116,11 @@ int cmd_plan(const Args& args) {
   }
   std::cout << config_path << ": " << billions(p.parameters) << " parameters (largest tensor " << p.largest_parameter
             << "); layout dp " << config.parallel.dp << " x tp " << config.parallel.tp << " x pp " << config.parallel.pp
-            << (config.parallel.zero == 1 ? ", ZeRO-1" : "") << "; " << p.microbatches << " micro-batches of "
-            << p.microbatch_sequences << " x " << config.model.seq_len << " tokens; " << plan::path_name(p.path)
-            << " path, " << name_of(config.train.precision) << "; optimizer " << p.optimizer_state << "\n";
+            << (config.parallel.zero == 1 ? ", ZeRO-1" : "") << (config.parallel.sp ? ", SP" : "")
+            << (config.model.recompute != Recompute::kNone ? ", recompute " + name_of(config.model.recompute) : "")
+            << "; " << p.microbatches << " micro-batches of " << p.microbatch_sequences << " x " << config.model.seq_len
+            << " tokens; " << plan::path_name(p.path) << " path, " << name_of(config.train.precision) << "; optimizer "
+            << p.optimizer_state << "\n";
   for (const plan::StagePlan& s : p.stages) {
     std::cout << "stage " << s.pp_rank << " (layers " << s.first_layer << "-" << s.first_layer + s.layers - 1
               << (s.embedding ? ", embedding" : "") << (s.head ? ", head" : "") << "; " << s.ranks
