@@ -61,6 +61,12 @@ std::string lineage_to_json(const Lineage& l) {
                        {"until_step", p.until_step}});
   }
   j["plugins"] = plugins;
+  if (!l.batch_changes.empty()) {  // absent when the batch never changed: lineages of such runs stay as they were
+    json batches = json::array();
+    for (const auto& b : l.batch_changes)
+      batches.push_back({{"step", b.step}, {"from", b.from}, {"to", b.to}, {"origin", b.origin}});
+    j["batch_changes"] = batches;
+  }
   if (!l.is_root()) {
     j["parent"] = {{"run_id", l.parent_run_id},
                    {"run_dir", l.parent_run_dir},
@@ -91,6 +97,9 @@ Lineage parse_lineage(const std::string& text, const std::string& origin) {
   for (const JsonFields& p : f.objects_or_empty("plugins")) {  // absent in lineages of older Keel versions
     l.plugins.push_back({p.string("slot"), p.string("name"), p.string_or("version", ""), p.string("path"),
                          p.string("sha256"), p.integer_or("from_step", 0), p.integer_or("until_step", -1)});
+  }
+  for (const JsonFields& b : f.objects_or_empty("batch_changes")) {  // absent when the batch never changed
+    l.batch_changes.push_back({b.integer("step"), b.integer("from"), b.integer("to"), b.string_or("origin", "")});
   }
   if (l.run_id.empty()) throw CheckpointError(origin + ": lineage field 'run_id' is empty");
   return l;
@@ -160,6 +169,10 @@ std::string format_lineage_tree(const std::vector<Lineage>& runs) {
     const std::string detail_prefix = prefix + (top ? "    " : (last ? "    " : "│   "));
     for (const auto& c : l.changes) out << detail_prefix << "  " << c.key << ": " << c.from << " -> " << c.to << "\n";
     for (const auto& n : l.notes) out << detail_prefix << "  " << n << "\n";
+    for (const auto& b : l.batch_changes) {
+      out << detail_prefix << "  global batch from step " << b.step << ": " << b.from << " -> " << b.to << " ("
+          << b.origin << ")\n";
+    }
     const auto it = children.find(l.run_id);
     if (it == children.end()) return;
     for (size_t k = 0; k < it->second.size(); ++k)

@@ -31,6 +31,15 @@ struct PluginRecord {
   bool loaded_at(int64_t step) const { return from_step <= step && (until_step < 0 || step < until_step); }
 };
 
+// A change of the global batch (sequences per step) from `step` on: train.batch_schedule, or a resume that set
+// another train.micro_batch x train.grad_accum or schedule.
+struct BatchChange {
+  int64_t step = 0;
+  int64_t from = 0;
+  int64_t to = 0;
+  std::string origin;  // "train.batch_schedule", "resume", ...
+};
+
 struct Lineage {
   std::string run_id;
   std::string run_dir;
@@ -45,6 +54,9 @@ struct Lineage {
   // Every plugin library this run loaded, in load order (swaps append; the swapped-out one gets until_step). The
   // copy inside a checkpoint therefore names exactly the libraries loaded when it was written.
   std::vector<PluginRecord> plugins;
+  // Every change of the global batch in this run's own steps (its start step on), in step order; written to
+  // lineage.json only when there is one.
+  std::vector<BatchChange> batch_changes;
 
   bool is_root() const { return parent_run_id.empty(); }
   // "root", "continuation" (only run-length/logging keys changed) or "branch".

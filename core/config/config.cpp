@@ -12,6 +12,8 @@
 #include <functional>
 #include <sstream>
 
+#include "core/config/batch_schedule.h"
+
 namespace keel {
 namespace {
 
@@ -362,6 +364,10 @@ void set_key(Config& config, const std::string& key, const std::string& value, c
     config.checkpoint.async = parse_bool(origin, key, value);
     return;
   }
+  if (key == "train.batch_schedule") {  // outside key_table like data.eos_id: written only when set
+    config.train.batch_schedule = value;
+    return;
+  }
   for (const auto& def : key_table()) {
     if (def.name == key) {
       def.set(config, origin, value);
@@ -584,6 +590,7 @@ void validate(const Config& c) {
     require(s.max_mb >= 0.0, "source." + s.name + ".max_mb must be >= 0");
     require(s.dtype.empty() || s.format == "npy", "source." + s.name + ".dtype needs format = npy");
   }
+  validate_batch_schedule(c);
 }
 
 std::vector<std::pair<std::string, std::string>> flatten(const Config& config) {
@@ -606,6 +613,12 @@ std::vector<std::pair<std::string, std::string>> flatten(const Config& config) {
     for (auto it = out.begin(); it != out.end(); ++it)
       if (it->first.rfind("model.", 0) == 0) at = it + 1;
     out.insert(at, {"model.recompute", name_of(config.model.recompute)});
+  }
+  if (!config.train.batch_schedule.empty()) {  // after the last train.* key, so that [train] stays one section
+    auto at = out.end();
+    for (auto it = out.begin(); it != out.end(); ++it)
+      if (it->first.rfind("train.", 0) == 0) at = it + 1;
+    out.insert(at, {"train.batch_schedule", config.train.batch_schedule});
   }
   for (const auto& s : config.data.sources) {
     const std::string prefix = "source." + s.name + ".";
@@ -649,6 +662,9 @@ std::vector<std::pair<std::string, std::string>> documented_keys() {
   out.emplace_back("model.recompute",
                    "activations recomputed in backward, per block: none | full (keep each block's input) | selective "
                    "(also keep GEMM outputs; recompute norms, RoPE, attention core, SwiGLU)");
+  out.emplace_back("train.batch_schedule",
+                   "global batch by step, e.g. 0:8;100:16 (batch-size warm-up; each batch divisible by parallel.dp x "
+                   "train.micro_batch, the first at step 0 = train.micro_batch x train.grad_accum); unset = constant");
   for (const auto& [field, doc] : source_fields()) out.emplace_back("source.NAME." + field, doc);
   out.emplace_back("plugin.NAME.KEY",
                    "argument KEY of plugin NAME (also --plugin-arg NAME.KEY=value); see docs/plugins.md");

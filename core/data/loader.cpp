@@ -57,6 +57,24 @@ std::vector<MixtureStage> config_stages(const keel::DataConfig& data, const std:
   return stages;
 }
 
+// The global batch history of a ledger (loader.h: batch_history()).
+std::vector<keel::BatchStage> batch_history_from_json(const json& ledger) {
+  std::vector<keel::BatchStage> out;
+  if (!ledger.contains("batch_history")) {  // a constant batch (every ledger before batch changes)
+    out.push_back({0, ledger.at("global_batch").get<int64_t>(), "train.grad_accum"});
+  } else {
+    for (const auto& b : ledger.at("batch_history")) {
+      out.push_back({b.at("from_step").get<int64_t>(), b.at("global_batch").get<int64_t>(), b.value("origin", "")});
+    }
+  }
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (out[i].global_batch < 1 || (i == 0 ? out[i].from_step != 0 : out[i].from_step <= out[i - 1].from_step)) {
+      throw DataError("data ledger: batch_history must start at step 0, increase in steps and hold batches >= 1");
+    }
+  }
+  return out;
+}
+
 const MixtureStage& stage_at(const std::vector<MixtureStage>& stages, int64_t step) {
   const MixtureStage* active = &stages.front();
   for (const auto& s : stages) {
@@ -113,9 +131,20 @@ DataLoader::DataLoader(const keel::Config& config, int64_t global_batch)
       config_file_(config.source_file.empty() ? "FILE" : config.source_file),
       seed_(config.data.seed),
       seq_len_(config.model.seq_len),
-      chunks_(std::max<int64_t>(1, config.data.chunks)),
-      global_batch_(global_batch) {
+      chunks_(std::max<int64_t>(1, config.data.chunks)) {
   if (global_batch <= 0) throw DataError("global batch must be > 0, got " + std::to_string(global_batch));
+  batch_stages_ = {keel::BatchStage{0, global_batch, "train.grad_accum"}};
+  if (config.train.batch_schedule.find_first_not_of(" \t") != std::string::npos) {
+    try {
+      batch_stages_ = keel::parse_batch_schedule(config.train.batch_schedule);
+    } catch (const keel::ConfigError& e) {
+      throw DataError(e.what());
+    }
+    if (batch_stages_.front().global_batch != global_batch) {
+      throw DataError("train.batch_schedule starts at a global batch of " +
+                      std::to_string(batch_stages_.front().global_batch) + ", not " + std::to_string(global_batch));
+    }
+  }
   if (seq_len_ <= 0) throw DataError("model.seq_len must be > 0, got " + std::to_string(seq_len_));
   const std::string prepare_hint = "run `keel data prepare --config " + config_file_ + "`";
   // Damaged prepared data is rebuilt by the command below; the data dir is named so that the fix lands here.
@@ -253,9 +282,13 @@ std::vector<double> DataLoader::pick_table_at(int64_t step) const {
   return table;
 }
 
-int32_t DataLoader::pick_source(int64_t step, int64_t slot, int64_t global_sample,
-                                const std::vector<double>& table) const {
-  if (data_order_version_ >= 2) return gumbel_pick(seed_, step, slot, names_, table);
+int32_t DataLoader::pick_source(int64_t step, int64_t global_sample, const std::vector<double>& table) const {
+  // The noise of global sample g sits at (g / B0, g % B0) of the first global batch B0: the step and slot while
+  // the batch is B0, and the same coordinates whatever batch later steps read (loader.h).
+  const int64_t first_batch = batch_stages_.front().global_batch;
+  if (data_order_version_ >= 2)
+    return gumbel_pick(seed_, global_sample / first_batch, global_sample % first_batch, names_, table);
+  (void)step;
   // Version 1: inverse CDF of a hash of the global sample (the order of the sections matters).
   const std::vector<double>& cdf = table;
   const double u = source_pick_uniform(seed_, global_sample);
@@ -326,10 +359,11 @@ BatchPlan DataLoader::plan_next() {
   BatchPlan plan;
   plan.step = step_;
   plan.first_sample = next_sample_;
-  plan.samples.reserve(static_cast<size_t>(global_batch_));
+  const int64_t batch = global_batch();
+  plan.samples.reserve(static_cast<size_t>(batch));
   const std::vector<double> table = pick_table_at(step_);
-  for (int64_t j = 0; j < global_batch_; ++j) {
-    const int32_t source = pick_source(step_, j, next_sample_++, table);
+  for (int64_t j = 0; j < batch; ++j) {
+    const int32_t source = pick_source(step_, next_sample_++, table);
     plan.samples.push_back(next_sample(source));
   }
   ++step_;
@@ -341,7 +375,8 @@ void DataLoader::seek(int64_t step) {
   reset_cursors();
   while (step_ < step) {
     const std::vector<double> table = pick_table_at(step_);
-    for (int64_t j = 0; j < global_batch_; ++j) next_sample(pick_source(step_, j, next_sample_++, table));
+    const int64_t batch = global_batch();
+    for (int64_t j = 0; j < batch; ++j) next_sample(pick_source(step_, next_sample_++, table));
     ++step_;
   }
 }
@@ -467,7 +502,48 @@ std::vector<std::string> DataLoader::adopt_config(const keel::Config& config) {
       changes.push_back("skip " + w.spec + " from step " + std::to_string(now));
     }
   }
+  if (std::string batch = adopt_batch(config); !batch.empty()) changes.push_back(std::move(batch));
   return changes;
+}
+
+std::string DataLoader::adopt_batch(const keel::Config& config) {
+  // Compare the futures (the batch now, then later stages); the past stays as the ledger recorded it.
+  const int64_t now = step_;
+  std::vector<keel::BatchStage> cfg;
+  try {
+    cfg = keel::batch_stages(config);
+  } catch (const keel::ConfigError& e) {
+    throw DataError(e.what());
+  }
+  auto future = [&](const std::vector<keel::BatchStage>& stages) {
+    std::vector<std::pair<int64_t, int64_t>> f{{now, keel::batch_at(stages, now)}};
+    for (const auto& s : stages) {
+      if (s.from_step > now) f.emplace_back(s.from_step, s.global_batch);
+    }
+    return f;
+  };
+  if (future(cfg) == future(batch_stages_)) return "";
+  const int64_t was = global_batch();
+  batch_stages_.erase(std::remove_if(batch_stages_.begin(), batch_stages_.end(),
+                                     [&](const keel::BatchStage& s) { return s.from_step >= now; }),
+                      batch_stages_.end());
+  const int64_t batch_now = keel::batch_at(cfg, now);
+  // Step 0 (a resume of a checkpoint taken before any step) replaces the first stage; a batch equal to the one
+  // in force needs no stage of its own.
+  if (batch_stages_.empty() || batch_stages_.back().global_batch != batch_now) {
+    const std::string key =
+        config.train.batch_schedule.empty() ? "train.micro_batch x train.grad_accum" : "train.batch_schedule";
+    batch_stages_.push_back({now, batch_now, key + " (adopted at resume)"});
+  }
+  for (const auto& s : cfg) {
+    if (s.from_step > now) batch_stages_.push_back(s);
+  }
+  std::string line = "global batch from step " + std::to_string(now) + ": " + std::to_string(global_batch()) +
+                     " sequences" + (global_batch() == was ? ", as before" : " (was " + std::to_string(was) + ")");
+  for (const auto& b : batch_stages_) {
+    if (b.from_step > now) line += ", " + std::to_string(b.global_batch) + " from step " + std::to_string(b.from_step);
+  }
+  return line;
 }
 
 json DataLoader::fingerprint() const {
@@ -504,19 +580,27 @@ json DataLoader::state() const {
   for (const auto& r : skip_) {
     skip.push_back({{"spec", r.spec}, {"from_step", r.from_step}, {"to_step", r.to_step}, {"origin", r.origin}});
   }
-  return {{"format", "keel-data-ledger"},
-          {"version", kLedgerVersion},
-          {"data_order_version", data_order_version_},
-          {"step", step_},
-          {"next_sample", next_sample_},
-          {"global_batch", global_batch_},
-          {"seed", seed_},
-          {"seq_len", seq_len_},
-          {"chunks", chunks_},
-          {"sources", sources},
-          {"mixture_history", history},
-          {"skip", skip},
-          {"fingerprint", fingerprint()}};
+  json out = {{"format", "keel-data-ledger"},
+              {"version", kLedgerVersion},
+              {"data_order_version", data_order_version_},
+              {"step", step_},
+              {"next_sample", next_sample_},
+              {"global_batch", global_batch()},
+              {"seed", seed_},
+              {"seq_len", seq_len_},
+              {"chunks", chunks_},
+              {"sources", sources},
+              {"mixture_history", history},
+              {"skip", skip},
+              {"fingerprint", fingerprint()}};
+  // Written only when the batch changes, so that the ledgers of constant-batch runs stay as they were.
+  if (batch_stages_.size() > 1) {
+    json batches = json::array();
+    for (const auto& b : batch_stages_)
+      batches.push_back({{"from_step", b.from_step}, {"global_batch", b.global_batch}, {"origin", b.origin}});
+    out["batch_history"] = batches;
+  }
+  return out;
 }
 
 void DataLoader::load_state(const json& ledger, bool allow_data_change) {
@@ -533,7 +617,7 @@ void DataLoader::load_state(const json& ledger, bool allow_data_change) {
     require_same("seed", seed_, "data.seed");
     require_same("seq_len", seq_len_, "model.seq_len");
     require_same("chunks", chunks_, "data.chunks");
-    require_same("global_batch", global_batch_, "the global batch");
+    std::vector<keel::BatchStage> batches = batch_history_from_json(ledger);
     if (!allow_data_change && ledger.at("fingerprint") != fingerprint()) {
       throw DataError("data ledger was written for other prepared data: ledger " + ledger.at("fingerprint").dump() +
                       " vs " + dir_ + " " + fingerprint().dump());
@@ -573,6 +657,7 @@ void DataLoader::load_state(const json& ledger, bool allow_data_change) {
     // All checks passed: commit.
     stages_ = std::move(stages);
     skip_ = std::move(skip);
+    batch_stages_ = std::move(batches);
     data_order_version_ = order_version;
     step_ = ledger.at("step").get<int64_t>();
     next_sample_ = ledger.at("next_sample").get<int64_t>();

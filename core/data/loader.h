@@ -9,8 +9,12 @@
 //     U_i = hash(seed, s, j, name_i), and the slot takes argmin_i -log(U_i) / w_i under the weights active at s
 //     (data.mixture, data.schedule, or changes recorded mid-run). The noise is keyed by the source's name, so two
 //     arms with different mixtures pick the same source in as many slots as possible (common random numbers),
-//     whatever the order of the sections. Ledgers without a data_order_version (version 1, older checkpoints)
-//     keep the inverse-CDF pick of a hash of (seed, global sample) they were trained with.
+//     whatever the order of the sections. (s, j) are the coordinates of the global sample index g in the run's
+//     first global batch B0 (s = g / B0, j = g % B0): the same as the step and slot while the batch stays B0, and
+//     a function of g alone when it changes (train.batch_schedule, a resume with another batch), so that a
+//     batch change neither repeats nor drops a sample and reads them in the constant-batch order. Ledgers without a
+//     data_order_version (version 1, older checkpoints) keep the inverse-CDF pick of a hash of (seed, global sample)
+//     they were trained with.
 // Planning never reads tokens, so seek(step) is a cheap replay; tokens() reads a plan's samples from the shards.
 #pragma once
 
@@ -21,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "core/config/batch_schedule.h"
 #include "core/config/config.h"
 #include "core/data/data_error.h"
 #include "core/data/mixture.h"
@@ -65,7 +70,9 @@ constexpr int kDataOrderVersion = 2;
 class DataLoader {
  public:
   // Opens DIR/prepared.json and every shard (validated, vocab == config.model.vocab). Throws DataError
-  // "data not prepared in DIR: run `keel data prepare --config FILE`" if it is missing or stale.
+  // "data not prepared in DIR: run `keel data prepare --config FILE`" if it is missing or stale. Steps read
+  // `global_batch` samples, or follow config.train.batch_schedule when it is set (its batch at step 0 must then be
+  // `global_batch`).
   DataLoader(const keel::Config& config, int64_t global_batch);
   ~DataLoader();
   DataLoader(DataLoader&&) noexcept;
@@ -76,7 +83,12 @@ class DataLoader {
   // Reset, then replay plans up to `step` (hashes and cursor moves only, no token reads).
   void seek(int64_t step);
   int64_t step() const { return step_; }
-  int64_t global_batch() const { return global_batch_; }
+  // The global batch of the step planned next (step()).
+  int64_t global_batch() const { return batch_at(batch_stages_, step_); }
+  int64_t global_batch_at(int64_t step) const { return batch_at(batch_stages_, step); }
+  // The global batch by step: from step 0, each stage with the step it applies from (train.batch_schedule, or a
+  // change adopted at a resume). Recorded in the ledger as batch_history when it has more than one stage.
+  const std::vector<keel::BatchStage>& batch_history() const { return batch_stages_; }
   int64_t seq_len() const { return seq_len_; }
 
   // Tokens of plan.samples[begin, begin + count): int64 tensor [count, seq_len + 1] (inputs = [:, :-1],
@@ -90,8 +102,9 @@ class DataLoader {
   void set_mixture(int64_t from_step, const std::string& weights, const std::string& origin = "set_mixture");
   // Add skip rules ("prose:chunk:3;code:samples:10-20") that apply from `from_step` (>= step()) on.
   void add_skip(int64_t from_step, const std::string& spec, const std::string& origin = "add_skip");
-  // After load_state(): make the future follow `config`'s mixture/schedule and skip list where they differ
-  // from the ledger (a branch with a new data mix). Changes apply from step(); returns a line per change.
+  // After load_state(): make the future follow `config`'s mixture/schedule, skip list and global batch (train.
+  // micro_batch x train.grad_accum, train.batch_schedule) where they differ from the ledger (a branch with a new
+  // data mix or batch). Changes apply from step(); returns a line per change.
   std::vector<std::string> adopt_config(const keel::Config& config);
   // The normalized weights active at `step`.
   std::vector<double> weights_at(int64_t step) const;
@@ -110,7 +123,8 @@ class DataLoader {
   // The ledger: step, global sample counter, per-source cursors, mixture history, skip rules, fingerprint.
   nlohmann::json state() const;
   // Restore a ledger written by state(). Throws DataError if it was written for other data (fingerprint),
-  // another seed, seq_len, chunk count or global batch. With `allow_data_change` a fingerprint mismatch is
+  // another seed, seq_len or chunk count. The ledger's global batch history is put in force (adopt_config()
+  // changes its future). With `allow_data_change` a fingerprint mismatch is
   // accepted (the caller records it): cursors keep their epoch and position, clamped to the new epoch size.
   void load_state(const nlohmann::json& ledger, bool allow_data_change = false);
   // vocab, eos, tokenizer and prepared fingerprints, per-source shard token counts (resume refuses a mismatch).
@@ -145,8 +159,10 @@ class DataLoader {
   };
 
   void reset_cursors();
-  // The source of slot `slot` of step `step`, global sample `global_sample`; `table` is pick_table_at(step).
-  int32_t pick_source(int64_t step, int64_t slot, int64_t global_sample, const std::vector<double>& table) const;
+  // The source of global sample `global_sample`, planned at step `step`; `table` is pick_table_at(step).
+  int32_t pick_source(int64_t step, int64_t global_sample, const std::vector<double>& table) const;
+  // The config's batch stages whose future differs from batch_stages_' from step_ on, adopted; "" if none.
+  std::string adopt_batch(const keel::Config& config);
   // The normalized weights at `step` (version 2) or their CDF (version 1).
   std::vector<double> pick_table_at(int64_t step) const;
   std::vector<SkipRule> skip_from_json(const nlohmann::json& skip) const;
@@ -162,7 +178,7 @@ class DataLoader {
   uint64_t seed_ = 0;
   int64_t seq_len_ = 0;
   int64_t chunks_ = 1;
-  int64_t global_batch_ = 1;
+  std::vector<keel::BatchStage> batch_stages_;  // sorted by from_step, the first at step 0; the batch history
   std::vector<std::string> names_;
   std::vector<Source> sources_;
   std::vector<MixtureStage> stages_;  // sorted by from_step; the mixture history

@@ -110,6 +110,13 @@ std::unique_ptr<DataLoader> RunOrder::start_loader(int64_t step) const {
     state["mixture_history"] = final_ledger_->at("mixture_history");
     state["skip"] = final_ledger_->at("skip");
     state["data_order_version"] = final_ledger_->value("data_order_version", 1);  // a root run's pick, too
+    // The global batch by step (a ledger of a constant batch has no batch_history: its global_batch holds).
+    if (final_ledger_->contains("batch_history")) {
+      state["batch_history"] = final_ledger_->at("batch_history");
+    } else {
+      state.erase("batch_history");
+      state["global_batch"] = final_ledger_->at("global_batch");
+    }
     loader->load_state(state);
   }
   return loader;

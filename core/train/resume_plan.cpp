@@ -9,6 +9,7 @@
 
 #include "core/checkpoint/checkpoint_error.h"
 #include "core/checkpoint/resharding.h"
+#include "core/config/batch_schedule.h"
 #include "core/config/memory_estimate.h"
 #include "core/parallel/rendezvous.h"
 
@@ -42,9 +43,9 @@ std::vector<std::string> fingerprint_differences(const json& was, const json& no
   return soft;
 }
 
-// 2. The model and the global batch must not change (the manifest's model keys agree with its config.ini).
-void check_same_shape(const checkpoint::ResolvedCheckpoint& ckpt, const Config& parent, const Config& config,
-                      const FlatConfig& parent_flat, const FlatConfig& flat) {
+// 2. The model must not change (the manifest's model keys agree with its config.ini).
+void check_same_shape(const checkpoint::ResolvedCheckpoint& ckpt, const FlatConfig& parent_flat,
+                      const FlatConfig& flat) {
   for (const auto& [key, value] : flat) {
     if (key.rfind("model.", 0) != 0) continue;
     const std::string was = value_of(parent_flat, key);
@@ -57,10 +58,16 @@ void check_same_shape(const checkpoint::ResolvedCheckpoint& ckpt, const Config& 
       throw CheckpointError(ckpt.dir + ": manifest " + key + " = " + it->second + " but its config.ini says " + value);
     }
   }
-  if (config.global_batch() != parent.global_batch()) {
-    throw CheckpointError(ckpt.dir + ": the global batch (train.micro_batch x train.grad_accum) differs: checkpoint " +
-                          std::to_string(parent.global_batch()) + ", requested " +
-                          std::to_string(config.global_batch()) + " (the data order is defined per global batch)");
+}
+
+// The global batch may change at a resume: the data ledger continues from its next sample (docs/data.md), and the
+// trainer records the change in the lineage. Said here, before anything is read.
+void say_batch_change(const checkpoint::ResolvedCheckpoint& ckpt, const Config& parent, const Config& config) {
+  const int64_t step = ckpt.manifest.step;
+  const int64_t was = batch_at(batch_stages(parent), step), now = batch_at(batch_stages(config), step);
+  if (was != now || parent.train.batch_schedule != config.train.batch_schedule) {
+    spdlog::info("the global batch from step {} is {} sequences (the checkpoint's config: {}){}", step, now, was,
+                 config.train.batch_schedule.empty() ? "" : "; train.batch_schedule " + config.train.batch_schedule);
   }
 }
 
@@ -128,7 +135,8 @@ ResumePlan plan_resume(const checkpoint::ResolvedCheckpoint& ckpt, const std::st
   plan.config = load_config(ckpt_config, overrides);
   check_memory_fits(plan.config);  // an absurd model size, before any tensor is read
   const FlatConfig parent_flat = flatten(parent), flat = flatten(plan.config);
-  check_same_shape(ckpt, parent, plan.config, parent_flat, flat);
+  check_same_shape(ckpt, parent_flat, flat);
+  say_batch_change(ckpt, parent, plan.config);
   if (plan.config.train.device == Device::kCuda && !torch::cuda::is_available())
     throw std::runtime_error("train.device = cuda but no CUDA device is available to this build of keel");
 

@@ -5,7 +5,8 @@
 //      of every file; from a run dir, a damaged newest checkpoint is passed over with a warning, never silently
 //      replaced by step 0), and the new run dir must not contain it;
 //   2. the config is the checkpoint's own config.ini plus the overrides; a change to any model.* key is refused
-//      with the key named (weights of another shape cannot be loaded), and so is a change of the global batch;
+//      with the key named (weights of another shape cannot be loaded); the global batch may change (train.
+//      micro_batch, train.grad_accum, train.batch_schedule): the data ledger continues from its next sample;
 //   3. the data must be the data the checkpoint was trained on: a different vocab or tokenizer is refused (hard),
 //      a different corpus (shard sizes, EOS id) only with allow_data_change (soft), which the lineage records.
 // Then every tensor is read and checked, and the lineage of the new branch is written down. The CLI

@@ -90,19 +90,20 @@ void run_step_start_hooks(TrainerState& s, sdk::StepContext& ctx) {
 }
 
 torch::Tensor load_batch(TrainerState& s, sdk::StepContext& ctx) {
-  const Config& c = s.config;
   const int64_t step = ctx.step;
   const parallel::ProcessGroups& g = s.groups;
   data::BatchPlan plan = s.loader->plan_next();
   TORCH_CHECK(plan.step == step, "data plan is at step ", plan.step, " but the trainer is at step ", step);
   for (const auto& sample : plan.samples)
     ctx.batch.push_back({s.loader->source_names().at(sample.source), sample.sample_id, sample.epoch, sample.chunk});
-  const int64_t rank_batch = c.global_batch() / g.layout.dp();
+  // The plan holds this step's global batch (train.batch_schedule or a resume may have changed it).
+  const auto global_batch = static_cast<int64_t>(plan.samples.size());
+  const int64_t rank_batch = global_batch / g.layout.dp();
   torch::Tensor window = s.loader->tokens(plan, g.coords.dp * rank_batch, rank_batch);  // [B/dp, T+1]
   // On a GPU the copy goes from pinned memory without blocking the host (the stream keeps it ordered).
   window = s.device.is_cuda() ? window.pin_memory().to(s.device, /*non_blocking=*/true) : window.to(s.device);
   const int64_t T = window.size(1) - 1;
-  ctx.tokens = c.global_batch() * T;
+  ctx.tokens = global_batch * T;
   return window;
 }
 
@@ -110,7 +111,7 @@ torch::Tensor forward_backward(TrainerState& s, const torch::Tensor& window, tor
   const Config& c = s.config;
   const parallel::ProcessGroups& g = s.groups;
   const int64_t micro_batch = c.rank_micro_batch();
-  const int64_t microbatches = c.microbatches_per_rank();
+  const int64_t microbatches = window.size(0) / micro_batch;  // the batch's share of this rank, in micro-batches
   const int64_t T = window.size(1) - 1;
   for (auto& p : s.params) p.param.mutable_grad() = torch::Tensor();
   torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat).device(s.device));

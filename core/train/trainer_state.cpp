@@ -33,6 +33,18 @@ std::string TrainerState::newest_checkpoint() const {
 }
 
 void TrainerState::write_lineage() {
+  // The global batch changes of this run's own steps, from the loader's history (train.batch_schedule, or a
+  // resume that adopted another batch): recomputed at each write, so that the lineage follows the ledger.
+  if (loader) {
+    lineage.batch_changes.clear();
+    const int64_t start = lineage.is_root() ? 0 : lineage.parent_step;
+    const std::vector<BatchStage>& history = loader->batch_history();
+    for (size_t i = 1; i < history.size(); ++i) {
+      const BatchStage& b = history[i];
+      if (b.from_step < start || b.global_batch == history[i - 1].global_batch) continue;
+      lineage.batch_changes.push_back({b.from_step, history[i - 1].global_batch, b.global_batch, b.origin});
+    }
+  }
   if (rank0()) checkpoint::write_file_atomically(paths.lineage_json(), checkpoint::lineage_to_json(lineage));
 }
 

@@ -74,9 +74,20 @@ TEST_F(ResumePlanTest, ModelChangeIsRefusedNamingTheKey) {
   EXPECT_EQ(message.find('\n'), std::string::npos) << "one line: " << message;
 }
 
-TEST_F(ResumePlanTest, GlobalBatchChangeIsRefused) {
-  const std::string message = error_of({"train.micro_batch=4"}, fresh_dir("resume-plan-batch"));
-  EXPECT_NE(message.find("the global batch (train.micro_batch x train.grad_accum) differs"), std::string::npos)
+TEST_F(ResumePlanTest, GlobalBatchChangeIsPlannedAndRecordedAsAConfigChange) {
+  // The data ledger continues from its next sample (docs/data.md); the trainer adopts the new batch at restore.
+  const checkpoint::ResolvedCheckpoint ckpt = checkpoint::resolve_checkpoint(run_);
+  const ResumePlan plan = plan_resume(ckpt, fresh_dir("resume-plan-batch"), {"train.grad_accum=4"}, false);
+  EXPECT_EQ(plan.config.global_batch(), 32);
+  bool recorded = false;
+  for (const auto& change : plan.lineage.changes)
+    recorded |= change.key == "train.grad_accum" && change.from == "2" && change.to == "4";
+  EXPECT_TRUE(recorded);
+  EXPECT_EQ(plan.lineage.kind(), "branch");
+  // A batch the layout cannot split is a config error naming the key.
+  const std::string message = error_of({"train.batch_schedule=0:16;3:20"}, fresh_dir("resume-plan-bad-schedule"));
+  EXPECT_NE(message.find("train.batch_schedule: the global batch from step 3 (20) must be divisible"),
+            std::string::npos)
       << message;
 }
 

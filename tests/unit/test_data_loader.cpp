@@ -247,7 +247,6 @@ TEST(DataLoader, LedgerRefusesOtherDataOrSettings) {
   other.data.seed = 7;
   EXPECT_NE(error_of([&] { DataLoader(other, 8).load_state(ledger); }).find("seed 42 != data.seed 7"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { DataLoader(config, 16).load_state(ledger); }).find("global_batch"), std::string::npos);
   ledger["fingerprint"]["sources"][0]["tokens"] = 1;
   EXPECT_NE(error_of([&] { DataLoader(config, 8).load_state(ledger); }).find("other prepared data"), std::string::npos);
 }
@@ -387,6 +386,7 @@ TEST(DataLoader, ChunksCutTheEpochOrderIntoEqualParts) {
 TEST(DataLoader, AdoptConfigChangesOnlyTheFuture) {
   keel::Config config = two_sources();
   config.data.mixture = "prose=0.7,code=0.3";
+  config.train.micro_batch = 16;  // the loaders' global batch: adopt_config follows the config's
   DataLoader a(config, 16);
   for (int i = 0; i < 20; ++i) a.plan_next();
   const json ledger = a.state();
@@ -411,6 +411,145 @@ TEST(DataLoader, AdoptConfigChangesOnlyTheFuture) {
   DataLoader parent(config, 16);
   parent.seek(19);
   EXPECT_TRUE(same(c.plan_next(), parent.plan_next()));
+}
+
+// The concatenated sample stream of `steps` plans (source, sample id, epoch, chunk), and the global sample index
+// each plan starts at must follow on from the previous plan's last.
+std::vector<SampleRef> stream(DataLoader& loader, int64_t steps) {
+  std::vector<SampleRef> out;
+  int64_t next = -1;
+  for (int64_t s = 0; s < steps; ++s) {
+    const BatchPlan plan = loader.plan_next();
+    if (next >= 0) EXPECT_EQ(plan.first_sample, next) << "step " << plan.step;
+    next = plan.first_sample + static_cast<int64_t>(plan.samples.size());
+    out.insert(out.end(), plan.samples.begin(), plan.samples.end());
+  }
+  return out;
+}
+
+bool same_stream(const std::vector<SampleRef>& a, const std::vector<SampleRef>& b, size_t n) {
+  if (a.size() < n || b.size() < n) return false;
+  for (size_t i = 0; i < n; ++i) {
+    if (a[i].source != b[i].source || a[i].sample_id != b[i].sample_id || a[i].epoch != b[i].epoch ||
+        a[i].chunk != b[i].chunk)
+      return false;
+  }
+  return true;
+}
+
+TEST(DataLoader, BatchScheduleReadsTheConstantBatchStream) {
+  // Batch-size warm-up 8 -> 16 -> 24: the samples, concatenated, are the constant-batch run's, none lost or
+  // repeated (the pick is a function of the global sample index); each step reads its stage's batch.
+  keel::Config config = two_sources();
+  config.data.mixture = "prose=0.6,code=0.4";
+  DataLoader constant(config, 8);
+  const std::vector<SampleRef> want = stream(constant, 100);  // 800 samples, more than the warm-up reads
+  config.train.micro_batch = 8;
+  config.train.grad_accum = 1;
+  config.train.batch_schedule = "0:8;5:16;9:24";
+  DataLoader warmup(config, 8);
+  std::vector<int64_t> sizes;
+  std::vector<SampleRef> got;
+  for (int64_t s = 0; s < 20; ++s) {
+    EXPECT_EQ(warmup.global_batch(), s < 5 ? 8 : s < 9 ? 16 : 24) << "step " << s;
+    const BatchPlan plan = warmup.plan_next();
+    EXPECT_EQ(plan.first_sample, static_cast<int64_t>(got.size())) << "step " << s;
+    sizes.push_back(static_cast<int64_t>(plan.samples.size()));
+    got.insert(got.end(), plan.samples.begin(), plan.samples.end());
+  }
+  EXPECT_EQ(sizes[4], 8);
+  EXPECT_EQ(sizes[5], 16);
+  EXPECT_EQ(sizes[19], 24);
+  EXPECT_EQ(got.size(), 5u * 8 + 4 * 16 + 11 * 24);
+  EXPECT_TRUE(same_stream(got, want, got.size()));
+  // seek() replays the schedule; the ledger records it and a loader restores it.
+  DataLoader seeker(config, 8);
+  seeker.seek(12);
+  DataLoader sequential(config, 8);
+  for (int i = 0; i < 12; ++i) sequential.plan_next();
+  EXPECT_TRUE(same(seeker.plan_next(), sequential.plan_next()));
+  const json ledger = json::parse(warmup.state().dump());
+  ASSERT_TRUE(ledger.contains("batch_history"));
+  EXPECT_EQ(ledger["batch_history"].size(), 3u);
+  EXPECT_EQ(ledger["global_batch"], 24);
+  keel::Config plain = two_sources();
+  plain.data.mixture = "prose=0.6,code=0.4";
+  DataLoader restored(plain, 8);
+  restored.load_state(ledger);
+  EXPECT_EQ(restored.global_batch(), 24);
+  EXPECT_EQ(restored.global_batch_at(6), 16);
+  EXPECT_TRUE(same(restored.plan_next(), warmup.plan_next()));
+  // A constant batch writes no history: ledgers of such runs stay as they were.
+  EXPECT_FALSE(constant.state().contains("batch_history"));
+}
+
+TEST(DataLoader, ResumeWithAnotherBatchContinuesFromTheNextSample) {
+  keel::Config config = two_sources();
+  config.data.mixture = "prose=0.5,code=0.5";
+  config.data.schedule = "0:prose=0.5,code=0.5;30:prose=0.2,code=0.8";  // the weights stay by step
+  config.train.micro_batch = 4;
+  config.train.grad_accum = 2;
+  DataLoader parent(config, config.global_batch());
+  for (int i = 0; i < 10; ++i) parent.plan_next();
+  const json ledger = json::parse(parent.state().dump());
+
+  keel::Config bigger = config;
+  bigger.train.grad_accum = 6;  // 24 sequences from the resume on
+  DataLoader child(bigger, bigger.global_batch());
+  child.load_state(ledger);
+  EXPECT_EQ(child.global_batch(), 8) << "the ledger's batch until the config is adopted";
+  const auto changes = child.adopt_config(bigger);
+  ASSERT_EQ(changes.size(), 1u);
+  EXPECT_EQ(changes[0], "global batch from step 10: 24 sequences (was 8)");
+  EXPECT_TRUE(child.adopt_config(bigger).empty());  // idempotent
+  EXPECT_EQ(child.global_batch_at(9), 8);
+  EXPECT_EQ(child.global_batch(), 24);
+  EXPECT_EQ(child.batch_history().back().origin, "train.micro_batch x train.grad_accum (adopted at resume)");
+  // Steps 10..14 at 24 sequences read exactly the samples 80..199 of the constant run (weights before step 30 are
+  // those of the constant run).
+  DataLoader constant(config, 8);
+  constant.seek(10);
+  const std::vector<SampleRef> want = stream(constant, 15);
+  const std::vector<SampleRef> got = stream(child, 5);
+  ASSERT_EQ(got.size(), 120u);
+  EXPECT_TRUE(same_stream(got, want, got.size()));
+  // The recorded history replays the whole run: step 12 as the child planned it.
+  DataLoader replay(config, 8);
+  replay.load_state(child.state());
+  replay.seek(12);
+  DataLoader child_again(bigger, 24);
+  child_again.load_state(ledger);
+  child_again.adopt_config(bigger);
+  child_again.plan_next();
+  child_again.plan_next();
+  EXPECT_TRUE(same(replay.plan_next(), child_again.plan_next()));
+  // A resume back to the old batch ends the change; a schedule adopted at resume keeps its later stages.
+  keel::Config warmup = config;
+  warmup.train.batch_schedule = "0:8;12:16;14:32";
+  DataLoader scheduled(warmup, 8);
+  scheduled.load_state(ledger);
+  const auto lines = scheduled.adopt_config(warmup);
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_EQ(lines[0], "global batch from step 10: 8 sequences, as before, 16 from step 12, 32 from step 14");
+  EXPECT_EQ(scheduled.global_batch_at(13), 16);
+  EXPECT_EQ(scheduled.global_batch_at(20), 32);
+}
+
+TEST(DataLoader, ABatchHistoryThatDoesNotStartAtStepZeroIsRefused) {
+  keel::Config config = two_sources();
+  config.train.micro_batch = 8;
+  config.train.batch_schedule = "0:8;2:16";
+  DataLoader a(config, 8);
+  json ledger = a.state();
+  ledger["batch_history"][0]["from_step"] = 1;
+  EXPECT_NE(error_of([&] { DataLoader(config, 8).load_state(ledger); }).find("batch_history must start at step 0"),
+            std::string::npos);
+  ledger = a.state();
+  ledger["batch_history"][1]["global_batch"] = 0;
+  EXPECT_NE(error_of([&] { DataLoader(config, 8).load_state(ledger); }).find("batches >= 1"), std::string::npos);
+  // A loader whose schedule starts at another batch than the one it is given.
+  EXPECT_NE(error_of([&] { DataLoader(config, 4); }).find("train.batch_schedule starts at a global batch of 8, not 4"),
+            std::string::npos);
 }
 
 TEST(DataLoader, RefusesChangingThePast) {
@@ -642,6 +781,7 @@ TEST(SkipRules, TheReplayAfterARollbackNeverDrawsASkippedSample) {
 TEST(SkipRules, AdoptConfigEndsOnlyTheConfigsRules) {
   keel::Config config = two_sources();
   config.data.skip = "code:chunk:1";
+  config.train.micro_batch = 16;  // the loaders' global batch: adopt_config follows the config's
   DataLoader a(config, 16);
   for (int i = 0; i < 10; ++i) a.plan_next();
   a.add_skip(10, "prose:chunk:2", "rollback at step 12 by rollback_skip");
