@@ -12,6 +12,7 @@ packages=(
   libboost-dev libboost-program-options-dev libboost-filesystem-dev
   libgtest-dev libgmock-dev
   libsentencepiece-dev nlohmann-json3-dev
+  sentencepiece                                   # spm_train: tests train an external tokenizer (data.tokenizer)
   fortunes fortunes-min python3                   # the bundled corpus: English prose + Python stdlib sources
   python3-torch                                   # bench/: the PyTorch reference run side by side
   clang libclang-rt-14-dev                        # scripts/fuzz.sh: libFuzzer targets (tests/fuzz/)

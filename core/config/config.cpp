@@ -277,6 +277,9 @@ const std::vector<std::pair<std::string, std::string>>& source_fields() {
        "documents separated by data.eos_id) or jsonl-tokens (JSON lines with token_ids, .gz allowed, parsed once "
        "into a cache): pre-tokenized formats are read in place"},
       {"dtype", "uint16 or uint32: element type of raw (non-.npy) token files of format npy"},
+      {"heldout",
+       "held-out documents never trained on (keel eval's default split): >= 1 a count, in (0, 1) a fraction, 0 "
+       "none; absent = 1% and at least 1 when the source has >= 2 documents (text sources only)"},
   };
   return fields;
 }
@@ -313,6 +316,8 @@ bool set_source_key(Config& config, const std::string& key, const std::string& v
     source.format = parse_choice(origin, key, value, {"text", "megatron", "npy", "jsonl-tokens"});
   else if (field == "dtype")
     source.dtype = parse_choice(origin, key, value, {"uint16", "uint32"});
+  else if (field == "heldout")
+    source.heldout = parse_double(origin, key, value);
   else
     throw ConfigError(origin + ": unknown key '" + key + "'");
   return true;
@@ -358,6 +363,14 @@ void set_key(Config& config, const std::string& key, const std::string& value, c
   }
   if (key == "data.eos_id") {  // outside key_table: written to config.ini only when set (config hashes unchanged)
     config.data.eos_id = parse_int(origin, key, value);
+    return;
+  }
+  if (key == "data.tokenizer") {  // outside key_table like data.eos_id: written only when set
+    config.data.tokenizer = value;
+    return;
+  }
+  if (key == "data.add_bos") {  // outside key_table like data.eos_id: written only when true
+    config.data.add_bos = parse_bool(origin, key, value);
     return;
   }
   if (key == "checkpoint.async") {  // outside key_table like data.eos_id: written only when true
@@ -419,6 +432,7 @@ std::string absolute_against(const std::string& value, const std::filesystem::pa
 // paths already absolute stay as they are, so a later call only resolves values set since.
 void resolve_paths(Config& config, const std::filesystem::path& base, const std::string& origin) {
   config.data.dir = absolute_against(config.data.dir, base, "data.dir", origin);
+  config.data.tokenizer = absolute_against(config.data.tokenizer, base, "data.tokenizer", origin);
   for (auto& source : config.data.sources) {
     for (auto& input : source.inputs)
       input = absolute_against(input, base, "source." + source.name + ".inputs", origin);
@@ -589,6 +603,11 @@ void validate(const Config& c) {
     require(!s.inputs.empty(), "source." + s.name + ".inputs is empty");
     require(s.max_mb >= 0.0, "source." + s.name + ".max_mb must be >= 0");
     require(s.dtype.empty() || s.format == "npy", "source." + s.name + ".dtype needs format = npy");
+    require(s.heldout == -1.0 || (s.heldout >= 0.0 && (s.heldout < 1.0 || s.heldout == std::floor(s.heldout))),
+            "source." + s.name + ".heldout must be a document count (>= 1), a fraction in (0, 1) or 0, got " +
+                format_double(s.heldout));
+    require(s.heldout <= 0.0 || s.format == "text",
+            "source." + s.name + ".heldout needs format = text (pre-tokenized sources have no held-out set)");
   }
   validate_batch_schedule(c);
 }
@@ -596,12 +615,17 @@ void validate(const Config& c) {
 std::vector<std::pair<std::string, std::string>> flatten(const Config& config) {
   std::vector<std::pair<std::string, std::string>> out;
   for (const auto& def : key_table()) out.emplace_back(def.name, def.get(config));
-  if (config.data.eos_id >= 0) {  // after the last data.* key, so that [data] stays one section
+  // Keys written only when not at their default (config.ini and config hashes of existing runs unchanged), after
+  // the last data.* key so that [data] stays one section.
+  const auto add_data_key = [&out](const std::string& key, const std::string& value) {
     auto at = out.end();
     for (auto it = out.begin(); it != out.end(); ++it)
       if (it->first.rfind("data.", 0) == 0) at = it + 1;
-    out.insert(at, {"data.eos_id", std::to_string(config.data.eos_id)});
-  }
+    out.insert(at, {key, value});
+  };
+  if (config.data.eos_id >= 0) add_data_key("data.eos_id", std::to_string(config.data.eos_id));
+  if (!config.data.tokenizer.empty()) add_data_key("data.tokenizer", config.data.tokenizer);
+  if (config.data.add_bos) add_data_key("data.add_bos", "true");
   if (config.checkpoint.async) {  // after the last checkpoint.* key: [checkpoint] stays one section
     auto at = out.end();
     for (auto it = out.begin(); it != out.end(); ++it)
@@ -628,6 +652,7 @@ std::vector<std::pair<std::string, std::string>> flatten(const Config& config) {
     out.emplace_back(prefix + "max_mb", format_double(s.max_mb));
     if (s.format != "text") out.emplace_back(prefix + "format", s.format);
     if (!s.dtype.empty()) out.emplace_back(prefix + "dtype", s.dtype);
+    if (s.heldout != -1.0) out.emplace_back(prefix + "heldout", format_double(s.heldout));
   }
   for (const auto& [name, args] : config.plugin_args) {
     for (const auto& [field, value] : args) out.emplace_back("plugin." + name + "." + field, value);
@@ -656,6 +681,10 @@ std::vector<std::pair<std::string, std::string>> documented_keys() {
   for (const auto& def : key_table()) out.emplace_back(def.name, def.doc);
   out.emplace_back("data.eos_id",
                    "separator (EOS) id of pre-tokenized sources, which come without a tokenizer; unset = -1");
+  out.emplace_back("data.tokenizer",
+                   "an existing SentencePiece tokenizer.model to use (copied into data.dir, its BOS/EOS/PAD ids); "
+                   "unset = train one from the text sources");
+  out.emplace_back("data.add_bos", "prepend the tokenizer's BOS id to every document (default false)");
   out.emplace_back("checkpoint.async",
                    "write, hash and commit periodic checkpoints on a background thread while training continues "
                    "(default false)");

@@ -23,6 +23,7 @@
 #include <set>
 #include <sstream>
 
+#include "core/checkpoint/sha256.h"
 #include "core/data/data_error.h"
 #include "core/data/documents.h"
 #include "core/data/hash.h"
@@ -127,16 +128,25 @@ std::vector<std::string> tokenizer_sample(const std::vector<SourceDocs>& sources
 }
 
 // Accumulates a source's token stream and writes it out as shards of at most kShardMaxTokens.
+// Files are PREFIX-00000.bin ("shard" for training, "heldout" for the held-out set); bos >= 0 is prepended to
+// every document (data.add_bos).
 class ShardSink {
  public:
-  ShardSink(std::string dir, std::string rel_dir, int64_t vocab, int32_t eos)
-      : dir_(std::move(dir)), rel_dir_(std::move(rel_dir)), vocab_(vocab), eos_(eos) {}
+  ShardSink(std::string dir, std::string rel_dir, int64_t vocab, int32_t eos, int32_t bos = -1,
+            std::string prefix = "shard")
+      : dir_(std::move(dir)),
+        rel_dir_(std::move(rel_dir)),
+        prefix_(std::move(prefix)),
+        vocab_(vocab),
+        eos_(eos),
+        bos_(bos) {}
 
   void append(const std::vector<int32_t>& tokens) {
     document_starts_.push_back(total_);
+    if (bos_ >= 0) pending_.push_back(bos_);
     pending_.insert(pending_.end(), tokens.begin(), tokens.end());
     pending_.push_back(eos_);
-    total_ += static_cast<int64_t>(tokens.size()) + 1;
+    total_ += static_cast<int64_t>(tokens.size()) + 1 + (bos_ >= 0 ? 1 : 0);
     while (static_cast<int64_t>(pending_.size()) >= kShardMaxTokens) flush(kShardMaxTokens);
   }
   void finish() {
@@ -149,25 +159,26 @@ class ShardSink {
 
  private:
   void flush(int64_t count) {
-    char name[32];
-    std::snprintf(name, sizeof name, "shard-%05zu.bin", shards_.size());
+    char name[64];
+    std::snprintf(name, sizeof name, "%s-%05zu.bin", prefix_.c_str(), shards_.size());
     std::vector<int32_t> piece(pending_.begin(), pending_.begin() + count);
     const int64_t bytes = write_shard(dir_ + "/" + name, piece, vocab_, eos_);
     shards_.push_back({{"file", rel_dir_ + "/" + name}, {"tokens", count}, {"bytes", bytes}});
     pending_.erase(pending_.begin(), pending_.begin() + count);
   }
 
-  std::string dir_, rel_dir_;
+  std::string dir_, rel_dir_, prefix_;
   int64_t vocab_;
-  int32_t eos_;
+  int32_t eos_, bos_;
   std::vector<int32_t> pending_;
   json shards_ = json::array();
   int64_t total_ = 0;
   std::vector<int64_t> document_starts_;
 };
 
-// Tokenize documents, appending them to `sink` in document order.
-void tokenize_into(const std::vector<std::string>& docs, const Tokenizer& tokenizer, ShardSink& sink) {
+// Tokenize documents, appending them in document order to `sink`, or to `heldout` where held[i] is set.
+void tokenize_into(const std::vector<std::string>& docs, const Tokenizer& tokenizer, ShardSink& sink,
+                   const std::vector<bool>& held, ShardSink& heldout) {
   size_t begin = 0;
   while (begin < docs.size()) {
     size_t end = begin;
@@ -176,10 +187,11 @@ void tokenize_into(const std::vector<std::string>& docs, const Tokenizer& tokeni
     // One keel-spm run per block of documents (SentencePiece runs outside this process; see tokenizer.h).
     const std::vector<std::vector<int32_t>> out =
         tokenizer.encode_batch(std::vector<std::string>(docs.begin() + begin, docs.begin() + end));
-    for (const auto& tokens : out) sink.append(tokens);
+    for (size_t j = 0; j < out.size(); ++j) (held[begin + j] ? heldout : sink).append(out[j]);
     begin = end;
   }
   sink.finish();
+  if (heldout.total() > 0) heldout.finish();
 }
 
 // Why a source's prepared shards cannot be kept ("" when they can): each shard is opened and checked exactly as
@@ -202,6 +214,21 @@ std::string shards_problem(const std::string& dir, const json& source, int64_t v
       return e.what();
     }
   }
+  if (source.contains("heldout")) {
+    try {
+      for (const auto& s : source.at("heldout").at("shards")) {
+        const std::string path = dir + "/" + s.at("file").get<std::string>();
+        std::error_code ec;
+        if (!fs::exists(path, ec)) return path + ": missing";
+        refuse_non_regular(path, "a shard file");  // throws
+        open_prepared_shard(path, vocab, s.at("tokens").get<int64_t>(), eos_id);
+      }
+    } catch (const json::exception& e) {
+      return std::string("malformed heldout entry (") + e.what() + ")";
+    } catch (const DataError& e) {
+      return e.what();
+    }
+  }
   // The document index (documents.h); data prepared before it existed has none and is prepared again (same
   // tokens, same fingerprints: checkpoints of runs on it still resume).
   const json index = source.value("document_index", json());
@@ -219,6 +246,72 @@ std::string shards_problem(const std::string& dir, const json& source, int64_t v
 }
 
 }  // namespace
+
+// The held-out share of a text source whose source.NAME.heldout is absent (docs/data.md#the-held-out-split).
+constexpr double kDefaultHeldoutShare = 0.0;
+
+double effective_heldout(const keel::SourceConfig& source) {
+  if (source.format != "text") return 0.0;
+  return source.heldout == -1.0 ? kDefaultHeldoutShare : source.heldout;
+}
+
+int64_t heldout_documents(const keel::SourceConfig& source, int64_t documents) {
+  const double setting = effective_heldout(source);
+  if (setting <= 0.0 || documents < 2) {
+    if (setting >= 1.0 && source.heldout != -1.0) {
+      throw DataError("source." + source.name + ".heldout = " + std::to_string(static_cast<int64_t>(setting)) +
+                      " but the source has " + std::to_string(documents) +
+                      " document(s): training needs at least one; lower it or set 0");
+    }
+    return 0;
+  }
+  if (setting >= 1.0) {
+    const auto n = static_cast<int64_t>(setting);
+    if (n >= documents) {
+      throw DataError("source." + source.name + ".heldout = " + std::to_string(n) + " but the source has " +
+                      std::to_string(documents) + " documents: training needs at least one; lower it");
+    }
+    return n;
+  }
+  // A fraction (or the default share): at least one document, and at least one left for training.
+  const auto n = static_cast<int64_t>(std::floor(setting * static_cast<double>(documents)));
+  return std::min(std::max<int64_t>(n, 1), documents - 1);
+}
+
+std::vector<int64_t> heldout_document_ids(int64_t held, int64_t documents) {
+  std::vector<int64_t> ids;
+  for (int64_t i = 0; i < held; ++i) ids.push_back(((2 * i + 1) * documents) / (2 * held));
+  return ids;
+}
+
+std::optional<HeldoutSet> read_heldout(const std::string& dir, const std::string& source, int64_t max_tokens) {
+  const std::string manifest_path = dir + "/prepared.json";
+  try {
+    const json manifest = json::parse(read_file(manifest_path));
+    const int64_t vocab = manifest.at("vocab").get<int64_t>(), eos = manifest.at("eos_id").get<int64_t>();
+    for (const auto& s : manifest.at("sources")) {
+      if (s.at("name") != source) continue;
+      if (!s.contains("heldout")) return std::nullopt;
+      const json& h = s.at("heldout");
+      HeldoutSet out;
+      out.documents = h.at("documents").get<int64_t>();
+      out.tokens = h.at("tokens").get<int64_t>();
+      for (const auto& sh : h.at("shards")) {
+        const int64_t want = max_tokens - static_cast<int64_t>(out.head.size());
+        if (want <= 0) break;
+        const std::string path = dir + "/" + sh.at("file").get<std::string>();
+        refuse_non_regular(path, "a shard file");
+        const ShardReader reader = open_prepared_shard(path, vocab, sh.at("tokens").get<int64_t>(), eos);
+        const int64_t n = std::min(want, reader.num_tokens());
+        for (int64_t i = 0; i < n; ++i) out.head.push_back(reader.token(i));
+      }
+      return out;
+    }
+  } catch (const json::exception& e) {
+    throw DataError(manifest_path + ": malformed (" + e.what() + ")");
+  }
+  throw DataError(manifest_path + ": no source named " + source);
+}
 
 std::vector<std::string> split_documents(const std::string& text, const std::string& split) {
   std::vector<std::string> docs;
@@ -357,17 +450,34 @@ TextPlan plan_text_sources(const keel::Config& config, const std::string& config
     inputs_of_all.push_back(plan.settings[i]);
   }
   const int64_t sample_bytes = std::max<int64_t>(1, data.tokenizer_sample_mb) * 1024 * 1024;
-  plan.tokenizer_settings = {{"settings_version", kTokenizerSettingsVersion},
-                             {"vocab", config.model.vocab},
-                             {"sample_bytes", sample_bytes},
-                             {"sources", inputs_of_all}};
-  plan.tokenizer_fp = fingerprint_of(plan.tokenizer_settings);
+  if (!data.tokenizer.empty()) {
+    // An existing tokenizer: its bytes are its identity; the fingerprint is their SHA-256 (what a resume with
+    // another tokenizer names).
+    std::error_code ec;
+    if (!fs::exists(data.tokenizer, ec)) throw DataError("data.tokenizer = " + data.tokenizer + ": file not found");
+    require_regular_file<DataError>(data.tokenizer);
+    const std::string sha = checkpoint::sha256_file(data.tokenizer);
+    plan.tokenizer_settings = {{"external", data.tokenizer}, {"sha256", sha}};
+    plan.tokenizer_fp = sha;
+  } else {
+    plan.tokenizer_settings = {{"settings_version", kTokenizerSettingsVersion},
+                               {"vocab", config.model.vocab},
+                               {"sample_bytes", sample_bytes},
+                               {"sources", inputs_of_all}};
+    plan.tokenizer_fp = fingerprint_of(plan.tokenizer_settings);
+  }
   json all_fp = json::array();
   for (size_t i = 0; i < data.sources.size(); ++i) {
-    plan.source_fp.push_back(fingerprint_of({{"format_version", kPreparedFormatVersion},
-                                             {"shard_max_tokens", kShardMaxTokens},
-                                             {"tokenizer", plan.tokenizer_fp},
-                                             {"source", plan.settings[i]}}));
+    json fp_input = {{"format_version", kPreparedFormatVersion},
+                     {"shard_max_tokens", kShardMaxTokens},
+                     {"tokenizer", plan.tokenizer_fp},
+                     {"source", plan.settings[i]}};
+    // Added only when not at the settings that existed before them, so earlier preparations stay up to date.
+    const double heldout = effective_heldout(data.sources[i]);
+    if (heldout != 0.0) fp_input["heldout"] = data.sources[i].heldout == -1.0 ? json("default") : json(heldout);
+    if (heldout != 0.0 && data.sources[i].heldout == -1.0) fp_input["heldout_default_share"] = kDefaultHeldoutShare;
+    if (data.add_bos) fp_input["add_bos"] = true;
+    plan.source_fp.push_back(fingerprint_of(fp_input));
     all_fp.push_back(plan.source_fp[i]);
   }
   plan.fingerprint = fingerprint_of({{"vocab", config.model.vocab}, {"sources", all_fp}});
@@ -419,6 +529,23 @@ void find_reusable_sources(const keel::Config& config, const TextPlan& plan, con
   }
 }
 
+// data.tokenizer: the file copied into DIR/tokenizer.model (through a temporary name, then renamed) and
+// DIR/tokenizer.json recording where it came from and its SHA-256.
+void install_external_tokenizer(const std::string& source, const TextPlan& plan, const std::string& dir) {
+  const std::string model_path = dir + "/tokenizer.model", tmp = dir + "/tokenizer.tmp.model";
+  std::error_code ec;
+  fs::copy_file(source, tmp, fs::copy_options::overwrite_existing, ec);
+  if (!ec) fs::rename(tmp, model_path, ec);
+  if (ec) throw DataError(model_path + ": cannot copy data.tokenizer " + source + " into place: " + ec.message());
+  if (checkpoint::sha256_file(model_path) != plan.tokenizer_fp)
+    throw DataError(model_path + ": copy of data.tokenizer " + source + " differs from it (changed while copying?)");
+  fs::remove(dir + "/tokenizer.vocab", ec);  // a trained tokenizer's piece list, not this one's
+  json tj = plan.tokenizer_settings;
+  tj["fingerprint"] = plan.tokenizer_fp;
+  write_text_atomically(dir + "/tokenizer.json", tj.dump(2) + "\n");
+  spdlog::info("tokenizer: data.tokenizer {} copied to {} (sha256 {})", source, model_path, plan.tokenizer_fp);
+}
+
 // Stage 3: documents of the sources that need them, and the tokenizer (trained, or reused when DIR/tokenizer.json
 // holds the current fingerprint). Returns whether it was trained; fills `reused` and `docs`.
 bool prepare_tokenizer(const keel::Config& config, const TextPlan& plan, const PreviousPreparation& previous,
@@ -446,6 +573,10 @@ bool prepare_tokenizer(const keel::Config& config, const TextPlan& plan, const P
   }
   if (reuse_tokenizer) {
     spdlog::info("tokenizer {} matches the settings (fingerprint {}): reused", model_path, plan.tokenizer_fp);
+    return false;
+  }
+  if (!data.tokenizer.empty()) {
+    install_external_tokenizer(data.tokenizer, plan, dir);
     return false;
   }
   const int64_t sample_bytes = plan.tokenizer_settings["sample_bytes"].get<int64_t>();
@@ -488,29 +619,52 @@ json prepare_source_shards(const keel::Config& config, size_t i, const TextPlan&
     entry["tokens"] = (*old)["tokens"];
     entry["shards"] = (*old)["shards"];
     entry["document_index"] = (*old)["document_index"];
+    if (old->contains("heldout")) {
+      entry["heldout"] = (*old)["heldout"];
+      sr.heldout_documents = (*old)["heldout"].value("documents", int64_t{0});
+    }
     sr.reused = true;
     spdlog::info("source {}: shards up to date (fingerprint {}): reused", src.name, plan.source_fp[i]);
   } else {
-    sr.documents = static_cast<int64_t>(docs.docs.size());
+    const auto all = static_cast<int64_t>(docs.docs.size());
+    const std::vector<int64_t> held_ids = heldout_document_ids(heldout_documents(src, all), all);
+    std::vector<bool> held(docs.docs.size(), false);
+    for (int64_t id : held_ids) held[static_cast<size_t>(id)] = true;
+    sr.heldout_documents = static_cast<int64_t>(held_ids.size());
+    sr.documents = all - sr.heldout_documents;
     sr.raw_bytes = docs.raw_bytes;
     entry["documents"] = sr.documents;
     entry["raw_bytes"] = sr.raw_bytes;
     const auto t_src = std::chrono::steady_clock::now();
     const std::string source_dir = dir + "/" + src.name;
     fs::create_directories(source_dir);
-    ShardSink sink(source_dir, src.name, config.model.vocab, tokenizer.eos_id());
-    tokenize_into(docs.docs, tokenizer, sink);
+    const int32_t bos = config.data.add_bos ? tokenizer.bos_id() : -1;
+    ShardSink sink(source_dir, src.name, config.model.vocab, tokenizer.eos_id(), bos);
+    ShardSink heldout(source_dir, src.name, config.model.vocab, tokenizer.eos_id(), bos, "heldout");
+    tokenize_into(docs.docs, tokenizer, sink, held, heldout);
     entry["tokens"] = sink.total();
     entry["shards"] = sink.shards();
     write_document_index(source_dir + "/documents.bin", sink.document_starts());
     entry["document_index"] = {{"file", src.name + "/documents.bin"},
                                {"documents", static_cast<int64_t>(sink.document_starts().size())}};
+    if (!held_ids.empty()) {
+      entry["heldout"] = {{"documents", sr.heldout_documents},
+                          {"document_ids", held_ids},
+                          {"tokens", heldout.total()},
+                          {"shards", heldout.shards()}};
+    }
     // Remove shards of an earlier, longer preparation.
     std::set<std::string> keep;
-    for (const auto& s : sink.shards()) keep.insert(fs::path(s["file"].get<std::string>()).filename().string());
+    for (const auto* list : {&sink.shards(), &heldout.shards()})
+      for (const auto& s : *list) keep.insert(fs::path(s["file"].get<std::string>()).filename().string());
     for (const auto& e : fs::directory_iterator(source_dir)) {
       const std::string name = e.path().filename().string();
-      if (name.rfind("shard-", 0) == 0 && keep.count(name) == 0) fs::remove(e.path());
+      if ((name.rfind("shard-", 0) == 0 || name.rfind("heldout-", 0) == 0) && keep.count(name) == 0)
+        fs::remove(e.path());
+    }
+    if (!held_ids.empty()) {
+      spdlog::info("source {}: {} of {} documents held out ({} tokens), never trained on", src.name,
+                   sr.heldout_documents, all, heldout.total());
     }
     spdlog::info("source {}: {} tokens ({:.2f} tokens/byte) in {} shard(s), {:.1f} s", src.name, sink.total(),
                  static_cast<double>(sink.total()) / std::max<int64_t>(1, sr.raw_bytes), sink.shards().size(),
@@ -538,6 +692,42 @@ bool up_to_date(const keel::Config& config, const TextPlan& plan, const Previous
                               s["tokens"], static_cast<int64_t>(s["shards"].size()), true});
   }
   return true;
+}
+
+// The tokenizer's pieces must fit model.vocab: more is refused naming both numbers; fewer leaves embedding rows no
+// token uses (padding rows), which prepare states.
+void check_tokenizer_fits(const keel::Config& config, const Tokenizer& tokenizer) {
+  const std::string what = config.data.tokenizer.empty() ? tokenizer.path() : "data.tokenizer " + config.data.tokenizer;
+  if (tokenizer.vocab_size() > config.model.vocab) {
+    throw DataError(what + ": tokenizer has " + std::to_string(tokenizer.vocab_size()) +
+                    " pieces, more than model.vocab = " + std::to_string(config.model.vocab) +
+                    ": set model.vocab to at least " + std::to_string(tokenizer.vocab_size()));
+  }
+  if (config.data.add_bos && tokenizer.bos_id() < 0)
+    throw DataError(what + ": data.add_bos = true but the tokenizer has no BOS piece");
+  if (!config.data.tokenizer.empty() && tokenizer.vocab_size() < config.model.vocab) {
+    spdlog::info(
+        "model.vocab = {} but the tokenizer has {} pieces: {} padding rows (embedding and output rows no "
+        "token id uses)",
+        config.model.vocab, tokenizer.vocab_size(), config.model.vocab - tokenizer.vocab_size());
+  }
+}
+
+// prepared.json's "tokenizer": the file, its size, fingerprint (an external one's SHA-256), special ids.
+json tokenizer_entry(const keel::Config& config, const Tokenizer& tokenizer, const TextPlan& plan) {
+  json entry = {{"file", "tokenizer.model"}, {"pieces", tokenizer.vocab_size()}, {"fingerprint", plan.tokenizer_fp}};
+  if (!config.data.tokenizer.empty()) {
+    entry["external"] = config.data.tokenizer;
+    entry["sha256"] = plan.tokenizer_fp;
+    entry["padding_rows"] = config.model.vocab - tokenizer.vocab_size();
+  }
+  if (!config.data.tokenizer.empty() || config.data.add_bos) {
+    entry["bos_id"] = tokenizer.bos_id();
+    entry["eos_id"] = tokenizer.eos_id();
+    entry["pad_id"] = tokenizer.pad_id();
+    entry["add_bos"] = config.data.add_bos;
+  }
+  return entry;
 }
 
 PrepareReport prepare_text(const keel::Config& config, const PrepareOptions& options, const std::string& config_name) {
@@ -573,24 +763,19 @@ PrepareReport prepare_text(const keel::Config& config, const PrepareOptions& opt
   report.tokenizer_trained = prepare_tokenizer(config, plan, previous, options, reused, docs);
   const std::string model_path = dir + "/tokenizer.model";
   const Tokenizer tokenizer(model_path);
-  if (tokenizer.vocab_size() > config.model.vocab) {
-    throw DataError(model_path + ": tokenizer has " + std::to_string(tokenizer.vocab_size()) +
-                    " pieces, more than model.vocab " + std::to_string(config.model.vocab));
-  }
+  check_tokenizer_fits(config, tokenizer);
   report.eos_id = tokenizer.eos_id();
 
   // 4. Shards, per source.
-  json manifest = {
-      {"format", "keel-prepared-data"},
-      {"format_version", kPreparedFormatVersion},
-      {"keel_version", KEEL_VERSION},
-      {"fingerprint", report.fingerprint},
-      {"vocab", config.model.vocab},
-      {"eos_id", tokenizer.eos_id()},
-      {"tokenizer",
-       {{"file", "tokenizer.model"}, {"pieces", tokenizer.vocab_size()}, {"fingerprint", plan.tokenizer_fp}}},
-      {"shard_max_tokens", kShardMaxTokens},
-      {"sources", json::array()}};
+  json manifest = {{"format", "keel-prepared-data"},
+                   {"format_version", kPreparedFormatVersion},
+                   {"keel_version", KEEL_VERSION},
+                   {"fingerprint", report.fingerprint},
+                   {"vocab", config.model.vocab},
+                   {"eos_id", tokenizer.eos_id()},
+                   {"tokenizer", tokenizer_entry(config, tokenizer, plan)},
+                   {"shard_max_tokens", kShardMaxTokens},
+                   {"sources", json::array()}};
   for (size_t i = 0; i < config.data.sources.size(); ++i) {
     PrepareSourceReport sr;
     manifest["sources"].push_back(prepare_source_shards(config, i, plan, reused[i], docs[i], tokenizer, sr));

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,7 +25,8 @@ struct PrepareOptions {
 struct PrepareSourceReport {
   std::string name;
   int64_t files = 0;
-  int64_t documents = 0;
+  int64_t documents = 0;          // trained on
+  int64_t heldout_documents = 0;  // held out (docs/data.md#the-held-out-split)
   int64_t raw_bytes = 0;
   int64_t tokens = 0;  // including one EOS per document
   int64_t shards = 0;
@@ -55,6 +57,26 @@ struct InputFile {
   int64_t bytes = 0;
 };
 std::vector<InputFile> list_source_files(const keel::SourceConfig& source);
+
+// The held-out split of a text source (docs/data.md#the-held-out-split). effective_heldout: source.NAME.heldout,
+// the default share when absent, 0 for pre-tokenized sources. heldout_documents: how many of `documents` are held
+// out (a count, or a fraction rounded down but at least 1, never all of them); throws DataError naming the key when
+// a count leaves nothing to train on. heldout_document_ids: which, spread evenly over the source's document order
+// (ascending, deterministic: the middle document of each of `held` equal stretches).
+double effective_heldout(const keel::SourceConfig& source);
+int64_t heldout_documents(const keel::SourceConfig& source, int64_t documents);
+std::vector<int64_t> heldout_document_ids(int64_t held, int64_t documents);
+
+// The held-out set of source `source` in prepared data DIR (its "heldout" entry in DIR/prepared.json), its
+// first max_tokens tokens read (every held-out shard checked as a run checks its shards). nullopt when the source has
+// none (source.NAME.heldout = 0, a pre-tokenized source, data prepared before held-out sets existed). Throws
+// DataError naming the file.
+struct HeldoutSet {
+  int64_t documents = 0;
+  int64_t tokens = 0;         // all of the set's tokens (one EOS per document)
+  std::vector<int32_t> head;  // its first min(tokens, max_tokens) tokens
+};
+std::optional<HeldoutSet> read_heldout(const std::string& dir, const std::string& source, int64_t max_tokens);
 
 // Split one file's text into documents: split=file → the whole text; split=fortune → the pieces between lines
 // that are exactly "%". Empty (whitespace-only) documents are dropped.

@@ -183,8 +183,8 @@ void Tokenizer::load(const std::string& model_path) {
   std::string record;
   if (!spm_io::read_record(in.get(), record)) throw DataError(model_path + ": cannot load tokenizer: no pieces");
   std::istringstream ids(record);
-  int32_t eos = -1, unk = 0;
-  ids >> eos >> unk;
+  int32_t eos = -1, unk = 0, bos = -1, pad = -1;
+  ids >> eos >> unk >> bos >> pad;
   if (eos < 0) throw DataError(model_path + ": tokenizer has no EOS piece");
   std::vector<std::string> pieces;
   std::vector<uint8_t> kind;
@@ -201,6 +201,8 @@ void Tokenizer::load(const std::string& model_path) {
   kind_ = std::move(kind);
   eos_id_ = eos;
   unk_id_ = unk;
+  bos_id_ = bos;
+  pad_id_ = pad;
   path_ = model_path;
 }
 
@@ -270,6 +272,15 @@ int64_t Tokenizer::vocab_size() const {
 int32_t Tokenizer::eos_id() const {
   require_loaded();
   return eos_id_;
+}
+
+int32_t Tokenizer::bos_id() const {
+  require_loaded();
+  return bos_id_;
+}
+int32_t Tokenizer::pad_id() const {
+  require_loaded();
+  return pad_id_;
 }
 
 }  // namespace keel::data

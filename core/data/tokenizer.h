@@ -50,6 +50,8 @@ class Tokenizer {
 
   int64_t vocab_size() const;  // number of pieces in the model (<= the model's embedding vocab)
   int32_t eos_id() const;
+  int32_t bos_id() const;  // -1 when the model has no BOS piece (Keel's own tokenizers)
+  int32_t pad_id() const;  // -1 when the model has no PAD piece
 
  private:
   void require_loaded() const;
@@ -60,6 +62,8 @@ class Tokenizer {
   std::vector<uint8_t> kind_;  // 0 normal, 1 control (decodes to nothing), 2 byte (<0xNN>)
   int32_t eos_id_ = -1;
   int32_t unk_id_ = 0;
+  int32_t bos_id_ = -1;
+  int32_t pad_id_ = -1;
   std::string path_;
 };
 

@@ -2,6 +2,7 @@
 // model, per-window NLL, the Analysis360 memorization score, and the report's HDF5 file and console table.
 #include "core/eval/eval.h"
 
+#include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -19,6 +20,7 @@
 #include "core/checkpoint/checkpoint_error.h"
 #include "core/checkpoint/h5_file.h"
 #include "core/checkpoint/resharding.h"
+#include "core/data/prepare.h"
 #include "core/io/file.h"
 #include "core/io/hdf5.h"
 
@@ -230,6 +232,7 @@ void write_report_file(const std::string& path, const EvalReport& r) {
   h5.set_attribute("/", "version", int64_t{1});
   h5.set_attribute("/", "checkpoint_dir", r.checkpoint_dir);
   h5.set_attribute("/", "step", r.step);
+  h5.set_attribute("/", "split", name_of(r.split));
   nlohmann::json names = r.source_names;
   h5.write_text("/source_names", names.dump());
   for (const auto& p : r.perplexity) {
@@ -294,7 +297,11 @@ void write_report(const std::string& path, const EvalReport& r) {
 
 std::string format_report(const EvalReport& r) {
   std::ostringstream out;
-  out << "checkpoint " << r.checkpoint_dir << " (step " << r.step << ")\n\n"
+  out << "checkpoint " << r.checkpoint_dir << " (step " << r.step << ")\n"
+      << "split " << name_of(r.split)
+      << (r.split == Split::kHeldout ? " (held-out documents, never trained on)"
+                                     : " (the tail of each source's epoch-0 order: see seen_in_training)")
+      << "\n\n"
       << std::left << std::setw(16) << "source" << std::right << std::setw(10) << "nll" << std::setw(12) << "perplexity"
       << std::setw(10) << "tokens" << std::setw(18) << "seen_in_training"
       << "\n";
@@ -320,6 +327,85 @@ std::string format_report(const EvalReport& r) {
   return out.str();
 }
 
+Split parse_split(const std::string& name) {
+  if (name == "auto") return Split::kAuto;
+  if (name == "heldout") return Split::kHeldout;
+  if (name == "train-tail") return Split::kTrainTail;
+  throw std::invalid_argument("--split must be heldout, train-tail or auto, got '" + name + "'");
+}
+
+std::string name_of(Split split) {
+  switch (split) {
+    case Split::kAuto:
+      return "auto";
+    case Split::kHeldout:
+      return "heldout";
+    case Split::kTrainTail:
+      return "train-tail";
+  }
+  return "?";
+}
+
+std::vector<std::vector<int32_t>> heldout_windows(const std::string& data_dir, const std::string& source,
+                                                  int64_t seq_len, int64_t count) {
+  const std::optional<data::HeldoutSet> set = data::read_heldout(data_dir, source, count * seq_len + 1);
+  if (!set) {
+    throw data::DataError("source " + source + " in " + data_dir + " has no held-out set (source." + source +
+                          ".heldout = 0, a pre-tokenized source, or data "
+                          "prepared before held-out sets existed): prepare it again, or pass --split train-tail");
+  }
+  const auto available = static_cast<int64_t>(set->head.size());
+  const int64_t n = std::min(count, (available - 1) / seq_len);
+  if (n < 1) {
+    throw data::DataError("source " + source + ": its held-out set has " + std::to_string(set->tokens) +
+                          " tokens, fewer than one eval sample (model.seq_len + 1 = " + std::to_string(seq_len + 1) +
+                          "): raise source." + source + ".heldout, or pass --split train-tail");
+  }
+  std::vector<std::vector<int32_t>> out;
+  for (int64_t i = 0; i < n; ++i)
+    out.emplace_back(set->head.begin() + i * seq_len, set->head.begin() + i * seq_len + seq_len + 1);
+  return out;
+}
+
+namespace {
+
+// kAuto resolved: the held-out split when every source has a held-out set.
+Split resolve_split(Split split, const std::string& data_dir, const std::vector<std::string>& sources) {
+  if (split != Split::kAuto) return split;
+  for (const auto& name : sources) {
+    if (!data::read_heldout(data_dir, name, 0)) {
+      spdlog::warn(
+          "eval: source {} in {} has no held-out set: evaluating on the train-tail split (samples "
+          "training may have consumed; see seen_in_training)",
+          name, data_dir);
+      return Split::kTrainTail;
+    }
+  }
+  return Split::kHeldout;
+}
+
+// The eval windows of source `src`: [N, T+1] token ids, and their ids (held-out window index, or sample id).
+torch::Tensor eval_windows(const Config& config, const data::DataLoader& loader, int32_t src, Split split,
+                           int64_t count, SourcePerplexity& p) {
+  std::vector<std::vector<int32_t>> rows;
+  if (split == Split::kHeldout) {
+    rows = heldout_windows(config.data.dir, p.source, loader.seq_len(), count);
+    for (size_t i = 0; i < rows.size(); ++i) p.sample_ids.push_back(static_cast<int64_t>(i));
+  } else {
+    p.sample_ids = eval_sample_ids(config.data.seed, p.source, loader.samples_per_epoch(src), count);
+    for (int64_t id : p.sample_ids) rows.push_back(loader.sample_tokens(src, id));
+  }
+  const auto n = static_cast<int64_t>(rows.size());
+  torch::Tensor windows = torch::empty({n, loader.seq_len() + 1}, torch::kInt64);  // [N, T+1]
+  for (int64_t i = 0; i < n; ++i) {
+    const auto& tokens = rows[static_cast<size_t>(i)];
+    windows[i].copy_(torch::tensor(std::vector<int64_t>(tokens.begin(), tokens.end()), torch::kInt64));
+  }
+  return windows;
+}
+
+}  // namespace
+
 EvalReport evaluate_checkpoint(const Config& config, const checkpoint::TrainingState& state,
                                const std::string& checkpoint_dir, int64_t step, const EvalOptions& options) {
   const model::Llama model = load_model(config, state, checkpoint_dir);
@@ -330,30 +416,28 @@ EvalReport evaluate_checkpoint(const Config& config, const checkpoint::TrainingS
   report.checkpoint_dir = checkpoint_dir;
   report.step = step;
   report.source_names = loader.source_names();
+  report.split = resolve_split(options.split, config.data.dir, report.source_names);
 
   // 1. Per-source NLL / perplexity on the eval samples.
   const int64_t batch = config.train.micro_batch;
   for (int32_t src = 0; src < static_cast<int32_t>(report.source_names.size()); ++src) {
     SourcePerplexity p;
     p.source = report.source_names[static_cast<size_t>(src)];
-    p.sample_ids = eval_sample_ids(config.data.seed, p.source, loader.samples_per_epoch(src), options.batches * batch);
-    const int64_t n = static_cast<int64_t>(p.sample_ids.size());
-    torch::Tensor windows = torch::empty({n, loader.seq_len() + 1}, torch::kInt64);  // [N, T+1]
-    for (int64_t i = 0; i < n; ++i) {
-      const std::vector<int32_t> tokens = loader.sample_tokens(src, p.sample_ids[static_cast<size_t>(i)]);
-      windows[i].copy_(torch::tensor(std::vector<int64_t>(tokens.begin(), tokens.end()), torch::kInt64));
-    }
+    const torch::Tensor windows = eval_windows(config, loader, src, report.split, options.batches * batch, p);
+    const int64_t n = windows.size(0);
     p.sample_nll = window_nll(model, windows, batch);
     double sum = 0.0;
     for (double v : p.sample_nll) sum += v;
     p.tokens = n * loader.seq_len();
     p.mean_nll = n ? sum / static_cast<double>(n) : 0.0;  // every window has T targets: token-weighted
     p.perplexity = std::exp(p.mean_nll);
-    std::set<int64_t> trained_on;  // this source's sample ids the checkpoint consumed
-    for (const auto& s : consumed) {
-      if (s.source == src) trained_on.insert(s.sample_id);
+    if (report.split == Split::kTrainTail) {  // held-out windows are never in the training stream
+      std::set<int64_t> trained_on;           // this source's sample ids the checkpoint consumed
+      for (const auto& s : consumed) {
+        if (s.source == src) trained_on.insert(s.sample_id);
+      }
+      for (int64_t id : p.sample_ids) p.seen_in_training += trained_on.count(id) ? 1 : 0;
     }
-    for (int64_t id : p.sample_ids) p.seen_in_training += trained_on.count(id) ? 1 : 0;
     report.perplexity.push_back(std::move(p));
   }
 
@@ -395,6 +479,7 @@ nlohmann::json report_json(const EvalReport& r, const std::string& out_path) {
   }
   return {{"checkpoint", r.checkpoint_dir},
           {"step", r.step},
+          {"split", name_of(r.split)},
           {"out", out_path},
           {"sources", sources},
           {"memorization",
@@ -404,6 +489,100 @@ nlohmann::json report_json(const EvalReport& r, const std::string& out_path) {
             {"skipped_short", r.memorization.skipped_short},
             {"sources", per_source},
             {"chunks", per_chunk}}}};
+}
+
+namespace {
+
+// Per checkpoint: source index -> its memorization summary (chunk -1).
+const MemorizationSummary* source_summary(const EvalReport& r, size_t src) {
+  for (const auto& m : r.memorization_summary)
+    if (m.chunk == -1 && m.source == static_cast<int32_t>(src)) return &m;
+  return nullptr;
+}
+
+void write_curve_file(const std::string& path, const std::string& run_dir, const std::vector<EvalReport>& reports) {
+  checkpoint::H5Writer h5(path);
+  h5.set_attribute("/", "format", "keel-eval-curve");
+  h5.set_attribute("/", "version", int64_t{1});
+  h5.set_attribute("/", "run_dir", run_dir);
+  h5.set_attribute("/", "split", name_of(reports.front().split));
+  const std::vector<std::string>& names = reports.front().source_names;
+  h5.write_text("/source_names", nlohmann::json(names).dump());
+  std::vector<int64_t> steps;
+  nlohmann::json dirs = nlohmann::json::array();
+  for (const auto& r : reports) {
+    steps.push_back(r.step);
+    dirs.push_back(r.checkpoint_dir);
+  }
+  h5.write_tensor("/step", i64(steps));
+  h5.write_text("/checkpoint_dirs", dirs.dump());
+  for (size_t src = 0; src < names.size(); ++src) {
+    std::vector<double> nll, ppl, mem;
+    std::vector<int64_t> tokens, seen, mem_n;
+    for (const auto& r : reports) {
+      const SourcePerplexity& p = r.perplexity.at(src);
+      nll.push_back(p.mean_nll);
+      ppl.push_back(p.perplexity);
+      tokens.push_back(p.tokens);
+      seen.push_back(p.seen_in_training);
+      const MemorizationSummary* m = source_summary(r, src);
+      mem.push_back(m ? m->mean_score : 0.0);
+      mem_n.push_back(m ? m->sequences : 0);
+    }
+    const std::string g = "/validation/" + names[src];
+    h5.write_tensor(g + "/nll", f64(nll));
+    h5.write_tensor(g + "/perplexity", f64(ppl));
+    h5.write_tensor(g + "/tokens", i64(tokens));
+    h5.write_tensor(g + "/seen_in_training", i64(seen));
+    h5.write_tensor("/memorization/" + names[src] + "/mean_score", f64(mem));
+    h5.write_tensor("/memorization/" + names[src] + "/sequences", i64(mem_n));
+  }
+  h5.close();
+}
+
+}  // namespace
+
+void write_curve(const std::string& path, const std::string& run_dir, const std::vector<EvalReport>& reports) {
+  namespace fs = std::filesystem;
+  if (reports.empty()) throw std::runtime_error("eval: " + run_dir + ": no checkpoint to write a curve of");
+  for (const auto& r : reports) {
+    if (r.source_names != reports.front().source_names || r.split != reports.front().split)
+      throw std::runtime_error("eval: " + r.checkpoint_dir + ": other sources or split than " +
+                               reports.front().checkpoint_dir + ": one curve cannot hold both");
+  }
+  io::clear_last_os_error();
+  try {
+    const fs::path parent = fs::path(path).parent_path();
+    std::error_code ec;
+    if (!parent.empty()) fs::create_directories(parent, ec);
+    if (ec) throw io::FileError(path, ec.message());
+    io::write_atomically(
+        path, [&](const std::string& tmp) { write_curve_file(tmp, run_dir, reports); }, io::IfExists::kReplace);
+  } catch (const io::FileError& e) {
+    std::string reason = io::last_os_error();
+    if (reason.empty()) reason = io::one_line(e.reason());
+    throw std::runtime_error("eval: cannot write " + path + ": " + reason);
+  }
+}
+
+nlohmann::json curve_json(const std::string& run_dir, const std::vector<EvalReport>& reports,
+                          const std::string& out_path) {
+  nlohmann::json checkpoints = nlohmann::json::array();
+  for (const auto& r : reports) {
+    nlohmann::json sources = nlohmann::json::object();
+    for (const auto& p : r.perplexity) {
+      sources[p.source] = {{"nll", p.mean_nll},
+                           {"perplexity", p.perplexity},
+                           {"tokens", p.tokens},
+                           {"samples", p.sample_ids.size()},
+                           {"seen_in_training", p.seen_in_training}};
+    }
+    checkpoints.push_back({{"step", r.step}, {"checkpoint", r.checkpoint_dir}, {"sources", sources}});
+  }
+  return {{"run", run_dir},
+          {"out", out_path},
+          {"split", reports.empty() ? std::string("auto") : name_of(reports.front().split)},
+          {"checkpoints", checkpoints}};
 }
 
 }  // namespace keel::eval

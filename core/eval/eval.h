@@ -1,10 +1,11 @@
 // Why: `keel eval` answers "how good is this checkpoint, and how much of its training data can it recite?"
 // (LLM360 releases perplexity and Analysis360's memorization score per checkpoint). Two
 // measurements, both in fp32 under no_grad on one process, whatever layout trained the checkpoint:
-//   - per-source NLL / perplexity on a fixed, deterministic set of eval samples per source: the last N
-//     positions of the source's epoch-0 order (the samples training reaches last). Keel has no held-out split,
-//     so a run that has gone that far (or into epoch 1) HAS trained on them: the count of eval samples the
-//     checkpoint had already consumed is reported next to every number (`seen_in_training`), never hidden;
+//   - per-source NLL / perplexity on a fixed, deterministic set of eval samples per source: by default the
+//     source's held-out set (documents `keel data prepare` kept out of training, so `seen_in_training` = 0);
+//     with split train-tail, the last N positions of the source's epoch-0 order (the samples training reaches
+//     last), which a run that has gone that far HAS trained on: the count of eval samples the checkpoint had
+//     already consumed is reported next to every number (`seen_in_training`), never hidden;
 //   - memorization score(k, l) (Analysis360): for training sequences the checkpoint has consumed, the share of
 //     the l greedily generated tokens after a k-token prompt that equal the true next l tokens; 1 = extractable.
 // The scoring is written against a plain "next token" function so that it can be checked by hand (tests).
@@ -93,6 +94,18 @@ std::vector<data::SampleRef> consumed_samples(data::DataLoader& loader, const st
 // Up to `per_chunk` distinct consumed samples of every (source, chunk), evenly spaced in consumption order.
 std::vector<data::SampleRef> pick_memorization_samples(const std::vector<data::SampleRef>& consumed, int64_t per_chunk);
 
+// Which samples the per-source NLL is measured on (docs/eval.md). kAuto: the held-out set when every source has
+// one, else train-tail (with a warning).
+enum class Split { kAuto, kHeldout, kTrainTail };
+Split parse_split(const std::string& name);  // "auto" | "heldout" | "train-tail"; throws std::invalid_argument
+std::string name_of(Split split);
+
+// The held-out windows of `source` (at most `count`): consecutive windows of seq_len + 1 tokens of its held-out
+// token stream, window i starting at token i * seq_len (as training samples do). Throws DataError naming the
+// source when it has no held-out set or one shorter than one window.
+std::vector<std::vector<int32_t>> heldout_windows(const std::string& data_dir, const std::string& source,
+                                                  int64_t seq_len, int64_t count);
+
 struct SourcePerplexity {
   std::string source;
   std::vector<int64_t> sample_ids;
@@ -106,6 +119,7 @@ struct SourcePerplexity {
 struct EvalReport {
   std::string checkpoint_dir;
   int64_t step = 0;
+  Split split = Split::kTrainTail;  // resolved: kHeldout or kTrainTail
   std::vector<std::string> source_names;
   std::vector<SourcePerplexity> perplexity;
   MemorizationScores memorization;
@@ -116,6 +130,7 @@ struct EvalReport {
 struct EvalOptions {
   int64_t batches = 8;               // eval batches (of train.micro_batch windows) per source
   int64_t memorization_samples = 8;  // consumed training sequences scored per (source, chunk)
+  Split split = Split::kAuto;
 };
 
 // The whole measurement of one checkpoint: loads its weights into an fp32 model of `config.model`, scores every
@@ -134,5 +149,14 @@ std::string format_report(const EvalReport& report);
 // What `keel eval --json` prints (docs/cli.md): per source the NLL, perplexity, tokens and seen_in_training; per
 // source the memorization summary; per (source, chunk) the memorization summaries; `out`: the HDF5 file written.
 nlohmann::json report_json(const EvalReport& report, const std::string& out_path);
+
+// `keel eval --all RUN`: the per-source NLL of every checkpoint of a run as one curve file (layout in
+// docs/eval.md, format "keel-eval-curve"); written atomically, replacing an earlier curve. Throws
+// std::runtime_error("eval: cannot write PATH: ...") like write_report. `reports` ascending by step, same sources.
+void write_curve(const std::string& path, const std::string& run_dir, const std::vector<EvalReport>& reports);
+// What `keel eval --all --json` prints: run, out, split, one entry per checkpoint (step, per source nll,
+// perplexity, seen_in_training).
+nlohmann::json curve_json(const std::string& run_dir, const std::vector<EvalReport>& reports,
+                          const std::string& out_path);
 
 }  // namespace keel::eval

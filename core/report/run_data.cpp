@@ -140,6 +140,35 @@ EvalResult read_eval_file(const std::string& path) {
   return out;
 }
 
+std::vector<EvalResult> read_eval_curve(const std::string& path) {
+  const checkpoint::H5Reader h5(path);
+  std::vector<EvalResult> out;
+  try {
+    if (h5.string_attribute("/", "format") != "keel-eval-curve")
+      throw std::runtime_error("attribute format is not keel-eval-curve");
+    const std::vector<int64_t> steps = raw_values<int64_t>(h5.read_tensor("/step"), checkpoint::DType::kInt64, "/step");
+    for (int64_t step : steps) out.push_back({step, path, {}});
+    const nlohmann::json names = nlohmann::json::parse(h5.read_text("/source_names"));
+    if (!names.is_array()) throw std::runtime_error("/source_names is not a JSON list");
+    for (const auto& name : names) {
+      const std::string g = "/validation/" + name.get<std::string>();
+      const auto f64 = [&](const std::string& what) {
+        return raw_values<double>(h5.read_tensor(g + what), checkpoint::DType::kFloat64, g + what);
+      };
+      const auto i64 = [&](const std::string& what) {
+        return raw_values<int64_t>(h5.read_tensor(g + what), checkpoint::DType::kInt64, g + what);
+      };
+      const std::vector<double> nll = f64("/nll"), perplexity = f64("/perplexity");
+      const std::vector<int64_t> tokens = i64("/tokens"), seen = i64("/seen_in_training");
+      for (size_t i = 0; i < steps.size(); ++i)
+        out[i].sources.push_back({name.get<std::string>(), nll.at(i), perplexity.at(i), tokens.at(i), seen.at(i)});
+    }
+  } catch (const std::exception& e) {
+    throw std::runtime_error(path + ": not a readable keel eval curve: " + e.what());
+  }
+  return out;
+}
+
 RunData gather_run(const std::string& run_dir, const GatherOptions& options) {
   if (!fs::is_directory(run_dir)) throw std::runtime_error(run_dir + ": no such run directory");
   const std::string metrics_path = (fs::path(run_dir) / "metrics.h5").string();
@@ -190,6 +219,15 @@ RunData gather_run(const std::string& run_dir, const GatherOptions& options) {
       if (entry.is_regular_file() && std::regex_match(name, kEvalFile)) files.push_back(entry.path().string());
     }
     for (const auto& file : files) run.evals.push_back(read_eval_file(file));
+    // `keel eval --all`'s curve: its steps that have no step-N.h5 of their own.
+    const fs::path curve = eval_dir / "curve.h5";
+    if (fs::is_regular_file(curve)) {
+      for (auto& result : read_eval_curve(curve.string())) {
+        const bool covered =
+            std::any_of(run.evals.begin(), run.evals.end(), [&](const EvalResult& e) { return e.step == result.step; });
+        if (!covered) run.evals.push_back(std::move(result));
+      }
+    }
     std::sort(run.evals.begin(), run.evals.end(),
               [](const EvalResult& a, const EvalResult& b) { return a.step < b.step; });
   }

@@ -62,6 +62,10 @@ struct EvalResult {
   std::vector<EvalSource> sources;
 };
 
+// RUN_DIR/eval/curve.h5 of `keel eval --all` (docs/eval.md): one result per checkpoint step, `file` = the curve.
+// Throws std::runtime_error naming the path when it is not a readable curve.
+std::vector<EvalResult> read_eval_curve(const std::string& path);
+
 struct RunData {
   std::string dir;   // as given
   std::string name;  // basename

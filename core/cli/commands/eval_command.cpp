@@ -1,7 +1,8 @@
-// Why: `keel eval CKPT_DIR|RUN_DIR [--out FILE.h5] [--set k=v]... [--batches N] [--memorization-samples N] [--json]`
-// measures a checkpoint (docs/eval.md): per-source NLL/perplexity on each source's eval
-// samples and the Analysis360 memorization score on the training sequences it consumed. The results go to
-// an HDF5 file that is never inside the checkpoint directory (its manifest lists every file it holds):
+// Why: `keel eval CKPT_DIR|RUN_DIR [--out FILE.h5] [--set k=v]... [--split S] [--batches N] [--memorization-samples N]
+// [--json]` measures a checkpoint (docs/eval.md): per-source NLL/perplexity on each source's eval samples (its
+// held-out set by default) and the Analysis360 memorization score on the training sequences it consumed;
+// `keel eval --all RUN_DIR` does so for every checkpoint and writes the curve (RUN_DIR/eval/curve.h5). The results go
+// to an HDF5 file that is never inside the checkpoint directory (its manifest lists every file it holds):
 // RUN_DIR/eval/step-XXXXXXXX.h5 by default, which needs the checkpoint to sit in RUN_DIR/checkpoints/.
 #include <torch/torch.h>
 
@@ -19,17 +20,75 @@
 
 namespace keel::cli {
 
+namespace {
+
+namespace fs = std::filesystem;
+
+// Writing into a run dir: hold its lock while evaluating, so a live run (or one starting) is never written
+// into by two processes; a run dir in use is refused naming the pid.
+std::unique_ptr<train::RunDirLock> lock_run_dir_of(const fs::path& out_path, const std::string& out) {
+  for (fs::path dir = out_path.parent_path(); !dir.empty() && dir != dir.root_path(); dir = dir.parent_path()) {
+    if (!fs::exists(train::RunPaths{dir.string()}.marker_file())) continue;
+    try {
+      return train::RunDirLock::acquire(dir.string());
+    } catch (const train::RunDirError& e) {
+      throw std::runtime_error("--out " + out + ": " + e.what());
+    }
+  }
+  return nullptr;
+}
+
+eval::EvalReport evaluate(const checkpoint::ResolvedCheckpoint& ckpt, const std::vector<std::string>& overrides,
+                          const eval::EvalOptions& options) {
+  const Config config = load_config(ckpt.dir + "/config.ini", overrides);
+  if (config.train.threads > 0) torch::set_num_threads(static_cast<int>(config.train.threads));
+  const checkpoint::TrainingState state = checkpoint::read_lazy_state(ckpt.dir, ckpt.manifest, -1);  // placeholders
+  return eval::evaluate_checkpoint(config, state, ckpt.dir, ckpt.manifest.step, options);
+}
+
+// `keel eval --all RUN_DIR`: every valid checkpoint, oldest first, into one curve file.
+int eval_all(const std::string& run_dir, std::string out, const std::vector<std::string>& overrides,
+             const eval::EvalOptions& options, bool json) {
+  if (checkpoint::names_checkpoint_dir(run_dir))
+    throw std::runtime_error("--all takes a RUN_DIR, not the checkpoint " + run_dir);
+  const checkpoint::CheckpointStore store((fs::path(run_dir) / "checkpoints").string());
+  const std::vector<checkpoint::CheckpointEntry> entries = store.list_valid();
+  if (entries.empty()) throw std::runtime_error(run_dir + ": no valid checkpoint in " + store.root());
+  if (out.empty()) out = (fs::path(run_dir) / "eval" / "curve.h5").string();
+  const fs::path out_path = fs::weakly_canonical(out);
+  const std::unique_ptr<train::RunDirLock> lock = lock_run_dir_of(out_path, out);
+  std::vector<eval::EvalReport> reports;
+  for (const auto& entry : entries) {
+    const checkpoint::ResolvedCheckpoint ckpt = checkpoint::resolve_checkpoint(entry.dir);
+    reports.push_back(evaluate(ckpt, overrides, options));
+    if (!json) std::cout << eval::format_report(reports.back()) << "\n";
+  }
+  eval::write_curve(out_path.string(), run_dir, reports);
+  if (json) {
+    std::cout << eval::curve_json(run_dir, reports, out_path.string()).dump(2) << "\n";
+  } else {
+    std::cout << "wrote " << out_path.string() << " (" << reports.size() << " checkpoints)\n";
+  }
+  return 0;
+}
+
+}  // namespace
+
 int cmd_eval(const Args& args) {
-  namespace fs = std::filesystem;
   std::vector<std::string> positional, overrides;
-  std::string out;
+  std::string out, split = "auto";
   int64_t batches = 8, memorization_samples = 8;
-  po::options_description options("keel eval CKPT_DIR|RUN_DIR");
+  po::options_description options("keel eval CKPT_DIR|RUN_DIR  |  keel eval --all RUN_DIR");
   // clang-format off
   options.add_options()
-      ("out", po::value<std::string>(&out), "HDF5 file to write (default RUN_DIR/eval/step-XXXXXXXX.h5)")
+      ("out", po::value<std::string>(&out),
+       "HDF5 file to write (default RUN_DIR/eval/step-XXXXXXXX.h5; with --all RUN_DIR/eval/curve.h5)")
       ("set", po::value<std::vector<std::string>>(&overrides)->composing(),
        "override a key of the checkpoint's config (e.g. data.dir)")
+      ("split", po::value<std::string>(&split),
+       "heldout (documents prepare kept out of training), train-tail (the end of each source's epoch-0 order) or "
+       "auto (default: heldout when every source has one)")
+      ("all", "evaluate every valid checkpoint of RUN_DIR and write their curve (docs/eval.md)")
       ("batches", po::value<int64_t>(&batches), "eval batches (of train.micro_batch samples) per source (default 8)")
       ("memorization-samples", po::value<int64_t>(&memorization_samples),
        "training sequences per (source, chunk) (default 8)")
@@ -44,6 +103,13 @@ int cmd_eval(const Args& args) {
   if (positional.size() != 1) throw std::runtime_error("expected one CKPT_DIR or RUN_DIR (see keel eval --help)");
   if (batches < 1) throw std::runtime_error("--batches must be >= 1, got " + std::to_string(batches));
   if (memorization_samples < 0) throw std::runtime_error("--memorization-samples must be >= 0");
+  eval::EvalOptions eval_options{batches, memorization_samples};
+  try {
+    eval_options.split = eval::parse_split(split);
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error(e.what());
+  }
+  if (vm.count("all")) return eval_all(positional[0], out, overrides, eval_options, vm.count("json") > 0);
 
   // The checkpoint (verified) and where the results go.
   const checkpoint::ResolvedCheckpoint ckpt = checkpoint::resolve_checkpoint(positional[0]);
@@ -62,24 +128,9 @@ int cmd_eval(const Args& args) {
                              " (that would break its manifest)");
   }
   if (fs::exists(out_path)) throw std::runtime_error(out + ": exists (remove it or pass another --out)");
-  // Writing into a run dir: hold its lock while evaluating, so a live run (or one starting) is never written
-  // into by two processes; a run dir in use is refused naming the pid.
-  std::unique_ptr<train::RunDirLock> run_dir_lock;
-  for (fs::path dir = out_path.parent_path(); !dir.empty() && dir != dir.root_path(); dir = dir.parent_path()) {
-    if (!fs::exists(train::RunPaths{dir.string()}.marker_file())) continue;
-    try {
-      run_dir_lock = train::RunDirLock::acquire(dir.string());
-    } catch (const train::RunDirError& e) {
-      throw std::runtime_error("--out " + out + ": " + e.what());
-    }
-    break;
-  }
+  const std::unique_ptr<train::RunDirLock> run_dir_lock = lock_run_dir_of(out_path, out);
 
-  const Config config = load_config(ckpt.dir + "/config.ini", overrides);
-  if (config.train.threads > 0) torch::set_num_threads(static_cast<int>(config.train.threads));
-  const checkpoint::TrainingState state = checkpoint::read_lazy_state(ckpt.dir, ckpt.manifest, -1);  // placeholders
-  const eval::EvalReport report =
-      eval::evaluate_checkpoint(config, state, ckpt.dir, ckpt.manifest.step, {batches, memorization_samples});
+  const eval::EvalReport report = evaluate(ckpt, overrides, eval_options);
   eval::write_report(out_path.string(), report);
   if (vm.count("json")) {
     std::cout << eval::report_json(report, out_path.string()).dump(2) << "\n";

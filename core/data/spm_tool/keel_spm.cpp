@@ -5,7 +5,8 @@
 // starts for the two heavy operations (training, batch encoding). Files use spm_tool/record_io.h records.
 //   keel-spm train FLAGS SENTENCES SEED   train a model (FLAGS are SentencePiece trainer flags)
 //   keel-spm encode MODEL DOCS OUT        one record of int32 ids per document
-//   keel-spm pieces MODEL OUT             record 0: "eos_id unk_id", then one record per piece, in id order
+//   keel-spm pieces MODEL OUT             record 0: "eos_id unk_id bos_id pad_id" (-1: none), then one record
+//                                         per piece, in id order
 #include <sentencepiece_processor.h>
 #include <sentencepiece_trainer.h>
 
@@ -78,7 +79,8 @@ int run(int argc, char** argv) {
     sentencepiece::SentencePieceProcessor sp;
     load(sp, argv[2]);
     File out = open_file(argv[3], "wb");
-    keel::data::spm_io::write_string(out.get(), std::to_string(sp.eos_id()) + " " + std::to_string(sp.unk_id()));
+    keel::data::spm_io::write_string(out.get(), std::to_string(sp.eos_id()) + " " + std::to_string(sp.unk_id()) + " " +
+                                                    std::to_string(sp.bos_id()) + " " + std::to_string(sp.pad_id()));
     for (int id = 0; id < sp.GetPieceSize(); ++id) {
       std::string piece = sp.IdToPiece(id);
       if (sp.IsControl(id))

@@ -186,6 +186,50 @@ function drawCurve(spec) {
   drawChart(document.getElementById('chart-' + spec.key), option, spec.title);
 }
 
+// Eval loss against step: one line per run and source, from eval/step-N.h5 files and `keel eval --all`'s
+// eval/curve.h5 (the run table lists them). Without any, a note instead of an empty chart.
+function drawEvalCurve() {
+  var div = document.getElementById('chart-eval');
+  var series = [];
+  runs.forEach(function (run, r) {
+    var bySource = {};
+    var names = [];
+    run.evals.forEach(function (e) {
+      e.sources.forEach(function (s) {
+        if (!bySource[s.source]) { bySource[s.source] = []; names.push(s.source); }
+        bySource[s.source].push({ value: [e.step, isNum(s.nll) ? s.nll : null], seen: s.seen_in_training });
+      });
+    });
+    names.forEach(function (name, k) {
+      series.push({
+        name: run.name + ' · ' + name, type: 'line', showSymbol: true, symbolSize: 6, connectNulls: false,
+        itemStyle: { color: runColor(r) }, lineStyle: { width: 1.5, type: k % 2 ? 'dashed' : 'solid' },
+        data: bySource[name]
+      });
+    });
+  });
+  if (!series.length) {
+    div.parentNode.replaceChild(note('No eval results: `keel eval --all RUN_DIR` writes the eval curve.'), div);
+    return;
+  }
+  drawChart(div, {
+    title: { text: 'Eval loss (mean token NLL per source)', left: 'center', textStyle: { fontSize: 14 } },
+    legend: { type: 'scroll', top: 24 },
+    grid: { left: 70, right: 30, top: 60, bottom: 70 },
+    tooltip: {
+      trigger: 'item', confine: true,
+      formatter: function (p) {
+        return escapeHtml(p.seriesName) + '<br>step ' + p.value[0] + ': nll ' + fmt(p.value[1]) +
+          '<br>seen_in_training ' + p.data.seen;
+      }
+    },
+    xAxis: { type: 'value', name: 'step', nameLocation: 'middle', nameGap: 25, min: 'dataMin', max: 'dataMax' },
+    yAxis: { type: 'value', scale: true, axisLabel: { formatter: axisFmt } },
+    dataZoom: [{ type: 'inside' }, { type: 'slider', height: 18, bottom: 8 }],
+    series: series
+  }, 'Eval loss');
+}
+
 function escapeHtml(s) {
   return String(s).replace(/[&<>"']/g, function (c) {
     return { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[c];
@@ -431,7 +475,7 @@ function drawEventTable() {
 }
 
 // ---------- main ----------
-[drawHeader, function () { CURVES.forEach(drawCurve); }, drawHeatmaps, drawLineage, drawAb, drawEventTable]
+[drawHeader, function () { CURVES.forEach(drawCurve); }, drawEvalCurve, drawHeatmaps, drawLineage, drawAb, drawEventTable]
   .forEach(function (step) { try { step(); } catch (err) { reportError(step.name || 'page', err); } });
 window.addEventListener('resize', function () { charts.forEach(function (c) { c.resize(); }); });
 document.body.dataset.chartsDrawn = String(chartsDrawn);
