@@ -420,7 +420,9 @@ std::vector<SampleRef> stream(DataLoader& loader, int64_t steps) {
   int64_t next = -1;
   for (int64_t s = 0; s < steps; ++s) {
     const BatchPlan plan = loader.plan_next();
-    if (next >= 0) EXPECT_EQ(plan.first_sample, next) << "step " << plan.step;
+    if (next >= 0) {
+      EXPECT_EQ(plan.first_sample, next) << "step " << plan.step;
+    }
     next = plan.first_sample + static_cast<int64_t>(plan.samples.size());
     out.insert(out.end(), plan.samples.begin(), plan.samples.end());
   }
