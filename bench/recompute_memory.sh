@@ -4,7 +4,8 @@
 # next to the measurement. A benchmark, not a test (peak RSS depends on the allocator and the machine).
 #
 # Activation memory is the slope of peak RSS over the micro-batch size (micro_batch 4 minus 1, over 3): what one
-# more sequence adds, without the weights, optimizer state and LibTorch's own baseline. MALLOC_MMAP_THRESHOLD_ as in
+# more sequence adds, without the weights, optimizer state and LibTorch's own baseline; the plan's is the slope of
+# its total (kept activations plus the backward's largest transient, which under recomputation is a rebuilt block). MALLOC_MMAP_THRESHOLD_ as in
 # bench/plan_memory.sh (freed activation pages must leave RSS). "wall s" is the whole run at micro_batch 4 (start-up
 # included): the recomputation's cost in compute.
 # usage: [KEEL=path/to/keel] bash bench/recompute_memory.sh [--steps N]
@@ -25,9 +26,9 @@ shape=(--set model.layers=4 --set model.d_model=512 --set model.heads=8 --set mo
   --set model.ffn_hidden=1376 --set model.seq_len=512 --set train.grad_accum=1 --set train.precision=fp32
   --set train.threads="$(nproc)")
 
-planned() {  # ARGS...: the plan's activation bytes of one micro-batch
+planned() {  # ARGS...: the plan's total bytes of the rank (its slope is activations + the backward's transient)
   $keel plan --config "$config" "$@" --json |
-    /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["per_rank"][0]["activation_bytes"])'
+    /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["per_rank"][0]["total_bytes"])'
 }
 measured() {  # ARGS...: peak RSS in bytes of a short run; leaves the run in $work/run
   rm -rf "$work/run"

@@ -357,6 +357,10 @@ void set_key(Config& config, const std::string& key, const std::string& value, c
     config.plugin_args[name][field] = value;
     return;
   }
+  if (key == "parallel.sp") {  // outside key_table like data.eos_id: written only when true
+    config.parallel.sp = parse_bool(origin, key, value);
+    return;
+  }
   if (key == "model.recompute") {  // outside key_table like data.eos_id: written only when not none
     config.model.recompute = parse_named(origin, key, value, kRecomputeNames);
     return;
@@ -592,6 +596,10 @@ void validate(const Config& c) {
     require(value % par.tp == 0, std::string(key) + " (" + std::to_string(value) +
                                      ") must be divisible by parallel.tp (" + std::to_string(par.tp) + ")");
   }
+  require(!par.sp || par.tp > 1, "parallel.sp = true needs parallel.tp > 1 (it splits the sequence over the TP group)");
+  require(!par.sp || m.seq_len % par.tp == 0, "model.seq_len (" + std::to_string(m.seq_len) +
+                                                  ") must be divisible by parallel.tp (" + std::to_string(par.tp) +
+                                                  ") under parallel.sp = true");
   require(!(m.tie_embeddings && par.pp > 1),
           "model.tie_embeddings = true needs parallel.pp = 1 (the embedding and the head live on different stages)");
   require(c.metrics.flush_every >= 1, "metrics.flush_every must be >= 1");
@@ -637,6 +645,12 @@ std::vector<std::pair<std::string, std::string>> flatten(const Config& config) {
     for (auto it = out.begin(); it != out.end(); ++it)
       if (it->first.rfind("model.", 0) == 0) at = it + 1;
     out.insert(at, {"model.recompute", name_of(config.model.recompute)});
+  }
+  if (config.parallel.sp) {  // after the last parallel.* key: [parallel] stays one section
+    auto at = out.end();
+    for (auto it = out.begin(); it != out.end(); ++it)
+      if (it->first.rfind("parallel.", 0) == 0) at = it + 1;
+    out.insert(at, {"parallel.sp", "true"});
   }
   if (!config.train.batch_schedule.empty()) {  // after the last train.* key, so that [train] stays one section
     auto at = out.end();
@@ -688,6 +702,9 @@ std::vector<std::pair<std::string, std::string>> documented_keys() {
   out.emplace_back("checkpoint.async",
                    "write, hash and commit periodic checkpoints on a background thread while training continues "
                    "(default false)");
+  out.emplace_back("parallel.sp",
+                   "sequence parallelism inside the TP group (Megatron SP): norms and the residual stream split along "
+                   "the sequence; needs parallel.tp > 1 and model.seq_len divisible by parallel.tp (default false)");
   out.emplace_back("model.recompute",
                    "activations recomputed in backward, per block: none | full (keep each block's input) | selective "
                    "(also keep GEMM outputs; recompute norms, RoPE, attention core, SwiGLU)");

@@ -8,6 +8,7 @@
 
 #include "core/model/recompute.h"
 #include "core/model/sharding.h"
+#include "core/parallel/tp_ops.h"
 #include "core/torch_compat.h"
 
 namespace keel::model {
@@ -71,16 +72,22 @@ torch::Tensor SwiGluMlpImpl::forward(const torch::Tensor& x) const {
   return w_down_->forward(swiglu(w_gate_->forward(x), w_up_->forward(x)));  // [B, T, F] -> [B, T, C]
 }
 
-BlockImpl::BlockImpl(const ModelConfig& c, const parallel::TensorParallel& tp) {
-  attn_norm_ = register_module("attn_norm", Norm(c.d_model, c.norm, c.norm_eps));
+// Under sequence parallelism a norm sees only this rank's rows: its weight gradient is a partial sum over TP.
+BlockImpl::BlockImpl(const ModelConfig& c, const parallel::TensorParallel& tp) : tp_(tp) {
+  attn_norm_ = register_module("attn_norm", Norm(c.d_model, c.norm, c.norm_eps, tp.sp()));
   attn_ = register_module("attn", Attention(c, tp));
-  mlp_norm_ = register_module("mlp_norm", Norm(c.d_model, c.norm, c.norm_eps));
+  mlp_norm_ = register_module("mlp_norm", Norm(c.d_model, c.norm, c.norm_eps, tp.sp()));
   mlp_ = register_module("mlp", SwiGluMlp(c, tp));
 }
 
 torch::Tensor BlockImpl::forward(const torch::Tensor& x, const RotaryTables& rope) const {
-  torch::Tensor h = x + attn_->forward(attn_norm_->forward(x), rope);  // [B, T, C]
-  return h + mlp_->forward(mlp_norm_->forward(h));                     // [B, T, C]
+  // Under SP x and h are [B, T/tp, C]: each half's normed input is gathered over the sequence for the
+  // column-parallel projections ([B, T, C]), and its row-parallel projection scatters the sum back.
+  const auto to_tp_region = [this](const torch::Tensor& normed) {
+    return tp_.sp() ? parallel::gather_from_sequence_region(normed, tp_) : normed;  // [B, T, C]
+  };
+  torch::Tensor h = x + attn_->forward(to_tp_region(attn_norm_->forward(x)), rope);  // [B, T, C]
+  return h + mlp_->forward(to_tp_region(mlp_norm_->forward(h)));                     // [B, T, C]
 }
 
 LlamaImpl::LlamaImpl(const ModelConfig& c, const parallel::TensorParallel& tp, StageSpec stage)
@@ -100,7 +107,7 @@ LlamaImpl::LlamaImpl(const ModelConfig& c, const parallel::TensorParallel& tp, S
     blocks.emplace_back(std::to_string(layer), Block(c, tp).ptr());
   blocks_ = register_module("blocks", torch::nn::ModuleDict(blocks));
   if (stage_.has_head) {
-    final_norm_ = register_module("final_norm", Norm(c.d_model, c.norm, c.norm_eps));
+    final_norm_ = register_module("final_norm", Norm(c.d_model, c.norm, c.norm_eps, tp.sp()));
     if (!c.tie_embeddings) head_ = register_module("head", ColumnParallelLinear(c.d_model, c.vocab, tp, "model.vocab"));
   }
 }
@@ -172,9 +179,10 @@ torch::Tensor LlamaImpl::run_blocks(const torch::Tensor& x_in) const {
 }
 
 torch::Tensor LlamaImpl::logits(const torch::Tensor& x_in) const {
-  torch::Tensor x = final_norm_->forward(x_in);  // [B, T, C]
-  if (head_) return head_->forward(x);           // [B, T, V/tp]
-  return embed_->project(x);                     // tied: [B, T, V/tp]
+  torch::Tensor x = final_norm_->forward(x_in);                     // [B, T, C] (SP: [B, T/tp, C])
+  if (tp_.sp()) x = parallel::gather_from_sequence_region(x, tp_);  // [B, T, C]
+  if (head_) return head_->forward(x);                              // [B, T, V/tp]
+  return embed_->project(x);                                        // tied: [B, T, V/tp]
 }
 
 torch::Tensor LlamaImpl::forward(const torch::Tensor& tokens, torch::ScalarType compute_dtype) const {
@@ -185,7 +193,8 @@ torch::Tensor LlamaImpl::forward(const torch::Tensor& tokens, torch::ScalarType 
 
 CrossEntropyParts LlamaImpl::head_loss(const torch::Tensor& x, const torch::Tensor& targets) const {
   TORCH_CHECK(stage_.has_head, "head_loss() called on a pipeline stage without the head");
-  const torch::Tensor h = final_norm_->forward(x);                  // [B, T, C]
+  torch::Tensor h = final_norm_->forward(x);                        // [B, T, C] (SP: [B, T/tp, C])
+  if (tp_.sp()) h = parallel::gather_from_sequence_region(h, tp_);  // [B, T, C] for the vocab-parallel head
   const torch::Tensor& w = head_ ? head_->weight : embed_->weight;  // [V/tp, C] fp32
   return head_cross_entropy(h, w, targets, config_.z_loss, tp_, [this](const torch::Tensor& normed) {
     return head_ ? head_->forward(normed) : embed_->project(normed);  // [B, T, V/tp]

@@ -58,8 +58,11 @@ TORCH_MODULE(SwiGluMlp);
 class BlockImpl : public torch::nn::Module {
  public:
   BlockImpl(const ModelConfig& config, const parallel::TensorParallel& tp);
-  torch::Tensor forward(const torch::Tensor& x, const RotaryTables& rope) const;  // [B, T, C] -> [B, T, C]
+  // [B, T, C] -> [B, T, C]; under sequence parallelism [B, T/tp, C] -> [B, T/tp, C] (gathered around each half)
+  torch::Tensor forward(const torch::Tensor& x, const RotaryTables& rope) const;
+
  private:
+  parallel::TensorParallel tp_;
   Norm attn_norm_{nullptr}, mlp_norm_{nullptr};
   Attention attn_{nullptr};
   SwiGluMlp mlp_{nullptr};

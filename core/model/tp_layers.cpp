@@ -13,6 +13,7 @@ namespace {
 
 using parallel::copy_to_tp_region;
 using parallel::reduce_from_tp_region;
+using parallel::reduce_scatter_to_sequence_region;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -91,8 +92,10 @@ ColumnParallelLinearImpl::ColumnParallelLinearImpl(int64_t in_features, int64_t 
 }
 
 torch::Tensor ColumnParallelLinearImpl::forward(const torch::Tensor& x) const {
-  // Backward sums this rank's partial input gradient over TP. Selective recomputation keeps the output.
-  return kept_gemm(copy_to_tp_region(x, tp_), weight.to(x.scalar_type()), [](const auto& input, const auto& w) {
+  // Backward sums this rank's partial input gradient over TP (under SP the caller's gather does, in its backward).
+  // Selective recomputation keeps the output.
+  const torch::Tensor input = tp_.sp() ? x : copy_to_tp_region(x, tp_);  // [..., in]
+  return kept_gemm(input, weight.to(x.scalar_type()), [](const auto& input, const auto& w) {
     return torch::nn::functional::linear(input, w);  // [..., out/tp]
   });
 }
@@ -106,7 +109,18 @@ RowParallelLinearImpl::RowParallelLinearImpl(int64_t in_features, int64_t out_fe
 }
 
 torch::Tensor RowParallelLinearImpl::forward(const torch::Tensor& x) const {
-  // Selective recomputation keeps the reduced output, so its re-run issues no all-reduce.
+  // Selective recomputation keeps the reduced output, so its re-run issues no all-reduce (under SP, whose
+  // reduce-scatter has an all-gather for backward, the kept output's gradient is gathered first).
+  if (tp_.sp()) {
+    const parallel::TensorParallel tp = tp_;
+    return kept_gemm(
+        x, weight.to(x.scalar_type()),
+        [tp](const auto& input, const auto& w) {
+          torch::Tensor partial = torch::nn::functional::linear(input, w);  // [B, T, out] this rank's part
+          return reduce_scatter_to_sequence_region(partial, tp);            // [B, T/tp, out]
+        },
+        [tp](const torch::Tensor& grad) { return parallel::gather_from_sequence_region(grad, tp); });
+  }
   return kept_gemm(x, weight.to(x.scalar_type()), [this](const auto& input, const auto& w) {
     torch::Tensor partial = torch::nn::functional::linear(input, w);  // [..., out] this rank's part
     return reduce_from_tp_region(partial, tp_);                       // [..., out]
@@ -130,11 +144,13 @@ torch::Tensor VocabParallelEmbeddingImpl::forward(const torch::Tensor& tokens, t
   torch::Tensor local_ids = (tokens - vocab_start_).masked_fill(foreign, 0);                         // [B, T] rows here
   torch::Tensor rows = torch::embedding(weight, local_ids).masked_fill(foreign.unsqueeze(-1), 0.0);  // [B, T, C]
   // Exactly one rank contributes each token's row, so the sum is exact even in bf16.
-  return reduce_from_tp_region(rows.to(dtype), tp_);  // [B, T, C]
+  if (tp_.sp()) return reduce_scatter_to_sequence_region(rows.to(dtype), tp_);  // [B, T/tp, C]
+  return reduce_from_tp_region(rows.to(dtype), tp_);                            // [B, T, C]
 }
 
 torch::Tensor VocabParallelEmbeddingImpl::project(const torch::Tensor& x) const {
-  return torch::nn::functional::linear(copy_to_tp_region(x, tp_), weight.to(x.scalar_type()));  // [..., V/tp]
+  const torch::Tensor input = tp_.sp() ? x : copy_to_tp_region(x, tp_);     // [..., C]
+  return torch::nn::functional::linear(input, weight.to(x.scalar_type()));  // [..., V/tp]
 }
 
 CrossEntropyParts vocab_parallel_cross_entropy(const torch::Tensor& logits, const torch::Tensor& targets,

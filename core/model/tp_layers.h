@@ -5,7 +5,10 @@
 //   RowParallelLinear     weight [out, in/tp]   split dim 1; input sharded, output summed over the TP group
 //   VocabParallelEmbedding weight [V/tp, C]     split dim 0; each rank looks up its vocabulary range
 // The caller chooses the init role of a linear layer (kOutputNormal for projections into the residual stream).
-// With tp.size == 1 they are plain layers and no communication happens.
+// With tp.size == 1 they are plain layers and no communication happens. Under sequence parallelism (tp.sp()) a
+// column-parallel layer and the tied head read an input the caller has already gathered over the sequence
+// (gather_from_sequence_region, whose backward sums the gradient), a row-parallel layer and the embedding
+// reduce-scatter their output over the sequence: [B, T/tp, C].
 // Weights are fp32 master copies; `forward` casts them to the compute dtype (bf16 in bf16-mixed), so autograd
 // returns fp32 gradients to the masters and accumulates them in fp32.
 #pragma once

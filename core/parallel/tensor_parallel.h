@@ -17,6 +17,9 @@ struct TensorParallel {
   int64_t rank = 0;
   int64_t size = 1;
   std::shared_ptr<Communicator> group;  // the TP group (size == group->size()); null when size == 1
+  // Megatron sequence parallelism (parallel.sp, size > 1): between the TP layers' matmuls the residual stream and
+  // the norms hold this rank's share of the sequence, [B, T/tp, C]; see core/parallel/tp_ops.h.
+  bool sequence_parallel = false;
 
   // Rows [begin, end) of a dimension of `full` elements owned by this rank; `what` names the dimension
   // for the error when it does not divide evenly.
@@ -27,6 +30,7 @@ struct TensorParallel {
     return full / size;
   }
   bool single() const { return size == 1; }
+  bool sp() const { return sequence_parallel && size > 1; }
 };
 
 }  // namespace keel::parallel

@@ -59,6 +59,43 @@ class ReduceFromTpRegion : public torch::autograd::Function<ReduceFromTpRegion> 
   }
 };
 
+// [B, T/tp, ...] from every rank -> [B, T, ...] in rank order.
+torch::Tensor gathered_over_sequence(const torch::Tensor& x, Communicator& group) {
+  return torch::cat(group.all_gather(x.contiguous()), /*dim=*/1);
+}
+
+// [B, T, ...] partial sums -> [B, T/tp, ...] this rank's part of the sum. Gloo in LibTorch 1.13 has no
+// reduce-scatter, so this is the all-reduce and a copy of the part (the full sum is freed on return).
+torch::Tensor reduce_scattered_over_sequence(const torch::Tensor& x, Communicator& group) {
+  const int64_t T = x.size(1);
+  TORCH_CHECK(T % group.size() == 0, "sequence parallelism: the sequence (", T,
+              ") does not divide by the tensor-parallel size (", group.size(), ")");
+  const int64_t part = T / group.size();
+  return summed_over_group(x, group).narrow(1, group.rank() * part, part).clone(at::MemoryFormat::Contiguous);
+}
+
+class GatherFromSequenceRegion : public torch::autograd::Function<GatherFromSequenceRegion> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const TensorParallel& tp) {
+    save_group(ctx, tp);
+    return gathered_over_sequence(x, *tp.group);  // [B, T, ...]
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    return {reduce_scattered_over_sequence(grad_outputs[0], saved_group(ctx)), torch::Tensor()};  // [B, T/tp, ...]
+  }
+};
+
+class ReduceScatterToSequenceRegion : public torch::autograd::Function<ReduceScatterToSequenceRegion> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const TensorParallel& tp) {
+    save_group(ctx, tp);
+    return reduce_scattered_over_sequence(x, *tp.group);  // [B, T/tp, ...]
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    return {gathered_over_sequence(grad_outputs[0], saved_group(ctx)), torch::Tensor()};  // [B, T, ...]
+  }
+};
+
 }  // namespace
 
 void require_tp_group(const TensorParallel& tp, const std::string& who) {
@@ -83,6 +120,16 @@ at::Tensor copy_to_tp_region(const at::Tensor& x, const TensorParallel& tp) {
 at::Tensor reduce_from_tp_region(const at::Tensor& x, const TensorParallel& tp) {
   if (tp.single()) return x;
   return ReduceFromTpRegion::apply(x, tp);
+}
+
+at::Tensor gather_from_sequence_region(const at::Tensor& x, const TensorParallel& tp) {
+  if (tp.single()) return x;
+  return GatherFromSequenceRegion::apply(x, tp);
+}
+
+at::Tensor reduce_scatter_to_sequence_region(const at::Tensor& x, const TensorParallel& tp) {
+  if (tp.single()) return x;
+  return ReduceScatterToSequenceRegion::apply(x, tp);
 }
 
 }  // namespace keel::parallel

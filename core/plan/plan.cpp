@@ -188,7 +188,9 @@ Plan make_plan(const Config& config, KernelPath path) {
     st.inflight_microbatches =
         par.pp == 1 ? 1 : (one_f_one_b ? std::min(par.pp - s, plan.microbatches) : plan.microbatches);
     st.workspace_bytes = tokens * workspace_bytes_per_token(l, path);
-    if (recompute && st.layers > 0) st.workspace_bytes += std::max(0.0, block_bytes - kept_per_block);
+    // A recomputed block's rebuilt activations are freed as its backward consumes them: the larger transient
+    // counts, not their sum (bench/recompute_memory.sh: within 0.94-1.14 of measured per-sequence peak RSS).
+    if (recompute && st.layers > 0) st.workspace_bytes = std::max(st.workspace_bytes, block_bytes - kept_per_block);
     if (st.head) st.workspace_bytes = std::max(st.workspace_bytes, loss_workspace_bytes(l, path, par.tp, tokens));
     const double inflight = static_cast<double>(st.inflight_microbatches);
     st.total_bytes = st.params_bytes + st.grads_bytes + st.optimizer_bytes +

@@ -117,7 +117,8 @@ torch::Tensor forward_backward(TrainerState& s, const torch::Tensor& window, tor
   torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat).device(s.device));
   torch::Tensor z_loss_sum = torch::zeros_like(loss_sum);
   parallel::PipelineStage stage;
-  stage.activation_shape = {micro_batch, T, c.model.d_model};
+  // Under parallel.sp the stages exchange this TP rank's share of the sequence, [b, T/tp, C].
+  stage.activation_shape = {micro_batch, c.parallel.sp ? T / c.parallel.tp : T, c.model.d_model};
   stage.activation_dtype = s.compute_dtype;
   stage.device = s.device;
   stage.forward = [&](int64_t micro, const torch::Tensor& input) -> torch::Tensor {

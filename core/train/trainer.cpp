@@ -103,7 +103,8 @@ Trainer::Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader
   // LibTorch seeds its default generators nondeterministically; seed them so that anything random in a step
   // (now or in a plugin) is reproducible: rank r uses train.seed + r. Their state is saved in checkpoints.
   torch::manual_seed(c.train.seed + static_cast<uint64_t>(g.rank));
-  const parallel::TensorParallel tp{g.coords.tp, g.layout.tp(), g.layout.tp() > 1 ? g.tp : nullptr};
+  parallel::TensorParallel tp{g.coords.tp, g.layout.tp(), g.layout.tp() > 1 ? g.tp : nullptr};
+  tp.sequence_parallel = c.parallel.sp;  // parallel.sp: the model splits its residual stream over the sequence
   const parallel::Layout::StageLayers layers = g.layout.stage_layers(c.model.layers, g.coords.pp);
   s.model = model::Llama(c.model, tp, model::StageSpec{layers.first, layers.count, g.first_stage(), g.last_stage()});
   s.model->init_weights(c.train.seed);  // the same full weights in every layout

@@ -70,6 +70,7 @@ const std::string& reference_run(const std::string& precision) {
 struct LayoutCase {
   int dp, tp, pp;
   std::string precision;
+  bool sp = false;  // parallel.sp (sequence parallelism; TP layouts only)
 };
 
 class ParallelLayouts : public ::testing::TestWithParam<LayoutCase> {};
@@ -78,10 +79,11 @@ TEST_P(ParallelLayouts, MatchTheSingleProcessRun) {
   const LayoutCase c = GetParam();
   const bool fp32 = c.precision == "fp32";
   const std::string reference = reference_run(c.precision);
-  const std::string dir =
-      fresh_dir("parallel-" + std::to_string(c.dp) + std::to_string(c.tp) + std::to_string(c.pp) + c.precision);
-  const ProcessResult r = launch_train(
-      c.dp * c.tp * c.pp, dir, kSteps + " --set train.precision=" + c.precision + " " + layout_flags(c.dp, c.tp, c.pp));
+  const std::string dir = fresh_dir("parallel-" + std::to_string(c.dp) + std::to_string(c.tp) + std::to_string(c.pp) +
+                                    c.precision + (c.sp ? "-sp" : ""));
+  const ProcessResult r = launch_train(c.dp * c.tp * c.pp, dir,
+                                       kSteps + " --set train.precision=" + c.precision + " " +
+                                           layout_flags(c.dp, c.tp, c.pp) + (c.sp ? " --set parallel.sp=true" : ""));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   // Losses: fp32 differs only by reduction order; bf16 also by where the casts fall.
   const std::vector<double> want = losses(reference), got = losses(dir);
@@ -104,11 +106,16 @@ INSTANTIATE_TEST_SUITE_P(Layouts, ParallelLayouts,
                          ::testing::Values(LayoutCase{2, 1, 1, "fp32"}, LayoutCase{1, 2, 1, "fp32"},
                                            LayoutCase{1, 1, 2, "fp32"}, LayoutCase{2, 2, 2, "fp32"},
                                            LayoutCase{2, 1, 1, "bf16-mixed"}, LayoutCase{1, 2, 1, "bf16-mixed"},
-                                           LayoutCase{1, 1, 2, "bf16-mixed"}, LayoutCase{2, 2, 2, "bf16-mixed"}),
+                                           LayoutCase{1, 1, 2, "bf16-mixed"}, LayoutCase{2, 2, 2, "bf16-mixed"},
+                                           // Every layout with TP again under sequence parallelism.
+                                           LayoutCase{1, 2, 1, "fp32", true}, LayoutCase{2, 2, 2, "fp32", true},
+                                           LayoutCase{1, 2, 1, "bf16-mixed", true},
+                                           LayoutCase{2, 2, 2, "bf16-mixed", true}),
                          [](const ::testing::TestParamInfo<LayoutCase>& info) {
                            const LayoutCase& c = info.param;
                            return "dp" + std::to_string(c.dp) + "tp" + std::to_string(c.tp) + "pp" +
-                                  std::to_string(c.pp) + (c.precision == "fp32" ? "_fp32" : "_bf16");
+                                  std::to_string(c.pp) + (c.sp ? "sp" : "") +
+                                  (c.precision == "fp32" ? "_fp32" : "_bf16");
                          });
 
 TEST(ParallelRun, ZeroOneMatchesPlainDataParallel) {

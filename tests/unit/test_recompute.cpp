@@ -120,10 +120,12 @@ TEST(Recompute, KeptGemmOutsideARecomputedBlockIsTheComputation) {
   EXPECT_TRUE(torch::equal(y, torch::nn::functional::linear(x, w)));
 }
 
-// One rank of a tp x pp layout: its stage of the model, run through the pipeline schedule on 2 micro-batches.
-Outcome pipeline_rank(ProcessGroups& g, ModelConfig c, Recompute policy) {
+// One rank of a tp x pp layout: its stage of the model, run through the pipeline schedule on 2 micro-batches;
+// with `sp`, under sequence parallelism (the stages exchange [2, T/tp, C]).
+Outcome pipeline_rank(ProcessGroups& g, ModelConfig c, Recompute policy, bool sp) {
   c.recompute = policy;
-  const TensorParallel tp{g.coords.tp, g.tp->size(), g.tp->size() > 1 ? g.tp : nullptr};
+  TensorParallel tp{g.coords.tp, g.tp->size(), g.tp->size() > 1 ? g.tp : nullptr};
+  tp.sequence_parallel = sp;
   const int64_t per_stage = c.layers / g.pp->size();
   const bool first = g.coords.pp == 0, last = g.coords.pp == g.pp->size() - 1;
   Llama model(c, tp, StageSpec{g.coords.pp * per_stage, per_stage, first, last});
@@ -132,7 +134,7 @@ Outcome pipeline_rank(ProcessGroups& g, ModelConfig c, Recompute policy) {
   const int64_t T = c.seq_len;
   Outcome out;
   parallel::PipelineStage stage;
-  stage.activation_shape = {2, T, c.d_model};
+  stage.activation_shape = {2, sp ? T / tp.size : T, c.d_model};
   stage.forward = [&](int64_t m, const torch::Tensor& input) -> torch::Tensor {
     torch::Tensor x = first ? model->embed(micro[m].narrow(1, 0, T), torch::kFloat) : input;  // [2, T, C]
     x = model->run_blocks(x);
@@ -146,14 +148,14 @@ Outcome pipeline_rank(ProcessGroups& g, ModelConfig c, Recompute policy) {
   return out;
 }
 
-TEST(Recompute, BitIdenticalToNoneInATensor2Pipeline2Layout) {
+void check_tensor2_pipeline2(bool sp) {
   ModelConfig c = small_model(NormKind::kRmsNorm);
   c.layers = 4;
   std::mutex mutex;
   std::map<std::pair<int64_t, Recompute>, Outcome> outcomes;  // by (rank, policy)
   testing::run_ranks(1, 2, 2, [&](ProcessGroups& g) {
     for (Recompute policy : kPolicies) {
-      Outcome outcome = pipeline_rank(g, c, policy);
+      Outcome outcome = pipeline_rank(g, c, policy, sp);
       std::lock_guard<std::mutex> lock(mutex);
       outcomes[{g.rank, policy}] = std::move(outcome);
     }
@@ -161,10 +163,17 @@ TEST(Recompute, BitIdenticalToNoneInATensor2Pipeline2Layout) {
   for (int64_t rank = 0; rank < 4; ++rank) {
     const Outcome& none = outcomes.at({rank, Recompute::kNone});
     EXPECT_EQ(none.losses.size(), rank >= 2 ? 2u : 0u) << "the last stage (ranks 2, 3) computes the losses";
-    for (Recompute policy : {Recompute::kFull, Recompute::kSelective})
-      expect_bit_identical(outcomes.at({rank, policy}), none, "rank " + std::to_string(rank) + " " + name_of(policy));
+    for (Recompute policy : {Recompute::kFull, Recompute::kSelective}) {
+      expect_bit_identical(outcomes.at({rank, policy}), none,
+                           "rank " + std::to_string(rank) + " " + name_of(policy) + (sp ? " sp" : ""));
+    }
   }
 }
+
+TEST(Recompute, BitIdenticalToNoneInATensor2Pipeline2Layout) { check_tensor2_pipeline2(/*sp=*/false); }
+
+// Under SP the kept row-parallel outputs are reduce-scattered: their replayed backward gathers the gradient first.
+TEST(Recompute, BitIdenticalToNoneUnderSequenceParallelism) { check_tensor2_pipeline2(/*sp=*/true); }
 
 // Bytes malloc has handed out and not taken back (heap and mmapped chunks, every arena).
 double allocated_bytes() {
