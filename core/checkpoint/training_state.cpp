@@ -296,7 +296,7 @@ TrainingState read_rank_file_impl(const std::string& path, bool tensor_data) {
   parse_lineage(s.lineage, path + ":/lineage");
   for (const auto& slot : in.groups_under("/plugins")) {
     for (const auto& name : in.groups_under("/plugins/" + slot)) {
-      PluginState p;
+      SavedPluginState p;
       const std::string group = "/plugins/" + slot + "/" + name;
       p.slot = slot;
       p.name = in.string_attribute(group, "name");

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <keel/plugin.h>  // sdk::NamedTensors and sdk::PluginState, the one definition of each
 
 #include <cstdint>
 #include <map>
@@ -14,15 +15,21 @@
 
 namespace keel::checkpoint {
 
-using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
+using NamedTensors = sdk::NamedTensors;
 
-// State of one loaded plugin (filled by the plugin host): its own tensors and a JSON blob of scalars.
-struct PluginState {
+// A loaded plugin's state as a checkpoint keeps it: what the plugin saved (sdk::PluginState: a JSON blob of
+// scalars and its own tensors) and which plugin that is.
+struct SavedPluginState : sdk::PluginState {
   std::string slot;
   std::string name;
   std::string version;
-  std::string json;  // the plugin's own state (JSON text)
-  NamedTensors tensors;
+
+  SavedPluginState() = default;
+  SavedPluginState(std::string slot_, std::string name_, std::string version_, std::string json_, NamedTensors tensors_)
+      : sdk::PluginState{std::move(json_), std::move(tensors_)},
+        slot(std::move(slot_)),
+        name(std::move(name_)),
+        version(std::move(version_)) {}
 };
 
 // Where a tensor of a rank file sits in the full tensor (tensor-parallel shards; see resharding.h).
@@ -45,7 +52,7 @@ struct TrainingState {
   std::string data_ledger;           // JSON: the data loader's state()
   std::string config_ini;            // the resolved config
   std::string lineage;               // JSON: see lineage.h
-  std::vector<PluginState> plugins;
+  std::vector<SavedPluginState> plugins;
   // Placement of the model and optimizer tensors, keyed "model/<param>" and "optimizer/<param>/<state>";
   // a tensor without an entry is whole (global shape = its shape, offset 0).
   std::map<std::string, Placement> placement;

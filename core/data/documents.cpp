@@ -4,32 +4,24 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "core/data/data_error.h"
 #include "core/data/regular_file.h"
-
-namespace fs = std::filesystem;
+#include "core/io/file.h"
 
 namespace keel::data {
 
 void write_document_index(const std::string& path, const std::vector<int64_t>& starts) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    for (int64_t v : starts) {
-      unsigned char bytes[8];
-      for (int b = 0; b < 8; ++b) bytes[b] = static_cast<unsigned char>(static_cast<uint64_t>(v) >> (8 * b));
-      f.write(reinterpret_cast<const char*>(bytes), sizeof bytes);
-    }
-    f.flush();
-    if (!f) throw DataError(tmp + ": cannot write the document index");
+  std::string bytes(starts.size() * 8, '\0');  // int64 little-endian, whatever the host
+  for (size_t i = 0; i < starts.size(); ++i) {
+    for (int b = 0; b < 8; ++b) bytes[i * 8 + b] = static_cast<char>(static_cast<uint64_t>(starts[i]) >> (8 * b));
   }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) throw DataError(path + ": cannot rename " + tmp + ": " + ec.message());
+  try {
+    io::write_file_atomically(path, bytes);
+  } catch (const io::FileError& e) {
+    throw DataError(std::string(e.what()) + " (writing the document index)");
+  }
 }
 
 std::vector<int64_t> read_document_index(const std::string& path, int64_t documents, int64_t tokens) {

@@ -6,14 +6,13 @@
 
 #include <cstdint>
 #include <cstdio>
-#include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
 
 #include "core/data/data_error.h"
 #include "core/data/hash.h"
 #include "core/data/regular_file.h"
+#include "core/io/file.h"
 
 namespace keel::data::detail {
 
@@ -32,17 +31,13 @@ inline void refuse_non_regular(const std::string& path, const std::string& noun 
   if (!message.empty()) throw DataError(message + ": Keel does not replace it; move it away and prepare again");
 }
 
+// core/io's atomic writer, with its error as a DataError ("PATH: REASON").
 inline void write_text_atomically(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    f << text;
-    f.flush();
-    if (!f) throw DataError(tmp + ": cannot write");
+  try {
+    io::write_file_atomically(path, text);
+  } catch (const io::FileError& e) {
+    throw DataError(e.what());
   }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) throw DataError(path + ": cannot rename " + tmp + ": " + ec.message());
 }
 
 inline void check_source_name(const std::string& name) {

@@ -4,7 +4,6 @@
 #include "core/data/pretokenized.h"
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -15,11 +14,12 @@
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
-#include <regex>
 #include <string_view>
 #include <utility>
 
 #include "core/data/regular_file.h"
+#include "core/io/file.h"
+#include "core/data/shard.h"
 
 namespace keel::data {
 namespace {
@@ -118,37 +118,25 @@ std::string TokenDtype::name() const { return (is_signed ? "int" : "uint") + std
 MappedTokens::MappedTokens(const std::string& path, int64_t data_offset, TokenDtype dtype, int64_t vocab,
                            const std::string& what_file)
     : path_(path), dtype_(dtype), data_offset_(data_offset) {
-  const int fd = open_regular(path, what_file, file_bytes_);
+  file_ = map_token_file(path, what_file);
+  const int64_t file_bytes = file_.size();
   const int64_t width = dtype.width;
-  if (data_offset < 0 || data_offset > file_bytes_) {
-    ::close(fd);
-    fail(path, file_bytes_,
-         "truncated: " + file_size_text(file_bytes_) + ", data starts at " + std::to_string(data_offset));
+  if (data_offset < 0 || data_offset > file_bytes) {
+    fail(path, file_bytes,
+         "truncated: " + file_size_text(file_bytes) + ", data starts at " + std::to_string(data_offset));
   }
-  if ((file_bytes_ - data_offset) % width != 0) {
-    ::close(fd);
-    fail(path, file_bytes_ - (file_bytes_ - data_offset) % width,
-         file_size_text(file_bytes_) + ": " + std::to_string(file_bytes_ - data_offset) +
+  if ((file_bytes - data_offset) % width != 0) {
+    fail(path, file_bytes - (file_bytes - data_offset) % width,
+         file_size_text(file_bytes) + ": " + std::to_string(file_bytes - data_offset) +
              " bytes of tokens are not a whole number of " + dtype.name() + " tokens (" + std::to_string(width) +
              " bytes each)");
   }
-  count_ = (file_bytes_ - data_offset) / width;
-  if (file_bytes_ > 0) {
-    void* map = ::mmap(nullptr, static_cast<size_t>(file_bytes_), PROT_READ, MAP_PRIVATE, fd, 0);
-    const int map_err = errno;
-    ::close(fd);
-    if (map == MAP_FAILED) fail(path, 0, "cannot mmap " + what_file + ": " + std::strerror(map_err));
-    map_ = static_cast<const unsigned char*>(map);
-    map_bytes_ = static_cast<size_t>(file_bytes_);
-  } else {
-    ::close(fd);
-  }
+  count_ = (file_bytes - data_offset) / width;
   // Every token id in [0, vocab): one linear scan, so training never indexes past the embedding table.
   for (int64_t i = 0; i < count_; ++i) {
     const int64_t t = load(i);
     if (t < 0 || t >= vocab) {
       const std::string id = dtype.is_signed ? std::to_string(t) : std::to_string(static_cast<uint64_t>(t));
-      close();
       fail(path, data_offset + i * width,
            "token id " + id + (t < 0 ? " < 0" : " >= vocab " + std::to_string(vocab)) + " (token " + std::to_string(i) +
                ")");
@@ -156,39 +144,8 @@ MappedTokens::MappedTokens(const std::string& path, int64_t data_offset, TokenDt
   }
 }
 
-MappedTokens::~MappedTokens() { close(); }
-
-MappedTokens::MappedTokens(MappedTokens&& other) noexcept
-    : path_(std::move(other.path_)),
-      dtype_(other.dtype_),
-      data_offset_(other.data_offset_),
-      count_(other.count_),
-      file_bytes_(other.file_bytes_),
-      map_(std::exchange(other.map_, nullptr)),
-      map_bytes_(std::exchange(other.map_bytes_, 0)) {}
-
-MappedTokens& MappedTokens::operator=(MappedTokens&& other) noexcept {
-  if (this != &other) {
-    close();
-    path_ = std::move(other.path_);
-    dtype_ = other.dtype_;
-    data_offset_ = other.data_offset_;
-    count_ = other.count_;
-    file_bytes_ = other.file_bytes_;
-    map_ = std::exchange(other.map_, nullptr);
-    map_bytes_ = std::exchange(other.map_bytes_, 0);
-  }
-  return *this;
-}
-
-void MappedTokens::close() {
-  if (map_ != nullptr) ::munmap(const_cast<unsigned char*>(map_), map_bytes_);
-  map_ = nullptr;
-  map_bytes_ = 0;
-}
-
 int64_t MappedTokens::load(int64_t i) const {
-  const unsigned char* p = map_ + data_offset_ + i * dtype_.width;
+  const unsigned char* p = file_.data() + data_offset_ + i * dtype_.width;
   if (dtype_.width == 2 && !dtype_.is_signed) return int64_t(uint32_t(p[0]) | uint32_t(p[1]) << 8);
   if (dtype_.is_signed) return load_signed(p, dtype_.width);
   return static_cast<int64_t>(load_le(p, dtype_.width));
@@ -334,51 +291,21 @@ MegatronDataset open_megatron(const std::string& input, int64_t vocab) {
 // ---- NumPy ----
 
 NpyHeader parse_npy_header(const std::string& path, const unsigned char* bytes, size_t size) {
-  const auto n = static_cast<int64_t>(size);
-  if (n < 10 || std::memcmp(bytes, kNpyMagic, 6) != 0)
-    fail(path, 0, "bad magic, expected \"\\x93NUMPY\" (not an .npy file)");
-  const int major = bytes[6];
-  int64_t header_len = 0, dict_at = 0;
-  if (major == 1) {
-    header_len = static_cast<int64_t>(load_le(bytes + 8, 2));
-    dict_at = 10;
-  } else if (major == 2 || major == 3) {
-    if (n < 12) fail(path, n, "truncated .npy header");
-    header_len = static_cast<int64_t>(load_le(bytes + 8, 4));
-    dict_at = 12;
-  } else {
-    fail(path, 6,
-         "unsupported .npy version " + std::to_string(major) + "." + std::to_string(bytes[7]) +
-             " (this Keel reads 1.0, 2.0 and 3.0)");
+  io::NpyHeader npy;
+  try {
+    npy = io::parse_npy_header(path, bytes, size);
+  } catch (const io::FileError& e) {
+    throw DataError(e.what());
   }
-  if (header_len > n - dict_at) {
-    fail(path, n,
-         "truncated: the .npy header says " + std::to_string(header_len) + " bytes of dict, the file has " +
-             std::to_string(n - dict_at));
-  }
-  const std::string dict(reinterpret_cast<const char*>(bytes + dict_at), static_cast<size_t>(header_len));
-  std::smatch m;
-  if (!std::regex_search(dict, m, std::regex(R"('descr'\s*:\s*'([<>|=])([iuf])(\d+)')"))) {
-    fail(path, dict_at, "no 'descr' of a numeric type in the .npy header " + dict);
+  const int64_t dict_at = bytes[6] == 1 ? 10 : 12;  // where the header's dict starts (version 1.0, else 2.0/3.0)
+  if (npy.big_endian) fail(path, dict_at, "dtype '" + npy.descr + "' is big-endian (Keel reads little-endian)");
+  if (npy.shape.size() != 1) {
+    fail(path, dict_at, "'shape' is not one-dimensional (N,) in the .npy header: " + npy.shape_text());
   }
   NpyHeader h;
-  const std::string order = m[1], kind = m[2];
-  const int width = std::stoi(m[3].str().substr(0, 2));
-  const std::string descr = m[1].str() + kind + m[3].str();
-  if (kind == "f") fail(path, dict_at, "dtype '" + descr + "' is a float type: token ids are integers");
-  if (width != 1 && width != 2 && width != 4 && width != 8) {
-    fail(path, dict_at, "dtype '" + descr + "' is not a 1, 2, 4 or 8-byte integer");
-  }
-  if (order == ">" && width > 1) fail(path, dict_at, "dtype '" + descr + "' is big-endian (Keel reads little-endian)");
-  h.dtype = {width, kind == "i"};
-  if (!std::regex_search(dict, std::regex(R"('fortran_order'\s*:\s*False)"))) {
-    fail(path, dict_at, "'fortran_order' is not False in the .npy header " + dict);
-  }
-  if (!std::regex_search(dict, m, std::regex(R"('shape'\s*:\s*\(\s*(\d{1,18})\s*,?\s*\))"))) {
-    fail(path, dict_at, "'shape' is not one-dimensional (N,) in the .npy header " + dict);
-  }
-  h.count = std::stoll(m[1].str());
-  h.data_offset = dict_at + header_len;
+  h.dtype = {npy.width, npy.is_signed};
+  h.count = npy.shape[0];
+  h.data_offset = npy.data_offset;
   return h;
 }
 

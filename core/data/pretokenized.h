@@ -14,6 +14,8 @@
 
 #include "core/data/data_error.h"
 #include "core/data/token_stream.h"
+#include "core/io/mapped_file.h"
+#include "core/io/npy.h"
 
 namespace keel::data {
 
@@ -32,30 +34,25 @@ class MappedTokens : public TokenStream {
   // Throws DataError "PATH: offset N: what". `what_file` names the kind of file in errors ("Megatron .bin").
   MappedTokens(const std::string& path, int64_t data_offset, TokenDtype dtype, int64_t vocab,
                const std::string& what_file);
-  ~MappedTokens() override;
-  MappedTokens(MappedTokens&& other) noexcept;
-  MappedTokens& operator=(MappedTokens&& other) noexcept;
-  MappedTokens(const MappedTokens&) = delete;
-  MappedTokens& operator=(const MappedTokens&) = delete;
+  ~MappedTokens() override = default;
+  MappedTokens(MappedTokens&& other) noexcept = default;
+  MappedTokens& operator=(MappedTokens&& other) noexcept = default;
 
   const std::string& path() const override { return path_; }
   int64_t num_tokens() const override { return count_; }
   void read(int64_t begin, int64_t count, int64_t* out) const override;
   int64_t token(int64_t i) const;
-  int64_t file_bytes() const { return file_bytes_; }
+  int64_t file_bytes() const { return file_.size(); }
   const TokenDtype& dtype() const { return dtype_; }
 
  private:
-  void close();
   int64_t load(int64_t i) const;  // no range check
 
   std::string path_;
   TokenDtype dtype_;
   int64_t data_offset_ = 0;
   int64_t count_ = 0;
-  int64_t file_bytes_ = 0;
-  const unsigned char* map_ = nullptr;
-  size_t map_bytes_ = 0;
+  io::MappedFile file_;  // the whole file, mapped read-only
 };
 
 // ---- Megatron-LM indexed dataset (megatron/core/datasets/indexed_dataset.py) ----
@@ -96,17 +93,18 @@ MegatronDataset open_megatron(const std::string& prefix, int64_t vocab);
 std::string megatron_prefix(const std::string& input);
 
 // ---- NumPy .npy (format 1.0, 2.0, 3.0) and raw token arrays ----
-inline constexpr char kNpyMagic[6] = {'\x93', 'N', 'U', 'M', 'P', 'Y'};
+using io::kNpyMagic;
 
+// What a token array needs of an .npy header (core/io/npy.h parses it).
 struct NpyHeader {
   TokenDtype dtype;
   int64_t count = 0;        // elements (shape (N,))
   int64_t data_offset = 0;  // where the array starts
 };
 
-// Parses an .npy header held in memory (the first bytes of the file; `path` names it in errors): magic, version,
-// header length, the dict's 'descr' (a little-endian or byte-sized integer type: '<u2', '<i4', '|u1', ...;
-// floats and big-endian types are refused), 'fortran_order' False and a 1-D 'shape'. Throws DataError.
+// Parses an .npy header held in memory (the first bytes of the file; `path` names it in errors) with
+// io::parse_npy_header, and requires what a token array is: a little-endian or byte-sized integer type ('<u2',
+// '<i4', '|u1', ...; big-endian types are refused) and a 1-D 'shape'. Throws DataError "PATH: offset N: what".
 NpyHeader parse_npy_header(const std::string& path, const unsigned char* bytes, size_t size);
 // True when the file starts with the .npy magic.
 bool is_npy_file(const std::string& path);

@@ -2,20 +2,16 @@
 // byte by byte so the format is little-endian on any host; the compiler turns this into plain loads on x86/ARM.
 #include "core/data/shard.h"
 
-#include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
-#include <cerrno>
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <sstream>
-#include <utility>
+#include <string_view>
 
-#include "core/data/regular_file.h"
+#include "core/io/file.h"
+#include "core/io/regular_file.h"
 
 namespace keel::data {
 namespace {
@@ -75,27 +71,28 @@ int64_t write_shard(const std::string& path, const std::vector<int32_t>& tokens,
     }
   }
 
-  // Something other than a file in the shard's place (or its temp file's) was not written by Keel: refuse to
-  // replace it (rename would swap out a FIFO silently and fail on a directory).
-  const std::string tmp = path + ".tmp";
-  for (const std::string& p : {path, tmp}) {
-    struct stat st {};
-    if (::lstat(p.c_str(), &st) == 0 && !S_ISREG(st.st_mode) && !S_ISLNK(st.st_mode)) {
-      throw DataError(p + ": is " + non_regular_kind(st.st_mode) +
-                      ", not a shard file: Keel does not replace it; move it away and prepare again");
-    }
+  // Something other than a file in the shard's place was not written by Keel: refuse to replace it (rename
+  // would swap out a FIFO silently and fail on a directory).
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode) && !S_ISLNK(st.st_mode)) {
+    throw DataError(path + ": is " + io::non_regular_kind(st.st_mode) +
+                    ", not a shard file: Keel does not replace it; move it away and prepare again");
   }
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) throw DataError(tmp + ": cannot open for writing: " + std::strerror(errno));
-    f.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-    f.flush();
-    if (!f) throw DataError(tmp + ": write failed: " + std::strerror(errno));
+  try {
+    io::write_file_atomically(path, std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
+  } catch (const io::FileError& e) {
+    throw DataError(std::string(e.what()) + " (writing a shard)");
   }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) throw DataError(path + ": cannot rename " + tmp + ": " + ec.message());
   return static_cast<int64_t>(bytes.size());
+}
+
+io::MappedFile map_token_file(const std::string& path, const std::string& noun) {
+  try {
+    return io::MappedFile(path, noun);
+  } catch (const io::FileError& e) {
+    if (e.reason().rfind("is ", 0) == 0) throw DataError(e.what());  // what the path is: no byte offset
+    fail(path, 0, e.reason());
+  }
 }
 
 ShardReader open_prepared_shard(const std::string& path, int64_t vocab, int64_t tokens, int64_t eos_id) {
@@ -111,42 +108,20 @@ ShardReader open_prepared_shard(const std::string& path, int64_t vocab, int64_t 
 }
 
 ShardReader::ShardReader(const std::string& path, int64_t expected_vocab) : path_(path) {
-  // O_NONBLOCK: a FIFO in a shard's place must be refused, not waited on (the flag means nothing for a file).
-  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-  if (fd < 0) {
-    const int err = errno;
-    require_regular_file<DataError>(path, "a shard file");  // a socket cannot be opened: say what it is
-    fail(path, 0, std::string("cannot open shard: ") + std::strerror(err));
-  }
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    fail(path, 0, std::string("cannot stat shard: ") + std::strerror(err));
-  }
-  if (const std::string kind = non_regular_kind(st.st_mode); !kind.empty()) {
-    ::close(fd);
-    throw DataError(path + ": is " + kind + ", not a shard file");
-  }
-  file_bytes_ = st.st_size;
-  if (file_bytes_ < kShardHeaderBytes) {
-    ::close(fd);
-    fail(path, file_bytes_,
-         "truncated: file is " + std::to_string(file_bytes_) + " bytes, shorter than the " +
+  file_ = map_token_file(path, "a shard file");
+  const int64_t file_bytes = file_.size();
+  if (file_bytes < kShardHeaderBytes) {
+    fail(path, file_bytes,
+         "truncated: file is " + std::to_string(file_bytes) + " bytes, shorter than the " +
              std::to_string(kShardHeaderBytes) + "-byte header");
   }
-  void* map = ::mmap(nullptr, static_cast<size_t>(file_bytes_), PROT_READ, MAP_PRIVATE, fd, 0);
-  const int map_err = errno;
-  ::close(fd);
-  if (map == MAP_FAILED) fail(path, 0, std::string("cannot mmap shard: ") + std::strerror(map_err));
-  map_ = static_cast<const unsigned char*>(map);
-  map_bytes_ = static_cast<size_t>(file_bytes_);
+  const unsigned char* map = file_.data();
 
-  try {
-    if (std::memcmp(map_, kShardMagic, 8) != 0) {
+  {
+    if (std::memcmp(map, kShardMagic, 8) != 0) {
       std::string got;
       for (int i = 0; i < 8; ++i) {
-        const unsigned char c = map_[i];
+        const unsigned char c = map[i];
         if (c >= 32 && c < 127) {
           got += static_cast<char>(c);
         } else {
@@ -157,17 +132,17 @@ ShardReader::ShardReader(const std::string& path, int64_t expected_vocab) : path
       }
       fail(path, 0, "bad magic \"" + got + "\", expected \"KEELTOK1\" (not a Keel token shard)");
     }
-    header_.version = load_u32(map_ + 8);
+    header_.version = load_u32(map + 8);
     if (header_.version != kShardVersion) {
       fail(path, 8,
            "unsupported version " + std::to_string(header_.version) + " (this Keel reads version " +
                std::to_string(kShardVersion) + ")");
     }
-    header_.dtype = load_u32(map_ + 12);
+    header_.dtype = load_u32(map + 12);
     if (header_.dtype != kShardDtypeU16 && header_.dtype != kShardDtypeU32) {
       fail(path, 12, "unknown dtype " + std::to_string(header_.dtype) + " (1 = uint16, 2 = uint32)");
     }
-    header_.vocab_size = load_u32(map_ + 16);
+    header_.vocab_size = load_u32(map + 16);
     if (expected_vocab != kAnyVocab && static_cast<int64_t>(header_.vocab_size) != expected_vocab) {
       fail(path, 16,
            "vocab_size " + std::to_string(header_.vocab_size) + " != expected vocab " + std::to_string(expected_vocab) +
@@ -176,27 +151,27 @@ ShardReader::ShardReader(const std::string& path, int64_t expected_vocab) : path
     if (header_.dtype == kShardDtypeU16 && header_.vocab_size > 65536) {
       fail(path, 16, "vocab_size " + std::to_string(header_.vocab_size) + " does not fit dtype 1 (uint16)");
     }
-    header_.eos_id = load_u32(map_ + 20);
+    header_.eos_id = load_u32(map + 20);
     if (header_.eos_id >= header_.vocab_size) {
       fail(path, 20, "eos_id " + std::to_string(header_.eos_id) + " >= vocab " + std::to_string(header_.vocab_size));
     }
-    header_.num_tokens = load_u64(map_ + 24);
+    header_.num_tokens = load_u64(map + 24);
     const int64_t width = header_.token_bytes();
     const uint64_t max_tokens = static_cast<uint64_t>(INT64_MAX - kShardHeaderBytes) / width;
     const uint64_t expected_bytes = header_.num_tokens > max_tokens
                                         ? UINT64_MAX
                                         : kShardHeaderBytes + header_.num_tokens * static_cast<uint64_t>(width);
-    if (expected_bytes != static_cast<uint64_t>(file_bytes_)) {
+    if (expected_bytes != static_cast<uint64_t>(file_bytes)) {
       std::ostringstream what;
-      what << (static_cast<uint64_t>(file_bytes_) < expected_bytes ? "truncated" : "trailing bytes") << ": file is "
-           << file_bytes_ << " bytes, header says " << header_.num_tokens << " tokens of " << width
+      what << (static_cast<uint64_t>(file_bytes) < expected_bytes ? "truncated" : "trailing bytes") << ": file is "
+           << file_bytes << " bytes, header says " << header_.num_tokens << " tokens of " << width
            << " bytes = " << (expected_bytes == UINT64_MAX ? std::string("overflow") : std::to_string(expected_bytes))
            << " bytes";
-      fail(path, std::min<int64_t>(file_bytes_, expected_bytes == UINT64_MAX ? 24 : expected_bytes), what.str());
+      fail(path, std::min<int64_t>(file_bytes, expected_bytes == UINT64_MAX ? 24 : expected_bytes), what.str());
     }
     // Every token id < vocab_size: one linear scan (~10 ms per 16M tokens), so training never indexes past
     // the embedding table.
-    const unsigned char* p = map_ + kShardHeaderBytes;
+    const unsigned char* p = map + kShardHeaderBytes;
     const uint32_t vocab = header_.vocab_size;
     const uint64_t n = header_.num_tokens;
     for (uint64_t i = 0; i < n; ++i) {
@@ -207,37 +182,7 @@ ShardReader::ShardReader(const std::string& path, int64_t expected_vocab) : path
                  ")");
       }
     }
-  } catch (...) {
-    close();
-    throw;
   }
-}
-
-ShardReader::~ShardReader() { close(); }
-
-ShardReader::ShardReader(ShardReader&& other) noexcept
-    : path_(std::move(other.path_)),
-      header_(other.header_),
-      file_bytes_(other.file_bytes_),
-      map_(std::exchange(other.map_, nullptr)),
-      map_bytes_(std::exchange(other.map_bytes_, 0)) {}
-
-ShardReader& ShardReader::operator=(ShardReader&& other) noexcept {
-  if (this != &other) {
-    close();
-    path_ = std::move(other.path_);
-    header_ = other.header_;
-    file_bytes_ = other.file_bytes_;
-    map_ = std::exchange(other.map_, nullptr);
-    map_bytes_ = std::exchange(other.map_bytes_, 0);
-  }
-  return *this;
-}
-
-void ShardReader::close() {
-  if (map_ != nullptr) ::munmap(const_cast<unsigned char*>(map_), map_bytes_);
-  map_ = nullptr;
-  map_bytes_ = 0;
 }
 
 int32_t ShardReader::token(int64_t i) const {
@@ -245,7 +190,7 @@ int32_t ShardReader::token(int64_t i) const {
     throw DataError(path_ + ": token index " + std::to_string(i) + " out of range [0, " + std::to_string(num_tokens()) +
                     ")");
   }
-  const unsigned char* p = map_ + kShardHeaderBytes;
+  const unsigned char* p = file_.data() + kShardHeaderBytes;
   if (header_.dtype == kShardDtypeU16) return static_cast<int32_t>(uint32_t(p[2 * i]) | uint32_t(p[2 * i + 1]) << 8);
   return static_cast<int32_t>(load_u32(p + 4 * i));
 }
@@ -255,7 +200,7 @@ void ShardReader::read(int64_t begin, int64_t count, int64_t* out) const {
     throw DataError(path_ + ": token range [" + std::to_string(begin) + ", " + std::to_string(begin + count) +
                     ") out of range [0, " + std::to_string(num_tokens()) + ")");
   }
-  const unsigned char* p = map_ + kShardHeaderBytes;
+  const unsigned char* p = file_.data() + kShardHeaderBytes;
   if (header_.dtype == kShardDtypeU16) {
     for (int64_t i = 0; i < count; ++i) {
       const int64_t j = begin + i;

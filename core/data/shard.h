@@ -11,6 +11,7 @@
 
 #include "core/data/data_error.h"
 #include "core/data/token_stream.h"
+#include "core/io/mapped_file.h"
 
 namespace keel::data {
 
@@ -50,18 +51,16 @@ class ShardReader : public TokenStream {
   // Opens and validates `path`. expected_vocab: the vocab the caller's model uses (kAnyVocab skips that check).
   // Throws DataError "PATH: offset N: what" on any problem.
   ShardReader(const std::string& path, int64_t expected_vocab);
-  ~ShardReader() override;
-  ShardReader(ShardReader&& other) noexcept;
-  ShardReader& operator=(ShardReader&& other) noexcept;
-  ShardReader(const ShardReader&) = delete;
-  ShardReader& operator=(const ShardReader&) = delete;
+  ~ShardReader() override = default;
+  ShardReader(ShardReader&& other) noexcept = default;
+  ShardReader& operator=(ShardReader&& other) noexcept = default;
 
   const std::string& path() const override { return path_; }
   const ShardHeader& header() const { return header_; }
   int64_t num_tokens() const override { return static_cast<int64_t>(header_.num_tokens); }
   int64_t vocab_size() const { return header_.vocab_size; }
   int64_t eos_id() const { return header_.eos_id; }
-  int64_t file_bytes() const { return file_bytes_; }
+  int64_t file_bytes() const { return file_.size(); }
 
   // Token i (0 <= i < num_tokens).
   int32_t token(int64_t i) const;
@@ -71,14 +70,14 @@ class ShardReader : public TokenStream {
   std::vector<int32_t> read_all() const;
 
  private:
-  void close();
-
   std::string path_;
   ShardHeader header_;
-  int64_t file_bytes_ = 0;
-  const unsigned char* map_ = nullptr;  // whole file, mmap'ed read-only (nullptr for an empty mapping)
-  size_t map_bytes_ = 0;
+  io::MappedFile file_;  // the whole file, mapped read-only
 };
+
+// Maps a token file (a shard, a Megatron .bin, an .npy) for reading in place. Throws DataError "PATH: is a FIFO,
+// not NOUN" or "PATH: offset 0: cannot open NOUN: ERRNO" (likewise stat, mmap).
+io::MappedFile map_token_file(const std::string& path, const std::string& noun);
 
 // Opens a shard of prepared data exactly as a run does: ShardReader(path, vocab), then its token count and EOS id
 // against what prepared.json records for it. `keel train` and the up-to-date check of `keel data prepare` both call

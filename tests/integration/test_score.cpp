@@ -125,9 +125,9 @@ TEST(Score, TextIsTokenizedWithTheCheckpointsTokenizerAndBadInputIsRefusedByName
     EXPECT_NE(out.exit_code, 0) << name;
     EXPECT_NE(out.output.find(message), std::string::npos) << name << ": " << out.output;
   };
-  refused("magic.npy", "not numpy at all", "magic.npy: not a .npy file");
+  refused("magic.npy", "not numpy at all", "magic.npy: offset 0: bad magic");
   refused("three.npy", npy("<i8", "(1, 2, 1)", {1, 2}, 8), "three.npy: shape (1, 2, 1), expected a 2-D array");
-  refused("float.npy", npy("<f4", "(1, 2)", {0, 0}, 4), "float.npy: dtype '<f4', expected an integer dtype");
+  refused("float.npy", npy("<f4", "(1, 2)", {0, 0}, 4), "float.npy: offset 10: dtype '<f4' is a float type");
   refused("short.npy", npy("<i8", "(2, 2)", {1, 2}, 8), "short.npy: 16 data bytes, shape (2, 2) of '<i8' needs 32");
   refused("vocab.npy", npy("<i4", "(1, 3)", {1, 2048, 3}, 4),
           "vocab.npy: row 0, token 1: id 2048 is outside the vocabulary [0, 2048)");
