@@ -18,8 +18,8 @@
 #include <utility>
 
 #include "core/data/regular_file.h"
-#include "core/io/file.h"
 #include "core/data/shard.h"
+#include "core/io/file.h"
 
 namespace keel::data {
 namespace {
