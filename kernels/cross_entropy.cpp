@@ -105,6 +105,7 @@ Pass chunked_pass(const at::Tensor& hidden, const at::Tensor& weight, const at::
   const at::Tensor kept = targets.ne(ignore_index);                        // [N] bool
   const at::Tensor kept_rows = kept.sum().to(at::kFloat).clamp_min_(1.0);  // [] on the device, no sync
   pass.losses.nll = nll_rows.sum() / kept_rows;                            // ignored rows hold 0
+  pass.losses.row_nll = nll_rows;
   pass.losses.z_loss = z_loss_coef > 0.0
                            ? z_loss_coef * (log_z.pow(2).masked_fill_(kept.logical_not(), 0.0).sum() / kept_rows)
                            : at::zeros({}, f32);
@@ -128,8 +129,8 @@ class LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy> 
                              want_grad_hidden, want_grad_weight);
     ctx->save_for_backward({pass.grad_hidden, pass.grad_weight, pass.grad_rescale});
     ctx->saved_data["weight_dtype"] = weight.scalar_type();
-    ctx->mark_non_differentiable({pass.losses.nll, pass.losses.z_loss});
-    return {pass.losses.loss, pass.losses.nll, pass.losses.z_loss};
+    ctx->mark_non_differentiable({pass.losses.nll, pass.losses.z_loss, pass.losses.row_nll});
+    return {pass.losses.loss, pass.losses.nll, pass.losses.z_loss, pass.losses.row_nll};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -198,6 +199,7 @@ FusedCrossEntropy run(const at::Tensor& hidden, const at::Tensor& weight, const 
   out.loss = losses[0];
   out.nll = losses[1];
   out.z_loss = losses[2];
+  out.row_nll = losses[3];
   return out;
 }
 

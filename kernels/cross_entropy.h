@@ -17,9 +17,10 @@ constexpr int64_t kIgnoreIndex = -100;
 
 // The three scalars of model::CrossEntropyParts, each fp32 on the inputs' device.
 struct FusedCrossEntropy {
-  at::Tensor loss;    // mean token NLL + z_loss (the only differentiable output)
-  at::Tensor nll;     // mean token NLL over the rows not ignored (for reporting)
-  at::Tensor z_loss;  // z_loss_coef * mean (log Z)^2 over the same rows (for reporting; 0 when z_loss_coef == 0)
+  at::Tensor loss;     // mean token NLL + z_loss (the only differentiable output)
+  at::Tensor nll;      // mean token NLL over the rows not ignored (for reporting)
+  at::Tensor z_loss;   // z_loss_coef * mean (log Z)^2 over the same rows (for reporting; 0 when z_loss_coef == 0)
+  at::Tensor row_nll;  // [N] each row's NLL, 0 for an ignored row (for per-sample losses; not differentiable)
 };
 
 // hidden:  [N, C] compute dtype (fp32, bf16 or fp16)

@@ -24,7 +24,8 @@ std::string Lineage::kind() const {
 }
 
 bool is_operational_key(const std::string& key) {
-  static const char* const prefixes[] = {"train.steps", "train.log_every", "train.threads", "metrics.", "checkpoint."};
+  static const char* const prefixes[] = {"train.steps", "train.log_every", "train.threads",
+                                         "metrics.",    "checkpoint.",     "resume."};
   for (const char* p : prefixes) {
     if (key.rfind(p, 0) == 0) return true;
   }

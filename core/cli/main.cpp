@@ -48,6 +48,7 @@ int main(int argc, char** argv) {
     if (command == "eval") return keel::cli::cmd_eval(rest);
     if (command == "report") return keel::cli::cmd_report(rest);
     if (command == "plan") return keel::cli::cmd_plan(rest);
+    if (command == "verify") return keel::cli::cmd_verify(rest);
     std::cerr << "keel: unknown command '" << command << "'\n\n" << keel::cli::usage();
     return 2;
   } catch (const keel::parallel::DistributedError& e) {

@@ -373,6 +373,10 @@ void set_key(Config& config, const std::string& key, const std::string& value, c
     config.data.tokenizer = value;
     return;
   }
+  if (key == "resume.verify_steps") {  // outside key_table like data.eos_id: written only when > 0
+    config.resume.verify_steps = parse_int(origin, key, value);
+    return;
+  }
   if (key == "data.add_bos") {  // outside key_table like data.eos_id: written only when true
     config.data.add_bos = parse_bool(origin, key, value);
     return;
@@ -568,6 +572,8 @@ void validate(const Config& c) {
   require(!c.data.dir.empty(), "data.dir must not be empty");
   require(c.data.tokenizer_sample_mb >= 1 && c.data.tokenizer_sample_mb <= (int64_t{1} << 20),
           "data.tokenizer_sample_mb must be in [1, 1048576]");
+  require(c.resume.verify_steps >= 0,
+          "resume.verify_steps must be >= 0 (0 = off), got " + std::to_string(c.resume.verify_steps));
   require(c.data.eos_id >= -1 && c.data.eos_id < c.model.vocab,
           "data.eos_id must be -1 (unset) or in [0, model.vocab)");
   const auto& par = c.parallel;
@@ -658,6 +664,8 @@ std::vector<std::pair<std::string, std::string>> flatten(const Config& config) {
       if (it->first.rfind("train.", 0) == 0) at = it + 1;
     out.insert(at, {"train.batch_schedule", config.train.batch_schedule});
   }
+  if (config.resume.verify_steps > 0)
+    out.emplace_back("resume.verify_steps", std::to_string(config.resume.verify_steps));
   for (const auto& s : config.data.sources) {
     const std::string prefix = "source." + s.name + ".";
     out.emplace_back(prefix + "inputs", join(s.inputs));
@@ -698,6 +706,9 @@ std::vector<std::pair<std::string, std::string>> documented_keys() {
   out.emplace_back("data.tokenizer",
                    "an existing SentencePiece tokenizer.model to use (copied into data.dir, its BOS/EOS/PAD ids); "
                    "unset = train one from the text sources");
+  out.emplace_back("resume.verify_steps",
+                   "a resume compares its first K steps bit for bit with the parent's logged rows where they "
+                   "overlap, and stops naming the step and value that differ (docs/forensics.md); 0 = off");
   out.emplace_back("data.add_bos", "prepend the tokenizer's BOS id to every document (default false)");
   out.emplace_back("checkpoint.async",
                    "write, hash and commit periodic checkpoints on a background thread while training continues "

@@ -54,7 +54,9 @@ constexpr hsize_t kChunkRows = 1024;  // 1-D series: 8 KiB chunks of int64/float
 constexpr hsize_t kEventChunkRows = 64;
 constexpr hsize_t kBatchChunkRows = 512;  // /data/batch: 36 KiB chunks
 constexpr const char* kBatchPath = "/data/batch";
-constexpr size_t kMatrixChunkFloats = 65536;  // per-tensor matrices: chunks of <= 256 KiB
+constexpr const char* kSampleLossPath = "/data/sample_loss";   // float32, one row per /data/batch row
+constexpr const char* kSourceLossPath = "/train/source_loss";  // float32 [steps, sources], a /train row table
+constexpr size_t kMatrixChunkFloats = 65536;                   // per-tensor matrices: chunks of <= 256 KiB
 constexpr int kFormatVersion = 1;
 // Room reserved for HDF5's own metadata in one flush (chunk-index nodes, object headers, a new series'
 // links), on top of the new chunks: per flush, and per dataset written.
@@ -376,6 +378,8 @@ void MetricsWriter::open_existing(const std::vector<std::pair<std::string, std::
                              std::to_string(tensor_names_.size()) + " tensor names; cannot append per-tensor norms");
   }
 
+  if (io::link_exists(f, kSourceLossPath, path_)) row_datasets.emplace_back(kSourceLossPath);
+
   // A kill in the middle of a flush can leave some columns longer than others: cut all back to the shortest.
   hsize_t min_rows = std::numeric_limits<hsize_t>::max();
   hsize_t max_rows = 0;
@@ -424,7 +428,13 @@ void MetricsWriter::append(const StepRow& row) {
     throw std::invalid_argument("metrics: step " + std::to_string(row.step) + " has batch samples but " + path_ +
                                 " has no source names (call set_batch_sources first)");
   }
+  if (!row.source_loss.empty() && row.source_loss.size() != batch_sources_.size()) {
+    throw std::invalid_argument("metrics: step " + std::to_string(row.step) + " has " +
+                                std::to_string(row.source_loss.size()) + " per-source losses but " + path_ + " has " +
+                                std::to_string(batch_sources_.size()) + " sources");
+  }
   steps_.push_back(row.step);
+  source_loss_.push_back(row.source_loss);
   loss_.push_back(row.loss);
   grad_norm_.push_back(row.grad_norm);
   lr_.push_back(row.lr);
@@ -465,6 +475,13 @@ void MetricsWriter::set_batch_sources(std::vector<std::string> names) {
     }
     batch_rows_in_file_ = static_cast<int64_t>(dataset_rows(file_id.get(), kBatchPath, path_));
   }
+  if (io::link_exists(file_id.get(), kSourceLossPath, path_)) {
+    Hid dset(check_id(H5Dopen2(file_id.get(), kSourceLossPath, H5P_DEFAULT), path_, kSourceLossPath, "H5Dopen2"));
+    if (io::read_string_attribute(dset.get(), "names", path_, kSourceLossPath) != names) {
+      throw std::runtime_error("metrics: " + path_ + ": /train/source_loss has other source columns than this run's " +
+                               std::to_string(names.size()) + " sources; cannot append to it");
+    }
+  }
   close_file(file_id, path_);
   batch_sources_ = std::move(names);
 }
@@ -494,6 +511,7 @@ void MetricsWriter::clear_train_buffer() {
   skipped_.clear();
   tensor_grad_norms_.clear();
   tensor_param_norms_.clear();
+  source_loss_.clear();
   batch_.clear();
   batch_steps_.clear();
 }
@@ -514,11 +532,17 @@ uint64_t MetricsWriter::flush_bound_bytes() const {
       bytes += 2 * new_chunk_bytes(base, n, matrix_chunk_rows(cols), cols * sizeof(float));
       datasets += 2;
     }
+    if (!batch_sources_.empty()) {  // /train/source_loss
+      const uint64_t cols = batch_sources_.size();
+      bytes += new_chunk_bytes(base, n, matrix_chunk_rows(cols), cols * sizeof(float));
+      datasets += 1;
+    }
   }
   if (!batch_.empty()) {
     bytes += new_chunk_bytes(static_cast<uint64_t>(batch_rows_in_file_), batch_.size(), kBatchChunkRows,
                              sizeof(detail::BatchRecord));
-    datasets += 1;
+    bytes += new_chunk_bytes(static_cast<uint64_t>(batch_rows_in_file_), batch_.size(), kBatchChunkRows, sizeof(float));
+    datasets += 2;
   }
   if (!events_.empty()) {
     bytes += new_chunk_bytes(static_cast<uint64_t>(events_in_file_), events_.size(), kEventChunkRows,
@@ -597,6 +621,7 @@ void MetricsWriter::write_buffered(int64_t file_id, Extended& extended) {
       write_rows(f, kTensorGradPath, H5T_NATIVE_FLOAT, tensor_grad_norms_.data(), base, n, cols, path_, extended);
       write_rows(f, kTensorParamPath, H5T_NATIVE_FLOAT, tensor_param_norms_.data(), base, n, cols, path_, extended);
     }
+    write_source_loss(f, base, extended);
     // The step's samples are in the file before its /train/step row.
     write_batch(f, extended);
     // The other columns' new lengths reach the file before /train/step's: HDF5 writes its cached metadata in
@@ -671,9 +696,36 @@ void MetricsWriter::write_batch(int64_t file_id, Extended& extended) {
     records[i] = {batch_steps_[i], b.slot,      b.source,           b.sample_id, b.epoch,
                   b.chunk,         b.first_doc, b.first_doc_offset, b.n_docs};
   }
+  // /data/sample_loss row i belongs to /data/batch row i: both are written at the rows /data/batch had (a file
+  // from a Keel without per-sample losses gets NaN for its earlier rows).
+  const hsize_t base = dataset_rows(f, kBatchPath, path_);
+  if (!io::link_exists(f, kSampleLossPath, path_))
+    create_extendible(f, kSampleLossPath, H5T_IEEE_F32LE, 0, kBatchChunkRows, true, path_);
+  std::vector<float> losses;
+  losses.reserve(batch_.size());
+  for (const BatchSample& b : batch_) losses.push_back(b.loss);
+  write_rows(f, kSampleLossPath, H5T_NATIVE_FLOAT, losses.data(), base, losses.size(), 0, path_, extended);
   Hid mem_type = detail::make_batch_type(/*in_file=*/false, path_);
-  write_rows(f, kBatchPath, mem_type.get(), records.data(), dataset_rows(f, kBatchPath, path_), records.size(), 0,
-             path_, extended);
+  write_rows(f, kBatchPath, mem_type.get(), records.data(), base, records.size(), 0, path_, extended);
+}
+
+void MetricsWriter::write_source_loss(int64_t file_id, uint64_t base, Extended& extended) {
+  const hid_t f = file_id;
+  const bool exists = io::link_exists(f, kSourceLossPath, path_);
+  const bool any = std::any_of(source_loss_.begin(), source_loss_.end(), [](const auto& r) { return !r.empty(); });
+  if (batch_sources_.empty() || (!exists && !any)) return;
+  const size_t cols = batch_sources_.size();
+  if (!exists) {
+    create_extendible(f, kSourceLossPath, H5T_IEEE_F32LE, cols, matrix_chunk_rows(cols), true, path_);
+    Hid dset(check_id(H5Dopen2(f, kSourceLossPath, H5P_DEFAULT), path_, kSourceLossPath, "H5Dopen2"));
+    io::write_string_array_attribute(dset.get(), "names", batch_sources_, path_, kSourceLossPath);
+  }
+  std::vector<float> values(source_loss_.size() * cols, std::numeric_limits<float>::quiet_NaN());  // [n, sources]
+  for (size_t row = 0; row < source_loss_.size(); ++row) {
+    for (size_t c = 0; c < source_loss_[row].size(); ++c)
+      values[row * cols + c] = static_cast<float>(source_loss_[row][c]);
+  }
+  write_rows(f, kSourceLossPath, H5T_NATIVE_FLOAT, values.data(), base, source_loss_.size(), cols, path_, extended);
 }
 
 }  // namespace keel::metrics

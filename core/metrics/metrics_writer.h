@@ -12,6 +12,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -37,6 +38,8 @@ struct BatchSample {
   int64_t first_doc = -1;  // documents the window covers (core/data/documents.h); -1: no document index
   int64_t first_doc_offset = 0;
   int64_t n_docs = 0;
+  // The sample's mean token loss in this step (/data/sample_loss, the same row); NaN when not measured.
+  float loss = std::numeric_limits<float>::quiet_NaN();
 };
 
 // One optimizer step as it goes into /train/*. Per-tensor norms are in the column order of the writer's
@@ -55,6 +58,9 @@ struct StepRow {
   // The step's samples, one /data/batch row each, written in the same flush as the step's /train row; empty
   // writes none. Needs set_batch_sources() first.
   std::vector<BatchSample> batch;
+  // The step's mean loss per source of the batch (/train/source_loss, columns in set_batch_sources() order; NaN
+  // for a source with no sample in the step). Empty stores a row of NaN once the dataset exists.
+  std::vector<double> source_loss;
 };
 
 // Longest kind / text an /events row stores in full (bytes of UTF-8).
@@ -84,9 +90,9 @@ class MetricsWriter {
   MetricsWriter(const MetricsWriter&) = delete;
   MetricsWriter& operator=(const MetricsWriter&) = delete;
 
-  // The source names of /data/batch (its `sources` attribute; BatchSample::source indexes them). Call before the
-  // first row with samples. Throws std::runtime_error naming the file if it already holds /data/batch with other
-  // names.
+  // The source names of /data/batch (its `sources` attribute; BatchSample::source indexes them) and the columns of
+  // /train/source_loss (its `names`). Call before the first row with samples. Throws std::runtime_error naming the
+  // file if it already holds /data/batch or /train/source_loss with other names.
   void set_batch_sources(std::vector<std::string> names);
 
   // Buffers one step row; flushes when flush_every rows are buffered. Throws std::invalid_argument if the
@@ -134,6 +140,7 @@ class MetricsWriter {
   void write_buffered(int64_t file_id, Extended& extended);
   uint64_t flush_bound_bytes() const;
   void write_batch(int64_t file_id, Extended& extended);
+  void write_source_loss(int64_t file_id, uint64_t base, Extended& extended);
 
   std::string path_;
   std::vector<std::string> tensor_names_;
@@ -155,8 +162,9 @@ class MetricsWriter {
   std::vector<float> tensor_param_norms_;  // [buffered steps, n_tensors], row-major
 
   std::vector<std::string> batch_sources_;
-  std::vector<BatchSample> batch_;    // buffered /data/batch rows
-  std::vector<int64_t> batch_steps_;  // the step of each buffered batch row
+  std::vector<std::vector<double>> source_loss_;  // per buffered step: its /train/source_loss row (empty: NaN)
+  std::vector<BatchSample> batch_;                // buffered /data/batch rows (and their /data/sample_loss)
+  std::vector<int64_t> batch_steps_;              // the step of each buffered batch row
   int64_t batch_rows_in_file_ = 0;
 
   std::vector<Event> events_;

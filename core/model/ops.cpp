@@ -71,7 +71,7 @@ CrossEntropyParts head_cross_entropy(const torch::Tensor& h, const torch::Tensor
     const kernels::FusedCrossEntropy parts = kernels::fused_linear_cross_entropy(
         rows, head_weight, targets.reshape({-1}), z_loss_coef,
         kernels::cross_entropy_chunk_rows(rows.size(0), head_weight.size(0), rows.size(1)));
-    return {parts.loss, parts.nll, parts.z_loss};
+    return {parts.loss, parts.nll, parts.z_loss, parts.row_nll};
   }
   torch::Tensor logits_local = logits_of(h);  // [B, T, V/tp]
   return vocab_parallel_cross_entropy(logits_local.reshape({-1, logits_local.size(-1)}), targets.reshape({-1}),

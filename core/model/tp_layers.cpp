@@ -40,7 +40,8 @@ class VocabParallelCrossEntropy : public torch::autograd::Function<VocabParallel
     tp.group->all_reduce(sums, parallel::ReduceOp::kSum);
     torch::Tensor log_sum_exp = sums[0].log();                        // [N] log Z - max
     torch::Tensor log_z = log_sum_exp + max_logit;                    // [N] log Z
-    torch::Tensor nll = (log_sum_exp - sums[1]).mean();               // scalar: mean -log p(target)
+    torch::Tensor row_nll = log_sum_exp - sums[1];                    // [N] -log p(target)
+    torch::Tensor nll = row_nll.mean();                               // scalar: mean -log p(target)
     torch::Tensor softmax = exp_shifted.div_(sums[0].unsqueeze(-1));  // [N, V/tp] this rank's columns
 
     torch::Tensor z_loss, loss;
@@ -50,12 +51,17 @@ class VocabParallelCrossEntropy : public torch::autograd::Function<VocabParallel
     } else {
       z_loss = torch::zeros({}, logits_f.options());
       loss = nll.clone();  // distinct from `nll`: each output of a Function is its own tensor
-      ctx->mark_non_differentiable({z_loss});
+    }
+    // One call: each call replaces the set of non-differentiable outputs.
+    if (z_loss_coef > 0.0) {
+      ctx->mark_non_differentiable({row_nll});
+    } else {
+      ctx->mark_non_differentiable({z_loss, row_nll});
     }
     ctx->save_for_backward({softmax, log_z, local_target, owned});
     ctx->saved_data["z_loss_coef"] = z_loss_coef;
     ctx->saved_data["logits_dtype"] = logits.scalar_type();
-    return {loss, nll, z_loss};
+    return {loss, nll, z_loss, row_nll};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -165,14 +171,17 @@ CrossEntropyParts vocab_parallel_cross_entropy(const torch::Tensor& logits, cons
     parts.loss = losses[0];
     parts.nll = losses[1];
     parts.z_loss = losses[2];
+    parts.row_nll = losses[3];
     return parts;
   }
   // One rank holds the whole vocabulary: plain autograd (the reference the TP path is tested against).
   torch::Tensor logits_f = logits.to(torch::kFloat);                                    // [N, V] fp32 statistics
   torch::Tensor log_z = torch::logsumexp(logits_f, /*dim=*/-1);                         // [N]
   torch::Tensor target_logit = logits_f.gather(-1, targets.unsqueeze(-1)).squeeze(-1);  // [N]
-  torch::Tensor nll = (log_z - target_logit).mean();
+  torch::Tensor row_nll = log_z - target_logit;                                         // [N]
+  torch::Tensor nll = row_nll.mean();
   parts.nll = nll;
+  parts.row_nll = row_nll.detach();
   if (z_loss_coef > 0.0) {
     parts.z_loss = z_loss_coef * log_z.pow(2).mean();
     parts.loss = nll + parts.z_loss;

@@ -68,6 +68,9 @@ struct CrossEntropyParts {
   torch::Tensor loss;    // scalar fp32: mean token NLL + z-loss term (what is differentiated)
   torch::Tensor nll;     // scalar fp32: mean token NLL (what is reported as "loss")
   torch::Tensor z_loss;  // scalar fp32: z_loss_coef * mean (log Z)^2
+  // [N] fp32, not differentiable: each row's (token's) NLL, 0 for an ignored target; nll is their mean over the
+  // rows kept. What per-sample losses are made of (metrics /data/sample_loss), at no extra cost.
+  torch::Tensor row_nll;
 };
 
 // logits: [N, V/tp] (any float dtype; statistics in fp32), rank r holding vocabulary columns

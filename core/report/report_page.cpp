@@ -83,6 +83,18 @@ nlohmann::json run_json(const RunData& run) {
                     {"last_step", run.heatmap.column_last_step},
                     {"log10", std::move(cells)}};
   }
+  // Per-source loss: one series per source, aligned with "steps" (null where the source had no sample).
+  if (run.source_names.empty()) {
+    j["source_loss"] = nullptr;
+  } else {
+    nlohmann::json series = nlohmann::json::array();
+    for (size_t c = 0; c < run.source_names.size(); ++c) {
+      nlohmann::json values = nlohmann::json::array();
+      for (const auto& row : run.source_loss) values.push_back(number(row[c]));
+      series.push_back(std::move(values));
+    }
+    j["source_loss"] = {{"sources", run.source_names}, {"loss", std::move(series)}};
+  }
   j["lineage"] = run.lineage ? lineage_json(*run.lineage) : nlohmann::json(nullptr);
   j["evals"] = nlohmann::json::array();
   for (const auto& e : run.evals) {

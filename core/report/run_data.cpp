@@ -205,6 +205,19 @@ RunData gather_run(const std::string& run_dir, const GatherOptions& options) {
     run.heatmap = bucket_heatmap(matrix, names, kept_rows, kept_steps, options.max_heatmap_columns);
   }
 
+  if (reader.has_dataset("/train/source_loss")) {
+    const metrics::Matrix matrix = reader.read_matrix("/train/source_loss");
+    run.source_names = reader.read_string_attribute("/train/source_loss", "names");
+    for (const size_t row : kept_rows) {
+      std::vector<double> values(run.source_names.size(), std::numeric_limits<double>::quiet_NaN());
+      for (size_t c = 0; c < values.size() && static_cast<int64_t>(c) < matrix.cols; ++c) {
+        if (static_cast<int64_t>(row) < matrix.rows)
+          values[c] = matrix.at(static_cast<int64_t>(row), static_cast<int64_t>(c));
+      }
+      run.source_loss.push_back(std::move(values));
+    }
+  }
+
   const fs::path lineage_path = fs::path(run_dir) / "lineage.json";
   if (fs::exists(lineage_path)) {
     run.lineage = checkpoint::parse_lineage(checkpoint::read_small_file(lineage_path.string()), lineage_path.string());

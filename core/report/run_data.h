@@ -74,6 +74,10 @@ struct RunData {
   std::vector<TrainRow> superseded;  // earlier rows of steps that were re-run (a rollback's discarded rows)
   std::vector<metrics::Event> events;
   TensorHeatmap heatmap;
+  // /train/source_loss (docs/metrics.md): the mean loss per source of each kept row's batch, [rows][sources],
+  // NaN where a source had no sample in the step; empty when the run logged none.
+  std::vector<std::string> source_names;
+  std::vector<std::vector<double>> source_loss;
   std::optional<checkpoint::Lineage> lineage;               // absent if the run dir has no lineage.json
   std::vector<EvalResult> evals;                            // steps ascending
   std::vector<std::pair<std::string, std::string>> config;  // /config attributes of metrics.h5

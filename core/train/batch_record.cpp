@@ -4,10 +4,12 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <limits>
 
 namespace keel::train {
 
-std::vector<metrics::BatchSample> batch_record(TrainerState& s, const sdk::StepContext& ctx) {
+std::vector<metrics::BatchSample> batch_record(TrainerState& s, const sdk::StepContext& ctx,
+                                               const std::vector<float>& sample_losses) {
   const data::DataLoader& loader = *s.loader;
   const std::vector<std::string>& names = loader.source_names();
   if (!s.documents) {
@@ -29,8 +31,24 @@ std::vector<metrics::BatchSample> batch_record(TrainerState& s, const sdk::StepC
     const data::DocSpan docs = s.documents->span(source, sample.sample_id * seq_len, seq_len + 1);
     rows.push_back({static_cast<int64_t>(slot), source, sample.sample_id, sample.epoch, sample.chunk, docs.first_doc,
                     docs.first_doc_offset, docs.n_docs});
+    if (slot < sample_losses.size()) rows.back().loss = sample_losses[slot];
   }
   return rows;
+}
+
+std::vector<double> source_losses(const std::vector<metrics::BatchSample>& rows, size_t sources) {
+  std::vector<double> sum(sources, 0.0);
+  std::vector<int64_t> count(sources, 0);
+  for (const metrics::BatchSample& row : rows) {
+    if (row.source < 0 || static_cast<size_t>(row.source) >= sources) continue;
+    sum[static_cast<size_t>(row.source)] += row.loss;
+    ++count[static_cast<size_t>(row.source)];
+  }
+  std::vector<double> mean(sources, std::numeric_limits<double>::quiet_NaN());
+  for (size_t i = 0; i < sources; ++i) {
+    if (count[i] > 0) mean[i] = sum[i] / static_cast<double>(count[i]);
+  }
+  return mean;
 }
 
 }  // namespace keel::train

@@ -32,7 +32,8 @@ void StepReduction::reduce_grads(TrainerState& s, at::Tensor& losses) const {
   }
 }
 
-ReducedStep StepReduction::read(TrainerState& s, const at::Tensor& flags, const at::Tensor& losses) {
+ReducedStep StepReduction::read(TrainerState& s, const at::Tensor& flags, const at::Tensor& losses,
+                                const at::Tensor& sample_losses) {
   const parallel::ProcessGroups& g = s.groups;
   const bool per_tensor = s.config.metrics.per_tensor;
   std::vector<torch::Tensor> grads, weights;
@@ -42,10 +43,21 @@ ReducedStep StepReduction::read(TrainerState& s, const at::Tensor& flags, const 
   }
   const int64_t n = static_cast<int64_t>(s.tensor_names.size());
   const auto fp32_here = torch::TensorOptions().dtype(torch::kFloat).device(s.device);
-  // [world + n + n]: flags, gradient squares, weight squares (the weights this step's forward used; skipped
-  // unless metrics.per_tensor), summed over every rank in one collective.
-  torch::Tensor summed = torch::cat(
-      {flags, placed_squares(s, grads), per_tensor ? placed_squares(s, weights) : torch::zeros({n}, fp32_here)});
+  // [B]: the global batch's per-sample losses, each placed by the one rank that counts it (TP rank 0 of the
+  // last stage of its DP rank), so the sum over ranks is exact: every slot gets one non-zero term.
+  const int64_t B = s.loader->global_batch_at(s.loader->step() - 1);  // this step's (train.batch_schedule)
+  torch::Tensor placed_samples = torch::zeros({B}, fp32_here);
+  if (g.last_stage() && g.coords.tp == 0 && sample_losses.defined()) {
+    const int64_t rank_batch = B / g.layout.dp();
+    placed_samples.narrow(0, g.coords.dp * rank_batch, rank_batch).copy_(sample_losses);
+  }
+  // [world + n + n + B]: flags, gradient squares, weight squares (the weights this step's forward used; skipped
+  // unless metrics.per_tensor), per-sample losses, summed over every rank in one collective. The samples go last:
+  // an element of the squares still has the same terms (in a ring all-reduce the order of more than two terms
+  // can follow the packet's length; the golden run's layouts have at most two).
+  torch::Tensor summed =
+      torch::cat({flags, placed_squares(s, grads),
+                  per_tensor ? placed_squares(s, weights) : torch::zeros({n}, fp32_here), placed_samples});
   if (!g.world->single()) g.world->all_reduce(summed);
   const torch::Tensor host =
       torch::cat({summed, losses.to(torch::kFloat)}).to(torch::kCPU, torch::kDouble);  // the one read
@@ -56,10 +68,13 @@ ReducedStep StepReduction::read(TrainerState& s, const at::Tensor& flags, const 
   }
   const double* grad_squares = h + g.world_size();
   const double* weight_squares = grad_squares + n;
+  const double* samples = weight_squares + n;
+  const double* loss_values = samples + B;
   double grad_square_sum = 0.0;
   for (int64_t i = 0; i < n; ++i) grad_square_sum += grad_squares[i];
-  out.loss = weight_squares[n];
-  out.z_loss = weight_squares[n + 1];
+  out.loss = loss_values[0];
+  out.z_loss = loss_values[1];
+  out.sample_losses.assign(samples, samples + B);  // fp32 values, exact in the double packet
   out.grad_norm = std::sqrt(grad_square_sum);
   if (per_tensor) {
     for (int64_t i = 0; i < n; ++i) {

@@ -19,6 +19,7 @@ namespace keel::train {
 struct ReducedStep {
   double loss = 0.0, z_loss = 0.0, grad_norm = 0.0;
   std::vector<float> tensor_grad_norms, tensor_param_norms;  // whole model, model order (metrics.per_tensor only)
+  std::vector<float> sample_losses;                          // [global batch] per-sample mean loss, slot order
   std::string non_finite_ranks;                              // "rank 1 (dp 0, tp 1, pp 0), ..." or ""
 };
 
@@ -29,8 +30,9 @@ class StepReduction {
   // The reductions every rank runs, even on a step that will be skipped (buckets may already be in flight):
   // gradients' DP mean and TP sum of partial gradients; `losses` [2] becomes the DP mean.
   void reduce_grads(TrainerState& s, at::Tensor& losses) const;
-  // The one collective and the one host read.
-  ReducedStep read(TrainerState& s, const at::Tensor& flags, const at::Tensor& losses);
+  // The one collective and the one host read. `sample_losses` [B/dp]: this DP rank's per-sample mean losses
+  // (meaningful on the last pipeline stage); the packet gathers the whole global batch's.
+  ReducedStep read(TrainerState& s, const at::Tensor& flags, const at::Tensor& losses, const at::Tensor& sample_losses);
 
  private:
   // Per-tensor squared norms of `tensors` (this rank's, in params order), placed at their whole-model index in

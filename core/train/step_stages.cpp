@@ -4,10 +4,12 @@
 #include <spdlog/spdlog.h>
 
 #include <cmath>
+#include <filesystem>
 #include <limits>
 #include <nlohmann/json.hpp>
 
 #include "core/data/mixture.h"
+#include "core/forensics/replay_check.h"
 #include "core/metrics/run_log.h"
 #include "core/parallel/pipeline.h"
 #include "core/plugin_host/host_kernels.h"
@@ -40,6 +42,40 @@ sdk::Decision decision_from_json(const std::string& text, std::string& decided_b
   d.lr_factor_steps = j.at("lr_factor_steps").get<int64_t>();
   decided_by = j.at("by").get<std::string>();
   return d;
+}
+
+// resume.verify_steps = K: the resume's first K steps must reproduce the parent's logged rows bit for bit where the
+// parent logged them (rank 0, which has the whole step's row). A difference stops the run naming step and value.
+void check_against_parent(TrainerState& s, const metrics::StepRow& row, const StepRecord& r) {
+  if (s.lineage.is_root()) return;
+  if (!s.replay_check) {
+    // The parent's rows: the run dir the checkpoint lies in (RUN/checkpoints/step-N), else the one its lineage names.
+    std::string parent = RunPaths{s.lineage.parent_run_dir}.metrics_h5();
+    const std::filesystem::path holder =
+        std::filesystem::path(s.lineage.parent_checkpoint).lexically_normal().parent_path().parent_path();
+    std::error_code ec;
+    if (!s.lineage.parent_checkpoint.empty() && std::filesystem::exists(holder / "metrics.h5", ec))
+      parent = RunPaths{holder.string()}.metrics_h5();
+    s.replay_check = std::make_shared<forensics::ReplayCheck>(parent, row.step, s.config.resume.verify_steps);
+    const int64_t last = row.step + s.replay_check->overlap() - 1;
+    spdlog::info("resume.verify_steps = {}: the parent logged {} of these steps; comparing them with {}",
+                 s.config.resume.verify_steps, s.replay_check->overlap(), parent);
+    if (s.replay_check->overlap() == 0)
+      s.event(row.step, "verify", "resume.verify_steps: the parent logged none of the first steps; nothing compared");
+    else
+      s.event(row.step, "verify",
+              "resume.verify_steps: comparing steps " + std::to_string(row.step) + ".." + std::to_string(last) +
+                  " with " + parent);
+  }
+  if (!s.replay_check->covers(row.step)) return;
+  s.replay_check->check({row.step, row.loss, row.grad_norm, row.tensor_grad_norms, row.tensor_param_norms,
+                         r.sample_losses});  // throws on a difference
+  if (row.step == s.replay_check->first_step() + s.replay_check->overlap() - 1) {
+    const std::string text = "resume.verify_steps: steps " + std::to_string(s.replay_check->first_step()) + ".." +
+                             std::to_string(row.step) + " are bit-identical to the parent's logged rows";
+    s.event(row.step, "verify", text);
+    spdlog::info("{}", text);
+  }
 }
 
 }  // namespace
@@ -107,7 +143,8 @@ torch::Tensor load_batch(TrainerState& s, sdk::StepContext& ctx) {
   return window;
 }
 
-torch::Tensor forward_backward(TrainerState& s, const torch::Tensor& window, torch::Tensor& own_losses) {
+torch::Tensor forward_backward(TrainerState& s, const torch::Tensor& window, torch::Tensor& own_losses,
+                               torch::Tensor& sample_losses) {
   const Config& c = s.config;
   const parallel::ProcessGroups& g = s.groups;
   const int64_t micro_batch = c.rank_micro_batch();
@@ -116,6 +153,7 @@ torch::Tensor forward_backward(TrainerState& s, const torch::Tensor& window, tor
   for (auto& p : s.params) p.param.mutable_grad() = torch::Tensor();
   torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat).device(s.device));
   torch::Tensor z_loss_sum = torch::zeros_like(loss_sum);
+  sample_losses = torch::zeros({window.size(0)}, loss_sum.options());  // [B/dp]
   parallel::PipelineStage stage;
   // Under parallel.sp the stages exchange this TP rank's share of the sequence, [b, T/tp, C].
   stage.activation_shape = {micro_batch, c.parallel.sp ? T / c.parallel.tp : T, c.model.d_model};
@@ -130,6 +168,7 @@ torch::Tensor forward_backward(TrainerState& s, const torch::Tensor& window, tor
     model::CrossEntropyParts parts = s.model->head_loss(x, micro_window.narrow(1, 1, T));
     loss_sum += parts.nll.detach();
     z_loss_sum += parts.z_loss.detach();
+    sample_losses.narrow(0, micro * micro_batch, micro_batch).copy_(parts.row_nll.reshape({micro_batch, T}).mean(1));
     return parts.loss / static_cast<double>(microbatches);  // the mean over micro-batches; DP averages below
   };
   // DP overlap: during the last micro-batch's backward each gradient bucket starts its all-reduce as soon as
@@ -147,7 +186,7 @@ torch::Tensor forward_backward(TrainerState& s, const torch::Tensor& window, tor
 }
 
 std::string reduce_and_clip(TrainerState& s, StepReduction& reduction, StepRecord& r, const torch::Tensor& own_losses,
-                            torch::Tensor& losses) {
+                            torch::Tensor& losses, const torch::Tensor& sample_losses) {
   sdk::StepContext& ctx = r.ctx;
   const parallel::ProcessGroups& g = s.groups;
   if (s.fault.at("nan_grad", g.rank, ctx.step) && !s.params.empty()) {  // a test's fault (trainer_state.h)
@@ -160,12 +199,13 @@ std::string reduce_and_clip(TrainerState& s, StepReduction& reduction, StepRecor
   // Always completed, even on a skipped step: buckets may already be in flight, and every rank must run the
   // same collectives.
   reduction.reduce_grads(s, losses);
-  ReducedStep reduced = reduction.read(s, flags, losses);
+  ReducedStep reduced = reduction.read(s, flags, losses, sample_losses);
   ctx.loss = reduced.loss;
   ctx.z_loss = reduced.z_loss;
   ctx.grad_norm = reduced.grad_norm;
   ctx.tensor_grad_norms = std::move(reduced.tensor_grad_norms);
   r.tensor_param_norms = std::move(reduced.tensor_param_norms);
+  r.sample_losses = std::move(reduced.sample_losses);
   ctx.clip_factor = optim::clip_grads_by_global_norm(s.params, ctx.grad_norm, s.config.optim.grad_clip);
   return reduced.non_finite_ranks;
 }
@@ -248,8 +288,10 @@ void end_step(TrainerState& s, StepRecord& r, std::chrono::steady_clock::time_po
   row.tensor_grad_norms = ctx.tensor_grad_norms;
   row.tensor_param_norms = r.tensor_param_norms;
   if (s.metrics) {
-    row.batch = batch_record(s, ctx);  // /data/batch, flushed with this row
+    row.batch = batch_record(s, ctx, r.sample_losses);  // /data/batch and /data/sample_loss, flushed with this row
+    row.source_loss = source_losses(row.batch, s.loader->source_names().size());
     s.metrics->append(row);
+    if (s.config.resume.verify_steps > 0) check_against_parent(s, row, r);
   }
   if (s.rank0()) metrics::throw_if_run_log_failed();  // train.log on a full disk stops the run like metrics.h5
   for (plugin_host::LoadedPlugin* p : s.plugins->all())

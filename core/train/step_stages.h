@@ -28,11 +28,14 @@ torch::Tensor load_batch(TrainerState& s, sdk::StepContext& ctx);
 // 2. loss: forward + backward of the micro-batches through the pipeline stages (one stage when pp = 1); fp32
 // gradients accumulate in this rank's master weights. Returns [loss, z_loss] (the mean over micro-batches),
 // this rank's own in `own_losses` (zeros before the last stage) and broadcast from the last stage in the result.
-torch::Tensor forward_backward(TrainerState& s, const torch::Tensor& window, torch::Tensor& own_losses);
+// `sample_losses` [B/dp]: each sample's mean token loss, from the head's per-token losses (no extra forward;
+// zeros before the last stage).
+torch::Tensor forward_backward(TrainerState& s, const torch::Tensor& window, torch::Tensor& own_losses,
+                               torch::Tensor& sample_losses);
 // 3. grads: the per-rank non-finite check, the reductions, the one host read; fills ctx's loss and norms and
 // clips. Returns who saw a non-finite value ("" if nobody).
 std::string reduce_and_clip(TrainerState& s, StepReduction& reduction, StepRecord& r, const torch::Tensor& own_losses,
-                            torch::Tensor& losses);
+                            torch::Tensor& losses, const torch::Tensor& sample_losses);
 // 4. gradient transforms, in chain order (each rank transforms its own shards).
 void transform_grads(TrainerState& s, sdk::StepContext& ctx);
 // 5. step decision: a non-finite loss or gradient never reaches the weights; then the spike handler, run on

@@ -27,6 +27,10 @@
 #include "core/train/run_dir.h"
 #include "core/train/test_fault.h"
 
+namespace keel::forensics {
+class ReplayCheck;
+}
+
 namespace keel::train {
 
 class AsyncSaver;  // async_saver.h: the checkpoint save in flight (checkpoint.async)
@@ -41,6 +45,7 @@ struct StepRecord {
   std::string decided_by;  // "keel" or the spike handler's name
   double step_time_s = 0.0;
   std::vector<float> tensor_param_norms;  // per tensor, the weights this step's forward used (metrics.per_tensor)
+  std::vector<float> sample_losses;       // [global batch] each sample's mean token loss, in slot order
   bool updated() const { return decision.action == sdk::Decision::Action::kContinue; }
 };
 
@@ -73,6 +78,9 @@ struct TrainerState {
   std::unique_ptr<checkpoint::CheckpointStore> checkpoints;
   std::string last_checkpoint;
   std::shared_ptr<AsyncSaver> async_save;  // created by the first background save (checkpointer.cpp)
+  // rank 0, resume.verify_steps > 0: the parent's logged rows this resume's first steps must reproduce
+  // (core/forensics/replay_check.h); made at the first step.
+  std::shared_ptr<forensics::ReplayCheck> replay_check;
 
   // Counters and factors carried in checkpoints.
   int64_t tokens_seen = 0;

@@ -123,15 +123,17 @@ TEST(ReportRun, TwoArmsWithASpikeRollbackAndEvalDrawInABrowser) {
   // Offline: nothing is fetched (no src/href to another origin).
   EXPECT_FALSE(std::regex_search(html, std::regex(R"((src|href)\s*=\s*["']?\s*(https?:)?//)", std::regex::icase)));
 
-  // 4 curves + eval loss + 2 heatmaps + lineage + A/B chart.
-  expect_page_draws(page, root, 9);
+  EXPECT_NE(html.find("\"source_loss\":{\"loss\":[["), std::string::npos) << "per-source losses are in the data";
+  // 4 curves + per-source loss + eval loss + 2 heatmaps + lineage + A/B chart.
+  expect_page_draws(page, root, 10);
 
-  // One run: the A/B section says so, the rest still draws (4 curves + its eval loss + 1 heatmap + lineage).
+  // One run: the A/B section says so, the rest still draws (4 curves + per-source loss + its eval loss + 1 heatmap +
+  // lineage).
   const std::string solo = root + "/solo.html";
   r = run_keel("report " + base + " -o " + solo);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("one run only"), std::string::npos) << r.output;
-  expect_page_draws(solo, root, 7);
+  expect_page_draws(solo, root, 8);
 }
 
 TEST(ReportRun, BadArgumentsNameThePathAndExitNonZero) {

@@ -23,6 +23,7 @@ int cmd_score(const Args& args);  // score CKPT|RUN --tokens FILE.npy|--text FIL
 int cmd_eval(const Args& args);
 int cmd_report(const Args& args);  // report RUN_DIR... -o FILE.html
 int cmd_plan(const Args& args);    // plan --config FILE [--nproc N]: memory and traffic per rank
+int cmd_verify(const Args& args);  // verify RUN_DIR [--from CKPT] [--steps K]: replay and compare bit for bit
 std::string usage();
 
 }  // namespace keel::cli

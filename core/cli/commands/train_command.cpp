@@ -68,6 +68,7 @@ std::string usage() {
          "  keel eval --all RUN_DIR [--out FILE.h5] [--set key=value]... [--split ...] [--json]\n"
          "  keel report RUN_DIR... -o FILE.html [--baseline ARM] [--title TEXT] [--json]\n"
          "  keel plan --config FILE [--set key=value]... [--nproc N] [--path fused|reference] [--json]\n"
+         "  keel verify RUN_DIR [--from CKPT] [--steps K] [--set key=value]... [--json]\n"
          "  keel config keys [--json] | keel config show --config FILE [--set key=value]... [--json]\n"
          "  keel --version\n\n"
          "docs: README.md and docs/ (docs/cli.md lists every command and key)\n";

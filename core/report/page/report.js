@@ -230,6 +230,39 @@ function drawEvalCurve() {
   }, 'Eval loss');
 }
 
+// Training loss per source (/train/source_loss): one line per run and source, a source's line dashed by its index.
+// Without per-source losses (runs from before they were logged), a note instead of an empty chart.
+function drawSourceLoss() {
+  var div = document.getElementById('chart-source_loss');
+  var series = [];
+  runs.forEach(function (run, r) {
+    if (!run.source_loss) return;
+    run.source_loss.sources.forEach(function (name, k) {
+      var values = run.source_loss.loss[k];
+      series.push({
+        name: run.name + ' · ' + name, type: 'line', showSymbol: false, sampling: 'lttb', connectNulls: true,
+        itemStyle: { color: runColor(r) }, lineStyle: { width: 1.2, type: ['solid', 'dashed', 'dotted'][k % 3] },
+        emphasis: { disabled: true },
+        data: run.steps.map(function (s, i) { return [s, isNum(values[i]) ? values[i] : null]; })
+      });
+    });
+  });
+  if (!series.length) {
+    div.parentNode.replaceChild(note('No per-source losses in these runs (logged since /train/source_loss).'), div);
+    return;
+  }
+  drawChart(div, {
+    title: { text: 'Training loss per source', left: 'center', textStyle: { fontSize: 14 } },
+    legend: { type: 'scroll', top: 24 },
+    grid: { left: 70, right: 30, top: 60, bottom: 70 },
+    tooltip: { trigger: 'axis', confine: true },
+    xAxis: { type: 'value', name: 'step', nameLocation: 'middle', nameGap: 25, min: 'dataMin', max: 'dataMax' },
+    yAxis: { type: 'value', scale: true, axisLabel: { formatter: axisFmt } },
+    dataZoom: [{ type: 'inside' }, { type: 'slider', height: 18, bottom: 8 }],
+    series: series
+  }, 'Training loss per source');
+}
+
 function escapeHtml(s) {
   return String(s).replace(/[&<>"']/g, function (c) {
     return { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[c];
@@ -475,7 +508,7 @@ function drawEventTable() {
 }
 
 // ---------- main ----------
-[drawHeader, function () { CURVES.forEach(drawCurve); }, drawEvalCurve, drawHeatmaps, drawLineage, drawAb, drawEventTable]
+[drawHeader, function () { CURVES.forEach(drawCurve); }, drawSourceLoss, drawEvalCurve, drawHeatmaps, drawLineage, drawAb, drawEventTable]
   .forEach(function (step) { try { step(); } catch (err) { reportError(step.name || 'page', err); } });
 window.addEventListener('resize', function () { charts.forEach(function (c) { c.resize(); }); });
 document.body.dataset.chartsDrawn = String(chartsDrawn);
