@@ -278,21 +278,23 @@ void view_box(const at::Tensor& view, const LazyTensor& lazy, std::vector<int64_
   }
 }
 
-}  // namespace
-
-at::Tensor materialize(const at::Tensor& t) {
-  if (!t.defined() || !t.is_meta()) return t;
+// The placeholder behind meta tensor `t`, or CheckpointError.
+const LazyTensor& lazy_of(const at::Tensor& t) {
   const c10::DataPtr& data = t.storage().data_ptr();
   if (data.get_deleter() != &delete_lazy) {
     throw CheckpointError("a meta tensor of shape " + c10::str(t.sizes()) +
                           " is not a checkpoint placeholder (an operation copied it and lost its source)");
   }
-  const LazyTensor& lazy = *static_cast<const LazyTensor*>(data.get_context());
+  return *static_cast<const LazyTensor*>(data.get_context());
+}
+
+// Reads the part meta view `t` shows into `out`, a contiguous CPU tensor of its shape and dtype.
+void read_part(const at::Tensor& t, const at::Tensor& out) {
+  const LazyTensor& lazy = lazy_of(t);
   std::vector<int64_t> start, count;
   view_box(t, lazy, start, count);
-  at::Tensor out = torch::empty(count, torch::TensorOptions().dtype(lazy.type));  // [count...]
   const int64_t numel = out.numel();
-  if (numel == 0) return out;
+  if (numel == 0) return;
   const DType dtype = dtype_of(lazy.type, lazy.dir + ": tensor '" + lazy.key + "'");
   std::map<std::string, std::unique_ptr<H5Reader>> readers;  // each overlapping rank file opened once
   int64_t covered = 0;
@@ -319,7 +321,28 @@ at::Tensor materialize(const at::Tensor& t) {
                           std::to_string(covered) + " of its " + std::to_string(numel) +
                           " elements by the rank files' pieces");
   }
+}
+
+}  // namespace
+
+at::Tensor materialize(const at::Tensor& t) {
+  if (!t.defined() || !t.is_meta()) return t;
+  at::Tensor out = torch::empty(t.sizes(), torch::TensorOptions().dtype(lazy_of(t).type));  // [view's shape]
+  read_part(t, out);
   return out;
+}
+
+void materialize_into(const at::Tensor& view, const at::Tensor& dest) {
+  if (!view.is_meta()) {
+    dest.copy_(view);
+    return;
+  }
+  if (dest.device().is_cpu() && dest.is_contiguous() && dest.scalar_type() == view.scalar_type() &&
+      dest.sizes() == view.sizes()) {
+    read_part(view, dest);
+  } else {
+    dest.copy_(materialize(view));
+  }
 }
 
 }  // namespace keel::checkpoint

@@ -38,6 +38,10 @@ TrainingState read_lazy_state(const std::string& dir, const Manifest& manifest, 
 // tensor and file for a piece that cannot be read or a part not covered, and for a meta tensor that is not
 // a placeholder (an op that copied it lost its source).
 at::Tensor materialize(const at::Tensor& t);
+// The same part, read into `dest` (of the view's shape): straight from the rank files into its memory when it is
+// a contiguous CPU tensor of the same dtype, otherwise through a temporary; a `view` that holds data is copied.
+// For a caller that already owns the destination (a parameter, an optimizer's moment): no second copy.
+void materialize_into(const at::Tensor& view, const at::Tensor& dest);
 
 // One rank file read like read_rank_file, but its model and optimizer tensors are meta tensors of their
 // stored shape and dtype (no bytes read); the placement map is filled. Defined in training_state.cpp, which

@@ -6,6 +6,7 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cstdio>
 #include <cstring>
@@ -417,9 +418,9 @@ std::vector<std::vector<size_t>> plan_shards(const std::vector<SafetensorsEntry>
   return shards;
 }
 
-// Writes every model tensor of `state` (placeholders) into OUT_DIR, one tensor in memory at a time; returns
+// Writes `sources` (placeholders; `entries` names them) into OUT_DIR, one tensor in memory at a time; returns
 // the weight files' names (one: model.safetensors; several: the shards, then the index).
-std::vector<std::string> write_hf_weights(const checkpoint::TrainingState& state, const std::string& out_dir,
+std::vector<std::string> write_hf_weights(const std::vector<at::Tensor>& sources, const std::string& out_dir,
                                           const std::map<std::string, std::string>& metadata,
                                           const std::vector<SafetensorsEntry>& entries, const ExportOptions& options) {
   const std::vector<std::vector<size_t>> shards = plan_shards(entries, options.max_shard_bytes);
@@ -436,8 +437,8 @@ std::vector<std::string> write_hf_weights(const checkpoint::TrainingState& state
     }
     write_safetensors_streaming(
         out_dir + "/" + file, metadata, in_file, [&](size_t k, const std::function<void(const char*, size_t)>& write) {
-          torch::Tensor t = checkpoint::materialize(state.model[shards[s][k]].second);  // [global shape] fp32
-          if (options.bf16) t = t.to(torch::kBFloat16).contiguous();  // rounds to nearest even, as torch does
+          torch::Tensor t = checkpoint::materialize(sources[shards[s][k]]);  // [global shape] fp32
+          if (options.bf16) t = t.to(torch::kBFloat16).contiguous();         // rounds to nearest even, as torch does
           write(static_cast<const char*>(t.data_ptr()), static_cast<size_t>(t.nbytes()));
         });
     files.push_back(file);
@@ -501,13 +502,26 @@ std::string export_hf(const std::string& checkpoint_dir, const std::string& out_
                                                        {"keel_checkpoint", checkpoint_dir},
                                                        {"keel_step", std::to_string(manifest.step)},
                                                        {"keel_run_id", manifest.run_id}};
+  // The model's own order (embedding, blocks, final norm, head), whatever order the rank files list them in.
+  std::map<std::string, size_t> model_order;
+  for (const ParameterTensor& p : parameter_tensors(config.model)) model_order.emplace(p.name, model_order.size());
+  std::vector<size_t> order(state.model.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  auto rank_of = [&](size_t i) {
+    const auto it = model_order.find(state.model[i].first);
+    return it == model_order.end() ? model_order.size() : it->second;
+  };
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return rank_of(a) < rank_of(b); });
   std::vector<SafetensorsEntry> entries;
-  for (const auto& [name, tensor] : state.model) {
+  std::vector<at::Tensor> sources;  // placeholders, in the order of `entries`
+  for (size_t i : order) {
+    const auto& [name, tensor] = state.model[i];
     if (tensor.scalar_type() != torch::kFloat) {
       throw std::runtime_error(checkpoint_dir + ": tensor '" + name + "' is " + c10::toString(tensor.scalar_type()) +
                                ", expected fp32 masters");
     }
     entries.push_back({hf_name_of(name), dtype, tensor.sizes().vec()});
+    sources.push_back(tensor);
   }
   // 2. The files, each atomically; config.json last (a directory with config.json is complete). A failure
   // removes what this export wrote.
@@ -515,7 +529,7 @@ std::string export_hf(const std::string& checkpoint_dir, const std::string& out_
   fs::create_directories(out_dir);
   std::vector<std::string> files;
   try {
-    files = write_hf_weights(state, out_dir, metadata, entries, options);
+    files = write_hf_weights(sources, out_dir, metadata, entries, options);
     if (tokenizer) {
       checkpoint::write_file_atomically(out_dir + "/" + kTokenizerFile,
                                         checkpoint::read_small_file(tokenizer->model_path));

@@ -170,6 +170,26 @@ std::string commit_and_prune(TrainerState& s, const PendingSave& save,
   return dir;
 }
 
+// The optimizer state `tensors` (parts of placeholders, or whole tensors) made real. With the same plugin, each
+// is read straight into the plugin's own tensor of that name (save_state hands out its live moments), so that a
+// resume never holds this rank's optimizer state twice; anything else is read into a new tensor.
+void read_optimizer_state(plugin_host::LoadedPlugin& optimizer, bool same_plugin, checkpoint::NamedTensors& tensors) {
+  std::map<std::string, at::Tensor> live;
+  if (same_plugin) {
+    for (const auto& [name, t] : optimizer.object->save_state().tensors) live.emplace(name, t);
+  }
+  for (auto& [name, t] : tensors) {
+    if (!t.is_meta()) continue;
+    const auto it = live.find(name);
+    if (it != live.end() && it->second.sizes() == t.sizes() && it->second.scalar_type() == t.scalar_type()) {
+      checkpoint::materialize_into(t, it->second);
+      t = it->second;
+    } else {
+      t = checkpoint::materialize(t);
+    }
+  }
+}
+
 }  // namespace
 
 std::string save_checkpoint(TrainerState& s, const std::string& reason, SaveMode mode) {
@@ -288,7 +308,8 @@ std::vector<std::string> apply_checkpoint(TrainerState& s, const checkpoint::Tra
     return nullptr;
   };
   // `st` holds whole tensors (read_full_state) or placeholders (read_lazy_state); this rank takes its TP shard of
-  // each of its stage's parameters (checkpoint::materialize reads only that part of a placeholder).
+  // each of its stage's parameters (checkpoint::materialize reads only that part of a placeholder), and its
+  // optimizer's part of the optimizer state.
   const parallel::ProcessGroups& g = s.groups;
   {
     // Name the tensors that do not match, not just their counts.
@@ -321,7 +342,7 @@ std::vector<std::string> apply_checkpoint(TrainerState& s, const checkpoint::Tra
       throw CheckpointError(origin + ": model tensor '" + p.name + "' is " + c10::toString(t->scalar_type()) +
                             ", expected float32 (fp32 master weights)");
     }
-    shards.push_back(checkpoint::materialize(model::shard_of(*t, s.specs[i], g.coords.tp, g.layout.tp())));
+    shards.push_back(model::shard_of(*t, s.specs[i], g.coords.tp, g.layout.tp()));  // a view; read in step 3
   }
   // The optimizer state of the parameters this rank's optimizer updates, cut like their parameters.
   checkpoint::NamedTensors optimizer_tensors;
@@ -336,9 +357,8 @@ std::vector<std::string> apply_checkpoint(TrainerState& s, const checkpoint::Tra
       if (!bound) break;
       const bool placed =
           tensor.sizes().vec() == model::global_shape(s.params[i].param.sizes(), s.specs[i], g.layout.tp());
-      optimizer_tensors.emplace_back(
-          name,
-          checkpoint::materialize(placed ? model::shard_of(tensor, s.specs[i], g.coords.tp, g.layout.tp()) : tensor));
+      optimizer_tensors.emplace_back(name,
+                                     placed ? model::shard_of(tensor, s.specs[i], g.coords.tp, g.layout.tp()) : tensor);
       break;
     }
   }
@@ -353,6 +373,7 @@ std::vector<std::string> apply_checkpoint(TrainerState& s, const checkpoint::Tra
   // 2. The optimizer: its own state if it is the same plugin, otherwise it adopts what it can by name.
   torch::NoGradGuard no_grad;
   plugin_host::LoadedPlugin& optimizer = s.plugins->optimizer();
+  read_optimizer_state(optimizer, st.optimizer_name == optimizer.name(), optimizer_tensors);
   try {
     if (st.optimizer_name == optimizer.name()) {
       optimizer.object->load_state({st.optimizer_json, optimizer_tensors});
@@ -366,7 +387,8 @@ std::vector<std::string> apply_checkpoint(TrainerState& s, const checkpoint::Tra
   }
 
   // 3. Weights, data position, RNG, counters.
-  for (size_t i = 0; i < s.params.size(); ++i) s.params[i].param.copy_(shards[i]);
+  // One tensor read at a time from a placeholder (checked above; the files were verified when resolved).
+  for (size_t i = 0; i < s.params.size(); ++i) checkpoint::materialize_into(shards[i], s.params[i].param);
   const nlohmann::json fingerprint_now = s.loader->fingerprint();
   s.loader->load_state(ledger, allow_data_change);
   if (allow_data_change && ledger.value("fingerprint", nlohmann::json()) != fingerprint_now) {
