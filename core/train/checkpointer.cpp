@@ -4,7 +4,9 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -135,7 +137,8 @@ std::string commit_and_prune(TrainerState& s, const PendingSave& save,
       {
         std::ofstream out(save.tmp + "/config.ini", std::ios::binary);
         out << save.config_ini;
-        if (!out) throw checkpoint::CheckpointError(save.tmp + "/config.ini: write failed");
+        out.close();  // a full disk shows at the flush
+        if (!out) throw checkpoint::CheckpointError(save.tmp + "/config.ini: write failed: " + std::strerror(errno));
       }
       const checkpoint::Manifest manifest =
           checkpoint::run_manifest(save.config, save.config_ini, s.lineage.run_id, io::utc_now_iso8601(),

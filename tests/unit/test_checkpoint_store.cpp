@@ -347,3 +347,38 @@ TEST(Lineage, DiffKindJsonAndTree) {
   EXPECT_NE(tree.find("optim.lr: 0.001 -> 0.0005"), std::string::npos) << tree;
   EXPECT_NE(new_run_id().find("run-"), std::string::npos);
 }
+
+TEST(CheckpointStore, CommitTakesTheDigestsTheWritersComputedAndRefusesOneOfAnotherSize) {
+  const std::string root = keel::testing::test_dir() + "/checkpoints";
+  CheckpointStore store(root);
+  Manifest m;
+  m.keel_version = "test";
+  m.run_id = "run-test";
+  m.created = "2026-12-03T00:00:00Z";
+  m.config_hash = sha256_hex(kFakeConfig);
+  const std::string payload = "rank payload written and hashed by a background writer";
+  const std::vector<std::pair<std::string, int64_t>> files = {{rank_file_name(0), 0}, {"config.ini", -1}};
+  // The digest a writer computed (an asynchronous save's rank thread) goes into the manifest as given.
+  std::string tmp = store.begin(3);
+  std::ofstream(tmp + "/" + rank_file_name(0), std::ios::binary) << payload;
+  std::ofstream(tmp + "/config.ini") << kFakeConfig;
+  const FileDigest digest{static_cast<int64_t>(payload.size()), sha256_hex(payload)};
+  const std::string dir = store.commit(3, m, files, {{rank_file_name(0), digest}});
+  EXPECT_EQ(verify_checkpoint_dir(dir).step, 3);
+  EXPECT_EQ(verify_checkpoint_dir(dir).files.at(0).sha256, digest.sha256);
+
+  // A file whose size is not the one its writer hashed is not committed.
+  tmp = store.begin(4);
+  std::ofstream(tmp + "/" + rank_file_name(0), std::ios::binary) << payload << " and more";
+  std::ofstream(tmp + "/config.ini") << kFakeConfig;
+  const std::string error = keel::testing::checkpoint_error_of([&] {
+    store.commit(4, m, files, {{rank_file_name(0), digest}});
+  });
+  EXPECT_NE(
+      error.find("cannot commit checkpoint step 4: " + tmp + "/rank-00000.h5 has " +
+                 std::to_string(payload.size() + 9) + " bytes, its writer hashed " + std::to_string(payload.size())),
+      std::string::npos)
+      << error;
+  EXPECT_FALSE(store.exists(4));
+  EXPECT_EQ(store.latest_pointer(), dir);
+}
