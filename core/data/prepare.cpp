@@ -248,7 +248,7 @@ std::string shards_problem(const std::string& dir, const json& source, int64_t v
 }  // namespace
 
 // The held-out share of a text source whose source.NAME.heldout is absent (docs/data.md#the-held-out-split).
-constexpr double kDefaultHeldoutShare = 0.0;
+constexpr double kDefaultHeldoutShare = 0.01;
 
 double effective_heldout(const keel::SourceConfig& source) {
   if (source.format != "text") return 0.0;

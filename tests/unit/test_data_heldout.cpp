@@ -48,6 +48,15 @@ TEST(Heldout, CountsFractionsAndNone) {
   EXPECT_EQ(heldout_documents(source_with(5.0, "npy"), 100), 0);  // pre-tokenized: no held-out set
 }
 
+TEST(Heldout, AbsentMeansTheDefaultShareOfOnePercentAtLeastOneDocument) {
+  EXPECT_EQ(heldout_documents(source_with(-1.0), 13146), 131);
+  EXPECT_EQ(heldout_documents(source_with(-1.0), 1000), 10);
+  EXPECT_EQ(heldout_documents(source_with(-1.0), 150), 1);
+  EXPECT_EQ(heldout_documents(source_with(-1.0), 2), 1);
+  EXPECT_EQ(heldout_documents(source_with(-1.0), 1), 0);  // a single document is trained on, not held out
+  EXPECT_EQ(heldout_documents(source_with(-1.0, "megatron"), 1000), 0);
+}
+
 TEST(Heldout, ACountThatLeavesNothingToTrainOnIsRefusedNamingTheKey) {
   try {
     heldout_documents(source_with(10.0), 10);

@@ -220,8 +220,11 @@ TEST(DataPrepare, PreparesOnceThenDoesNothing) {
   EXPECT_FALSE(first.up_to_date);
   EXPECT_TRUE(first.tokenizer_trained);
   ASSERT_EQ(first.sources.size(), 2u);
-  EXPECT_EQ(first.sources[0].documents, 120);
-  EXPECT_EQ(first.sources[1].documents, 4);
+  // The default held-out share (1%, at least one document) keeps one document of each source out of training.
+  EXPECT_EQ(first.sources[0].documents + first.sources[0].heldout_documents, 120);
+  EXPECT_EQ(first.sources[0].heldout_documents, 1);
+  EXPECT_EQ(first.sources[1].documents + first.sources[1].heldout_documents, 4);
+  EXPECT_EQ(first.sources[1].heldout_documents, 1);
   EXPECT_EQ(first.eos_id, keel::data::kEosId);
 
   const json manifest = json::parse(slurp(config.data.dir + "/prepared.json"));
