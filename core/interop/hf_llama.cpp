@@ -394,6 +394,8 @@ ExportTokenizer find_export_tokenizer(const Config& config, const json& data_fin
 
 namespace {
 
+constexpr int64_t kBf16ChunkElements = int64_t{1} << 20;  // a bf16 export converts 2 MiB at a time
+
 // "model-00002-of-00005.safetensors", as Hugging Face names the files of a sharded checkpoint.
 std::string shard_file_name(size_t index, size_t count) {
   char name[64];
@@ -437,9 +439,18 @@ std::vector<std::string> write_hf_weights(const std::vector<at::Tensor>& sources
     }
     write_safetensors_streaming(
         out_dir + "/" + file, metadata, in_file, [&](size_t k, const std::function<void(const char*, size_t)>& write) {
-          torch::Tensor t = checkpoint::materialize(sources[shards[s][k]]);  // [global shape] fp32
-          if (options.bf16) t = t.to(torch::kBFloat16).contiguous();         // rounds to nearest even, as torch does
-          write(static_cast<const char*>(t.data_ptr()), static_cast<size_t>(t.nbytes()));
+          const torch::Tensor t = checkpoint::materialize(sources[shards[s][k]]).contiguous();  // [global] fp32
+          if (!options.bf16) {
+            write(static_cast<const char*>(t.data_ptr()), static_cast<size_t>(t.nbytes()));
+            return;
+          }
+          // Rounded to bf16 (to nearest even, as torch's .to()) a chunk at a time: no second copy of the tensor.
+          const torch::Tensor flat = t.view({-1});  // [numel]
+          for (int64_t begin = 0; begin < flat.numel(); begin += kBf16ChunkElements) {
+            const torch::Tensor chunk =
+                flat.narrow(0, begin, std::min(kBf16ChunkElements, flat.numel() - begin)).to(torch::kBFloat16);
+            write(static_cast<const char*>(chunk.data_ptr()), static_cast<size_t>(chunk.nbytes()));
+          }
         });
     files.push_back(file);
   }
