@@ -394,7 +394,7 @@ ExportTokenizer find_export_tokenizer(const Config& config, const json& data_fin
 
 namespace {
 
-constexpr int64_t kBf16ChunkElements = int64_t{1} << 20;  // a bf16 export converts 2 MiB at a time
+constexpr int64_t kBf16ChunkElements = int64_t{1} << 16;  // a bf16 export converts 128 KiB at a time
 
 // "model-00002-of-00005.safetensors", as Hugging Face names the files of a sharded checkpoint.
 std::string shard_file_name(size_t index, size_t count) {
