@@ -1,6 +1,6 @@
 // Why: the forensics instruments, end to end through the `keel` binary on the tiny config: every step logs each
 // sample's loss (aligned with /data/batch) and each source's mean, which average to the step's loss and are the
-// same whole-batch values in a DP or PP layout; `keel verify` replays logged steps from a checkpoint and reports
+// same whole-batch values in a DP, TP or PP layout; `keel verify` replays logged steps from a checkpoint and reports
 // bit-identity on an untouched run, the exact step of a value altered in metrics.h5, and a changed build
 // (simulated by another precision); `resume.verify_steps` makes a resume check its first steps against the
 // parent's rows. A 4-step fp32 run shared by the tests; each replay is 1-2 steps.
@@ -133,6 +133,10 @@ void expect_same_sample_losses(const std::string& layout, const std::string& fla
 }
 
 TEST(SampleLossRun, DataParallelGivesTheSameSampleLosses) { expect_same_sample_losses("dp2", "--set parallel.dp=2"); }
+
+TEST(SampleLossRun, TensorParallelGivesTheSameSampleLosses) {
+  expect_same_sample_losses("tp2", "--set parallel.tp=2");  // the vocabulary-parallel head's per-token losses
+}
 
 TEST(SampleLossRun, PipelineParallelGivesTheSameSampleLosses) {
   expect_same_sample_losses("pp2", "--set parallel.pp=2");
