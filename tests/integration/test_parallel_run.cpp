@@ -118,6 +118,21 @@ INSTANTIATE_TEST_SUITE_P(Layouts, ParallelLayouts,
                                   (c.precision == "fp32" ? "_fp32" : "_bf16");
                          });
 
+// model.recompute through the trainer: the same losses and final weights as the reference, bit for bit (fp32, CPU).
+TEST(ParallelRun, RecomputedRunsAreBitIdenticalToTheReference) {
+  const std::string reference = reference_run("fp32");
+  for (const std::string policy : {"full", "selective"}) {
+    const std::string dir = fresh_dir("parallel-recompute-" + policy);
+    const ProcessResult r =
+        run_keel("train --config " + tiny_config() + " " + test_data_override() + " --run-dir " + dir + " " + kSteps +
+                 " --set train.precision=fp32 --set model.recompute=" + policy);
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_EQ(losses(dir), losses(reference)) << policy;
+    const auto want = final_weights(reference), got = final_weights(dir);
+    for (const auto& [name, w] : want) EXPECT_TRUE(torch::equal(got.at(name), w)) << policy << " " << name;
+  }
+}
+
 TEST(ParallelRun, ZeroOneMatchesPlainDataParallel) {
   const std::string plain = fresh_dir("parallel-dp"), zero = fresh_dir("parallel-zero");
   ASSERT_EQ(launch_train(2, plain, kSteps + " --set train.precision=fp32 --set parallel.dp=2").exit_code, 0);
