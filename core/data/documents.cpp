@@ -7,8 +7,8 @@
 #include <nlohmann/json.hpp>
 
 #include "core/data/data_error.h"
-#include "core/data/regular_file.h"
 #include "core/io/file.h"
+#include "core/io/regular_file.h"
 
 namespace keel::data {
 
@@ -25,7 +25,7 @@ void write_document_index(const std::string& path, const std::vector<int64_t>& s
 }
 
 std::vector<int64_t> read_document_index(const std::string& path, int64_t documents, int64_t tokens) {
-  const std::string text = read_regular_file<DataError>(path);
+  const std::string text = io::read_regular_file<DataError>(path);
   if (static_cast<int64_t>(text.size()) != documents * 8) {
     throw DataError(path + ": document index is " + std::to_string(text.size()) + " bytes, expected " +
                     std::to_string(documents) + " documents x 8");
@@ -50,7 +50,7 @@ DocumentIndex::DocumentIndex(const std::string& dir, const std::vector<std::stri
   const std::string manifest_path = dir + "/prepared.json";
   nlohmann::json manifest;
   try {
-    manifest = nlohmann::json::parse(read_regular_file<DataError>(manifest_path));
+    manifest = nlohmann::json::parse(io::read_regular_file<DataError>(manifest_path));
   } catch (const nlohmann::json::exception& e) {
     throw DataError(manifest_path + ": unreadable (" + e.what() + ")");
   }

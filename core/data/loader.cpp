@@ -18,8 +18,8 @@
 #include "core/data/hash.h"
 #include "core/data/prepare.h"
 #include "core/data/pretokenized_source.h"
-#include "core/data/regular_file.h"
 #include "core/data/tokenizer.h"
+#include "core/io/regular_file.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -151,7 +151,7 @@ DataLoader::DataLoader(const keel::Config& config, int64_t global_batch)
   const std::string rebuild_hint =
       "rebuild with: keel data prepare --config " + config_file_ + " --set data.dir=" + dir_ + " --force";
   auto damaged = [&](const std::string& path, const std::string& what) {
-    const bool not_a_file = !non_regular_error(path).empty();
+    const bool not_a_file = !io::non_regular_error(path).empty();
     return DataError(what + "; " + (not_a_file ? "move it away, then " : "") + rebuild_hint);
   };
   const std::string manifest_path = dir_ + "/prepared.json";
@@ -161,7 +161,7 @@ DataLoader::DataLoader(const keel::Config& config, int64_t global_batch)
     if (!fs::exists(manifest_path, ec)) throw DataError("data not prepared in " + dir_ + ": " + prepare_hint);
     std::string text;
     try {
-      text = read_regular_file<DataError>(manifest_path);
+      text = io::read_regular_file<DataError>(manifest_path);
     } catch (const DataError& e) {
       throw damaged(manifest_path, e.what());
     }

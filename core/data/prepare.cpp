@@ -29,9 +29,9 @@
 #include "core/data/hash.h"
 #include "core/data/prepare_common.h"
 #include "core/data/pretokenized_source.h"
-#include "core/data/regular_file.h"
 #include "core/data/shard.h"
 #include "core/data/tokenizer.h"
+#include "core/io/regular_file.h"
 #include "keel/version.h"
 
 namespace fs = std::filesystem;
@@ -60,7 +60,7 @@ bool is_binary_file(const std::string& path) {
 }
 
 // A whole file, refused by name (and never waited on) when it is a FIFO, a directory or a device.
-std::string read_file(const std::string& path) { return read_regular_file<DataError>(path); }
+std::string read_file(const std::string& path) { return io::read_regular_file<DataError>(path); }
 
 bool has_glob_chars(const std::string& s) { return s.find_first_of("*?[") != std::string::npos; }
 
@@ -357,7 +357,7 @@ std::vector<InputFile> list_source_files(const keel::SourceConfig& source) {
     if (source.split == "fortune" && p.extension() == ".dat") return true;  // strfile index
     // A named input (or a glob's match) that is a FIFO, socket or device: refused, never read (a FIFO would block
     // prepare, and inputs are read twice and fingerprinted by size).
-    if (const std::string kind = non_regular_error(p.string()); !kind.empty()) {
+    if (const std::string kind = io::non_regular_error(p.string()); !kind.empty()) {
       throw DataError("source " + source.name + ": input " + kind +
                       " (inputs are regular files, directories or globs of them)");
     }
@@ -398,7 +398,7 @@ std::vector<InputFile> list_source_files(const keel::SourceConfig& source) {
           const std::string name = it->path().filename().string();
           if (::fnmatch(source.include.c_str(), name.c_str(), 0) != 0) continue;
           if (!it->is_regular_file(type_ec)) {
-            if (const std::string kind = non_regular_error(it->path().string());
+            if (const std::string kind = io::non_regular_error(it->path().string());
                 !kind.empty() && !it->is_directory(type_ec)) {
               spdlog::warn("source {}: skipping {}", source.name, kind);
             }
@@ -455,7 +455,7 @@ TextPlan plan_text_sources(const keel::Config& config, const std::string& config
     // another tokenizer names).
     std::error_code ec;
     if (!fs::exists(data.tokenizer, ec)) throw DataError("data.tokenizer = " + data.tokenizer + ": file not found");
-    require_regular_file<DataError>(data.tokenizer);
+    io::require_regular_file<DataError>(data.tokenizer);
     const std::string sha = checkpoint::sha256_file(data.tokenizer);
     plan.tokenizer_settings = {{"external", data.tokenizer}, {"sha256", sha}};
     plan.tokenizer_fp = sha;

@@ -11,8 +11,8 @@
 
 #include "core/data/data_error.h"
 #include "core/data/hash.h"
-#include "core/data/regular_file.h"
 #include "core/io/file.h"
+#include "core/io/regular_file.h"
 
 namespace keel::data::detail {
 
@@ -27,7 +27,7 @@ inline std::string fingerprint_of(const nlohmann::json& j) { return hex64(fnv1a6
 // Files of DIR that prepare rewrites by renaming over them: something other than a file there was not written by
 // Keel, and is refused rather than replaced.
 inline void refuse_non_regular(const std::string& path, const std::string& noun = "a regular file") {
-  const std::string message = non_regular_error(path, noun);
+  const std::string message = io::non_regular_error(path, noun);
   if (!message.empty()) throw DataError(message + ": Keel does not replace it; move it away and prepare again");
 }
 

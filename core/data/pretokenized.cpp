@@ -17,9 +17,9 @@
 #include <string_view>
 #include <utility>
 
-#include "core/data/regular_file.h"
 #include "core/data/shard.h"
 #include "core/io/file.h"
+#include "core/io/regular_file.h"
 
 namespace keel::data {
 namespace {
@@ -48,7 +48,7 @@ int open_regular(const std::string& path, const std::string& what_file, int64_t&
   const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
   if (fd < 0) {
     const int err = errno;
-    require_regular_file<DataError>(path, what_file);
+    io::require_regular_file<DataError>(path, what_file);
     fail(path, 0, "cannot open " + what_file + ": " + std::strerror(err));
   }
   struct stat st {};
@@ -57,7 +57,7 @@ int open_regular(const std::string& path, const std::string& what_file, int64_t&
     ::close(fd);
     fail(path, 0, "cannot stat " + what_file + ": " + std::strerror(err));
   }
-  if (const std::string kind = non_regular_kind(st.st_mode); !kind.empty()) {
+  if (const std::string kind = io::non_regular_kind(st.st_mode); !kind.empty()) {
     ::close(fd);
     throw DataError(path + ": is " + kind + ", not " + what_file);
   }
@@ -406,7 +406,7 @@ namespace {
 
 // The decompressed bytes of a gzip file, through `gzip -dc` (no shell; a FIFO is refused before it is opened).
 std::string gunzip(const std::string& path) {
-  require_regular_file<DataError>(path, "a .gz file");
+  io::require_regular_file<DataError>(path, "a .gz file");
   int fds[2];
   if (::pipe(fds) != 0) throw DataError(path + ": cannot start gzip: " + std::strerror(errno));
   const pid_t pid = ::fork();

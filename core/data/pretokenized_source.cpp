@@ -197,7 +197,7 @@ std::vector<std::string> list_token_files(const keel::SourceConfig& source) {
       for (const auto& f : backing_files(megatron ? "megatron" : "npy", file)) {
         std::error_code ec;
         if (!fs::exists(f, ec)) throw DataError("source " + source.name + ": input " + f + " does not exist");
-        if (const std::string what = non_regular_error(f, "a token file"); !what.empty()) {
+        if (const std::string what = io::non_regular_error(f, "a token file"); !what.empty()) {
           throw DataError("source " + source.name + ": input " + what + " (format " + source.format +
                           " takes files or globs of them)");
         }
@@ -266,7 +266,7 @@ PrepareReport prepare_pretokenized(const keel::Config& config, const PrepareOpti
   json old;
   if (fs::exists(manifest_path)) {
     try {
-      old = json::parse(read_regular_file<DataError>(manifest_path));
+      old = json::parse(io::read_regular_file<DataError>(manifest_path));
     } catch (const std::exception& e) {
       spdlog::warn("{}: unreadable ({}); preparing again", manifest_path, e.what());
     }

@@ -20,8 +20,8 @@
 #include <utility>
 
 #include "core/data/data_error.h"
-#include "core/data/regular_file.h"
 #include "core/data/spm_tool/record_io.h"
+#include "core/io/regular_file.h"
 
 namespace keel::data {
 namespace {
@@ -165,7 +165,7 @@ void train_tokenizer(const std::vector<std::string>& documents, const std::strin
 }
 
 void train_tokenizer(const std::string& text_file, const std::string& model_prefix, int64_t vocab_size) {
-  train_tokenizer(std::vector<std::string>{read_regular_file<DataError>(text_file)}, model_prefix, vocab_size);
+  train_tokenizer(std::vector<std::string>{io::read_regular_file<DataError>(text_file)}, model_prefix, vocab_size);
 }
 
 Tokenizer::Tokenizer() = default;
@@ -176,7 +176,7 @@ Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 
 void Tokenizer::load(const std::string& model_path) {
   if (!std::filesystem::exists(model_path)) throw DataError(model_path + ": cannot load tokenizer: file not found");
-  require_regular_file<DataError>(model_path);  // keel-spm would wait on a FIFO forever
+  io::require_regular_file<DataError>(model_path);  // keel-spm would wait on a FIFO forever
   ScratchDir scratch;
   run_spm({"pieces", model_path, scratch.file("pieces")}, scratch, model_path + ": cannot load tokenizer");
   auto in = open_file(scratch.file("pieces"), "rb");

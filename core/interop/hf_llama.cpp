@@ -31,10 +31,10 @@
 #include "core/checkpoint/training_state.h"
 #include "core/config/memory_estimate.h"
 #include "core/data/loader.h"
-#include "core/data/regular_file.h"
 #include "core/data/tokenizer.h"
 #include "core/interop/safetensors.h"
 #include "core/io/hdf5.h"
+#include "core/io/regular_file.h"
 #include "core/plugin_host/plugin_host.h"
 
 namespace keel::interop {
@@ -88,7 +88,7 @@ torch::Tensor to_fp32(const HfTensor& t) {
 // A small text file of an HF directory (config.json, the index): a FIFO, a directory or a device in its place is
 // refused by name before it is opened (a FIFO would block the read forever).
 std::string read_hf_text_file(const std::string& path) {
-  data::require_regular_file<std::runtime_error>(path);
+  io::require_regular_file<std::runtime_error>(path);
   return checkpoint::read_small_file(path);
 }
 
@@ -378,7 +378,7 @@ ExportTokenizer find_export_tokenizer(const Config& config, const json& data_fin
   }
   ExportTokenizer out;
   out.model_path = config.data.dir + "/" + tokenizer.value("file", std::string(kTokenizerFile));
-  data::require_regular_file<std::runtime_error>(out.model_path);
+  io::require_regular_file<std::runtime_error>(out.model_path);
   const data::Tokenizer loaded(out.model_path);
   const json eos = data_fingerprint.value("eos_id", json());
   if (eos != json(loaded.eos_id())) {
@@ -623,7 +623,7 @@ void check_hf_tokenizer(ImportPlan& plan, const ImportOptions& options) {
                          ": the prepared data's tokenizer (" + prepared + ") is taken to match the weights");
     return;
   }
-  data::require_regular_file<std::runtime_error>(path);
+  io::require_regular_file<std::runtime_error>(path);
   const data::Tokenizer tokenizer(path);
   plan.tokenizer_path = path;
   plan.tokenizer_pieces = tokenizer.vocab_size();

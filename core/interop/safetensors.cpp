@@ -13,8 +13,8 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
-#include "core/data/regular_file.h"
 #include "core/io/file.h"
+#include "core/io/regular_file.h"
 
 namespace keel::interop {
 namespace {
@@ -244,7 +244,7 @@ SafetensorsFile parse_safetensors(const std::string& file_bytes, const std::stri
 
 SafetensorsFile read_safetensors(const std::string& path) {
   // Never waits on a FIFO, and names a directory or device in the file's place instead of reading it.
-  return parse_safetensors(data::read_regular_file<SafetensorsError>(path), path);
+  return parse_safetensors(io::read_regular_file<SafetensorsError>(path), path);
 }
 
 std::string serialize_safetensors(const SafetensorsFile& file) {
@@ -307,7 +307,7 @@ struct Fd {
 
 SafetensorsHeader read_safetensors_header(const std::string& path) {
   struct stat st {};
-  Fd fd{data::open_regular_file<SafetensorsError>(path, st)};
+  Fd fd{io::open_regular_file<SafetensorsError>(path, st)};
   const auto file_size = static_cast<uint64_t>(st.st_size);
   if (file_size < 8) {
     fail(path, "truncated: " + std::to_string(file_size) + " bytes, less than the 8-byte header length");
@@ -327,7 +327,7 @@ SafetensorsHeader read_safetensors_header(const std::string& path) {
 
 std::string read_safetensors_bytes(const SafetensorsHeader& header, const SafetensorsEntry& entry) {
   struct stat st {};
-  Fd fd{data::open_regular_file<SafetensorsError>(header.path, st)};
+  Fd fd{io::open_regular_file<SafetensorsError>(header.path, st)};
   const uint64_t expected = header.data_start + (header.entries.empty() ? 0 : header.entries.back().end);
   if (static_cast<uint64_t>(st.st_size) != expected) {
     fail(header.path, "has " + std::to_string(st.st_size) + " bytes now, its header says " + std::to_string(expected) +

@@ -12,17 +12,17 @@
 #include "core/checkpoint/resharding.h"
 #include "core/cli/commands/commands.h"
 #include "core/cli/commands/common.h"
-#include "core/data/regular_file.h"
 #include "core/data/tokenizer.h"
 #include "core/eval/eval.h"
 #include "core/eval/score.h"
+#include "core/io/regular_file.h"
 
 namespace keel::cli {
 namespace {
 
 // One sequence per non-empty line of `path`, tokenized with the checkpoint's tokenizer (no EOS added).
 std::vector<std::vector<int64_t>> text_rows(const std::string& path, const Config& config) {
-  data::require_regular_file<std::runtime_error>(path);
+  io::require_regular_file<std::runtime_error>(path);
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error(path + ": cannot open");
   std::vector<std::string> lines;
