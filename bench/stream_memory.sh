@@ -11,7 +11,7 @@
 # own (a wrapper execs /usr/bin/time per rank). The issue-18 targets are printed next to the numbers:
 # a tp=2, pp=2 resume of a checkpoint saved at 1 rank below 0.6x of whole model + optimizer state per process,
 # an export below 1.5x its largest tensor plus the baseline.
-# usage: bash bench/stream_memory.sh        (about 3 minutes and 6 GB of disk on 2 cores)
+# usage: bash bench/stream_memory.sh        (about 2 minutes and 5 GB of disk in $TMPDIR on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${KEEL_BENCH_NO_BUILD:-}" ] || bash scripts/build.sh --target keel >/dev/null
