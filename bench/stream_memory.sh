@@ -8,7 +8,7 @@
 #
 # Peak RSS is measured with MALLOC_MMAP_THRESHOLD_=65536 (as bench/plan_memory.sh: freed large buffers return
 # to the OS, so RSS counts live bytes, not heap fragmentation). Each rank of the 4-rank resume is timed on its
-# own (a wrapper execs /usr/bin/time per rank). The issue-18 targets are printed next to the numbers:
+# own (a wrapper execs /usr/bin/time per rank). The targets are printed next to the numbers:
 # a tp=2, pp=2 resume of a checkpoint saved at 1 rank below 0.6x of whole model + optimizer state per process,
 # an export below 1.5x its largest tensor plus the baseline.
 # usage: bash bench/stream_memory.sh        (about 2 minutes and 5 GB of disk in $TMPDIR on 2 cores)
