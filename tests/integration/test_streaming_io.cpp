@@ -1,4 +1,4 @@
-// Why: streaming checkpoint I/O (issue 18 item 3) keeps a 65B-class resume, eval and export from holding the whole
+// Why: streaming checkpoint I/O keeps a 65B-class resume, eval and export from holding the whole
 // model and optimizer state in one process. What it must never do is change a bit: a part read from the rank
 // files (HDF5 hyperslabs of the overlapping pieces) must equal the whole tensor reassembled and then cut, for
 // every tensor and every TP rank, from a checkpoint saved at 1 rank and one saved at tp=2, pp=2; a resume across
