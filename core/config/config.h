@@ -108,6 +108,7 @@ struct DataConfig {
 struct MetricsConfig {
   int64_t flush_every = 10;  // metrics.h5 is closed and consistent after every flush
   bool per_tensor = true;    // per-parameter grad/param norm matrices
+  int64_t stats_every = 0;   // instability precursors (activation, logit, update and moment statistics); 0 = off
 };
 
 struct CheckpointConfig {

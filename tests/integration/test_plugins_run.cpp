@@ -42,7 +42,7 @@ TEST(Plugins, BrokenOrWrongPluginsAreRefusedBeforeTheRunDirIsClaimed) {
   const std::string run = fresh_dir("plugin-refused");
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"--plugin spike_handler=" + fixture_plugin("bad_api_version"),
-       "built for plugin API version 999, this Keel speaks version 2"},
+       "built for plugin API version 999, this Keel speaks version 3"},
       {"--plugin observers=" + fixture_plugin("bad_fingerprint"), "built with a different toolchain"},
       {"--plugin observers=" + fixture_plugin("bad_fingerprint"), "LibTorch 0.4.1"},
       {"--plugin observers=" + fixture_plugin("no_entry_point"),

@@ -36,7 +36,8 @@ namespace keel::sdk {
 
 // Bumped whenever PluginInfo, Plugin, StepContext or Decision change in a way an old plugin would misread.
 // 2: StepContext gained `kernels` (the host's fused optimizer kernels), which moved the members after it.
-inline constexpr uint32_t kApiVersion = 2;
+// 3: StepContext gained `activation_stats`, Decision `moment_scales`, Plugin the `on_stats` hook.
+inline constexpr uint32_t kApiVersion = 3;
 
 // ------------------------------------------------------------------------------------------------ handshake
 
@@ -198,6 +199,9 @@ struct StepContext {
   int64_t rank = 0, world_size = 1, dp_rank = 0, dp_size = 1, tp_rank = 0, tp_size = 1, pp_rank = 0, pp_size = 1;
   // The host's fused kernels, or nullptr (a host without them, or a test): optimizers then run their own loop.
   const HostKernels* kernels = nullptr;
+  // Instability precursors of this rank's layers ("attn_logit_max" [layers, heads], "block_rms" [layers], ...;
+  // docs/metrics.md), filled only on steps where metrics.stats_every is due, at the on_stats hook; empty otherwise.
+  NamedTensors activation_stats;
 
   // Output channels: a scalar for this step in metrics.h5 (/train/extra/<plugin>.<name>) and an event.
   std::function<void(const std::string& name, double value)> metric = [](const std::string&, double) {};
@@ -219,6 +223,9 @@ struct Decision {
   // not cancel a factor already in force.
   double lr_factor = 1.0;
   int64_t lr_factor_steps = 0;
+  // Any action: moment surgery on the optimizer's state, "GLOB:FIRST:SECOND;..." multiplies the first and second
+  // moments of every param whose name matches GLOB (0 resets them; docs/plugins.md). "" = none.
+  std::string moment_scales;
 
   static Decision skip_update(std::string why) {
     Decision d;
@@ -305,6 +312,10 @@ class Plugin {
   // data_mixture: the weights from `step` on, e.g. "prose=0.3,code=0.7", or "" for no change. Called at every
   // step boundary; Keel applies a change from that step on and records it in the data ledger.
   virtual std::string mixture_at(int64_t /*step*/, const std::vector<std::string>& /*sources*/) { return ""; }
+
+  // Every slot (observers in particular): on steps where metrics.stats_every is due, after on_step_end, with
+  // ctx.activation_stats filled.
+  virtual void on_stats(const StepContext& /*ctx*/) {}
 };
 
 // ------------------------------------------------------------------------------------------------ warm start
