@@ -114,6 +114,8 @@ const std::pair<PipelineSchedule, const char*> kScheduleNames[] = {{PipelineSche
                                                                    {PipelineSchedule::kGPipe, "gpipe"}};
 const std::pair<Recompute, const char*> kRecomputeNames[] = {
     {Recompute::kNone, "none"}, {Recompute::kFull, "full"}, {Recompute::kSelective, "selective"}};
+const std::pair<Parametrization, const char*> kParametrizationNames[] = {{Parametrization::kStandard, "standard"},
+                                                                         {Parametrization::kMup, "mup"}};
 
 template <typename E, size_t N>
 std::string name_in(const std::pair<E, const char*> (&names)[N], E value) {
@@ -279,7 +281,7 @@ const std::vector<std::pair<std::string, std::string>>& source_fields() {
       {"dtype", "uint16 or uint32: element type of raw (non-.npy) token files of format npy"},
       {"heldout",
        "held-out documents never trained on (keel eval's default split): >= 1 a count, in (0, 1) a fraction, 0 "
-       "none; absent = 1% and at least 1 when the source has >= 2 documents (text sources only)"},
+       "none; absent = 1% and at least 1 when the source has >= 2 documents (every format)"},
   };
   return fields;
 }
@@ -330,6 +332,7 @@ std::string name_of(Precision precision) { return name_in(kPrecisionNames, preci
 std::string name_of(NormKind norm) { return name_in(kNormNames, norm); }
 std::string name_of(PipelineSchedule schedule) { return name_in(kScheduleNames, schedule); }
 std::string name_of(Recompute recompute) { return name_in(kRecomputeNames, recompute); }
+std::string name_of(Parametrization parametrization) { return name_in(kParametrizationNames, parametrization); }
 
 void set_key(Config& config, const std::string& key, const std::string& value, const std::string& origin) {
   // Every value must survive to_ini() and back (run dirs store the resolved config, and resume reads it): a
@@ -383,6 +386,10 @@ void set_key(Config& config, const std::string& key, const std::string& value, c
   }
   if (key == "checkpoint.async") {  // outside key_table like data.eos_id: written only when true
     config.checkpoint.async = parse_bool(origin, key, value);
+    return;
+  }
+  if (key == "metrics.stats_every") {  // outside key_table like data.eos_id: written only when > 0
+    config.metrics.stats_every = parse_int(origin, key, value);
     return;
   }
   if (key == "train.batch_schedule") {  // outside key_table like data.eos_id: written only when set
@@ -609,6 +616,8 @@ void validate(const Config& c) {
   require(!(m.tie_embeddings && par.pp > 1),
           "model.tie_embeddings = true needs parallel.pp = 1 (the embedding and the head live on different stages)");
   require(c.metrics.flush_every >= 1, "metrics.flush_every must be >= 1");
+  require(c.metrics.stats_every >= 0,
+          "metrics.stats_every must be >= 0 (0 = off), got " + std::to_string(c.metrics.stats_every));
   require(c.checkpoint.every >= 0 && c.checkpoint.milestone_every >= 0,
           "checkpoint.every and checkpoint.milestone_every must be >= 0");
   require(c.checkpoint.keep_last == 0 || c.checkpoint.keep_last >= 2,
@@ -620,8 +629,6 @@ void validate(const Config& c) {
     require(s.heldout == -1.0 || (s.heldout >= 0.0 && (s.heldout < 1.0 || s.heldout == std::floor(s.heldout))),
             "source." + s.name + ".heldout must be a document count (>= 1), a fraction in (0, 1) or 0, got " +
                 format_double(s.heldout));
-    require(s.heldout <= 0.0 || s.format == "text",
-            "source." + s.name + ".heldout needs format = text (pre-tokenized sources have no held-out set)");
   }
   validate_batch_schedule(c);
 }
@@ -663,6 +670,12 @@ std::vector<std::pair<std::string, std::string>> flatten(const Config& config) {
     for (auto it = out.begin(); it != out.end(); ++it)
       if (it->first.rfind("train.", 0) == 0) at = it + 1;
     out.insert(at, {"train.batch_schedule", config.train.batch_schedule});
+  }
+  if (config.metrics.stats_every > 0) {  // after the last metrics.* key: [metrics] stays one section
+    auto at = out.end();
+    for (auto it = out.begin(); it != out.end(); ++it)
+      if (it->first.rfind("metrics.", 0) == 0) at = it + 1;
+    out.insert(at, {"metrics.stats_every", std::to_string(config.metrics.stats_every)});
   }
   if (config.resume.verify_steps > 0)
     out.emplace_back("resume.verify_steps", std::to_string(config.resume.verify_steps));
@@ -722,6 +735,10 @@ std::vector<std::pair<std::string, std::string>> documented_keys() {
   out.emplace_back("train.batch_schedule",
                    "global batch by step, e.g. 0:8;100:16 (batch-size warm-up; each batch divisible by parallel.dp x "
                    "train.micro_batch, the first at step 0 = train.micro_batch x train.grad_accum); unset = constant");
+  out.emplace_back(
+      "metrics.stats_every",
+      "instability precursors (attention logit max, block RMS, logit and z statistics, update/weight "
+      "ratio, Adam sqrt(v) statistics) every N steps into /stats/ of metrics.h5 (docs/metrics.md); 0 = off");
   for (const auto& [field, doc] : source_fields()) out.emplace_back("source.NAME." + field, doc);
   out.emplace_back("plugin.NAME.KEY",
                    "argument KEY of plugin NAME (also --plugin-arg NAME.KEY=value); see docs/plugins.md");

@@ -26,11 +26,13 @@ enum class Precision { kFp32, kBf16Mixed };         // "fp32" | "bf16-mixed"
 enum class NormKind { kRmsNorm, kLayerNorm };       // "rmsnorm" | "layernorm"
 enum class PipelineSchedule { kOneFOneB, kGPipe };  // "1f1b" | "gpipe"
 enum class Recompute { kNone, kFull, kSelective };  // "none" | "full" | "selective"
+enum class Parametrization { kStandard, kMup };     // "standard" | "mup"
 std::string name_of(Device device);
 std::string name_of(Precision precision);
 std::string name_of(NormKind norm);
 std::string name_of(PipelineSchedule schedule);
 std::string name_of(Recompute recompute);
+std::string name_of(Parametrization parametrization);
 
 struct ModelConfig {
   int64_t layers = 2;
@@ -49,6 +51,10 @@ struct ModelConfig {
   double z_loss = 0.0;  // coefficient of the z-loss term (log Z)^2; 0 disables it
   double init_std = 0.02;
   Recompute recompute = Recompute::kNone;  // activations recomputed in backward, per block
+  // mup: μP (maximal update parametrization): init, per-layer LR and output logits scaled by the width ratio
+  // mup_base_d_model / d_model, so hyperparameters tuned at the base width carry over (docs/parallel.md).
+  Parametrization parametrization = Parametrization::kStandard;
+  int64_t mup_base_d_model = 0;  // the width the hyperparameters were tuned at; 0 = d_model (ratio 1)
   int64_t head_dim() const { return d_model / heads; }
 };
 

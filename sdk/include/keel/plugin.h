@@ -36,7 +36,7 @@ namespace keel::sdk {
 
 // Bumped whenever PluginInfo, Plugin, StepContext or Decision change in a way an old plugin would misread.
 // 2: StepContext gained `kernels` (the host's fused optimizer kernels), which moved the members after it.
-// 3: StepContext gained `activation_stats`, Decision `moment_scales`, Plugin the `on_stats` hook.
+// 3: StepContext gained `activation_stats`, Decision `moment_scales`, Param `lr_scale`, Plugin `on_stats`.
 inline constexpr uint32_t kApiVersion = 3;
 
 // ------------------------------------------------------------------------------------------------ handshake
@@ -146,6 +146,9 @@ struct Param {
   std::string name;
   at::Tensor param;
   bool decay = true;  // weight decay applies (matrices); false for norm weights
+  // The optimizer updates this param with lr * lr_scale: 1 except under model.parametrization = mup, where hidden
+  // matrices get base_d_model / d_model (μP's per-layer LR rule for Adam-like optimizers, docs/plugins.md).
+  double lr_scale = 1.0;
 };
 
 // One sample of the global batch: where it comes from in the data order (docs/data.md).
