@@ -20,6 +20,7 @@
 #include "core/checkpoint/resharding.h"
 #include "core/io/hdf5.h"
 #include "core/train/async_saver.h"
+#include "core/train/moment_scales.h"
 #include "core/train/plugin_continuity.h"
 #include "core/train/skip_rules.h"
 
@@ -448,6 +449,7 @@ int64_t roll_back(TrainerState& s, int64_t step, const StepRecord& r) {
     s.plugins->optimizer().object->reset_moments();
     what += "; optimizer moments reset";
   }
+  if (!d.moment_scales.empty()) what += "; " + apply_decision_moment_scales(s, d.moment_scales, r.decided_by);
   if (d.lr_factor != 1.0 && d.lr_factor_steps > 0) {
     s.lr_factor = d.lr_factor;
     s.lr_factor_until = st.step + d.lr_factor_steps;

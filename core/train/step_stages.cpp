@@ -14,6 +14,7 @@
 #include "core/parallel/pipeline.h"
 #include "core/plugin_host/host_kernels.h"
 #include "core/train/batch_record.h"
+#include "core/train/moment_scales.h"
 #include "core/train/plugin_values.h"
 #include "kernels/dispatch.h"
 
@@ -22,13 +23,10 @@ namespace {
 
 // A decision crosses ranks as JSON (rank 0's is the one every rank applies).
 std::string decision_to_json(const sdk::Decision& d, const std::string& decided_by) {
-  return nlohmann::json{{"action", static_cast<int>(d.action)},
-                        {"reason", d.reason},
-                        {"skip_data", d.skip_data},
-                        {"reset_moments", d.reset_optimizer_moments},
-                        {"lr_factor", d.lr_factor},
-                        {"lr_factor_steps", d.lr_factor_steps},
-                        {"by", decided_by}}
+  return nlohmann::json{
+      {"action", static_cast<int>(d.action)},       {"reason", d.reason},       {"skip_data", d.skip_data},
+      {"reset_moments", d.reset_optimizer_moments}, {"lr_factor", d.lr_factor}, {"lr_factor_steps", d.lr_factor_steps},
+      {"moment_scales", d.moment_scales},           {"by", decided_by}}
       .dump();
 }
 sdk::Decision decision_from_json(const std::string& text, std::string& decided_by) {
@@ -40,6 +38,7 @@ sdk::Decision decision_from_json(const std::string& text, std::string& decided_b
   d.reset_optimizer_moments = j.at("reset_moments").get<bool>();
   d.lr_factor = j.at("lr_factor").get<double>();
   d.lr_factor_steps = j.at("lr_factor_steps").get<int64_t>();
+  d.moment_scales = j.at("moment_scales").get<std::string>();
   decided_by = j.at("by").get<std::string>();
   return d;
 }
@@ -231,6 +230,7 @@ void decide(TrainerState& s, StepRecord& r, const std::string& non_finite_ranks)
     r.decision = s.call(*handler, ctx, [&](sdk::Plugin& p) { return p.decide(ctx); });
     r.decided_by = handler->name();
     check_decision(r.decision, handler->name(), step, s.loader->source_names());
+    check_moment_scales(r.decision.moment_scales, handler->name(), step, s.tensor_names);
   }
   // Non-finite weights (an earlier update poisoned them: an optimizer or grad transform plugin) make every
   // later step non-finite: stop instead of skipping forever. Checked only on this rare path.
@@ -246,6 +246,14 @@ void decide(TrainerState& s, StepRecord& r, const std::string& non_finite_ranks)
     s.event(step, "lr_factor",
             "[" + r.decided_by + "] LR x" + std::to_string(r.decision.lr_factor) + " until step " +
                 std::to_string(s.lr_factor_until) + ": " + r.decision.reason);
+  }
+  // Moment surgery now, before this step's update (a rollback applies it after the reload, in roll_back()).
+  if (r.decision.action != sdk::Decision::Action::kRollback && !r.decision.moment_scales.empty()) {
+    const std::string what = apply_decision_moment_scales(s, r.decision.moment_scales, r.decided_by);
+    s.event(step, "moment_scales", what);
+    s.lineage.notes.push_back("step " + std::to_string(step) + ": " + what);
+    s.write_lineage();
+    spdlog::warn("step {}: {}", step, what);
   }
   if (r.decision.action != sdk::Decision::Action::kContinue &&
       r.decision.action != sdk::Decision::Action::kRollback) {  // a rollback logs its own event in roll_back()

@@ -4,8 +4,10 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <fstream>
 #include <ostream>
 #include <set>
+#include <sstream>
 #include <string>
 
 #include "tests/plugins/plugin_test_support.h"
@@ -31,6 +33,8 @@ std::vector<BuiltinPlugin> builtin_plugins() {
       {"static", sdk::kDataMixture, {{"weights", "prose=1"}}},
       {"staged", sdk::kDataMixture, {{"stages", "0:prose=1"}}},
       {"linear_ramp", sdk::kDataMixture, {{"from", "prose=1"}, {"to", "code=1"}, {"end_step", "10"}}},
+      {"muon", sdk::kOptimizer, {}},
+      {"moment_surgery", sdk::kSpikeHandler, {{"first", "0"}}},
   };
 }
 
@@ -62,6 +66,48 @@ TEST_P(BuiltinPluginTest, RefusesAnUnknownArgumentNamingIt) {
   const std::string refusal = refusal_of(GetParam().name, args);
   EXPECT_NE(refusal.find("refused its arguments"), std::string::npos) << refusal;
   EXPECT_NE(refusal.find("unknown plugin argument 'bogus_key'"), std::string::npos) << refusal;
+}
+
+// The arguments docs/plugins.md lists for `plugin` under "## Built-in plugins": the first cell of each table row
+// ("| `key` | default | meaning |") below the heading "### `plugin`", up to the next heading.
+std::set<std::string> documented_arguments(const std::string& plugin, bool& has_section) {
+  std::ifstream in(std::string(KEEL_SOURCE_DIR) + "/docs/plugins.md");
+  std::set<std::string> out;
+  std::string line;
+  bool in_reference = false, in_plugin = false;
+  has_section = false;
+  while (std::getline(in, line)) {
+    if (line.rfind("## ", 0) == 0) in_reference = line == "## Built-in plugins";
+    if (!in_reference) continue;
+    if (line.rfind("### ", 0) == 0) {
+      in_plugin = line.rfind("### `" + plugin + "`", 0) == 0;
+      has_section = has_section || in_plugin;
+    }
+    if (in_plugin && line.rfind("| `", 0) == 0) out.insert(line.substr(3, line.find('`', 3) - 3));
+  }
+  return out;
+}
+
+// The arguments the plugin itself accepts: require_known_args lists them in its refusal of an unknown key.
+std::set<std::string> accepted_arguments(const BuiltinPlugin& plugin) {
+  sdk::Args args = plugin.minimal_args;
+  args["bogus_key"] = "1";
+  const std::string refusal = refusal_of(plugin.name, args);
+  const size_t at = refusal.find("(known: ");
+  if (at == std::string::npos) return {"(no list in: " + refusal + ")"};
+  const std::string list = refusal.substr(at + 8, refusal.find(')', at) - at - 8);
+  std::set<std::string> out;
+  if (list == "none") return out;
+  std::stringstream items(list);
+  for (std::string item; std::getline(items, item, ',');) out.insert(item.substr(item.find_first_not_of(' ')));
+  return out;
+}
+
+TEST_P(BuiltinPluginTest, DocsListExactlyItsArguments) {
+  bool has_section = false;
+  const std::set<std::string> documented = documented_arguments(GetParam().name, has_section);
+  EXPECT_TRUE(has_section) << "docs/plugins.md has no '### `" << GetParam().name << "`' under '## Built-in plugins'";
+  EXPECT_EQ(documented, accepted_arguments(GetParam())) << "docs/plugins.md vs what " << GetParam().name << " accepts";
 }
 
 INSTANTIATE_TEST_SUITE_P(AllBuiltins, BuiltinPluginTest, ::testing::ValuesIn(builtin_plugins()),
