@@ -3,11 +3,16 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+#include <cctype>
 #include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
+#include <stdexcept>
 
 #include "core/checkpoint/durable_fs.h"
 #include "core/data/loader.h"
+#include "core/data/mixture.h"
 #include "core/train/trainer_state.h"
 
 namespace keel::train {
@@ -62,6 +67,38 @@ std::vector<std::string> carry_parent_skip_rules(TrainerState& s) {
     return {"warning: " + warning};
   }
   return lines;
+}
+
+std::vector<std::string> read_skip_list(const std::string& path, const std::vector<std::string>& sources) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec)) throw std::runtime_error(path + ": no such skip list file");
+  std::ifstream in(path);
+  if (!in) throw std::runtime_error(path + ": cannot open the skip list");
+  std::vector<std::string> specs;
+  int64_t line_number = 0;
+  for (std::string line; std::getline(in, line);) {
+    ++line_number;
+    const size_t hash = line.find('#');
+    if (hash != std::string::npos) line.resize(hash);
+    line.erase(std::remove_if(line.begin(), line.end(), [](unsigned char c) { return std::isspace(c); }), line.end());
+    if (line.empty()) continue;
+    const std::string where = path + ":" + std::to_string(line_number);
+    try {
+      for (const auto& rule : data::parse_skip(line, sources, 0, where)) specs.push_back(rule.spec);
+    } catch (const std::exception& e) {
+      const std::string message = e.what();
+      throw std::runtime_error(message.rfind(where, 0) == 0 ? message : where + ": " + message);
+    }
+  }
+  if (specs.empty()) throw std::runtime_error(path + ": the skip list holds no rule");
+  return specs;
+}
+
+void record_skip_list(TrainerState& s) {
+  const auto& notes = s.lineage.notes;
+  const bool given =
+      std::any_of(notes.begin(), notes.end(), [](const std::string& n) { return n.rfind(kSkipListNote, 0) == 0; });
+  if (given) record_skip_rules(s);
 }
 
 }  // namespace keel::train

@@ -22,4 +22,16 @@ void record_skip_rules(TrainerState& s);
 // unreadable file gives a warning line (logged) and carries nothing. Every rank gets rank 0's reading.
 std::vector<std::string> carry_parent_skip_rules(TrainerState& s);
 
+// `keel resume --skip-list FILE` (a skip list `keel forensics` wrote, or one by hand): the rules of FILE in the
+// data.skip format ("prose:chunk:3;code:samples:100-163"), one or more per line separated by ';', blank lines and
+// '#' comments ignored; each is checked against `sources` and returned in canonical form ("code:samples:100-163").
+// Throws std::runtime_error "FILE:LINE: ..." for a bad rule, "FILE: ..." when it cannot be read or holds no rule.
+std::vector<std::string> read_skip_list(const std::string& path, const std::vector<std::string>& sources);
+// The lineage note of a resume given a skip list begins with this; the resume then records its skip rules in
+// RUN_DIR/skip_rules.json at once (record_skip_list), so the run dir says what it skips before its first checkpoint.
+inline constexpr const char* kSkipListNote = "skip list ";
+// Rank 0 writes skip_rules.json when the lineage has a kSkipListNote note (called once the resume's data ledger holds
+// every rule: the checkpoint's, the parent's carried ones and the config's).
+void record_skip_list(TrainerState& s);
+
 }  // namespace keel::train

@@ -3,8 +3,6 @@
 // grads (the one-packet reduction, clipping) -> grad transforms -> step decision (spike handler) -> optimizer
 // step -> step end (metrics, observers). Checkpoints (checkpointer.h), rollbacks and plugin swaps
 // (plugin_swap.h) happen between steps.
-#include "core/train/trainer.h"
-
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
 #include <unistd.h>
@@ -24,6 +22,7 @@
 #include "core/train/skip_rules.h"
 #include "core/train/step_reduction.h"
 #include "core/train/step_stages.h"
+#include "core/train/trainer.h"
 #include "core/train/trainer_state.h"
 #include "kernels/dispatch.h"
 
@@ -298,6 +297,7 @@ void Trainer::restore(const checkpoint::TrainingState& st, bool allow_data_chang
   for (const auto& note : notes) s.lineage.notes.push_back(note);
   for (const auto& kept : carry_parent_skip_rules(s)) s.lineage.notes.push_back("data: " + kept);
   for (const auto& change : s.loader->adopt_config(s.config)) s.lineage.notes.push_back("data: " + change);
+  record_skip_list(s);  // `keel resume --skip-list`: skip_rules.json names the rules from the start
   s.event(st.step, "resume", "from " + s.lineage.parent_checkpoint + " (" + s.lineage.kind() + ")");
   for (const auto& note : s.lineage.notes) s.event(st.step, "lineage", note);
   spdlog::info("resumed at step {} ({} tokens seen) from {}", st.step, st.tokens_seen, s.lineage.parent_checkpoint);
