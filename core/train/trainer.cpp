@@ -3,6 +3,8 @@
 // grads (the one-packet reduction, clipping) -> grad transforms -> step decision (spike handler) -> optimizer
 // step -> step end (metrics, observers). Checkpoints (checkpointer.h), rollbacks and plugin swaps
 // (plugin_swap.h) happen between steps.
+#include "core/train/trainer.h"
+
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
 #include <unistd.h>
@@ -22,7 +24,6 @@
 #include "core/train/skip_rules.h"
 #include "core/train/step_reduction.h"
 #include "core/train/step_stages.h"
-#include "core/train/trainer.h"
 #include "core/train/trainer_state.h"
 #include "kernels/dispatch.h"
 
