@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Why: streaming checkpoint I/O (docs/checkpoints.md, "Streaming reads") promises that a resume into another
 # layout holds one rank's shard, not the whole model and optimizer state, and that export-hf holds one tensor
-# at a time. This measures both on a >= 100M-parameter model on the CPU, side by side with what they are
-# compared with: the whole model + AdamW state (12 bytes per parameter), the largest tensor, and LibTorch's
-# own baseline (the peak RSS of `keel --help`, which loads the same libraries and allocates nothing).
+# at a time, and that import-hf writes the checkpoint one tensor at a time (reading each from the safetensors
+# file, converting it to its fp32 master, making the optimizer's fresh state for it). This measures all three
+# on a >= 100M-parameter model on the CPU, side by side with what they are compared with: the whole model +
+# AdamW state (12 bytes per parameter), the whole model's fp32 weights, the largest tensor, and LibTorch's own
+# baseline (the peak RSS of `keel --help`, which loads the same libraries and allocates nothing).
 # A benchmark, not a test (peak RSS depends on the allocator and the machine): CI stays on tiny shapes.
 #
 # Peak RSS is measured with MALLOC_MMAP_THRESHOLD_=65536 (as bench/plan_memory.sh: freed large buffers return
 # to the OS, so RSS counts live bytes, not heap fragmentation). Each rank of the 4-rank resume is timed on its
 # own (a wrapper execs /usr/bin/time per rank). The targets are printed next to the numbers:
 # a tp=2, pp=2 resume of a checkpoint saved at 1 rank below 0.6x of whole model + optimizer state per process,
-# an export below 1.5x its largest tensor plus the baseline.
-# usage: bash bench/stream_memory.sh        (about 2 minutes and 5 GB of disk in $TMPDIR on 2 cores)
+# an export below 1.5x its largest tensor plus the baseline; an import (fp32 and bf16 safetensors) well below
+# the whole model's fp32 weights (a few copies of the largest tensor over the baseline).
+# usage: bash bench/stream_memory.sh        (about 3 minutes and 8 GB of disk in $TMPDIR on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${KEEL_BENCH_NO_BUILD:-}" ] || bash scripts/build.sh --target keel >/dev/null
@@ -65,6 +68,10 @@ peak "$work/r1" resume --from "$ckpt" --run-dir "$work/r1run" --set train.steps=
 peak "$work/e32" export-hf "$ckpt" "$work/hf32" --no-tokenizer
 peak "$work/e16" export-hf "$ckpt" "$work/hf16" --no-tokenizer --dtype bf16
 peak "$work/eshard" export-hf "$ckpt" "$work/hfshard" --no-tokenizer --max-shard-size 100MB
+# Imports of the exported directories (fp32 and bf16) into fresh runs with AdamW's fresh state.
+peak "$work/i32" import-hf "$work/hf32" --run-dir "$work/imp32" --config "$config" --set data.dir="$data"
+peak "$work/i16" import-hf "$work/hf16" --run-dir "$work/imp16" --config "$config" --set data.dir="$data"
+rm -rf "$work/imp32" "$work/imp16"
 largest=$(/usr/bin/python3 - "$work/hf32/model.safetensors" <<'EOF'
 import json, struct, sys
 with open(sys.argv[1], "rb") as f:
@@ -94,3 +101,9 @@ for name in e32:"export-hf fp32, one file" e16:"export-hf bf16" eshard:"export-h
   /usr/bin/python3 -c "print('%-44s %10.1f %18.3f %18.1f' % ('${name#*:}', $rss/2**20, ($rss-$base)/$largest, (1.5*$largest+$base)/2**20))"
 done
 echo "target: export peak < 1.5 x largest tensor + baseline; sharded export wrote $(ls "$work/hfshard" | grep -c '^model-') files"
+printf "%-44s %10s %18s %18s\n" "import" "peak MiB" "(peak-base)/largest" "(peak-base)/model"
+for name in i32:"import-hf fp32 safetensors" i16:"import-hf bf16 safetensors"; do
+  rss=$(cat "$work/${name%%:*}")
+  /usr/bin/python3 -c "print('%-44s %10.1f %18.3f %18.3f' % ('${name#*:}', $rss/2**20, ($rss-$base)/$largest, ($rss-$base)/($params*4)))"
+done
+echo "target: import peak a few largest tensors over the baseline, far below the fp32 model ($(mib $((params * 4))) MiB)"

@@ -40,16 +40,36 @@ Manifest run_manifest(const Config& config, const std::string& config_ini, const
   return manifest;
 }
 
-std::string write_whole_checkpoint(CheckpointStore& store, int64_t step, const TrainingState& state,
-                                   const Manifest& manifest) {
+namespace {
+
+// The one-rank checkpoint protocol of both writers: begin, the rank file (`write`), config.ini, commit.
+std::string write_one_rank(CheckpointStore& store, int64_t step, const TrainingState& state, const Manifest& manifest,
+                           const char* writer, const std::function<void(const std::string&)>& write) {
   if (manifest.layout.world_size() != 1) {
-    throw CheckpointError(store.root() + ": write_whole_checkpoint writes a 1 x 1 x 1 layout, the manifest says " +
+    throw CheckpointError(store.root() + ": " + writer + " writes a 1 x 1 x 1 layout, the manifest says " +
                           std::to_string(manifest.layout.world_size()) + " ranks");
   }
   const std::string tmp = store.begin(step);
-  write_rank_file(tmp + "/" + rank_file_name(0), state, {0, 1});
+  write(tmp + "/" + rank_file_name(0));
   write_file_atomically(tmp + "/" + kConfigName, state.config_ini);
   return store.commit(step, manifest, {{rank_file_name(0), 0}, {kConfigName, -1}});
+}
+
+}  // namespace
+
+std::string write_whole_checkpoint(CheckpointStore& store, int64_t step, const TrainingState& state,
+                                   const Manifest& manifest) {
+  return write_one_rank(store, step, state, manifest, "write_whole_checkpoint", [&](const std::string& path) {
+    write_rank_file(path, state, {0, 1});
+  });
+}
+
+std::string write_streamed_checkpoint(CheckpointStore& store, int64_t step, const TrainingState& state,
+                                      const Manifest& manifest, const TensorSource& model,
+                                      const TensorSource& optimizer) {
+  return write_one_rank(store, step, state, manifest, "write_streamed_checkpoint", [&](const std::string& path) {
+    write_rank_file_streaming(path, state, {0, 1}, model, optimizer);
+  });
 }
 
 }  // namespace keel::checkpoint

@@ -8,6 +8,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <functional>
 #include <map>
 #include <memory>
 
@@ -68,24 +69,28 @@ NamedTensors finish(std::map<std::string, Assembly>& assembled, const std::vecto
 
 }  // namespace
 
-TrainingState read_full_state(const std::string& dir, const Manifest& manifest, int64_t rng_rank) {
+namespace {
+
+// The per-rank loop both readers share: every rank file the manifest lists, read by `read` (with or without its
+// tensor bytes) and its step checked against the manifest, handed to `add`; the result carries rank 0's metadata
+// (step, tokens, optimizer name/step/json, schedule, ledger, config, ...) and rng_rank's RNG states.
+TrainingState read_ranks(const std::string& dir, const Manifest& manifest, int64_t rng_rank,
+                         TrainingState (*read)(const std::string&),
+                         const std::function<void(const TrainingState&, const std::string&)>& add) {
   const int64_t world = manifest.layout.world_size();
-  std::map<std::string, Assembly> model, optimizer;
-  std::vector<std::string> model_order, optimizer_order;
-  TrainingState full;  // rank 0's metadata: step, tokens, optimizer name/step/json, schedule, ledger, config, ...
+  TrainingState full;
   at::Tensor cpu_rng;
   std::vector<at::Tensor> cuda_rng;
   for (int64_t rank = 0; rank < world; ++rank) {
     const ManifestFile* file = manifest.rank_file(rank);
     if (!file) throw CheckpointError(dir + ": the manifest lists no file for rank " + std::to_string(rank));
     const std::string path = dir + "/" + file->name;
-    TrainingState part = read_rank_file(path);
+    TrainingState part = read(path);
     if (part.step != manifest.step) {
       throw CheckpointError(path + ": step " + std::to_string(part.step) + " but the manifest says " +
                             std::to_string(manifest.step));
     }
-    add_pieces(part.model, part.placement, "model/", path, model, model_order);
-    add_pieces(part.optimizer, part.placement, "optimizer/", path, optimizer, optimizer_order);
+    add(part, path);
     if (rank == rng_rank) {
       cpu_rng = part.cpu_rng;
       cuda_rng = part.cuda_rng;
@@ -99,6 +104,19 @@ TrainingState read_full_state(const std::string& dir, const Manifest& manifest, 
   }
   full.cpu_rng = cpu_rng;
   full.cuda_rng = cuda_rng;
+  return full;
+}
+
+}  // namespace
+
+TrainingState read_full_state(const std::string& dir, const Manifest& manifest, int64_t rng_rank) {
+  std::map<std::string, Assembly> model, optimizer;
+  std::vector<std::string> model_order, optimizer_order;
+  TrainingState full =
+      read_ranks(dir, manifest, rng_rank, &read_rank_file, [&](const TrainingState& part, const std::string& path) {
+        add_pieces(part.model, part.placement, "model/", path, model, model_order);
+        add_pieces(part.optimizer, part.placement, "optimizer/", path, optimizer, optimizer_order);
+      });
   full.model = finish(model, model_order, dir, "model/");
   full.optimizer = finish(optimizer, optimizer_order, dir, "optimizer/");
   return full;
@@ -213,37 +231,14 @@ NamedTensors finish_lazy(std::map<std::string, std::unique_ptr<LazyTensor>>& laz
 }  // namespace
 
 TrainingState read_lazy_state(const std::string& dir, const Manifest& manifest, int64_t rng_rank) {
-  const int64_t world = manifest.layout.world_size();
   std::map<std::string, std::unique_ptr<LazyTensor>> model, optimizer;
   std::vector<std::string> model_order, optimizer_order;
-  TrainingState full;
-  at::Tensor cpu_rng;
-  std::vector<at::Tensor> cuda_rng;
-  for (int64_t rank = 0; rank < world; ++rank) {
-    const ManifestFile* file = manifest.rank_file(rank);
-    if (!file) throw CheckpointError(dir + ": the manifest lists no file for rank " + std::to_string(rank));
-    const std::string path = dir + "/" + file->name;
-    TrainingState part = read_rank_file_shapes(path);
-    if (part.step != manifest.step) {
-      throw CheckpointError(path + ": step " + std::to_string(part.step) + " but the manifest says " +
-                            std::to_string(manifest.step));
-    }
-    add_lazy_pieces(part.model, part.placement, "model/", "/model/", path, dir, model, model_order);
-    add_lazy_pieces(part.optimizer, part.placement, "optimizer/", "/optimizer/state/", path, dir, optimizer,
-                    optimizer_order);
-    if (rank == rng_rank) {
-      cpu_rng = part.cpu_rng;
-      cuda_rng = part.cuda_rng;
-    }
-    if (rank == 0) {
-      part.model.clear();
-      part.optimizer.clear();
-      part.placement.clear();
-      full = std::move(part);
-    }
-  }
-  full.cpu_rng = cpu_rng;
-  full.cuda_rng = cuda_rng;
+  TrainingState full = read_ranks(
+      dir, manifest, rng_rank, &read_rank_file_shapes, [&](const TrainingState& part, const std::string& path) {
+        add_lazy_pieces(part.model, part.placement, "model/", "/model/", path, dir, model, model_order);
+        add_lazy_pieces(part.optimizer, part.placement, "optimizer/", "/optimizer/state/", path, dir, optimizer,
+                        optimizer_order);
+      });
   full.model = finish_lazy(model, model_order, dir, "model/");
   full.optimizer = finish_lazy(optimizer, optimizer_order, dir, "optimizer/");
   return full;

@@ -22,6 +22,7 @@
 #include <filesystem>
 
 #include "core/checkpoint/checkpoint_error.h"
+#include "core/checkpoint/checkpoint_writer.h"
 #include "core/checkpoint/h5_file.h"
 #include "core/checkpoint/json_fields.h"
 #include "core/checkpoint/lineage.h"
@@ -91,12 +92,15 @@ at::Tensor from_raw(const RawTensor& raw) {
   return t;
 }
 
-// `placement_prefix` ("model/", "optimizer/"; "" = always whole) selects the tensors' placement entries.
+// `placement_prefix` ("model/", "optimizer/"; "" = always whole) selects the tensors' placement entries. With a
+// `source`, tensor i is source(i) (the streaming writer: `tensors` only name them), dropped once written.
 void write_named(H5Writer& out, const std::string& group, const NamedTensors& tensors,
-                 const std::map<std::string, Placement>& placement = {}, const std::string& placement_prefix = "") {
+                 const std::map<std::string, Placement>& placement = {}, const std::string& placement_prefix = "",
+                 const TensorSource* source = nullptr) {
   out.create_group(group);
-  for (const auto& [name, tensor] : tensors) {
-    RawTensor raw = to_raw(tensor);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const std::string& name = tensors[i].first;
+    RawTensor raw = to_raw(source ? (*source)(i) : tensors[i].second);
     if (!placement_prefix.empty()) {
       const auto it = placement.find(placement_prefix + name);
       if (it != placement.end()) {
@@ -136,17 +140,23 @@ bool all_finite(const at::Tensor& tensor) {
   return std::isfinite(v[0]) && std::isfinite(v[1]);
 }
 
-// What write_rank_file refuses to write: a non-finite tensor, or JSON that is malformed or holds null.
-void check_savable(const TrainingState& s, const std::string& path) {
+std::string refusal_prefix(const TrainingState& s) {
+  return "cannot save checkpoint step " + std::to_string(s.step) + ": ";
+}
+
+// What write_rank_file refuses to write, tensor by tensor: a non-finite one.
+void check_finite(const at::Tensor& tensor, const std::string& kind, const std::string& name, const TrainingState& s,
+                  const std::string& path) {
+  if (!all_finite(tensor)) {
+    throw CheckpointError(refusal_prefix(s) + kind + " tensor " + name + " holds NaN/Inf (" +
+                          std::filesystem::path(path).filename().string() + ")");
+  }
+}
+
+// What write_rank_file refuses to write besides tensors: JSON that is malformed or holds null.
+void check_savable_json(const TrainingState& s, const std::string& path) {
   const std::string file = std::filesystem::path(path).filename().string();
-  const std::string prefix = "cannot save checkpoint step " + std::to_string(s.step) + ": ";
-  for (const auto& [name, tensor] : s.model) {
-    if (!all_finite(tensor)) throw CheckpointError(prefix + "model tensor " + name + " holds NaN/Inf (" + file + ")");
-  }
-  for (const auto& [name, tensor] : s.optimizer) {
-    if (!all_finite(tensor))
-      throw CheckpointError(prefix + "optimizer tensor " + name + " holds NaN/Inf (" + file + ")");
-  }
+  const std::string prefix = refusal_prefix(s);
   auto check_json = [&](const std::string& text, const std::string& what) {
     if (text.empty()) return;
     try {
@@ -162,6 +172,13 @@ void check_savable(const TrainingState& s, const std::string& path) {
   check_json(s.lr_schedule, "/lr_schedule");
   check_json(s.data_ledger, "/data/ledger");
   for (const auto& p : s.plugins) check_json(p.json, "plugin " + p.name + " state");
+}
+
+// What write_rank_file refuses to write: a non-finite tensor, or JSON that is malformed or holds null.
+void check_savable(const TrainingState& s, const std::string& path) {
+  for (const auto& [name, tensor] : s.model) check_finite(tensor, "model", name, s, path);
+  for (const auto& [name, tensor] : s.optimizer) check_finite(tensor, "optimizer", name, s, path);
+  check_savable_json(s, path);
 }
 
 // A plugin's (or the optimizer's) JSON state: an object of numbers and small lists (sdk PluginState); a null is
@@ -217,9 +234,11 @@ void check_ledger(const std::string& text, const std::string& origin) {
 
 }  // namespace
 
-void write_rank_file(const std::string& path, const TrainingState& s, RankInfo rank) {
-  check_savable(s, path);  // before the file exists: a refused save leaves nothing behind
-  H5Writer out(path);
+namespace {
+
+// The rank file's objects in their one order; model and optimizer tensors from the sources when given.
+void write_rank_file_contents(H5Writer& out, const TrainingState& s, RankInfo rank, const TensorSource* model,
+                              const TensorSource* optimizer) {
   out.set_attribute("/", "format", kRankFileFormat);
   out.set_attribute("/", "format_version", int64_t{kCheckpointFormatVersion});
   out.set_attribute("/", "keel_version", KEEL_VERSION);
@@ -229,12 +248,12 @@ void write_rank_file(const std::string& path, const TrainingState& s, RankInfo r
   out.set_attribute("/", "world_size", rank.world_size);
   out.set_attribute("/", "tensors_finite", int64_t{1});
 
-  write_named(out, "/model", s.model, s.placement, "model/");
+  write_named(out, "/model", s.model, s.placement, "model/", model);
   out.create_group("/optimizer");
   out.set_attribute("/optimizer", "name", s.optimizer_name);
   out.set_attribute("/optimizer", "step", s.optimizer_step);
   out.write_text("/optimizer/state_json", s.optimizer_json);
-  write_named(out, "/optimizer/state", s.optimizer, s.placement, "optimizer/");
+  write_named(out, "/optimizer/state", s.optimizer, s.placement, "optimizer/", optimizer);
   out.write_text("/lr_schedule", s.lr_schedule);
 
   out.create_group("/rng");
@@ -255,7 +274,48 @@ void write_rank_file(const std::string& path, const TrainingState& s, RankInfo r
     out.write_text(group + "/state", p.json);
     write_named(out, group + "/tensors", p.tensors);
   }
+}
+
+// `source`, checked: tensor i must have the shape and dtype of placeholder `names[i]` and be finite.
+TensorSource checked_source(const TensorSource& source, const NamedTensors& names, const std::string& kind,
+                            const TrainingState& s, const std::string& path) {
+  return [&source, &names, kind, &s, path](size_t i) {
+    at::Tensor t = source(i);
+    const auto& [name, placeholder] = names.at(i);
+    if (!t.defined() || t.sizes() != placeholder.sizes() || t.scalar_type() != placeholder.scalar_type()) {
+      throw CheckpointError(path + ": " + kind + " tensor " + name + " came as " +
+                            (t.defined() ? c10::str(t.sizes()) + " " + c10::toString(t.scalar_type()) : "nothing") +
+                            ", expected " + c10::str(placeholder.sizes()) + " " +
+                            c10::toString(placeholder.scalar_type()));
+    }
+    check_finite(t, kind, name, s, path);
+    return t;
+  };
+}
+
+}  // namespace
+
+void write_rank_file(const std::string& path, const TrainingState& s, RankInfo rank) {
+  check_savable(s, path);  // before the file exists: a refused save leaves nothing behind
+  H5Writer out(path);
+  write_rank_file_contents(out, s, rank, nullptr, nullptr);
   out.close();
+}
+
+void write_rank_file_streaming(const std::string& path, const TrainingState& s, RankInfo rank,
+                               const TensorSource& model, const TensorSource& optimizer) {
+  check_savable_json(s, path);  // before the file exists
+  const TensorSource checked_model = checked_source(model, s.model, "model", s, path);
+  const TensorSource checked_optimizer = checked_source(optimizer, s.optimizer, "optimizer", s, path);
+  try {
+    H5Writer out(path);
+    write_rank_file_contents(out, s, rank, &checked_model, &checked_optimizer);
+    out.close();
+  } catch (...) {
+    std::error_code ec;
+    std::filesystem::remove(path, ec);  // a refused or failed save leaves nothing behind
+    throw;
+  }
 }
 
 namespace {

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -75,14 +76,16 @@ struct HfTensor {
   SafetensorsEntry entry;
 };
 
-// Safetensors bytes -> an owned fp32 tensor (F16/BF16 widened exactly), read from its file now.
+// Safetensors bytes -> an owned fp32 tensor (F16/BF16 widened exactly), read from its file now. An F32 tensor
+// keeps the bytes it was read into (no second copy); F16/BF16 hold their bytes and the fp32 result briefly.
 torch::Tensor to_fp32(const HfTensor& t) {
-  std::string bytes = read_safetensors_bytes(*t.file, t.entry);
+  auto bytes = std::make_shared<std::string>(read_safetensors_bytes(*t.file, t.entry));
   const torch::ScalarType type = t.entry.dtype == SafetensorsDtype::kF32   ? torch::kFloat
                                  : t.entry.dtype == SafetensorsDtype::kF16 ? torch::kHalf
                                                                            : torch::kBFloat16;
-  torch::Tensor view = torch::from_blob(bytes.data(), t.entry.shape, torch::TensorOptions().dtype(type));
-  return type == torch::kFloat ? view.clone() : view.to(torch::kFloat);
+  torch::Tensor view = torch::from_blob(  // [entry.shape], owning `bytes`
+      bytes->data(), t.entry.shape, [bytes](void*) mutable { bytes.reset(); }, torch::TensorOptions().dtype(type));
+  return type == torch::kFloat ? view : view.to(torch::kFloat);
 }
 
 // A small text file of an HF directory (config.json, the index): a FIFO, a directory or a device in its place is
@@ -167,6 +170,56 @@ double positive_number(const json& config, const char* name, const std::string& 
 
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// Architectures near LLaMA that import-hf refuses, with what Keel's decoder does not compute (docs/interop.md).
+// Keyed by model_type; the architectures entry (e.g. MistralForCausalLM) names the same family.
+const std::vector<std::pair<std::string, std::string>>& refused_architectures() {
+  static const std::vector<std::pair<std::string, std::string>> refused = {
+      {"mistral", "sliding-window attention (sliding_window), which Keel's full causal attention does not compute"},
+      {"mixtral", "mixture-of-experts MLPs (block_sparse_moe), Keel's MLP is one dense SwiGLU"},
+      {"qwen2", "biases on the q/k/v projections, Keel's projections have none"},
+      {"qwen3", "QK-norm inside attention, which HF LLaMA checkpoints do not carry"},
+      {"gemma", "GeGLU, a scaled embedding and (1 + w) RMSNorm weights"},
+      {"gemma2", "GeGLU, logit soft-capping, sliding-window layers and extra norms"},
+      {"gpt_neox", "parallel attention + MLP, LayerNorm with biases, partial rotary and a fused QKV"},
+      {"gpt2", "learned absolute positions, LayerNorm and fused QKV with biases"},
+      {"gptj", "parallel attention + MLP, LayerNorm and interleaved partial rotary"},
+      {"phi", "LayerNorm, partial rotary, parallel attention + MLP and biases"},
+      {"phi3", "a fused qkv_proj and gate_up_proj and (often) long-RoPE scaling"},
+      {"falcon", "parallel attention + MLP, LayerNorm and multi-query fused QKV"},
+      {"olmo", "non-parametric LayerNorm (no weights) and optional QKV clipping"},
+      {"cohere", "LayerNorm, parallel attention + MLP and logit scaling"},
+      {"starcoder2", "LayerNorm with biases, GELU MLP and sliding-window attention"},
+  };
+  return refused;
+}
+
+// model_type "llama" or "LlamaForCausalLM" among the architectures; anything else is refused naming what it is and,
+// for a known family, what Keel does not compute.
+void refuse_other_architectures(const json& c, const std::string& origin) {
+  const json type = c.value("model_type", json());
+  bool llama = type == "llama";
+  std::string architectures;
+  if (c.contains("architectures") && c["architectures"].is_array()) {
+    for (const json& a : c["architectures"]) {
+      llama = llama || a == "LlamaForCausalLM";
+      architectures += (architectures.empty() ? "" : ", ") + a.dump();
+    }
+  }
+  if (llama) return;
+  const std::string said = "model_type " + type.dump() + ", architectures [" + architectures + "]";
+  std::string lowered = type.is_string() ? type.get<std::string>() : "";
+  for (char& ch : lowered) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  for (const auto& [family, why] : refused_architectures()) {
+    if (lowered == family) {
+      throw std::runtime_error(origin + ": field 'model_type' / 'architectures' (" + said +
+                               "): not LlamaForCausalLM; " + family + " has " + why +
+                               " (import-hf reads LLaMA-layout checkpoints only)");
+    }
+  }
+  throw std::runtime_error(origin + ": field 'model_type' / 'architectures' (" + said +
+                           "): not a LlamaForCausalLM / llama model (import-hf reads LLaMA-layout checkpoints only)");
 }
 
 // partial_rotary_factor (top level, or inside a RoPE object as `prefix`): absent, null or 1 only.
@@ -277,12 +330,7 @@ std::string hf_config_json(const ModelConfig& model, const std::string& torch_dt
 HfModelConfig parse_hf_config(const std::string& json_text, const std::string& origin) {
   const json c = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
   if (c.is_discarded() || !c.is_object()) throw std::runtime_error(origin + ": not a JSON object");
-  bool llama = c.value("model_type", json()) == "llama";
-  if (c.contains("architectures") && c["architectures"].is_array()) {
-    for (const json& a : c["architectures"]) llama = llama || a == "LlamaForCausalLM";
-  }
-  if (!llama)
-    throw std::runtime_error(origin + ": field 'architectures' / 'model_type': not a LlamaForCausalLM / llama model");
+  refuse_other_architectures(c, origin);
   const int64_t hidden = positive_int(c, "hidden_size", origin);
   const int64_t heads = positive_int(c, "num_attention_heads", origin);
   const int64_t kv_heads = c.contains("num_key_value_heads") && !c["num_key_value_heads"].is_null()
@@ -572,11 +620,12 @@ std::string export_hf(const std::string& checkpoint_dir, const std::string& out_
 
 namespace {
 
-// Every HF tensor matched to a Keel parameter of `config` by name and shape (all of them, from the files'
-// headers, before any tensor's bytes are read), then converted to fp32 one at a time, in model order.
-checkpoint::NamedTensors match_hf_weights(const std::string& hf_dir, const Config& config) {
+// Every HF tensor matched to a Keel parameter of `config` by name and shape, from the files' headers alone (no
+// tensor's bytes are read, except lm_head.weight and the embedding of a tied checkpoint that stores both, which
+// must be equal). Keel names and their HF tensors, in model order.
+std::vector<std::pair<std::string, HfTensor>> match_hf_weights(const std::string& hf_dir, const Config& config) {
   const std::map<std::string, HfTensor> hf = read_hf_weights(hf_dir);
-  std::vector<std::pair<std::string, const HfTensor*>> matched;  // Keel name, its HF tensor
+  std::vector<std::pair<std::string, HfTensor>> matched;  // Keel name, its HF tensor
   std::set<std::string> used;
   for (const ParameterTensor& p : parameter_tensors(config.model)) {  // the names, order and shapes Keel expects
     const std::string hf_name = hf_name_of(p.name);
@@ -588,7 +637,7 @@ checkpoint::NamedTensors match_hf_weights(const std::string& hf_dir, const Confi
                                c10::str(at::IntArrayRef(it->second.entry.shape)) + ", the model in config.json needs " +
                                c10::str(at::IntArrayRef(p.global_shape)));
     }
-    matched.emplace_back(p.name, &it->second);
+    matched.emplace_back(p.name, it->second);
     used.insert(hf_name);
   }
   const HfTensor* tied_head = nullptr;
@@ -603,13 +652,11 @@ checkpoint::NamedTensors match_hf_weights(const std::string& hf_dir, const Confi
     }
     throw std::runtime_error(hf_dir + ": tensor '" + name + "' has no place in Keel's decoder");
   }
-  checkpoint::NamedTensors weights;
-  for (const auto& [name, tensor] : matched) weights.emplace_back(name, to_fp32(*tensor));
-  if (tied_head && !torch::equal(to_fp32(*tied_head), weights.front().second)) {
+  if (tied_head && !torch::equal(to_fp32(*tied_head), to_fp32(matched.front().second))) {
     throw std::runtime_error(hf_dir +
                              ": tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight");
   }
-  return weights;
+  return matched;
 }
 
 // HF_DIR/tokenizer.model, when present: recorded in `plan`, refused when it has more pieces than model.vocab or
@@ -640,7 +687,9 @@ void check_hf_tokenizer(ImportPlan& plan, const ImportOptions& options) {
   if (plan.tokenizer_pieces < vocab)
     line += "; model.vocab " + std::to_string(vocab) + ": the last " + std::to_string(vocab - plan.tokenizer_pieces) +
             " embedding rows are padding";
-  if (prepared_sha != plan.tokenizer_sha256) {
+  if (!options.check_data) {
+    line += "; not compared with the prepared data's tokenizer (dry run)";
+  } else if (prepared_sha != plan.tokenizer_sha256) {
     const std::string mismatch = path + " (sha256 " + plan.tokenizer_sha256 + ") is not the tokenizer the data in " +
                                  plan.config.data.dir + " was prepared with (" + prepared + ", sha256 " + prepared_sha +
                                  ")";
@@ -676,16 +725,114 @@ ImportPlan plan_import(const std::string& hf_dir, const ImportOptions& options) 
            : " (shorter, set by --config/--set)"));
   plan.notes.push_back("rope_theta " + json(plan.config.model.rope_theta).dump() + " (" + hf.rope_theta_from + ")");
 
-  // 2. Every HF tensor matched to a Keel parameter by name and shape, converted to fp32.
-  plan.weights = match_hf_weights(hf_dir, plan.config);
+  // 2. Every HF tensor matched to a Keel parameter by name and shape; read and converted to fp32 one at a time
+  // when written (write_import).
+  auto matched =
+      std::make_shared<const std::vector<std::pair<std::string, HfTensor>>>(match_hf_weights(hf_dir, plan.config));
+  std::set<std::string> files;
+  for (const auto& [name, tensor] : *matched) {
+    plan.weights.emplace_back(
+        name, at::empty(tensor.entry.shape,
+                        at::TensorOptions().dtype(at::kFloat).device(at::kMeta)));  // [as the model], no data
+    plan.parameters += tensor.entry.numel();
+    plan.source_bytes += static_cast<int64_t>(tensor.entry.bytes());
+    plan.largest_tensor_elements = std::max(plan.largest_tensor_elements, tensor.entry.numel());
+    files.insert(tensor.file->path);
+  }
+  plan.weight_files = static_cast<int64_t>(files.size());
+  plan.read_weight = [matched](size_t i) { return to_fp32(matched->at(i).second); };
 
   // 3. The data this run will train on (its ledger at step 0 and fingerprint), and the HF tokenizer against it.
-  data::DataLoader loader(plan.config, plan.config.global_batch());
-  plan.data_ledger = loader.state().dump();
-  plan.data_fingerprint = loader.fingerprint().dump();
+  if (options.check_data) {
+    data::DataLoader loader(plan.config, plan.config.global_batch());
+    plan.data_ledger = loader.state().dump();
+    plan.data_fingerprint = loader.fingerprint().dump();
+  } else {
+    plan.notes.push_back("the data (" + plan.config.data.dir + ") is not checked by a dry run");
+  }
   check_hf_tokenizer(plan, options);
   return plan;
 }
+
+namespace {
+
+// The fresh state of the config's optimizer plugin, by its own names, without holding it: the plugin bound to
+// placeholders of the weights (meta tensors: shapes only; matrices decay, as in the trainer) gives the JSON and
+// every state tensor's name, shape and dtype; `read(i)` makes tensor i by binding a new instance of the plugin
+// to the one weight it belongs to (read from HF_DIR) and asking for its state. This needs a state that is per
+// parameter (AdamW, Lion, Muon: moments of each parameter's shape); anything else is refused naming the plugin.
+struct FreshOptimizer {
+  std::string name, json;
+  checkpoint::NamedTensors tensors;  // placeholders (meta), in the plugin's order
+  checkpoint::TensorSource read;
+};
+
+FreshOptimizer fresh_optimizer_state(const ImportPlan& plan) {
+  std::vector<plugin_host::LoadedPlugin> loaded = plugin_host::PluginHost::load_slot("optimizer", plan.config);
+  if (loaded.size() != 1) throw std::runtime_error("plugins.optimizer must name exactly one optimizer plugin");
+  auto plugin = std::make_shared<plugin_host::LoadedPlugin>(std::move(loaded.front()));
+  const std::string refused = "plugins.optimizer = " + plugin->name() + ": ";
+  std::vector<sdk::Param> params;
+  std::vector<std::string> weight_names;
+  std::map<std::string, size_t> weight_index;
+  for (const auto& [name, w] : plan.weights) {
+    params.push_back({name, w, w.dim() >= 2});
+    weight_index.emplace(name, weight_names.size());
+    weight_names.push_back(name);
+  }
+  sdk::PluginState meta;
+  try {
+    plugin->object->bind(params);
+    meta = plugin->object->save_state();
+  } catch (const std::exception& e) {
+    throw std::runtime_error(refused + "cannot be bound to shape-only (meta) placeholders of the weights, which " +
+                             "import-hf streams one at a time: " + e.what());
+  }
+  FreshOptimizer out;
+  out.name = plugin->name();
+  out.json = meta.json;
+  // Which weight each state tensor belongs to ("<param>/<state>"), and its place among that weight's tensors.
+  std::vector<std::pair<size_t, size_t>> owner;
+  std::vector<std::string> names;
+  std::vector<size_t> seen(plan.weights.size(), 0);
+  for (const auto& [name, t] : meta.tensors) {
+    const auto slash = name.rfind('/');
+    const auto it = slash == std::string::npos ? weight_index.end() : weight_index.find(name.substr(0, slash));
+    if (it == weight_index.end() || !t.defined()) {
+      throw std::runtime_error(refused + "its fresh state tensor '" + name +
+                               "' is not a per-parameter '<param>/<state>' tensor; import-hf streams one parameter " +
+                               "at a time and cannot make it");
+    }
+    owner.emplace_back(it->second, seen[it->second]++);
+    names.push_back(name);
+    out.tensors.emplace_back(name, at::empty(t.sizes(), t.options().device(at::kMeta)));  // [its shape], no data
+  }
+  // One instance per weight, bound to it alone, kept until that weight's last state tensor is written.
+  auto current = std::make_shared<std::pair<size_t, sdk::PluginState>>(SIZE_MAX, sdk::PluginState{});
+  out.read = [plugin, refused, owner, names, weight_names, current, config = plan.config,
+              read_weight = plan.read_weight](size_t i) {
+    const auto [weight, k] = owner.at(i);
+    if (current->first != weight) {
+      current->second = sdk::PluginState{};  // the previous weight's state goes first
+      const at::Tensor w = read_weight(weight);
+      const std::shared_ptr<sdk::Plugin> fresh =
+          plugin->library->create(plugin_host::plugin_args(config, plugin->name()));
+      fresh->bind({{weight_names[weight], w, w.dim() >= 2}});
+      current->second = fresh->save_state();
+      current->first = weight;
+    }
+    checkpoint::NamedTensors& own = current->second.tensors;
+    if (k >= own.size() || own[k].first != names[i]) {
+      throw std::runtime_error(refused + "bound to '" + weight_names[weight] + "' alone, its fresh state lacks '" +
+                               names[i] + "' that it has when bound to every weight; import-hf needs a " +
+                               "per-parameter state");
+    }
+    return std::move(own[k].second);  // dropped once written
+  };
+  return out;
+}
+
+}  // namespace
 
 std::string write_import(const ImportPlan& plan, const ImportTarget& target) {
   const Config& config = plan.config;
@@ -705,21 +852,13 @@ std::string write_import(const ImportPlan& plan, const ImportTarget& target) {
   checkpoint::write_file_atomically(target.config_ini, config_ini);
   checkpoint::write_file_atomically(target.lineage_json, lineage_json);
 
-  // The optimizer's fresh state, by its own names: the config's optimizer plugin bound to the weights (matrices
-  // decay, as in the trainer; a fresh state does not depend on it) and asked for its state.
-  std::vector<plugin_host::LoadedPlugin> optimizer = plugin_host::PluginHost::load_slot("optimizer", config);
-  if (optimizer.size() != 1) throw std::runtime_error("plugins.optimizer must name exactly one optimizer plugin");
-  std::vector<sdk::Param> params;
-  for (const auto& [name, w] : plan.weights) params.push_back({name, w, w.dim() >= 2});
-  optimizer.front().object->bind(params);
-  const sdk::PluginState fresh = optimizer.front().object->save_state();
-
+  const FreshOptimizer optimizer = fresh_optimizer_state(plan);
   checkpoint::TrainingState state;
-  state.model = plan.weights;
-  state.optimizer_name = optimizer.front().name();
-  state.optimizer_json = fresh.json;
-  state.optimizer_step = sdk::json_int(fresh.json, "step", 0);
-  state.optimizer = fresh.tensors;
+  state.model = plan.weights;  // placeholders: the writer asks plan.read_weight for each in turn
+  state.optimizer_name = optimizer.name;
+  state.optimizer_json = optimizer.json;
+  state.optimizer_step = sdk::json_int(optimizer.json, "step", 0);
+  state.optimizer = optimizer.tensors;  // placeholders: optimizer.read(i) makes each in turn
   state.lr_schedule = checkpoint::lr_schedule_json(config, /*next_step=*/0, /*lr_factor=*/1.0, /*lr_factor_until=*/-1);
   state.data_ledger = plan.data_ledger;
   state.config_ini = config_ini;
@@ -727,7 +866,7 @@ std::string write_import(const ImportPlan& plan, const ImportTarget& target) {
   checkpoint::CheckpointStore store(target.checkpoints);
   const checkpoint::Manifest manifest = checkpoint::run_manifest(config, config_ini, lineage.run_id, lineage.created,
                                                                  {1, 1, 1}, plan.data_fingerprint, lineage_json);
-  return checkpoint::write_whole_checkpoint(store, 0, state, manifest);
+  return checkpoint::write_streamed_checkpoint(store, 0, state, manifest, plan.read_weight, optimizer.read);
 }
 
 }  // namespace keel::interop

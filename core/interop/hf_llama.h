@@ -11,6 +11,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -74,6 +75,7 @@ struct ImportOptions {
   std::string config_path;              // data/train/optim keys come from here (model.* from config.json)
   std::vector<std::string> overrides;   // --set key=value, applied last
   bool allow_tokenizer_change = false;  // import although HF_DIR/tokenizer.model is not the prepared data's
+  bool check_data = true;  // false (--dry-run): the HF side alone; the prepared data is neither opened nor compared
 };
 
 // An HF directory read, checked and converted, before anything is written: `keel import-hf` plans, then
@@ -81,19 +83,28 @@ struct ImportOptions {
 struct ImportPlan {
   std::string hf_dir;
   Config config;
-  std::vector<std::pair<std::string, at::Tensor>> weights;  // Keel names, model order, fp32 [as the model]
-  std::string data_ledger;                                  // the data loader's state at step 0 (JSON)
-  std::string data_fingerprint;                             // its fingerprint (JSON)
+  // Keel names in model order, each a placeholder: a meta tensor of the model's shape, fp32, holding no data.
+  std::vector<std::pair<std::string, at::Tensor>> weights;
+  // Weight i read from its safetensors file now and converted to an owned fp32 tensor (F16/BF16 widen exactly).
+  std::function<at::Tensor(size_t index)> read_weight;
+  int64_t parameters = 0;               // elements of all weights
+  int64_t source_bytes = 0;             // their bytes in HF_DIR's files (the dtype there)
+  int64_t largest_tensor_elements = 0;  // of the largest weight
+  int64_t weight_files = 0;             // safetensors files they come from
+  std::string data_ledger;              // the data loader's state at step 0 (JSON)
+  std::string data_fingerprint;         // its fingerprint (JSON)
   int64_t max_position_embeddings = 0;
   // HF_DIR/tokenizer.model, when present: its SHA-256 and piece count ("" / 0 when absent).
   std::string tokenizer_path, tokenizer_sha256;
   int64_t tokenizer_pieces = 0;
   std::vector<std::string> notes;  // stated to the user and recorded in the lineage
 };
-// Everything an import checks: config.json (parse_hf_config), every tensor by name and shape, the prepared
-// data (vocab, ledger), and an HF tokenizer.model next to the weights (more pieces than vocab_size: refused
-// naming both; another file than the prepared data's tokenizer.model: refused naming both hashes unless
-// allow_tokenizer_change). Writes nothing.
+// Everything an import checks: config.json (parse_hf_config), every tensor by name and shape from the files'
+// headers (no tensor data is read, except lm_head.weight and the embedding of a tied checkpoint that stores
+// both), the prepared data (vocab, ledger), and an HF tokenizer.model next to the weights (more pieces than
+// vocab_size: refused naming both; another file than the prepared data's tokenizer.model: refused naming both
+// hashes unless allow_tokenizer_change). Writes nothing; `keel import-hf --dry-run` stops here (with check_data
+// false: the data ledger and fingerprint stay empty and the HF tokenizer is checked against model.vocab only).
 ImportPlan plan_import(const std::string& hf_dir, const ImportOptions& options);
 
 // Where an import writes: the run's config.ini and lineage.json and its checkpoints directory (the caller has
@@ -101,10 +112,13 @@ ImportPlan plan_import(const std::string& hf_dir, const ImportOptions& options);
 struct ImportTarget {
   std::string run_dir, config_ini, lineage_json, checkpoints;
 };
-// Writes config.ini, lineage.json and one checkpoint at step 0 through the checkpoint writer
-// (checkpoint::write_whole_checkpoint): the weights as fp32 masters and the fresh state of the config's
-// optimizer plugin (asked for its state by binding it to the weights: zero moments, step 0). Returns the
-// checkpoint directory.
+// Writes config.ini, lineage.json and one checkpoint at step 0 through the streaming checkpoint writer
+// (checkpoint::write_streamed_checkpoint), one tensor at a time: each weight read, converted to its fp32 master,
+// written and dropped; then the fresh state of the config's optimizer plugin (its JSON and tensor names from
+// binding it to shape-only placeholders of the weights; each weight's tensors from a new instance bound to that
+// weight alone: zero moments, step 0). Peak memory is a few fp32 copies of the largest tensor (AdamW: its two
+// fresh moments and the copy on the way to HDF5), not the model.
+// Returns the checkpoint directory.
 std::string write_import(const ImportPlan& plan, const ImportTarget& target);
 
 }  // namespace keel::interop

@@ -2,12 +2,15 @@
 // writes rope_parameters (no top-level rope_theta), older files rope_theta; anything but plain RoPE
 // (another rope_type, partial_rotary_factor) would make the imported model compute something else. And the
 // files an export writes must carry Keel's special tokens (EOS id 1, no BOS, no pad), or HF's generate() stops
-// on the wrong token.
+// on the wrong token. Architectures near LLaMA are refused saying what Keel does not compute; Amber-7B's config.json
+// maps to its model keys.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "core/interop/hf_llama.h"
 
@@ -113,4 +116,51 @@ TEST(HfConfig, ExportWritesKeelsSpecialTokens) {
   EXPECT_EQ(tokenizer["unk_token"], "<unk>");
   EXPECT_TRUE(tokenizer["bos_token"].is_null());
   EXPECT_EQ(tokenizer["model_max_length"], 64);
+}
+
+TEST(HfConfig, OtherArchitecturesAreRefusedSayingWhatKeelDoesNotCompute) {
+  auto config_of = [](const std::string& type, const std::string& architecture) {
+    std::string text = llama_config("\"architectures\": [\"" + architecture + "\"]");
+    return text.replace(text.find("\"llama\""), 7, "\"" + type + "\"");
+  };
+  const std::vector<std::tuple<std::string, std::string, std::string>> refused = {
+      {"mistral", "MistralForCausalLM", "sliding-window attention"},
+      {"qwen2", "Qwen2ForCausalLM", "biases on the q/k/v projections"},
+      {"gpt_neox", "GPTNeoXForCausalLM", "parallel attention + MLP"},
+      {"mixtral", "MixtralForCausalLM", "mixture-of-experts"},
+      {"gemma", "GemmaForCausalLM", "GeGLU"},
+  };
+  for (const auto& [type, architecture, why] : refused) {
+    const std::string message = refusal(config_of(type, architecture));
+    EXPECT_EQ(message.rfind("hf/config.json: field 'model_type' / 'architectures'", 0), 0u) << message;
+    EXPECT_NE(message.find(architecture), std::string::npos) << message;
+    EXPECT_NE(message.find(why), std::string::npos) << message;
+    EXPECT_NE(message.find("LLaMA-layout checkpoints only"), std::string::npos) << message;
+  }
+  // An unknown family is refused all the same, naming what it says it is.
+  const std::string unknown = refusal(config_of("my_arch", "MyArchForCausalLM"));
+  EXPECT_NE(unknown.find("not a LlamaForCausalLM / llama model"), std::string::npos) << unknown;
+  EXPECT_NE(unknown.find("\"my_arch\""), std::string::npos) << unknown;
+  // LlamaForCausalLM in `architectures` is enough (some files carry another model_type spelling).
+  EXPECT_EQ(refusal(config_of("llama2", "LlamaForCausalLM")), "(accepted)");
+}
+
+TEST(HfConfig, AmberSevenBsShapeBecomesKeelsModelKeys) {
+  // Amber-7B (LLM360) config.json as published: LlamaForCausalLM, 32 layers, 4096 wide, 32 heads, ffn 11008.
+  const HfModelConfig amber = parse_hf_config(
+      R"({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+          "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+          "vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-06, "hidden_act": "silu",
+          "initializer_range": 0.02, "pretraining_tp": 1, "rope_scaling": null, "tie_word_embeddings": false,
+          "torch_dtype": "float32", "use_cache": true, "bos_token_id": 1, "eos_token_id": 2,
+          "transformers_version": "4.34.0.dev0"})",
+      "amber/config.json");
+  for (const char* line :
+       {"model.layers=32", "model.d_model=4096", "model.heads=32", "model.kv_heads=32", "model.ffn_hidden=11008",
+        "model.vocab=32000", "model.seq_len=2048", "model.tie_embeddings=false", "model.norm=rmsnorm"}) {
+    EXPECT_TRUE(has(amber, line)) << line;
+  }
+  EXPECT_EQ(amber.max_position_embeddings, 2048);
+  EXPECT_DOUBLE_EQ(amber.rope_theta, 10000.0);
+  EXPECT_EQ(amber.rope_theta_from, "absent: HF's default");
 }

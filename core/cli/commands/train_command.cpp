@@ -69,6 +69,7 @@ std::string usage() {
          "  keel report RUN_DIR... -o FILE.html [--baseline ARM] [--title TEXT] [--json]\n"
          "  keel plan --config FILE [--set key=value]... [--nproc N] [--path fused|reference] [--json]\n"
          "  keel verify RUN_DIR [--from CKPT] [--steps K] [--set key=value]... [--json]\n"
+         "  keel tournament --from CKPT --arms FILE.ini --steps K [--seeds N] [--out DIR] [--jobs J] [--json]\n"
          "  keel forensics RUN_DIR --step N [--from CKPT] [--out DIR] [--json]\n"
          "  keel config keys [--json] | keel config show --config FILE [--set key=value]... [--json]\n"
          "  keel --version\n\n"
