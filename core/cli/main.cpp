@@ -49,8 +49,8 @@ int main(int argc, char** argv) {
     if (command == "report") return keel::cli::cmd_report(rest);
     if (command == "plan") return keel::cli::cmd_plan(rest);
     if (command == "verify") return keel::cli::cmd_verify(rest);
-    if (command == "tournament") return keel::cli::cmd_tournament(rest);
     if (command == "forensics") return keel::cli::cmd_forensics(rest);
+    if (command == "tournament") return keel::cli::cmd_tournament(rest);
     std::cerr << "keel: unknown command '" << command << "'\n\n" << keel::cli::usage();
     return 2;
   } catch (const keel::parallel::DistributedError& e) {

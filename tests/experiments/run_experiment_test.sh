@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Why: one ctest per flagship experiment. Runs `experiments/NAME/run.sh --tiny` exactly as a user would (with the
 # build's keel and, for datamix-ab, the tests' prepared corpus), then checks what the experiment promises: the
-# summary with its verdict, every arm's run dir with metrics.h5 and eval files, a non-empty report.html, and for
-# k2-spike-resume that the control really spiked; for datamix-ab that every arm has at least 3 seeds.
+# summary with its verdict, every arm's run dir with metrics.h5 (and eval files where the experiment evaluates), a
+# non-empty report.html, and for k2-spike-resume that the control really spiked and the tournament named a verdict
+# consistent with its interval; for datamix-ab that every arm has at least 3 seeds.
 #   run_experiment_test.sh NAME SOURCE_DIR KEEL_BIN OUT_DIR TEST_DATA_DIR
 set -euo pipefail
 (( $# == 5 )) || { echo "usage: run_experiment_test.sh NAME SOURCE_DIR KEEL_BIN OUT_DIR TEST_DATA_DIR" >&2; exit 2; }
@@ -55,13 +56,26 @@ case $name in
     grep -q "^SPIKE: yes" "$summary" || fail "the control did not spike: $(head -5 "$summary")"
     jump=$(sed -n 's/^SPIKE: yes:.*(jump +\([0-9.]*\)).*/\1/p' "$summary")
     "$python" -c "import sys; sys.exit(0 if float('$jump') > 2.0 else 1)" || fail "the control's loss jump $jump is < 2"
-    for arm in control clean zscore_skip rollback_skip embedding_grad_shrink update_clip; do
-      check_run "$out/$arm" 1
+    check_run "$out/control" 0
+    # The tournament: every arm of arms.ini a run dir, a row in the table, and a verdict with its interval.
+    for arm in baseline skip_batch lr_cooldown rollback reset_moments raise_eps update_clip; do
+      check_run "$out/tournament/$arm-seed0" 0
       grep -qE "^$arm +[0-9]" "$summary" || fail "the summary has no row for $arm"
     done
-    # The skip handlers must have acted on the bad chunk: zscore_skip skipped updates, rollback_skip rolled back.
-    awk '$1 == "zscore_skip" && $3 > 0 {ok=1} END {exit !ok}' "$summary" || fail "zscore_skip skipped nothing"
-    awk '$1 == "rollback_skip" && $4 > 0 {ok=1} END {exit !ok}' "$summary" || fail "rollback_skip never rolled back"
+    grep -qE "^(winner: [a-z_]+|no clear winner: )" "$summary" || fail "the summary names no verdict"
+    "$python" - "$out/tournament/tournament.json" <<'PY' || fail "tournament.json is not what the summary says"
+import json, sys
+t = json.load(open(sys.argv[1]))
+assert t["measure_kind"] == "heldout" and len(t["arms"]) == 7, t["measure"]
+lo, hi = t["winner_vs_runner_up"]["ci95"]
+assert (t["winner"] is not None) == (hi < 0), (t["winner"], lo, hi)
+# The skip handlers acted on the bad chunk: skip_batch skipped updates, rollback rolled back.
+import h5py
+with h5py.File(t["out"] + "/skip_batch-seed0/metrics.h5", "r") as f:
+    assert f["/train/skipped"][:].sum() > 0, "skip_batch skipped nothing"
+with h5py.File(t["out"] + "/rollback-seed0/metrics.h5", "r") as f:
+    assert any(k == b"rollback" for _, k, _ in f["/events"][:]), "rollback never rolled back"
+PY
     ;;
   datamix-ab)
     grep -qE "^SEEDS: ([3-9]|[1-9][0-9]+) per arm" "$summary" || fail "fewer than 3 seeds per arm: $(grep SEEDS "$summary")"

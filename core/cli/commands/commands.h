@@ -24,6 +24,7 @@ int cmd_eval(const Args& args);
 int cmd_report(const Args& args);      // report RUN_DIR... -o FILE.html
 int cmd_plan(const Args& args);        // plan --config FILE [--nproc N]: memory and traffic per rank
 int cmd_verify(const Args& args);      // verify RUN_DIR [--from CKPT] [--steps K]: replay and compare bit for bit
+int cmd_forensics(const Args& args);   // forensics RUN_DIR --step N: replay one step, attribute it, skip list
 int cmd_tournament(const Args& args);  // tournament --from CKPT --arms FILE --steps K: remediation arms compared
 std::string usage();
 
