@@ -71,7 +71,6 @@ std::string usage() {
          "  keel verify RUN_DIR [--from CKPT] [--steps K] [--set key=value]... [--json]\n"
          "  keel tournament --from CKPT --arms FILE.ini --steps K [--seeds N] [--out DIR] [--jobs J] [--json]\n"
          "  keel forensics RUN_DIR --step N [--from CKPT] [--out DIR] [--json]\n"
-         "  keel tournament --from CKPT --arms FILE.ini --steps K [--seeds N] [--out DIR] [--jobs J] [--json]\n"
          "  keel config keys [--json] | keel config show --config FILE [--set key=value]... [--json]\n"
          "  keel --version\n\n"
          "docs: README.md and docs/ (docs/cli.md lists every command and key)\n";
