@@ -2,7 +2,8 @@
 // tiny config, moment_surgery must change exactly the matched optimizer moments by exactly the factor (compared
 // through two checkpoints), be on record (event, lineage), and a resumed branch must continue bit-exactly without
 // repeating it; muon must lower the loss, give the same bits twice, resume bit-exactly, adopt AdamW's moments at a
-// resume, and run under tensor parallelism; bad arguments stop the run before the run dir is claimed.
+// resume, and run under tensor parallelism; a rollback applies the surgery after the reload; bad arguments stop the
+// run before the run dir is claimed.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -121,6 +122,31 @@ TEST(MomentSurgeryRun, AResumedBranchContinuesBitExactlyWithoutRepeatingIt) {
   EXPECT_EQ(sa.plugins[0].json, sb.plugins[0].json);
   for (size_t i = 0; i < sa.optimizer.size(); ++i)
     EXPECT_TRUE(torch::equal(sa.optimizer[i].second, sb.optimizer[i].second)) << sa.optimizer[i].first;
+}
+
+TEST(MomentSurgeryRun, AtASpikeRollsBackAndAppliesTheSurgeryAfterTheReload) {
+  // lr_spike multiplies the LR at step 12 once, so the loss of step 13 jumps; the handler rolls back to step 12
+  // and Keel resets every moment after the reload.
+  const std::string run = fresh_dir("surgery-rollback");
+  const auto r = run_keel("train " + tiny_args("--set train.steps=16 --set checkpoint.every=4") + " --run-dir " + run +
+                          " --plugin lr_schedule=" + fixture_plugin("lr_spike") +
+                          " --plugin spike_handler=moment_surgery --plugin-arg moment_surgery.at=spike --plugin-arg "
+                          "moment_surgery.threshold=4 --plugin-arg moment_surgery.action=rollback --plugin-arg "
+                          "moment_surgery.first=0 --plugin-arg moment_surgery.second=0");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto rollbacks = events_of_kind(run, "rollback");
+  ASSERT_EQ(rollbacks.size(), 1u) << r.output;
+  EXPECT_EQ(rollbacks[0].rfind("13: step 13 -> checkpoint step 12; moment scales '*:0:0' (by moment_surgery) on "
+                               "optimizer adamw: * 21 of 21 tensors, exp_avg x0, exp_avg_sq x0",
+                               0),
+            0u)
+      << rollbacks[0];
+  EXPECT_TRUE(events_of_kind(run, "moment_scales").empty()) << "a rollback records the surgery in its own event";
+  EXPECT_EQ(MetricsReader(run + "/metrics.h5").read_int64("/train/step").size(), 18u) << "steps 0..13, then 12..15";
+  const Lineage lineage = parse_lineage(read_small_file(run + "/lineage.json"), "lineage.json");
+  ASSERT_FALSE(lineage.notes.empty());
+  EXPECT_NE(lineage.notes.back().find("rollback: step 13 -> checkpoint step 12; moment scales"), std::string::npos)
+      << lineage.notes.back();
 }
 
 TEST(MuonRun, LowersTheLossGivesTheSameBitsTwiceAndResumesBitExactly) {
