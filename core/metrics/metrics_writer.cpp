@@ -56,6 +56,7 @@ constexpr hsize_t kBatchChunkRows = 512;  // /data/batch: 36 KiB chunks
 constexpr const char* kBatchPath = "/data/batch";
 constexpr const char* kSampleLossPath = "/data/sample_loss";   // float32, one row per /data/batch row
 constexpr const char* kSourceLossPath = "/train/source_loss";  // float32 [steps, sources], a /train row table
+constexpr const char* kStatsStepPath = "/stats/step";          // int64, the commit column of /stats
 constexpr size_t kMatrixChunkFloats = 65536;                   // per-tensor matrices: chunks of <= 256 KiB
 constexpr int kFormatVersion = 1;
 // Room reserved for HDF5's own metadata in one flush (chunk-index nodes, object headers, a new series'
@@ -119,6 +120,17 @@ hsize_t dataset_rows(hid_t file_id, const std::string& path, const std::string& 
   return dims[0];
 }
 
+// Number of columns of an existing dataset (1 for a 1-D dataset).
+size_t dataset_cols(hid_t file_id, const std::string& path, const std::string& file) {
+  Hid dset(check_id(H5Dopen2(file_id, path.c_str(), H5P_DEFAULT), file, path, "H5Dopen2"));
+  Hid space(check_id(H5Dget_space(dset.get()), file, path, "H5Dget_space"));
+  hsize_t dims[2] = {0, 1};
+  const int rank = H5Sget_simple_extent_ndims(space.get());
+  if (rank < 1 || rank > 2) fail(file, path, "checking rank (expected 1-D or 2-D)");
+  check(H5Sget_simple_extent_dims(space.get(), dims, nullptr), file, path, "H5Sget_simple_extent_dims");
+  return rank == 1 ? 1 : static_cast<size_t>(dims[1]);
+}
+
 // Sets the dataset's row count to `base + n` and writes `n` rows from `data` at row `base`, recording the
 // extension in `extended` first (flush() cuts it back if anything fails). cols == 0 for 1-D datasets. The
 // dataset is opened without a chunk cache, so its chunks are written inside H5Dwrite (an I/O error surfaces
@@ -141,6 +153,18 @@ void write_rows(hid_t file_id, const std::string& path, hid_t mem_type, const vo
   Hid mem_space(check_id(H5Screate_simple(rank, count, nullptr), file, path, "H5Screate_simple"));
   check(H5Dwrite(dset.get(), mem_type, mem_space.get(), file_space.get(), H5P_DEFAULT, data), file, path, "H5Dwrite");
   if (!dset.reset()) fail(file, path, "H5Dclose");
+}
+
+// Every dataset of group /stats (its series and /stats/step).
+std::vector<std::string> stats_datasets(hid_t file_id, const std::string& file) {
+  std::vector<std::string> names;
+  Hid group = open_group(file_id, "/stats", file);
+  const H5L_iterate_t collect = [](hid_t, const char* name, const H5L_info_t*, void* out) -> herr_t {
+    static_cast<std::vector<std::string>*>(out)->push_back(std::string("/stats/") + name);
+    return 0;
+  };
+  check(H5Literate(group.get(), H5_INDEX_NAME, H5_ITER_INC, nullptr, collect, &names), file, "/stats", "H5Literate");
+  return names;
 }
 
 // Truncates every dataset in `paths` to `rows` rows if it has more.
@@ -396,6 +420,10 @@ void MetricsWriter::open_existing(const std::vector<std::pair<std::string, std::
   }
   rows_in_file_ = static_cast<int64_t>(min_rows);
   events_in_file_ = static_cast<int64_t>(dataset_rows(f, "/events", path_));
+  if (io::link_exists(f, kStatsStepPath, path_)) {  // /stats: every series cut back to the rows /stats/step commits
+    stats_rows_in_file_ = static_cast<int64_t>(dataset_rows(f, kStatsStepPath, path_));
+    truncate_rows(f, stats_datasets(f, path_), static_cast<hsize_t>(stats_rows_in_file_), path_);
+  }
 
   // Config: keep what the file says; add new keys; record changed values as events.
   {
@@ -458,6 +486,24 @@ void MetricsWriter::append(const StepRow& row) {
     tensor_param_norms_.insert(tensor_param_norms_.end(), row.tensor_param_norms.begin(), row.tensor_param_norms.end());
   }
   if (static_cast<int64_t>(steps_.size()) >= flush_every_) flush();
+}
+
+void MetricsWriter::stats(int64_t step, std::vector<std::pair<std::string, std::vector<float>>> series) {
+  for (const auto& [name, values] : series) {
+    if (name.empty() || name.find('/') != std::string::npos || name == "step" || values.empty())
+      throw std::invalid_argument("metrics: bad /stats series '" + name + "' at step " + std::to_string(step) +
+                                  " (a non-empty name without '/', not 'step', with at least one value)");
+    for (const auto& row : stats_rows_) {
+      for (const auto& [other, other_values] : row) {
+        if (other == name && other_values.size() != values.size())
+          throw std::invalid_argument("metrics: /stats/" + name + " has " + std::to_string(values.size()) +
+                                      " values at step " + std::to_string(step) + " but " +
+                                      std::to_string(other_values.size()) + " in an earlier row of " + path_);
+      }
+    }
+  }
+  stats_steps_.push_back(step);
+  stats_rows_.push_back(std::move(series));
 }
 
 void MetricsWriter::set_batch_sources(std::vector<std::string> names) {
@@ -549,6 +595,11 @@ uint64_t MetricsWriter::flush_bound_bytes() const {
                              sizeof(detail::EventRecord));
     datasets += 1;
   }
+  for (const auto& row : stats_rows_) {  // /stats: a bound per row and series (rows are few: stats steps only)
+    for (const auto& [name, values] : row) bytes += 2 * std::max<uint64_t>(values.size() * sizeof(float), 8 * 1024);
+    bytes += 2 * kChunkRows * sizeof(int64_t);
+    datasets += row.size() + 1;
+  }
   for (const auto& [name, points] : extras_) {
     // Rows already in the file are not tracked per series: count every chunk the new points can touch.
     const uint64_t chunks = (points.size() + kChunkRows - 1) / kChunkRows + 1;
@@ -559,7 +610,7 @@ uint64_t MetricsWriter::flush_bound_bytes() const {
 }
 
 void MetricsWriter::flush() {
-  if (steps_.empty() && events_.empty() && extras_.empty()) return;
+  if (steps_.empty() && events_.empty() && extras_.empty() && stats_steps_.empty()) return;
   io::QuietHdf5Errors quiet;
   const int64_t first_row = rows_in_file_;
   const int64_t rows = static_cast<int64_t>(steps_.size());
@@ -671,6 +722,8 @@ void MetricsWriter::write_buffered(int64_t file_id, Extended& extended) {
                path_, extended);
   }
 
+  write_stats(f, extended);
+
   // Written: now the buffers can go.
   batch_rows_in_file_ += static_cast<int64_t>(batch_.size());
   rows_in_file_ = static_cast<int64_t>(base + n);
@@ -678,6 +731,46 @@ void MetricsWriter::write_buffered(int64_t file_id, Extended& extended) {
   clear_train_buffer();
   events_.clear();
   extras_.clear();
+  stats_rows_in_file_ += static_cast<int64_t>(stats_steps_.size());
+  stats_steps_.clear();
+  stats_rows_.clear();
+}
+
+void MetricsWriter::write_stats(int64_t file_id, Extended& extended) {
+  if (stats_steps_.empty()) return;
+  const hid_t f = file_id;
+  if (!io::link_exists(f, "/stats", path_)) create_group(f, "/stats", path_);
+  if (!io::link_exists(f, kStatsStepPath, path_))
+    create_extendible(f, kStatsStepPath, H5T_STD_I64LE, 0, kChunkRows, false, path_);
+  const hsize_t base = dataset_rows(f, kStatsStepPath, path_);
+  const hsize_t n = stats_steps_.size();
+  std::vector<std::pair<std::string, size_t>> columns;  // every series of the buffered rows, first-seen order
+  for (const auto& row : stats_rows_) {
+    for (const auto& [name, values] : row) {
+      const bool seen = std::any_of(columns.begin(), columns.end(), [&](const auto& c) { return c.first == name; });
+      if (!seen) columns.emplace_back(name, values.size());
+    }
+  }
+  for (const std::string& path : stats_datasets(f, path_)) {  // a series of earlier rows missing now: NaN rows
+    const std::string name = path.substr(std::string("/stats/").size());
+    const bool buffered = std::any_of(columns.begin(), columns.end(), [&](const auto& c) { return c.first == name; });
+    if (path != kStatsStepPath && !buffered) columns.emplace_back(name, dataset_cols(f, path, path_));
+  }
+  for (const auto& [name, cols] : columns) {
+    const std::string path = "/stats/" + name;
+    const hsize_t file_cols = cols == 1 ? 0 : cols;
+    if (!io::link_exists(f, path, path_))
+      create_extendible(f, path, H5T_IEEE_F32LE, file_cols, cols == 1 ? kChunkRows : matrix_chunk_rows(cols), true,
+                        path_);
+    std::vector<float> values(n * cols, std::numeric_limits<float>::quiet_NaN());  // [n, cols]
+    for (size_t r = 0; r < n; ++r) {
+      for (const auto& [other, row_values] : stats_rows_[r])
+        if (other == name) std::copy(row_values.begin(), row_values.end(), values.begin() + r * cols);
+    }
+    write_rows(f, path, H5T_NATIVE_FLOAT, values.data(), base, n, file_cols, path_, extended);
+  }
+  check(H5Fflush(f, H5F_SCOPE_LOCAL), path_, "/", "H5Fflush");  // the series' lengths before /stats/step's
+  write_rows(f, kStatsStepPath, H5T_NATIVE_INT64, stats_steps_.data(), base, n, 0, path_, extended);
 }
 
 void MetricsWriter::write_batch(int64_t file_id, Extended& extended) {

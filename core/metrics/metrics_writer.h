@@ -107,6 +107,12 @@ class MetricsWriter {
   // Buffers one value of the plugin/extra series /train/extra/<name> (with /train/extra/<name>_step).
   // name: non-empty, no '/', not ending in "_step", not "." or "..".
   void scalar(int64_t step, const std::string& name, double value);
+  // Buffers one row of the instability precursors (metrics.stats_every, docs/metrics.md): each named series is
+  // /stats/<name>, float32, 1-D when it has one value and [rows, values] otherwise, one row per stats step, with
+  // /stats/step (written last, as /train/step) naming the step. A series keeps its length from row to row; a
+  // series missing from a row is NaN there. Throws std::invalid_argument on an empty or '/'-containing name or
+  // a length that differs from an earlier buffered row's.
+  void stats(int64_t step, std::vector<std::pair<std::string, std::vector<float>>> series);
   // Writes everything buffered and closes the file. No-op if nothing is buffered. Before touching the file
   // it reserves on disk the most this flush can add (new chunks plus metadata room), so a full disk fails
   // here, before HDF5 has written anything. Throws MetricsWriteError if the file cannot be written; the file
@@ -141,6 +147,7 @@ class MetricsWriter {
   uint64_t flush_bound_bytes() const;
   void write_batch(int64_t file_id, Extended& extended);
   void write_source_loss(int64_t file_id, uint64_t base, Extended& extended);
+  void write_stats(int64_t file_id, Extended& extended);
 
   std::string path_;
   std::vector<std::string> tensor_names_;
@@ -168,6 +175,10 @@ class MetricsWriter {
   int64_t batch_rows_in_file_ = 0;
 
   std::vector<Event> events_;
+  // Buffered /stats rows: the step of each, and per row its named series.
+  std::vector<int64_t> stats_steps_;
+  std::vector<std::vector<std::pair<std::string, std::vector<float>>>> stats_rows_;
+  int64_t stats_rows_in_file_ = 0;
   std::vector<std::pair<std::string, std::vector<ExtraPoint>>> extras_;  // insertion order kept
 };
 

@@ -6,6 +6,7 @@
 
 #include <cmath>
 
+#include "core/model/forward_stats.h"
 #include "core/model/recompute.h"
 #include "core/model/sharding.h"
 #include "core/parallel/tp_ops.h"
@@ -56,6 +57,8 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const RotaryTables&
     k = k.repeat_interleave(group, /*dim=*/1);  // [B, H, T, D]
     v = v.repeat_interleave(group, /*dim=*/1);
   }
+  // Stats steps only (metrics.stats_every): the largest q.k/sqrt(D) of each head.
+  if (ForwardStats* stats = active_forward_stats()) record_attention_logits(*stats, q, k);
   torch::Tensor y = compat::causal_attention(q, k, v);              // [B, H, T, D]
   y = y.transpose(1, 2).reshape({B, T, local_heads_ * head_dim_});  // [B, T, H*D]
   return wo_->forward(y);                                           // [B, T, C]
@@ -165,15 +168,21 @@ torch::Tensor LlamaImpl::run_blocks(const torch::Tensor& x_in) const {
     rope_.sin = rope_.sin.to(x.device());
   }
   const RotaryTables& rope = rope_;
+  int64_t index = 0;  // this stage's block index, for the forward statistics of a stats step
   for (const auto& module : blocks_->values()) {
     std::shared_ptr<BlockImpl> block = std::dynamic_pointer_cast<BlockImpl>(module);
+    ForwardStats* stats = active_forward_stats();
+    if (stats) stats->layer = index;
+    ++index;
     if (config_.recompute == Recompute::kNone) {
       x = block->forward(x, rope);
+      if (stats) record_block_output(*stats, x);
       continue;
     }
     // The closure keeps the block and the tables alive until the recomputing backward has run.
     x = run_recomputed(
         config_.recompute, [block, rope](const torch::Tensor& input) { return block->forward(input, rope); }, x);
+    if (stats) record_block_output(*stats, x);
   }
   return x;
 }
@@ -196,9 +205,15 @@ CrossEntropyParts LlamaImpl::head_loss(const torch::Tensor& x, const torch::Tens
   torch::Tensor h = final_norm_->forward(x);                        // [B, T, C] (SP: [B, T/tp, C])
   if (tp_.sp()) h = parallel::gather_from_sequence_region(h, tp_);  // [B, T, C] for the vocab-parallel head
   const torch::Tensor& w = head_ ? head_->weight : embed_->weight;  // [V/tp, C] fp32
-  return head_cross_entropy(h, w, targets, config_.z_loss, tp_, [this](const torch::Tensor& normed) {
+  const auto logits_of = [this](const torch::Tensor& normed) {
     return head_ ? head_->forward(normed) : embed_->project(normed);  // [B, T, V/tp]
-  });
+  };
+  if (ForwardStats* stats = active_forward_stats()) {  // stats steps only: the logits once more, without autograd
+    torch::NoGradGuard no_grad;
+    const torch::Tensor logits = logits_of(h.detach());  // [B, T, V/tp]
+    record_logits(*stats, logits.reshape({-1, logits.size(-1)}), tp_);
+  }
+  return head_cross_entropy(h, w, targets, config_.z_loss, tp_, logits_of);
 }
 
 CrossEntropyParts LlamaImpl::loss(const torch::Tensor& window, torch::ScalarType compute_dtype) const {

@@ -25,6 +25,7 @@ enum class KeepMode { kOff, kRecord, kReplay };
 
 thread_local KeptOutputs* tls_kept = nullptr;
 thread_local KeepMode tls_mode = KeepMode::kOff;
+thread_local bool tls_rerun = false;  // a recomputing backward is re-running a block's forward
 
 // Sets the thread's record/replay scope for the lifetime of the object (nesting restores the outer one).
 class KeepScope {
@@ -83,7 +84,15 @@ class RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
       torch::AutoGradMode grad_on(true);
       state.kept.next = 0;
       KeepScope scope(state.policy == Recompute::kSelective ? &state.kept : nullptr, KeepMode::kReplay);
-      y = state.block(input);  // [B, T, C], the same bits as the forward's
+      const bool outer_rerun = tls_rerun;
+      tls_rerun = true;
+      try {
+        y = state.block(input);  // [B, T, C], the same bits as the forward's
+      } catch (...) {
+        tls_rerun = outer_rerun;
+        throw;
+      }
+      tls_rerun = outer_rerun;
     }
     TORCH_CHECK(state.kept.next == state.kept.outputs.size(), "recompute: the block's re-run used ", state.kept.next,
                 " of its ", state.kept.outputs.size(), " kept GEMM outputs (the forward is not pure)");
@@ -133,6 +142,8 @@ torch::Tensor run_recomputed(Recompute policy, const std::function<torch::Tensor
   state->policy = policy;
   return RecomputedBlock::apply(x, state);
 }
+
+bool recompute_rerun_active() { return tls_rerun; }
 
 torch::Tensor kept_gemm(const torch::Tensor& x, const torch::Tensor& w,
                         const std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)>& compute,

@@ -37,4 +37,8 @@ at::Tensor kept_gemm(const at::Tensor& x, const at::Tensor& w,
                      const std::function<at::Tensor(const at::Tensor&, const at::Tensor&)>& compute,
                      const std::function<at::Tensor(const at::Tensor&)>& output_grad_to_gemm = nullptr);
 
+// True while a block's forward runs again inside model.recompute's backward on this thread (observers of the
+// forward, such as core/model/forward_stats.h, record the first run only).
+bool recompute_rerun_active();
+
 }  // namespace keel::model

@@ -1,6 +1,7 @@
 // Why: see report_page.h.
 #include "core/report/report_page.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -8,9 +9,11 @@
 #include <cstring>
 #include <ctime>
 #include <filesystem>
+#include <limits>
 #include <stdexcept>
 
 #include "core/io/file.h"
+#include "core/report/precursors.h"
 #include "core/report/report_assets.h"
 #include "keel/version.h"
 
@@ -47,6 +50,35 @@ nlohmann::json lineage_json(const checkpoint::Lineage& l) {
                                              {"checkpoint", l.parent_checkpoint},
                                              {"step", l.parent_step}};
   return j;
+}
+
+// Layer x step heatmaps of /stats/ (null when the run logged none).
+nlohmann::json precursors_json(const PrecursorStats& p) {
+  if (p.empty()) return nullptr;
+  const auto grid = [](const std::vector<std::vector<double>>& rows) {
+    nlohmann::json out = nlohmann::json::array();
+    for (const auto& row : rows) {
+      nlohmann::json r = nlohmann::json::array();
+      for (double v : row) r.push_back(number(v));
+      out.push_back(std::move(r));
+    }
+    return out;
+  };
+  nlohmann::json z = nlohmann::json::array();
+  for (double v : p.z_max) z.push_back(number(v));
+  return {
+      {"steps", p.steps}, {"attn_logit_max", grid(p.attn_logit_max)}, {"block_rms", grid(p.block_rms)}, {"z_max", z}};
+}
+
+// The colour scale every run's heatmap of one quantity shares: [lowest, highest] finite value over all runs.
+nlohmann::json shared_scale(const std::vector<RunData>& runs, std::vector<std::vector<double>> PrecursorStats::*field) {
+  double lo = std::numeric_limits<double>::infinity(), hi = -lo;
+  for (const auto& run : runs)
+    for (const auto& row : run.precursors.*field)
+      for (double v : row)
+        if (std::isfinite(v)) lo = std::min(lo, v), hi = std::max(hi, v);
+  if (!(lo <= hi)) return nullptr;
+  return {lo, hi};
 }
 
 nlohmann::json run_json(const RunData& run) {
@@ -95,6 +127,18 @@ nlohmann::json run_json(const RunData& run) {
     }
     j["source_loss"] = {{"sources", run.source_names}, {"loss", std::move(series)}};
   }
+  j["precursors"] = precursors_json(run.precursors);
+  j["spikes"] = nlohmann::json::array();
+  for (const SpikeRow& spike : spike_rows(run)) {
+    nlohmann::json top = nlohmann::json::array();
+    for (const auto& [source, rise] : spike.top_sources) top.push_back({{"source", source}, {"rise", number(rise)}});
+    j["spikes"].push_back({{"step", spike.step},
+                           {"detector", spike.detector},
+                           {"action", spike.action},
+                           {"z", number(spike.z)},
+                           {"text", spike.text},
+                           {"top_sources", std::move(top)}});
+  }
   j["lineage"] = run.lineage ? lineage_json(*run.lineage) : nlohmann::json(nullptr);
   j["evals"] = nlohmann::json::array();
   for (const auto& e : run.evals) {
@@ -127,6 +171,8 @@ nlohmann::json report_json(const std::vector<RunData>& runs, const AbTable& tabl
   j["runs"] = nlohmann::json::array();
   for (const auto& run : runs) j["runs"].push_back(run_json(run));
   j["ab"] = ab_table_json(table);  // the same object `keel report --json` prints
+  j["precursor_scale"] = {{"attn_logit_max", shared_scale(runs, &PrecursorStats::attn_logit_max)},
+                          {"block_rms", shared_scale(runs, &PrecursorStats::block_rms)}};
   return j;
 }
 

@@ -196,6 +196,7 @@ RunData gather_run(const std::string& run_dir, const GatherOptions& options) {
   split_superseded(all, run.rows, run.superseded, &kept_rows);
   run.events = reader.read_events();
   run.config = reader.read_config();
+  run.precursors = read_precursors(reader);
 
   if (reader.has_dataset("/train/tensor/grad_norm")) {
     const metrics::Matrix matrix = reader.read_matrix("/train/tensor/grad_norm");

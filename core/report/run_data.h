@@ -15,6 +15,7 @@
 
 #include "core/checkpoint/lineage.h"
 #include "core/metrics/metrics_reader.h"
+#include "core/report/precursors.h"
 
 namespace keel::report {
 
@@ -81,6 +82,7 @@ struct RunData {
   std::optional<checkpoint::Lineage> lineage;               // absent if the run dir has no lineage.json
   std::vector<EvalResult> evals;                            // steps ascending
   std::vector<std::pair<std::string, std::string>> config;  // /config attributes of metrics.h5
+  PrecursorStats precursors;  // /stats/ (metrics.stats_every); empty when the run logged none
 };
 
 struct GatherOptions {

@@ -143,7 +143,7 @@ torch::Tensor load_batch(TrainerState& s, sdk::StepContext& ctx) {
 }
 
 torch::Tensor forward_backward(TrainerState& s, const torch::Tensor& window, torch::Tensor& own_losses,
-                               torch::Tensor& sample_losses) {
+                               torch::Tensor& sample_losses, model::ForwardStats* stats) {
   const Config& c = s.config;
   const parallel::ProcessGroups& g = s.groups;
   const int64_t micro_batch = c.rank_micro_batch();
@@ -176,7 +176,10 @@ torch::Tensor forward_backward(TrainerState& s, const torch::Tensor& window, tor
   stage.before_backward = [&](int64_t micro) {
     if (s.reducer && micro == microbatches - 1) s.reducer->prepare_overlap();
   };
-  parallel::run_pipeline(stage, microbatches, *g.pp, c.parallel.schedule);
+  {
+    model::ForwardStatsScope stats_scope(stats);  // a stats step: the decoder records into `stats`
+    parallel::run_pipeline(stage, microbatches, *g.pp, c.parallel.schedule);
+  }
   // [loss, z_loss]: from the last stage to every stage, then the mean over DP replicas.
   torch::Tensor losses = torch::stack({loss_sum, z_loss_sum}) / static_cast<double>(microbatches);  // [2]
   own_losses = losses.clone();  // this rank's (zeros before the last stage)
@@ -304,6 +307,10 @@ void end_step(TrainerState& s, StepRecord& r, std::chrono::steady_clock::time_po
   if (s.rank0()) metrics::throw_if_run_log_failed();  // train.log on a full disk stops the run like metrics.h5
   for (plugin_host::LoadedPlugin* p : s.plugins->all())
     s.call(*p, ctx, [&](sdk::Plugin& plugin) { plugin.on_step_end(ctx); });
+  if (!ctx.activation_stats.empty()) {  // a metrics.stats_every step (step_stats.h)
+    for (plugin_host::LoadedPlugin* p : s.plugins->all())
+      s.call(*p, ctx, [&](sdk::Plugin& plugin) { plugin.on_stats(ctx); });
+  }
 }
 
 }  // namespace keel::train

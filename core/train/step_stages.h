@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <string>
 
+#include "core/model/forward_stats.h"
 #include "core/train/step_reduction.h"
 #include "core/train/trainer_state.h"
 
@@ -30,8 +31,9 @@ torch::Tensor load_batch(TrainerState& s, sdk::StepContext& ctx);
 // this rank's own in `own_losses` (zeros before the last stage) and broadcast from the last stage in the result.
 // `sample_losses` [B/dp]: each sample's mean token loss, from the head's per-token losses (no extra forward;
 // zeros before the last stage).
+// `stats` (a metrics.stats_every step, else null): the decoder records its forward statistics into it.
 torch::Tensor forward_backward(TrainerState& s, const torch::Tensor& window, torch::Tensor& own_losses,
-                               torch::Tensor& sample_losses);
+                               torch::Tensor& sample_losses, model::ForwardStats* stats = nullptr);
 // 3. grads: the per-rank non-finite check, the reductions, the one host read; fills ctx's loss and norms and
 // clips. Returns who saw a non-finite value ("" if nobody).
 std::string reduce_and_clip(TrainerState& s, StepReduction& reduction, StepRecord& r, const torch::Tensor& own_losses,
@@ -43,7 +45,8 @@ void transform_grads(TrainerState& s, sdk::StepContext& ctx);
 void decide(TrainerState& s, StepRecord& r, const std::string& non_finite_ranks);
 // 6. optimizer step, unless the update is skipped (ZeRO-1: each DP rank its share, then a broadcast).
 void apply_update(TrainerState& s, StepRecord& r);
-// 7. step end: the step counts from here on; the metrics row, then every plugin's on_step_end.
+// 7. step end: the step counts from here on; the metrics row, then every plugin's on_step_end (and on a stats
+// step, ctx.activation_stats filled, every plugin's on_stats).
 void end_step(TrainerState& s, StepRecord& r, std::chrono::steady_clock::time_point start);
 
 }  // namespace keel::train

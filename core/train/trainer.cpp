@@ -24,6 +24,7 @@
 #include "core/train/skip_rules.h"
 #include "core/train/step_reduction.h"
 #include "core/train/step_stages.h"
+#include "core/train/step_stats.h"
 #include "core/train/trainer_state.h"
 #include "kernels/dispatch.h"
 
@@ -310,17 +311,22 @@ StepRecord Trainer::train_step(int64_t step) {
   s.step_updated = false;
   StepRecord r;
   r.ctx = begin_context(s, step);
-  run_step_start_hooks(s, r.ctx);                                                 // 0. step start: mixture, LR
-  const torch::Tensor window = load_batch(s, r.ctx);                              // 1. batch          [B/dp, T+1]
-  torch::Tensor own_losses;                                                       //    [2] this rank's [loss, z_loss]
-  torch::Tensor sample_losses;                                                    //    [B/dp] per-sample mean loss
-  torch::Tensor losses = forward_backward(s, window, own_losses, sample_losses);  // 2. loss  [2]
+  run_step_start_hooks(s, r.ctx);                     // 0. step start: mixture, LR
+  const torch::Tensor window = load_batch(s, r.ctx);  // 1. batch          [B/dp, T+1]
+  torch::Tensor own_losses;                           //    [2] this rank's [loss, z_loss]
+  torch::Tensor sample_losses;                        //    [B/dp] per-sample mean loss
+  const bool stats_step = stats_due(s.config, step);  // metrics.stats_every: instability precursors
+  model::ForwardStats forward_stats = stats_step ? begin_forward_stats(s) : model::ForwardStats{};
+  torch::Tensor losses = forward_backward(s, window, own_losses, sample_losses,
+                                          stats_step ? &forward_stats : nullptr);  // 2. loss  [2]
   const std::string non_finite_ranks =
       reduce_and_clip(s, *reduction_, r, own_losses, losses, sample_losses);  // 3. grads
   transform_grads(s, r.ctx);                                                  // 4. grad transforms
   decide(s, r, non_finite_ranks);                                             // 5. step decision
-  apply_update(s, r);                                                         // 6. optimizer step
-  end_step(s, r, start);                                                      // 7. step end: metrics, observers
+  const std::vector<torch::Tensor> weights_before = stats_step ? snapshot_weights(s) : std::vector<torch::Tensor>{};
+  apply_update(s, r);                                                  // 6. optimizer step
+  if (stats_step) collect_stats(s, r, forward_stats, weights_before);  //    stats: /stats/, on_stats
+  end_step(s, r, start);                                               // 7. step end: metrics, observers
   return r;
 }
 

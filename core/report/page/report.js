@@ -328,6 +328,69 @@ function drawHeatmaps() {
   });
 }
 
+// ---------- instability precursors: layer x step heatmaps on a shared scale ----------
+var PRECURSORS = [
+  { key: 'attn_logit_max', title: 'max attention logit (max over heads)' },
+  { key: 'block_rms', title: 'block output RMS' }
+];
+
+function drawPrecursors() {
+  var list = document.getElementById('precursor-list');
+  var any = runs.some(function (run) { return run.precursors; });
+  if (!any) { list.appendChild(note('No run in this report logged precursors (set metrics.stats_every = N).')); return; }
+  runs.forEach(function (run) {
+    var p = run.precursors;
+    list.appendChild(el('h3', { text: run.name }));
+    if (!p) { list.appendChild(note('no /stats/ in this run (metrics.stats_every = 0)')); return; }
+    PRECURSORS.forEach(function (spec) {
+      var scale = data.precursor_scale[spec.key];
+      var grid = p[spec.key], cells = [];
+      grid.forEach(function (row, layer) {
+        row.forEach(function (v, c) { if (isNum(v)) cells.push([c, layer, v]); });
+      });
+      var layers = grid.map(function (row, l) { return 'layer ' + l; });
+      var div = el('div', { className: 'chart' });
+      div.dataset.precursor = spec.key;
+      div.style.height = Math.max(200, 22 * layers.length + 110) + 'px';
+      list.appendChild(div);
+      drawChart(div, {
+        title: { text: spec.title, left: 'center', textStyle: { fontSize: 13 } },
+        tooltip: {
+          confine: true,
+          formatter: function (q) { return layers[q.value[1]] + '<br>step ' + p.steps[q.value[0]] + '<br>' + fmt(q.value[2]); }
+        },
+        grid: { left: 80, right: 90, top: 30, bottom: 50 },
+        xAxis: { type: 'category', data: p.steps.map(String), name: 'step', nameLocation: 'middle', nameGap: 30 },
+        yAxis: { type: 'category', data: layers },
+        visualMap: {
+          type: 'continuous', min: scale ? scale[0] : 0, max: scale && scale[1] > scale[0] ? scale[1] : (scale ? scale[0] + 1 : 1),
+          calculable: true, orient: 'vertical', right: 10, top: 'middle',
+          inRange: { color: ['#1a2a6c', '#2f8fbf', '#b8e186', '#fdae61', '#d7191c'] }
+        },
+        series: [{ type: 'heatmap', data: cells, progressive: 0 }]
+      }, spec.key + ' ' + run.name);
+    });
+  });
+}
+
+// ---------- spike table ----------
+function drawSpikeTable() {
+  var rows = [];
+  runs.forEach(function (run) {
+    (run.spikes || []).forEach(function (s) {
+      rows.push(el('tr', {}, [el('td', { text: run.name }), el('td', { className: 'num', text: String(s.step) }),
+        el('td', { text: s.detector }), el('td', { className: 'num', text: fmt(s.z, 2) }), el('td', { text: s.action }),
+        el('td', { text: s.top_sources.map(function (t) { return t.source + ' (+' + fmt(t.rise, 3) + ')'; }).join(', ') || '–' }),
+        el('td', { text: s.text })]));
+    });
+  });
+  var box = document.getElementById('spike-table');
+  if (!rows.length) { box.appendChild(note('No step decisions (skip, rollback, stop, LR factor) in these runs.')); return; }
+  var head = el('tr', {}, ['run', 'step', 'detector', 'z-score', 'action', 'top sources (loss rise)', 'reason']
+    .map(function (h) { return el('th', { text: h }); }));
+  box.appendChild(el('table', { id: 'spike-rows' }, [head].concat(rows)));
+}
+
 // ---------- lineage tree ----------
 function lineageTree() {
   var nodes = {}, roots = [];
@@ -402,21 +465,37 @@ function errorHalfWidth(d) {
   return null;
 }
 
+// The source filter above the A/B chart: "all sources" or one of them; redraws the chart on a change.
 function drawAbChart(ab) {
+  var all = ab.rows.filter(function (r) { return r.metric.kind === 'eval_loss' && r.difference; });
+  var sources = [];
+  all.forEach(function (r) { if (sources.indexOf(r.metric.source) < 0) sources.push(r.metric.source); });
+  var select = document.getElementById('ab-source-filter');
+  if (sources.length > 1) {
+    [''].concat(sources).forEach(function (s) { select.appendChild(el('option', { value: s, text: s || 'all sources' })); });
+    document.getElementById('ab-filter-box').hidden = false;
+  }
+  var chart = drawAbChartRows(ab, all);
+  select.addEventListener('change', function () {
+    var picked = select.value;
+    var rows = all.filter(function (r) { return !picked || r.metric.source === picked; });
+    if (chart) chart.setOption(abChartOption(ab, rows), true);
+  });
+}
+
+function drawAbChartRows(ab, rows) {
   var div = document.getElementById('chart-ab');
-  var rows = ab.rows.filter(function (r) { return r.metric.kind === 'eval_loss' && r.difference; });
   if (!rows.length) {
     div.hidden = true;
     div.parentNode.insertBefore(note('No A/B chart: it needs eval files (keel eval) in at least two arms at the ' +
       'same checkpoint step.'), div);
     return;
   }
-  var categories = [], arms = [];
-  rows.forEach(function (r) {
-    var c = r.metric.source + ' @ ' + r.metric.eval_step;
-    if (categories.indexOf(c) < 0) categories.push(c);
-    if (arms.indexOf(r.arm) < 0) arms.push(r.arm);
-  });
+  return drawChart(div, abChartOption(ab, rows), 'A/B chart');
+}
+
+// The bars and error bars of the A/B chart: one pair of series per arm, one category per source @ eval step.
+function abSeries(ab, rows, categories, arms) {
   var series = [];
   arms.forEach(function (arm, a) {
     var color = palette[(a + 1) % palette.length];
@@ -448,7 +527,20 @@ function drawAbChart(ab) {
       }
     });
   });
-  drawChart(div, {
+  return series;
+}
+
+// The A/B chart's option for `rows` (eval-loss rows with a difference).
+function abChartOption(ab, rows) {
+  var categories = [], arms = [];
+  rows.forEach(function (r) {
+    var c = r.metric.source + ' @ ' + r.metric.eval_step;
+    if (categories.indexOf(c) < 0) categories.push(c);
+    if (arms.indexOf(r.arm) < 0) arms.push(r.arm);
+  });
+  var series = abSeries(ab, rows, categories, arms);
+  return {
+    animation: false,
     title: { text: 'Eval loss difference to ' + ab.baseline + ' (error bars: 95% CI, else ± sd)', left: 'center',
       textStyle: { fontSize: 14 } },
     legend: { top: 24 },
@@ -466,7 +558,7 @@ function drawAbChart(ab) {
     xAxis: { type: 'category', data: categories },
     yAxis: { type: 'value', name: 'Δ loss', axisLabel: { formatter: axisFmt } },
     series: series
-  }, 'A/B chart');
+  };
 }
 
 function drawAbTable(ab) {
@@ -508,7 +600,8 @@ function drawEventTable() {
 }
 
 // ---------- main ----------
-[drawHeader, function () { CURVES.forEach(drawCurve); }, drawSourceLoss, drawEvalCurve, drawHeatmaps, drawLineage, drawAb, drawEventTable]
+[drawHeader, function () { CURVES.forEach(drawCurve); }, drawSourceLoss, drawEvalCurve, drawHeatmaps, drawPrecursors,
+  drawSpikeTable, drawLineage, drawAb, drawEventTable]
   .forEach(function (step) { try { step(); } catch (err) { reportError(step.name || 'page', err); } });
 window.addEventListener('resize', function () { charts.forEach(function (c) { c.resize(); }); });
 document.body.dataset.chartsDrawn = String(chartsDrawn);
