@@ -247,11 +247,7 @@ std::string shards_problem(const std::string& dir, const json& source, int64_t v
 
 }  // namespace
 
-// The held-out share of a text source whose source.NAME.heldout is absent (docs/data.md#the-held-out-split).
-constexpr double kDefaultHeldoutShare = 0.01;
-
 double effective_heldout(const keel::SourceConfig& source) {
-  if (source.format != "text") return 0.0;
   return source.heldout == -1.0 ? kDefaultHeldoutShare : source.heldout;
 }
 
@@ -296,6 +292,17 @@ std::optional<HeldoutSet> read_heldout(const std::string& dir, const std::string
       HeldoutSet out;
       out.documents = h.at("documents").get<int64_t>();
       out.tokens = h.at("tokens").get<int64_t>();
+      if (s.contains("token_files")) {  // pre-tokenized: ranges of the source's own files, read in place
+        if (max_tokens <= 0) return out;
+        for (const auto& stream : open_pretokenized_heldout(s, vocab)) {
+          const int64_t n = std::min(max_tokens - static_cast<int64_t>(out.head.size()), stream->num_tokens());
+          std::vector<int64_t> ids(static_cast<size_t>(n));
+          stream->read(0, n, ids.data());
+          for (int64_t id : ids) out.head.push_back(static_cast<int32_t>(id));  // ids < vocab: checked at open
+          if (static_cast<int64_t>(out.head.size()) >= max_tokens) break;
+        }
+        return out;
+      }
       for (const auto& sh : h.at("shards")) {
         const int64_t want = max_tokens - static_cast<int64_t>(out.head.size());
         if (want <= 0) break;
@@ -472,10 +479,7 @@ TextPlan plan_text_sources(const keel::Config& config, const std::string& config
                      {"shard_max_tokens", kShardMaxTokens},
                      {"tokenizer", plan.tokenizer_fp},
                      {"source", plan.settings[i]}};
-    // Added only when not at the settings that existed before them, so earlier preparations stay up to date.
-    const double heldout = effective_heldout(data.sources[i]);
-    if (heldout != 0.0) fp_input["heldout"] = data.sources[i].heldout == -1.0 ? json("default") : json(heldout);
-    if (heldout != 0.0 && data.sources[i].heldout == -1.0) fp_input["heldout_default_share"] = kDefaultHeldoutShare;
+    detail::add_heldout_fingerprint(fp_input, data.sources[i], effective_heldout(data.sources[i]));
     if (data.add_bos) fp_input["add_bos"] = true;
     plan.source_fp.push_back(fingerprint_of(fp_input));
     all_fp.push_back(plan.source_fp[i]);

@@ -58,8 +58,8 @@ struct InputFile {
 };
 std::vector<InputFile> list_source_files(const keel::SourceConfig& source);
 
-// The held-out split of a text source (docs/data.md#the-held-out-split). effective_heldout: source.NAME.heldout,
-// the default share when absent, 0 for pre-tokenized sources. heldout_documents: how many of `documents` are held
+// The held-out split of a source of any format (docs/data.md#the-held-out-split). effective_heldout:
+// source.NAME.heldout, the default share when absent. heldout_documents: how many of `documents` are held
 // out (a count, or a fraction rounded down but at least 1, never all of them); throws DataError naming the key when
 // a count leaves nothing to train on. heldout_document_ids: which, spread evenly over the source's document order
 // (ascending, deterministic: the middle document of each of `held` equal stretches).
@@ -69,8 +69,9 @@ std::vector<int64_t> heldout_document_ids(int64_t held, int64_t documents);
 
 // The held-out set of source `source` in prepared data DIR (its "heldout" entry in DIR/prepared.json), its
 // first max_tokens tokens read (every held-out shard checked as a run checks its shards). nullopt when the source has
-// none (source.NAME.heldout = 0, a pre-tokenized source, data prepared before held-out sets existed). Throws
-// DataError naming the file.
+// none (source.NAME.heldout = 0, data prepared before held-out sets existed). A pre-tokenized source's set is read
+// from its own files (pretokenized_source.h), not opened at all when max_tokens is 0. Throws DataError naming the
+// file.
 struct HeldoutSet {
   int64_t documents = 0;
   int64_t tokens = 0;         // all of the set's tokens (one EOS per document)

@@ -9,10 +9,16 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "core/config/config.h"
 #include "core/data/data_error.h"
 #include "core/data/hash.h"
 #include "core/io/file.h"
 #include "core/io/regular_file.h"
+
+namespace keel::data {
+// The held-out share of a source whose source.NAME.heldout is absent (docs/data.md#the-held-out-split).
+inline constexpr double kDefaultHeldoutShare = 0.01;
+}  // namespace keel::data
 
 namespace keel::data::detail {
 
@@ -38,6 +44,14 @@ inline void write_text_atomically(const std::string& path, const std::string& te
   } catch (const io::FileError& e) {
     throw DataError(e.what());
   }
+}
+
+// The held-out setting's part of a source's fingerprint input (`effective`: effective_heldout of the source). Added
+// only when not at the settings that existed before held-out sets, so earlier preparations stay up to date.
+inline void add_heldout_fingerprint(nlohmann::json& fp_input, const keel::SourceConfig& source, double effective) {
+  if (effective == 0.0) return;
+  fp_input["heldout"] = source.heldout == -1.0 ? nlohmann::json("default") : nlohmann::json(effective);
+  if (source.heldout == -1.0) fp_input["heldout_default_share"] = kDefaultHeldoutShare;
 }
 
 inline void check_source_name(const std::string& name) {

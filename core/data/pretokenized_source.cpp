@@ -1,6 +1,8 @@
 // Why: see pretokenized_source.h. The stages of prepare_pretokenized, top to bottom: list and stat every source's
 // files and fingerprint them; keep a source whose fingerprint is unchanged and whose files still open cleanly;
-// otherwise open (validate) its files and write its document index; write DIR/prepared.json last.
+// otherwise open (validate) its files, choose its held-out documents and write its document index (of the
+// documents training sees); write DIR/prepared.json last. Held-out documents are never copied either: training
+// and eval read the same files through SplicedTokens, a view of some token ranges of a file.
 #include "core/data/pretokenized_source.h"
 
 #include <glob.h>
@@ -55,6 +57,166 @@ std::unique_ptr<TokenStream> open_token_file(const std::string& format, const st
   throw DataError(file + ": unknown token file format '" + format + "' in prepared.json");
 }
 
+using Ranges = std::vector<std::pair<int64_t, int64_t>>;  // [begin, end) token ranges, ascending, disjoint
+
+// Some token ranges of one file's stream, concatenated: what training (or eval) sees of a file of a source with
+// held-out documents. No token is copied; a read maps through the ranges.
+class SplicedTokens : public TokenStream {
+ public:
+  SplicedTokens(std::unique_ptr<TokenStream> base, Ranges segments)
+      : base_(std::move(base)), segments_(std::move(segments)) {
+    for (const auto& [b, e] : segments_) {
+      starts_.push_back(total_);
+      total_ += e - b;
+    }
+  }
+  const std::string& path() const override { return base_->path(); }
+  int64_t num_tokens() const override { return total_; }
+  void read(int64_t begin, int64_t count, int64_t* out) const override {
+    if (begin < 0 || count < 0 || begin > total_ || count > total_ - begin) {
+      throw DataError(path() + ": token range [" + std::to_string(begin) + ", " + std::to_string(begin + count) +
+                      ") out of range [0, " + std::to_string(total_) + ") of the tokens it gives this split");
+    }
+    auto k = static_cast<size_t>(std::upper_bound(starts_.begin(), starts_.end(), begin) - starts_.begin()) - 1;
+    while (count > 0) {
+      const int64_t offset = begin - starts_[k];
+      const int64_t n = std::min(count, segments_[k].second - segments_[k].first - offset);
+      base_->read(segments_[k].first + offset, n, out);
+      out += n;
+      begin += n;
+      count -= n;
+      ++k;
+    }
+  }
+
+ private:
+  std::unique_ptr<TokenStream> base_;
+  Ranges segments_;
+  std::vector<int64_t> starts_;  // first token of each segment in this view
+  int64_t total_ = 0;
+};
+
+// The held-out ranges of a prepared.json entry ("heldout": {"ranges": [[begin, end], ...]}, token offsets of the
+// source's whole stream of `total` tokens), checked: ascending, disjoint, non-empty, inside the stream.
+Ranges heldout_ranges(const json& entry, int64_t total) {
+  Ranges out;
+  if (!entry.contains("heldout")) return out;
+  for (const auto& r : entry.at("heldout").at("ranges")) {
+    const int64_t b = r.at(0).get<int64_t>(), e = r.at(1).get<int64_t>();
+    if (b >= e || e > total || (!out.empty() && b <= out.back().second)) {
+      throw DataError("source " + entry.at("name").get<std::string>() + ": prepared.json heldout range " + r.dump() +
+                      " is not inside the stream of " + std::to_string(total) + " tokens after the previous one");
+    }
+    out.emplace_back(b, e);
+  }
+  return out;
+}
+
+// `streams` (a source's files in stream order) cut to the tokens of one split: those the held-out ranges cover
+// (`heldout`) or the others (training). A file left with no token of the split is dropped.
+std::vector<std::unique_ptr<TokenStream>> split_streams(std::vector<std::unique_ptr<TokenStream>> streams,
+                                                        const Ranges& held, bool heldout) {
+  std::vector<std::unique_ptr<TokenStream>> out;
+  int64_t file_begin = 0;
+  size_t r = 0;  // the first held-out range that ends after file_begin
+  for (auto& stream : streams) {
+    const int64_t file_end = file_begin + stream->num_tokens();
+    Ranges segments;
+    int64_t at = file_begin;  // training: the next token not yet assigned
+    for (size_t k = r; k < held.size() && held[k].first < file_end; ++k) {
+      const int64_t b = std::max(held[k].first, file_begin), e = std::min(held[k].second, file_end);
+      if (heldout) {
+        segments.emplace_back(b - file_begin, e - file_begin);
+      } else if (b > at) {
+        segments.emplace_back(at - file_begin, b - file_begin);
+      }
+      at = e;
+    }
+    if (!heldout && at < file_end) segments.emplace_back(at - file_begin, file_end - file_begin);
+    while (r < held.size() && held[r].second <= file_end) ++r;
+    if (!held.empty() && !segments.empty()) {
+      out.push_back(std::make_unique<SplicedTokens>(std::move(stream), std::move(segments)));
+    } else if (held.empty() && !heldout) {
+      out.push_back(std::move(stream));  // no held-out set: the files as they are
+    }
+    file_begin = file_end;
+  }
+  return out;
+}
+
+// Every file of a prepared.json entry opened and checked (see open_pretokenized_entry), whole.
+std::vector<std::unique_ptr<TokenStream>> open_entry_files(const json& entry, int64_t vocab) {
+  for (const auto& f : entry.at("files")) {
+    const std::string path = f.at("path");
+    std::error_code ec;
+    if (!fs::exists(path, ec)) throw DataError(path + ": pre-tokenized file listed in prepared.json is missing");
+    const json now = stat_json(path);
+    if (now["bytes"] != f.at("bytes") || now["mtime_ns"] != f.at("mtime_ns")) {
+      throw DataError(path + ": changed since `keel data prepare` (now " + now["bytes"].dump() + " bytes, mtime_ns " +
+                      now["mtime_ns"].dump() + "; prepared.json records " + f.at("bytes").dump() + " bytes, mtime_ns " +
+                      f.at("mtime_ns").dump() + ")");
+    }
+  }
+  std::vector<std::unique_ptr<TokenStream>> streams;
+  for (const auto& tf : entry.at("token_files")) {
+    const std::string file = tf.at("file"), kind = tf.at("format");
+    auto stream = open_token_file(kind, file, tf.value("dtype", ""), vocab);
+    const int64_t listed = tf.at("tokens").get<int64_t>();
+    if (stream->num_tokens() != listed) {
+      throw DataError(stream->path() + ": has " + std::to_string(stream->num_tokens()) +
+                      " tokens, prepared.json says " + std::to_string(listed));
+    }
+    streams.push_back(std::move(stream));
+  }
+  return streams;
+}
+
+// The streams of one split of an entry, their token count checked against prepared.json's.
+std::vector<std::unique_ptr<TokenStream>> open_split(const json& entry, int64_t vocab, bool heldout) {
+  auto files = open_entry_files(entry, vocab);
+  int64_t total = 0;
+  for (const auto& f : files) total += f->num_tokens();
+  auto streams = split_streams(std::move(files), heldout_ranges(entry, total), heldout);
+  int64_t got = 0;
+  for (const auto& s : streams) got += s->num_tokens();
+  const int64_t want = heldout ? entry.at("heldout").at("tokens").get<int64_t>() : entry.at("tokens").get<int64_t>();
+  if (got != want) {
+    throw DataError("source " + entry.at("name").get<std::string>() + ": its files give " + std::to_string(got) + " " +
+                    (heldout ? "held-out" : "training") + " tokens, prepared.json says " + std::to_string(want));
+  }
+  return streams;
+}
+
+// The documents of a source's whole stream (starts, `total` tokens) split into the training documents (their
+// starts in the training stream, written to documents.bin) and the held-out ones (ids and token ranges).
+struct DocumentSplit {
+  std::vector<int64_t> train_starts;
+  std::vector<int64_t> held_ids;
+  json ranges = json::array();  // [[begin, end], ...] of the whole stream, adjacent documents merged
+  int64_t held_tokens = 0;
+};
+DocumentSplit split_documents_of(const keel::SourceConfig& src, const std::vector<int64_t>& starts, int64_t total) {
+  DocumentSplit out;
+  const auto all = static_cast<int64_t>(starts.size());
+  out.held_ids = heldout_document_ids(heldout_documents(src, all), all);
+  size_t h = 0;
+  for (int64_t k = 0; k < all; ++k) {
+    const int64_t b = starts[static_cast<size_t>(k)], e = k + 1 < all ? starts[static_cast<size_t>(k + 1)] : total;
+    if (h < out.held_ids.size() && out.held_ids[h] == k) {
+      ++h;
+      out.held_tokens += e - b;
+      if (!out.ranges.empty() && out.ranges.back()[1] == b) {
+        out.ranges.back()[1] = e;
+      } else {
+        out.ranges.push_back({b, e});
+      }
+    } else {
+      out.train_starts.push_back(b - out.held_tokens);
+    }
+  }
+  return out;
+}
+
 struct SourcePlan {
   json settings;            // name, format, dtype, inputs, files (with sizes and mtimes)
   json token_files;         // [{file, format, dtype}] in stream order (tokens filled in when opened)
@@ -82,8 +244,10 @@ SourcePlan plan_source(const keel::SourceConfig& src, int64_t vocab, int64_t eos
   }
   plan.settings = {{"name", src.name}, {"format", src.format}, {"inputs", src.inputs}, {"files", files}};
   if (!src.dtype.empty()) plan.settings["dtype"] = src.dtype;
-  plan.fingerprint = fingerprint_of(
-      {{"format_version", kPreparedFormatVersion}, {"vocab", vocab}, {"eos_id", eos_id}, {"source", plan.settings}});
+  json fp_input = {
+      {"format_version", kPreparedFormatVersion}, {"vocab", vocab}, {"eos_id", eos_id}, {"source", plan.settings}};
+  detail::add_heldout_fingerprint(fp_input, src, effective_heldout(src));
+  plan.fingerprint = fingerprint_of(fp_input);
   return plan;
 }
 
@@ -129,14 +293,24 @@ json prepare_source(const std::string& dir, const keel::SourceConfig& src, const
     entry["token_files"].push_back(out);
   }
   while (!starts.empty() && starts.back() >= total) starts.pop_back();  // an EOS that ends the stream
+  const DocumentSplit split = split_documents_of(src, starts, total);
+  const auto documents = static_cast<int64_t>(split.train_starts.size());
   const std::string source_dir = dir + "/" + src.name;
   fs::create_directories(source_dir);
   detail::refuse_non_regular(source_dir + "/documents.bin");
-  write_document_index(source_dir + "/documents.bin", starts);
-  entry["documents"] = static_cast<int64_t>(starts.size());
+  write_document_index(source_dir + "/documents.bin", split.train_starts);
+  entry["documents"] = documents;
   entry["raw_bytes"] = bytes;
-  entry["tokens"] = total;
-  entry["document_index"] = {{"file", src.name + "/documents.bin"}, {"documents", static_cast<int64_t>(starts.size())}};
+  entry["tokens"] = total - split.held_tokens;
+  entry["document_index"] = {{"file", src.name + "/documents.bin"}, {"documents", documents}};
+  if (!split.held_ids.empty()) {
+    entry["heldout"] = {{"documents", static_cast<int64_t>(split.held_ids.size())},
+                        {"document_ids", split.held_ids},
+                        {"tokens", split.held_tokens},
+                        {"ranges", split.ranges}};
+    spdlog::info("source {}: {} of {} documents held out ({} tokens), never trained on", src.name,
+                 split.held_ids.size(), starts.size(), split.held_tokens);
+  }
   return entry;
 }
 
@@ -164,6 +338,7 @@ PrepareSourceReport report_of(const json& entry, bool reused) {
   r.raw_bytes = entry["raw_bytes"];
   r.tokens = entry["tokens"];
   r.shards = static_cast<int64_t>(entry["token_files"].size());
+  r.heldout_documents = entry.contains("heldout") ? entry["heldout"]["documents"].get<int64_t>() : 0;
   r.reused = reused;
   return r;
 }
@@ -209,29 +384,12 @@ std::vector<std::string> list_token_files(const keel::SourceConfig& source) {
 }
 
 std::vector<std::unique_ptr<TokenStream>> open_pretokenized_entry(const json& entry, int64_t vocab) {
-  for (const auto& f : entry.at("files")) {
-    const std::string path = f.at("path");
-    std::error_code ec;
-    if (!fs::exists(path, ec)) throw DataError(path + ": pre-tokenized file listed in prepared.json is missing");
-    const json now = stat_json(path);
-    if (now["bytes"] != f.at("bytes") || now["mtime_ns"] != f.at("mtime_ns")) {
-      throw DataError(path + ": changed since `keel data prepare` (now " + now["bytes"].dump() + " bytes, mtime_ns " +
-                      now["mtime_ns"].dump() + "; prepared.json records " + f.at("bytes").dump() + " bytes, mtime_ns " +
-                      f.at("mtime_ns").dump() + ")");
-    }
-  }
-  std::vector<std::unique_ptr<TokenStream>> streams;
-  for (const auto& tf : entry.at("token_files")) {
-    const std::string file = tf.at("file"), kind = tf.at("format");
-    auto stream = open_token_file(kind, file, tf.value("dtype", ""), vocab);
-    const int64_t listed = tf.at("tokens").get<int64_t>();
-    if (stream->num_tokens() != listed) {
-      throw DataError(stream->path() + ": has " + std::to_string(stream->num_tokens()) +
-                      " tokens, prepared.json says " + std::to_string(listed));
-    }
-    streams.push_back(std::move(stream));
-  }
-  return streams;
+  return open_split(entry, vocab, /*heldout=*/false);
+}
+
+std::vector<std::unique_ptr<TokenStream>> open_pretokenized_heldout(const json& entry, int64_t vocab) {
+  if (!entry.contains("heldout")) return {};
+  return open_split(entry, vocab, /*heldout=*/true);
 }
 
 PrepareReport prepare_pretokenized(const keel::Config& config, const PrepareOptions& options) {

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <iomanip>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -45,6 +46,26 @@ RawTensor raw_vector(DType dtype, const std::vector<T>& values) {
 RawTensor f64(const std::vector<double>& v) { return raw_vector(DType::kFloat64, v); }
 RawTensor i64(const std::vector<int64_t>& v) { return raw_vector(DType::kInt64, v); }
 RawTensor i32(const std::vector<int32_t>& v) { return raw_vector(DType::kInt32, v); }
+
+// An HDF5 file written by `write_tmp` into a temporary name and put in place atomically (io::write_atomically),
+// its directory created. A failure throws std::runtime_error("eval: cannot write PATH: <HDF5's OS error when there
+// was one, e.g. No space left on device, else the reason>") and leaves nothing at PATH.
+void write_h5_atomically(const std::string& path, const std::function<void(const std::string& tmp)>& write_tmp,
+                         io::IfExists if_exists) {
+  namespace fs = std::filesystem;
+  io::clear_last_os_error();
+  try {
+    const fs::path parent = fs::path(path).parent_path();
+    std::error_code ec;
+    if (!parent.empty()) fs::create_directories(parent, ec);
+    if (ec) throw io::FileError(path, ec.message());
+    io::write_atomically(path, write_tmp, if_exists);
+  } catch (const io::FileError& e) {
+    std::string reason = io::last_os_error();
+    if (reason.empty()) reason = io::one_line(e.reason());
+    throw std::runtime_error("eval: cannot write " + path + ": " + reason);
+  }
+}
 
 }  // namespace
 
@@ -278,21 +299,9 @@ void write_report(const std::string& path, const EvalReport& r) {
   namespace fs = std::filesystem;
   if (fs::exists(path))
     throw std::runtime_error(path + ": exists (eval results are written once; remove it or pass another --out)");
-  io::clear_last_os_error();
-  try {
-    const fs::path parent = fs::path(path).parent_path();
-    std::error_code ec;
-    if (!parent.empty()) fs::create_directories(parent, ec);
-    if (ec) throw io::FileError(path, ec.message());
-    // Linked, not renamed, into place: a file that appeared while evaluating is never replaced.
-    io::write_atomically(
-        path, [&](const std::string& tmp) { write_report_file(tmp, r); }, io::IfExists::kKeep);
-  } catch (const io::FileError& e) {
-    // HDF5's OS error when there was one ("No space left on device"), else the reason, which names PATH.
-    std::string reason = io::last_os_error();
-    if (reason.empty()) reason = io::one_line(e.reason());
-    throw std::runtime_error("eval: cannot write " + path + ": " + reason);
-  }
+  // Linked, not renamed, into place: a file that appeared while evaluating is never replaced.
+  write_h5_atomically(
+      path, [&](const std::string& tmp) { write_report_file(tmp, r); }, io::IfExists::kKeep);
 }
 
 std::string format_report(const EvalReport& r) {
@@ -351,8 +360,8 @@ std::vector<std::vector<int32_t>> heldout_windows(const std::string& data_dir, c
   const std::optional<data::HeldoutSet> set = data::read_heldout(data_dir, source, count * seq_len + 1);
   if (!set) {
     throw data::DataError("source " + source + " in " + data_dir + " has no held-out set (source." + source +
-                          ".heldout = 0, a pre-tokenized source, or data "
-                          "prepared before held-out sets existed): prepare it again, or pass --split train-tail");
+                          ".heldout = 0, or data prepared before held-out sets existed): prepare it again, or pass "
+                          "--split train-tail");
   }
   const auto available = static_cast<int64_t>(set->head.size());
   const int64_t n = std::min(count, (available - 1) / seq_len);
@@ -453,7 +462,10 @@ EvalReport evaluate_checkpoint(const Config& config, const checkpoint::TrainingS
   return report;
 }
 
-nlohmann::json report_json(const EvalReport& r, const std::string& out_path) {
+namespace {
+
+// Per source of one checkpoint: its nll, perplexity, tokens, samples and seen_in_training (--json, both forms).
+nlohmann::json sources_json(const EvalReport& r) {
   nlohmann::json sources = nlohmann::json::object();
   for (const auto& p : r.perplexity) {
     sources[p.source] = {{"nll", p.mean_nll},
@@ -462,6 +474,13 @@ nlohmann::json report_json(const EvalReport& r, const std::string& out_path) {
                          {"samples", p.sample_ids.size()},
                          {"seen_in_training", p.seen_in_training}};
   }
+  return sources;
+}
+
+}  // namespace
+
+nlohmann::json report_json(const EvalReport& r, const std::string& out_path) {
+  const nlohmann::json sources = sources_json(r);
   nlohmann::json per_source = nlohmann::json::object();
   nlohmann::json per_chunk = nlohmann::json::array();
   for (const auto& s : r.memorization_summary) {
@@ -543,41 +562,21 @@ void write_curve_file(const std::string& path, const std::string& run_dir, const
 }  // namespace
 
 void write_curve(const std::string& path, const std::string& run_dir, const std::vector<EvalReport>& reports) {
-  namespace fs = std::filesystem;
   if (reports.empty()) throw std::runtime_error("eval: " + run_dir + ": no checkpoint to write a curve of");
   for (const auto& r : reports) {
     if (r.source_names != reports.front().source_names || r.split != reports.front().split)
       throw std::runtime_error("eval: " + r.checkpoint_dir + ": other sources or split than " +
                                reports.front().checkpoint_dir + ": one curve cannot hold both");
   }
-  io::clear_last_os_error();
-  try {
-    const fs::path parent = fs::path(path).parent_path();
-    std::error_code ec;
-    if (!parent.empty()) fs::create_directories(parent, ec);
-    if (ec) throw io::FileError(path, ec.message());
-    io::write_atomically(
-        path, [&](const std::string& tmp) { write_curve_file(tmp, run_dir, reports); }, io::IfExists::kReplace);
-  } catch (const io::FileError& e) {
-    std::string reason = io::last_os_error();
-    if (reason.empty()) reason = io::one_line(e.reason());
-    throw std::runtime_error("eval: cannot write " + path + ": " + reason);
-  }
+  write_h5_atomically(
+      path, [&](const std::string& tmp) { write_curve_file(tmp, run_dir, reports); }, io::IfExists::kReplace);
 }
 
 nlohmann::json curve_json(const std::string& run_dir, const std::vector<EvalReport>& reports,
                           const std::string& out_path) {
   nlohmann::json checkpoints = nlohmann::json::array();
   for (const auto& r : reports) {
-    nlohmann::json sources = nlohmann::json::object();
-    for (const auto& p : r.perplexity) {
-      sources[p.source] = {{"nll", p.mean_nll},
-                           {"perplexity", p.perplexity},
-                           {"tokens", p.tokens},
-                           {"samples", p.sample_ids.size()},
-                           {"seen_in_training", p.seen_in_training}};
-    }
-    checkpoints.push_back({{"step", r.step}, {"checkpoint", r.checkpoint_dir}, {"sources", sources}});
+    checkpoints.push_back({{"step", r.step}, {"checkpoint", r.checkpoint_dir}, {"sources", sources_json(r)}});
   }
   return {{"run", run_dir},
           {"out", out_path},

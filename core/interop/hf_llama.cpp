@@ -299,7 +299,9 @@ std::string hf_name_of(const std::string& keel_name) {
   throw std::runtime_error("tensor '" + keel_name + "' has no place in Hugging Face LlamaForCausalLM");
 }
 
-std::string hf_config_json(const ModelConfig& model, const std::string& torch_dtype, int64_t eos_id) {
+std::string hf_config_json(const ModelConfig& model, const std::string& torch_dtype, int64_t eos_id, int64_t bos_id,
+                           int64_t pad_id) {
+  auto id_or_null = [](int64_t id) { return id >= 0 ? json(id) : json(nullptr); };
   const json config = {
       {"architectures", {"LlamaForCausalLM"}},
       {"model_type", "llama"},
@@ -320,9 +322,9 @@ std::string hf_config_json(const ModelConfig& model, const std::string& torch_dt
       {"mlp_bias", false},
       {"tie_word_embeddings", model.tie_embeddings},
       {"torch_dtype", torch_dtype},
-      {"bos_token_id", nullptr},
+      {"bos_token_id", id_or_null(bos_id)},
       {"eos_token_id", eos_id},
-      {"pad_token_id", nullptr},
+      {"pad_token_id", id_or_null(pad_id)},
   };
   return config.dump(2) + "\n";
 }
@@ -379,15 +381,17 @@ std::vector<std::string> keel_model_overrides_from_hf_config(const std::string& 
   return parse_hf_config(json_text, origin).overrides;
 }
 
-std::string hf_tokenizer_config_json(const std::string& eos_piece, const std::string& unk_piece, int64_t seq_len) {
+std::string hf_tokenizer_config_json(const std::string& eos_piece, const std::string& unk_piece, int64_t seq_len,
+                                     const std::string& bos_piece, const std::string& pad_piece, bool add_bos) {
+  auto piece_or_null = [](const std::string& piece) { return piece.empty() ? json(nullptr) : json(piece); };
   const json config = {
       {"tokenizer_class", "LlamaTokenizer"},
-      {"add_bos_token", false},
+      {"add_bos_token", add_bos},
       {"add_eos_token", false},
-      {"bos_token", nullptr},
+      {"bos_token", piece_or_null(bos_piece)},
       {"eos_token", eos_piece},
       {"unk_token", unk_piece},
-      {"pad_token", nullptr},
+      {"pad_token", piece_or_null(pad_piece)},
       {"model_max_length", seq_len},
       {"clean_up_tokenization_spaces", false},
       {"legacy", false},
@@ -397,10 +401,12 @@ std::string hf_tokenizer_config_json(const std::string& eos_piece, const std::st
 
 namespace {
 
-// The tokenizer an export ships: the one the checkpoint's data was tokenized with.
+// The tokenizer an export ships: the one the checkpoint's data was tokenized with, and its special ids and pieces
+// (bos and pad -1 / "" when it has none).
 struct ExportTokenizer {
   std::string model_path;
-  std::string eos_piece, unk_piece;
+  std::string eos_piece, unk_piece, bos_piece, pad_piece;
+  int64_t bos_id = -1, pad_id = -1;
 };
 
 // DATA_DIR/prepared.json's tokenizer, refused unless its fingerprint and EOS id are the ones the checkpoint's
@@ -435,7 +441,30 @@ ExportTokenizer find_export_tokenizer(const Config& config, const json& data_fin
   }
   out.eos_piece = loaded.id_to_piece(loaded.eos_id());
   out.unk_piece = loaded.id_to_piece(data::kUnkId);
+  out.bos_id = loaded.bos_id();
+  out.pad_id = loaded.pad_id();
+  if (out.bos_id >= 0) out.bos_piece = loaded.id_to_piece(static_cast<int32_t>(out.bos_id));
+  if (out.pad_id >= 0) out.pad_piece = loaded.id_to_piece(static_cast<int32_t>(out.pad_id));
   return out;
+}
+
+// BOS and PAD ids of an export without a tokenizer (--no-tokenizer): those prepared.json records for the
+// tokenizer the checkpoint's data was tokenized with (it records them for an external tokenizer or with
+// data.add_bos), else none (-1): Keel's own tokenizers have neither.
+std::pair<int64_t, int64_t> recorded_bos_pad(const Config& config, const json& data_fingerprint) {
+  const std::string prepared_path = config.data.dir + "/prepared.json";
+  std::error_code ec;
+  if (!fs::is_regular_file(prepared_path, ec)) return {-1, -1};
+  const json prepared = json::parse(read_hf_text_file(prepared_path), nullptr, /*allow_exceptions=*/false);
+  if (prepared.is_discarded() || !prepared.is_object()) return {-1, -1};
+  const json tokenizer = prepared.value("tokenizer", json::object());
+  if (!tokenizer.is_object() || tokenizer.value("fingerprint", json()) != data_fingerprint.value("tokenizer", json()))
+    return {-1, -1};
+  auto id = [&](const char* key) {
+    const json v = tokenizer.value(key, json());
+    return v.is_number_integer() ? v.get<int64_t>() : int64_t{-1};
+  };
+  return {id("bos_id"), id("pad_id")};
 }
 
 }  // namespace
@@ -555,6 +584,8 @@ std::string export_hf(const std::string& checkpoint_dir, const std::string& out_
   const int64_t eos_id = data_fingerprint["eos_id"].get<int64_t>();
   std::optional<ExportTokenizer> tokenizer;
   if (options.tokenizer) tokenizer = find_export_tokenizer(config, data_fingerprint, checkpoint_dir);
+  const auto [bos_id, pad_id] =
+      tokenizer ? std::make_pair(tokenizer->bos_id, tokenizer->pad_id) : recorded_bos_pad(config, data_fingerprint);
   const checkpoint::TrainingState state = checkpoint::read_lazy_state(checkpoint_dir, manifest, /*rng_rank=*/-1);
   const SafetensorsDtype dtype = options.bf16 ? SafetensorsDtype::kBF16 : SafetensorsDtype::kF32;
   const std::map<std::string, std::string> metadata = {{"format", "pt"},
@@ -594,10 +625,12 @@ std::string export_hf(const std::string& checkpoint_dir, const std::string& out_
                                         checkpoint::read_small_file(tokenizer->model_path));
       checkpoint::write_file_atomically(
           out_dir + "/" + kTokenizerConfigFile,
-          hf_tokenizer_config_json(tokenizer->eos_piece, tokenizer->unk_piece, config.model.seq_len));
+          hf_tokenizer_config_json(tokenizer->eos_piece, tokenizer->unk_piece, config.model.seq_len,
+                                   tokenizer->bos_piece, tokenizer->pad_piece, config.data.add_bos));
     }
-    checkpoint::write_file_atomically(out_dir + "/" + kHfConfigFile,
-                                      hf_config_json(config.model, options.bf16 ? "bfloat16" : "float32", eos_id));
+    checkpoint::write_file_atomically(
+        out_dir + "/" + kHfConfigFile,
+        hf_config_json(config.model, options.bf16 ? "bfloat16" : "float32", eos_id, bos_id, pad_id));
   } catch (...) {
     std::error_code ec;
     if (created) {
@@ -613,7 +646,10 @@ std::string export_hf(const std::string& checkpoint_dir, const std::string& out_
                                         std::to_string(options.max_shard_bytes) + " bytes + " + kIndexFile;
   return "exported " + std::to_string(entries.size()) + " tensors of " + checkpoint_dir + " (step " +
          std::to_string(manifest.step) + ") to " + out_dir + " as LlamaForCausalLM (" +
-         (options.bf16 ? "bfloat16" : "float32") + "; eos_token_id " + std::to_string(eos_id) + ", no BOS, no pad; " +
+         (options.bf16 ? "bfloat16" : "float32") + "; eos_token_id " + std::to_string(eos_id) + ", " +
+         (bos_id >= 0 ? "bos_token_id " + std::to_string(bos_id) : std::string("no BOS")) +
+         (config.data.add_bos ? " (added before every document)" : "") + ", " +
+         (pad_id >= 0 ? "pad_token_id " + std::to_string(pad_id) : std::string("no pad")) + "; " +
          (tokenizer ? "tokenizer " + tokenizer->model_path + " with tokenizer_config.json" : "no tokenizer") + weights +
          ")";
 }

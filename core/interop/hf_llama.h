@@ -28,9 +28,10 @@ void check_hf_expressible(const ModelConfig& model, const std::string& origin);
 // Keel tensor HF LLaMA has no place for.
 std::string hf_name_of(const std::string& keel_name);
 
-// config.json for `model`; torch_dtype "float32" or "bfloat16". `eos_id` is the data's EOS id (bos and pad are
-// null: Keel's data has no BOS and is packed, never padded).
-std::string hf_config_json(const ModelConfig& model, const std::string& torch_dtype, int64_t eos_id = 1);
+// config.json for `model`; torch_dtype "float32" or "bfloat16". `eos_id`, `bos_id` and `pad_id` are the special ids
+// of the data's tokenizer; a negative bos or pad id (the tokenizer has none: Keel's own tokenizers) is written null.
+std::string hf_config_json(const ModelConfig& model, const std::string& torch_dtype, int64_t eos_id = 1,
+                           int64_t bos_id = -1, int64_t pad_id = -1);
 
 // What an HF config.json says, as Keel's model.* overrides ("model.d_model=64", ...) plus lines to state to the
 // user (max_position_embeddings against model.seq_len, where rope_theta came from).
@@ -48,8 +49,11 @@ HfModelConfig parse_hf_config(const std::string& json_text, const std::string& o
 // parse_hf_config(...).overrides.
 std::vector<std::string> keel_model_overrides_from_hf_config(const std::string& json_text, const std::string& origin);
 
-// tokenizer_config.json for a Keel SentencePiece tokenizer: LlamaTokenizer, no BOS added, `eos_piece` as EOS.
-std::string hf_tokenizer_config_json(const std::string& eos_piece, const std::string& unk_piece, int64_t seq_len);
+// tokenizer_config.json for the data's SentencePiece tokenizer: LlamaTokenizer, `eos_piece` as EOS, `bos_piece` and
+// `pad_piece` as BOS and PAD ("" = none: null), add_bos_token = `add_bos` (data.add_bos), no EOS added.
+std::string hf_tokenizer_config_json(const std::string& eos_piece, const std::string& unk_piece, int64_t seq_len,
+                                     const std::string& bos_piece = "", const std::string& pad_piece = "",
+                                     bool add_bos = false);
 
 // Hugging Face's default file size limit for sharded weights (save_pretrained's max_shard_size "5GB").
 constexpr int64_t kDefaultMaxShardBytes = 5'000'000'000;

@@ -3,7 +3,9 @@
 // PAD 3, byte fallback), and the test checks that prepare copies it into data.dir with its SHA-256, uses its
 // special ids (BOS before every document with data.add_bos), states the padding rows, refuses a vocabulary larger
 // than model.vocab naming both numbers and a BOS-less tokenizer with add_bos; that a run trains on it, that
-// export-hf ships it with its EOS id; and that a resume onto data of another tokenizer is refused naming both hashes.
+// export-hf ships it with its special ids (config.json's bos/eos/pad_token_id, tokenizer_config.json's pieces and
+// add_bos_token = data.add_bos; read as JSON, no transformers needed), also with --no-tokenizer; and that a resume
+// onto data of another tokenizer is refused naming both hashes.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -133,7 +135,28 @@ TEST(ExternalTokenizer, PrepareTrainExportWithAnSpmTrainedTokenizer) {
   std::ifstream hf_config_in(root + "/hf/config.json");
   const json hf_config = json::parse(hf_config_in);
   EXPECT_EQ(hf_config.at("eos_token_id"), 2);
+  EXPECT_EQ(hf_config.at("bos_token_id"), 1);
+  EXPECT_EQ(hf_config.at("pad_token_id"), 3);
   EXPECT_EQ(hf_config.at("vocab_size"), 512);
+  EXPECT_NE(r.output.find("bos_token_id 1 (added before every document), pad_token_id 3"), std::string::npos)
+      << r.output;
+  std::ifstream tokenizer_config_in(root + "/hf/tokenizer_config.json");
+  const json tokenizer_config = json::parse(tokenizer_config_in);
+  EXPECT_EQ(tokenizer_config.at("add_bos_token"), true);  // data.add_bos = true: HF adds it as training did
+  EXPECT_EQ(tokenizer_config.at("add_eos_token"), false);
+  EXPECT_EQ(tokenizer_config.at("bos_token"), "<s>");
+  EXPECT_EQ(tokenizer_config.at("eos_token"), "</s>");
+  EXPECT_EQ(tokenizer_config.at("pad_token"), "<pad>");
+  EXPECT_EQ(tokenizer_config.at("unk_token"), "<unk>");
+  // Without the tokenizer, config.json still carries the ids prepared.json records for it.
+  r = run_keel("export-hf " + run + "/checkpoints/step-00000002 " + root + "/hf-bare --no-tokenizer");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_FALSE(fs::exists(root + "/hf-bare/tokenizer.model"));
+  std::ifstream bare_in(root + "/hf-bare/config.json");
+  const json bare = json::parse(bare_in);
+  EXPECT_EQ(bare.at("bos_token_id"), 1);
+  EXPECT_EQ(bare.at("eos_token_id"), 2);
+  EXPECT_EQ(bare.at("pad_token_id"), 3);
 
   // Another tokenizer's data: a resume onto it is refused naming both hashes.
   const std::string data_b = root + "/data-b";

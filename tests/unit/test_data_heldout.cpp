@@ -45,7 +45,7 @@ TEST(Heldout, CountsFractionsAndNone) {
   EXPECT_EQ(heldout_documents(source_with(0.05), 10), 1);         // a fraction rounds down, but holds out at least one
   EXPECT_EQ(heldout_documents(source_with(0.9), 2), 1);           // and never every document
   EXPECT_EQ(heldout_documents(source_with(0.05), 1), 0);          // one document: nothing to spare
-  EXPECT_EQ(heldout_documents(source_with(5.0, "npy"), 100), 0);  // pre-tokenized: no held-out set
+  EXPECT_EQ(heldout_documents(source_with(5.0, "npy"), 100), 5);  // pre-tokenized sources: the same rule
 }
 
 TEST(Heldout, AbsentMeansTheDefaultShareOfOnePercentAtLeastOneDocument) {
@@ -54,7 +54,7 @@ TEST(Heldout, AbsentMeansTheDefaultShareOfOnePercentAtLeastOneDocument) {
   EXPECT_EQ(heldout_documents(source_with(-1.0), 150), 1);
   EXPECT_EQ(heldout_documents(source_with(-1.0), 2), 1);
   EXPECT_EQ(heldout_documents(source_with(-1.0), 1), 0);  // a single document is trained on, not held out
-  EXPECT_EQ(heldout_documents(source_with(-1.0, "megatron"), 1000), 0);
+  EXPECT_EQ(heldout_documents(source_with(-1.0, "megatron"), 1000), 10);
 }
 
 TEST(Heldout, ACountThatLeavesNothingToTrainOnIsRefusedNamingTheKey) {
@@ -91,8 +91,7 @@ TEST(Heldout, KeyIsParsedValidatedAndWrittenOnlyWhenSet) {
 
   EXPECT_NE(error_of("heldout = 2.5\n").find("source.prose.heldout must be a document count"), std::string::npos);
   EXPECT_NE(error_of("heldout = -3\n").find("source.prose.heldout must be"), std::string::npos);
-  EXPECT_NE(error_of("format = npy\nheldout = 5\n").find("source.prose.heldout needs format = text"),
-            std::string::npos);
+  EXPECT_EQ(parse("format = npy\nheldout = 5\n").data.sources.at(0).heldout, 5.0);  // every format has one
 }
 
 TEST(Heldout, TokenizerKeysAreWrittenOnlyWhenSetAndResolveRelativePaths) {

@@ -268,6 +268,7 @@ keel::Config pretokenized_config(const std::string& dir, const std::string& form
   s.name = "corpus";
   s.format = format;
   s.inputs = inputs;
+  s.heldout = 0;  // these tests read whole files; HeldOut* below hold documents out
   config.data.sources.push_back(s);
   return config;
 }
@@ -448,4 +449,85 @@ TEST(PretokenizedSource, JsonlTokensParsedOnceIntoACache) {
   config.data.sources[0].inputs = {dir + "/b.jsonl.gz"};
   EXPECT_NE(error_of([&] { keel::data::prepare_data(config); }).find(dir + "/b.jsonl.gz: gzip -dc failed"),
             std::string::npos);
+}
+
+TEST(PretokenizedSource, HeldOutDocumentsStayInTheFilesAndOutOfTraining) {
+  const std::string dir = test_dir();
+  Megatron a = three_docs(), b;
+  b.docs = {{{2, 3, 4, 5, 6, 7}}, {{8, 9, 1}}};  // docs 3 and 4 at tokens 11 and 17 of the stream
+  a.write(dir + "/a");
+  b.write(dir + "/b");
+  keel::Config config = pretokenized_config(dir, "megatron", {dir + "/a", dir + "/b"});
+  config.data.sources[0].heldout = 2;  // of 5 documents: ids floor((2i + 1) * 5 / 4) = 1 and 3
+  const auto report = keel::data::prepare_data(config);
+  EXPECT_EQ(report.sources[0].documents, 3);
+  EXPECT_EQ(report.sources[0].heldout_documents, 2);
+  EXPECT_EQ(report.sources[0].tokens, 10);
+  std::vector<std::string> written;  // still no token copied
+  for (const auto& e : fs::recursive_directory_iterator(config.data.dir))
+    if (e.is_regular_file()) written.push_back(fs::relative(e.path(), config.data.dir).string());
+  std::sort(written.begin(), written.end());
+  EXPECT_EQ(written, (std::vector<std::string>{"corpus/documents.bin", "prepared.json"}));
+  const auto manifest = nlohmann::json::parse(std::ifstream(config.data.dir + "/prepared.json"));
+  const auto& held = manifest["sources"][0]["heldout"];
+  EXPECT_EQ(held["documents"], 2);
+  EXPECT_EQ(held["document_ids"], nlohmann::json({1, 3}));
+  EXPECT_EQ(held["tokens"], 10);
+  EXPECT_EQ(held["ranges"], nlohmann::json({{5, 9}, {11, 17}}));  // doc 1 in a, doc 3 in b
+
+  // Training reads docs 0, 2, 4 only: [5 6 7 8 1] [12 1] [8 9 1], renumbered 0, 1, 2.
+  keel::data::DataLoader loader(config, 1);
+  EXPECT_EQ(loader.source_tokens(0), 10);
+  EXPECT_EQ(loader.samples_per_epoch(0), 2);
+  EXPECT_EQ(loader.sample_tokens(0, 0), (std::vector<int32_t>{5, 6, 7, 8, 1}));
+  EXPECT_EQ(loader.sample_tokens(0, 1), (std::vector<int32_t>{1, 12, 1, 8, 9}));
+  const keel::data::DocumentIndex documents(loader.dir(), loader.source_names());
+  EXPECT_EQ(documents.document_start(0, 1), 5);
+  EXPECT_EQ(documents.document_start(0, 2), 7);
+  // The held-out set: docs 1 and 3, read from the same files.
+  const auto set = keel::data::read_heldout(config.data.dir, "corpus", 100);
+  ASSERT_TRUE(set.has_value());
+  EXPECT_EQ(set->documents, 2);
+  EXPECT_EQ(set->tokens, 10);
+  EXPECT_EQ(set->head, (std::vector<int32_t>{9, 10, 11, 1, 2, 3, 4, 5, 6, 7}));
+  EXPECT_EQ(keel::data::read_heldout(config.data.dir, "corpus", 3)->head, (std::vector<int32_t>{9, 10, 11}));
+  EXPECT_TRUE(keel::data::prepare_data(config).up_to_date);
+
+  // The setting is part of the fingerprint: another one prepares again; the default share holds out one of five.
+  config.data.sources[0].heldout = -1;
+  const auto by_default = keel::data::prepare_data(config);
+  EXPECT_FALSE(by_default.up_to_date);
+  EXPECT_EQ(by_default.sources[0].heldout_documents, 1);  // doc floor(5 / 2) = 2: [12 1]
+  EXPECT_EQ(keel::data::read_heldout(config.data.dir, "corpus", 100)->head, (std::vector<int32_t>{12, 1}));
+  EXPECT_EQ(keel::data::DataLoader(config, 1).source_tokens(0), 18);
+  // heldout = 0: the files whole, no held-out set; a count that leaves nothing to train on is refused.
+  config.data.sources[0].heldout = 0;
+  EXPECT_EQ(keel::data::prepare_data(config).sources[0].tokens, 20);
+  EXPECT_FALSE(keel::data::read_heldout(config.data.dir, "corpus", 100).has_value());
+  config.data.sources[0].heldout = 5;
+  EXPECT_NE(error_of([&] { keel::data::prepare_data(config); }).find("source.corpus.heldout = 5 but the source has 5"),
+            std::string::npos);
+
+  // A damaged range in prepared.json is named when training opens the source.
+  config.data.sources[0].heldout = 2;
+  keel::data::prepare_data(config);
+  auto damaged = nlohmann::json::parse(std::ifstream(config.data.dir + "/prepared.json"));
+  damaged["sources"][0]["heldout"]["ranges"] = nlohmann::json({{5, 9}, {8, 17}});
+  std::ofstream(config.data.dir + "/prepared.json") << damaged.dump();
+  EXPECT_NE(error_of([&] { keel::data::DataLoader(config, 1); }).find("prepared.json heldout range [8,17]"),
+            std::string::npos);
+}
+
+TEST(PretokenizedSource, HeldOutNpyDocumentMaySpanTwoFiles) {
+  const std::string dir = test_dir();
+  numpy_write_all({{dir + "/p0.npy", "np.save(out, np.array([3, 4, 1, 5, 6, 7, 1, 8], dtype='<u2'))"},
+                   {dir + "/p1.npy", "np.save(out, np.array([9, 1, 2, 1], dtype='<u4'))"}});
+  keel::Config config = pretokenized_config(dir, "npy", {dir + "/p*.npy"});
+  config.data.sources[0].heldout = 1;  // of 4 documents: id floor(4 / 2) = 2, [8 | 9 1] across the two files
+  const auto report = keel::data::prepare_data(config);
+  EXPECT_EQ(report.sources[0].tokens, 9);
+  EXPECT_EQ(report.sources[0].documents, 3);
+  keel::data::DataLoader loader(config, 1);
+  EXPECT_EQ(loader.sample_tokens(0, 1), (std::vector<int32_t>{6, 7, 1, 2, 1}));
+  EXPECT_EQ(keel::data::read_heldout(config.data.dir, "corpus", 100)->head, (std::vector<int32_t>{8, 9, 1}));
 }
