@@ -101,13 +101,13 @@ std::map<int64_t, double> losses(const std::string& run) {
   return out;
 }
 
-TEST(ForensicsAttribution, ThePlantedChunkSpikesTheRun) {
+void the_planted_chunk_spikes_the_run() {
   const auto loss = losses(planted().run);
   ASSERT_TRUE(loss.count(kSpike));
   EXPECT_GT(loss.at(kSpike), 2.0 * loss.at(kSpike - 1)) << "no spike at the planted step";
 }
 
-TEST(ForensicsAttribution, ReplayMatchesAndRanksThePlantedSamplesFirst) {
+void replay_matches_and_ranks_the_planted_samples_first() {
   const json& j = forensics_result();
   ASSERT_TRUE(j.is_object());
   EXPECT_EQ(j.at("step"), kSpike);
@@ -128,7 +128,7 @@ TEST(ForensicsAttribution, ReplayMatchesAndRanksThePlantedSamplesFirst) {
   EXPECT_TRUE(fs::exists(planted().run + "/forensics/step-" + std::to_string(kSpike) + ".h5"));
 }
 
-TEST(ForensicsAttribution, TheSkipListNamesThePlantedChunk) {
+void the_skip_list_names_the_planted_chunk() {
   const json& j = forensics_result();
   ASSERT_TRUE(j.is_object());
   EXPECT_EQ(j.at("search").at("reached"), true) << j.dump(1);
@@ -138,7 +138,7 @@ TEST(ForensicsAttribution, TheSkipListNamesThePlantedChunk) {
   EXPECT_NE(text.find("\nweb:chunk:" + std::to_string(2 * kSpike) + "\n"), std::string::npos) << text;
 }
 
-TEST(ForensicsAttribution, ResumingWithTheSkipListRemovesTheSpikeAndSkipsExactlyThoseSamples) {
+void resuming_with_the_skip_list_removes_the_spike_and_skips_exactly_those_samples() {
   const json& j = forensics_result();
   ASSERT_TRUE(j.is_object());
   const std::string branch = planted().dir + "/skipped";
@@ -167,7 +167,7 @@ TEST(ForensicsAttribution, ResumingWithTheSkipListRemovesTheSpikeAndSkipsExactly
   EXPECT_EQ(rules.at("skip")[0].at("from_step"), 20);
 }
 
-TEST(ForensicsAttribution, BadInputIsRefusedNamingTheStepOrFile) {
+void bad_input_is_refused_naming_the_step_or_file() {
   const std::string& run = planted().run;
   ProcessResult r = run_keel("forensics " + run + " --step 999");
   EXPECT_EQ(r.exit_code, 2) << r.output;
@@ -183,7 +183,7 @@ TEST(ForensicsAttribution, BadInputIsRefusedNamingTheStepOrFile) {
   EXPECT_NE(r.output.find("nowhere/metrics.h5"), std::string::npos) << r.output;
 }
 
-TEST(ForensicsAttribution, ABadSkipListIsRefusedNamingFileAndLine) {
+void a_bad_skip_list_is_refused_naming_file_and_line() {
   const std::string bad = planted().dir + "/bad.skip";
   std::ofstream(bad) << "# a comment\nweb:chunk:3\nweb:chunk:x\n";
   ProcessResult r = run_keel("resume --from " + planted().run + "/checkpoints/step-00000020 --run-dir " +
@@ -196,6 +196,20 @@ TEST(ForensicsAttribution, ABadSkipListIsRefusedNamingFileAndLine) {
   EXPECT_NE(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find(bad + ":1"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(planted().dir + "/refused/metrics.h5"));
+}
+
+// ctest runs each TEST in its own process, so the planted run (trained once per process) is shared by grouping
+// the checks: one run for the spike found and skipped, one for the refusals.
+TEST(ForensicsAttribution, FindsThePlantedChunkAndItsSkipListRemovesTheSpike) {
+  the_planted_chunk_spikes_the_run();
+  replay_matches_and_ranks_the_planted_samples_first();
+  the_skip_list_names_the_planted_chunk();
+  resuming_with_the_skip_list_removes_the_spike_and_skips_exactly_those_samples();
+}
+
+TEST(ForensicsAttribution, BadInputAndABadSkipListAreRefusedNamingStepFileAndLine) {
+  bad_input_is_refused_naming_the_step_or_file();
+  a_bad_skip_list_is_refused_naming_file_and_line();
 }
 
 TEST(ForensicsAttribution, HelpAndUsageErrors) {
