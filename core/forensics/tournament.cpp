@@ -47,7 +47,7 @@ bool boolean(const std::string& key, const std::string& value, const std::string
 
 const char* const kKnownKeys =
     "baseline, set, plugin, plugin_arg, skip_spikes, skip_spikes_threshold, lr_factor, lr_steps, eps, update_clip, "
-    "reset_moments, rollback, embedding_grad_shrink";
+    "reset_moments, scale_moments, moments_at, rollback, embedding_grad_shrink";
 
 // What one arm's section has claimed so far: the spike_handler slot takes one plugin per arm.
 struct SectionState {
@@ -138,13 +138,29 @@ void expand(const std::string& key, const std::string& value, ArmEntry& e, Arm& 
     e.plugin_args.push_back("embedding_grad_shrink.alpha=" + value);
   } else if (key == "rollback") {
     if (boolean(key, value, where)) handler(s, "rollback_skip", key, e, where);
-  } else if (key == "reset_moments") {
-    // Keel resets the optimizer's moments on a rollback decision that asks for it (Decision::
-    // reset_optimizer_moments): rollback_skip's reset_moments argument.
-    if (boolean(key, value, where)) {
-      handler(s, "rollback_skip", key, e, where);
-      e.plugin_args.push_back("rollback_skip.reset_moments=true");
+  } else if (key == "reset_moments" || key == "scale_moments") {
+    // moment_surgery asks Keel for Decision::moment_scales: reset_moments = GLOB[,GLOB] zeroes both moments of the
+    // matching tensors, scale_moments = GLOB[,GLOB]:FIRST:SECOND multiplies them.
+    std::string pattern = value, first = "0", second = "0";
+    if (key == "scale_moments") {
+      const size_t b = value.rfind(':'), a = b == std::string::npos || b == 0 ? b : value.rfind(':', b - 1);
+      if (a == std::string::npos || a == 0)
+        throw TournamentError(where + "'scale_moments' takes GLOB:FIRST:SECOND, got '" + value + "'");
+      pattern = value.substr(0, a);
+      first = value.substr(a + 1, b - a - 1);
+      second = value.substr(b + 1);
+      if (number(key, first, where) < 0 || number(key, second, where) < 0)
+        throw TournamentError(where + "'scale_moments' factors must be >= 0, got '" + value + "'");
     }
+    if (words(pattern).size() != 1 || pattern.find(':') != std::string::npos)
+      throw TournamentError(where + "'" + key + "' needs one GLOB[,GLOB] without spaces, got '" + pattern + "'");
+    handler(s, "moment_surgery", key, e, where);
+    e.plugin_args.insert(e.plugin_args.end(), {"moment_surgery.pattern=" + pattern, "moment_surgery.first=" + first,
+                                               "moment_surgery.second=" + second});
+  } else if (key == "moments_at") {
+    if (value != "resume" && value != "spike")
+      throw TournamentError(where + "'moments_at' is resume or spike, got '" + value + "'");
+    e.plugin_args.push_back("moment_surgery.at=" + value);
   } else {
     throw TournamentError(where + "unknown key '" + key + "' (known: " + kKnownKeys + ")");
   }
@@ -173,9 +189,10 @@ namespace {
 // A key that only refines another one needs it in the same arm.
 void check_section(const Arm& arm, const SectionState& s, const std::string& path) {
   for (const auto& [key, needs] : std::vector<std::pair<std::string, std::string>>{
-           {"lr_steps", "lr_factor"}, {"skip_spikes_threshold", "skip_spikes"}}) {
+           {"lr_steps", "lr_factor"}, {"skip_spikes_threshold", "skip_spikes"}, {"moments_at", "reset_moments"}}) {
     const auto it = s.seen.find(key);
-    if (it != s.seen.end() && !s.seen.count(needs))
+    const bool moments = needs == "reset_moments" && s.seen.count("scale_moments");
+    if (it != s.seen.end() && !s.seen.count(needs) && !moments)
       throw TournamentError(path + ":" + std::to_string(it->second) + ": [arm." + arm.name + "]: '" + key +
                             "' needs '" + needs + "' in the same arm");
   }

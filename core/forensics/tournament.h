@@ -51,8 +51,10 @@ struct Arm {
 //   eps = E                        optim.eps = E (raise AdamW's epsilon)
 //   update_clip = R                clip each tensor's update RMS at R: grad_transform = update_clip
 //   rollback = true                on a spike, roll back and skip the batch's chunks: spike_handler = rollback_skip
-//   reset_moments = true           ... and reset Adam's moments (Decision::reset_optimizer_moments):
-//                                  rollback_skip with reset_moments = true
+//   reset_moments = GLOB[,GLOB]    zero both Adam moments of the matching tensors: spike_handler = moment_surgery
+//                                  (first = second = 0), at the resume's first step
+//   scale_moments = GLOB:F1:F2     multiply them by F1 (first moment) and F2 (second): moment_surgery
+//   moments_at = resume|spike      ... at the resume (default) or at every detected spike (then the update is skipped)
 //   embedding_grad_shrink = A      shrink the embedding gradient by A: grad_transform = embedding_grad_shrink
 // A section other than [arm.NAME], an unknown key, a bad value, two arms of one name, two shorthands that need
 // the same single slot (spike_handler), fewer than two arms or no baseline are refused as "FILE:LINE: ...".

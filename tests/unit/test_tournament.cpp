@@ -40,8 +40,8 @@ TEST(TournamentArms, ShorthandsExpandToTheirOverridesAndPlugins) {
       "[arm.clip]\n"
       "update_clip = 2e-3\n"
       "[arm.reset]\n"
-      "rollback = true\n"
-      "reset_moments = true\n"
+      "reset_moments = *.attn.*,embed.weight\n"
+      "moments_at = spike\n"
       "[arm.mine]\n"
       "set = optim.grad_clip=0.5 train.log_every=1\n"
       "plugin = grad_transform=/tmp/libmine.so\n"
@@ -61,12 +61,26 @@ TEST(TournamentArms, ShorthandsExpandToTheirOverridesAndPlugins) {
   EXPECT_EQ(arms[3].overrides(), Strings({"optim.eps=1e-6"}));
   EXPECT_EQ(arms[4].plugins(), Strings({"grad_transform=update_clip"}));
   EXPECT_EQ(arms[4].plugin_args(), Strings({"update_clip.max_rms=2e-3"}));
-  EXPECT_EQ(arms[5].plugins(), Strings({"spike_handler=rollback_skip"})) << "one handler, asked for twice";
-  EXPECT_EQ(arms[5].plugin_args(), Strings({"rollback_skip.reset_moments=true"}));
+  EXPECT_EQ(arms[5].plugins(), Strings({"spike_handler=moment_surgery"}));
+  EXPECT_EQ(arms[5].plugin_args(), Strings({"moment_surgery.pattern=*.attn.*,embed.weight", "moment_surgery.first=0",
+                                            "moment_surgery.second=0", "moment_surgery.at=spike"}));
   EXPECT_EQ(arms[6].overrides(), Strings({"optim.grad_clip=0.5", "train.log_every=1"}));
   EXPECT_EQ(arms[6].plugins(), Strings({"grad_transform=/tmp/libmine.so", "grad_transform=embedding_grad_shrink"}));
   EXPECT_EQ(arms[6].plugin_args(), Strings({"mine.alpha=2", "mine.beta=3", "embedding_grad_shrink.alpha=0.1"}));
   EXPECT_EQ(arms[6].line, 16);
+}
+
+TEST(TournamentArms, ScaleMomentsAndOneHandlerAskedForTwice) {
+  const std::vector<Arm> arms = parse_arms(
+      "[arm.baseline]\n[arm.s]\nscale_moments = *:1:0.25\n[arm.r]\nrollback = true\nplugin = "
+      "spike_handler=rollback_skip\n"
+      "plugin_arg = rollback_skip.reset_moments=true\n",
+      "x.ini");
+  EXPECT_EQ(arms[1].plugins(), Strings({"spike_handler=moment_surgery"}));
+  EXPECT_EQ(arms[1].plugin_args(),
+            Strings({"moment_surgery.pattern=*", "moment_surgery.first=1", "moment_surgery.second=0.25"}));
+  EXPECT_EQ(arms[2].plugins(), Strings({"spike_handler=rollback_skip"})) << "one handler, asked for twice";
+  EXPECT_EQ(arms[2].plugin_args(), Strings({"rollback_skip.reset_moments=true"}));
 }
 
 TEST(TournamentArms, BaselineTrueMarksTheControl) {
@@ -100,6 +114,15 @@ TEST(TournamentArms, MalformedFilesAreRefusedByFileAndLine) {
   EXPECT_EQ(parse_error("[arm.baseline]\n[arm.a]\nlr_steps = 5\n"),
             "arms.ini:3: [arm.a]: 'lr_steps' needs 'lr_factor' in the same arm");
   EXPECT_EQ(parse_error("[arm.baseline]\n[arm.a]\nupdate_clip =\n"), "arms.ini:3: [arm.a]: 'update_clip' has no value");
+  EXPECT_EQ(parse_error("[arm.baseline]\n[arm.a]\nscale_moments = *:0.5\n"),
+            "arms.ini:3: [arm.a]: 'scale_moments' takes GLOB:FIRST:SECOND, got '*:0.5'");
+  EXPECT_EQ(parse_error("[arm.baseline]\n[arm.a]\nreset_moments = *\nmoments_at = later\n"),
+            "arms.ini:4: [arm.a]: 'moments_at' is resume or spike, got 'later'");
+  EXPECT_EQ(parse_error("[arm.baseline]\n[arm.a]\nmoments_at = spike\n"),
+            "arms.ini:3: [arm.a]: 'moments_at' needs 'reset_moments' in the same arm");
+  EXPECT_EQ(parse_error("[arm.baseline]\n[arm.a]\nskip_spikes = true\nreset_moments = *\n"),
+            "arms.ini:4: [arm.a]: 'reset_moments' needs spike_handler = moment_surgery, but 'skip_spikes' (line 3) "
+            "already chose zscore_skip: one spike handler per arm");
   EXPECT_EQ(parse_error("[arm.baseline]\n"),
             "arms.ini: 1 arm(s); a tournament needs at least two [arm.NAME] sections (one the baseline)");
   EXPECT_EQ(parse_error("[arm.a]\n[arm.b]\n"),
