@@ -1,12 +1,16 @@
 // Why: metrics.stats_every end to end with the real binary on the tiny config: the precursors land in /stats/ with
 // the documented shapes, observing changes no loss or gradient norm (the stats-off run is the reference), an
 // observer's on_stats sees the same values on the same steps, the whole model's rows are the same in a TP and a PP
-// layout as in one process, an optimizer without second moments is said to have none, and a bad value is refused
-// naming the key. A few steps each: seconds.
+// layout as in one process, an optimizer without second moments is said to have none, the report draws the
+// heatmaps and the spike table, and a bad value is refused naming the key. A few steps each: seconds.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <filesystem>
 #include <fstream>
+#include <regex>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -115,6 +119,40 @@ TEST(StatsRun, AnOptimizerWithoutSecondMomentsGetsNaNAndAnEvent) {
   for (const auto& e : m.read_events())
     if (e.kind == "stats" && e.text.find("optimizer lion keeps no <param>/exp_avg_sq") != std::string::npos) ++said;
   EXPECT_EQ(said, 2);
+}
+
+// The report of a stats run with a spike: the precursor heatmaps and the spike table are in the data and draw in
+// headless Chromium (as tests/integration/test_report.cpp loads pages) with no error.
+TEST(StatsRun, TheReportDrawsThePrecursorHeatmapsAndTheSpikeTable) {
+  const std::string root = fresh_dir("stats-report"), run = root + "/spiky";
+  // lr_spike multiplies the LR at step 12, the loss of step 13 jumps, rollback_skip returns to step 8.
+  ProcessResult r = run_keel("train --config " + tiny_config() + " " + test_data_override() +
+                             " --set train.steps=16 --set checkpoint.every=8 --set metrics.stats_every=4 --run-dir " +
+                             run + " --plugin lr_schedule=" + fixture_plugin("lr_spike") +
+                             " --plugin spike_handler=rollback_skip --plugin-arg rollback_skip.threshold=4");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::string page = root + "/report.html";
+  r = run_keel("report " + run + " -o " + page);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::string html = read_text(page);
+  EXPECT_NE(html.find("\"precursors\":{\"attn_logit_max\":[["), std::string::npos) << "heatmap grids in the data";
+  EXPECT_NE(html.find("\"detector\":\"rollback_skip\""), std::string::npos) << "the spike table has the rollback";
+  EXPECT_NE(html.find("\"precursor_scale\":{\"attn_logit_max\":["), std::string::npos) << "a shared colour scale";
+  ASSERT_TRUE(std::filesystem::exists("/usr/bin/chromium")) << "chromium is not installed (scripts/setup.sh)";
+  const std::string command =
+      "/usr/bin/chromium --headless --no-sandbox --disable-gpu --no-first-run --user-data-dir=" + root +
+      "/profile --proxy-server=127.0.0.1:9 --proxy-bypass-list='<-loopback>' " +
+      "--virtual-time-budget=10000 --dump-dom file://" + page + " > " + root + "/dom.html 2> " + root + "/chromium.log";
+  const int status = std::system(command.c_str());
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_text(root + "/chromium.log");
+  const std::string dom = read_text(root + "/dom.html");
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(dom, m, std::regex(R"re(data-report-errors="([0-9]+)")re"))) << dom.substr(0, 2000);
+  EXPECT_EQ(m[1].str(), "0") << dom.substr(0, 4000);
+  ASSERT_TRUE(std::regex_search(dom, m, std::regex(R"re(data-charts-drawn="([0-9]+)")re")));
+  // 4 curves + per-source loss + the grad-norm heatmap + 2 precursor heatmaps + lineage.
+  EXPECT_EQ(m[1].str(), "9");
+  EXPECT_NE(dom.find("id=\"spike-rows\""), std::string::npos) << "the spike table is drawn";
 }
 
 TEST(StatsRun, ANegativeIntervalIsRefusedNamingTheKey) {
