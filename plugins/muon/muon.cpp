@@ -23,9 +23,9 @@
 // AdamW params, and {"step": N} (the AdamW bias correction's count of updates).
 // Tensor parallelism: each rank orthogonalises the shard it holds (column-parallel weights split by rows,
 // row-parallel ones by columns; `scale` uses the shard's shape), which approximates orthogonalising the whole
-// matrix: exact at tp = 1, per shard otherwise (docs/plugins.md). ZeRO-1 gives each DP rank whole tensors, so it is
-// exact there. Arguments: momentum (0.95), nesterov (true), ns_steps (5), lr_ratio (1.0), scale (rms | shape), exclude
-// (embed.*,head.*), beta1, beta2, eps, weight_decay (the optim.* keys, as adamw).
+// matrix: exact at tp = 1, per shard otherwise (docs/plugins.md). ZeRO-1 gives each DP rank whole tensors: exact.
+// Arguments: momentum (0.95), nesterov (true), ns_steps (5), lr_ratio (1.0), scale (rms | shape),
+// exclude (embed.*,head.*), beta1, beta2, eps, weight_decay (the optim.* keys, as adamw).
 #include <ATen/ATen.h>
 #include <fnmatch.h>
 
