@@ -6,6 +6,7 @@
 // steps, checkpoints every 4) is shared by every test; forensics replays 20..22 from step 20's checkpoint, with the
 // detector's rule over the last 10 logged steps.
 #include <gtest/gtest.h>
+#include <hdf5.h>
 
 #include <algorithm>
 #include <filesystem>
@@ -125,7 +126,20 @@ void replay_matches_and_ranks_the_planted_samples_first() {
   EXPECT_NEAR(j.at("attributed").at("loss").get<double>(), j.at("logged").at("loss").get<double>(), 1e-4);
   EXPECT_NEAR(j.at("attributed").at("grad_norm").get<double>(), j.at("logged").at("grad_norm").get<double>(),
               1e-3 * j.at("logged").at("grad_norm").get<double>());
-  EXPECT_TRUE(fs::exists(planted().run + "/forensics/step-" + std::to_string(kSpike) + ".h5"));
+  // step-N.h5: one row per sample in /samples, the planted ones marked removed.
+  const std::string h5 = planted().run + "/forensics/step-" + std::to_string(kSpike) + ".h5";
+  const hid_t f = H5Fopen(h5.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  ASSERT_GE(f, 0) << h5;
+  const hid_t d = H5Dopen2(f, "/samples/removed", H5P_DEFAULT);
+  ASSERT_GE(d, 0) << h5;
+  std::vector<int64_t> removed(kBatch, -1);
+  const hid_t space = H5Dget_space(d);
+  EXPECT_EQ(H5Sget_simple_extent_npoints(space), kBatch);
+  H5Dread(d, H5T_NATIVE_INT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, removed.data());
+  H5Sclose(space);
+  H5Dclose(d);
+  H5Fclose(f);
+  EXPECT_EQ(std::count(removed.begin(), removed.end(), 1), 4);
 }
 
 void the_skip_list_names_the_planted_chunk() {
@@ -178,6 +192,9 @@ void bad_input_is_refused_naming_the_step_or_file() {
   r = run_keel("forensics " + run + " --step 5 --from " + run + "/checkpoints/step-00000024");
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("after step 5"), std::string::npos) << r.output;
+  r = run_keel("forensics " + run + " --step 22 --min-history 30");  // 22 steps of history: too few for it
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("fewer than --min-history 30"), std::string::npos) << r.output;
   r = run_keel("forensics " + planted().dir + "/nowhere --step 3");
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("nowhere/metrics.h5"), std::string::npos) << r.output;
