@@ -147,12 +147,14 @@ void run_branches(const TournamentSetup& setup, const std::vector<Branch>& branc
   }
 }
 
-Measurement measure_branches(const TournamentSetup& setup, const std::vector<Branch>& branches, int64_t windows) {
+Measurement measure_branches(const TournamentSetup& setup, const std::vector<Branch>& branches, int64_t windows,
+                             bool train_loss) {
   Measurement m;
   const checkpoint::ResolvedCheckpoint first = end_checkpoint(setup, branches.at(0));
   const Config config = load_config(first.dir + "/config.ini");
   std::vector<std::string> without;
-  const auto sets = heldout_sets(config, windows, without);
+  const auto sets =
+      train_loss ? std::vector<std::pair<std::string, torch::Tensor>>{} : heldout_sets(config, windows, without);
   if (!sets.empty()) {
     m.kind = "heldout";
     m.description =
@@ -183,7 +185,7 @@ Measurement measure_branches(const TournamentSetup& setup, const std::vector<Bra
   const int64_t from = setup.from_step + setup.steps - last;
   m.kind = "train_loss";
   m.description = "per-sample training loss of steps " + std::to_string(from) + ".." + std::to_string(from + last - 1) +
-                  " (no source has a held-out set)";
+                  (train_loss ? " (--measure train-loss)" : " (no source has a held-out set)");
   for (const auto& b : branches) {
     const LoggedRun run = read_logged_run(b.run_dir + "/metrics.h5");
     std::vector<double> units;

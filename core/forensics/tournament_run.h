@@ -52,7 +52,9 @@ struct Measurement {
 };
 // Held-out: up to `windows` windows of every source with a held-out set (sources without one are named in the
 // description), scored by each branch's end checkpoint in fp32. Else: every sample's loss in each branch's last
-// min(K, 10) logged steps (metrics.h5 /data/sample_loss). Throws naming the branch when a measurement fails.
-Measurement measure_branches(const TournamentSetup& setup, const std::vector<Branch>& branches, int64_t windows);
+// min(K, 10) logged steps (metrics.h5 /data/sample_loss), also when `train_loss` asks for it. Throws naming the
+// branch when a measurement fails.
+Measurement measure_branches(const TournamentSetup& setup, const std::vector<Branch>& branches, int64_t windows,
+                             bool train_loss = false);
 
 }  // namespace keel::forensics

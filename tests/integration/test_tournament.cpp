@@ -3,7 +3,8 @@
 // learn: their LR is ~0 or tiny, their epsilon is huge), every arm of a replicate trains on the
 // same samples in the same slots (/data/batch) while the two replicates differ, every branch is an ordinary run
 // with a lineage, the --json object is the tournament.json written, and a bad arms file or an arm's bad config
-// key is refused naming the file and line before anything runs. About 15 s on 2 cores.
+// key is refused naming the file and line before anything runs; --measure train-loss pairs the last steps'
+// sample losses instead of held-out windows. About 20 s on 2 cores.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -127,6 +128,26 @@ TEST(Tournament, FourArmsTwoReplicatesNameAWinnerWithItsIntervalOnPairedData) {
       run_keel("tournament --from " + base_checkpoint() + " --arms " + arms + " --steps 3 --out " + out);
   EXPECT_EQ(again.exit_code, 1);
   EXPECT_NE(again.output.find("exists; a tournament never overwrites one"), std::string::npos) << again.output;
+}
+
+TEST(Tournament, WithoutHeldOutTheUnitsAreTheLastStepsSampleLosses) {
+  const std::string dir = fresh_dir("tournament-train-loss");
+  const std::string arms =
+      write_file(dir, "arms.ini", "[arm.baseline]\n[arm.frozen]\nset = optim.lr=1e-9 optim.min_lr=0\n");
+  const ProcessResult r = run_keel("tournament --from " + base_checkpoint() + " --arms " + arms +
+                                   " --steps 2 --measure train-loss --out " + dir + "/t --json");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const json j = parse_json(r.output);
+  EXPECT_EQ(j.at("measure_kind"), "train_loss");
+  EXPECT_NE(j.at("measure").get<std::string>().find("per-sample training loss of steps 4..5"), std::string::npos)
+      << j.at("measure");
+  EXPECT_EQ(j.at("units"), 2 * 16) << "2 steps x 16 samples";
+  // Step 4's samples meet the checkpoint's weights in both arms; step 5 shows the frozen arm's missing update.
+  EXPECT_GT(j.at("arms")[1].at("vs_baseline").at("mean_diff").get<double>(), 0.0);
+  const ProcessResult bad = run_keel("tournament --from " + base_checkpoint() + " --arms " + arms +
+                                     " --steps 2 --measure nll --out " + dir + "/u");
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_NE(bad.output.find("--measure must be auto or train-loss, got 'nll'"), std::string::npos) << bad.output;
 }
 
 TEST(Tournament, ABadArmsFileIsRefusedByFileAndLineBeforeAnythingRuns) {

@@ -28,7 +28,7 @@ namespace {
 namespace fs = std::filesystem;
 
 struct TournamentOptions {
-  std::string from, arms, out;
+  std::string from, arms, out, measure = "auto";
   int64_t steps = 0, seeds = 1, jobs = 1, windows = 32, resamples = 2000;
   bool json = false;
 };
@@ -180,6 +180,8 @@ int cmd_tournament(const Args& args) {
       "jobs", po::value<int64_t>(&o.jobs), "branches run at once (default 1)")(
       "windows", po::value<int64_t>(&o.windows), "held-out windows per source (default 32)")(
       "resamples", po::value<int64_t>(&o.resamples), "bootstrap resamples (default 2000)")(
+      "measure", po::value<std::string>(&o.measure),
+      "auto (held-out NLL; the training loss of the last steps when no source has a held-out set) or train-loss")(
       "json", "print tournament.json instead of the table")("help", "show this help");
   const po::variables_map vm = parse_args(args, options, "tournament");
   if (vm.count("help")) {
@@ -197,6 +199,8 @@ int cmd_tournament(const Args& args) {
   if (o.jobs < 1) throw std::runtime_error("--jobs must be >= 1, got " + std::to_string(o.jobs));
   if (o.windows < 1) throw std::runtime_error("--windows must be >= 1, got " + std::to_string(o.windows));
   if (o.resamples < 100) throw std::runtime_error("--resamples must be >= 100, got " + std::to_string(o.resamples));
+  if (o.measure != "auto" && o.measure != "train-loss")
+    throw std::runtime_error("--measure must be auto or train-loss, got '" + o.measure + "'");
   if (o.out.empty()) o.out = default_out();
   if (fs::exists(o.out)) throw std::runtime_error("--out " + o.out + " exists; a tournament never overwrites one");
 
@@ -208,7 +212,7 @@ int cmd_tournament(const Args& args) {
               << setup.checkpoint << " (step " << setup.from_step << "), " << o.steps << " steps, " << o.jobs
               << " at a time; logs in " << setup.out << "/logs/" << std::endl;
   forensics::run_branches(setup, branches);
-  const forensics::Measurement m = forensics::measure_branches(setup, branches, o.windows);
+  const forensics::Measurement m = forensics::measure_branches(setup, branches, o.windows, o.measure == "train-loss");
 
   // Units of one arm: its replicates' units one after the other (unit u of every arm is the same window or slot).
   std::vector<forensics::ArmScores> scores(setup.arms.size());
