@@ -123,6 +123,11 @@ TEST(Tournament, FourArmsTwoReplicatesNameAWinnerWithItsIntervalOnPairedData) {
   EXPECT_NE(text.find("winner: baseline"), std::string::npos) << text;
   EXPECT_NE(text.find("set = optim.lr=1e-9 optim.min_lr=1e-10"), std::string::npos) << text;
   EXPECT_GT(fs::file_size(out + "/report.html"), 1000u);
+  // keel report of OUT shows the arms: the tournament dir stands for its branches, A/B against its baseline.
+  const json report = parse_json(run_keel("report " + out + " --json").output);
+  ASSERT_TRUE(report.is_object());
+  EXPECT_EQ(report.at("runs").size(), 8u) << report.dump();
+  EXPECT_EQ(report.at("runs")[0].at("arm"), "baseline");
 
   const ProcessResult again =
       run_keel("tournament --from " + base_checkpoint() + " --arms " + arms + " --steps 3 --out " + out);

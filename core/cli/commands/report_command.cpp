@@ -2,8 +2,10 @@
 // several runs on one self-contained HTML page: their curves with events, per-tensor grad-norm heatmaps,
 // the lineage tree and the A/B table. With --json the A/B table is also printed as one JSON object (the page is
 // then optional), so scripts take their statistics from the one implementation in core/report/ab_stats.cpp.
+// A `keel tournament` output dir given as RUN_DIR stands for its branches, with its baseline arm as --baseline.
 // This file only parses the command line; core/report/ does the work.
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 
 #include "core/cli/commands/commands.h"
@@ -38,7 +40,20 @@ int cmd_report(const Args& args) {
   if (out.empty() && !json) throw std::runtime_error("missing -o FILE.html (where to write the report), or --json");
 
   std::vector<report::RunData> runs;
-  for (const auto& dir : run_dirs) runs.push_back(report::gather_run(dir));
+  for (const auto& dir : run_dirs) {
+    // A `keel tournament` output dir stands for its branches (tournament.json lists them, arm by arm).
+    const std::string tournament = (std::filesystem::path(dir) / "tournament.json").string();
+    if (!std::filesystem::exists(dir + "/metrics.h5") && std::filesystem::exists(tournament)) {
+      std::ifstream in(tournament);
+      const nlohmann::json t = nlohmann::json::parse(in, nullptr, false);
+      if (t.is_discarded() || !t.contains("arms")) throw std::runtime_error(tournament + ": not a tournament.json");
+      for (const auto& arm : t.at("arms"))
+        for (const auto& branch : arm.at("run_dirs")) runs.push_back(report::gather_run(branch.get<std::string>()));
+      if (baseline.empty() && t.contains("baseline")) baseline = t.at("baseline").get<std::string>();
+      continue;
+    }
+    runs.push_back(report::gather_run(dir));
+  }
   const report::AbTable table = report::build_ab_table(runs, baseline);
   if (title.empty()) {
     title = "keel report:";
