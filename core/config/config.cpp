@@ -368,6 +368,14 @@ void set_key(Config& config, const std::string& key, const std::string& value, c
     config.model.recompute = parse_named(origin, key, value, kRecomputeNames);
     return;
   }
+  if (key == "model.parametrization") {  // outside key_table like data.eos_id: written only when not standard
+    config.model.parametrization = parse_named(origin, key, value, kParametrizationNames);
+    return;
+  }
+  if (key == "model.mup_base_d_model") {  // outside key_table like data.eos_id: written only when set
+    config.model.mup_base_d_model = parse_int(origin, key, value);
+    return;
+  }
   if (key == "data.eos_id") {  // outside key_table: written to config.ini only when set (config hashes unchanged)
     config.data.eos_id = parse_int(origin, key, value);
     return;
@@ -630,53 +638,40 @@ void validate(const Config& c) {
             "source." + s.name + ".heldout must be a document count (>= 1), a fraction in (0, 1) or 0, got " +
                 format_double(s.heldout));
   }
+  require(c.model.mup_base_d_model >= 0,
+          "model.mup_base_d_model must be >= 0 (0 = d_model), got " + std::to_string(c.model.mup_base_d_model));
+  require(c.model.mup_base_d_model == 0 || c.model.parametrization == Parametrization::kMup,
+          "model.mup_base_d_model is set but model.parametrization is standard: set model.parametrization = mup");
+  require(c.model.mup_base_d_model % c.model.heads == 0,
+          "model.mup_base_d_model " + std::to_string(c.model.mup_base_d_model) + " must be divisible by model.heads " +
+              std::to_string(c.model.heads) + " (the base model's head dim anchors the attention scale)");
   validate_batch_schedule(c);
 }
 
 std::vector<std::pair<std::string, std::string>> flatten(const Config& config) {
   std::vector<std::pair<std::string, std::string>> out;
   for (const auto& def : key_table()) out.emplace_back(def.name, def.get(config));
-  // Keys written only when not at their default (config.ini and config hashes of existing runs unchanged), after
-  // the last data.* key so that [data] stays one section.
-  const auto add_data_key = [&out](const std::string& key, const std::string& value) {
+  // Keys written only when not at their default (config.ini and config hashes of existing runs unchanged), each
+  // after the last key of its section so that the section stays one block in config.ini.
+  const auto add_to_section = [&out](const std::string& key, const std::string& value) {
+    const std::string section = key.substr(0, key.find('.') + 1);  // "model."
     auto at = out.end();
     for (auto it = out.begin(); it != out.end(); ++it)
-      if (it->first.rfind("data.", 0) == 0) at = it + 1;
+      if (it->first.rfind(section, 0) == 0) at = it + 1;
     out.insert(at, {key, value});
   };
-  if (config.data.eos_id >= 0) add_data_key("data.eos_id", std::to_string(config.data.eos_id));
-  if (!config.data.tokenizer.empty()) add_data_key("data.tokenizer", config.data.tokenizer);
-  if (config.data.add_bos) add_data_key("data.add_bos", "true");
-  if (config.checkpoint.async) {  // after the last checkpoint.* key: [checkpoint] stays one section
-    auto at = out.end();
-    for (auto it = out.begin(); it != out.end(); ++it)
-      if (it->first.rfind("checkpoint.", 0) == 0) at = it + 1;
-    out.insert(at, {"checkpoint.async", "true"});
-  }
-  if (config.model.recompute != Recompute::kNone) {  // after the last model.* key: [model] stays one section
-    auto at = out.end();
-    for (auto it = out.begin(); it != out.end(); ++it)
-      if (it->first.rfind("model.", 0) == 0) at = it + 1;
-    out.insert(at, {"model.recompute", name_of(config.model.recompute)});
-  }
-  if (config.parallel.sp) {  // after the last parallel.* key: [parallel] stays one section
-    auto at = out.end();
-    for (auto it = out.begin(); it != out.end(); ++it)
-      if (it->first.rfind("parallel.", 0) == 0) at = it + 1;
-    out.insert(at, {"parallel.sp", "true"});
-  }
-  if (!config.train.batch_schedule.empty()) {  // after the last train.* key, so that [train] stays one section
-    auto at = out.end();
-    for (auto it = out.begin(); it != out.end(); ++it)
-      if (it->first.rfind("train.", 0) == 0) at = it + 1;
-    out.insert(at, {"train.batch_schedule", config.train.batch_schedule});
-  }
-  if (config.metrics.stats_every > 0) {  // after the last metrics.* key: [metrics] stays one section
-    auto at = out.end();
-    for (auto it = out.begin(); it != out.end(); ++it)
-      if (it->first.rfind("metrics.", 0) == 0) at = it + 1;
-    out.insert(at, {"metrics.stats_every", std::to_string(config.metrics.stats_every)});
-  }
+  if (config.data.eos_id >= 0) add_to_section("data.eos_id", std::to_string(config.data.eos_id));
+  if (!config.data.tokenizer.empty()) add_to_section("data.tokenizer", config.data.tokenizer);
+  if (config.data.add_bos) add_to_section("data.add_bos", "true");
+  if (config.checkpoint.async) add_to_section("checkpoint.async", "true");
+  if (config.model.recompute != Recompute::kNone) add_to_section("model.recompute", name_of(config.model.recompute));
+  if (config.model.parametrization != Parametrization::kStandard)
+    add_to_section("model.parametrization", name_of(config.model.parametrization));
+  if (config.model.mup_base_d_model != 0)
+    add_to_section("model.mup_base_d_model", std::to_string(config.model.mup_base_d_model));
+  if (config.parallel.sp) add_to_section("parallel.sp", "true");
+  if (!config.train.batch_schedule.empty()) add_to_section("train.batch_schedule", config.train.batch_schedule);
+  if (config.metrics.stats_every > 0) add_to_section("metrics.stats_every", std::to_string(config.metrics.stats_every));
   if (config.resume.verify_steps > 0)
     out.emplace_back("resume.verify_steps", std::to_string(config.resume.verify_steps));
   for (const auto& s : config.data.sources) {
@@ -732,6 +727,12 @@ std::vector<std::pair<std::string, std::string>> documented_keys() {
   out.emplace_back("model.recompute",
                    "activations recomputed in backward, per block: none | full (keep each block's input) | selective "
                    "(also keep GEMM outputs; recompute norms, RoPE, attention core, SwiGLU)");
+  out.emplace_back("model.parametrization",
+                   "standard | mup: muP (maximal update parametrization) scales hidden-matrix init and LR, attention "
+                   "and output logits by the width ratio d_model / model.mup_base_d_model (default standard)");
+  out.emplace_back("model.mup_base_d_model",
+                   "muP base width: the d_model the hyperparameters were tuned at; divisible by model.heads; 0 = "
+                   "d_model (default 0)");
   out.emplace_back("train.batch_schedule",
                    "global batch by step, e.g. 0:8;100:16 (batch-size warm-up; each batch divisible by parallel.dp x "
                    "train.micro_batch, the first at step 0 = train.micro_batch x train.grad_accum); unset = constant");

@@ -36,6 +36,7 @@
 #include "core/interop/safetensors.h"
 #include "core/io/hdf5.h"
 #include "core/io/regular_file.h"
+#include "core/model/parametrization.h"
 #include "core/plugin_host/plugin_host.h"
 
 namespace keel::interop {
@@ -284,6 +285,11 @@ void check_hf_expressible(const ModelConfig& model, const std::string& origin) {
                              " (it rotates every head dimension)");
   }
   if (model.qk_norm) throw std::runtime_error(origin + ": model.qk_norm = true" + tail + " (it has no QK-norm)");
+  if (model::mup_width_ratio(model) != 1.0) {
+    throw std::runtime_error(origin + ": model.parametrization = mup (width ratio " +
+                             std::to_string(model::mup_width_ratio(model)) + ")" + tail +
+                             " (it has no output-logit or attention-logit multipliers)");
+  }
 }
 
 std::string hf_name_of(const std::string& keel_name) {

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "core/model/forward_stats.h"
+#include "core/model/parametrization.h"
 #include "core/model/recompute.h"
 #include "core/model/sharding.h"
 #include "core/parallel/tp_ops.h"
@@ -28,7 +29,8 @@ torch::Tensor NormImpl::forward(const torch::Tensor& x) const {
 AttentionImpl::AttentionImpl(const ModelConfig& c, const parallel::TensorParallel& tp)
     : local_heads_(tp.shard(c.heads, "model.heads")),
       local_kv_heads_(tp.shard(c.kv_heads, "model.kv_heads")),
-      head_dim_(c.head_dim()) {
+      head_dim_(c.head_dim()),
+      query_multiplier_(mup_query_multiplier(c)) {
   wq_ = register_module("wq", ColumnParallelLinear(c.d_model, c.heads * head_dim_, tp, "model.heads*head_dim"));
   wk_ = register_module("wk", ColumnParallelLinear(c.d_model, c.kv_heads * head_dim_, tp, "model.kv_heads*head_dim"));
   wv_ = register_module("wv", ColumnParallelLinear(c.d_model, c.kv_heads * head_dim_, tp, "model.kv_heads*head_dim"));
@@ -57,6 +59,8 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const RotaryTables&
     k = k.repeat_interleave(group, /*dim=*/1);  // [B, H, T, D]
     v = v.repeat_interleave(group, /*dim=*/1);
   }
+  // μP: attention logits scale as sqrt(D0) / D instead of 1 / sqrt(D) (parametrization.h).
+  if (query_multiplier_ != 1.0) q = q * query_multiplier_;
   // Stats steps only (metrics.stats_every): the largest q.k/sqrt(D) of each head.
   if (ForwardStats* stats = active_forward_stats()) record_attention_logits(*stats, q, k);
   torch::Tensor y = compat::causal_attention(q, k, v);              // [B, H, T, D]
@@ -150,7 +154,8 @@ void LlamaImpl::init_weights(uint64_t seed) {
         TORCH_CHECK(false, "init_weights: parameter ", name, " was registered without an InitRole");
     }
     auto generator = at::detail::createCPUGenerator(parameter_seed(seed, name));
-    const double std = spec.init == InitRole::kOutputNormal ? out_std : config_.init_std;
+    const double std = (spec.init == InitRole::kOutputNormal ? out_std : config_.init_std) *
+                       mup_init_scale(config_, name, static_cast<int64_t>(p.dim()));
     const torch::Tensor full = at::normal(0.0, std, global_shape(p.sizes(), spec.shard, tp_.size), generator);
     p.copy_(shard_of(full, spec.shard, tp_.rank, tp_.size));
   }
@@ -190,8 +195,10 @@ torch::Tensor LlamaImpl::run_blocks(const torch::Tensor& x_in) const {
 torch::Tensor LlamaImpl::logits(const torch::Tensor& x_in) const {
   torch::Tensor x = final_norm_->forward(x_in);                     // [B, T, C] (SP: [B, T/tp, C])
   if (tp_.sp()) x = parallel::gather_from_sequence_region(x, tp_);  // [B, T, C]
-  if (head_) return head_->forward(x);                              // [B, T, V/tp]
-  return embed_->project(x);                                        // tied: [B, T, V/tp]
+  // μP's readout multiplier (logits / width ratio), applied to the normed activations: the same product.
+  if (const double m = mup_output_multiplier(config_); m != 1.0) x = x * m;
+  if (head_) return head_->forward(x);  // [B, T, V/tp]
+  return embed_->project(x);            // tied: [B, T, V/tp]
 }
 
 torch::Tensor LlamaImpl::forward(const torch::Tensor& tokens, torch::ScalarType compute_dtype) const {
@@ -204,6 +211,8 @@ CrossEntropyParts LlamaImpl::head_loss(const torch::Tensor& x, const torch::Tens
   TORCH_CHECK(stage_.has_head, "head_loss() called on a pipeline stage without the head");
   torch::Tensor h = final_norm_->forward(x);                        // [B, T, C] (SP: [B, T/tp, C])
   if (tp_.sp()) h = parallel::gather_from_sequence_region(h, tp_);  // [B, T, C] for the vocab-parallel head
+  // μP's readout multiplier (logits / width ratio), applied to the normed activations: the same product.
+  if (const double m = mup_output_multiplier(config_); m != 1.0) h = h * m;
   const torch::Tensor& w = head_ ? head_->weight : embed_->weight;  // [V/tp, C] fp32
   const auto logits_of = [this](const torch::Tensor& normed) {
     return head_ ? head_->forward(normed) : embed_->project(normed);  // [B, T, V/tp]

@@ -39,6 +39,7 @@ class AttentionImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x, const RotaryTables& rope) const;  // [B, T, C] -> [B, T, C]
  private:
   int64_t local_heads_, local_kv_heads_, head_dim_;
+  double query_multiplier_;  // μP's attention scale on top of 1/sqrt(D) (parametrization.h); 1 otherwise
   ColumnParallelLinear wq_{nullptr}, wk_{nullptr}, wv_{nullptr};
   RowParallelLinear wo_{nullptr};
   Norm q_norm_{nullptr}, k_norm_{nullptr};

@@ -18,6 +18,7 @@
 
 #include "core/checkpoint/training_state.h"
 #include "core/metrics/progress.h"
+#include "core/model/parametrization.h"
 #include "core/train/checkpointer.h"
 #include "core/train/plugin_continuity.h"
 #include "core/train/plugin_swap.h"
@@ -115,7 +116,8 @@ Trainer::Trainer(Config config, RunPaths paths, std::unique_ptr<data::DataLoader
   for (const auto& item : s.model->named_parameters()) {
     const bool decay = item.value().dim() >= 2;  // matrices decay; norm weights and biases do not
     s.params.push_back({item.key(), item.value(), decay});
-    s.plugin_params.push_back({item.key(), item.value(), decay});
+    const double lr_scale = model::mup_lr_scale(c.model, item.key(), item.value().dim());  // 1 unless μP
+    s.plugin_params.push_back({item.key(), item.value(), decay, lr_scale});
     s.specs.push_back(specs.at(s.specs.size()).second);
     local_names += item.key() + "\n";
   }

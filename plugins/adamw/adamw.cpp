@@ -9,6 +9,7 @@
 #include <cmath>
 #include <string>
 
+#include "../common/lr_groups.h"
 #include "keel/plugin.h"
 
 namespace {
@@ -48,16 +49,16 @@ class AdamW : public keel::sdk::Plugin {
     // reference (kernels/optimizer_step.cpp) is this loop, op for op.
     const double bias_correction1 = 1.0 - std::pow(beta1_, static_cast<double>(step_));
     const double bias_correction2_sqrt = std::sqrt(1.0 - std::pow(beta2_, static_cast<double>(step_)));
-    const double step_size = lr / bias_correction1;
     for (size_t i = 0; i < params_.size(); ++i) {
       at::Tensor param = params_[i].param;
       const at::Tensor& grad = param.grad();
       if (!grad.defined()) continue;
-      if (params_[i].decay && weight_decay_ != 0.0) param.mul_(1.0 - lr * weight_decay_);
+      const double param_lr = lr * params_[i].lr_scale;  // lr_scale: 1, or μP's per-layer factor
+      if (params_[i].decay && weight_decay_ != 0.0) param.mul_(1.0 - param_lr * weight_decay_);
       exp_avg_[i].lerp_(grad, 1.0 - beta1_);
       exp_avg_sq_[i].mul_(beta2_).addcmul_(grad, grad, 1.0 - beta2_);
       at::Tensor denom = (exp_avg_sq_[i].sqrt() / bias_correction2_sqrt).add_(eps_);
-      param.addcdiv_(exp_avg_[i], denom, -step_size);
+      param.addcdiv_(exp_avg_[i], denom, -(param_lr / bias_correction1));
     }
   }
 
@@ -107,27 +108,30 @@ class AdamW : public keel::sdk::Plugin {
   }
 
  private:
-  // The same update through the host's multi-tensor kernel: every param with a gradient in one call.
+  // The same update through the host's multi-tensor kernel: every param with a gradient and the same lr_scale in
+  // one call (one call in all unless μP gives hidden matrices their own LR).
   void step_fused(const keel::sdk::HostKernels& kernels, double lr) {
-    std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs;
-    std::vector<bool> decay;
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& grad = params_[i].param.grad();
-      if (!grad.defined()) continue;
-      params.push_back(params_[i].param);
-      grads.push_back(grad);
-      exp_avgs.push_back(exp_avg_[i]);
-      exp_avg_sqs.push_back(exp_avg_sq_[i]);
-      decay.push_back(params_[i].decay);
+    for (const double lr_scale : keel::plugins::distinct_lr_scales(params_)) {
+      std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs;
+      std::vector<bool> decay;
+      for (size_t i = 0; i < params_.size(); ++i) {
+        const at::Tensor& grad = params_[i].param.grad();
+        if (!grad.defined() || params_[i].lr_scale != lr_scale) continue;
+        params.push_back(params_[i].param);
+        grads.push_back(grad);
+        exp_avgs.push_back(exp_avg_[i]);
+        exp_avg_sqs.push_back(exp_avg_sq_[i]);
+        decay.push_back(params_[i].decay);
+      }
+      keel::sdk::AdamWHyper hyper;
+      hyper.lr = lr * lr_scale;
+      hyper.beta1 = beta1_;
+      hyper.beta2 = beta2_;
+      hyper.eps = eps_;
+      hyper.weight_decay = weight_decay_;
+      hyper.step = step_;
+      if (!params.empty()) kernels.adamw_step(params, grads, exp_avgs, exp_avg_sqs, decay, hyper);
     }
-    keel::sdk::AdamWHyper hyper;
-    hyper.lr = lr;
-    hyper.beta1 = beta1_;
-    hyper.beta2 = beta2_;
-    hyper.eps = eps_;
-    hyper.weight_decay = weight_decay_;
-    hyper.step = step_;
-    kernels.adamw_step(params, grads, exp_avgs, exp_avg_sqs, decay, hyper);
   }
 
   double beta1_, beta2_, eps_, weight_decay_;

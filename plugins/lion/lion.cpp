@@ -17,6 +17,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "../common/lr_groups.h"
 #include "keel/plugin.h"
 
 namespace {
@@ -46,8 +47,9 @@ class Lion : public keel::sdk::Plugin {
       if (!grad.defined()) continue;
       // [param shape], each in {-1, 0, 1}
       at::Tensor update = exp_avg_[i].mul(options_.beta1).add_(grad, 1.0 - options_.beta1).sign_();
-      if (params_[i].decay && options_.weight_decay != 0.0) param.mul_(1.0 - lr * options_.weight_decay);
-      param.add_(update, -lr);
+      const double param_lr = lr * params_[i].lr_scale;  // lr_scale: 1, or μP's per-layer factor
+      if (params_[i].decay && options_.weight_decay != 0.0) param.mul_(1.0 - param_lr * options_.weight_decay);
+      param.add_(update, -param_lr);
       exp_avg_[i].mul_(options_.beta2).add_(grad, 1.0 - options_.beta2);
     }
   }
@@ -85,24 +87,27 @@ class Lion : public keel::sdk::Plugin {
   }
 
  private:
-  // The same update through the host's multi-tensor kernel: every param with a gradient in one call.
+  // The same update through the host's multi-tensor kernel: every param with a gradient and the same lr_scale in
+  // one call (one call in all unless μP gives hidden matrices their own LR).
   void step_fused(const keel::sdk::HostKernels& kernels, double lr) {
-    std::vector<at::Tensor> params, grads, exp_avgs;
-    std::vector<bool> decay;
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& grad = params_[i].param.grad();
-      if (!grad.defined()) continue;
-      params.push_back(params_[i].param);
-      grads.push_back(grad);
-      exp_avgs.push_back(exp_avg_[i]);
-      decay.push_back(params_[i].decay);
+    for (const double lr_scale : keel::plugins::distinct_lr_scales(params_)) {
+      std::vector<at::Tensor> params, grads, exp_avgs;
+      std::vector<bool> decay;
+      for (size_t i = 0; i < params_.size(); ++i) {
+        const at::Tensor& grad = params_[i].param.grad();
+        if (!grad.defined() || params_[i].lr_scale != lr_scale) continue;
+        params.push_back(params_[i].param);
+        grads.push_back(grad);
+        exp_avgs.push_back(exp_avg_[i]);
+        decay.push_back(params_[i].decay);
+      }
+      keel::sdk::LionHyper hyper;
+      hyper.lr = lr * lr_scale;
+      hyper.beta1 = options_.beta1;
+      hyper.beta2 = options_.beta2;
+      hyper.weight_decay = options_.weight_decay;
+      if (!params.empty()) kernels.lion_step(params, grads, exp_avgs, decay, hyper);
     }
-    keel::sdk::LionHyper hyper;
-    hyper.lr = lr;
-    hyper.beta1 = options_.beta1;
-    hyper.beta2 = options_.beta2;
-    hyper.weight_decay = options_.weight_decay;
-    kernels.lion_step(params, grads, exp_avgs, decay, hyper);
   }
 
   struct Options {

@@ -67,6 +67,30 @@ TEST(TrainRun, ThirtyStepsOnBundledCorpusLossFallsAndMetricsComplete) {
   EXPECT_NE(inspect.output.find("metrics: 30 steps"), std::string::npos) << inspect.output;
 }
 
+// μP end to end: the keys reach config.ini and the checkpoint, a resume continues bit for bit (the μP factors come
+// back from the checkpoint's config), and export-hf refuses the model, naming the key.
+TEST(TrainRun, MupRunResumesExactlyAndIsNotExportedToHf) {
+  const std::string run = fresh_dir("mup"), resumed = fresh_dir("mup-resumed"), hf = fresh_dir("mup-hf");
+  const std::string mup = " --set model.parametrization=mup --set model.mup_base_d_model=16";  // m = 64 / 16
+  auto r = run_keel("train " + tiny_args("--set train.steps=6 --set checkpoint.every=3" + mup) + " --run-dir " + run);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::ifstream ini(run + "/config.ini");
+  const std::string text((std::istreambuf_iterator<char>(ini)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("parametrization = mup"), std::string::npos) << text;
+  EXPECT_NE(text.find("mup_base_d_model = 16"), std::string::npos) << text;
+  r = run_keel("resume --from " + run + "/checkpoints/step-00000003 --run-dir " + resumed);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto original = MetricsReader(run + "/metrics.h5").read_double("/train/loss");
+  const auto continued = MetricsReader(resumed + "/metrics.h5").read_double("/train/loss");
+  ASSERT_EQ(original.size(), 6u);
+  ASSERT_EQ(continued.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(continued[i], original[3 + i]) << "step " << 3 + i;
+  r = run_keel("export-hf " + run + "/checkpoints/step-00000006 " + hf);
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("model.parametrization = mup"), std::string::npos) << r.output;
+  for (const auto& dir : {run, resumed, hf}) std::filesystem::remove_all(dir);
+}
+
 TEST(TrainRun, MetricsReadableAfterSigkill) {
   const std::string run_dir = fresh_dir("sigkill");
   const pid_t pid = spawn_train(run_dir, "--set train.steps=100000 --set metrics.flush_every=3");

@@ -192,5 +192,32 @@ TEST(AdamWToLion, AMisshapenOrMissingMomentumStartsAtZero) {
   EXPECT_TRUE(at::equal(state_tensor(state, problem.names[1] + "/exp_avg"), at::zeros({2})));
 }
 
+// sdk::Param::lr_scale (μP's per-layer LR): a param with lr_scale 0.5 takes exactly the steps it would take at half
+// the LR, and the others are untouched by it; with every scale at 1 nothing changes.
+TEST(LrScale, EachParamStepsWithItsOwnMultipleOfTheLrInEveryBuiltInOptimizer) {
+  for (const std::string name : {"adamw", "lion"}) {
+    Problem problem;
+    std::vector<sdk::Param> scaled = problem.params(), half = problem.params(), full = problem.params();
+    scaled[0].lr_scale = 0.5;
+    auto a = make_plugin(name), b = make_plugin(name), c = make_plugin(name);
+    a->bind(scaled);
+    b->bind(half);
+    c->bind(full);
+    for (size_t s = 0; s < 2; ++s) {
+      run_step(*a, scaled, problem, s);
+      run_step(*c, full, problem, s);
+      at::NoGradGuard no_grad;  // `half`: every param at lr * 0.5
+      for (size_t i = 0; i < half.size(); ++i) half[i].param.mutable_grad().copy_(floats(problem.grads[s][i]));
+      sdk::StepContext ctx;
+      ctx.step = static_cast<int64_t>(s);
+      ctx.lr = kLr * 0.5;
+      b->step(ctx);
+    }
+    EXPECT_TRUE(at::equal(scaled[0].param, half[0].param)) << name << ": the scaled param steps at lr * 0.5";
+    EXPECT_TRUE(at::equal(scaled[1].param, full[1].param)) << name << ": the unscaled param steps at lr";
+    EXPECT_FALSE(at::equal(scaled[0].param, full[0].param)) << name;
+  }
+}
+
 }  // namespace
 }  // namespace keel::testing
