@@ -59,16 +59,6 @@ std::string step_dir_name(int64_t step) {
   return name;
 }
 
-std::optional<int64_t> parse_step_dir_name(const std::string& name) {
-  if (name.size() < 13 || name.size() > 24 || name.compare(0, 5, "step-") != 0) return std::nullopt;
-  int64_t step = 0;
-  for (size_t i = 5; i < name.size(); ++i) {
-    if (name[i] < '0' || name[i] > '9') return std::nullopt;
-    step = step * 10 + (name[i] - '0');
-  }
-  return step;
-}
-
 bool names_checkpoint_dir(const std::string& path) {
   return fs::exists(path + "/" + kManifestName) ||
          parse_step_dir_name(fs::path(path).lexically_normal().filename().string()).has_value();

@@ -6,6 +6,7 @@
 #include <set>
 
 #include "core/checkpoint/checkpoint_error.h"
+#include "core/checkpoint/checkpoint_store.h"
 #include "core/checkpoint/durable_fs.h"
 #include "core/checkpoint/json_fields.h"
 #include "core/checkpoint/sha256.h"
@@ -55,18 +56,6 @@ bool is_plain_file_name(const std::string& name) {
     if (!ok) return false;
   }
   return true;
-}
-
-// "step-00000100" -> 100: parse_step_dir_name's rule, repeated here because the manifest fuzz target compiles
-// this file without checkpoint_store.cpp.
-std::optional<int64_t> parse_step_number(const std::string& name) {
-  if (name.size() < 13 || name.size() > 24 || name.compare(0, 5, "step-") != 0) return std::nullopt;
-  int64_t step = 0;
-  for (size_t i = 5; i < name.size(); ++i) {
-    if (name[i] < '0' || name[i] > '9') return std::nullopt;
-    step = step * 10 + (name[i] - '0');
-  }
-  return step;
 }
 
 bool is_hex_sha256(const std::string& s) {
@@ -201,7 +190,7 @@ Manifest verify_checkpoint_dir(const std::string& dir) {
   Manifest m = parse_manifest(read_small_file(manifest_path), manifest_path);
   // The name of a step-N directory is what `--from` and retention go by: it must be the step inside.
   const std::string dir_name = fs::path(dir).lexically_normal().filename().string();
-  if (const auto named = parse_step_number(dir_name); named && *named != m.step) {
+  if (const auto named = parse_step_dir_name(dir_name); named && *named != m.step) {
     throw CheckpointError(dir + ": the directory is named for step " + std::to_string(*named) + " but its " +
                           kManifestName + " says step " + std::to_string(m.step) + " (files of another checkpoint?)");
   }
@@ -242,6 +231,18 @@ Manifest verify_checkpoint_dir(const std::string& dir) {
                           " does not match the manifest's config_hash " + m.config_hash);
   }
   return m;
+}
+
+// Declared in checkpoint_store.h; defined here because the manifest fuzz target compiles this file without
+// checkpoint_store.cpp. "step-00000100" -> 100.
+std::optional<int64_t> parse_step_dir_name(const std::string& name) {
+  if (name.size() < 13 || name.size() > 24 || name.compare(0, 5, "step-") != 0) return std::nullopt;
+  int64_t step = 0;
+  for (size_t i = 5; i < name.size(); ++i) {
+    if (name[i] < '0' || name[i] > '9') return std::nullopt;
+    step = step * 10 + (name[i] - '0');
+  }
+  return step;
 }
 
 }  // namespace keel::checkpoint

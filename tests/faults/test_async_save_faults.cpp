@@ -18,6 +18,7 @@
 namespace fs = std::filesystem;
 using keel::checkpoint::CheckpointStore;
 using keel::checkpoint::resolve_checkpoint;
+using keel::testing::expect_only_checkpoint;
 using keel::testing::fresh_dir;
 using keel::testing::read_text_file;
 using keel::testing::run_keel_with_env;
@@ -40,12 +41,7 @@ TEST(AsyncSaveFaults, WriteFailingOnOneRankIsCommittedByNoneAndStopsEveryRank) {
       << r.output;
   EXPECT_NE(r.output.find("the latest checkpoint is still " + run + "/checkpoints/step-00000002"), std::string::npos)
       << r.output;
-  const CheckpointStore store(run + "/checkpoints");
-  ASSERT_TRUE(store.latest_pointer().has_value());
-  EXPECT_EQ(fs::path(*store.latest_pointer()).filename(), "step-00000002");
-  EXPECT_FALSE(fs::exists(run + "/checkpoints/step-00000004"));
-  EXPECT_FALSE(fs::exists(run + "/checkpoints/step-00000004.tmp"));
-  for (const auto& e : store.list_valid()) EXPECT_EQ(e.step, 2);
+  expect_only_checkpoint(run, /*kept_step=*/2, /*failed_step=*/4);
   fs::remove_all(run);
 }
 

@@ -1,14 +1,20 @@
 // Why: integration tests drive the real `keel` binary as a user would; this runs it and captures what it says.
 #pragma once
 
+#include <gtest/gtest.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <array>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <random>
 #include <string>
+#include <thread>
 
+#include "core/checkpoint/checkpoint_store.h"
 #include "core/metrics/metrics_reader.h"
 
 namespace keel::testing {
@@ -81,6 +87,38 @@ inline pid_t spawn_keel(const std::string& arguments) {
 inline pid_t spawn_train(const std::string& run_dir, const std::string& extra) {
   return spawn_keel("train --config " + tiny_config() + " " + test_data_override() + " --run-dir " + run_dir + " " +
                     extra);
+}
+
+// Starts `keel train` on the tiny config with `extra`, waits (up to 120 s) for its first committed checkpoint, lets it
+// run 300 ms plus a random 0-900 ms more and SIGKILLs it: with a save every step, the kill nearly always lands
+// inside one. Fails the test unless the process died by that signal.
+inline void kill_train_after_first_checkpoint(const std::string& run_dir, const std::string& extra, std::mt19937& rng) {
+  std::uniform_int_distribution<int> delay_ms(0, 900);
+  const pid_t pid = spawn_train(run_dir, extra);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (!std::filesystem::exists(run_dir + "/checkpoints/latest") && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300 + delay_ms(rng)));
+  ASSERT_EQ(kill(pid, SIGKILL), 0);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFSIGNALED(status));
+}
+
+// After the save of checkpoint `failed_step` failed: `latest` still names step `kept_step`, the failed step left
+// neither a checkpoint nor its .tmp dir, and the kept step is the only valid checkpoint.
+inline void expect_only_checkpoint(const std::string& run_dir, int64_t kept_step, int64_t failed_step) {
+  const auto step_dir = [](int64_t step) {
+    char name[32];
+    std::snprintf(name, sizeof(name), "step-%08lld", static_cast<long long>(step));
+    return std::string(name);
+  };
+  const keel::checkpoint::CheckpointStore store(run_dir + "/checkpoints");
+  ASSERT_TRUE(store.latest_pointer().has_value());
+  EXPECT_EQ(std::filesystem::path(*store.latest_pointer()).filename(), step_dir(kept_step));
+  EXPECT_FALSE(std::filesystem::exists(run_dir + "/checkpoints/" + step_dir(failed_step)));
+  EXPECT_FALSE(std::filesystem::exists(run_dir + "/checkpoints/" + step_dir(failed_step) + ".tmp"));
+  for (const auto& e : store.list_valid()) EXPECT_EQ(e.step, kept_step);
 }
 
 // Rows readable from a metrics file that may be mid-write: 0 on any read error.

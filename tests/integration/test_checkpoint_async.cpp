@@ -125,21 +125,13 @@ TEST(AsyncCheckpoint, WritesTheSameStateAsASynchronousSaveAndLeavesTrainingUncha
 
 TEST(AsyncCheckpoint, SigkillDuringBackgroundSavesLeavesTheNewestCommittedOneValid) {
   std::mt19937 rng(20261203);
-  std::uniform_int_distribution<int> delay_ms(0, 900);
   for (int round = 0; round < 3; ++round) {
     const std::string run = fresh_dir("async-kill-" + std::to_string(round));
     // A background save every step: one is nearly always in flight when the kill lands.
-    const pid_t pid = spawn_train(run,
-                                  "--set train.steps=100000 --set checkpoint.every=1 --set checkpoint.keep_last=2 "
-                                  "--set checkpoint.async=true");
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
-    while (!fs::exists(run + "/checkpoints/latest") && std::chrono::steady_clock::now() < deadline)
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    std::this_thread::sleep_for(std::chrono::milliseconds(300 + delay_ms(rng)));
-    ASSERT_EQ(kill(pid, SIGKILL), 0);
-    int status = 0;
-    waitpid(pid, &status, 0);
-    ASSERT_TRUE(WIFSIGNALED(status));
+    kill_train_after_first_checkpoint(run,
+                                      "--set train.steps=100000 --set checkpoint.every=1 --set checkpoint.keep_last=2 "
+                                      "--set checkpoint.async=true",
+                                      rng);
 
     const ResolvedCheckpoint ckpt = resolve_checkpoint(run);  // throws if nothing valid
     EXPECT_EQ(ckpt.dir.find(".tmp"), std::string::npos);
@@ -199,11 +191,6 @@ TEST(AsyncCheckpoint, BackgroundWriteFailureStopsTheRunNamingTheCheckpointAndRan
                           run + "/checkpoints/step-00000002"),
             std::string::npos)
       << r.output;
-  const CheckpointStore store(run + "/checkpoints");
-  ASSERT_TRUE(store.latest_pointer().has_value());
-  EXPECT_EQ(fs::path(*store.latest_pointer()).filename(), "step-00000002");
-  EXPECT_FALSE(fs::exists(run + "/checkpoints/step-00000004"));
-  EXPECT_FALSE(fs::exists(run + "/checkpoints/step-00000004.tmp"));
-  for (const auto& e : store.list_valid()) EXPECT_EQ(e.step, 2);
+  expect_only_checkpoint(run, /*kept_step=*/2, /*failed_step=*/4);
   fs::remove_all(run);
 }

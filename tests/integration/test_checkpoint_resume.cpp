@@ -105,20 +105,11 @@ INSTANTIATE_TEST_SUITE_P(Precisions, BitExactResume, ::testing::Values("fp32", "
 
 TEST(CheckpointSaves, SigkillDuringSavesNeverLeavesALoadableHalfCheckpoint) {
   std::mt19937 rng(20261122);
-  std::uniform_int_distribution<int> delay_ms(0, 900);
   for (int round = 0; round < 4; ++round) {
     const std::string run = fresh_dir("kill-save-" + std::to_string(round));
     // A checkpoint every step: most of the wall time is spent inside a save.
-    const pid_t pid =
-        spawn_train(run, "--set train.steps=100000 --set checkpoint.every=1 --set checkpoint.keep_last=2");
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
-    while (!fs::exists(run + "/checkpoints/latest") && std::chrono::steady_clock::now() < deadline)
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    std::this_thread::sleep_for(std::chrono::milliseconds(300 + delay_ms(rng)));
-    ASSERT_EQ(kill(pid, SIGKILL), 0);
-    int status = 0;
-    waitpid(pid, &status, 0);
-    ASSERT_TRUE(WIFSIGNALED(status));
+    kill_train_after_first_checkpoint(
+        run, "--set train.steps=100000 --set checkpoint.every=1 --set checkpoint.keep_last=2", rng);
 
     const ResolvedCheckpoint ckpt = resolve_checkpoint(run);  // throws if nothing valid
     EXPECT_EQ(ckpt.dir.find(".tmp"), std::string::npos);

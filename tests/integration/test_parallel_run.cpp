@@ -202,12 +202,7 @@ TEST(ParallelRun, SaveFailingOnOneRankIsCommittedByNone) {
   EXPECT_NE(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("rank 1 (dp 1, tp 0, pp 0) could not write its file"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("the latest checkpoint is still"), std::string::npos) << r.output;
-  const checkpoint::CheckpointStore store(dir + "/checkpoints");
-  ASSERT_TRUE(store.latest_pointer().has_value());
-  EXPECT_EQ(fs::path(*store.latest_pointer()).filename(), "step-00000002");
-  EXPECT_FALSE(fs::exists(dir + "/checkpoints/step-00000004"));
-  EXPECT_FALSE(fs::exists(dir + "/checkpoints/step-00000004.tmp"));
-  for (const auto& e : store.list_valid()) EXPECT_EQ(e.step, 2);
+  expect_only_checkpoint(dir, /*kept_step=*/2, /*failed_step=*/4);
 }
 
 // Two ranks started torchrun-style without a launcher; returns their pids. Output goes to LOG_r.

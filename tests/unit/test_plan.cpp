@@ -27,6 +27,24 @@ keel::ModelConfig gqa_layernorm_qk() {
   return m;
 }
 
+// The layout the by-hand tests share: L 4, C 64, H 4, K 2 (D 16), F 128, V 256, T 32, tp 2, pp 2, 2 micro-batches
+// of 2 sequences per DP rank, bf16-mixed.
+keel::Config small_tp2_pp2() {
+  keel::Config c;
+  c.model.layers = 4;
+  c.model.d_model = 64;
+  c.model.heads = 4;
+  c.model.kv_heads = 2;
+  c.model.ffn_hidden = 128;
+  c.model.vocab = 256;
+  c.model.seq_len = 32;
+  c.train.micro_batch = 2;
+  c.train.grad_accum = 2;
+  c.parallel.tp = 2;
+  c.parallel.pp = 2;
+  return c;
+}
+
 TEST(Plan, ParameterTensorsAreTheRealModelsNamesShapesOrderAndShards) {
   keel::ModelConfig tied = gqa_layernorm_qk();
   tied.tie_embeddings = true;
@@ -77,21 +95,9 @@ TEST(Plan, K2At65BWithTensor8Pipeline4) {
   EXPECT_TRUE(p.stages.back().head);
 }
 
-// Hand-computed per-rank terms for a small layout: L 4, C 64, H 4, K 2 (D 16), F 128, V 256, T 32, tp 2, pp 2,
-// 2 micro-batches of 2 sequences per DP rank, bf16-mixed, reference path.
+// Hand-computed per-rank terms for small_tp2_pp2(), reference path.
 TEST(Plan, PerRankTermsByHand) {
-  keel::Config c;
-  c.model.layers = 4;
-  c.model.d_model = 64;
-  c.model.heads = 4;
-  c.model.kv_heads = 2;
-  c.model.ffn_hidden = 128;
-  c.model.vocab = 256;
-  c.model.seq_len = 32;
-  c.train.micro_batch = 2;
-  c.train.grad_accum = 2;
-  c.parallel.tp = 2;
-  c.parallel.pp = 2;
+  keel::Config c = small_tp2_pp2();
   const keel::plan::Plan p = keel::plan::make_plan(c, keel::plan::KernelPath::kReference);
   EXPECT_EQ(p.microbatches, 2);
   EXPECT_EQ(p.microbatch_sequences, 2);
@@ -129,18 +135,7 @@ TEST(Plan, PerRankTermsByHand) {
 // The same layout as PerRankTermsByHand under model.recompute: what a recomputed block keeps per token, and one
 // block's rebuilt activations as the backward's workspace when they are the largest transient.
 TEST(Plan, RecomputeTermsByHand) {
-  keel::Config c;
-  c.model.layers = 4;
-  c.model.d_model = 64;
-  c.model.heads = 4;
-  c.model.kv_heads = 2;
-  c.model.ffn_hidden = 128;
-  c.model.vocab = 256;
-  c.model.seq_len = 32;
-  c.train.micro_batch = 2;
-  c.train.grad_accum = 2;
-  c.parallel.tp = 2;
-  c.parallel.pp = 2;
+  keel::Config c = small_tp2_pp2();
   const double tokens = 2 * 32, block = 2624, mask = 32.0 * 32, head = 640 + 512;
   c.model.recompute = keel::Recompute::kFull;
   const keel::plan::Plan full = keel::plan::make_plan(c, keel::plan::KernelPath::kReference);
@@ -166,18 +161,7 @@ TEST(Plan, RecomputeTermsByHand) {
 
 // Sequence parallelism: the norms' own tensors and the stage-to-stage activations cover T/tp rows.
 TEST(Plan, SequenceParallelTermsByHand) {
-  keel::Config c;
-  c.model.layers = 4;
-  c.model.d_model = 64;
-  c.model.heads = 4;
-  c.model.kv_heads = 2;
-  c.model.ffn_hidden = 128;
-  c.model.vocab = 256;
-  c.model.seq_len = 32;
-  c.train.micro_batch = 2;
-  c.train.grad_accum = 2;
-  c.parallel.tp = 2;
-  c.parallel.pp = 2;
+  keel::Config c = small_tp2_pp2();
   c.parallel.sp = true;
   const keel::plan::Plan p = keel::plan::make_plan(c, keel::plan::KernelPath::kReference);
   // Norms 2 (8 * 64 / 2 + 2 * 64) = 768 instead of 1280; the rest of the block as without SP.

@@ -17,6 +17,7 @@
 #include "core/model/recompute.h"
 #include "core/parallel/pipeline.h"
 #include "tests/unit/parallel_ranks.h"
+#include "tests/unit/test_support.h"
 
 namespace keel::model {
 namespace {
@@ -28,14 +29,8 @@ const Recompute kPolicies[] = {Recompute::kNone, Recompute::kFull, Recompute::kS
 
 // GQA, QK-norm, partial rotary and z-loss: every op of the block is on the path.
 ModelConfig small_model(NormKind norm) {
-  ModelConfig c;
-  c.layers = 2;
-  c.d_model = 32;
-  c.heads = 4;
-  c.kv_heads = 2;
-  c.ffn_hidden = 48;
+  ModelConfig c = keel::testing::small_model_config(/*seq_len=*/8);
   c.vocab = 64;
-  c.seq_len = 8;
   c.norm = norm;
   c.qk_norm = true;
   c.rotary_fraction = 0.5;
