@@ -247,11 +247,12 @@ const std::vector<KeyDef>& key_table() {
       KEEL_CHOICE("parallel.backend", parallel.backend, "c10d backend: auto (gloo on cpu, nccl on cuda)", "auto",
                   "gloo", "nccl"),
 
-      KEEL_STRING("plugins.optimizer", plugins.optimizer, "optimizer plugin: adamw, lion, or a path to a .so"),
+      KEEL_STRING("plugins.optimizer", plugins.optimizer, "optimizer plugin: adamw, lion, muon, or a path to a .so"),
       KEEL_STRING("plugins.lr_schedule", plugins.lr_schedule,
                   "LR schedule plugin; empty = warm-up + cosine of optim.*"),
       KEEL_STRING("plugins.spike_handler", plugins.spike_handler,
-                  "spike handler plugin (zscore_skip, rollback_skip, lr_cooldown, ...); empty = skip non-finite steps"),
+                  "spike handler plugin (zscore_skip, rollback_skip, lr_cooldown, moment_surgery, ...); empty = skip "
+                  "non-finite steps"),
       KEEL_STRING("plugins.grad_transform", plugins.grad_transform,
                   "gradient transforms, comma-separated chain (embedding_grad_shrink, update_clip, ...)"),
       KEEL_STRING("plugins.data_mixture", plugins.data_mixture, "data mixture plugin (static, staged, linear_ramp)"),

@@ -3,7 +3,6 @@
 // side by side without sharing LibTorch's thread pool.
 #include "core/forensics/tournament_run.h"
 
-#include <fcntl.h>
 #include <sys/wait.h>
 #include <torch/torch.h>
 #include <unistd.h>
@@ -18,39 +17,13 @@
 #include "core/config/config.h"
 #include "core/data/data_error.h"
 #include "core/eval/eval.h"
+#include "core/forensics/child_process.h"
 #include "core/forensics/replay_check.h"
 
 namespace keel::forensics {
 namespace {
 
 namespace fs = std::filesystem;
-
-pid_t start_child(const std::vector<std::string>& argv, const std::string& log) {
-  const pid_t pid = ::fork();
-  if (pid < 0) throw TournamentError("cannot start a branch: fork failed");
-  if (pid == 0) {
-    const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd >= 0) {
-      ::dup2(fd, 1);
-      ::dup2(fd, 2);
-    }
-    std::vector<char*> args;
-    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    ::execv(args[0], args.data());
-    ::_exit(127);
-  }
-  return pid;
-}
-
-std::string last_lines(const std::string& path, size_t n) {
-  std::ifstream in(path);
-  std::vector<std::string> lines;
-  for (std::string line; std::getline(in, line);) lines.push_back(line);
-  std::string out;
-  for (size_t i = lines.size() > n ? lines.size() - n : 0; i < lines.size(); ++i) out += "\n    " + lines[i];
-  return out;
-}
 
 std::string branch_name(const Arm& arm, int64_t seed) { return arm.name + "-seed" + std::to_string(seed); }
 
@@ -124,7 +97,7 @@ void run_branches(const TournamentSetup& setup, const std::vector<Branch>& branc
   size_t next = 0;
   while (next < branches.size() || !running.empty()) {
     while (failed.empty() && next < branches.size() && static_cast<int64_t>(running.size()) < setup.jobs) {
-      running[start_child(branch_command(setup, branches[next]), branches[next].log)] = next;
+      running[start_child(branch_command(setup, branches[next]), branches[next].log, "a branch")] = next;
       ++next;
     }
     if (!failed.empty() && running.empty()) break;
@@ -135,10 +108,10 @@ void run_branches(const TournamentSetup& setup, const std::vector<Branch>& branc
     if (it == running.end()) continue;
     const Branch& b = branches[it->second];
     running.erase(it);
-    const int rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    const int rc = exit_status_of(status);
     if (rc != 0)
       failed.push_back("arm " + setup.arms[b.arm].name + " (replicate " + std::to_string(b.seed) + ") exited " +
-                       std::to_string(rc) + "; " + b.log + " ends:" + last_lines(b.log, 4));
+                       std::to_string(rc) + "; " + b.log + " ends:" + last_lines(b.log, 4, "    "));
   }
   if (!failed.empty()) {
     std::string message = std::to_string(failed.size()) + " branch(es) failed (no further branch was started):";

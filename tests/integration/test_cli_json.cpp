@@ -63,7 +63,7 @@ TEST(CliJson, EverySubcommandHasHelp) {
   // clang-format off
   for (const std::string command : {"train", "resume", "plugins", "control", "data", "data prepare", "data show-batch",
                                     "inspect", "config", "config keys", "config show", "data compare-order", "launch",
-                                    "export-hf", "import-hf", "eval", "report", "score", "verify", "tournament"}) {
+                                    "export-hf", "import-hf", "eval", "report", "score", "verify", "tournament", "forensics"}) {
     // clang-format on
     const ProcessResult r = run_keel(command + " --help");
     EXPECT_EQ(r.exit_code, 0) << "keel " << command << " --help\n" << r.output;
@@ -78,7 +78,7 @@ TEST(CliJson, UsageErrorsAreOneLineAndNonZero) {
       "config show --bogus", "config keys --bogus", "data", "data bogus", "data prepare --bogus", "report",
       "report x --bogus", "export-hf only-one", "import-hf", "config show --config", "train", "resume", "control",
       "control x swap", "eval", "data show-batch --bogus", "data compare-order", "launch", "launch --nproc 0 -- true",
-      "score x --bogus", "verify --bogus", "tournament", "tournament --bogus"};
+      "score x --bogus", "verify --bogus", "tournament", "tournament --bogus", "forensics", "forensics --bogus"};
   // clang-format on
   for (const std::string& command : commands) {
     const ProcessResult r = run_keel(command);

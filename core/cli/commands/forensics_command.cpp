@@ -8,9 +8,7 @@
 // whose removal brings the step within the spike detector's threshold, and writes OUT/step-N.h5 (atomically) and
 // OUT/step-N.skip, a skip list for `keel resume --skip-list`. Exit 0 done; 2 bad input or a failed replay, naming
 // the file or step. docs/forensics.md.
-#include <fcntl.h>
 #include <spdlog/spdlog.h>
-#include <sys/wait.h>
 #include <torch/torch.h>
 #include <unistd.h>
 
@@ -34,6 +32,7 @@
 #include "core/data/loader.h"
 #include "core/eval/eval.h"
 #include "core/forensics/attribution.h"
+#include "core/forensics/child_process.h"
 #include "core/forensics/replay_check.h"
 #include "core/io/file.h"
 #include "core/metrics/metrics_reader.h"
@@ -82,37 +81,6 @@ Start choose_checkpoint(const ForensicsOptions& o) {
   return start;
 }
 
-// Runs argv with stdout and stderr into `log`; its exit status (128 + signal when killed).
-int run_child(const std::vector<std::string>& argv, const std::string& log) {
-  const pid_t pid = ::fork();
-  if (pid < 0) throw std::runtime_error("cannot start the replay: fork failed");
-  if (pid == 0) {
-    const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd >= 0) {
-      ::dup2(fd, 1);
-      ::dup2(fd, 2);
-    }
-    std::vector<char*> args;
-    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    ::execv(args[0], args.data());
-    ::_exit(127);
-  }
-  int status = 0;
-  while (::waitpid(pid, &status, 0) < 0) {
-  }
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
-
-std::string last_lines(const std::string& path, size_t n) {
-  std::ifstream in(path);
-  std::vector<std::string> lines;
-  for (std::string line; std::getline(in, line);) lines.push_back(line);
-  std::string out;
-  for (size_t i = lines.size() > n ? lines.size() - n : 0; i < lines.size(); ++i) out += "\n  " + lines[i];
-  return out;
-}
-
 struct Replay {
   std::string state_dir;  // the checkpoint holding the state before step N
   std::string run_dir;    // the replay's run dir
@@ -139,10 +107,10 @@ Replay replay(const ForensicsOptions& o, const Start& start, const forensics::Lo
         std::string("checkpoint.keep_last=0")})
     argv.insert(argv.end(), {"--set", s});
   const std::string log = scratch + "/replay.log";
-  const int rc = run_child(argv, log);
+  const int rc = forensics::run_child(argv, log, "the replay");
   if (rc != 0)
     throw std::runtime_error("the replay (keel resume from " + start.dir + ") failed with exit " + std::to_string(rc) +
-                             "; its log " + log + " ends:" + last_lines(log, 5));
+                             "; its log " + log + " ends:" + forensics::last_lines(log, 5));
   const forensics::LoggedRun replayed = forensics::read_logged_run(r.run_dir + "/metrics.h5");
   for (int64_t s = start.step; s <= o.step && !r.mismatch; ++s) {
     const auto it = replayed.steps.find(s), want = logged.steps.find(s);

@@ -4,8 +4,6 @@
 // ranks, in the same layout), then compares loss, grad norm, every per-tensor norm and every sample's loss with the
 // run's metrics.h5 (forensics/replay_check.h) and names the first step and value that differ. Exit 0: identical;
 // 1: a difference; 2: the check could not be made (the error is printed). docs/forensics.md.
-#include <fcntl.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -20,6 +18,7 @@
 #include "core/checkpoint/checkpoint_store.h"
 #include "core/cli/commands/commands.h"
 #include "core/cli/commands/common.h"
+#include "core/forensics/child_process.h"
 #include "core/forensics/replay_check.h"
 
 namespace keel::cli {
@@ -90,37 +89,6 @@ std::vector<std::string> replay_command(const VerifyOptions& o, const ReplayWind
   return argv;
 }
 
-// Runs argv with stdout and stderr into `log`; returns its exit status (128 + signal when killed).
-int run_child(const std::vector<std::string>& argv, const std::string& log) {
-  const pid_t pid = ::fork();
-  if (pid < 0) throw std::runtime_error("cannot start the replay: fork failed");
-  if (pid == 0) {
-    const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd >= 0) {
-      ::dup2(fd, 1);
-      ::dup2(fd, 2);
-    }
-    std::vector<char*> args;
-    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    ::execv(args[0], args.data());
-    ::_exit(127);
-  }
-  int status = 0;
-  while (::waitpid(pid, &status, 0) < 0) {
-  }
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
-
-std::string last_lines(const std::string& path, size_t n) {
-  std::ifstream in(path);
-  std::vector<std::string> lines;
-  for (std::string line; std::getline(in, line);) lines.push_back(line);
-  std::string out;
-  for (size_t i = lines.size() > n ? lines.size() - n : 0; i < lines.size(); ++i) out += "\n  " + lines[i];
-  return out;
-}
-
 std::string make_scratch(const VerifyOptions& o) {
   if (!o.scratch.empty()) {
     if (fs::exists(o.scratch) && !fs::is_empty(o.scratch))
@@ -137,10 +105,10 @@ std::string make_scratch(const VerifyOptions& o) {
 std::optional<forensics::Mismatch> replay_and_compare(const VerifyOptions& o, const ReplayWindow& w,
                                                       const forensics::LoggedRun& logged, const std::string& scratch) {
   const std::string run_dir = scratch + "/run", log = scratch + "/replay.log";
-  const int rc = run_child(replay_command(o, w, run_dir), log);
+  const int rc = forensics::run_child(replay_command(o, w, run_dir), log, "the replay");
   if (rc != 0)
     throw std::runtime_error("the replay (keel resume from " + w.checkpoint + ") failed with exit " +
-                             std::to_string(rc) + "; its log " + log + " ends:" + last_lines(log, 5));
+                             std::to_string(rc) + "; its log " + log + " ends:" + forensics::last_lines(log, 5));
   const forensics::LoggedRun replayed = forensics::read_logged_run(run_dir + "/metrics.h5");
   for (int64_t step = w.first; step < w.first + w.steps; ++step) {
     const auto it = replayed.steps.find(step);
