@@ -7,10 +7,14 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <map>
+#include <mutex>
 
 #include "core/config/config.h"
 #include "core/model/llama.h"
 #include "core/model/parametrization.h"
+#include "core/model/sharding.h"
+#include "tests/unit/parallel_ranks.h"
 #include "tests/unit/test_support.h"
 
 namespace keel::model {
@@ -99,6 +103,45 @@ TEST(Mup, ForwardEqualsTheStandardModelWithTheFactorsFoldedIntoItsWeights) {
   const torch::Tensor window = window_of(standard);
   EXPECT_NEAR(a->loss(window, torch::kFloat).loss.item<double>(), b->loss(window, torch::kFloat).loss.item<double>(),
               1e-5);
+}
+
+// Under tensor parallelism every rank's shard is the slice of the single-process μP weights (init scaled before
+// the split), its LR scale is the unsharded name's, and the tp=2 loss and gradients equal the single process's.
+TEST(Mup, TensorParallelShardsAndLossEqualTheSingleProcess) {
+  const ModelConfig c = mup_config(/*base=*/8);
+  Llama whole(c);
+  whole->init_weights(5);
+  const torch::Tensor window = window_of(c);
+  auto whole_loss = whole->loss(window, torch::kFloat);
+  whole_loss.loss.backward();
+  const auto whole_params = whole->named_parameters();
+  std::mutex mutex;
+  std::map<int64_t, std::string> failures;
+  keel::testing::run_ranks(1, 2, 1, [&](parallel::ProcessGroups& g) {
+    parallel::TensorParallel tp{g.coords.tp, 2, g.tp};
+    Llama rank_model(c, tp, StageSpec{0, c.layers, true, true});
+    rank_model->init_weights(5);
+    auto parts = rank_model->loss(window, torch::kFloat);
+    parts.loss.backward();
+    std::string failure;
+    if (!torch::allclose(parts.loss, whole_loss.loss, 1e-5, 1e-6)) failure += " loss differs;";
+    const auto specs = shard_specs(*rank_model);
+    size_t index = 0;
+    for (const auto& item : rank_model->named_parameters()) {
+      const ShardSpec& spec = specs.at(index++).second;
+      const torch::Tensor& full = *whole_params.find(item.key());
+      if (!torch::equal(item.value(), shard_of(full, spec, tp.rank, tp.size))) failure += " " + item.key() + " init;";
+      // A replicated tensor whose gradient is a partial sum over TP is reduced by the trainer, not here.
+      if (!spec.grad_partial_over_tp &&
+          !torch::allclose(item.value().grad(), shard_of(full.grad(), spec, tp.rank, tp.size), 1e-4, 1e-6))
+        failure += " " + item.key() + " grad;";
+      if (mup_lr_scale(c, item.key(), item.value().dim()) != mup_lr_scale(c, item.key(), full.dim()))
+        failure += " " + item.key() + " lr_scale;";
+    }
+    std::lock_guard<std::mutex> lock(mutex);
+    failures[g.coords.tp] = failure;
+  });
+  for (const auto& [rank, failure] : failures) EXPECT_EQ(failure, "") << "tp rank " << rank;
 }
 
 TEST(Mup, ConfigKeysAreValidatedAndWrittenOnlyWhenSet) {
