@@ -53,6 +53,29 @@ const std::string& base_run() {
   return run;
 }
 
+// The moment_surgery of these tests (blocks.0.attn.* and head.weight: first x 0.5, second reset) between a parent's
+// rank file and its branch's, one skipped step later: exactly the matched moments changed; returns how many.
+int expect_surgery_applied(const TrainingState& before, const TrainingState& after) {
+  EXPECT_EQ(before.optimizer.size(), after.optimizer.size());
+  int scaled = 0;
+  if (before.optimizer.size() != after.optimizer.size()) return -1;
+  for (size_t i = 0; i < before.optimizer.size(); ++i) {
+    const auto& [name, t] = before.optimizer[i];
+    EXPECT_EQ(after.optimizer[i].first, name);
+    const torch::Tensor& now = after.optimizer[i].second;
+    const bool matched = name.rfind("blocks.0.attn.", 0) == 0 || name.rfind("head.weight/", 0) == 0;
+    const bool first = name.size() > 8 && name.substr(name.size() - 8) == "/exp_avg";
+    if (!matched) {
+      EXPECT_TRUE(torch::equal(now, t)) << name << " is not matched and must be unchanged";
+      continue;
+    }
+    ++scaled;
+    EXPECT_TRUE(torch::equal(now, first ? t.mul(0.5) : torch::zeros_like(t))) << name;
+    EXPECT_FALSE(torch::equal(t, torch::zeros_like(t))) << name << ": the parent's moment should not be zero";
+  }
+  return scaled;
+}
+
 }  // namespace
 
 TEST(MomentSurgeryRun, ScalesExactlyTheMatchedMomentsAndIsOnRecord) {
@@ -66,22 +89,7 @@ TEST(MomentSurgeryRun, ScalesExactlyTheMatchedMomentsAndIsOnRecord) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const TrainingState before = read_rank_file(rank0(base_run(), 4));
   const TrainingState after = read_rank_file(rank0(run, 5));
-  ASSERT_EQ(before.optimizer.size(), after.optimizer.size());
-  int scaled = 0;
-  for (size_t i = 0; i < before.optimizer.size(); ++i) {
-    const auto& [name, t] = before.optimizer[i];
-    ASSERT_EQ(after.optimizer[i].first, name);
-    const torch::Tensor& now = after.optimizer[i].second;
-    const bool matched = name.rfind("blocks.0.attn.", 0) == 0 || name.rfind("head.weight/", 0) == 0;
-    const bool first = name.size() > 8 && name.substr(name.size() - 8) == "/exp_avg";
-    if (!matched) {
-      EXPECT_TRUE(torch::equal(now, t)) << name << " is not matched and must be unchanged";
-      continue;
-    }
-    ++scaled;
-    EXPECT_TRUE(torch::equal(now, first ? t.mul(0.5) : torch::zeros_like(t))) << name;
-    EXPECT_FALSE(torch::equal(t, torch::zeros_like(t))) << name << ": the parent's moment should not be zero";
-  }
+  const int scaled = expect_surgery_applied(before, after);
   EXPECT_GT(scaled, 4);
   EXPECT_EQ(after.optimizer_json, before.optimizer_json) << "the step count is not touched (a skipped update)";
   for (size_t i = 0; i < before.model.size(); ++i)
@@ -98,6 +106,36 @@ TEST(MomentSurgeryRun, ScalesExactlyTheMatchedMomentsAndIsOnRecord) {
   bool noted = false;
   for (const auto& note : lineage.notes) noted = noted || note.find("step 4: moment scales '") == 0;
   EXPECT_TRUE(noted);
+}
+
+// Sharding: under ZeRO-1 each DP rank holds its share of the optimizer state, and the surgery reaches every share.
+TEST(MomentSurgeryRun, EveryZeroOneRankScalesItsShareOfTheMoments) {
+  const std::string parent = fresh_dir("surgery-zero1-parent"), run = fresh_dir("surgery-zero1");
+  const std::string launch = "launch --nproc 2 -- " + std::string(KEEL_BINARY);
+  auto r =
+      run_keel(launch + " train " +
+               tiny_args("--set train.steps=4 --set checkpoint.every=4 --set parallel.dp=2 --set parallel.zero=1") +
+               " --run-dir " + parent);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  r = run_keel(launch + " resume --from " + parent + "/checkpoints/step-00000004 --run-dir " + run +
+               " --set train.steps=5 --plugin spike_handler=moment_surgery --plugin-arg "
+               "moment_surgery.pattern=blocks.0.attn.*,head.weight --plugin-arg moment_surgery.first=0.5 "
+               "--plugin-arg moment_surgery.second=0 --plugin-arg moment_surgery.action=skip");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  int scaled = 0;
+  size_t tensors = 0;
+  for (const std::string rank : {"rank-00000.h5", "rank-00001.h5"}) {
+    const TrainingState before = read_rank_file(parent + "/checkpoints/step-00000004/" + rank);
+    const TrainingState after = read_rank_file(run + "/checkpoints/step-00000005/" + rank);
+    const int n = expect_surgery_applied(before, after);
+    ASSERT_GE(n, 0) << rank << ": the optimizer state changed shape";
+    scaled += n;
+    tensors += before.optimizer.size();
+  }
+  EXPECT_GT(scaled, 4);
+  EXPECT_EQ(tensors, read_rank_file(rank0(base_run(), 4)).optimizer.size()) << "the two shares make the whole state";
+  fs::remove_all(parent);
+  fs::remove_all(run);
 }
 
 TEST(MomentSurgeryRun, AResumedBranchContinuesBitExactlyWithoutRepeatingIt) {
