@@ -33,6 +33,7 @@
 #include <iterator>
 #include <limits>
 #include <stdexcept>
+#include <utility>
 
 #include "core/io/hdf5.h"
 #include "core/metrics/hdf5_records.h"
@@ -109,26 +110,19 @@ hsize_t matrix_chunk_rows(size_t cols) {
   return std::clamp<hsize_t>(kMatrixChunkFloats / std::max<size_t>(cols, 1), 1, kChunkRows);
 }
 
-// Number of rows (first dimension) of an existing dataset.
-hsize_t dataset_rows(hid_t file_id, const std::string& path, const std::string& file) {
-  Hid dset(check_id(H5Dopen2(file_id, path.c_str(), H5P_DEFAULT), file, path, "H5Dopen2"));
-  Hid space(check_id(H5Dget_space(dset.get()), file, path, "H5Dget_space"));
-  hsize_t dims[2] = {0, 0};
-  const int rank = H5Sget_simple_extent_ndims(space.get());
-  if (rank < 1 || rank > 2) fail(file, path, "checking rank (expected 1-D or 2-D)");
-  check(H5Sget_simple_extent_dims(space.get(), dims, nullptr), file, path, "H5Sget_simple_extent_dims");
-  return dims[0];
-}
-
-// Number of columns of an existing dataset (1 for a 1-D dataset).
-size_t dataset_cols(hid_t file_id, const std::string& path, const std::string& file) {
+// Rows and columns of an existing 1-D or 2-D dataset (columns 1 for a 1-D dataset).
+std::pair<hsize_t, size_t> dataset_shape(hid_t file_id, const std::string& path, const std::string& file) {
   Hid dset(check_id(H5Dopen2(file_id, path.c_str(), H5P_DEFAULT), file, path, "H5Dopen2"));
   Hid space(check_id(H5Dget_space(dset.get()), file, path, "H5Dget_space"));
   hsize_t dims[2] = {0, 1};
   const int rank = H5Sget_simple_extent_ndims(space.get());
   if (rank < 1 || rank > 2) fail(file, path, "checking rank (expected 1-D or 2-D)");
   check(H5Sget_simple_extent_dims(space.get(), dims, nullptr), file, path, "H5Sget_simple_extent_dims");
-  return rank == 1 ? 1 : static_cast<size_t>(dims[1]);
+  return {dims[0], rank == 1 ? 1 : static_cast<size_t>(dims[1])};
+}
+
+hsize_t dataset_rows(hid_t file_id, const std::string& path, const std::string& file) {
+  return dataset_shape(file_id, path, file).first;
 }
 
 // Sets the dataset's row count to `base + n` and writes `n` rows from `data` at row `base`, recording the
@@ -754,7 +748,7 @@ void MetricsWriter::write_stats(int64_t file_id, Extended& extended) {
   for (const std::string& path : stats_datasets(f, path_)) {  // a series of earlier rows missing now: NaN rows
     const std::string name = path.substr(std::string("/stats/").size());
     const bool buffered = std::any_of(columns.begin(), columns.end(), [&](const auto& c) { return c.first == name; });
-    if (path != kStatsStepPath && !buffered) columns.emplace_back(name, dataset_cols(f, path, path_));
+    if (path != kStatsStepPath && !buffered) columns.emplace_back(name, dataset_shape(f, path, path_).second);
   }
   for (const auto& [name, cols] : columns) {
     const std::string path = "/stats/" + name;

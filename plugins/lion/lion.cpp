@@ -90,23 +90,21 @@ class Lion : public keel::sdk::Plugin {
   // The same update through the host's multi-tensor kernel: every param with a gradient and the same lr_scale in
   // one call (one call in all unless μP gives hidden matrices their own LR).
   void step_fused(const keel::sdk::HostKernels& kernels, double lr) {
-    for (const double lr_scale : keel::plugins::distinct_lr_scales(params_)) {
+    for (const auto& group : keel::plugins::lr_groups(params_, keel::plugins::with_grad(params_))) {
       std::vector<at::Tensor> params, grads, exp_avgs;
       std::vector<bool> decay;
-      for (size_t i = 0; i < params_.size(); ++i) {
-        const at::Tensor& grad = params_[i].param.grad();
-        if (!grad.defined() || params_[i].lr_scale != lr_scale) continue;
+      for (const size_t i : group.indices) {
         params.push_back(params_[i].param);
-        grads.push_back(grad);
+        grads.push_back(params_[i].param.grad());
         exp_avgs.push_back(exp_avg_[i]);
         decay.push_back(params_[i].decay);
       }
       keel::sdk::LionHyper hyper;
-      hyper.lr = lr * lr_scale;
+      hyper.lr = lr * group.lr_scale;
       hyper.beta1 = options_.beta1;
       hyper.beta2 = options_.beta2;
       hyper.weight_decay = options_.weight_decay;
-      if (!params.empty()) kernels.lion_step(params, grads, exp_avgs, decay, hyper);
+      kernels.lion_step(params, grads, exp_avgs, decay, hyper);
     }
   }
 

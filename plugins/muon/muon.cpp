@@ -35,6 +35,7 @@
 #include <string>
 #include <vector>
 
+#include "../common/lr_groups.h"
 #include "keel/plugin.h"
 
 namespace {
@@ -209,15 +210,10 @@ class Muon : public keel::sdk::Plugin {
       if (!is_matrix_[i] && params_[i].param.grad().defined()) adam.push_back(i);
     if (adam.empty()) return;
     if (ctx.kernels != nullptr && ctx.kernels->adamw_step != nullptr && params_[adam.front()].param.is_cuda()) {
-      std::vector<double> scales;
-      for (size_t i : adam)
-        if (std::find(scales.begin(), scales.end(), params_[i].lr_scale) == scales.end())
-          scales.push_back(params_[i].lr_scale);
-      for (const double lr_scale : scales) {
+      for (const auto& group : keel::plugins::lr_groups(params_, adam)) {
         std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs;
         std::vector<bool> decay;
-        for (size_t i : adam) {
-          if (params_[i].lr_scale != lr_scale) continue;
+        for (const size_t i : group.indices) {
           params.push_back(params_[i].param);
           grads.push_back(params_[i].param.grad());
           exp_avgs.push_back(exp_avg_[i]);
@@ -225,7 +221,7 @@ class Muon : public keel::sdk::Plugin {
           decay.push_back(params_[i].decay);
         }
         keel::sdk::AdamWHyper hyper;
-        hyper.lr = lr * lr_scale;
+        hyper.lr = lr * group.lr_scale;
         hyper.beta1 = o_.beta1;
         hyper.beta2 = o_.beta2;
         hyper.eps = o_.eps;
